@@ -1,0 +1,39 @@
+# Two commands on a fresh machine:  `make demo` (the whole pipeline on the built-in example) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first, on its own, so the package's unpinned `torch` requirement is already met and pip never
+# pulls a multi-GB CUDA build onto a CPU machine. Elsewhere: `make install TORCH_SPEC="torch --index-url ..."`.
+TORCH_SPEC ?= torch==2.13.0
+FAISS_EXTRA ?= cpu
+STAMP := $(VENV)/.reforge-installed
+
+.PHONY: install test test-fast demo bench docs lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(FAISS_EXTRA),test]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -x --timeout=900 tests
+	$(PY) -m cogapp --check docs/cli.md
+
+test-fast: install
+	$(PY) -m pytest -q -x -m "not slow" tests
+
+demo: install
+	$(VENV)/bin/python examples/demo.py
+
+bench: install
+	$(PY) bench/run_all.py
+
+docs: install
+	$(PY) -m cogapp -r docs/cli.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,138 @@
+"""The `reforge` command line: a root group, its subcommands, and the one place errors become messages.
+
+Subcommands live in one module each and are attached lazily, so `reforge --help` imports no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+
+import click
+
+from reforge import __version__
+
+# command name -> (module, attribute, one-line summary shown in `reforge --help` without importing the module)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "inspect": ("reforge.cli.inspect", "inspect_cmd", "Show a checkpoint's layout: tensors, dtypes, shards, kind."),
+    "diff": ("reforge.cli.diff", "diff_cmd", "Compute Delta = retriever - base, streamed into a sharded checkpoint."),
+    "train": ("reforge.cli.train", "train_cmd", "Train a DoRA knowledge adapter on the base LM over unlabeled text."),
+    "merge": ("reforge.cli.merge", "merge_cmd", "Write base + alpha*Psi + beta*Delta in the retriever's layout."),
+    "verify": ("reforge.cli.verify", "verify_cmd", "Check that a delta or merged checkpoint is sound."),
+    "eval": ("reforge.cli.eval", "eval_cmd", "nDCG@10 (and more) of retrievers on BEIR-style datasets."),
+    "tune": ("reforge.cli.tune", "tune_cmd", "Choose alpha (and beta) on held-out queries."),
+    "push": ("reforge.cli.push", "push_cmd", "Upload a verified checkpoint folder to the Hugging Face Hub."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported only when one is run or its help is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, (module, _, _) in COMMANDS.items() if _module_exists(module)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS or not _module_exists(COMMANDS[name][0]):
+            return None
+        module, attribute, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _module_exists(module: str) -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(module) is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="reforge")
+def cli() -> None:
+    """Readapt an LLM-based dense retriever to a new domain with unlabeled text (RE-AdaptIR).
+
+    \b
+    The pipeline, each step streamed tensor by tensor:
+      reforge diff BASE RETRIEVER -o delta/              # Delta = retriever - base
+      reforge train BASE --corpus docs.jsonl -o psi/      # DoRA knowledge adapter on the base LM
+      reforge merge --base BASE --retriever RETRIEVER --adapter psi/ -o new/   # + 0.5*Psi
+      reforge eval RETRIEVER new/ --data scifact/          # nDCG@10, side by side
+
+    Set REFORGE_DEBUG=1 to see tracebacks of reforge errors.
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `reforge` script: run the CLI and turn reforge errors into one-line messages."""
+    try:
+        cli.main(args=argv, prog_name="reforge", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted. Rerun the same command to resume or start clean.", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - decide by type below; unknown types re-raise with their traceback
+        message = format_error(e)
+        if message is None:
+            raise
+        if os.environ.get("REFORGE_DEBUG"):
+            traceback.print_exc()
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(1)
+
+
+def format_error(error: BaseException) -> str | None:
+    """The one-line message for an error we expect, or None for a bug. Chosen by walking the type's MRO."""
+    for cls in type(error).__mro__:
+        formatter = _FORMATTERS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if formatter is not None:
+            return formatter(error)
+    return None
+
+
+def _format_reforge(error: BaseException) -> str:
+    return str(error)
+
+
+def _format_hub_http(error: BaseException) -> str:
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    where = f" (HTTP {status})" if status else ""
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"Hugging Face Hub request failed{where}: {first_line}"
+
+
+def _format_repo_not_found(error: BaseException) -> str:
+    return ("Hub repository not found or not accessible. Check the repo id, or pass --token / run "
+            "`hf auth login` if it is private.")
+
+
+def _format_revision_not_found(error: BaseException) -> str:
+    return "Hub revision not found. Check the branch, tag or commit after '@'."
+
+
+def _format_offline(error: BaseException) -> str:
+    return ("Hub is unreachable or HF_HUB_OFFLINE=1 is set, and the file is not in the local cache. "
+            "Pass a local folder, or go online.")
+
+
+_FORMATTERS = {
+    "reforge.errors.ReforgeError": _format_reforge,
+    "huggingface_hub.errors.HfHubHTTPError": _format_hub_http,
+    "huggingface_hub.errors.RepositoryNotFoundError": _format_repo_not_found,
+    "huggingface_hub.errors.RevisionNotFoundError": _format_revision_not_found,
+    "huggingface_hub.errors.OfflineModeIsEnabled": _format_offline,
+    "huggingface_hub.errors.LocalEntryNotFoundError": _format_offline,
+}

@@ -1,0 +1,68 @@
+"""Option bundles and parameter types shared by several commands."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import click
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Parse ``5GB``, ``500MB``, ``2GiB`` or a plain byte count into bytes (``GB`` = 10**9, ``GiB`` = 2**30)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", text.upper())
+    if not match:
+        raise ValueError(f"{text!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a byte count")
+    number, unit = match.groups()
+    size = int(float(number) * _SIZE_UNITS[unit or ""])
+    if size <= 0:
+        raise ValueError(f"{text!r} must be more than 0 bytes")
+    return size
+
+
+class SizeType(click.ParamType):
+    """A byte size such as ``5GB`` (10**9 bytes), ``500MB`` or ``2GiB``."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def output_options(func: Callable) -> Callable:
+    """``--quiet`` and ``--json``: how results and progress are shown."""
+    func = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")(func)
+    func = click.option("-q", "--quiet", is_flag=True, help="No progress bars (warnings and errors still print).")(func)
+    return func
+
+
+def hub_options(func: Callable) -> Callable:
+    """``--token`` and ``--allow-pickle``: how checkpoints are fetched and opened."""
+    func = click.option("--allow-pickle", is_flag=True,
+                        help="Accept pickle checkpoints (.bin); loaded with torch.load(weights_only=True).")(func)
+    func = click.option("--token", envvar="HF_TOKEN", default=None, show_envvar=True,
+                        help="Hugging Face token for private repos (default: the one `hf auth login` saved).")(func)
+    return func
+
+
+def write_options(func: Callable) -> Callable:
+    """``-o/--output``, ``--max-shard-size``, ``--overwrite`` and ``--dry-run`` for commands that write checkpoints."""
+    func = click.option("--dry-run", is_flag=True, help="Print the plan (tensors, shards, bytes) and write nothing.")(func)
+    func = click.option("--overwrite", is_flag=True,
+                        help="Replace an output folder that already holds a different checkpoint.")(func)
+    func = click.option("--max-shard-size", type=SizeType(), default="5GB", show_default=True,
+                        help="Largest shard file, in bytes (5GB = 5*10**9).")(func)
+    func = click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+                        help="Output folder (written under a temporary name, renamed when whole).")(func)
+    return func

@@ -1,0 +1,99 @@
+"""Every exception reforge raises on purpose.
+
+`ReforgeError` is the base. Each subclass keeps the facts of the failure as fields (``path``, ``tensor``, ...), and
+its message says what failed, for which object, and what to do next. Where it fits, a subclass also inherits a
+builtin (``FileNotFoundError``, ``ValueError``), so callers can catch either.
+
+The CLI (`reforge.cli.main`) prints ``Error: <message>`` for these and exits 1; any other exception is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class ReforgeError(Exception):
+    """Base of all reforge errors. ``hint`` is the next step for the user, appended to the message."""
+
+    def __init__(self, message: str, *, hint: str | None = None, **facts: Any) -> None:
+        self.message = message
+        self.hint = hint
+        for key, value in facts.items():
+            setattr(self, key, value)
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        return f"{self.message} {self.hint}" if self.hint else self.message
+
+
+class CheckpointNotFoundError(ReforgeError, FileNotFoundError):
+    """A checkpoint reference is neither a local folder nor a Hub repo that could be read. Fields: ``ref``."""
+
+
+class ShardNotFoundError(ReforgeError, FileNotFoundError):
+    """An index names a shard file that is not there. Fields: ``path`` (the shard), ``index`` (the index file)."""
+
+
+class CorruptCheckpointError(ReforgeError, ValueError):
+    """A safetensors file is truncated or malformed. Fields: ``path``, ``tensor`` (or None), ``reason``."""
+
+
+class UnsafePathError(ReforgeError, ValueError):
+    """An index file names a path outside its checkpoint folder. Fields: ``index``, ``entry``."""
+
+
+class PickleRefusedError(ReforgeError):
+    """A checkpoint is only available as a pickle and ``allow_pickle`` was not given. Fields: ``path``."""
+
+
+class LayoutMismatchError(ReforgeError, ValueError):
+    """Two checkpoints do not line up: different tensor names, architectures or shapes. Fields: ``left``,
+    ``right``, ``tensor`` (or None), ``details``."""
+
+
+class AdapterError(ReforgeError, ValueError):
+    """A peft adapter is unusable: bad config, missing tensors, keys that match nothing. Fields: ``path``,
+    ``tensor`` (or None)."""
+
+
+class ProvenanceMismatchError(ReforgeError, ValueError):
+    """An input was made from a different base than the one given. Fields: ``path``, ``expected``, ``found``."""
+
+
+class OutputExistsError(ReforgeError, FileExistsError):
+    """The output folder already holds something else. Fields: ``path``."""
+
+
+class OutputLockedError(ReforgeError):
+    """Another reforge run is writing the same output. Fields: ``path``, ``lock``."""
+
+
+class DiskFullError(ReforgeError, OSError):
+    """The disk filled up (or would) while writing. Fields: ``path``, ``needed`` (bytes or None), ``free``."""
+
+
+class InvalidOptionError(ReforgeError, ValueError):
+    """Options that cannot work together or a value out of range. Fields: ``option``."""
+
+
+class DataError(ReforgeError, ValueError):
+    """A corpus, queries or qrels file is missing or malformed. Fields: ``path``, ``line`` (or None)."""
+
+
+class VerificationError(ReforgeError):
+    """A produced checkpoint failed `reforge verify`. Fields: ``path``, ``failures`` (list of strings)."""
+
+
+class HubError(ReforgeError):
+    """A Hugging Face Hub call failed. Fields: ``repo_id``, ``reason``."""
+
+
+def short_path(path: str | Path) -> str:
+    """A path as users typed it or relative to the working directory, for messages."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
