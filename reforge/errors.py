@@ -97,3 +97,31 @@ def short_path(path: str | Path) -> str:
         return str(p.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(p)
+
+
+# ---- Hub errors (added by the hub module, reforge/hub.py) -----------------------------------------------------------
+# Each is also a CheckpointNotFoundError, so code that resolves a checkpoint reference can catch one class.
+
+
+class HubRepoNotFoundError(HubError, CheckpointNotFoundError):
+    """A Hub repo does not exist, or is private or gated and the token (if any) gives no access. Fields: ``repo_id``,
+    ``revision`` (or None), ``ref``, ``reason``."""
+
+
+class HubRevisionNotFoundError(HubError, CheckpointNotFoundError):
+    """A Hub repo exists but has no such branch, tag or commit. Fields: ``repo_id``, ``revision``, ``ref``,
+    ``reason``."""
+
+
+class HubOfflineError(HubError, CheckpointNotFoundError):
+    """The Hub cannot be reached (HF_HUB_OFFLINE=1 or no network) and the checkpoint is not (wholly) in the local
+    cache. Fields: ``repo_id``, ``revision`` (or None), ``ref``, ``reason``, ``missing`` (files not cached)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Added by the eval developer (issue 5).
+
+
+class PoolingUndeterminedError(ReforgeError, ValueError):
+    """`reforge eval` cannot tell how a model pools token vectors into one vector (no sentence-transformers files,
+    not a known retriever, not a decoder LM). Fields: ``path`` (the model folder), ``model_type`` (or None)."""

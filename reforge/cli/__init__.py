@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 import traceback
 
 import click
@@ -39,6 +38,23 @@ class LazyGroup(click.Group):
         module, attribute, _ = COMMANDS[name]
         return getattr(importlib.import_module(module), attribute)
 
+    def invoke(self, ctx: click.Context):
+        """Run the command; a reforge error (or a known Hub error) becomes one ``Error: ...`` line and exit 1."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("Interrupted. Rerun the same command: finished work is kept, the rest starts clean.", err=True)
+            ctx.exit(130)
+        except click.ClickException:
+            raise
+        except Exception as e:  # noqa: BLE001 - decided by type in format_error; unknown types re-raise
+            message = format_error(e)
+            if message is None:
+                raise
+            if os.environ.get("REFORGE_DEBUG"):
+                traceback.print_exc()
+            raise ReforgeUsageFailure(message) from e
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
         if rows:
@@ -68,29 +84,15 @@ def cli() -> None:
     """
 
 
+class ReforgeUsageFailure(click.ClickException):
+    """An expected failure, already formatted: click prints ``Error: <message>`` to stderr and exits 1."""
+
+    exit_code = 1
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `reforge` script: run the CLI and turn reforge errors into one-line messages."""
-    try:
-        cli.main(args=argv, prog_name="reforge", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("Interrupted. Rerun the same command to resume or start clean.", err=True)
-        sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - decide by type below; unknown types re-raise with their traceback
-        message = format_error(e)
-        if message is None:
-            raise
-        if os.environ.get("REFORGE_DEBUG"):
-            traceback.print_exc()
-        click.echo(f"Error: {message}", err=True)
-        sys.exit(1)
+    """Entry point of the `reforge` script. Errors are handled in `LazyGroup.invoke`, so tests see the same."""
+    cli.main(args=argv, prog_name="reforge")
 
 
 def format_error(error: BaseException) -> str | None:

@@ -71,3 +71,40 @@ def progress_bar(description: str, *, unit: str = "items", quiet: bool = False) 
             progress.update(task, **kwargs)
 
         yield update
+
+
+def show_write_report(report: Any, *, as_json: bool, what: str) -> None:
+    """Print the result of a command that writes a checkpoint (diff, merge): JSON, or a short summary."""
+    import dataclasses
+
+    data = dataclasses.asdict(report)
+    if as_json:
+        print_json(data)
+        return
+    target = data["output"]
+    if data.get("dry_run"):
+        out.print(f"Plan for {what} {target}: {data['tensors']} tensors, {_size(data['total_size'])} in "
+                  f"{len(data['shards'])} shard(s) of {', '.join(_size(s) for s in data['shards'])}; "
+                  f"dtype {data['dtype']}. Nothing written (--dry-run).", highlight=False)
+        return
+    if data.get("already_complete"):
+        out.print(f"{target} already holds this exact {what}; nothing to do.", highlight=False)
+        return
+    resumed = f", {data['resumed_shards']} shard(s) kept from an interrupted run" if data.get("resumed_shards") else ""
+    out.print(f"Wrote {what} {target}: {data['tensors']} tensors, {_size(data['total_size'])} in "
+              f"{len(data['shards'])} shard(s), dtype {data['dtype']}, {data['seconds']:.1f} s{resumed}.",
+              highlight=False)
+    for key, label in (("max_abs_rounding", "max |stored - exact fp32|"),
+                       ("low_rank_relative_error", "max relative Frobenius error of the low-rank factors")):
+        if data.get(key) is not None:
+            out.print(f"  {label}: {data[key]:.3g}", highlight=False)
+    for key, rows in (data.get("extra_vocab_rows") or {}).items():
+        out.print(f"  {key}: {rows} row(s) beyond the base vocabulary stored as the retriever's values",
+                  highlight=False)
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"

@@ -1,0 +1,1 @@
+"""Checkpoint I/O: read safetensors checkpoints tensor by tensor, map key layouts, and write sharded outputs."""

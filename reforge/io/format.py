@@ -1,0 +1,154 @@
+"""The safetensors file format, read and written byte for byte.
+
+A file is: 8-byte little-endian header length N, N bytes of JSON header ({name: {dtype, shape, data_offsets}},
+optional ``__metadata__`` string map), then the data; offsets are relative to the end of the header. Parsing the
+header ourselves lets every malformed file fail with its name, the tensor and the reason, before any data is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from reforge.errors import CorruptCheckpointError, short_path
+
+# safetensors dtype name -> (torch dtype attribute, bytes per element)
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+}
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype (safetensors name), shape and absolute byte range in the file."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate the header of a safetensors file.
+
+    Returns:
+        ``(tensors, metadata)``: TensorInfo by name (absolute offsets), and the ``__metadata__`` map (or {}).
+
+    Raises:
+        CorruptCheckpointError: header length past the end of the file, invalid JSON, unknown dtype, offsets that
+            do not match the shape or run past the end of the file.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        raw_length = handle.read(8)
+        if len(raw_length) < 8:
+            raise _corrupt(path, None, f"file is {size} bytes, too short for a safetensors header")
+        (length,) = struct.unpack("<Q", raw_length)
+        if length > _MAX_HEADER or 8 + length > size:
+            raise _corrupt(path, None, f"header length {length} runs past the end of the {size}-byte file "
+                                       "(truncated or not a safetensors file)")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _corrupt(path, None, f"header is not valid JSON ({e})") from e
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + length
+    tensors = {name: _tensor_info(path, name, entry, data_start, size) for name, entry in header.items()}
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise _corrupt(path, name, "entry lacks dtype, shape or data_offsets") from e
+    if dtype not in DTYPES:
+        raise _corrupt(path, name, f"unknown dtype {dtype!r}")
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != expected or begin < 0:
+        raise _corrupt(path, name, f"data_offsets {[begin, end]} do not hold a {dtype} tensor of shape "
+                                   f"{list(shape)} ({expected} bytes)")
+    if data_start + end > size:
+        raise _corrupt(path, name, f"data ends at byte {data_start + end}, past the end of the {size}-byte file "
+                                   "(truncated download or copy?)")
+    return TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
+
+
+def _corrupt(path: Path, tensor: str | None, reason: str) -> CorruptCheckpointError:
+    where = f"{short_path(path)}" + (f", tensor {tensor!r}" if tensor else "")
+    return CorruptCheckpointError(f"{where}: {reason}.", hint="Download or copy the file again.",
+                                  path=path, tensor=tensor, reason=reason)
+
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
+    """The header bytes (length prefix included) for tensors laid out contiguously in the given order.
+
+    Args:
+        entries: ``(name, safetensors dtype, shape)`` in the order their data will follow the header.
+        metadata: the ``__metadata__`` string map.
+
+    Returns:
+        ``(header_bytes, offsets)`` where ``offsets[i]`` is the absolute file offset of tensor i's data.
+    """
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    relative, position = [], 0
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * DTYPES[dtype][1]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + nbytes]}
+        relative.append(position)
+        position += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header so data starts 8-byte aligned
+    prefix = struct.pack("<Q", len(raw)) + raw
+    return prefix, [len(prefix) + r for r in relative]
+
+
+def torch_dtype(name: str):
+    """The torch dtype for a safetensors dtype name (``"BF16"`` -> ``torch.bfloat16``)."""
+    import torch
+
+    return getattr(torch, DTYPES[name][0])
+
+
+def safetensors_dtype(dtype) -> str:
+    """The safetensors dtype name for a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
+    wanted = str(dtype).removeprefix("torch.")
+    for name, (attr, _) in DTYPES.items():
+        if attr == wanted:
+            return name
+    raise ValueError(f"dtype {dtype} cannot be stored in safetensors")
+
+
+def read_tensor(fd: int, info: TensorInfo):
+    """Read one tensor's bytes with pread into memory it owns (no mmap, so nothing lingers in RSS)."""
+    import torch
+
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    done = 0
+    while done < info.nbytes:
+        count = os.preadv(fd, [view[done:]], info.start + done)
+        if count == 0:
+            raise _corrupt(info.file, info.name, "file ended while reading the tensor (it changed on disk?)")
+        done += count
+    return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)

@@ -1,0 +1,412 @@
+"""Writing a checkpoint folder: streamed, size-capped shards, atomic, resumable and locked.
+
+Every tensor's name, dtype and shape is known before the first byte is computed, so each shard's header is written
+first and each tensor goes straight to its final offset: memory holds one tensor, never a shard.
+
+Safety, in order of events:
+- a lock file beside the output (``.NAME.reforge-lock``) keeps two runs from writing the same output;
+- everything is written into ``.NAME.reforge-partial/``; a shard is written as ``*.incomplete``, fsynced, and only
+  then renamed to its final name, so a shard with its final name is whole;
+- a rerun with the same plan (same inputs, options and tensor layout: ``plan_id``) keeps the whole shards and
+  writes the rest; a different plan starts clean;
+- when every shard is whole, the index, ``reforge.json`` and the extra files are added and the folder is renamed
+  to NAME. An output that already holds the same plan is left as it is; one that holds anything else needs
+  ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from reforge import __version__
+from reforge.errors import DiskFullError, InvalidOptionError, OutputExistsError, OutputLockedError, short_path
+from reforge.io.format import DTYPES, encode_header, safetensors_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+MANIFEST = "reforge.json"
+JOURNAL = "journal.jsonl"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: its name, safetensors dtype (``"BF16"``) and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which tensors go into which shard file, in order."""
+
+    shards: tuple[tuple[TensorSpec, ...], ...]
+    filenames: tuple[str, ...]
+
+    @classmethod
+    def build(cls, specs: list[TensorSpec], max_shard_size: int, weights_name: str = "model") -> "ShardPlan":
+        """Fill shards in order, starting a new one when the next tensor would pass ``max_shard_size`` bytes
+        (a tensor larger than the cap gets a shard of its own). One shard is named ``{weights_name}.safetensors``,
+        several ``{weights_name}-0000i-of-0000N.safetensors`` as transformers names them."""
+        if max_shard_size <= 0:
+            raise InvalidOptionError("max shard size must be positive.", option="max_shard_size")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise InvalidOptionError("duplicate tensor names in the plan.", option=None)
+        shards: list[list[TensorSpec]] = [[]]
+        size = 0
+        for spec in specs:
+            if shards[-1] and size + spec.nbytes > max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append(spec)
+            size += spec.nbytes
+        count = len(shards)
+        if count == 1:
+            filenames = (f"{weights_name}.safetensors",)
+        else:
+            filenames = tuple(f"{weights_name}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1))
+        return cls(tuple(tuple(s) for s in shards), filenames)
+
+    @property
+    def total_size(self) -> int:
+        return sum(spec.nbytes for shard in self.shards for spec in shard)
+
+    def shard_sizes(self) -> list[int]:
+        return [sum(s.nbytes for s in shard) for shard in self.shards]
+
+
+class _ShardFile:
+    """One shard being written: header first, tensors at their offsets, fsync and rename when all are in."""
+
+    def __init__(self, directory: Path, filename: str, specs: tuple[TensorSpec, ...], metadata: dict[str, str]):
+        self.final = directory / filename
+        self.partial = directory / (filename + ".incomplete")
+        self.header, offsets = encode_header([(s.name, s.dtype, s.shape) for s in specs], metadata)
+        self.offsets = {s.name: o for s, o in zip(specs, offsets)}
+        self.size = len(self.header) + sum(s.nbytes for s in specs)
+        self.pending = {s.name for s in specs}
+        self.fd: int | None = None
+
+    def is_whole(self) -> bool:
+        """A finished shard from an earlier run: final name, right size, identical header."""
+        if not self.final.is_file() or self.final.stat().st_size != self.size:
+            return False
+        with self.final.open("rb") as handle:
+            return handle.read(len(self.header)) == self.header
+
+    def open(self) -> None:
+        self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.posix_fallocate(self.fd, 0, self.size)  # fail now, not halfway, when the disk is too small
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        _pwrite_all(self.fd, self.header, 0)
+
+    def write(self, name: str, data: memoryview) -> None:
+        if self.fd is None:
+            self.open()
+        assert self.fd is not None
+        _pwrite_all(self.fd, data, self.offsets[name])
+        self.pending.discard(name)
+        if not self.pending:
+            self.finish()
+
+    def finish(self) -> None:
+        assert self.fd is not None
+        os.ftruncate(self.fd, self.size)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        os.replace(self.partial, self.final)
+
+    def abandon(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+class CheckpointWriter:
+    """Write a sharded safetensors checkpoint folder atomically; see the module docstring.
+
+    Example:
+        >>> specs = [TensorSpec("w", "F32", (2, 2))]
+        >>> with CheckpointWriter(out, specs, plan_id="demo") as writer:        # doctest: +SKIP
+        ...     writer.write("w", torch.zeros(2, 2))
+        ...     writer.add_file("config.json", "{}")
+
+    Args:
+        output: the folder to produce.
+        specs: every tensor, in the order they should be laid out.
+        plan_id: identifies inputs + options; an output or partial folder with the same id is reused.
+        max_shard_size: bytes per shard file (a tensor larger than this gets its own shard).
+        manifest: JSON-able provenance saved as ``reforge.json`` (``plan_id`` and version are added).
+        overwrite: replace an output folder that holds something else.
+        progress: ``progress(bytes_done, bytes_total)``.
+    """
+
+    def __init__(self, output: str | Path, specs: list[TensorSpec], *, plan_id: str,
+                 max_shard_size: int = 5 * 10**9, manifest: dict | None = None, overwrite: bool = False,
+                 weights_name: str = "model", progress: Callable[[int, int | None], None] | None = None) -> None:
+        self.output = Path(output)
+        self.plan = ShardPlan.build(specs, max_shard_size, weights_name)
+        self.plan_id = plan_id
+        self.weights_name = weights_name
+        self.manifest = {"reforge_version": __version__, "plan_id": plan_id, **(manifest or {})}
+        self.overwrite = overwrite
+        self.progress = progress
+        self.staging = self.output.parent / f".{self.output.name}.reforge-partial"
+        self.lock_path = self.output.parent / f".{self.output.name}.reforge-lock"
+        self.already_complete = False
+        self.resumed_shards = 0
+        self._files: dict[str, bytes] = {}
+        self.records: dict[str, dict] = {}
+        self._specs = {s.name: s for s in specs}
+        self._shard_of: dict[str, _ShardFile] = {}
+        self._shards: list[_ShardFile] = []
+        self._lock_fd: int | None = None
+        self._done_bytes = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def __enter__(self) -> "CheckpointWriter":
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        try:
+            self._prepare()
+        except BaseException:
+            self._release_lock()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            for shard in self._shards:
+                shard.abandon()
+            if exc_type is None and not self.already_complete:
+                self._commit()
+        finally:
+            self._release_lock()
+
+    def pending(self, name: str) -> bool:
+        """Whether ``name`` still has to be written (False when its shard survived from an earlier run)."""
+        return not self.already_complete and name in self._shard_of and name in self._shard_of[name].pending
+
+    def write(self, name: str, tensor: "torch.Tensor") -> None:
+        """Write one tensor; it must have the planned dtype and shape."""
+        spec = self._specs.get(name)
+        if spec is None:
+            raise KeyError(f"tensor {name!r} is not in the plan")
+        if safetensors_dtype(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} "
+                             f"{spec.shape}")
+        if not self.pending(name):
+            return
+        import torch
+
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        try:
+            self._shard_of[name].write(name, memoryview(data))
+        except OSError as e:
+            raise self._disk_error(e, self._shard_of[name].partial) from e
+        self._advance(spec.nbytes)
+
+    def record(self, name: str, facts: dict) -> None:
+        """Keep JSON-able facts about a written tensor (e.g. its rounding error). They are journaled in the
+        partial folder, so a resumed run still has the facts of the shards it kept; see `records`."""
+        self.records[name] = facts
+        with (self.staging / JOURNAL).open("a") as handle:
+            handle.write(json.dumps({"name": name, "facts": facts}) + "\n")
+
+    def add_file(self, name: str, content: str | bytes) -> None:
+        """Add a small file (config.json, README.md, tokenizer files) to the output."""
+        self._files[name] = content.encode() if isinstance(content, str) else content
+
+    def copy_file(self, source: Path, name: str | None = None) -> None:
+        """Copy a small file from another folder into the output."""
+        self.add_file(name or source.name, Path(source).read_bytes())
+
+    # -- internals ---------------------------------------------------------------------------------------------
+    def _acquire_lock(self) -> None:
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                os.close(fd)
+                raise OutputLockedError(
+                    f"another reforge run is writing {short_path(self.output)} right now.",
+                    hint=f"Wait for it to finish; if none is running, delete {short_path(self.lock_path)}.",
+                    path=self.output, lock=self.lock_path) from e
+            # the file we locked may have been unlinked by a run finishing just now; lock the current one
+            if os.path.exists(self.lock_path) and os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino:
+                self._lock_fd = fd
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                return
+            os.close(fd)
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                os.unlink(self.lock_path)
+            except FileNotFoundError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _prepare(self) -> None:
+        if self._output_matches_plan():
+            self.already_complete = True
+            self.records = _read_manifest(self.output / MANIFEST).get("records", {})
+            return
+        if self.output.exists() and not self.overwrite and any(self.output.iterdir()):
+            raise OutputExistsError(f"{short_path(self.output)} already holds something else.",
+                                    hint="Choose another --output, or pass --overwrite to replace it.",
+                                    path=self.output)
+        staged_plan = _read_manifest(self.staging / MANIFEST).get("plan_id")
+        if self.staging.exists() and staged_plan != self.plan_id:
+            shutil.rmtree(self.staging)
+        self.staging.mkdir(exist_ok=True)
+        (self.staging / MANIFEST).write_text(json.dumps({"plan_id": self.plan_id, "state": "partial"}))
+        metadata = {"format": "pt", "reforge_version": __version__, "reforge_plan_id": self.plan_id}
+        for filename, specs in zip(self.plan.filenames, self.plan.shards):
+            shard = _ShardFile(self.staging, filename, specs, metadata)
+            if shard.is_whole():
+                shard.pending.clear()
+                self.resumed_shards += 1
+                self._done_bytes += shard.size - len(shard.header)
+            for spec in specs:
+                self._shard_of[spec.name] = shard
+            self._shards.append(shard)
+        self._load_journal()
+        self._check_space()
+        self._advance(0)
+
+    def _load_journal(self) -> None:
+        """Facts recorded for tensors in the shards kept from an earlier run; the rest are dropped."""
+        journal = self.staging / JOURNAL
+        kept: dict[str, dict] = {}
+        if journal.is_file():
+            for line in journal.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by the crash
+                shard = self._shard_of.get(entry.get("name"))
+                if shard is not None and not shard.pending:
+                    kept[entry["name"]] = entry["facts"]
+        self.records = kept
+        journal.write_text("".join(json.dumps({"name": k, "facts": v}) + "\n" for k, v in kept.items()))
+
+    def _output_matches_plan(self) -> bool:
+        manifest = _read_manifest(self.output / MANIFEST)
+        if manifest.get("plan_id") != self.plan_id:
+            return False
+        return all((self.output / name).is_file() for name in self.plan.filenames)
+
+    def _check_space(self) -> None:
+        needed = sum(s.size for s in self._shards if s.pending)
+        free = shutil.disk_usage(self.staging).free
+        if needed > free:
+            raise DiskFullError(f"writing {short_path(self.output)} needs {needed / 1e9:.2f} GB more, but only "
+                                f"{free / 1e9:.2f} GB are free.", hint="Free some space or choose another --output.",
+                                path=self.output, needed=needed, free=free)
+
+    def _disk_error(self, error: OSError, path: Path) -> Exception:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return DiskFullError(f"the disk filled up while writing {short_path(path)}.",
+                                 hint="Free some space and rerun the same command: whole shards are kept.",
+                                 path=path, needed=None, free=None)
+        return error
+
+    def _advance(self, nbytes: int) -> None:
+        self._done_bytes += nbytes
+        if self.progress:
+            self.progress(self._done_bytes, self.plan.total_size)
+
+    def _commit(self) -> None:
+        missing = [name for shard in self._shards for name in sorted(shard.pending)]
+        if missing:
+            raise RuntimeError(f"{len(missing)} planned tensor(s) were never written, e.g. {missing[0]!r}")
+        try:
+            self._write_small_files()
+        except OSError as e:
+            raise self._disk_error(e, self.staging) from e
+        _fsync_dir(self.staging)
+        old = self.output.parent / f".{self.output.name}.reforge-old"
+        if self.output.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.output, old)
+        os.replace(self.staging, self.output)
+        _fsync_dir(self.output.parent)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def _write_small_files(self) -> None:
+        if len(self.plan.filenames) > 1:
+            weight_map = {spec.name: filename for filename, specs in zip(self.plan.filenames, self.plan.shards)
+                          for spec in specs}
+            index = {"metadata": {"total_size": self.plan.total_size, "reforge_version": __version__,
+                                  "reforge_plan_id": self.plan_id}, "weight_map": weight_map}
+            self._files[f"{self.weights_name}.safetensors.index.json"] = json.dumps(index, indent=2).encode()
+        self._files[MANIFEST] = json.dumps({**self.manifest, "state": "complete", "files": list(self.plan.filenames),
+                                            "total_size": self.plan.total_size, "records": self.records},
+                                           indent=2, default=str).encode()
+        (self.staging / JOURNAL).unlink(missing_ok=True)
+        for name, content in self._files.items():
+            target = self.staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".incomplete")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _pwrite_all(fd, content, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def plan_id_for(parts: dict) -> str:
+    """A stable id for a write plan from the JSON-able facts that determine its bytes."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -1,0 +1,354 @@
+"""`diff`: Delta = retriever - base, tensor by tensor, in fp32, streamed into a delta folder.
+
+What is exact: the difference is computed in fp32 from the stored inputs. Stored as float32 (and with inputs in
+bf16/fp16, whose difference fp32 holds exactly unless their exponents differ by more than 16), base + Delta
+reproduces the retriever bit for bit. Stored in bf16/fp16 it rounds; the rounding of every tensor is measured
+(max |stored - exact|) and recorded in ``reforge.json``, together with the reconstruction error it causes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from reforge.errors import InvalidOptionError, LayoutMismatchError, short_path
+from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
+from reforge.io.format import safetensors_dtype, torch_dtype
+from reforge.io.keymap import match_keys
+from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
+from reforge.ops.delta import factor_keys
+from reforge.ops.fold import LoraAdapter
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
+
+
+@dataclass
+class DiffReport:
+    """What `diff` did (or, with ``dry_run``, would do)."""
+
+    output: Path
+    tensors: int
+    total_size: int
+    shards: list[int]
+    dtype: str
+    dry_run: bool = False
+    already_complete: bool = False
+    resumed_shards: int = 0
+    max_abs_rounding: float = 0.0
+    extra_vocab_rows: dict[str, int] = field(default_factory=dict)
+    factored: int = 0
+    low_rank_relative_error: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """How to produce the Delta for one canonical tensor."""
+
+    key: str
+    shape: tuple[int, ...]
+    source: str  # "dense": retriever - base; "adapter": folded adapter module; "zero"; "retriever-only"
+    base_rows: int | None = None
+
+
+def diff(base: str | Path, retriever: str | Path, output: str | Path, *, dtype: str = "auto",
+         max_shard_size: int = 5 * 10**9, low_rank: bool = False, rank: int | None = None,
+         energy: float | None = None, allow_missing: bool = False, overwrite: bool = False,
+         token: str | None = None, allow_pickle: bool = False, dry_run: bool = False, command: str | None = None,
+         progress: Callable[[int, int | None], None] | None = None) -> DiffReport:
+    """Write Delta = retriever - base into ``output``.
+
+    Args:
+        base: the pretrained LM (folder or Hub id); its ``lm_head`` is ignored.
+        retriever: a full retriever checkpoint, or a peft LoRA/DoRA adapter over ``base`` (RepLLaMA form).
+        dtype: stored dtype: ``auto`` (the retriever's), ``float32``, ``bfloat16`` or ``float16``.
+        low_rank: keep an adapter retriever's LoRA Delta as factors (exact up to fp32 rounding, far smaller).
+        rank / energy: compress each dense 2-D layer Delta by SVD to ``rank`` or to the smallest rank holding
+            ``energy`` of its squared singular values (LoRE-Adapt); 1-D tensors and embeddings stay dense.
+        allow_missing: store tensors only the retriever has whole, and skip those only the base has, instead
+            of failing.
+
+    Raises:
+        LayoutMismatchError: the two do not line up (names or shapes). InvalidOptionError: options that conflict.
+    """
+    started = time.perf_counter()
+    _check_options(low_rank, rank, energy, dtype)
+    base_ckpt = open_model(base, token=token, allow_pickle=allow_pickle)
+    retriever_ckpt = open_checkpoint(retriever, token=token, allow_pickle=allow_pickle)
+    if isinstance(retriever_ckpt, AdapterCheckpoint):
+        adapter = LoraAdapter(retriever_ckpt)
+        if low_rank and adapter.is_dora:
+            raise InvalidOptionError("a DoRA retriever's Delta is not exactly low rank; use --rank/--energy for an "
+                                     "SVD approximation, or store it dense.", option="--low-rank")
+        entries = _adapter_entries(base_ckpt, adapter)
+        stored_dtype = _choose_dtype(dtype, base_ckpt, None)
+    else:
+        if low_rank:
+            raise InvalidOptionError("--low-rank needs a peft LoRA retriever; for a full retriever use --rank or "
+                                     "--energy (SVD).", option="--low-rank")
+        adapter = None
+        entries = _dense_entries(base_ckpt, retriever_ckpt, allow_missing)
+        stored_dtype = _choose_dtype(dtype, base_ckpt, retriever_ckpt)
+    factor = _factor_rule(low_rank, rank, energy)
+    if energy is not None and not dry_run:
+        factor["ranks"] = _energy_ranks(entries, base_ckpt, retriever_ckpt, adapter, energy)
+    specs, factored = _specs(entries, stored_dtype, factor, adapter)
+    manifest = _manifest(base_ckpt, retriever_ckpt, entries, stored_dtype, factored, factor, command)
+    plan_id = plan_id_for({"op": "diff", "base": base_ckpt.provenance["fingerprint"],
+                           "retriever": retriever_ckpt.provenance["fingerprint"], "dtype": stored_dtype,
+                           "specs": [(s.name, s.dtype, s.shape) for s in specs], "rank": rank, "energy": energy,
+                           "shard": max_shard_size})
+    plan = ShardPlan.build(specs, max_shard_size)
+    report = DiffReport(Path(output), len(entries), plan.total_size, plan.shard_sizes(), stored_dtype, dry_run,
+                        factored=len(factored),
+                        extra_vocab_rows={e.key: e.shape[0] - e.base_rows for e in entries if e.base_rows})
+    if dry_run:
+        return report
+    with CheckpointWriter(output, specs, plan_id=plan_id, max_shard_size=max_shard_size, manifest=manifest,
+                          overwrite=overwrite, progress=progress) as writer:
+        report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
+        if not writer.already_complete:
+            with base_ckpt.reader() as base_reader, retriever_ckpt.reader() as retriever_reader:
+                for entry in entries:
+                    if not any(writer.pending(n) for n in _stored_names(entry, factored)):
+                        continue
+                    exact = _exact_delta(entry, base_ckpt, retriever_ckpt, base_reader, retriever_reader, adapter)
+                    given = (_adapter_factors(adapter, entry.key, retriever_reader.get)
+                             if low_rank and entry.key in factored else None)
+                    writer.record(entry.key, _store(writer, entry, exact, stored_dtype, factored, given))
+        errors = writer.records
+        writer.manifest["max_abs_rounding"] = max((e["max_abs_rounding"] for e in errors.values()), default=0.0)
+    report.max_abs_rounding = max((e["max_abs_rounding"] for e in errors.values()), default=0.0)
+    relative = [e["relative_error"] for e in errors.values() if "relative_error" in e]
+    report.low_rank_relative_error = max(relative) if relative else None
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _check_options(low_rank: bool, rank: int | None, energy: float | None, dtype: str) -> None:
+    if sum(bool(x) for x in (low_rank, rank is not None, energy is not None)) > 1:
+        raise InvalidOptionError("--low-rank, --rank and --energy are alternatives; pass one of them.",
+                                 option="--rank")
+    if rank is not None and rank < 1:
+        raise InvalidOptionError(f"--rank must be at least 1, got {rank}.", option="--rank")
+    if energy is not None and not 0 < energy <= 1:
+        raise InvalidOptionError(f"--energy must be in (0, 1], got {energy}.", option="--energy")
+    if dtype != "auto" and dtype not in DTYPE_NAMES:
+        raise InvalidOptionError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}.",
+                                 option="--dtype")
+
+
+def _choose_dtype(dtype: str, base: Checkpoint, retriever: Checkpoint | None) -> str:
+    if dtype != "auto":
+        return DTYPE_NAMES[dtype]
+    source = retriever or base
+    floats = [i.dtype for i in source.index.tensors.values() if i.dtype in ("F32", "BF16", "F16", "F64")]
+    return max(set(floats), key=floats.count) if floats else "F32"
+
+
+def _dense_entries(base: Checkpoint, retriever: Checkpoint, allow_missing: bool) -> list[_Entry]:
+    base_keys, retriever_keys = base.canonical_keys(), retriever.canonical_keys()
+    if not allow_missing:
+        match_keys(base_keys, retriever_keys, left_name=f"base {base.ref}", right_name=f"retriever {retriever.ref}",
+                   hint="If the architectures are the same and only a few tensors differ (e.g. a BERT pooler), "
+                        "--allow-missing stores tensors only the retriever has whole and skips the rest.")
+    entries = []
+    for key in _file_order(retriever, retriever_keys):
+        r_info = retriever.index.tensors[retriever_keys[key]]
+        if key not in base_keys:
+            entries.append(_Entry(key, r_info.shape, "retriever-only"))
+            continue
+        b_info = base.index.tensors[base_keys[key]]
+        entries.append(_entry_for_shapes(key, b_info.shape, r_info.shape, base.ref, retriever.ref))
+    return entries
+
+
+def _entry_for_shapes(key: str, base_shape: tuple, retriever_shape: tuple, base_ref: str, retriever_ref: str) -> _Entry:
+    if base_shape == retriever_shape:
+        return _Entry(key, retriever_shape, "dense")
+    grown_vocab = (len(base_shape) == 2 and base_shape[1:] == retriever_shape[1:]
+                   and retriever_shape[0] > base_shape[0] and _is_embedding(key))
+    if grown_vocab:  # added tokens: the extra rows have no base value; Delta holds the retriever's rows there
+        return _Entry(key, retriever_shape, "dense", base_rows=base_shape[0])
+    raise LayoutMismatchError(
+        f"tensor {key!r} is {list(base_shape)} in base {base_ref} but {list(retriever_shape)} in retriever "
+        f"{retriever_ref}.", hint="The two checkpoints are different architectures or sizes.",
+        left=base_ref, right=retriever_ref, tensor=key, details={"base": base_shape, "retriever": retriever_shape})
+
+
+def _adapter_entries(base: Checkpoint, adapter: LoraAdapter) -> list[_Entry]:
+    base_keys = base.canonical_keys()
+    unknown = sorted(set(adapter.modules) - set(base_keys))
+    if unknown:
+        raise LayoutMismatchError(
+            f"adapter {adapter.checkpoint.ref} changes {len(unknown)} tensor(s) the base {base.ref} does not have "
+            f"(e.g. {unknown[0]!r}).", hint="Is it an adapter for this base?", left=base.ref,
+            right=adapter.checkpoint.ref, tensor=unknown[0], details={"unknown": unknown[:20]})
+    return [_Entry(key, base.index.tensors[base_keys[key]].shape, "adapter" if key in adapter.modules else "zero")
+            for key in _file_order(base, base_keys)]
+
+
+def _file_order(checkpoint: Checkpoint, keys: dict[str, str]) -> list[str]:
+    tensors = checkpoint.index.tensors
+    return sorted(keys, key=lambda k: (str(tensors[keys[k]].file), tensors[keys[k]].start))
+
+
+def _is_embedding(key: str) -> bool:
+    return any(hint in key for hint in EMBEDDING_HINTS)
+
+
+def _factor_rule(low_rank: bool, rank: int | None, energy: float | None):
+    if not (low_rank or rank or energy):
+        return None
+    return {"low_rank": low_rank, "rank": rank, "energy": energy}
+
+
+def _specs(entries: list[_Entry], dtype: str, factor, adapter: LoraAdapter | None
+           ) -> tuple[list[TensorSpec], dict[str, int]]:
+    """Tensor specs to write, and the rank of each factored tensor. Ranks must be known before writing: for
+    --low-rank they come from the adapter, for --rank they are fixed, and --energy is resolved by a first SVD
+    pass in `_energy_ranks`."""
+    specs, factored = [], {}
+    for entry in entries:
+        if entry.source == "zero" and factor is not None:
+            continue
+        rank = _factor_rank(entry, factor, adapter)
+        if rank is None:
+            specs.append(TensorSpec(entry.key, dtype, entry.shape))
+            continue
+        factored[entry.key] = rank
+        a_key, b_key = factor_keys(entry.key)
+        specs.append(TensorSpec(a_key, "F32" if factor["low_rank"] else dtype, (rank, entry.shape[1])))
+        specs.append(TensorSpec(b_key, "F32" if factor["low_rank"] else dtype, (entry.shape[0], rank)))
+    return specs, factored
+
+
+def _factor_rank(entry: _Entry, factor, adapter: LoraAdapter | None) -> int | None:
+    """The stored rank of a factored tensor, or None to store it dense."""
+    if factor is None or len(entry.shape) != 2 or _is_embedding(entry.key) or entry.source == "retriever-only":
+        return None
+    if factor["low_rank"]:
+        if entry.source != "adapter" or adapter is None or adapter.modules[entry.key].embedding:
+            return None
+        return adapter.checkpoint.index.tensors[adapter.modules[entry.key].a_key].shape[0]
+    full = min(entry.shape)
+    if factor["rank"] is not None:
+        return min(factor["rank"], full)
+    return factor.get("ranks", {}).get(entry.key, full)
+
+
+def _energy_ranks(entries: list[_Entry], base: Checkpoint, retriever, adapter, energy: float) -> dict[str, int]:
+    """For --energy: the smallest rank of each layer Delta whose squared singular values reach ``energy``.
+
+    Shard headers are written before any data, so ranks must be known first: this pass computes only singular
+    values (cheaper than the full SVD that the writing pass does)."""
+    import torch
+
+    ranks = {}
+    with base.reader() as base_reader, retriever.reader() as retriever_reader:
+        for entry in entries:
+            if _factor_rank(entry, {"low_rank": False, "rank": None}, adapter) is None:
+                continue
+            exact = _exact_delta(entry, base, retriever, base_reader, retriever_reader, adapter)
+            ranks[entry.key] = _rank_for_energy(torch.linalg.svdvals(exact), energy)
+    return ranks
+
+
+def _rank_for_energy(singular_values: "torch.Tensor", energy: float) -> int:
+    import torch
+
+    squares = singular_values.double() ** 2
+    total = float(squares.sum())
+    if total == 0:
+        return 1
+    cumulative = torch.cumsum(squares, 0) / total
+    return min(int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64))) + 1,
+               len(singular_values))
+
+
+def _stored_names(entry: _Entry, factored: dict[str, int]) -> list[str]:
+    return list(factor_keys(entry.key)) if entry.key in factored else [entry.key]
+
+
+def _exact_delta(entry: _Entry, base: Checkpoint, retriever, base_reader, retriever_reader,
+                 adapter: LoraAdapter | None) -> "torch.Tensor":
+    import torch
+
+    if entry.source == "zero":
+        return torch.zeros(entry.shape, dtype=torch.float32)
+    base_key = base.layout.stored(entry.key)
+    if entry.source == "adapter":
+        assert adapter is not None
+        return adapter.psi(entry.key, retriever_reader.get, base_reader.get(base_key))
+    value = retriever_reader.get(retriever.layout.stored(entry.key)).float()
+    if entry.source == "retriever-only":
+        return value
+    base_value = base_reader.get(base_key).float()
+    if entry.base_rows is not None:
+        value[: entry.base_rows] -= base_value
+        return value
+    return value.sub_(base_value)
+
+
+def _adapter_factors(adapter: LoraAdapter, key: str, read) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The adapter's own factors of ``key`` as (A, B) with B @ A = Delta: the scale is folded into B."""
+    module = adapter.modules[key]
+    a, b = read(module.a_key).float(), read(module.b_key).float() * module.scale
+    return (b.T.contiguous(), a.T.contiguous()) if module.fan_in_fan_out else (a, b)
+
+
+def _store(writer: CheckpointWriter, entry: _Entry, exact: "torch.Tensor", dtype: str, factored: dict[str, int],
+           given: tuple | None) -> dict:
+    """Write one tensor (dense or factored) and return its measured errors."""
+    target = torch_dtype(dtype)
+    if entry.key not in factored:
+        stored = exact.to(target)
+        writer.write(entry.key, stored)
+        return {"max_abs_rounding": float((stored.float() - exact).abs().max()) if exact.numel() else 0.0}
+    if given is not None:
+        (a, b), rank_used = given, factored[entry.key]
+    else:
+        a, b, rank_used = _factors(exact, factored[entry.key])
+    a_key, b_key = factor_keys(entry.key)
+    factor_dtype = torch_dtype("F32") if given is not None else target
+    a, b = a.to(factor_dtype), b.to(factor_dtype)
+    writer.write(a_key, a)
+    writer.write(b_key, b)
+    approx = b.float() @ a.float()
+    norm = float(exact.norm())
+    return {"max_abs_rounding": float((approx - exact).abs().max()), "rank": rank_used,
+            "relative_error": float((approx - exact).norm()) / norm if norm else 0.0}
+
+
+def _factors(exact: "torch.Tensor", rank: int) -> tuple["torch.Tensor", "torch.Tensor", int]:
+    """A (rank, in) and B (out, rank) with B @ A ~ exact. SVD: A = sqrt(S) Vh, B = U sqrt(S) (as mergekit does)."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(exact, full_matrices=False)
+    root = s[:rank].sqrt()
+    return root[:, None] * vh[:rank], u[:, :rank] * root[None, :], rank
+
+
+def _manifest(base: Checkpoint, retriever, entries: list[_Entry], dtype: str, factored: dict[str, int],
+              factor, command: str | None) -> dict:
+    return {
+        "kind": "delta",
+        "base": base.provenance,
+        "retriever": {**retriever.provenance, "kind": retriever.kind,
+                      "architecture": getattr(retriever, "architecture", None)},
+        "dtype": dtype,
+        "shapes": {e.key: list(e.shape) for e in entries},
+        "zero": [e.key for e in entries if e.source == "zero" and factor is not None],
+        "factored": sorted(factored),
+        "retriever_only": [e.key for e in entries if e.source == "retriever-only"],
+        "extra_vocab_rows": {e.key: e.shape[0] - e.base_rows for e in entries if e.base_rows},
+        "compression": factor,
+        "command": command,
+    }
+

@@ -1,0 +1,159 @@
+"""A peft adapter folded into dense per-tensor updates, exactly, in fp32, one module at a time.
+
+For a module with base weight W (out, in), LoRA factors A (r, in), B (out, r) and scale s (lora_alpha / r, or
+lora_alpha / sqrt(r) with rsLoRA):
+- LoRA:  Psi = s * B @ A                         (transposed for ``fan_in_fan_out`` layers such as GPT-2's Conv1D)
+- DoRA:  V = W + s * B @ A;  W' = (m / ||V||_row)[:, None] * V;  Psi = W' - W
+  where ||V||_row is the L2 norm over the input dimension (one value per output row) and m is
+  ``lora_magnitude_vector``. This is peft's merge, computed in fp32 instead of the weight's dtype.
+Embedding LoRA (``lora_embedding_A/B``): Psi = s * (B @ A)^T.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from reforge.errors import AdapterError, short_path
+from reforge.io.checkpoint import AdapterCheckpoint
+from reforge.io.keymap import PEFT_PREFIX, detect_layout
+
+if TYPE_CHECKING:
+    import torch
+
+_SUFFIXES = {
+    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m",
+    ".lora_magnitude_vector.weight": "m", ".lora_embedding_A": "EA", ".lora_embedding_B": "EB",
+}
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: which base tensor it changes (canonical key) and where its factors are stored."""
+
+    target: str
+    a_key: str
+    b_key: str
+    magnitude_key: str | None
+    scale: float
+    fan_in_fan_out: bool = False
+    embedding: bool = False
+
+
+class LoraAdapter:
+    """The modules of a peft LoRA/DoRA adapter, keyed by the canonical name of the base tensor each one changes.
+
+    Raises:
+        AdapterError: unsupported adapter type or options, missing factors, a DoRA module without its magnitude
+            vector, or trained tensors that are not LoRA factors.
+    """
+
+    def __init__(self, checkpoint: AdapterCheckpoint) -> None:
+        self.checkpoint = checkpoint
+        config = checkpoint.adapter_config
+        where = short_path(checkpoint.path)
+        if config.get("peft_type", "LORA") != "LORA":
+            raise AdapterError(f"{where} is a {config.get('peft_type')} adapter; only LoRA and DoRA are supported.",
+                               path=checkpoint.path, tensor=None)
+        if config.get("lora_bias"):
+            raise AdapterError(f"{where} trains LoRA biases (lora_bias), which reforge does not fold yet.",
+                               path=checkpoint.path, tensor=None)
+        self.is_dora = bool(config.get("use_dora"))
+        groups = self._group_keys(list(checkpoint.index.tensors))
+        module_layout = detect_layout([m + ".weight" for m in groups])
+        self.modules: dict[str, LoraModule] = {}
+        for module, parts in groups.items():
+            target = module_layout.canonical(module + ".weight")
+            self.modules[target] = self._module(module, parts, target)
+
+    def _group_keys(self, keys: list[str]) -> dict[str, dict[str, str]]:
+        groups: dict[str, dict[str, str]] = {}
+        for key in keys:
+            for suffix, role in _SUFFIXES.items():
+                if key.endswith(suffix):
+                    module = key[: -len(suffix)].removeprefix(PEFT_PREFIX)
+                    groups.setdefault(module, {})[role] = key
+                    break
+            else:
+                raise AdapterError(
+                    f"{short_path(self.checkpoint.path)}: tensor {key!r} is not a LoRA factor (modules_to_save and "
+                    "trainable tokens are not supported).", path=self.checkpoint.path, tensor=key)
+        if not groups:
+            raise AdapterError(f"{short_path(self.checkpoint.path)} holds no LoRA tensors.",
+                               path=self.checkpoint.path, tensor=None)
+        return groups
+
+    def _module(self, module: str, parts: dict[str, str], target: str) -> LoraModule:
+        config = self.checkpoint.adapter_config
+        embedding = "EA" in parts or "EB" in parts
+        a_key, b_key = (parts.get("EA"), parts.get("EB")) if embedding else (parts.get("A"), parts.get("B"))
+        if a_key is None or b_key is None:
+            missing = "lora_A" if a_key is None else "lora_B"
+            raise AdapterError(f"{short_path(self.checkpoint.path)}: module {module!r} has no {missing} tensor.",
+                               path=self.checkpoint.path, tensor=module)
+        magnitude = parts.get("m")
+        if self.is_dora and magnitude is None and not embedding:
+            raise AdapterError(f"{short_path(self.checkpoint.path)}: DoRA module {module!r} has no "
+                               "lora_magnitude_vector.", hint="The adapter file is incomplete; save it again.",
+                               path=self.checkpoint.path, tensor=module)
+        rank = self.checkpoint.index.tensors[a_key].shape[0]
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        return LoraModule(target, a_key, b_key, magnitude, scale, bool(config.get("fan_in_fan_out")), embedding)
+
+    def psi(self, target: str, read: Callable[[str], "torch.Tensor"], base_weight: "torch.Tensor | None") -> "torch.Tensor":
+        """The dense fp32 update Psi for canonical tensor ``target``.
+
+        Args:
+            read: reads a tensor of this adapter by stored key (a `ShardReader.get`).
+            base_weight: the base tensor (needed for DoRA and for the shape check).
+        """
+        module = self.modules[target]
+        a, b = read(module.a_key).float(), read(module.b_key).float()
+        self._check_shapes(module, a, b, base_weight)
+        if module.embedding:
+            return module.scale * (b @ a).T
+        lora = module.scale * (b @ a)
+        if module.magnitude_key is None:
+            return lora.T if module.fan_in_fan_out else lora
+        assert base_weight is not None
+        magnitude = read(module.magnitude_key).float().reshape(-1)
+        weight = base_weight.float()
+        weight = weight.T if module.fan_in_fan_out else weight
+        updated = weight + lora
+        norm = torch_norm_rows(updated)
+        psi = (magnitude / norm)[:, None] * updated - weight
+        return psi.T if module.fan_in_fan_out else psi
+
+    def _check_shapes(self, module: LoraModule, a, b, base_weight) -> None:
+        if base_weight is None:
+            return
+        shape = tuple(base_weight.shape)
+        if module.embedding:
+            expected = (shape[0], shape[1]) == (a.shape[1], b.shape[0])
+        else:
+            out_dim, in_dim = (shape[1], shape[0]) if module.fan_in_fan_out else shape
+            expected = len(shape) == 2 and (b.shape[0], a.shape[1]) == (out_dim, in_dim)
+        if not expected:
+            raise AdapterError(
+                f"{short_path(self.checkpoint.path)}: adapter for {module.target!r} has lora_A {tuple(a.shape)} and "
+                f"lora_B {tuple(b.shape)}, which do not fit the base tensor of shape {shape}.",
+                hint="Was the adapter trained on a different base model?", path=self.checkpoint.path,
+                tensor=module.target)
+
+
+def torch_norm_rows(matrix: "torch.Tensor") -> "torch.Tensor":
+    """L2 norm of each row (over the input dimension), as peft's DoRA ``get_weight_norm`` computes it."""
+    import torch
+
+    return torch.linalg.norm(matrix, dim=1)
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's rank/alpha pattern lookup: a key matches a module name that ends with it at a dot boundary."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
