@@ -1,0 +1,288 @@
+"""Checkpoint reading and writing: round trips, bad inputs, atomicity, resume and locking."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import struct
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import build_model, save
+from reforge.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    DiskFullError,
+    OutputExistsError,
+    OutputLockedError,
+    PickleRefusedError,
+    ShardNotFoundError,
+    UnsafePathError,
+)
+from reforge.io.checkpoint import open_checkpoint
+from reforge.io.index import ShardIndex
+from reforge.io.keymap import detect_layout
+from reforge.io.reader import ShardReader
+from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec
+
+
+def _specs(tensors):
+    from reforge.io.format import safetensors_dtype
+
+    return [TensorSpec(k, safetensors_dtype(v.dtype), tuple(v.shape)) for k, v in tensors.items()]
+
+
+@pytest.fixture
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(16, 8, generator=g).to(torch.bfloat16),
+        "b.weight": torch.randn(8, generator=g),
+        "c.weight": torch.randn(4, 4, generator=g).half(),
+        "d.step": torch.tensor(3, dtype=torch.int64),
+        "e.mask": torch.tensor([True, False, True]),
+    }
+
+
+def test_read_write_round_trip_is_bit_exact_and_readable_by_safetensors(tmp_path, tensors):
+    out = tmp_path / "out"
+    with CheckpointWriter(out, _specs(tensors), plan_id="p", max_shard_size=200) as writer:
+        for name in reversed(list(tensors)):  # any order: offsets are planned
+            writer.write(name, tensors[name])
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert len(set(index["weight_map"].values())) == len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    loaded = {}
+    for file in out.glob("*.safetensors"):
+        loaded.update(load_file(file))  # the reference implementation reads our files
+    with ShardReader(ShardIndex.from_dir(out)) as reader:
+        for name, value in tensors.items():
+            assert torch.equal(loaded[name], value) and loaded[name].dtype == value.dtype
+            assert torch.equal(reader.get(name), value)
+    assert not list(tmp_path.glob(".out.*")), "no partial folder or lock left behind"
+
+
+def test_shard_plan_caps_bytes_and_names_like_transformers():
+    specs = [TensorSpec(f"t{i}", "F32", (10,)) for i in range(5)]  # 40 bytes each
+    plan = ShardPlan.build(specs, max_shard_size=100)
+    assert [len(s) for s in plan.shards] == [2, 2, 1]
+    assert plan.filenames[0] == "model-00001-of-00003.safetensors"
+    assert ShardPlan.build(specs, 10**9).filenames == ("model.safetensors",)
+    big = ShardPlan.build([TensorSpec("huge", "F32", (100,))] + specs[:1], max_shard_size=100)
+    assert [len(s) for s in big.shards] == [1, 1]
+
+
+def _safetensors_file(path, tensors):
+    save_file(tensors, str(path))
+    return path
+
+
+def test_truncated_file_is_reported_with_name_and_tensor(tmp_path, tensors):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    file = _safetensors_file(folder / "model.safetensors", {"x": torch.zeros(100)})
+    data = file.read_bytes()
+    file.write_bytes(data[:-10])
+    with pytest.raises(CorruptCheckpointError, match=r"model.safetensors, tensor 'x': data ends at byte"):
+        ShardIndex.from_dir(folder)
+
+
+def test_bad_header_length_is_reported(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}")
+    with pytest.raises(CorruptCheckpointError, match="header length 1000000 runs past the end"):
+        ShardIndex.from_dir(folder)
+
+
+def test_offsets_inconsistent_with_shape_are_reported(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    header = json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(CorruptCheckpointError, match=r"tensor 'x': data_offsets \[0, 8\] do not hold"):
+        ShardIndex.from_dir(folder)
+
+
+def test_missing_shard_named_by_index(tmp_path):
+    folder = save(build_model("llama-bare"), tmp_path / "m", shard_size="20KB")
+    victim = sorted(folder.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(ShardNotFoundError, match=f"{victim.name} is named by .*index.json but missing"):
+        open_checkpoint(folder)
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_index_paths_may_not_escape_the_folder(tmp_path, entry):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    _safetensors_file(tmp_path / "outside.safetensors", {"x": torch.zeros(2)})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {"x": entry}}))
+    with pytest.raises(UnsafePathError, match="outside the checkpoint folder"):
+        ShardIndex.from_dir(folder)
+
+
+def test_pickle_refused_unless_allowed_then_loaded_weights_only(tmp_path):
+    folder = tmp_path / "m"
+    model = build_model("llama-bare")
+    model.save_pretrained(folder, safe_serialization=False)
+    if not (folder / "pytorch_model.bin").exists():  # transformers 5 always writes safetensors
+        (folder / "model.safetensors").unlink()
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(PickleRefusedError, match="pytorch_model.bin is a pickle checkpoint.*--allow-pickle"):
+        open_checkpoint(folder)
+    checkpoint = open_checkpoint(folder, allow_pickle=True)
+    with checkpoint.reader() as reader:
+        key = "layers.0.mlp.up_proj.weight"
+        assert torch.equal(reader.get(key), model.state_dict()[key])
+
+
+def test_malicious_pickle_is_refused_even_when_allowed(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    with open(folder / "pytorch_model.bin", "wb") as handle:
+        pickle.dump({"x": Evil()}, handle)
+    with pytest.raises(CorruptCheckpointError, match="weights-only pickle"):
+        with open_checkpoint(folder, allow_pickle=True).reader() as reader:
+            reader.keys()
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="holds no model.safetensors"):
+        ShardIndex.from_dir(tmp_path)
+
+
+def test_layout_detection():
+    assert detect_layout(["model.layers.0.w", "model.norm.weight", "lm_head.weight"]).prefix == "model."
+    bare = detect_layout(["layers.0.w", "norm.weight", "embed_tokens.weight"])
+    assert bare.prefix == "" and bare.is_bare
+    peft = detect_layout(["base_model.model.model.layers.0.w", "base_model.model.lm_head.weight"])
+    assert peft.prefix == "base_model.model.model." and peft.canonical("base_model.model.lm_head.weight") is None
+    bert = detect_layout(["bert.embeddings.x", "bert.encoder.y", "cls.predictions.bias"])
+    assert bert.prefix == "bert." and bert.canonical("bert.encoder.y") == "encoder.y"
+    assert detect_layout(["embeddings.x", "encoder.y", "pooler.z"]).prefix == ""
+
+
+def test_output_holding_something_else_is_refused(tmp_path, tensors):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="already holds something else.*--overwrite"):
+        CheckpointWriter(out, _specs(tensors), plan_id="p").__enter__()
+    assert (out / "precious.txt").read_text() == "keep me"
+    with CheckpointWriter(out, _specs(tensors), plan_id="p", overwrite=True) as writer:
+        for name, value in tensors.items():
+            writer.write(name, value)
+    assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_same_plan_rerun_is_a_no_op(tmp_path, tensors):
+    out = tmp_path / "out"
+    for _ in range(2):
+        with CheckpointWriter(out, _specs(tensors), plan_id="p") as writer:
+            for name, value in tensors.items():
+                writer.write(name, value)
+    with CheckpointWriter(out, _specs(tensors), plan_id="p") as writer:
+        assert writer.already_complete and not writer.pending("a.weight")
+
+
+def test_crash_leaves_no_complete_looking_output_and_rerun_resumes(tmp_path, tensors):
+    out = tmp_path / "out"
+    specs = _specs(tensors)
+    with pytest.raises(KeyboardInterrupt):
+        with CheckpointWriter(out, specs, plan_id="p", max_shard_size=200) as writer:
+            for name in ["a.weight", "b.weight"]:  # a (256 bytes) fills shard 1; b starts shard 2
+                writer.write(name, tensors[name])
+                writer.record(name, {"n": name})
+            raise KeyboardInterrupt
+    assert not out.exists(), "nothing under the final name until the whole output is written"
+    partial = tmp_path / ".out.reforge-partial"
+    assert (partial / "model-00001-of-00002.safetensors").is_file()
+    with CheckpointWriter(out, specs, plan_id="p", max_shard_size=200) as writer:
+        assert writer.resumed_shards == 1 and not writer.pending("a.weight") and writer.pending("c.weight")
+        assert writer.records == {"a.weight": {"n": "a.weight"}}
+        for name, value in tensors.items():
+            writer.write(name, value)
+    with ShardReader(ShardIndex.from_dir(out)) as reader:
+        assert all(torch.equal(reader.get(n), v) for n, v in tensors.items())
+    assert json.loads((out / "reforge.json").read_text())["records"] == {"a.weight": {"n": "a.weight"}}
+
+
+def test_different_plan_discards_partial_work(tmp_path, tensors):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with CheckpointWriter(out, _specs(tensors), plan_id="old", max_shard_size=200) as writer:
+            writer.write("a.weight", tensors["a.weight"])
+            writer.write("b.weight", tensors["b.weight"])
+            raise RuntimeError("crash")
+    with CheckpointWriter(out, _specs(tensors), plan_id="new", max_shard_size=200) as writer:
+        assert writer.resumed_shards == 0 and writer.pending("a.weight")
+        for name, value in tensors.items():
+            writer.write(name, value)
+
+
+def _hold_lock(out, specs, ready, release):
+    with CheckpointWriter(out, specs, plan_id="p"):
+        ready.set()
+        release.wait(20)
+
+
+def test_two_runs_into_one_output_are_serialized_by_a_lock(tmp_path, tensors):
+    out = tmp_path / "out"
+    specs = _specs(tensors)
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(out, specs, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(20)
+        with pytest.raises(OutputLockedError, match="another reforge run is writing"):
+            CheckpointWriter(out, specs, plan_id="p").__enter__()
+    finally:
+        release.set()
+        holder.join(20)
+    # the lock was released (the holder's run failed on purpose: nothing written), so a new run proceeds
+    with CheckpointWriter(out, specs, plan_id="p") as writer:
+        for name, value in tensors.items():
+            writer.write(name, value)
+
+
+def test_not_enough_space_is_refused_before_writing(tmp_path):
+    huge = [TensorSpec("x", "F32", (2**40,))]  # 4 TiB
+    with pytest.raises(DiskFullError, match="needs .* GB more, but only .* GB are free"):
+        CheckpointWriter(tmp_path / "out", huge, plan_id="p").__enter__()
+    assert not (tmp_path / "out").exists()
+
+
+def test_disk_filling_up_mid_write_is_a_clear_error(tmp_path, tensors):
+    """A real full disk: a 64 KiB tmpfs (needs root and mount; skipped elsewhere)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        (mount / "filler").write_bytes(bytes(40 * 1024))
+        big = {"x": torch.zeros(8 * 1024), "y": torch.zeros(8 * 1024)}  # 64 KiB in two 32 KiB shards
+        writer = CheckpointWriter(mount / "out", _specs(big), plan_id="p", max_shard_size=40 * 1024)
+        writer._check_space = lambda: None  # skip the up-front check to reach the write itself
+        with pytest.raises(DiskFullError, match="disk filled up while writing .*Free some space and rerun"):
+            with writer:
+                for name, value in big.items():
+                    writer.write(name, value)
+        assert not (mount / "out").exists()
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
