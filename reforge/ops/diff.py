@@ -184,12 +184,7 @@ def _entry_for_shapes(key: str, base_shape: tuple, retriever_shape: tuple, base_
 
 def _adapter_entries(base: Checkpoint, adapter: LoraAdapter) -> list[_Entry]:
     base_keys = base.canonical_keys()
-    unknown = sorted(set(adapter.modules) - set(base_keys))
-    if unknown:
-        raise LayoutMismatchError(
-            f"adapter {adapter.checkpoint.ref} changes {len(unknown)} tensor(s) the base {base.ref} does not have "
-            f"(e.g. {unknown[0]!r}).", hint="Is it an adapter for this base?", left=base.ref,
-            right=adapter.checkpoint.ref, tensor=unknown[0], details={"unknown": unknown[:20]})
+    adapter.check_shapes({key: base.index.tensors[stored].shape for key, stored in base_keys.items()})
     return [_Entry(key, base.index.tensors[base_keys[key]].shape, "adapter" if key in adapter.modules else "zero")
             for key in _file_order(base, base_keys)]
 

@@ -112,7 +112,8 @@ class LoraAdapter:
         """
         module = self.modules[target]
         a, b = read(module.a_key).float(), read(module.b_key).float()
-        self._check_shapes(module, a, b, base_weight)
+        if base_weight is not None:
+            self._check_shapes(module, tuple(a.shape), tuple(b.shape), tuple(base_weight.shape))
         if module.embedding:
             return module.scale * (b @ a).T
         lora = module.scale * (b @ a)
@@ -127,19 +128,38 @@ class LoraAdapter:
         psi = (magnitude / norm)[:, None] * updated - weight
         return psi.T if module.fan_in_fan_out else psi
 
-    def _check_shapes(self, module: LoraModule, a, b, base_weight) -> None:
-        if base_weight is None:
-            return
-        shape = tuple(base_weight.shape)
+    def check_shapes(self, base_shapes: dict[str, tuple[int, ...]]) -> None:
+        """Check every module against the base tensor shapes (from headers, nothing read), before any work.
+
+        Raises:
+            AdapterError: a module whose base tensor is missing or whose factors do not fit it.
+        """
+        tensors = self.checkpoint.index.tensors
+        for target, module in self.modules.items():
+            if target not in base_shapes:
+                raise AdapterError(f"{short_path(self.checkpoint.path)} adapts {target!r}, which the model it is "
+                                   "applied to does not have.", hint="Is it an adapter for this base?",
+                                   path=self.checkpoint.path, tensor=target)
+            self._check_shapes(module, tensors[module.a_key].shape, tensors[module.b_key].shape, base_shapes[target])
+            if module.magnitude_key is not None:
+                size = tensors[module.magnitude_key].numel
+                rows = base_shapes[target][1 if module.fan_in_fan_out else 0]
+                if size != rows:
+                    raise AdapterError(
+                        f"{short_path(self.checkpoint.path)}: DoRA magnitude of {target!r} has {size} values, but the "
+                        f"base tensor has {rows} output rows.", hint="Was the adapter trained on a different base "
+                        "model?", path=self.checkpoint.path, tensor=target)
+
+    def _check_shapes(self, module: LoraModule, a: tuple, b: tuple, shape: tuple) -> None:
         if module.embedding:
-            expected = (shape[0], shape[1]) == (a.shape[1], b.shape[0])
+            expected = len(shape) == 2 and (shape[0], shape[1]) == (a[1], b[0])
         else:
             out_dim, in_dim = (shape[1], shape[0]) if module.fan_in_fan_out else shape
-            expected = len(shape) == 2 and (b.shape[0], a.shape[1]) == (out_dim, in_dim)
+            expected = len(shape) == 2 and (b[0], a[1]) == (out_dim, in_dim)
         if not expected:
             raise AdapterError(
-                f"{short_path(self.checkpoint.path)}: adapter for {module.target!r} has lora_A {tuple(a.shape)} and "
-                f"lora_B {tuple(b.shape)}, which do not fit the base tensor of shape {shape}.",
+                f"{short_path(self.checkpoint.path)}: adapter for {module.target!r} has lora_A {a} and "
+                f"lora_B {b}, which do not fit the base tensor of shape {shape}.",
                 hint="Was the adapter trained on a different base model?", path=self.checkpoint.path,
                 tensor=module.target)
 
