@@ -91,3 +91,39 @@ def llama_pair(tmp_path_factory):
     retriever = perturbed_bare(copy.deepcopy(base))
     retriever_dir = save(retriever, root / "retriever", dtype=torch.bfloat16, shard_size="20KB")
     return base_dir, retriever_dir
+
+
+def make_adapter(model, path, *, dora=False, seed=5, targets=("q_proj", "v_proj", "up_proj", "down_proj"),
+                 **extra):
+    """A peft adapter with non-zero B (as after training), saved to ``path``; returns the PeftModel."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets), use_dora=dora, **extra)
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    peft_model.save_pretrained(path)
+    return peft_model
+
+
+
+
+def save_tokenizer(path: Path, vocab_size: int = 128, *, bert: bool = False) -> None:
+    """A small real word-level tokenizer (no downloads) saved into ``path`` next to a model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if bert else ["<pad>", "<unk>", "<s>", "</s>"]
+    words = [f"w{i}" for i in range(vocab_size - len(specials))]
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=specials[1]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    names = (dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+             if bert else dict(pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, **names).save_pretrained(path)

@@ -142,10 +142,12 @@ def test_output_files_are_world_readable(llama_pair, tmp_path):
         run("diff", base_dir, retriever_dir, "-o", tmp_path / "delta", "--max-shard-size", "20KB")
     finally:
         os.umask(old)
-    files = list((tmp_path / "delta").iterdir())
+    files = [f for f in (tmp_path / "delta").rglob("*") if f.is_file()]
     assert len([f for f in files if f.suffix == ".safetensors"]) > 1
     for file in files:
         assert stat.S_IMODE(file.stat().st_mode) == 0o644, file
+    assert stat.S_IMODE((tmp_path / "delta").stat().st_mode) == 0o755
+    assert (tmp_path / "delta" / "retriever" / "config.json").is_file()
 
 
 def test_delta_checkpoint_reader_matches_files(llama_pair, tmp_path):

@@ -10,26 +10,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import build_model, save
+from conftest import build_model, make_adapter, save
 from reforge.cli import cli
 from reforge.io.checkpoint import open_checkpoint
 from reforge.ops.fold import LoraAdapter
-
-
-def make_adapter(model, path, *, dora=False, seed=5, targets=("q_proj", "v_proj", "up_proj", "down_proj"),
-                 **extra):
-    """A peft adapter with non-zero B (as after training), saved to ``path``; returns the PeftModel."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets), use_dora=dora, **extra)
-    peft_model = get_peft_model(copy.deepcopy(model), config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_" in name:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    peft_model.save_pretrained(path)
-    return peft_model
 
 
 def merged_state(peft_model):

@@ -108,3 +108,19 @@ def _size(nbytes: int) -> str:
         if nbytes >= scale:
             return f"{nbytes / scale:.2f} {unit}"
     return f"{nbytes} B"
+
+
+def show_plan(plan: dict[str, list[str]]) -> None:
+    """The terms of each output tensor (for --dry-run), grouped so that 7B models stay readable."""
+    from collections import defaultdict
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    groups: dict[str, list[str]] = defaultdict(list)
+    for key, terms in plan.items():
+        groups[" + ".join(terms)].append(key)
+    table = Table("output tensor = ", "tensors", "e.g.")
+    for terms, keys in sorted(groups.items(), key=lambda item: -len(item[1])):
+        table.add_row(escape(terms), str(len(keys)), escape(keys[0]))
+    out.print(table)

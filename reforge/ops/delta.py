@@ -5,6 +5,8 @@ key layout, plus ``reforge.json`` (``kind: "delta"``, the provenance of base and
 the rounding each tensor suffered). A tensor is stored either dense under its own name, or factored (``--low-rank``,
 ``--rank``, ``--energy``) as two tensors ``<module>.lora_A.weight`` (r, in) and ``<module>.lora_B.weight`` (out, r)
 with Delta = B @ A exactly (no scale). Tensors the manifest lists under ``zero`` are omitted and are zero.
+The retriever's config, tokenizer and sentence-transformers files are kept under ``retriever/``, so
+`reforge merge --delta` can write the retriever's layout without the retriever at hand.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
     import torch
 
 FACTOR_A, FACTOR_B = ".lora_A.weight", ".lora_B.weight"
+# The retriever's config, tokenizer and sentence-transformers files, kept in a subfolder so that the delta folder
+# itself never loads as a model by accident.
+RETRIEVER_FILES = "retriever"
 
 
 def factor_keys(key: str) -> tuple[str, str]:
@@ -68,6 +73,10 @@ class DeltaCheckpoint:
     @property
     def zero(self) -> set[str]:
         return set(self.manifest.get("zero", []))
+
+    def reader(self) -> ShardReader:
+        """A fresh lazy reader over the delta's files."""
+        return ShardReader(self.index)
 
     def get(self, reader: ShardReader, key: str) -> "torch.Tensor":
         """Delta for canonical ``key`` in fp32 (materialized from factors, or zeros)."""

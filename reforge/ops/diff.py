@@ -18,7 +18,8 @@ from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint
 from reforge.io.format import safetensors_dtype, torch_dtype
 from reforge.io.keymap import match_keys
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
-from reforge.ops.delta import factor_keys
+from reforge.io.companions import output_companions
+from reforge.ops.delta import RETRIEVER_FILES, factor_keys
 from reforge.ops.fold import LoraAdapter
 
 if TYPE_CHECKING:
@@ -113,6 +114,8 @@ def diff(base: str | Path, retriever: str | Path, output: str | Path, *, dtype: 
     with CheckpointWriter(output, specs, plan_id=plan_id, max_shard_size=max_shard_size, manifest=manifest,
                           overwrite=overwrite, progress=progress) as writer:
         report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
+        for name, content in _retriever_companions(base_ckpt, retriever_ckpt).items():
+            writer.add_file(f"{RETRIEVER_FILES}/{name}", content)
         if not writer.already_complete:
             with base_ckpt.reader() as base_reader, retriever_ckpt.reader() as retriever_reader:
                 for entry in entries:
@@ -129,6 +132,18 @@ def diff(base: str | Path, retriever: str | Path, output: str | Path, *, dtype: 
     report.low_rank_relative_error = max(relative) if relative else None
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _retriever_companions(base: Checkpoint, retriever) -> dict[str, bytes]:
+    if isinstance(retriever, AdapterCheckpoint):
+        return output_companions(retriever.path, None, from_base=base.path, base_config=base.config)
+    return output_companions(retriever.path, retriever.config)
+
+
+def _retriever_dtypes(base: Checkpoint, retriever, entries: list[_Entry]) -> dict[str, str]:
+    """The dtype the retriever stores each tensor in, so `merge --delta` writes the retriever's dtypes."""
+    source = base if isinstance(retriever, AdapterCheckpoint) else retriever
+    return {e.key: source.index.tensors[source.layout.stored(e.key)].dtype for e in entries}
 
 
 def _check_options(low_rank: bool, rank: int | None, energy: float | None, dtype: str) -> None:
@@ -339,6 +354,7 @@ def _manifest(base: Checkpoint, retriever, entries: list[_Entry], dtype: str, fa
                       "architecture": getattr(retriever, "architecture", None)},
         "dtype": dtype,
         "shapes": {e.key: list(e.shape) for e in entries},
+        "retriever_dtypes": _retriever_dtypes(base, retriever, entries),
         "zero": [e.key for e in entries if e.source == "zero" and factor is not None],
         "factored": sorted(factored),
         "retriever_only": [e.key for e in entries if e.source == "retriever-only"],
