@@ -124,3 +124,14 @@ def show_plan(plan: dict[str, list[str]]) -> None:
     for terms, keys in sorted(groups.items(), key=lambda item: -len(item[1])):
         table.add_row(escape(terms), str(len(keys)), escape(keys[0]))
     out.print(table)
+
+
+def show_checks(report: Any) -> None:
+    """A verify report: one line per check, then the verdict."""
+    from rich.markup import escape
+
+    for check in report.checks:
+        mark = "[green]ok[/green]  " if check.ok else "[red]FAIL[/red]"
+        out.print(f"{mark} {check.name:<11} {escape(check.detail)}")
+    verdict = "[green]sound[/green]" if report.ok else "[red]failed[/red]"
+    out.print(f"{escape(str(report.path))} ({report.kind}): {verdict}")

@@ -1,0 +1,302 @@
+"""`verify`: is a produced checkpoint sound, and does it hold what its inputs say it should?
+
+Checks, each reported by name:
+- ``loads``: headers and index are consistent, no partial files left, ``reforge.json`` says complete;
+- ``finite``: no NaN or Inf in any tensor;
+- ``layout``: names, shapes and dtypes match the retriever (merged models);
+- ``recompute``: tensors recomputed from the inputs match the stored ones within the stored dtype's rounding
+  (a sample, or every tensor with ``full``). For a delta: base + Delta against the retriever, within the
+  rounding recorded at diff time;
+- ``embeddings`` (merged models, optional): cosine agreement of a few sentences embedded by the retriever and
+  the new model; reported, it fails only when an embedding is not finite.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from reforge.errors import ReforgeError, short_path
+from reforge.io.checkpoint import AdapterCheckpoint, open_checkpoint
+from reforge.io.index import ShardIndex
+from reforge.io.reader import ShardReader
+
+SENTENCES = ["What is the capital of France?", "Vaccines train the immune system to recognise a pathogen.",
+             "Stock prices fell sharply after the announcement.", "A transformer maps tokens to vectors."]
+
+
+@dataclass
+class Check:
+    """One named check: passed or not, with a one-line detail."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class VerifyReport:
+    """All checks on one folder. ``ok`` is True when every check passed."""
+
+    path: Path
+    kind: str
+    checks: list[Check] = field(default_factory=list)
+    tensors: dict[str, dict] = field(default_factory=dict)
+    cosine: list[float] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{c.name}: {c.detail}" for c in self.checks if not c.ok]
+
+    def add(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append(Check(name, ok, detail))
+
+
+def verify_checkpoint(path: str | Path, *, base: str | None = None, retriever: str | None = None,
+                      delta: str | None = None, adapters: list[tuple[str, float]] | None = None,
+                      beta: float | None = None, full: bool = False, samples: int = 8, embeddings: bool = True,
+                      token: str | None = None, allow_pickle: bool = False, seed: int = 0,
+                      progress: Callable[[int, int | None], None] | None = None) -> VerifyReport:
+    """Verify a delta or merged checkpoint folder; see the module docstring for the checks.
+
+    Inputs not given are taken from the folder's ``reforge.json`` when the paths it records still exist.
+    """
+    path = Path(path)
+    manifest = _manifest(path)
+    report = VerifyReport(path, manifest.get("kind", "model"))
+    index = _check_loads(path, manifest, report)
+    if index is None:
+        return report
+    _check_finite(index, report, progress)
+    inputs = _inputs(manifest, base, retriever, delta, adapters, beta)
+    if report.kind == "delta":
+        _check_delta(path, index, manifest, inputs, full, samples, seed, report, token, allow_pickle)
+    elif inputs.get("base") and (inputs.get("retriever") or inputs.get("delta")):
+        _check_layout(index, inputs, report, token, allow_pickle)
+        _check_merge(path, index, inputs, full, samples, seed, report, token, allow_pickle)
+        if embeddings and inputs.get("retriever"):
+            _check_embeddings(path, inputs, report, token, allow_pickle)
+    else:
+        report.add("recompute", True, "skipped: no inputs given and none recorded (pass --base and --retriever)")
+    return report
+
+
+def _manifest(path: Path) -> dict:
+    try:
+        return json.loads((path / "reforge.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_loads(path: Path, manifest: dict, report: VerifyReport) -> ShardIndex | None:
+    leftovers = [p.name for p in path.glob("*.incomplete")] + [p.name for p in path.parent.glob(
+        f".{path.name}.reforge-partial")]
+    try:
+        index = ShardIndex.from_dir(path)
+    except ReforgeError as e:
+        report.add("loads", False, str(e))
+        return None
+    problems = []
+    total = index.metadata.get("total_size") if isinstance(index.metadata, dict) else None
+    actual = sum(info.nbytes for info in index.tensors.values())
+    if total is not None and int(total) != actual:
+        problems.append(f"index total_size {total} != {actual} bytes of tensors")
+    if leftovers:
+        problems.append(f"unfinished files left: {', '.join(leftovers)}")
+    if manifest and manifest.get("state") != "complete":
+        problems.append("reforge.json does not say the write completed")
+    report.add("loads", not problems, "; ".join(problems) or f"{len(index.tensors)} tensors in "
+                                                            f"{len(index.files)} file(s), index consistent")
+    return index
+
+
+def _check_finite(index: ShardIndex, report: VerifyReport, progress) -> None:
+    import torch
+
+    bad = []
+    total = sum(info.nbytes for info in index.tensors.values())
+    done = 0
+    with ShardReader(index) as reader:
+        for name in reader.keys():
+            info = reader.info(name)
+            if info.dtype in ("F32", "F16", "BF16", "F64"):
+                if not bool(torch.isfinite(reader.get(name)).all()):
+                    bad.append(name)
+            done += info.nbytes
+            if progress:
+                progress(done, total)
+    report.add("finite", not bad, f"NaN/Inf in {len(bad)} tensor(s), e.g. {bad[0]!r}" if bad
+               else "no NaN or Inf in any tensor")
+
+
+def _inputs(manifest: dict, base, retriever, delta, adapters, beta) -> dict:
+    def recorded(entry: dict | None) -> str | None:
+        if not entry:
+            return None
+        local = entry.get("path")
+        if local and Path(local).exists():
+            return local
+        return entry.get("repo_id") and (entry["repo_id"] + (f"@{entry['revision']}" if entry.get("revision") else ""))
+
+    if adapters is None:
+        adapters = [(recorded(a), a.get("alpha", 0.5)) for a in manifest.get("adapters") or []]
+        adapters = [(ref, alpha) for ref, alpha in adapters if ref]
+    inputs = {
+        "base": base or recorded(manifest.get("base")),
+        "retriever": retriever or (None if delta else recorded(manifest.get("retriever"))),
+        "delta": delta or (None if retriever else (manifest.get("delta") or {}).get("path")),
+        "adapters": adapters,
+        "beta": manifest.get("beta", 1.0) if beta is None else beta,
+    }
+    if inputs["retriever"] and inputs["delta"]:
+        inputs["delta"] = None
+    return inputs
+
+
+def _check_delta(path, index, manifest, inputs, full, samples, seed, report, token, allow_pickle) -> None:
+    from reforge.ops.delta import DeltaCheckpoint
+
+    if not (inputs["base"] and inputs["retriever"]):
+        report.add("recompute", True, "skipped: pass --base and --retriever to check base + Delta = retriever")
+        return
+    delta = DeltaCheckpoint.open(path)
+    base = open_checkpoint(inputs["base"], token=token, allow_pickle=allow_pickle)
+    retriever = open_checkpoint(inputs["retriever"], token=token, allow_pickle=allow_pickle)
+    if isinstance(retriever, AdapterCheckpoint):
+        report.add("recompute", True, "skipped: the retriever is a peft adapter; its Delta is checked by "
+                                      "`reforge merge` tests, not against a stored model")
+        return
+    base_keys, retriever_keys = base.canonical_keys(), retriever.canonical_keys()
+    keys = _sample(list(delta.shapes), full, samples, seed)
+    failures = []
+    with base.reader() as b, retriever.reader() as r, delta.reader() as d:
+        for key in keys:
+            if key not in retriever_keys:
+                failures.append(f"{key}: not in the retriever")
+                continue
+            expected = r.get(retriever_keys[key]).float()
+            rebuilt = delta.get(d, key)
+            if key in base_keys:
+                base_value = b.get(base_keys[key]).float()
+                rebuilt[: base_value.shape[0]] += base_value
+            error = float((rebuilt - expected).abs().max()) if expected.numel() else 0.0
+            recorded = ((manifest.get("records") or {}).get(key) or {}).get("max_abs_rounding", 0.0)
+            tolerance = recorded + _fp32_slack(expected)
+            report.tensors[key] = {"max_abs_error": error, "tolerance": tolerance,
+                                   "relative_error": error / max(float(expected.abs().max()), 1e-30)}
+            if not error <= tolerance:
+                failures.append(f"{key}: |base + Delta - retriever| = {error:.3g} > {tolerance:.3g}")
+    report.add("recompute", not failures, "; ".join(failures[:3]) or
+               f"base + Delta matches the retriever on {len(keys)} tensor(s) within the recorded rounding")
+
+
+def _check_layout(index: ShardIndex, inputs: dict, report: VerifyReport, token, allow_pickle) -> None:
+    retriever = inputs.get("retriever")
+    if not retriever:
+        return
+    opened = open_checkpoint(retriever, token=token, allow_pickle=allow_pickle)
+    if isinstance(opened, AdapterCheckpoint):
+        report.add("layout", True, "retriever is a peft adapter: output is its full bare model")
+        return
+    expected = {name: (info.shape, info.dtype) for name, info in opened.index.tensors.items()
+                if opened.layout.canonical(name) is not None}
+    found = {name: (info.shape, info.dtype) for name, info in index.tensors.items()}
+    problems = [f"missing {n!r}" for n in expected if n not in found][:3]
+    problems += [f"unexpected {n!r}" for n in found if n not in expected][:3]
+    problems += [f"{n!r} is {found[n]} not {expected[n]}" for n in expected if n in found and found[n] != expected[n]][:3]
+    report.add("layout", not problems, "; ".join(problems) or
+               f"same {len(expected)} tensor names, shapes and dtypes as the retriever")
+
+
+def _check_merge(path, index, inputs, full, samples, seed, report, token, allow_pickle) -> None:
+    from reforge.ops import merge as merge_ops
+
+    source = merge_ops._open_sources(inputs["base"], inputs.get("retriever"), inputs.get("delta"),
+                                     inputs["adapters"], token, allow_pickle)
+    touched = [k for k in source.shapes if any(k in a.modules for a, _ in source.adapters)]
+    untouched = [k for k in source.shapes if k not in touched]
+    keys = list(source.shapes) if full else (_sample(touched, False, samples, seed)
+                                             + _sample(untouched, False, max(2, samples // 4), seed))
+    readers = merge_ops._Readers(source)
+    failures = []
+    try:
+        with ShardReader(index) as stored_reader:
+            for key in keys:
+                name = source.stored_names[key]
+                if name not in index.tensors:
+                    failures.append(f"{name}: missing")
+                    continue
+                stored = stored_reader.get(name)
+                exact, _ = merge_ops._output_tensor(source, readers, key, inputs["beta"])
+                expected = exact.to(stored.dtype).float()
+                error = float((stored.float() - expected).abs().max()) if stored.numel() else 0.0
+                tolerance = _ulp(stored.dtype) * float(expected.abs().max()) if stored.numel() else 0.0
+                report.tensors[name] = {"max_abs_error": error, "tolerance": tolerance}
+                if not error <= tolerance:
+                    failures.append(f"{name}: differs from the recomputed merge by {error:.3g} > {tolerance:.3g}")
+    finally:
+        readers.close()
+    report.add("recompute", not failures, "; ".join(failures[:3]) or
+               f"{len(keys)} tensor(s) recomputed from the inputs match within one rounding of their dtype")
+
+
+def _check_embeddings(path: Path, inputs: dict, report: VerifyReport, token, allow_pickle) -> None:
+    import numpy as np
+
+    try:
+        from reforge.eval.encode import encode
+        from reforge.eval.model import resolve_model
+    except ImportError:
+        return
+    try:
+        vectors = []
+        for ref in (inputs["retriever"], str(path)):
+            source = resolve_model(ref, base=inputs["base"], token=token, allow_pickle=allow_pickle)
+            model = source.load(device="cpu", dtype=None, allow_pickle=allow_pickle)
+            vectors.append(encode(model, SENTENCES, source.profile, batch_size=len(SENTENCES)))
+    except ReforgeError as e:
+        report.add("embeddings", True, f"skipped: {e}")
+        return
+    old, new = vectors
+    cosine = (old * new).sum(1) / (np.linalg.norm(old, axis=1) * np.linalg.norm(new, axis=1))
+    report.cosine = [float(c) for c in cosine]
+    finite = bool(np.isfinite(new).all())
+    report.add("embeddings", finite, f"cosine(retriever, new) on {len(cosine)} sentences: min {cosine.min():.4f}, "
+                                     f"mean {cosine.mean():.4f}" if finite else "the new model's embeddings are not finite")
+
+
+def _sample(keys: list[str], full: bool, samples: int, seed: int) -> list[str]:
+    if full or len(keys) <= samples:
+        return list(keys)
+    return sorted(random.Random(seed).sample(keys, samples))
+
+
+def _ulp(dtype) -> float:
+    """Relative spacing of ``dtype`` (2 * unit roundoff): the most two correct roundings can differ by."""
+    import torch
+
+    return float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
+
+
+def _fp32_slack(reference) -> float:
+    import torch
+
+    return 4 * float(torch.finfo(torch.float32).eps) * float(reference.abs().max()) if reference.numel() else 0.0
+
+
+def require_ok(report: VerifyReport) -> None:
+    """Raise if the report failed (used by `push` to refuse an unsound folder)."""
+    if not report.ok:
+        from reforge.errors import VerificationError
+
+        raise VerificationError(f"{short_path(report.path)} failed verification: {'; '.join(report.failures)}",
+                                hint="Rerun the command that produced it.", path=report.path,
+                                failures=report.failures)
+
