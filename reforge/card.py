@@ -1,0 +1,273 @@
+"""The README.md model card of a readapted (merged) retriever: Hub metadata plus a provenance record.
+
+`render_model_card` turns a plain dict (what `reforge merge` knows) into a card with YAML front matter built by
+huggingface_hub's `ModelCardData` and a Markdown body: what was merged with which weights, the exact command, how to
+load the model, and how to encode queries and passages.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import PurePath
+from typing import Any
+
+from reforge.errors import InvalidOptionError
+
+_TAGS = ["reforge", "re-adaptir", "retrieval", "feature-extraction", "dense-retrieval", "merge"]
+_KINDS = {"dora": "DoRA", "lora": "LoRA", "rslora": "rsLoRA"}
+_POOLING_TEXT = {
+    "last": "the hidden state of the last token (append EOS; pad on the left or pick the last non-pad token)",
+    "eos": "the hidden state of the final EOS token",
+    "mean": "the mean of the token hidden states (padding masked out)",
+    "cls": "the hidden state of the first ([CLS]) token",
+}
+
+
+def render_model_card(info: dict[str, Any]) -> str:
+    """Render README.md for a merged retriever; keys that are missing or None are left out of the card.
+
+    Args:
+        info: a dict with these keys (only ``retriever`` is required):
+
+            - ``retriever``, ``base``: a checkpoint record ``{"ref": str, "repo_id": str, "revision": str,
+              "commit": str, "path": str, "fingerprint": str}`` (reforge's provenance record; all but ``ref`` or
+              ``path`` optional). ``ref`` is a Hub id (``owner/name[@rev]``) or a local path; only Hub repos go
+              into ``base_model``, local paths appear by folder name only.
+            - ``delta``: the same, plus ``max_abs_rounding`` (float), when the merge read a stored Delta.
+            - ``adapters``: list of checkpoint records plus ``"alpha": float, "corpus": str | None,
+              "kind": "dora" | "lora" | None`` (or ``"dora": bool``), ``"rank": int | None, "steps": int | None``.
+            - ``beta`` (float), ``dtype`` (str), ``reforge_version`` (str), ``command`` (str: the exact command).
+            - ``library_name``: ``"transformers"`` (default) or ``"sentence-transformers"``.
+            - ``pipeline_tag``: default ``"feature-extraction"``.
+            - ``encoding``: ``{"query_prefix": str, "passage_prefix": str, "pooling": "last" | "eos" | "mean" |
+              "cls", "normalize": bool, "append_eos": bool, "max_length": int}``.
+            - ``repo_id``: where the card will live (used in the loading snippets; default a placeholder).
+            - ``model_name``: the card's title. ``license``, ``language``: copied to the metadata.
+            - ``datasets``: Hub dataset ids of the adaptation corpora, for the metadata.
+            - ``evaluation``: list of ``{"dataset": str, "metric": str, "value": float, "retriever_value": float}``.
+
+    Returns:
+        The card text: ``---`` YAML ``---`` then Markdown.
+
+    Raises:
+        InvalidOptionError: ``retriever`` or its ``ref`` is missing, or an alpha/beta is not a finite number.
+
+    Example:
+        >>> card = render_model_card({"retriever": {"ref": "intfloat/e5-mistral-7b-instruct"},
+        ...                           "base": {"ref": "mistralai/Mistral-7B-v0.1"},
+        ...                           "adapters": [{"ref": "psi/", "alpha": 0.5, "corpus": "scifact"}], "beta": 1.0})
+        >>> "base_model_relation: merge" in card
+        True
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    retriever = _entry(info.get("retriever"))
+    if not retriever.get("ref"):
+        raise InvalidOptionError("A model card needs the retriever it was made from (info['retriever']['ref']).",
+                                 hint="Pass the retriever's Hub id or local path.", option="retriever")
+    base = _entry(info.get("base"))
+    adapters = [_entry(a) for a in info.get("adapters") or [] if a]
+    beta = info.get("beta")
+    numbers = [("beta", beta)] + [(f"alpha of adapter {i + 1}", a.get("alpha")) for i, a in enumerate(adapters)]
+    for name, value in numbers:
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise InvalidOptionError(f"The model card's {name} is {value!r}, not a finite number.",
+                                     hint="Pass the values the merge used.", option=name)
+    library = info.get("library_name") or "transformers"
+    base_models = [r["repo_id"] for r in (retriever, base) if r.get("repo_id")]
+    tags = list(_TAGS)
+    if library == "sentence-transformers":
+        tags += ["sentence-transformers", "sentence-similarity"]
+    data = ModelCardData(
+        base_model=base_models or None,
+        library_name=library,
+        pipeline_tag=info.get("pipeline_tag") or "feature-extraction",
+        tags=tags,
+        license=info.get("license"),
+        language=info.get("language"),
+        datasets=info.get("datasets"),
+        base_model_relation="merge" if base_models else None,
+    )
+    body = "\n\n".join(section for section in (
+        _intro(info, retriever, base, adapters, beta),
+        _provenance(retriever, base, _entry(info.get("delta")), adapters),
+        _recipe(adapters, beta, info),
+        _evaluation(info.get("evaluation") or []),
+        _usage(info, library),
+        _encoding(info.get("encoding") or {}),
+    ) if section)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n"))
+
+
+def _entry(raw: dict[str, Any] | None) -> dict[str, Any]:
+    """A checkpoint record with ``ref`` (``path`` when no ref) and ``repo_id`` set only for Hub references.
+
+    Accepts reforge's provenance records (``ref``, ``repo_id``, ``revision``, ``commit``, ``path``,
+    ``fingerprint``) as well as bare ``{"ref": ...}`` dicts.
+    """
+    from reforge.hub import looks_like_repo_id
+
+    entry = dict(raw or {})
+    ref = entry.get("ref") or entry.get("path")
+    if not ref:
+        return entry
+    entry["ref"] = str(ref)
+    if not entry.get("repo_id") and not entry.get("path") and looks_like_repo_id(entry["ref"]) \
+            and not entry["ref"].startswith((".", "/", "~")):
+        entry["repo_id"], _, at = entry["ref"].partition("@")
+        entry["revision"] = entry.get("revision") or at or None
+    return entry
+
+
+def _name(entry: dict[str, Any]) -> str:
+    """A Hub link for Hub ids; the folder name for local paths (the card is public, the user's paths are not)."""
+    if entry.get("repo_id"):
+        repo_id, revision, commit = entry["repo_id"], entry.get("revision"), entry.get("commit")
+        at = f" @ `{revision}`" if revision else ""
+        if commit and commit != revision:
+            at += f" (commit `{str(commit)[:12]}`)"
+        return f"[{repo_id}](https://huggingface.co/{repo_id}){at}"
+    return f"local folder `{PurePath(entry['ref'].rstrip('/')).name or entry['ref']}`"
+
+
+def _corpus(corpus: Any) -> str:
+    """A corpus as the card shows it: Hub dataset ids and plain names as given, local paths by their last parts."""
+    text = str(corpus)
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text:
+        return "/".join(PurePath(text).parts[-2:])
+    return text
+
+
+def _kind(adapter: dict[str, Any]) -> str | None:
+    if adapter.get("kind"):
+        return _KINDS.get(str(adapter["kind"]).lower(), str(adapter["kind"]))
+    if adapter.get("dora") is not None:
+        return "DoRA" if adapter["dora"] else "LoRA"
+    return None
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _intro(info: dict, retriever: dict, base: dict, adapters: list, beta: Any) -> str:
+    title = info.get("model_name") or f"{PurePath(retriever['ref'].split('@')[0].rstrip('/')).name} (readapted)"
+    lines = [f"# {title}", "",
+             f"A dense retriever made from {_name(retriever)} by RE-AdaptIR (Fleshman & Van Durme): the retriever's "
+             "fine-tuning, Delta = retriever - base, is kept, and a knowledge adapter Psi trained on unlabeled text "
+             "with next-token prediction on the base LM is added: `merged = base + alpha * Psi + beta * Delta`."]
+    if base.get("ref"):
+        lines[-1] += f" The base LM is {_name(base)}."
+    corpora = [_corpus(a["corpus"]) for a in adapters if a.get("corpus")]
+    if corpora:
+        lines.append("")
+        lines.append(f"Adapted to: {', '.join(f'`{c}`' for c in corpora)}.")
+    version = info.get("reforge_version")
+    lines += ["", f"Made with reforge{f' {version}' if version else ''}."]
+    return "\n".join(lines)
+
+
+def _provenance(retriever: dict, base: dict, delta: dict, adapters: list) -> str:
+    rows = [("base", base), ("retriever", retriever), ("delta", delta)]
+    rows += [(f"adapter {i + 1}" if len(adapters) > 1 else "adapter", a) for i, a in enumerate(adapters)]
+    rows = [(role, e) for role, e in rows if e.get("ref")]
+    with_print = any(e.get("fingerprint") for _, e in rows)
+    header = "| role | checkpoint |" + (" fingerprint |" if with_print else "")
+    lines = ["## Provenance", "", header, "|---|---|" + ("---|" if with_print else "")]
+    for role, entry in rows:
+        cell = f" `{entry['fingerprint']}` |" if entry.get("fingerprint") else (" |" if with_print else "")
+        lines.append(f"| {role} | {_name(entry)} |{cell}")
+    return "\n".join(lines)
+
+
+def _recipe(adapters: list, beta: Any, info: dict) -> str:
+    lines = ["## How it was made"]
+    terms = ["base"] + [f"{_number(a['alpha'])} * Psi{i + 1 if len(adapters) > 1 else ''}"
+                        for i, a in enumerate(adapters) if a.get("alpha") is not None]
+    if beta is not None:
+        terms.append(f"{_number(beta)} * Delta")
+    if len(terms) > 1:
+        lines += ["", f"`merged = {' + '.join(terms)}`, computed in float32 tensor by tensor"
+                  + (f" and stored as {info['dtype']}." if info.get("dtype") else ".")]
+    details = []
+    for i, a in enumerate(adapters):
+        facts = [f"alpha {_number(a['alpha'])}" if a.get("alpha") is not None else None,
+                 _kind(a),
+                 a.get("rank") and f"rank {a['rank']}", a.get("steps") and f"{a['steps']} steps",
+                 a.get("corpus") and f"trained on `{_corpus(a['corpus'])}`"]
+        label = f"Psi{i + 1}" if len(adapters) > 1 else "Psi"
+        details.append(f"- {label}: {_name(a)}" + (f" ({', '.join(f for f in facts if f)})" if any(facts) else ""))
+    if details:
+        lines += [""] + details
+    rounding = (info.get("delta") or {}).get("max_abs_rounding")
+    if rounding is not None:
+        lines += ["", f"Delta was read from a stored delta checkpoint (largest rounding error {rounding:.3g})."]
+    if info.get("command"):
+        lines += ["", "The exact command:", "", "```bash", str(info["command"]), "```"]
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
+def _evaluation(rows: list) -> str:
+    rows = [r for r in rows if r.get("dataset") and r.get("metric") and r.get("value") is not None]
+    if not rows:
+        return ""
+    with_base = any(r.get("retriever_value") is not None for r in rows)
+    lines = ["## Evaluation", "", "| dataset | metric | this model |" + (" retriever |" if with_base else ""),
+             "|---|---|---|" + ("---|" if with_base else "")]
+    for r in rows:
+        extra = ""
+        if with_base:
+            extra = f" {r['retriever_value']:.4f} |" if r.get("retriever_value") is not None else " |"
+        lines.append(f"| {r['dataset']} | {r['metric']} | {r['value']:.4f} |{extra}")
+    return "\n".join(lines)
+
+
+def _usage(info: dict, library: str) -> str:
+    repo = info.get("repo_id") or "path/to/this-model"
+    enc = info.get("encoding") or {}
+    q, p = enc.get("query_prefix", ""), enc.get("passage_prefix", "")
+    if library == "sentence-transformers":
+        code = ["from sentence_transformers import SentenceTransformer", "",
+                f'model = SentenceTransformer("{repo}")',
+                f'queries = model.encode(["how do vaccines work?"]{", prompt=" + repr(q) if q else ""})',
+                f'passages = model.encode(["Vaccines train the immune system."]{", prompt=" + repr(p) if p else ""})',
+                "scores = model.similarity(queries, passages)"]
+    else:
+        pooling = enc.get("pooling", "last")
+        pool = {"mean": "(h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)",
+                "cls": "h[:, 0]"}.get(pooling, "h[torch.arange(len(h)), mask.sum(1) - 1]  # last token (right padding)")
+        eos = " + tokenizer.eos_token" if enc.get("append_eos") else ""
+        norm = ["e = torch.nn.functional.normalize(e, dim=-1)"] if enc.get("normalize", True) else []
+        code = ["import torch", "from transformers import AutoModel, AutoTokenizer", "",
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+                f'model = AutoModel.from_pretrained("{repo}", torch_dtype="auto").eval()', "",
+                "def embed(texts):",
+                f"    batch = tokenizer([t{eos} for t in texts], padding=True, truncation=True, return_tensors=\"pt\")",
+                "    with torch.no_grad():",
+                "        h = model(**batch).last_hidden_state",
+                "    mask = batch[\"attention_mask\"]",
+                f"    e = {pool}"] + [f"    {line}" for line in norm] + ["    return e", "",
+                f'queries = embed([{repr(q + "how do vaccines work?")}])',
+                f'passages = embed([{repr(p + "Vaccines train the immune system.")}])',
+                "scores = queries @ passages.T"]
+    return "\n".join(["## Usage", "", "```python", *code, "```"])
+
+
+def _encoding(enc: dict) -> str:
+    facts = []
+    if "query_prefix" in enc:
+        facts.append(f"- queries are prefixed with `{enc['query_prefix']!r}`")
+    if "passage_prefix" in enc:
+        facts.append(f"- passages are prefixed with `{enc['passage_prefix']!r}`")
+    if enc.get("pooling"):
+        facts.append(f"- pooling: {_POOLING_TEXT.get(enc['pooling'], enc['pooling'])}")
+    if enc.get("append_eos"):
+        facts.append("- an EOS token is appended to every text")
+    if "normalize" in enc:
+        facts.append("- embeddings are L2-normalized; score with the dot product (cosine)" if enc["normalize"]
+                     else "- embeddings are not normalized; score with the dot product")
+    if enc.get("max_length"):
+        facts.append(f"- texts are truncated to {enc['max_length']} tokens")
+    if not facts:
+        return ""
+    return "\n".join(["## Encoding convention", "", "Encode exactly like the original retriever:", "", *facts])
