@@ -21,7 +21,9 @@ import fcntl
 import json
 import math
 import os
+import queue
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -188,6 +190,10 @@ class CheckpointWriter:
         self._shards: list[_ShardFile] = []
         self._lock_fd: int | None = None
         self._done_bytes = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._queued: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def __enter__(self) -> "CheckpointWriter":
@@ -202,8 +208,12 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
+            self._drain()
+            error, self._error = self._error, None
             for shard in self._shards:
                 shard.abandon()
+            if error is not None and exc_type is None:
+                raise error
             if exc_type is None and not self.already_complete:
                 self._commit()
         finally:
@@ -211,7 +221,8 @@ class CheckpointWriter:
 
     def pending(self, name: str) -> bool:
         """Whether ``name`` still has to be written (False when its shard survived from an earlier run)."""
-        return not self.already_complete and name in self._shard_of and name in self._shard_of[name].pending
+        return (not self.already_complete and name in self._shard_of and name not in self._queued
+                and name in self._shard_of[name].pending)
 
     def write(self, name: str, tensor: "torch.Tensor") -> None:
         """Write one tensor; it must have the planned dtype and shape."""
@@ -225,12 +236,41 @@ class CheckpointWriter:
             return
         import torch
 
+        self._raise_background_error()
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        try:
-            self._shard_of[name].write(name, memoryview(data))
-        except OSError as e:
-            raise self._disk_error(e, self._shard_of[name].partial) from e
-        self._advance(spec.nbytes)
+        self._queued.add(name)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_queued, name="reforge-writer", daemon=True)
+            self._thread.start()
+        self._queue.put((name, data, spec.nbytes))
+
+    def _write_queued(self) -> None:
+        """The writer thread: pwrite releases the GIL, so writing overlaps with computing the next tensor."""
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain after a failure; the error is raised in the caller's thread
+            name, data, nbytes = item
+            try:
+                self._shard_of[name].write(name, memoryview(data))
+                self._advance(nbytes)
+            except OSError as e:
+                self._error = self._disk_error(e, self._shard_of[name].partial)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self._error = e
+
+    def _drain(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _raise_background_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def record(self, name: str, facts: dict) -> None:
         """Keep JSON-able facts about a written tensor (e.g. its rounding error). They are journaled in the

@@ -20,7 +20,8 @@ from reforge.io.keymap import match_keys
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.io.companions import output_companions
 from reforge.ops.delta import RETRIEVER_FILES, factor_keys
-from reforge.ops.fold import LoraAdapter
+from reforge.ops.fold import Factors, LoraAdapter
+from reforge.ops.stream import Accumulator, prefetch, row_blocks, torch_threads
 
 if TYPE_CHECKING:
     import torch
@@ -117,14 +118,10 @@ def diff(base: str | Path, retriever: str | Path, output: str | Path, *, dtype: 
         for name, content in _retriever_companions(base_ckpt, retriever_ckpt).items():
             writer.add_file(f"{RETRIEVER_FILES}/{name}", content)
         if not writer.already_complete:
-            with base_ckpt.reader() as base_reader, retriever_ckpt.reader() as retriever_reader:
-                for entry in entries:
-                    if not any(writer.pending(n) for n in _stored_names(entry, factored)):
-                        continue
-                    exact = _exact_delta(entry, base_ckpt, retriever_ckpt, base_reader, retriever_reader, adapter)
-                    given = (_adapter_factors(adapter, entry.key, retriever_reader.get)
-                             if low_rank and entry.key in factored else None)
-                    writer.record(entry.key, _store(writer, entry, exact, stored_dtype, factored, given))
+            todo = [e for e in entries if any(writer.pending(n) for n in _stored_names(e, factored))]
+            with _EntryLoader(base_ckpt, retriever_ckpt, adapter, low_rank) as loader, torch_threads(1):
+                for entry, loaded in prefetch(todo, loader.load):
+                    writer.record(entry.key, _store(writer, entry, loaded, stored_dtype, factored))
         errors = writer.records
         writer.manifest["max_abs_rounding"] = max((e["max_abs_rounding"] for e in errors.values()), default=0.0)
     report.max_abs_rounding = max((e["max_abs_rounding"] for e in errors.values()), default=0.0)
@@ -261,11 +258,10 @@ def _energy_ranks(entries: list[_Entry], base: Checkpoint, retriever, adapter, e
     import torch
 
     ranks = {}
-    with base.reader() as base_reader, retriever.reader() as retriever_reader:
-        for entry in entries:
-            if _factor_rank(entry, {"low_rank": False, "rank": None}, adapter) is None:
-                continue
-            exact = _exact_delta(entry, base, retriever, base_reader, retriever_reader, adapter)
+    todo = [e for e in entries if _factor_rank(e, {"low_rank": False, "rank": None}, adapter) is not None]
+    with _EntryLoader(base, retriever, adapter, False) as loader:
+        for entry, loaded in prefetch(todo, loader.load):
+            exact, _ = _delta_tensor(entry, loaded, "F32")
             ranks[entry.key] = _rank_for_energy(torch.linalg.svdvals(exact), energy)
     return ranks
 
@@ -286,24 +282,74 @@ def _stored_names(entry: _Entry, factored: dict[str, int]) -> list[str]:
     return list(factor_keys(entry.key)) if entry.key in factored else [entry.key]
 
 
-def _exact_delta(entry: _Entry, base: Checkpoint, retriever, base_reader, retriever_reader,
-                 adapter: LoraAdapter | None) -> "torch.Tensor":
-    import torch
+@dataclass
+class _Loaded:
+    """The stored inputs of one entry, read ahead by the loader thread."""
 
+    retriever: "torch.Tensor | None" = None
+    base: "torch.Tensor | None" = None
+    factors: Factors | None = None
+    given: tuple | None = None  # an adapter's own (A, B) for --low-rank
+
+
+class _EntryLoader:
+    """Reads what each entry needs. Its readers are used only by the prefetch thread."""
+
+    def __init__(self, base: Checkpoint, retriever, adapter: LoraAdapter | None, low_rank: bool) -> None:
+        self.base, self.retriever, self.adapter, self.low_rank = base, retriever, adapter, low_rank
+
+    def __enter__(self) -> "_EntryLoader":
+        self.base_reader, self.retriever_reader = self.base.reader(), self.retriever.reader()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.base_reader.close()
+        self.retriever_reader.close()
+
+    def load(self, entry: _Entry) -> _Loaded:
+        loaded = _Loaded()
+        if entry.source in ("dense", "retriever-only"):
+            loaded.retriever = self.retriever_reader.get(self.retriever.layout.stored(entry.key))
+        if entry.source == "dense" or (entry.source == "adapter" and self.adapter.modules[entry.key].magnitude_key):
+            loaded.base = self.base_reader.get(self.base.layout.stored(entry.key))
+        if entry.source == "adapter":
+            loaded.factors = self.adapter.factors(entry.key, self.retriever_reader.get)
+            if self.low_rank:
+                loaded.given = _adapter_factors(self.adapter, entry.key, self.retriever_reader.get)
+        return loaded
+
+
+def _delta_tensor(entry: _Entry, loaded: _Loaded, dtype: str) -> tuple["torch.Tensor", float]:
+    """Delta of one entry computed in fp32 block by block, rounded to ``dtype``; and the largest rounding."""
+    accumulator = Accumulator(entry.shape, torch_dtype(dtype))
+    for rows in row_blocks(entry.shape):
+        block = accumulator.block(rows)
+        _delta_rows(block, rows, entry, loaded)
+        accumulator.commit(rows)
+    return accumulator.output, accumulator.max_abs_rounding
+
+
+def _delta_rows(block: "torch.Tensor", rows: slice, entry: _Entry, loaded: _Loaded) -> None:
     if entry.source == "zero":
-        return torch.zeros(entry.shape, dtype=torch.float32)
-    base_key = base.layout.stored(entry.key)
-    if entry.source == "adapter":
-        assert adapter is not None
-        return adapter.psi(entry.key, retriever_reader.get, base_reader.get(base_key))
-    value = retriever_reader.get(retriever.layout.stored(entry.key)).float()
-    if entry.source == "retriever-only":
-        return value
-    base_value = base_reader.get(base_key).float()
-    if entry.base_rows is not None:
-        value[: entry.base_rows] -= base_value
-        return value
-    return value.sub_(base_value)
+        block.zero_()
+    elif entry.source == "adapter":
+        block.zero_()
+        loaded.factors.add_to(block, rows, loaded.base[rows] if loaded.base is not None else None, 1.0)
+    else:
+        block.copy_(loaded.retriever[rows])
+        if entry.source == "dense":
+            covered = overlap(rows, entry.base_rows)
+            if covered is None:
+                block.sub_(loaded.base[rows])
+            elif covered > 0:
+                block[:covered].sub_(loaded.base[rows.start: rows.start + covered])
+
+
+def overlap(rows: slice, limit: int | None) -> int | None:
+    """How many rows of a block lie below ``limit`` (None when there is no limit: all of them)."""
+    if limit is None:
+        return None
+    return max(0, min(rows.stop, limit) - rows.start)
 
 
 def _adapter_factors(adapter: LoraAdapter, key: str, read) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -313,20 +359,19 @@ def _adapter_factors(adapter: LoraAdapter, key: str, read) -> tuple["torch.Tenso
     return (b.T.contiguous(), a.T.contiguous()) if module.fan_in_fan_out else (a, b)
 
 
-def _store(writer: CheckpointWriter, entry: _Entry, exact: "torch.Tensor", dtype: str, factored: dict[str, int],
-           given: tuple | None) -> dict:
-    """Write one tensor (dense or factored) and return its measured errors."""
-    target = torch_dtype(dtype)
+def _store(writer: CheckpointWriter, entry: _Entry, loaded: _Loaded, dtype: str, factored: dict[str, int]) -> dict:
+    """Write one entry (dense, or factored) and return its measured errors."""
     if entry.key not in factored:
-        stored = exact.to(target)
+        stored, rounding = _delta_tensor(entry, loaded, dtype)
         writer.write(entry.key, stored)
-        return {"max_abs_rounding": float((stored.float() - exact).abs().max()) if exact.numel() else 0.0}
-    if given is not None:
-        (a, b), rank_used = given, factored[entry.key]
+        return {"max_abs_rounding": rounding}
+    exact, _ = _delta_tensor(entry, loaded, "F32")
+    if loaded.given is not None:
+        (a, b), rank_used = loaded.given, factored[entry.key]
     else:
         a, b, rank_used = _factors(exact, factored[entry.key])
     a_key, b_key = factor_keys(entry.key)
-    factor_dtype = torch_dtype("F32") if given is not None else target
+    factor_dtype = torch_dtype("F32" if loaded.given is not None else dtype)
     a, b = a.to(factor_dtype), b.to(factor_dtype)
     writer.write(a_key, a)
     writer.write(b_key, b)

@@ -103,30 +103,29 @@ class LoraAdapter:
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         return LoraModule(target, a_key, b_key, magnitude, scale, bool(config.get("fan_in_fan_out")), embedding)
 
+    def factors(self, target: str, read: Callable[[str], "torch.Tensor"]) -> "Factors":
+        """Read the factors of the module that changes ``target`` (fp32), ready to add Psi block by block."""
+        module = self.modules[target]
+        magnitude = read(module.magnitude_key).float().reshape(-1) if module.magnitude_key else None
+        return Factors(module, read(module.a_key).float(), read(module.b_key).float(), magnitude)
+
     def psi(self, target: str, read: Callable[[str], "torch.Tensor"], base_weight: "torch.Tensor | None") -> "torch.Tensor":
-        """The dense fp32 update Psi for canonical tensor ``target``.
+        """The whole dense fp32 update Psi for canonical tensor ``target``.
 
         Args:
             read: reads a tensor of this adapter by stored key (a `ShardReader.get`).
-            base_weight: the base tensor (needed for DoRA and for the shape check).
+            base_weight: the base tensor (DoRA needs it; it is also checked against the factors' shapes).
         """
-        module = self.modules[target]
-        a, b = read(module.a_key).float(), read(module.b_key).float()
+        import torch
+
+        factors = self.factors(target, read)
         if base_weight is not None:
-            self._check_shapes(module, tuple(a.shape), tuple(b.shape), tuple(base_weight.shape))
-        if module.embedding:
-            return module.scale * (b @ a).T
-        lora = module.scale * (b @ a)
-        if module.magnitude_key is None:
-            return lora.T if module.fan_in_fan_out else lora
-        assert base_weight is not None
-        magnitude = read(module.magnitude_key).float().reshape(-1)
-        weight = base_weight.float()
-        weight = weight.T if module.fan_in_fan_out else weight
-        updated = weight + lora
-        norm = torch_norm_rows(updated)
-        psi = (magnitude / norm)[:, None] * updated - weight
-        return psi.T if module.fan_in_fan_out else psi
+            self._check_shapes(factors.module, tuple(factors.a.shape), tuple(factors.b.shape),
+                               tuple(base_weight.shape))
+        shape = tuple(base_weight.shape) if base_weight is not None else factors.shape()
+        psi = torch.zeros(shape, dtype=torch.float32)
+        factors.add_to(psi, slice(None), base_weight, 1.0)
+        return psi
 
     def check_shapes(self, base_shapes: dict[str, tuple[int, ...]]) -> None:
         """Check every module against the base tensor shapes (from headers, nothing read), before any work.
@@ -162,6 +161,57 @@ class LoraAdapter:
                 f"lora_B {b}, which do not fit the base tensor of shape {shape}.",
                 hint="Was the adapter trained on a different base model?", path=self.checkpoint.path,
                 tensor=module.target)
+
+
+@dataclass
+class Factors:
+    """One module's factors in fp32. `add_to` adds ``alpha * Psi[rows]`` to a block of rows, so that merge can
+    work block by block; DoRA's norm is per output row, so a block of rows needs only its own rows."""
+
+    module: LoraModule
+    a: "torch.Tensor"
+    b: "torch.Tensor"
+    magnitude: "torch.Tensor | None"
+    _whole: "torch.Tensor | None" = None
+
+    def shape(self) -> tuple[int, int]:
+        out_dim, in_dim = self.b.shape[0], self.a.shape[1]
+        if self.module.embedding:
+            return (in_dim, out_dim)
+        return (in_dim, out_dim) if self.module.fan_in_fan_out else (out_dim, in_dim)
+
+    def add_to(self, out: "torch.Tensor", rows: slice, base_rows: "torch.Tensor | None", alpha: float) -> None:
+        """``out += alpha * Psi[rows]``; ``out`` is the fp32 block for ``rows``, ``base_rows`` the base weight's
+        same rows (any dtype; needed for DoRA)."""
+        if self.module.embedding or self.module.fan_in_fan_out:
+            out += alpha * self._transposed_psi()[rows]
+            return
+        scale = self.module.scale
+        if self.magnitude is None:
+            out.addmm_(self.b[rows], self.a, alpha=alpha * scale)
+            return
+        assert base_rows is not None, "DoRA needs the base weight"
+        weight = base_rows.float()
+        updated = torch_addmm(weight, self.b[rows], self.a, scale)
+        factor = self.magnitude[rows] / torch_norm_rows(updated)
+        updated.mul_(factor[:, None]).sub_(weight)
+        out.add_(updated, alpha=alpha)
+
+    def _transposed_psi(self) -> "torch.Tensor":
+        """Psi of an embedding or fan_in_fan_out module, whole (its rows are the product's columns)."""
+        if self._whole is None:
+            lora = self.module.scale * (self.b @ self.a)
+            if self.magnitude is not None:
+                raise NotImplementedError("DoRA on fan_in_fan_out layers needs the base weight; use psi()")
+            self._whole = lora.T.contiguous()
+        return self._whole
+
+
+def torch_addmm(base: "torch.Tensor", b: "torch.Tensor", a: "torch.Tensor", scale: float) -> "torch.Tensor":
+    """``base + scale * (b @ a)``, in a new fp32 tensor."""
+    import torch
+
+    return torch.addmm(base, b, a, alpha=scale)
 
 
 def torch_norm_rows(matrix: "torch.Tensor") -> "torch.Tensor":

@@ -24,7 +24,9 @@ from reforge.io.format import safetensors_dtype, torch_dtype
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
 from reforge.ops.diff import DTYPE_NAMES
-from reforge.ops.fold import LoraAdapter
+from reforge.ops.diff import overlap
+from reforge.ops.fold import Factors, LoraAdapter
+from reforge.ops.stream import Accumulator, prefetch, row_blocks, torch_threads
 
 if TYPE_CHECKING:
     import torch
@@ -238,93 +240,123 @@ def _terms(source: _Source, key: str, beta: float) -> list[str]:
 
 
 def _write_tensors(writer: CheckpointWriter, source: _Source, beta: float, specs: list[TensorSpec]) -> None:
-    readers = _Readers(source)
-    try:
-        for spec, key in zip(specs, source.shapes):
-            if writer.pending(spec.name):
-                exact, copied = _output_tensor(source, readers, key, beta)
-                stored = exact if copied and exact.dtype == torch_dtype(spec.dtype) else exact.to(torch_dtype(spec.dtype))
-                error = 0.0 if copied else float((stored.float() - exact).abs().max()) if exact.numel() else 0.0
-                writer.write(spec.name, stored)
-                writer.record(spec.name, {"max_abs_rounding": error})
-    finally:
-        readers.close()
+    todo = [(spec, key) for spec, key in zip(specs, source.shapes) if writer.pending(spec.name)]
+    with InputLoader(source, beta) as loader, torch_threads(1):
+        for (spec, key), loaded in prefetch(todo, lambda item: loader.load(item[1])):
+            stored, rounding = compute_output(source, loaded, key, beta, torch_dtype(spec.dtype))
+            writer.write(spec.name, stored)
+            writer.record(spec.name, {"max_abs_rounding": rounding})
 
 
-class _Readers:
-    """One lazy reader per input, opened once."""
+@dataclass
+class Loaded:
+    """The stored inputs of one output tensor, read ahead by the loader thread."""
 
-    def __init__(self, source: _Source) -> None:
+    retriever: "torch.Tensor | None" = None
+    base: "torch.Tensor | None" = None
+    delta: "torch.Tensor | None" = None
+    retriever_factors: Factors | None = None
+    adapters: list[tuple[Factors, float]] = field(default_factory=list)
+
+
+class InputLoader:
+    """Reads what each output tensor needs; one reader per input, used only by the thread calling `load`."""
+
+    def __init__(self, source: _Source, beta: float) -> None:
+        self.source, self.beta = source, beta
+
+    def __enter__(self) -> "InputLoader":
+        source = self.source
         self.base = source.base.reader()
         self.retriever = source.retriever.reader() if source.retriever else None
         self.retriever_adapter = source.retriever_adapter.checkpoint.reader() if source.retriever_adapter else None
         self.delta = source.delta.reader() if source.delta else None
         self.adapters = [a.checkpoint.reader() for a, _ in source.adapters]
+        return self
 
-    def close(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         for reader in [self.base, self.retriever, self.retriever_adapter, self.delta, *self.adapters]:
             if reader is not None:
                 reader.close()
 
+    def load(self, key: str) -> Loaded:
+        source, loaded = self.source, Loaded()
+        loaded.adapters = [(adapter.factors(key, reader.get), alpha)
+                           for (adapter, alpha), reader in zip(source.adapters, self.adapters)
+                           if alpha != 0 and key in adapter.modules]
+        if source.retriever is not None:
+            loaded.retriever = self.retriever.get(source.retriever.layout.stored(key))
+        elif source.delta is not None:
+            loaded.delta = (None if key in source.delta.zero else
+                            source.delta.get(self.delta, key) if key in source.delta.factored else
+                            self.delta.get(key))
+        elif key in source.retriever_adapter.modules:
+            loaded.retriever_factors = source.retriever_adapter.factors(key, self.retriever_adapter.get)
+        if self._needs_base(loaded) and key in source.base_keys:
+            loaded.base = self.base.get(source.base_keys[key])
+        return loaded
 
-def _output_tensor(source: _Source, readers: _Readers, key: str, beta: float) -> tuple["torch.Tensor", bool]:
-    """The exact fp32 output for ``key``, or the retriever's stored tensor when nothing changes it (copied=True)."""
-    active = [(a, alpha, r) for (a, alpha), r in zip(source.adapters, readers.adapters)
-              if alpha != 0 and key in a.modules]
-    base_weight = None
-    dora = any(adapter.modules[key].magnitude_key is not None for adapter, _, _ in active)
-    if dora or not (source.retriever is not None and beta == 1):
-        base_weight = _base_tensor(source, readers, key)
-    if source.retriever is not None:
-        value = readers.retriever.get(source.retriever.layout.stored(key))
-        if beta == 1 and not active:
-            return value, True
-        value = value.float()
-        if beta != 1:
-            value = _plus_scaled_delta(_padded(base_weight, value.shape), value - _padded(base_weight, value.shape),
-                                       beta)
+    def _needs_base(self, loaded: Loaded) -> bool:
+        dora = any(f.magnitude is not None for f, _ in loaded.adapters)
+        return dora or not (self.source.retriever is not None and self.beta == 1)
+
+
+def compute_output(source: _Source, loaded: Loaded, key: str, beta: float,
+                   dtype: "torch.dtype") -> tuple["torch.Tensor", float]:
+    """One output tensor (in ``dtype``) and its largest rounding |stored - exact fp32|.
+
+    A tensor nothing changes (retriever, beta = 1, no adapter) is the retriever's tensor itself, bit for bit."""
+    if loaded.retriever is not None and beta == 1 and not loaded.adapters and loaded.retriever.dtype == dtype:
+        return loaded.retriever, 0.0
+    shape = source.shapes[key]
+    base_rows = loaded.base.shape[0] if loaded.base is not None and loaded.base.dim() else None
+    accumulator = Accumulator(shape, dtype)
+    for rows in row_blocks(shape):
+        block = accumulator.block(rows)
+        covered = overlap(rows, base_rows) if base_rows is not None and base_rows != shape[0] else None
+        base = _rows(loaded.base, rows, covered)
+        if loaded.retriever is not None:
+            block.copy_(loaded.retriever[rows])
+            if beta != 1:  # base + beta * (retriever - base); no base beyond its vocabulary
+                _sub(block, base, covered)
+                block.mul_(beta)
+                _add(block, base, covered)
+        else:
+            _delta_rows_into(block, rows, loaded, base)
+            if beta != 1:
+                block.mul_(beta)
+            _add(block, base, covered)
+        for factors, alpha in loaded.adapters:
+            factors.add_to(block, rows, base, alpha)
+        accumulator.commit(rows)
+    return accumulator.output, accumulator.max_abs_rounding
+
+
+def _delta_rows_into(block: "torch.Tensor", rows: slice, loaded: Loaded, base) -> None:
+    if loaded.delta is not None:
+        block.copy_(loaded.delta[rows])
     else:
-        delta = _delta_tensor(source, readers, key, base_weight)
-        value = _plus_scaled_delta(_padded(base_weight, delta.shape), delta, beta)
-    for adapter, alpha, reader in active:
-        psi = adapter.psi(key, reader.get, base_weight)
-        rows = psi.shape[0]
-        value[:rows] += alpha * psi
-    return value, False
+        block.zero_()
+        if loaded.retriever_factors is not None:
+            loaded.retriever_factors.add_to(block, rows, base, 1.0)
 
 
-def _plus_scaled_delta(base: "torch.Tensor", delta: "torch.Tensor", beta: float) -> "torch.Tensor":
-    return base + delta if beta == 1 else base + beta * delta
+def _rows(tensor: "torch.Tensor | None", rows: slice, covered: int | None) -> "torch.Tensor | None":
+    if tensor is None:
+        return None
+    if covered is None:
+        return tensor[rows]
+    return tensor[rows.start: rows.start + covered]
 
 
-def _base_tensor(source: _Source, readers: _Readers, key: str) -> "torch.Tensor | None":
-    stored = source.base_keys.get(key)
-    return readers.base.get(stored).float() if stored is not None else None
+def _sub(block: "torch.Tensor", base: "torch.Tensor | None", covered: int | None) -> None:
+    if base is not None:
+        (block if covered is None else block[:covered]).sub_(base)
 
 
-def _padded(base: "torch.Tensor | None", shape: tuple) -> "torch.Tensor":
-    """The base tensor, zero where the retriever has rows (added tokens) or tensors the base lacks."""
-    import torch
-
-    if base is None:
-        return torch.zeros(shape, dtype=torch.float32)
-    if tuple(base.shape) == tuple(shape):
-        return base
-    padded = torch.zeros(shape, dtype=torch.float32)
-    padded[: base.shape[0]] = base
-    return padded
-
-
-def _delta_tensor(source: _Source, readers: _Readers, key: str, base_weight) -> "torch.Tensor":
-    import torch
-
-    if source.delta is not None:
-        return source.delta.get(readers.delta, key)
-    adapter = source.retriever_adapter
-    assert adapter is not None
-    if key in adapter.modules:
-        return adapter.psi(key, readers.retriever_adapter.get, base_weight)
-    return torch.zeros(source.shapes[key], dtype=torch.float32)
+def _add(block: "torch.Tensor", base: "torch.Tensor | None", covered: int | None) -> None:
+    if base is not None:
+        (block if covered is None else block[:covered]).add_(base)
 
 
 def _dominant(dtypes: dict[str, str]) -> str:

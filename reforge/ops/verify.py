@@ -224,9 +224,8 @@ def _check_merge(path, index, inputs, full, samples, seed, report, token, allow_
     untouched = [k for k in source.shapes if k not in touched]
     keys = list(source.shapes) if full else (_sample(touched, False, samples, seed)
                                              + _sample(untouched, False, max(2, samples // 4), seed))
-    readers = merge_ops._Readers(source)
     failures = []
-    try:
+    with merge_ops.InputLoader(source, inputs["beta"]) as loader:
         with ShardReader(index) as stored_reader:
             for key in keys:
                 name = source.stored_names[key]
@@ -234,15 +233,13 @@ def _check_merge(path, index, inputs, full, samples, seed, report, token, allow_
                     failures.append(f"{name}: missing")
                     continue
                 stored = stored_reader.get(name)
-                exact, _ = merge_ops._output_tensor(source, readers, key, inputs["beta"])
-                expected = exact.to(stored.dtype).float()
+                expected, _ = merge_ops.compute_output(source, loader.load(key), key, inputs["beta"], stored.dtype)
+                expected = expected.float()
                 error = float((stored.float() - expected).abs().max()) if stored.numel() else 0.0
                 tolerance = _ulp(stored.dtype) * float(expected.abs().max()) if stored.numel() else 0.0
                 report.tensors[name] = {"max_abs_error": error, "tolerance": tolerance}
                 if not error <= tolerance:
                     failures.append(f"{name}: differs from the recomputed merge by {error:.3g} > {tolerance:.3g}")
-    finally:
-        readers.close()
     report.add("recompute", not failures, "; ".join(failures[:3]) or
                f"{len(keys)} tensor(s) recomputed from the inputs match within one rounding of their dtype")
 
