@@ -135,3 +135,30 @@ def show_checks(report: Any) -> None:
         out.print(f"{mark} {check.name:<11} {escape(check.detail)}")
     verdict = "[green]sound[/green]" if report.ok else "[red]failed[/red]"
     out.print(f"{escape(str(report.path))} ({report.kind}): {verdict}")
+
+
+def show_summary(summary: dict) -> None:
+    """`reforge inspect`'s table."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    rows = [("kind", summary["kind"]), ("path", summary["path"]),
+            ("architecture", summary.get("architecture") or "-"),
+            ("tensors", f"{summary['tensors']:,} ({summary['parameters']:,} parameters, {_size(summary['bytes'])})"),
+            ("dtypes", ", ".join(f"{k}: {v}" for k, v in summary["dtypes"].items())),
+            ("files", ", ".join(summary["files"]))]
+    layout = summary.get("layout")
+    if layout:
+        form = "bare model (retriever layout)" if layout["bare"] else f"prefix {layout['prefix']!r}"
+        head = ", ".join(layout["head"]) or "none"
+        rows.append(("layout", f"{form}; head tensors: {head}; tied embeddings: {layout['tied_embeddings']}"))
+    adapter = summary.get("adapter")
+    if adapter:
+        rows.append(("adapter", f"{adapter['type']} r={adapter['r']} alpha={adapter['lora_alpha']} on "
+                                f"{adapter['target_modules']}; base {adapter['base']}"))
+    for key, value in (summary.get("reforge") or {}).items():
+        rows.append((f"reforge.{key}", json.dumps(value, default=str)[:200]))
+    for name, value in rows:
+        table.add_row(name, escape(str(value)))
+    out.print(table)

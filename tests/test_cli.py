@@ -1,0 +1,74 @@
+"""The CLI as a whole: fast help, version, inspect, and error formatting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from click.testing import CliRunner
+
+from reforge import __version__
+from reforge.cli import COMMANDS, cli, format_error
+from reforge.errors import CorruptCheckpointError, ShardNotFoundError
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = "import sys, time; t=time.perf_counter(); from reforge.cli import main; import reforge.cli; " \
+           "sys.argv=['reforge','--help']\ntry: main()\nexcept SystemExit: pass\n" \
+           "print('TORCH' if 'torch' in sys.modules else 'NO_TORCH', time.perf_counter()-t)"
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "NO_TORCH" in result.stdout
+    assert time.perf_counter() - started < 3  # interpreter start included; the CLI itself takes ~0.1 s
+    for name in ("diff", "merge", "verify", "inspect"):
+        assert name in result.stdout
+
+
+def test_version():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.stdout
+
+
+def test_every_command_has_teaching_help():
+    runner = CliRunner()
+    for name in cli.list_commands(None):
+        result = runner.invoke(cli, [name, "--help"])
+        assert result.exit_code == 0, name
+        assert "Examples:" in result.stdout, f"{name} --help shows no examples"
+        assert COMMANDS[name][2].rstrip(".") in " ".join(result.stdout.split()), name
+
+
+def test_inspect_tells_layouts_apart(llama_pair):
+    base_dir, retriever_dir = llama_pair
+    runner = CliRunner()
+    base = json.loads(runner.invoke(cli, ["inspect", str(base_dir), "--json"]).stdout)
+    retriever = json.loads(runner.invoke(cli, ["inspect", str(retriever_dir), "--json"]).stdout)
+    assert base["layout"] == {"prefix": "model.", "head": ["lm_head.weight"], "bare": False, "tied_embeddings": False}
+    assert retriever["layout"]["bare"] and retriever["architecture"] == "LlamaModel"
+    assert retriever["dtypes"] == {"BF16": retriever["tensors"]} and len(retriever["files"]) > 1
+    table = runner.invoke(cli, ["inspect", str(retriever_dir)])
+    assert "bare model (retriever layout)" in table.stdout
+
+
+def test_error_formatting_walks_the_mro():
+    error = ShardNotFoundError("x.safetensors is named by index.json but missing.", hint="Download it.",
+                               path="x", index="i")
+    assert format_error(error) == "x.safetensors is named by index.json but missing. Download it."
+    assert format_error(CorruptCheckpointError("bad.", path="p", tensor=None, reason="r")) == "bad."
+    assert format_error(ValueError("a bug")) is None
+
+
+def test_hub_errors_are_formatted_without_traceback():
+    import httpx2 as httpx
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    response = httpx.Response(404, request=httpx.Request("GET", "http://127.0.0.1/api/models/a/b"))
+    message = format_error(RepositoryNotFoundError("404 Client Error", response=response))
+    assert message.startswith("Hub repository not found") and "--token" in message
+
+
+def test_unknown_error_keeps_its_traceback(tmp_path):
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ") and "Traceback" not in result.stderr
