@@ -286,3 +286,14 @@ def test_disk_filling_up_mid_write_is_a_clear_error(tmp_path, tensors):
         assert not (mount / "out").exists()
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_durable_mode_writes_the_same_bytes(tmp_path, tensors):
+    outputs = []
+    for durable in (False, True):
+        out = tmp_path / f"out-{durable}"
+        with CheckpointWriter(out, _specs(tensors), plan_id="p", max_shard_size=200, durable=durable) as writer:
+            for name, value in tensors.items():
+                writer.write(name, value)
+        outputs.append({f.name: f.read_bytes() for f in out.glob("*.safetensors")})
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 2

@@ -28,7 +28,7 @@ from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, writ
               help="Store tensors only the retriever has whole and skip those only the base has, instead of failing.")
 @hub_options
 @output_options
-def diff_cmd(base: str, retriever: str, output: str, max_shard_size: int, overwrite: bool, dry_run: bool,
+def diff_cmd(base: str, retriever: str, output: str, max_shard_size: int, overwrite: bool, dry_run: bool, durable: bool,
              dtype: str, low_rank: bool, rank: int | None, energy: float | None, allow_missing: bool,
              token: str | None, allow_pickle: bool, quiet: bool, as_json: bool) -> None:
     """Compute Delta = retriever - base, streamed into a sharded checkpoint.
@@ -52,5 +52,5 @@ def diff_cmd(base: str, retriever: str, output: str, max_shard_size: int, overwr
     with ui.progress_bar("diff", unit="bytes", quiet=quiet or as_json) as progress:
         report = diff(base, retriever, output, dtype=dtype, max_shard_size=max_shard_size, low_rank=low_rank,
                       rank=rank, energy=energy, allow_missing=allow_missing, overwrite=overwrite, token=token,
-                      allow_pickle=allow_pickle, dry_run=dry_run, command=command, progress=progress)
+                      allow_pickle=allow_pickle, dry_run=dry_run, command=command, durable=durable, progress=progress)
     ui.show_write_report(report, as_json=as_json, what="delta")

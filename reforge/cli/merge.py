@@ -31,7 +31,7 @@ from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, writ
 @output_options
 def merge_cmd(base: str, retriever: str | None, delta: str | None, adapters: tuple[str, ...],
               alphas: tuple[float, ...], beta: float, dtype: str, corpus: str | None, output: str,
-              max_shard_size: int, overwrite: bool, dry_run: bool, token: str | None, allow_pickle: bool,
+              max_shard_size: int, overwrite: bool, dry_run: bool, durable: bool, token: str | None, allow_pickle: bool,
               quiet: bool, as_json: bool) -> None:
     """Write base + alpha*Psi + beta*Delta in the retriever's layout.
 
@@ -62,7 +62,7 @@ def merge_cmd(base: str, retriever: str | None, delta: str | None, adapters: tup
     with ui.progress_bar("merge", unit="bytes", quiet=quiet or as_json) as progress:
         report = merge(base, output, retriever=retriever, delta=delta, adapters=pairs, beta=beta, dtype=dtype,
                        max_shard_size=max_shard_size, overwrite=overwrite, token=token, allow_pickle=allow_pickle,
-                       dry_run=dry_run, command=command, corpus=corpus, progress=progress)
+                       dry_run=dry_run, command=command, corpus=corpus, durable=durable, progress=progress)
     if dry_run and not as_json:
         ui.show_plan(report.plan)
     ui.show_write_report(report, as_json=as_json, what="merged retriever")

@@ -59,6 +59,8 @@ def hub_options(func: Callable) -> Callable:
 def write_options(func: Callable) -> Callable:
     """``-o/--output``, ``--max-shard-size``, ``--overwrite`` and ``--dry-run`` for commands that write checkpoints."""
     func = click.option("--dry-run", is_flag=True, help="Print the plan (tensors, shards, bytes) and write nothing.")(func)
+    func = click.option("--durable", is_flag=True, help="fsync each shard before it is renamed: a kept shard then "
+                        "survives a power loss, not only a crash (writes at disk speed).")(func)
     func = click.option("--overwrite", is_flag=True,
                         help="Replace an output folder that already holds a different checkpoint.")(func)
     func = click.option("--max-shard-size", type=SizeType(), default="5GB", show_default=True,

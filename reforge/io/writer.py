@@ -5,8 +5,11 @@ first and each tensor goes straight to its final offset: memory holds one tensor
 
 Safety, in order of events:
 - a lock file beside the output (``.NAME.reforge-lock``) keeps two runs from writing the same output;
-- everything is written into ``.NAME.reforge-partial/``; a shard is written as ``*.incomplete``, fsynced, and only
-  then renamed to its final name, so a shard with its final name is whole;
+- everything is written into ``.NAME.reforge-partial/``; a shard is written as ``*.incomplete`` and renamed to its
+  final name only when all its bytes are written, so after a crash or Ctrl-C a shard with its final name is whole.
+  With ``durable=True`` each shard is also fsynced before the rename (and the folders after), which keeps that
+  promise across a power loss too, at the disk's write speed (183 MB/s here, against page-cache speed without);
+  transformers, safetensors and mergekit do not fsync either;
 - a rerun with the same plan (same inputs, options and tensor layout: ``plan_id``) keeps the whole shards and
   writes the rest; a different plan starts clean;
 - when every shard is whole, the index, ``reforge.json`` and the extra files are added and the folder is renamed
@@ -95,7 +98,9 @@ class ShardPlan:
 class _ShardFile:
     """One shard being written: header first, tensors at their offsets, fsync and rename when all are in."""
 
-    def __init__(self, directory: Path, filename: str, specs: tuple[TensorSpec, ...], metadata: dict[str, str]):
+    def __init__(self, directory: Path, filename: str, specs: tuple[TensorSpec, ...], metadata: dict[str, str],
+                 durable: bool = False):
+        self.durable = durable
         self.final = directory / filename
         self.partial = directory / (filename + ".incomplete")
         self.header, offsets = encode_header([(s.name, s.dtype, s.shape) for s in specs], metadata)
@@ -132,7 +137,8 @@ class _ShardFile:
     def finish(self) -> None:
         assert self.fd is not None
         os.ftruncate(self.fd, self.size)
-        os.fsync(self.fd)
+        if self.durable:
+            os.fsync(self.fd)
         os.close(self.fd)
         self.fd = None
         os.replace(self.partial, self.final)
@@ -167,11 +173,14 @@ class CheckpointWriter:
         manifest: JSON-able provenance saved as ``reforge.json`` (``plan_id`` and version are added).
         overwrite: replace an output folder that holds something else.
         progress: ``progress(bytes_done, bytes_total)``.
+        durable: fsync every file before it is renamed (survives power loss; slower).
     """
 
     def __init__(self, output: str | Path, specs: list[TensorSpec], *, plan_id: str,
                  max_shard_size: int = 5 * 10**9, manifest: dict | None = None, overwrite: bool = False,
-                 weights_name: str = "model", progress: Callable[[int, int | None], None] | None = None) -> None:
+                 weights_name: str = "model", progress: Callable[[int, int | None], None] | None = None,
+                 durable: bool = False) -> None:
+        self.durable = durable
         self.output = Path(output)
         self.plan = ShardPlan.build(specs, max_shard_size, weights_name)
         self.plan_id = plan_id
@@ -332,7 +341,7 @@ class CheckpointWriter:
         (self.staging / MANIFEST).write_text(json.dumps({"plan_id": self.plan_id, "state": "partial"}))
         metadata = {"format": "pt", "reforge_version": __version__, "reforge_plan_id": self.plan_id}
         for filename, specs in zip(self.plan.filenames, self.plan.shards):
-            shard = _ShardFile(self.staging, filename, specs, metadata)
+            shard = _ShardFile(self.staging, filename, specs, metadata, self.durable)
             if shard.is_whole():
                 shard.pending.clear()
                 self.resumed_shards += 1
@@ -394,14 +403,16 @@ class CheckpointWriter:
             self._write_small_files()
         except OSError as e:
             raise self._disk_error(e, self.staging) from e
-        _fsync_dir(self.staging)
+        if self.durable:
+            _fsync_dir(self.staging)
         old = self.output.parent / f".{self.output.name}.reforge-old"
         if self.output.exists():
             if old.exists():
                 shutil.rmtree(old)
             os.replace(self.output, old)
         os.replace(self.staging, self.output)
-        _fsync_dir(self.output.parent)
+        if self.durable:
+            _fsync_dir(self.output.parent)
         if old.exists():
             shutil.rmtree(old)
 
@@ -423,7 +434,8 @@ class CheckpointWriter:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 _pwrite_all(fd, content, 0)
-                os.fsync(fd)
+                if self.durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, target)

@@ -63,7 +63,7 @@ def diff(base: str | Path, retriever: str | Path, output: str | Path, *, dtype: 
          max_shard_size: int = 5 * 10**9, low_rank: bool = False, rank: int | None = None,
          energy: float | None = None, allow_missing: bool = False, overwrite: bool = False,
          token: str | None = None, allow_pickle: bool = False, dry_run: bool = False, command: str | None = None,
-         progress: Callable[[int, int | None], None] | None = None) -> DiffReport:
+         durable: bool = False, progress: Callable[[int, int | None], None] | None = None) -> DiffReport:
     """Write Delta = retriever - base into ``output``.
 
     Args:
@@ -113,7 +113,7 @@ def diff(base: str | Path, retriever: str | Path, output: str | Path, *, dtype: 
     if dry_run:
         return report
     with CheckpointWriter(output, specs, plan_id=plan_id, max_shard_size=max_shard_size, manifest=manifest,
-                          overwrite=overwrite, progress=progress) as writer:
+                          overwrite=overwrite, progress=progress, durable=durable) as writer:
         report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
         for name, content in _retriever_companions(base_ckpt, retriever_ckpt).items():
             writer.add_file(f"{RETRIEVER_FILES}/{name}", content)

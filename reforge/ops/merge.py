@@ -69,7 +69,7 @@ def merge(base: str | Path, output: str | Path, *, retriever: str | Path | None 
           delta: str | Path | None = None, adapters: list[tuple[str | Path, float]] = (), beta: float = 1.0,
           dtype: str = "auto", max_shard_size: int = 5 * 10**9, overwrite: bool = False, token: str | None = None,
           allow_pickle: bool = False, dry_run: bool = False, command: str | None = None, corpus: str | None = None,
-          progress: Callable[[int, int | None], None] | None = None) -> MergeReport:
+          durable: bool = False, progress: Callable[[int, int | None], None] | None = None) -> MergeReport:
     """Write the readapted retriever into ``output``.
 
     Args:
@@ -106,7 +106,7 @@ def merge(base: str | Path, output: str | Path, *, retriever: str | Path | None 
         return report
     manifest = _manifest(source, beta, dtype, command, corpus)
     with CheckpointWriter(output, specs, plan_id=plan_id, max_shard_size=max_shard_size, manifest=manifest,
-                          overwrite=overwrite, progress=progress) as writer:
+                          overwrite=overwrite, progress=progress, durable=durable) as writer:
         report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
         _add_companions(writer, source, manifest)
         if not writer.already_complete:
