@@ -37,15 +37,23 @@ def main() -> None:
                 raise SystemExit(run.stderr)
             runs.append(run)
         gigabytes = sum(f.stat().st_size for f in inputs) / 1e9
-        row = {"layers": layers, "input_gb": round(gigabytes, 2), "cold_cat_s": median(cats),
-               "diff_s": median([r.seconds for r in runs]),
-               "max_rss_gib": max(r.max_rss_gib for r in runs), "peak_anon_gib": max(r.peak_anon_gib for r in runs)}
+        row = {
+            "layers": layers,
+            "input_gb": round(gigabytes, 2),
+            "cold_cat_s": median(cats),
+            "diff_s": median([r.seconds for r in runs]),
+            "max_rss_gib": max(r.max_rss_gib for r in runs),
+            "peak_anon_gib": max(r.peak_anon_gib for r in runs),
+        }
         row["ratio_to_cat"] = row["diff_s"] / row["cold_cat_s"]
         results.append(row)
         shutil.rmtree(out, ignore_errors=True)
-        print(f"{layers} layers, {gigabytes:.2f} GB in: cold cat {row['cold_cat_s']:.2f} s, diff {row['diff_s']:.2f} s "
-              f"({row['ratio_to_cat']:.2f}x cat), max RSS {row['max_rss_gib']:.2f} GiB, "
-              f"peak anon {row['peak_anon_gib']:.2f} GiB (median of {args.repeats})", flush=True)
+        print(
+            f"{layers} layers, {gigabytes:.2f} GB in: cold cat {row['cold_cat_s']:.2f} s, diff {row['diff_s']:.2f} s "
+            f"({row['ratio_to_cat']:.2f}x cat), max RSS {row['max_rss_gib']:.2f} GiB, "
+            f"peak anon {row['peak_anon_gib']:.2f} GiB (median of {args.repeats})",
+            flush=True,
+        )
     print(json.dumps(results, indent=2))
 
 

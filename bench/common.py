@@ -31,8 +31,11 @@ def llama_tensors(layers: int, *, causal: bool) -> list[tuple[str, tuple[int, ..
         p = f"{prefix}layers.{i}."
         names += [(p + "input_layernorm.weight", (HIDDEN,)), (p + "post_attention_layernorm.weight", (HIDDEN,))]
         names += [(p + f"self_attn.{m}_proj.weight", (HIDDEN, HIDDEN)) for m in "qkvo"]
-        names += [(p + "mlp.gate_proj.weight", (MLP, HIDDEN)), (p + "mlp.up_proj.weight", (MLP, HIDDEN)),
-                  (p + "mlp.down_proj.weight", (HIDDEN, MLP))]
+        names += [
+            (p + "mlp.gate_proj.weight", (MLP, HIDDEN)),
+            (p + "mlp.up_proj.weight", (MLP, HIDDEN)),
+            (p + "mlp.down_proj.weight", (HIDDEN, MLP)),
+        ]
     names.append((f"{prefix}norm.weight", (HIDDEN,)))
     if causal:
         names.append(("lm_head.weight", (VOCAB, HIDDEN)))
@@ -40,14 +43,32 @@ def llama_tensors(layers: int, *, causal: bool) -> list[tuple[str, tuple[int, ..
 
 
 def llama_config(layers: int, *, causal: bool) -> dict:
-    return {"architectures": ["LlamaForCausalLM" if causal else "LlamaModel"], "model_type": "llama",
-            "hidden_size": HIDDEN, "intermediate_size": MLP, "num_hidden_layers": layers, "num_attention_heads": 32,
-            "num_key_value_heads": 32, "vocab_size": VOCAB, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    return {
+        "architectures": ["LlamaForCausalLM" if causal else "LlamaModel"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": MLP,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
 
 
-def make_checkpoint(folder: Path, layers: int, *, causal: bool, seed: int, like: Path | None = None,
-                    noise: float = 0.01, shard_size: int = 2 * 10**9) -> Path:
+def make_checkpoint(
+    folder: Path,
+    layers: int,
+    *,
+    causal: bool,
+    seed: int,
+    like: Path | None = None,
+    noise: float = 0.01,
+    shard_size: int = 2 * 10**9,
+) -> Path:
     """Write a synthetic bf16 checkpoint (random weights; with ``like``, those weights plus small noise)."""
     import torch
 
@@ -110,8 +131,13 @@ class Run:
 def measure(command: list[str], env: dict | None = None) -> Run:
     """Run ``command`` under /usr/bin/time -v; also sample its anonymous memory (RssAnon) every 20 ms."""
     started = time.perf_counter()
-    process = subprocess.Popen(["/usr/bin/time", "-v", *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, **(env or {})})
+    process = subprocess.Popen(
+        ["/usr/bin/time", "-v", *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     peak_anon = [0]
     stop = threading.Event()
 

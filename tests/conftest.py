@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,16 @@ def isolated_home(tmp_path_factory, monkeypatch):
 def _llama_config(**overrides):
     from transformers import LlamaConfig
 
-    values = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False)
+    values = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     values.update(overrides)
     return LlamaConfig(**values)
 
@@ -47,8 +54,9 @@ def build_model(kind: str, seed: int = 0, **overrides):
         config = tf.Qwen2Config(**{**_llama_config().to_dict(), **overrides})
         cls = tf.Qwen2ForCausalLM if head == "causal" else tf.Qwen2Model
     elif family == "bert":
-        config = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                               vocab_size=64, **overrides)
+        config = tf.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=64, **overrides
+        )
         cls = tf.BertForMaskedLM if head == "mlm" else tf.BertModel
     else:
         raise ValueError(kind)
@@ -93,8 +101,7 @@ def llama_pair(tmp_path_factory):
     return base_dir, retriever_dir
 
 
-def make_adapter(model, path, *, dora=False, seed=5, targets=("q_proj", "v_proj", "up_proj", "down_proj"),
-                 **extra):
+def make_adapter(model, path, *, dora=False, seed=5, targets=("q_proj", "v_proj", "up_proj", "down_proj"), **extra):
     """A peft adapter with non-zero B (as after training), saved to ``path``; returns the PeftModel."""
     import copy
 
@@ -112,8 +119,6 @@ def make_adapter(model, path, *, dora=False, seed=5, targets=("q_proj", "v_proj"
     return peft_model
 
 
-
-
 def save_tokenizer(path: Path, vocab_size: int = 128, *, bert: bool = False) -> None:
     """A small real word-level tokenizer (no downloads) saved into ``path`` next to a model."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -124,6 +129,9 @@ def save_tokenizer(path: Path, vocab_size: int = 128, *, bert: bool = False) -> 
     vocab = {token: i for i, token in enumerate(specials + words)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=specials[1]))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    names = (dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-             if bert else dict(pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"))
+    names = (
+        dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        if bert
+        else dict(pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    )
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, **names).save_pretrained(path)

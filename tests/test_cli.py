@@ -15,9 +15,11 @@ from reforge.errors import CorruptCheckpointError, ShardNotFoundError
 
 
 def test_help_is_fast_and_imports_no_torch():
-    code = "import sys, time; t=time.perf_counter(); from reforge.cli import main; import reforge.cli; " \
-           "sys.argv=['reforge','--help']\ntry: main()\nexcept SystemExit: pass\n" \
-           "print('TORCH' if 'torch' in sys.modules else 'NO_TORCH', time.perf_counter()-t)"
+    code = (
+        "import sys, time; t=time.perf_counter(); from reforge.cli import main; import reforge.cli; "
+        "sys.argv=['reforge','--help']\ntry: main()\nexcept SystemExit: pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO_TORCH', time.perf_counter()-t)"
+    )
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "NO_TORCH" in result.stdout
@@ -53,8 +55,9 @@ def test_inspect_tells_layouts_apart(llama_pair):
 
 
 def test_error_formatting_walks_the_mro():
-    error = ShardNotFoundError("x.safetensors is named by index.json but missing.", hint="Download it.",
-                               path="x", index="i")
+    error = ShardNotFoundError(
+        "x.safetensors is named by index.json but missing.", hint="Download it.", path="x", index="i"
+    )
     assert format_error(error) == "x.safetensors is named by index.json but missing. Download it."
     assert format_error(CorruptCheckpointError("bad.", path="p", tensor=None, reason="r")) == "bad."
     assert format_error(ValueError("a bug")) is None

@@ -6,11 +6,10 @@ import copy
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
+from conftest import build_model, make_adapter, save
 from safetensors.torch import load_file
 
-from conftest import build_model, make_adapter, save
 from reforge.cli import cli
 from reforge.io.checkpoint import open_checkpoint
 from reforge.ops.fold import LoraAdapter
@@ -20,9 +19,16 @@ def merged_state(peft_model):
     return {k: v for k, v in copy.deepcopy(peft_model).merge_and_unload().state_dict().items()}
 
 
-@pytest.mark.parametrize("dora,extra", [(False, {}), (True, {}), (False, {"use_rslora": True}),
-                                        (True, {"use_rslora": True}),
-                                        (False, {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"up_proj": 3}})])
+@pytest.mark.parametrize(
+    "dora,extra",
+    [
+        (False, {}),
+        (True, {}),
+        (False, {"use_rslora": True}),
+        (True, {"use_rslora": True}),
+        (False, {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"up_proj": 3}}),
+    ],
+)
 def test_fold_matches_peft_merge_and_unload(tmp_path, dora, extra):
     base = build_model("llama-causal")
     peft_model = make_adapter(base, tmp_path / "adapter", dora=dora, **extra)
@@ -44,8 +50,11 @@ def test_diff_of_lora_retriever_over_bare_model(tmp_path):
     peft_model = make_adapter(base.model, tmp_path / "retriever")
     keys = load_file(tmp_path / "retriever" / "adapter_model.safetensors")
     assert any(k.startswith("base_model.model.layers.") for k in keys)
-    result = CliRunner().invoke(cli, ["diff", str(base_dir), str(tmp_path / "retriever"), "-o", str(tmp_path / "d"),
-                                      "--dtype", "float32"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli,
+        ["diff", str(base_dir), str(tmp_path / "retriever"), "-o", str(tmp_path / "d"), "--dtype", "float32"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.stderr
     delta = load_file(tmp_path / "d" / "model.safetensors")
     merged = merged_state(peft_model)
@@ -63,14 +72,19 @@ def test_low_rank_delta_is_exact_and_small(tmp_path):
     make_adapter(base.model, tmp_path / "retriever")
     runner = CliRunner()
     for name, flags in (("dense", ["--dtype", "float32"]), ("lr", ["--low-rank"])):
-        result = runner.invoke(cli, ["diff", str(base_dir), str(tmp_path / "retriever"), "-o",
-                                     str(tmp_path / name), *flags], catch_exceptions=False)
+        result = runner.invoke(
+            cli,
+            ["diff", str(base_dir), str(tmp_path / "retriever"), "-o", str(tmp_path / name), *flags],
+            catch_exceptions=False,
+        )
         assert result.exit_code == 0, result.stderr
     dense = load_file(tmp_path / "dense" / "model.safetensors")
     factors = load_file(tmp_path / "lr" / "model.safetensors")
     manifest = json.loads((tmp_path / "lr" / "reforge.json").read_text())
     assert len(manifest["factored"]) == 8 and manifest["zero"]
-    assert (tmp_path / "lr" / "model.safetensors").stat().st_size < (tmp_path / "dense" / "model.safetensors").stat().st_size / 3
+    assert (tmp_path / "lr" / "model.safetensors").stat().st_size < (
+        tmp_path / "dense" / "model.safetensors"
+    ).stat().st_size / 3
     for key in manifest["factored"]:
         stem = key.removesuffix(".weight")
         product = factors[stem + ".lora_B.weight"] @ factors[stem + ".lora_A.weight"]
@@ -83,19 +97,61 @@ def test_svd_rank_and_energy_compression_report_their_error(tmp_path):
     base_dir = save(base, tmp_path / "base")
     make_adapter(base.model, tmp_path / "retriever")  # rank-4 deltas
     runner = CliRunner()
-    result = runner.invoke(cli, ["diff", str(base_dir), str(tmp_path / "retriever"), "-o", str(tmp_path / "r4"),
-                                 "--rank", "4", "--dtype", "float32", "--json"], catch_exceptions=False)
+    result = runner.invoke(
+        cli,
+        [
+            "diff",
+            str(base_dir),
+            str(tmp_path / "retriever"),
+            "-o",
+            str(tmp_path / "r4"),
+            "--rank",
+            "4",
+            "--dtype",
+            "float32",
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
     report = json.loads(result.stdout)
     assert report["low_rank_relative_error"] < 1e-5  # rank 4 captures a rank-4 delta
-    result = runner.invoke(cli, ["diff", str(base_dir), str(tmp_path / "retriever"), "-o", str(tmp_path / "r1"),
-                                 "--rank", "1", "--dtype", "float32", "--json"], catch_exceptions=False)
+    result = runner.invoke(
+        cli,
+        [
+            "diff",
+            str(base_dir),
+            str(tmp_path / "retriever"),
+            "-o",
+            str(tmp_path / "r1"),
+            "--rank",
+            "1",
+            "--dtype",
+            "float32",
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
     assert json.loads(result.stdout)["low_rank_relative_error"] > 0.05
-    result = runner.invoke(cli, ["diff", str(base_dir), str(tmp_path / "retriever"), "-o", str(tmp_path / "e"),
-                                 "--energy", "0.5", "--dtype", "float32", "--json"], catch_exceptions=False)
+    result = runner.invoke(
+        cli,
+        [
+            "diff",
+            str(base_dir),
+            str(tmp_path / "retriever"),
+            "-o",
+            str(tmp_path / "e"),
+            "--energy",
+            "0.5",
+            "--dtype",
+            "float32",
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
     manifest = json.loads((tmp_path / "e" / "reforge.json").read_text())
     ranks = {k: v["rank"] for k, v in manifest["records"].items() if "rank" in v}
     assert ranks and all(1 <= r <= 4 for r in ranks.values())
-    for key, record in manifest["records"].items():
+    for record in manifest["records"].values():
         if "rank" in record:  # energy kept >= 50%, so the squared relative error is <= 50%
             assert record["relative_error"] ** 2 <= 0.5 + 1e-6
 

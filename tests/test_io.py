@@ -6,13 +6,12 @@ import json
 import multiprocessing
 import os
 import struct
-import time
 
 import pytest
 import torch
+from conftest import build_model, save
 from safetensors.torch import load_file, save_file
 
-from conftest import build_model, save
 from reforge.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -271,8 +270,10 @@ def test_disk_filling_up_mid_write_is_a_clear_error(tmp_path, tensors):
 
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         (mount / "filler").write_bytes(bytes(40 * 1024))

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import build_model, make_adapter, perturbed_bare, save, save_tokenizer
 from safetensors.torch import load_file
 
-from conftest import build_model, make_adapter, perturbed_bare, save, save_tokenizer
 from reforge.cli import cli
 
 
@@ -40,8 +40,9 @@ def setup(tmp_path_factory):
     save_tokenizer(retriever_dir)
     dora = make_adapter(base, root / "dora", dora=True, targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"))
     lora = make_adapter(base, root / "lora", seed=7, targets=("o_proj", "q_proj"))
-    return dict(root=root, base=base, base_dir=base_dir, retriever=retriever, retriever_dir=retriever_dir,
-                dora=dora, lora=lora)
+    return dict(
+        root=root, base=base, base_dir=base_dir, retriever=retriever, retriever_dir=retriever_dir, dora=dora, lora=lora
+    )
 
 
 def psi(peft_model, base):
@@ -51,12 +52,25 @@ def psi(peft_model, base):
 
 def test_alpha_zero_reproduces_the_retriever_bit_for_bit(setup, tmp_path):
     out = tmp_path / "out"
-    run("merge", "--base", setup["base_dir"], "--retriever", setup["retriever_dir"], "--adapter",
-        setup["root"] / "dora", "--alpha", "0", "-o", out)
+    run(
+        "merge",
+        "--base",
+        setup["base_dir"],
+        "--retriever",
+        setup["retriever_dir"],
+        "--adapter",
+        setup["root"] / "dora",
+        "--alpha",
+        "0",
+        "-o",
+        out,
+    )
     got, expected = tensors(out), tensors(setup["retriever_dir"])
     assert set(got) == set(expected)
     assert all(torch.equal(got[k], expected[k]) and got[k].dtype == expected[k].dtype for k in expected)
-    assert json.loads((out / "config.json").read_text()) == json.loads((setup["retriever_dir"] / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (setup["retriever_dir"] / "config.json").read_text()
+    )
     assert (out / "tokenizer.json").read_bytes() == (setup["retriever_dir"] / "tokenizer.json").read_bytes()
 
 
@@ -64,8 +78,17 @@ def test_dora_merge_equals_formula_and_embeddings_match_reference_model(setup, t
     from transformers import AutoModel, LlamaModel
 
     out = tmp_path / "out"
-    run("merge", "--base", setup["base_dir"], "--retriever", setup["retriever_dir"], "--adapter",
-        setup["root"] / "dora", "-o", out)
+    run(
+        "merge",
+        "--base",
+        setup["base_dir"],
+        "--retriever",
+        setup["retriever_dir"],
+        "--adapter",
+        setup["root"] / "dora",
+        "-o",
+        out,
+    )
     update = psi(setup["dora"], setup["base"])
     reference_state = {k: v + 0.5 * update[k] for k, v in setup["retriever"].state_dict().items()}
     got = tensors(out)
@@ -87,8 +110,23 @@ def test_dora_merge_equals_formula_and_embeddings_match_reference_model(setup, t
 
 def test_two_adapters_each_with_its_alpha(setup, tmp_path):
     out = tmp_path / "out"
-    run("merge", "--base", setup["base_dir"], "--retriever", setup["retriever_dir"], "--adapter",
-        setup["root"] / "dora", "--alpha", "0.5", "--adapter", setup["root"] / "lora", "--alpha", "0.3", "-o", out)
+    run(
+        "merge",
+        "--base",
+        setup["base_dir"],
+        "--retriever",
+        setup["retriever_dir"],
+        "--adapter",
+        setup["root"] / "dora",
+        "--alpha",
+        "0.5",
+        "--adapter",
+        setup["root"] / "lora",
+        "--alpha",
+        "0.3",
+        "-o",
+        out,
+    )
     first, second = psi(setup["dora"], setup["base"]), psi(setup["lora"], setup["base"])
     got = tensors(out)
     for key, value in setup["retriever"].state_dict().items():
@@ -124,11 +162,21 @@ def test_beta_scales_delta(setup, tmp_path):
 def test_lora_retriever_becomes_a_full_bare_model(setup, tmp_path):
     from transformers import AutoModel
 
-    retriever = make_adapter(setup["base"].model, tmp_path / "repllama", seed=11,
-                             targets=("q_proj", "v_proj", "o_proj", "gate_proj"))
+    retriever = make_adapter(
+        setup["base"].model, tmp_path / "repllama", seed=11, targets=("q_proj", "v_proj", "o_proj", "gate_proj")
+    )
     out = tmp_path / "out"
-    run("merge", "--base", setup["base_dir"], "--retriever", tmp_path / "repllama", "--adapter",
-        setup["root"] / "dora", "-o", out)
+    run(
+        "merge",
+        "--base",
+        setup["base_dir"],
+        "--retriever",
+        tmp_path / "repllama",
+        "--adapter",
+        setup["root"] / "dora",
+        "-o",
+        out,
+    )
     merged_retriever = copy.deepcopy(retriever).merge_and_unload().state_dict()
     update = psi(setup["dora"], setup["base"])
     got = tensors(out)
@@ -152,8 +200,19 @@ def test_sentence_transformers_retriever_keeps_its_modules(tmp_path):
     adapter = make_adapter(base, tmp_path / "psi", dora=True, targets=("query", "value"))
     assert adapter is not None
     out = tmp_path / "out"
-    run("merge", "--base", base_dir, "--retriever", tmp_path / "st", "--adapter", tmp_path / "psi", "--alpha", "0",
-        "-o", out)
+    run(
+        "merge",
+        "--base",
+        base_dir,
+        "--retriever",
+        tmp_path / "st",
+        "--adapter",
+        tmp_path / "psi",
+        "--alpha",
+        "0",
+        "-o",
+        out,
+    )
     for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json"):
         assert (out / name).read_bytes() == (tmp_path / "st" / name).read_bytes()
     loaded = SentenceTransformer(str(out), device="cpu")
@@ -163,28 +222,61 @@ def test_sentence_transformers_retriever_keeps_its_modules(tmp_path):
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(setup, tmp_path):
-    result = run("merge", "--base", setup["base_dir"], "--retriever", setup["retriever_dir"], "--adapter",
-                 setup["root"] / "dora", "-o", tmp_path / "out", "--dry-run")
+    result = run(
+        "merge",
+        "--base",
+        setup["base_dir"],
+        "--retriever",
+        setup["retriever_dir"],
+        "--adapter",
+        setup["root"] / "dora",
+        "-o",
+        tmp_path / "out",
+        "--dry-run",
+    )
     assert "retriever + 0.5*psi[dora]" in result.stdout and "Nothing written" in result.stdout
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--alpha", "nan"], "must be a finite number"),
-    (["--beta", "inf"], "--beta is inf"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--alpha", "nan"], "must be a finite number"),
+        (["--beta", "inf"], "--beta is inf"),
+    ],
+)
 def test_non_finite_weights_are_refused(setup, tmp_path, flags, message):
     adapter = ["--adapter", setup["root"] / "dora"] if "--alpha" in flags else []
-    result = run("merge", "--base", setup["base_dir"], "--retriever", setup["retriever_dir"], *adapter, *flags,
-                 "-o", tmp_path / "out", ok=False)
+    result = run(
+        "merge",
+        "--base",
+        setup["base_dir"],
+        "--retriever",
+        setup["retriever_dir"],
+        *adapter,
+        *flags,
+        "-o",
+        tmp_path / "out",
+        ok=False,
+    )
     assert result.exit_code == 1 and message in result.stderr
 
 
 def test_adapter_for_another_base_is_refused_before_writing(setup, tmp_path):
     other = build_model("llama-causal", intermediate_size=48)
     make_adapter(other, tmp_path / "psi", dora=True)
-    result = run("merge", "--base", setup["base_dir"], "--retriever", setup["retriever_dir"], "--adapter",
-                 tmp_path / "psi", "-o", tmp_path / "out", ok=False)
+    result = run(
+        "merge",
+        "--base",
+        setup["base_dir"],
+        "--retriever",
+        setup["retriever_dir"],
+        "--adapter",
+        tmp_path / "psi",
+        "-o",
+        tmp_path / "out",
+        ok=False,
+    )
     assert result.exit_code == 1 and "do not fit the base tensor" in result.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
@@ -194,8 +286,18 @@ def test_adapter_recorded_for_another_base_is_refused(setup, tmp_path):
 
     shutil.copytree(setup["root"] / "dora", tmp_path / "psi")
     (tmp_path / "psi" / "training_record.json").write_text(json.dumps({"base": {"fingerprint": "0" * 32}}))
-    result = run("merge", "--base", setup["base_dir"], "--retriever", setup["retriever_dir"], "--adapter",
-                 tmp_path / "psi", "-o", tmp_path / "out", ok=False)
+    result = run(
+        "merge",
+        "--base",
+        setup["base_dir"],
+        "--retriever",
+        setup["retriever_dir"],
+        "--adapter",
+        tmp_path / "psi",
+        "-o",
+        tmp_path / "out",
+        ok=False,
+    )
     assert result.exit_code == 1 and "was trained on base fingerprint 0000" in result.stderr
 
 
@@ -212,22 +314,55 @@ def test_adapter_targeting_modules_the_retriever_lacks(setup, tmp_path):
     make_adapter(setup["base"], tmp_path / "psi", targets=("q_proj",))
     file = tmp_path / "psi" / "adapter_model.safetensors"
     save_file({k.replace("layers.1.", "layers.7."): v for k, v in load_file(file).items()}, file)
-    result = run("merge", "--base", setup["base_dir"], "--retriever", setup["retriever_dir"], "--adapter",
-                 tmp_path / "psi", "-o", tmp_path / "out", ok=False)
+    result = run(
+        "merge",
+        "--base",
+        setup["base_dir"],
+        "--retriever",
+        setup["retriever_dir"],
+        "--adapter",
+        tmp_path / "psi",
+        "-o",
+        tmp_path / "out",
+        ok=False,
+    )
     assert result.exit_code == 1
     assert "adapts 1 tensor(s) the retriever does not have (e.g. 'layers.7.self_attn.q_proj.weight')" in result.stderr
 
 
 def test_adapter_count_and_alpha_count_must_match(setup, tmp_path):
-    result = run("merge", "--base", setup["base_dir"], "--retriever", setup["retriever_dir"], "--adapter",
-                 setup["root"] / "dora", "--alpha", "0.5", "--alpha", "0.2", "-o", tmp_path / "out", ok=False)
+    result = run(
+        "merge",
+        "--base",
+        setup["base_dir"],
+        "--retriever",
+        setup["retriever_dir"],
+        "--adapter",
+        setup["root"] / "dora",
+        "--alpha",
+        "0.5",
+        "--alpha",
+        "0.2",
+        "-o",
+        tmp_path / "out",
+        ok=False,
+    )
     assert result.exit_code == 2 and "one --alpha per --adapter" in result.stderr
 
 
 def test_rerun_is_a_no_op_and_overwrite_is_required_for_other_content(setup, tmp_path):
     out = tmp_path / "out"
-    args = ["merge", "--base", setup["base_dir"], "--retriever", setup["retriever_dir"], "--adapter",
-            setup["root"] / "dora", "-o", out]
+    args = [
+        "merge",
+        "--base",
+        setup["base_dir"],
+        "--retriever",
+        setup["retriever_dir"],
+        "--adapter",
+        setup["root"] / "dora",
+        "-o",
+        out,
+    ]
     run(*args)
     assert "already holds this exact" in run(*args).stdout
     result = run(*args[:-2], "--alpha", "0.25", "-o", out, ok=False)

@@ -7,9 +7,9 @@ import json
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from test_merge import setup  # noqa: F401  (module-scoped fixture)
 
 from reforge.cli import cli
-from test_merge import setup  # noqa: F401  (module-scoped fixture)
 
 
 def run(*args):
@@ -30,13 +30,25 @@ def test_verify_delta_passes_and_catches_a_changed_value(llama_pair, tmp_path):
     tensors[key] = tensors[key] + 0.5
     save_file(tensors, file, metadata={"format": "pt"})
     result = run("verify", delta, "--full")
-    assert result.exit_code == 1 and f"FAIL recompute" in result.stdout and key in result.stdout
+    assert result.exit_code == 1 and "FAIL recompute" in result.stdout and key in result.stdout
 
 
 def test_verify_merge_with_recorded_inputs_and_embeddings(setup, tmp_path):  # noqa: F811
     out = tmp_path / "out"
-    assert run("merge", "--base", setup["base_dir"], "--retriever", setup["retriever_dir"], "--adapter",
-               setup["root"] / "dora", "-o", out).exit_code == 0
+    assert (
+        run(
+            "merge",
+            "--base",
+            setup["base_dir"],
+            "--retriever",
+            setup["retriever_dir"],
+            "--adapter",
+            setup["root"] / "dora",
+            "-o",
+            out,
+        ).exit_code
+        == 0
+    )
     result = run("verify", out, "--json", "--full")
     report = json.loads(result.stdout)
     assert result.exit_code == 0, result.stdout

@@ -117,8 +117,10 @@ def _format_hub_http(error: BaseException) -> str:
 
 
 def _format_repo_not_found(error: BaseException) -> str:
-    return ("Hub repository not found or not accessible. Check the repo id, or pass --token / run "
-            "`hf auth login` if it is private.")
+    return (
+        "Hub repository not found or not accessible. Check the repo id, or pass --token / run "
+        "`hf auth login` if it is private."
+    )
 
 
 def _format_revision_not_found(error: BaseException) -> str:
@@ -126,8 +128,10 @@ def _format_revision_not_found(error: BaseException) -> str:
 
 
 def _format_offline(error: BaseException) -> str:
-    return ("Hub is unreachable or HF_HUB_OFFLINE=1 is set, and the file is not in the local cache. "
-            "Pass a local folder, or go online.")
+    return (
+        "Hub is unreachable or HF_HUB_OFFLINE=1 is set, and the file is not in the local cache. "
+        "Pass a local folder, or go online."
+    )
 
 
 _FORMATTERS = {

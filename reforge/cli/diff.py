@@ -15,22 +15,54 @@ from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, writ
 @click.argument("base")
 @click.argument("retriever")
 @write_options
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
-              help="Stored dtype of Delta. auto = the retriever's. The rounding is measured and recorded.")
-@click.option("--low-rank", is_flag=True,
-              help="For a peft LoRA retriever: keep Delta as its LoRA factors (exact, far smaller).")
-@click.option("--rank", type=click.IntRange(min=1), default=None,
-              help="Compress each layer's Delta to this rank by SVD (LoRE-Adapt); error is reported.")
-@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Compress each layer's Delta by SVD to the smallest rank keeping this share of its energy "
-                   "(sum of squared singular values), e.g. 0.5.")
-@click.option("--allow-missing", is_flag=True,
-              help="Store tensors only the retriever has whole and skip those only the base has, instead of failing.")
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Stored dtype of Delta. auto = the retriever's. The rounding is measured and recorded.",
+)
+@click.option(
+    "--low-rank", is_flag=True, help="For a peft LoRA retriever: keep Delta as its LoRA factors (exact, far smaller)."
+)
+@click.option(
+    "--rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Compress each layer's Delta to this rank by SVD (LoRE-Adapt); error is reported.",
+)
+@click.option(
+    "--energy",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Compress each layer's Delta by SVD to the smallest rank keeping this share of its energy "
+    "(sum of squared singular values), e.g. 0.5.",
+)
+@click.option(
+    "--allow-missing",
+    is_flag=True,
+    help="Store tensors only the retriever has whole and skip those only the base has, instead of failing.",
+)
 @hub_options
 @output_options
-def diff_cmd(base: str, retriever: str, output: str, max_shard_size: int, overwrite: bool, dry_run: bool, durable: bool,
-             dtype: str, low_rank: bool, rank: int | None, energy: float | None, allow_missing: bool,
-             token: str | None, allow_pickle: bool, quiet: bool, as_json: bool) -> None:
+def diff_cmd(
+    base: str,
+    retriever: str,
+    output: str,
+    max_shard_size: int,
+    overwrite: bool,
+    dry_run: bool,
+    durable: bool,
+    dtype: str,
+    low_rank: bool,
+    rank: int | None,
+    energy: float | None,
+    allow_missing: bool,
+    token: str | None,
+    allow_pickle: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Compute Delta = retriever - base, streamed into a sharded checkpoint.
 
     BASE is the pretrained LM the retriever was trained from (its lm_head is ignored); RETRIEVER is a full
@@ -50,7 +82,22 @@ def diff_cmd(base: str, retriever: str, output: str, max_shard_size: int, overwr
 
     command = "reforge " + shlex.join(sys.argv[1:]) if sys.argv else None
     with ui.progress_bar("diff", unit="bytes", quiet=quiet or as_json) as progress:
-        report = diff(base, retriever, output, dtype=dtype, max_shard_size=max_shard_size, low_rank=low_rank,
-                      rank=rank, energy=energy, allow_missing=allow_missing, overwrite=overwrite, token=token,
-                      allow_pickle=allow_pickle, dry_run=dry_run, command=command, durable=durable, progress=progress)
+        report = diff(
+            base,
+            retriever,
+            output,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            low_rank=low_rank,
+            rank=rank,
+            energy=energy,
+            allow_missing=allow_missing,
+            overwrite=overwrite,
+            token=token,
+            allow_pickle=allow_pickle,
+            dry_run=dry_run,
+            command=command,
+            durable=durable,
+            progress=progress,
+        )
     ui.show_write_report(report, as_json=as_json, what="delta")

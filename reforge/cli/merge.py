@@ -13,26 +13,67 @@ from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, writ
 
 @click.command("merge")
 @click.option("--base", required=True, help="The pretrained LM the retriever and adapters were trained from.")
-@click.option("--retriever", default=None, help="The retriever (full, or a peft LoRA over BASE). Delta is "
-              "computed on the fly; with --beta 1 the output is retriever + alpha*Psi with no Delta rounding.")
-@click.option("--delta", default=None, type=click.Path(exists=True, file_okay=False),
-              help="A delta folder from `reforge diff` (instead of --retriever).")
-@click.option("--adapter", "adapters", multiple=True,
-              help="A knowledge adapter (peft DoRA/LoRA folder from `reforge train`). Repeat for several.")
-@click.option("--alpha", "alphas", multiple=True, type=float,
-              help="Weight of each --adapter, in the same order (default 0.5 each).")
+@click.option(
+    "--retriever",
+    default=None,
+    help="The retriever (full, or a peft LoRA over BASE). Delta is "
+    "computed on the fly; with --beta 1 the output is retriever + alpha*Psi with no Delta rounding.",
+)
+@click.option(
+    "--delta",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="A delta folder from `reforge diff` (instead of --retriever).",
+)
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    help="A knowledge adapter (peft DoRA/LoRA folder from `reforge train`). Repeat for several.",
+)
+@click.option(
+    "--alpha",
+    "alphas",
+    multiple=True,
+    type=float,
+    help="Weight of each --adapter, in the same order (default 0.5 each).",
+)
 @click.option("--beta", type=float, default=1.0, show_default=True, help="Weight of Delta.")
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
-              help="Output dtype. auto = each tensor's dtype in the retriever.")
-@click.option("--corpus", default=None, help="Name of the corpus the adapter was trained on, for the model card "
-              "(default: read from the adapter's training record).")
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Output dtype. auto = each tensor's dtype in the retriever.",
+)
+@click.option(
+    "--corpus",
+    default=None,
+    help="Name of the corpus the adapter was trained on, for the model card "
+    "(default: read from the adapter's training record).",
+)
 @write_options
 @hub_options
 @output_options
-def merge_cmd(base: str, retriever: str | None, delta: str | None, adapters: tuple[str, ...],
-              alphas: tuple[float, ...], beta: float, dtype: str, corpus: str | None, output: str,
-              max_shard_size: int, overwrite: bool, dry_run: bool, durable: bool, token: str | None, allow_pickle: bool,
-              quiet: bool, as_json: bool) -> None:
+def merge_cmd(
+    base: str,
+    retriever: str | None,
+    delta: str | None,
+    adapters: tuple[str, ...],
+    alphas: tuple[float, ...],
+    beta: float,
+    dtype: str,
+    corpus: str | None,
+    output: str,
+    max_shard_size: int,
+    overwrite: bool,
+    dry_run: bool,
+    durable: bool,
+    token: str | None,
+    allow_pickle: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Write base + alpha*Psi + beta*Delta in the retriever's layout.
 
     The output loads exactly where the original retriever loads (same architecture, config, dtypes, tokenizer and
@@ -55,14 +96,31 @@ def merge_cmd(base: str, retriever: str | None, delta: str | None, adapters: tup
     if not adapters and not alphas:
         ui.warn("no --adapter given: the output is base + beta*Delta (the retriever itself when beta is 1).")
     if alphas and len(alphas) != len(adapters):
-        raise click.UsageError(f"{len(adapters)} --adapter but {len(alphas)} --alpha: give one --alpha per "
-                               "--adapter, or none for 0.5 each.")
+        raise click.UsageError(
+            f"{len(adapters)} --adapter but {len(alphas)} --alpha: give one --alpha per "
+            "--adapter, or none for 0.5 each."
+        )
     pairs = list(zip(adapters, alphas or [0.5] * len(adapters)))
     command = "reforge " + shlex.join(sys.argv[1:])
     with ui.progress_bar("merge", unit="bytes", quiet=quiet or as_json) as progress:
-        report = merge(base, output, retriever=retriever, delta=delta, adapters=pairs, beta=beta, dtype=dtype,
-                       max_shard_size=max_shard_size, overwrite=overwrite, token=token, allow_pickle=allow_pickle,
-                       dry_run=dry_run, command=command, corpus=corpus, durable=durable, progress=progress)
+        report = merge(
+            base,
+            output,
+            retriever=retriever,
+            delta=delta,
+            adapters=pairs,
+            beta=beta,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            token=token,
+            allow_pickle=allow_pickle,
+            dry_run=dry_run,
+            command=command,
+            corpus=corpus,
+            durable=durable,
+            progress=progress,
+        )
     if dry_run and not as_json:
         ui.show_plan(report.plan)
     ui.show_write_report(report, as_json=as_json, what="merged retriever")

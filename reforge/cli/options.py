@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -49,22 +60,47 @@ def output_options(func: Callable) -> Callable:
 
 def hub_options(func: Callable) -> Callable:
     """``--token`` and ``--allow-pickle``: how checkpoints are fetched and opened."""
-    func = click.option("--allow-pickle", is_flag=True,
-                        help="Accept pickle checkpoints (.bin); loaded with torch.load(weights_only=True).")(func)
-    func = click.option("--token", envvar="HF_TOKEN", default=None, show_envvar=True,
-                        help="Hugging Face token for private repos (default: the one `hf auth login` saved).")(func)
+    func = click.option(
+        "--allow-pickle",
+        is_flag=True,
+        help="Accept pickle checkpoints (.bin); loaded with torch.load(weights_only=True).",
+    )(func)
+    func = click.option(
+        "--token",
+        envvar="HF_TOKEN",
+        default=None,
+        show_envvar=True,
+        help="Hugging Face token for private repos (default: the one `hf auth login` saved).",
+    )(func)
     return func
 
 
 def write_options(func: Callable) -> Callable:
     """``-o/--output``, ``--max-shard-size``, ``--overwrite`` and ``--dry-run`` for commands that write checkpoints."""
-    func = click.option("--dry-run", is_flag=True, help="Print the plan (tensors, shards, bytes) and write nothing.")(func)
-    func = click.option("--durable", is_flag=True, help="fsync each shard before it is renamed: a kept shard then "
-                        "survives a power loss, not only a crash (writes at disk speed).")(func)
-    func = click.option("--overwrite", is_flag=True,
-                        help="Replace an output folder that already holds a different checkpoint.")(func)
-    func = click.option("--max-shard-size", type=SizeType(), default="5GB", show_default=True,
-                        help="Largest shard file, in bytes (5GB = 5*10**9).")(func)
-    func = click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
-                        help="Output folder (written under a temporary name, renamed when whole).")(func)
+    func = click.option("--dry-run", is_flag=True, help="Print the plan (tensors, shards, bytes) and write nothing.")(
+        func
+    )
+    func = click.option(
+        "--durable",
+        is_flag=True,
+        help="fsync each shard before it is renamed: a kept shard then "
+        "survives a power loss, not only a crash (writes at disk speed).",
+    )(func)
+    func = click.option(
+        "--overwrite", is_flag=True, help="Replace an output folder that already holds a different checkpoint."
+    )(func)
+    func = click.option(
+        "--max-shard-size",
+        type=SizeType(),
+        default="5GB",
+        show_default=True,
+        help="Largest shard file, in bytes (5GB = 5*10**9).",
+    )(func)
+    func = click.option(
+        "-o",
+        "--output",
+        required=True,
+        type=click.Path(file_okay=False),
+        help="Output folder (written under a temporary name, renamed when whole).",
+    )(func)
     return func

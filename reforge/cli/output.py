@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -53,11 +54,21 @@ def progress_bar(description: str, *, unit: str = "items", quiet: bool = False) 
     disabled by ``quiet`` or when stderr is not a terminal.
     """
     if unit == "bytes":
-        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   TimeRemainingColumn()]
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        ]
     else:
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn()]
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        ]
     disable = quiet or not err.is_terminal
     with Progress(*columns, console=err, transient=True, disable=disable) as progress:
         task = progress.add_task(description, total=None)
@@ -83,24 +94,32 @@ def show_write_report(report: Any, *, as_json: bool, what: str) -> None:
         return
     target = data["output"]
     if data.get("dry_run"):
-        out.print(f"Plan for {what} {target}: {data['tensors']} tensors, {_size(data['total_size'])} in "
-                  f"{len(data['shards'])} shard(s) of {', '.join(_size(s) for s in data['shards'])}; "
-                  f"dtype {data['dtype']}. Nothing written (--dry-run).", highlight=False)
+        out.print(
+            f"Plan for {what} {target}: {data['tensors']} tensors, {_size(data['total_size'])} in "
+            f"{len(data['shards'])} shard(s) of {', '.join(_size(s) for s in data['shards'])}; "
+            f"dtype {data['dtype']}. Nothing written (--dry-run).",
+            highlight=False,
+        )
         return
     if data.get("already_complete"):
         out.print(f"{target} already holds this exact {what}; nothing to do.", highlight=False)
         return
     resumed = f", {data['resumed_shards']} shard(s) kept from an interrupted run" if data.get("resumed_shards") else ""
-    out.print(f"Wrote {what} {target}: {data['tensors']} tensors, {_size(data['total_size'])} in "
-              f"{len(data['shards'])} shard(s), dtype {data['dtype']}, {data['seconds']:.1f} s{resumed}.",
-              highlight=False)
-    for key, label in (("max_abs_rounding", "max |stored - exact fp32|"),
-                       ("low_rank_relative_error", "max relative Frobenius error of the low-rank factors")):
+    out.print(
+        f"Wrote {what} {target}: {data['tensors']} tensors, {_size(data['total_size'])} in "
+        f"{len(data['shards'])} shard(s), dtype {data['dtype']}, {data['seconds']:.1f} s{resumed}.",
+        highlight=False,
+    )
+    for key, label in (
+        ("max_abs_rounding", "max |stored - exact fp32|"),
+        ("low_rank_relative_error", "max relative Frobenius error of the low-rank factors"),
+    ):
         if data.get(key) is not None:
             out.print(f"  {label}: {data[key]:.3g}", highlight=False)
     for key, rows in (data.get("extra_vocab_rows") or {}).items():
-        out.print(f"  {key}: {rows} row(s) beyond the base vocabulary stored as the retriever's values",
-                  highlight=False)
+        out.print(
+            f"  {key}: {rows} row(s) beyond the base vocabulary stored as the retriever's values", highlight=False
+        )
 
 
 def _size(nbytes: int) -> str:
@@ -143,11 +162,14 @@ def show_summary(summary: dict) -> None:
     from rich.table import Table
 
     table = Table(show_header=False, box=None)
-    rows = [("kind", summary["kind"]), ("path", summary["path"]),
-            ("architecture", summary.get("architecture") or "-"),
-            ("tensors", f"{summary['tensors']:,} ({summary['parameters']:,} parameters, {_size(summary['bytes'])})"),
-            ("dtypes", ", ".join(f"{k}: {v}" for k, v in summary["dtypes"].items())),
-            ("files", ", ".join(summary["files"]))]
+    rows = [
+        ("kind", summary["kind"]),
+        ("path", summary["path"]),
+        ("architecture", summary.get("architecture") or "-"),
+        ("tensors", f"{summary['tensors']:,} ({summary['parameters']:,} parameters, {_size(summary['bytes'])})"),
+        ("dtypes", ", ".join(f"{k}: {v}" for k, v in summary["dtypes"].items())),
+        ("files", ", ".join(summary["files"])),
+    ]
     layout = summary.get("layout")
     if layout:
         form = "bare model (retriever layout)" if layout["bare"] else f"prefix {layout['prefix']!r}"
@@ -155,8 +177,13 @@ def show_summary(summary: dict) -> None:
         rows.append(("layout", f"{form}; head tensors: {head}; tied embeddings: {layout['tied_embeddings']}"))
     adapter = summary.get("adapter")
     if adapter:
-        rows.append(("adapter", f"{adapter['type']} r={adapter['r']} alpha={adapter['lora_alpha']} on "
-                                f"{adapter['target_modules']}; base {adapter['base']}"))
+        rows.append(
+            (
+                "adapter",
+                f"{adapter['type']} r={adapter['r']} alpha={adapter['lora_alpha']} on "
+                f"{adapter['target_modules']}; base {adapter['base']}",
+            )
+        )
     for key, value in (summary.get("reforge") or {}).items():
         rows.append((f"reforge.{key}", json.dumps(value, default=str)[:200]))
     for name, value in rows:

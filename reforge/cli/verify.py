@@ -19,14 +19,32 @@ from reforge.cli.options import hub_options, output_options
 @click.option("--alpha", "alphas", multiple=True, type=float, help="Alpha of each --adapter, in order.")
 @click.option("--beta", type=float, default=None, help="Beta the merge used (default: the recorded one).")
 @click.option("--full", is_flag=True, help="Recompute every tensor, not a sample.")
-@click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True,
-              help="How many adapted tensors to recompute without --full.")
+@click.option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="How many adapted tensors to recompute without --full.",
+)
 @click.option("--no-embeddings", is_flag=True, help="Skip embedding sentences with the retriever and the new model.")
 @hub_options
 @output_options
-def verify_cmd(folder: str, base: str | None, retriever: str | None, delta: str | None, adapters: tuple[str, ...],
-               alphas: tuple[float, ...], beta: float | None, full: bool, samples: int, no_embeddings: bool,
-               token: str | None, allow_pickle: bool, quiet: bool, as_json: bool) -> None:
+def verify_cmd(
+    folder: str,
+    base: str | None,
+    retriever: str | None,
+    delta: str | None,
+    adapters: tuple[str, ...],
+    alphas: tuple[float, ...],
+    beta: float | None,
+    full: bool,
+    samples: int,
+    no_embeddings: bool,
+    token: str | None,
+    allow_pickle: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Check that a delta or merged checkpoint is sound.
 
     Checks that FOLDER loads (headers, index, nothing half-written), that every tensor is finite, that names,
@@ -47,9 +65,20 @@ def verify_cmd(folder: str, base: str | None, retriever: str | None, delta: str 
         raise click.UsageError("give one --alpha per --adapter.")
     pairs = list(zip(adapters, alphas or [0.5] * len(adapters))) if adapters else None
     with ui.progress_bar("verify", unit="bytes", quiet=quiet or as_json) as progress:
-        report = verify_checkpoint(folder, base=base, retriever=retriever, delta=delta, adapters=pairs, beta=beta,
-                                   full=full, samples=samples, embeddings=not no_embeddings, token=token,
-                                   allow_pickle=allow_pickle, progress=progress)
+        report = verify_checkpoint(
+            folder,
+            base=base,
+            retriever=retriever,
+            delta=delta,
+            adapters=pairs,
+            beta=beta,
+            full=full,
+            samples=samples,
+            embeddings=not no_embeddings,
+            token=token,
+            allow_pickle=allow_pickle,
+            progress=progress,
+        )
     if as_json:
         ui.print_json({**dataclasses.asdict(report), "ok": report.ok, "failures": report.failures})
     else:

@@ -81,8 +81,7 @@ class AdapterCheckpoint:
         return bool(self.adapter_config.get("use_dora"))
 
 
-def resolve_local(ref: str | Path, *, token: str | None = None, allow_pickle: bool = False,
-                  progress=None) -> Path:
+def resolve_local(ref: str | Path, *, token: str | None = None, allow_pickle: bool = False, progress=None) -> Path:
     """The local folder for a checkpoint reference, downloading only the needed files of a Hub repo.
 
     Args:
@@ -101,15 +100,18 @@ def resolve_local(ref: str | Path, *, token: str | None = None, allow_pickle: bo
     from reforge import hub
 
     if not hub.looks_like_repo_id(str(ref)):
-        raise CheckpointNotFoundError(f"{ref} is not a folder here, nor a Hub repo id (owner/name[@revision]).",
-                                      ref=str(ref))
+        raise CheckpointNotFoundError(
+            f"{ref} is not a folder here, nor a Hub repo id (owner/name[@revision]).", ref=str(ref)
+        )
     repo_id, revision = hub.parse_ref(str(ref))
-    return hub.download_checkpoint(repo_id, revision=revision, token=token, allow_pickle=allow_pickle,
-                                   progress=progress)
+    return hub.download_checkpoint(
+        repo_id, revision=revision, token=token, allow_pickle=allow_pickle, progress=progress
+    )
 
 
-def open_checkpoint(ref: str | Path, *, token: str | None = None, allow_pickle: bool = False,
-                    progress=None) -> Checkpoint | AdapterCheckpoint:
+def open_checkpoint(
+    ref: str | Path, *, token: str | None = None, allow_pickle: bool = False, progress=None
+) -> Checkpoint | AdapterCheckpoint:
     """Open a model or adapter checkpoint for lazy reading; see `resolve_local` for ``ref``."""
     path = resolve_local(ref, token=token, allow_pickle=allow_pickle, progress=progress)
     provenance = _provenance(str(ref), path)
@@ -129,9 +131,12 @@ def open_model(ref: str | Path, **kwargs) -> Checkpoint:
     """Like `open_checkpoint`, but a peft adapter folder is an error (a full model is needed here)."""
     checkpoint = open_checkpoint(ref, **kwargs)
     if isinstance(checkpoint, AdapterCheckpoint):
-        raise AdapterError(f"{ref} is a peft adapter, but a full model is needed here.",
-                           hint=f"Pass its base ({checkpoint.base_ref or 'see adapter_config.json'}) instead.",
-                           path=checkpoint.path, tensor=None)
+        raise AdapterError(
+            f"{ref} is a peft adapter, but a full model is needed here.",
+            hint=f"Pass its base ({checkpoint.base_ref or 'see adapter_config.json'}) instead.",
+            path=checkpoint.path,
+            tensor=None,
+        )
     return checkpoint
 
 
@@ -162,7 +167,11 @@ def fingerprint(path: str | Path, *, samples: int = 16, sample_bytes: int = 4096
 
 def _is_content_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".pt")) or name in {
-        "config.json", "adapter_config.json", "model.safetensors.index.json", "reforge.json"}
+        "config.json",
+        "adapter_config.json",
+        "model.safetensors.index.json",
+        "reforge.json",
+    }
 
 
 def _provenance(ref: str, path: Path) -> dict:
@@ -187,8 +196,9 @@ def _read_json(path: Path) -> dict:
             raise ValueError("not a JSON object")
         return value
     except (ValueError, OSError) as e:
-        raise CorruptCheckpointError(f"{short_path(path)} is not valid JSON ({e}).", path=path, tensor=None,
-                                     reason=str(e)) from e
+        raise CorruptCheckpointError(
+            f"{short_path(path)} is not valid JSON ({e}).", path=path, tensor=None, reason=str(e)
+        ) from e
 
 
 def env_home() -> Path:

@@ -8,8 +8,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".gguf", ".h5", ".msgpack", ".ot",
-                   ".index.json")
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".onnx",
+    ".gguf",
+    ".h5",
+    ".msgpack",
+    ".ot",
+    ".index.json",
+)
 SKIPPED_NAMES = {"README.md", "reforge.json", ".gitattributes", "training_record.json", "adapter_config.json"}
 SKIPPED_DIRS = {"onnx", "openvino", ".cache", ".git"}
 MAX_COMPANION_BYTES = 64 * 2**20
@@ -21,9 +32,14 @@ def companion_files(folder: str | Path) -> dict[str, bytes]:
     found: dict[str, bytes] = {}
     for path in sorted(folder.glob("*")) + sorted(folder.glob("*/*")):
         relative = path.relative_to(folder)
-        if (not path.is_file() or path.name in SKIPPED_NAMES or path.name.endswith(WEIGHT_SUFFIXES)
-                or relative.parts[0] in SKIPPED_DIRS or path.name.startswith(".")
-                or path.stat().st_size > MAX_COMPANION_BYTES):
+        if (
+            not path.is_file()
+            or path.name in SKIPPED_NAMES
+            or path.name.endswith(WEIGHT_SUFFIXES)
+            or relative.parts[0] in SKIPPED_DIRS
+            or path.name.startswith(".")
+            or path.stat().st_size > MAX_COMPANION_BYTES
+        ):
             continue
         found[str(relative)] = path.read_bytes()
     return found
@@ -32,15 +48,21 @@ def companion_files(folder: str | Path) -> dict[str, bytes]:
 def bare_config(config: dict) -> dict:
     """A CausalLM config turned into its bare model's (``LlamaForCausalLM`` -> ``LlamaModel``)."""
     bare = dict(config)
-    architectures = [a.replace("ForCausalLM", "Model").replace("LMHeadModel", "Model")
-                     for a in config.get("architectures") or []]
+    architectures = [
+        a.replace("ForCausalLM", "Model").replace("LMHeadModel", "Model") for a in config.get("architectures") or []
+    ]
     if architectures:
         bare["architectures"] = architectures
     return bare
 
 
-def output_companions(retriever_folder: Path, retriever_config: dict | None, *, from_base: Path | None = None,
-                      base_config: dict | None = None) -> dict[str, bytes]:
+def output_companions(
+    retriever_folder: Path,
+    retriever_config: dict | None,
+    *,
+    from_base: Path | None = None,
+    base_config: dict | None = None,
+) -> dict[str, bytes]:
     """The companion files of a merged or delta output in the retriever's layout.
 
     For a full retriever: its own files. For a peft LoRA retriever (``from_base`` given): the base's files with a

@@ -31,21 +31,40 @@ def describe(ref: str | Path, *, token: str | None = None, allow_pickle: bool = 
     }
     if isinstance(checkpoint, AdapterCheckpoint):
         config = checkpoint.adapter_config
-        summary["adapter"] = {"type": "DoRA" if config.get("use_dora") else config.get("peft_type", "LORA"),
-                              "r": config.get("r"), "lora_alpha": config.get("lora_alpha"),
-                              "target_modules": config.get("target_modules"), "base": checkpoint.base_ref,
-                              "use_rslora": bool(config.get("use_rslora"))}
+        summary["adapter"] = {
+            "type": "DoRA" if config.get("use_dora") else config.get("peft_type", "LORA"),
+            "r": config.get("r"),
+            "lora_alpha": config.get("lora_alpha"),
+            "target_modules": config.get("target_modules"),
+            "base": checkpoint.base_ref,
+            "use_rslora": bool(config.get("use_rslora")),
+        }
     else:
         config = checkpoint.config or {}
         summary["architecture"] = checkpoint.architecture
-        summary["layout"] = {"prefix": checkpoint.layout.prefix, "head": sorted(checkpoint.layout.head),
-                             "bare": checkpoint.layout.is_bare,
-                             "tied_embeddings": bool(config.get("tie_word_embeddings", False))}
+        summary["layout"] = {
+            "prefix": checkpoint.layout.prefix,
+            "head": sorted(checkpoint.layout.head),
+            "bare": checkpoint.layout.is_bare,
+            "tied_embeddings": bool(config.get("tie_word_embeddings", False)),
+        }
     manifest_file = checkpoint.path / "reforge.json"
     if manifest_file.is_file():
         manifest = json.loads(manifest_file.read_text())
         summary["kind"] = manifest.get("kind", summary["kind"])
-        summary["reforge"] = {k: manifest.get(k) for k in ("state", "reforge_version", "base", "retriever", "adapters",
-                                                          "beta", "dtype", "max_abs_rounding", "command")
-                              if manifest.get(k) is not None}
+        summary["reforge"] = {
+            k: manifest.get(k)
+            for k in (
+                "state",
+                "reforge_version",
+                "base",
+                "retriever",
+                "adapters",
+                "beta",
+                "dtype",
+                "max_abs_rounding",
+                "command",
+            )
+            if manifest.get(k) is not None
+        }
     return summary

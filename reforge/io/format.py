@@ -18,9 +18,18 @@ from reforge.errors import CorruptCheckpointError, short_path
 
 # safetensors dtype name -> (torch dtype attribute, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
-    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
 
@@ -62,8 +71,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise _corrupt(path, None, f"file is {size} bytes, too short for a safetensors header")
         (length,) = struct.unpack("<Q", raw_length)
         if length > _MAX_HEADER or 8 + length > size:
-            raise _corrupt(path, None, f"header length {length} runs past the end of the {size}-byte file "
-                                       "(truncated or not a safetensors file)")
+            raise _corrupt(
+                path,
+                None,
+                f"header length {length} runs past the end of the {size}-byte file "
+                "(truncated or not a safetensors file)",
+            )
         raw = handle.read(length)
     try:
         header = json.loads(raw)
@@ -86,18 +99,25 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: in
         raise _corrupt(path, name, f"unknown dtype {dtype!r}")
     expected = math.prod(shape) * DTYPES[dtype][1]
     if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != expected or begin < 0:
-        raise _corrupt(path, name, f"data_offsets {[begin, end]} do not hold a {dtype} tensor of shape "
-                                   f"{list(shape)} ({expected} bytes)")
+        raise _corrupt(
+            path,
+            name,
+            f"data_offsets {[begin, end]} do not hold a {dtype} tensor of shape {list(shape)} ({expected} bytes)",
+        )
     if data_start + end > size:
-        raise _corrupt(path, name, f"data ends at byte {data_start + end}, past the end of the {size}-byte file "
-                                   "(truncated download or copy?)")
+        raise _corrupt(
+            path,
+            name,
+            f"data ends at byte {data_start + end}, past the end of the {size}-byte file (truncated download or copy?)",
+        )
     return TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
 
 
 def _corrupt(path: Path, tensor: str | None, reason: str) -> CorruptCheckpointError:
     where = f"{short_path(path)}" + (f", tensor {tensor!r}" if tensor else "")
-    return CorruptCheckpointError(f"{where}: {reason}.", hint="Download or copy the file again.",
-                                  path=path, tensor=tensor, reason=reason)
+    return CorruptCheckpointError(
+        f"{where}: {reason}.", hint="Download or copy the file again.", path=path, tensor=tensor, reason=reason
+    )
 
 
 def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:

@@ -41,8 +41,9 @@ class ShardIndex:
     pickle_files: tuple[Path, ...] = ()
 
     @classmethod
-    def from_dir(cls, directory: str | Path, *, weights_name: str | None = None,
-                 allow_pickle: bool = False) -> "ShardIndex":
+    def from_dir(
+        cls, directory: str | Path, *, weights_name: str | None = None, allow_pickle: bool = False
+    ) -> "ShardIndex":
         """Index the checkpoint in ``directory``.
 
         Args:
@@ -76,7 +77,10 @@ class ShardIndex:
                 if name in tensors:
                     raise CorruptCheckpointError(
                         f"{short_path(file)}: tensor {name!r} also appears in {short_path(tensors[name].file)}.",
-                        path=file, tensor=name, reason="duplicate tensor")
+                        path=file,
+                        tensor=name,
+                        reason="duplicate tensor",
+                    )
                 tensors[name] = info
         return cls(directory, tensors, metadata or {}, tuple(files))
 
@@ -89,21 +93,29 @@ class ShardIndex:
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
         except (ValueError, KeyError, TypeError) as e:
-            raise CorruptCheckpointError(f"{short_path(index_file)} is not a valid index ({e}).",
-                                         path=index_file, tensor=None, reason=str(e)) from e
+            raise CorruptCheckpointError(
+                f"{short_path(index_file)} is not a valid index ({e}).", path=index_file, tensor=None, reason=str(e)
+            ) from e
         files = [safe_child(directory, name, index_file) for name in dict.fromkeys(weight_map.values())]
         for file in files:
             if not file.is_file():
-                raise ShardNotFoundError(f"{short_path(file)} is named by {short_path(index_file)} but missing.",
-                                         hint="Download or copy the missing shard, then rerun.",
-                                         path=file, index=index_file)
+                raise ShardNotFoundError(
+                    f"{short_path(file)} is named by {short_path(index_file)} but missing.",
+                    hint="Download or copy the missing shard, then rerun.",
+                    path=file,
+                    index=index_file,
+                )
         result = cls.from_files(directory, files, index.get("metadata") or {})
         for name, filename in weight_map.items():
             info = result.tensors.get(name)
             if info is None or info.file != safe_child(directory, filename, index_file):
                 raise CorruptCheckpointError(
                     f"{short_path(index_file)} says tensor {name!r} is in {filename}, but that file's header "
-                    "does not hold it.", path=index_file, tensor=name, reason="index and shard disagree")
+                    "does not hold it.",
+                    path=index_file,
+                    tensor=name,
+                    reason="index and shard disagree",
+                )
         return result
 
     @classmethod
@@ -124,11 +136,14 @@ class ShardIndex:
                 raise PickleRefusedError(
                     f"{short_path(files[0])} is a pickle checkpoint, which can run code when loaded.",
                     hint="Pass --allow-pickle (allow_pickle=True) to load it with torch.load(weights_only=True), "
-                         "or convert it to safetensors.", path=files[0])
+                    "or convert it to safetensors.",
+                    path=files[0],
+                )
             return cls(directory, {}, {}, tuple(files), tuple(files))
         wanted = " or ".join(f"{n}.safetensors" for n in names)
-        raise CheckpointNotFoundError(f"{short_path(directory)} holds no {wanted} (nor an index of shards).",
-                                      ref=str(directory))
+        raise CheckpointNotFoundError(
+            f"{short_path(directory)} holds no {wanted} (nor an index of shards).", ref=str(directory)
+        )
 
 
 def safe_child(directory: Path, name: str, index_file: Path) -> Path:
@@ -136,7 +151,10 @@ def safe_child(directory: Path, name: str, index_file: Path) -> Path:
     # Checked on the name, not the resolved path: Hub cache snapshots are symlinks into a blobs folder.
     normalized = os.path.normpath(name)
     if os.path.isabs(name) or normalized == ".." or normalized.startswith(".." + os.sep):
-        raise UnsafePathError(f"{short_path(index_file)} names {name!r}, which is outside the checkpoint folder.",
-                              hint="Refusing to read it; the index file may be malicious.",
-                              index=index_file, entry=name)
+        raise UnsafePathError(
+            f"{short_path(index_file)} names {name!r}, which is outside the checkpoint folder.",
+            hint="Refusing to read it; the index file may be malicious.",
+            index=index_file,
+            entry=name,
+        )
     return directory / normalized

@@ -9,16 +9,30 @@ tied checkpoints (no ``lm_head`` at all) keep ``embed_tokens``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from reforge.errors import LayoutMismatchError
 
 PEFT_PREFIX = "base_model.model."
 HEAD_MODULES = frozenset({"lm_head", "cls", "score", "classifier", "qa_outputs", "output_layer"})
 # first components that wrap the body of a head model (transformers' base_model_prefix values)
-KNOWN_BODY_PREFIXES = frozenset({"model", "bert", "roberta", "xlm_roberta", "transformer", "deberta", "electra",
-                                 "distilbert", "albert", "gpt_neox", "encoder_model", "language_model"})
+KNOWN_BODY_PREFIXES = frozenset(
+    {
+        "model",
+        "bert",
+        "roberta",
+        "xlm_roberta",
+        "transformer",
+        "deberta",
+        "electra",
+        "distilbert",
+        "albert",
+        "gpt_neox",
+        "encoder_model",
+        "language_model",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -37,7 +51,7 @@ class KeyLayout:
         """The bare-model name of a stored key, or None for a head tensor or a key outside the layout."""
         if key in self.head or not key.startswith(self.prefix):
             return None
-        return key[len(self.prefix):]
+        return key[len(self.prefix) :]
 
     def stored(self, canonical: str) -> str:
         """The name this checkpoint stores a canonical key under."""
@@ -57,7 +71,7 @@ def detect_layout(keys: Iterable[str], config: dict | None = None) -> KeyLayout:
     """
     keys = list(keys)
     peft = PEFT_PREFIX if keys and all(k.startswith(PEFT_PREFIX) for k in keys) else ""
-    inner = [k[len(peft):] for k in keys]
+    inner = [k[len(peft) :] for k in keys]
     head = {k for k in inner if k.split(".", 1)[0] in HEAD_MODULES}
     body = [k for k in inner if k not in head]
     firsts = {k.split(".", 1)[0] for k in body if "." in k}
@@ -80,8 +94,9 @@ def canonical_map(keys: Iterable[str], layout: KeyLayout) -> dict[str, str]:
     return mapping
 
 
-def match_keys(left: dict[str, str], right: dict[str, str], *, left_name: str, right_name: str,
-               hint: str | None = None) -> None:
+def match_keys(
+    left: dict[str, str], right: dict[str, str], *, left_name: str, right_name: str, hint: str | None = None
+) -> None:
     """Check that two ``{canonical: stored}`` maps hold the same tensors, or raise one clear error."""
     missing_left = sorted(set(right) - set(left))
     missing_right = sorted(set(left) - set(right))
@@ -89,14 +104,20 @@ def match_keys(left: dict[str, str], right: dict[str, str], *, left_name: str, r
         return
     parts = []
     if missing_left:
-        parts.append(f"{len(missing_left)} tensor(s) of {right_name} are not in {left_name} "
-                     f"(e.g. {right[missing_left[0]]!r})")
+        parts.append(
+            f"{len(missing_left)} tensor(s) of {right_name} are not in {left_name} (e.g. {right[missing_left[0]]!r})"
+        )
     if missing_right:
-        parts.append(f"{len(missing_right)} tensor(s) of {left_name} are not in {right_name} "
-                     f"(e.g. {left[missing_right[0]]!r})")
+        parts.append(
+            f"{len(missing_right)} tensor(s) of {left_name} are not in {right_name} (e.g. {left[missing_right[0]]!r})"
+        )
     raise LayoutMismatchError(
         "; ".join(parts) + ".",
-        hint=hint or "Are both checkpoints the same architecture? (Layouts are matched after removing 'model.', "
-                     "'base_model.model.' and head tensors such as lm_head.)",
-        left=left_name, right=right_name, tensor=(missing_left or missing_right)[0],
-        details={"only_in_left": missing_right[:20], "only_in_right": missing_left[:20]})
+        hint=hint
+        or "Are both checkpoints the same architecture? (Layouts are matched after removing 'model.', "
+        "'base_model.model.' and head tensors such as lm_head.)",
+        left=left_name,
+        right=right_name,
+        tensor=(missing_left or missing_right)[0],
+        details={"only_in_left": missing_right[:20], "only_in_right": missing_left[:20]},
+    )

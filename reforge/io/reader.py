@@ -7,8 +7,9 @@ resident set holds only the tensors the caller keeps. One shard file descriptor 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from reforge.errors import CorruptCheckpointError, short_path
 from reforge.io.format import TensorInfo, read_tensor, safetensors_dtype
@@ -89,8 +90,14 @@ class ShardReader:
             self._pickle_infos = {}
             for file in self.index.pickle_files:
                 for name, tensor in self._load_pickle(file).items():
-                    self._pickle_infos[name] = TensorInfo(name, file, safetensors_dtype(tensor.dtype),
-                                                          tuple(tensor.shape), 0, tensor.numel() * tensor.element_size())
+                    self._pickle_infos[name] = TensorInfo(
+                        name,
+                        file,
+                        safetensors_dtype(tensor.dtype),
+                        tuple(tensor.shape),
+                        0,
+                        tensor.numel() * tensor.element_size(),
+                    )
                 self._pickle_state = None  # keep only one pickle file loaded
         return self._pickle_infos
 
@@ -109,9 +116,17 @@ class ShardReader:
         try:  # weights_only refuses arbitrary objects; mmap keeps a large file out of memory until used
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise CorruptCheckpointError(f"{short_path(file)} could not be loaded as a weights-only pickle ({e}).",
-                                         path=file, tensor=None, reason=str(e)) from e
+            raise CorruptCheckpointError(
+                f"{short_path(file)} could not be loaded as a weights-only pickle ({e}).",
+                path=file,
+                tensor=None,
+                reason=str(e),
+            ) from e
         if not isinstance(state, dict):
-            raise CorruptCheckpointError(f"{short_path(file)} does not hold a dict of tensors.",
-                                         path=file, tensor=None, reason="not a state dict")
+            raise CorruptCheckpointError(
+                f"{short_path(file)} does not hold a dict of tensors.",
+                path=file,
+                tensor=None,
+                reason="not a state dict",
+            )
         return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -27,9 +27,10 @@ import os
 import queue
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from reforge import __version__
 from reforge.errors import DiskFullError, InvalidOptionError, OutputExistsError, OutputLockedError, short_path
@@ -98,8 +99,14 @@ class ShardPlan:
 class _ShardFile:
     """One shard being written: header first, tensors at their offsets, fsync and rename when all are in."""
 
-    def __init__(self, directory: Path, filename: str, specs: tuple[TensorSpec, ...], metadata: dict[str, str],
-                 durable: bool = False):
+    def __init__(
+        self,
+        directory: Path,
+        filename: str,
+        specs: tuple[TensorSpec, ...],
+        metadata: dict[str, str],
+        durable: bool = False,
+    ):
         self.durable = durable
         self.final = directory / filename
         self.partial = directory / (filename + ".incomplete")
@@ -176,10 +183,19 @@ class CheckpointWriter:
         durable: fsync every file before it is renamed (survives power loss; slower).
     """
 
-    def __init__(self, output: str | Path, specs: list[TensorSpec], *, plan_id: str,
-                 max_shard_size: int = 5 * 10**9, manifest: dict | None = None, overwrite: bool = False,
-                 weights_name: str = "model", progress: Callable[[int, int | None], None] | None = None,
-                 durable: bool = False) -> None:
+    def __init__(
+        self,
+        output: str | Path,
+        specs: list[TensorSpec],
+        *,
+        plan_id: str,
+        max_shard_size: int = 5 * 10**9,
+        manifest: dict | None = None,
+        overwrite: bool = False,
+        weights_name: str = "model",
+        progress: Callable[[int, int | None], None] | None = None,
+        durable: bool = False,
+    ) -> None:
         self.durable = durable
         self.output = Path(output)
         self.plan = ShardPlan.build(specs, max_shard_size, weights_name)
@@ -230,8 +246,12 @@ class CheckpointWriter:
 
     def pending(self, name: str) -> bool:
         """Whether ``name`` still has to be written (False when its shard survived from an earlier run)."""
-        return (not self.already_complete and name in self._shard_of and name not in self._queued
-                and name in self._shard_of[name].pending)
+        return (
+            not self.already_complete
+            and name in self._shard_of
+            and name not in self._queued
+            and name in self._shard_of[name].pending
+        )
 
     def write(self, name: str, tensor: "torch.Tensor") -> None:
         """Write one tensor; it must have the planned dtype and shape."""
@@ -239,8 +259,9 @@ class CheckpointWriter:
         if spec is None:
             raise KeyError(f"tensor {name!r} is not in the plan")
         if safetensors_dtype(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise ValueError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} "
-                             f"{spec.shape}")
+            raise ValueError(
+                f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} {spec.shape}"
+            )
         if not self.pending(name):
             return
         import torch
@@ -307,7 +328,9 @@ class CheckpointWriter:
                 raise OutputLockedError(
                     f"another reforge run is writing {short_path(self.output)} right now.",
                     hint=f"Wait for it to finish; if none is running, delete {short_path(self.lock_path)}.",
-                    path=self.output, lock=self.lock_path) from e
+                    path=self.output,
+                    lock=self.lock_path,
+                ) from e
             # the file we locked may have been unlinked by a run finishing just now; lock the current one
             if os.path.exists(self.lock_path) and os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino:
                 self._lock_fd = fd
@@ -331,9 +354,11 @@ class CheckpointWriter:
             self.records = _read_manifest(self.output / MANIFEST).get("records", {})
             return
         if self.output.exists() and not self.overwrite and any(self.output.iterdir()):
-            raise OutputExistsError(f"{short_path(self.output)} already holds something else.",
-                                    hint="Choose another --output, or pass --overwrite to replace it.",
-                                    path=self.output)
+            raise OutputExistsError(
+                f"{short_path(self.output)} already holds something else.",
+                hint="Choose another --output, or pass --overwrite to replace it.",
+                path=self.output,
+            )
         staged_plan = _read_manifest(self.staging / MANIFEST).get("plan_id")
         if self.staging.exists() and staged_plan != self.plan_id:
             shutil.rmtree(self.staging)
@@ -379,15 +404,24 @@ class CheckpointWriter:
         needed = sum(s.size for s in self._shards if s.pending)
         free = shutil.disk_usage(self.staging).free
         if needed > free:
-            raise DiskFullError(f"writing {short_path(self.output)} needs {needed / 1e9:.2f} GB more, but only "
-                                f"{free / 1e9:.2f} GB are free.", hint="Free some space or choose another --output.",
-                                path=self.output, needed=needed, free=free)
+            raise DiskFullError(
+                f"writing {short_path(self.output)} needs {needed / 1e9:.2f} GB more, but only "
+                f"{free / 1e9:.2f} GB are free.",
+                hint="Free some space or choose another --output.",
+                path=self.output,
+                needed=needed,
+                free=free,
+            )
 
     def _disk_error(self, error: OSError, path: Path) -> Exception:
         if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return DiskFullError(f"the disk filled up while writing {short_path(path)}.",
-                                 hint="Free some space and rerun the same command: whole shards are kept.",
-                                 path=path, needed=None, free=None)
+            return DiskFullError(
+                f"the disk filled up while writing {short_path(path)}.",
+                hint="Free some space and rerun the same command: whole shards are kept.",
+                path=path,
+                needed=None,
+                free=None,
+            )
         return error
 
     def _advance(self, nbytes: int) -> None:
@@ -418,14 +452,29 @@ class CheckpointWriter:
 
     def _write_small_files(self) -> None:
         if len(self.plan.filenames) > 1:
-            weight_map = {spec.name: filename for filename, specs in zip(self.plan.filenames, self.plan.shards)
-                          for spec in specs}
-            index = {"metadata": {"total_size": self.plan.total_size, "reforge_version": __version__,
-                                  "reforge_plan_id": self.plan_id}, "weight_map": weight_map}
+            weight_map = {
+                spec.name: filename for filename, specs in zip(self.plan.filenames, self.plan.shards) for spec in specs
+            }
+            index = {
+                "metadata": {
+                    "total_size": self.plan.total_size,
+                    "reforge_version": __version__,
+                    "reforge_plan_id": self.plan_id,
+                },
+                "weight_map": weight_map,
+            }
             self._files[f"{self.weights_name}.safetensors.index.json"] = json.dumps(index, indent=2).encode()
-        self._files[MANIFEST] = json.dumps({**self.manifest, "state": "complete", "files": list(self.plan.filenames),
-                                            "total_size": self.plan.total_size, "records": self.records},
-                                           indent=2, default=str).encode()
+        self._files[MANIFEST] = json.dumps(
+            {
+                **self.manifest,
+                "state": "complete",
+                "files": list(self.plan.filenames),
+                "total_size": self.plan.total_size,
+                "records": self.records,
+            },
+            indent=2,
+            default=str,
+        ).encode()
         (self.staging / JOURNAL).unlink(missing_ok=True)
         for name, content in self._files.items():
             target = self.staging / name

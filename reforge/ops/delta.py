@@ -54,12 +54,19 @@ class DeltaCheckpoint:
         try:
             manifest = json.loads((path / "reforge.json").read_text())
         except (OSError, ValueError) as e:
-            raise CorruptCheckpointError(f"{short_path(path)} has no readable reforge.json, so it is not a delta "
-                                         "written by `reforge diff`.", path=path, tensor=None, reason=str(e)) from e
+            raise CorruptCheckpointError(
+                f"{short_path(path)} has no readable reforge.json, so it is not a delta written by `reforge diff`.",
+                path=path,
+                tensor=None,
+                reason=str(e),
+            ) from e
         if manifest.get("kind") != "delta" or manifest.get("state") != "complete":
-            raise CorruptCheckpointError(f"{short_path(path)}/reforge.json is not a complete delta "
-                                         f"(kind={manifest.get('kind')!r}).", path=path, tensor=None,
-                                         reason="not a delta")
+            raise CorruptCheckpointError(
+                f"{short_path(path)}/reforge.json is not a complete delta (kind={manifest.get('kind')!r}).",
+                path=path,
+                tensor=None,
+                reason="not a delta",
+            )
         return cls(path, manifest, ShardIndex.from_dir(path))
 
     @property
@@ -97,5 +104,9 @@ class DeltaCheckpoint:
             raise ProvenanceMismatchError(
                 f"{short_path(self.path)} was computed from base {self.manifest['base'].get('ref')!r} "
                 f"(fingerprint {recorded}), but the base given is {base_provenance.get('ref')!r} "
-                f"(fingerprint {found}).", hint="Pass the same base, or recompute the delta with `reforge diff`.",
-                path=self.path, expected=recorded, found=found)
+                f"(fingerprint {found}).",
+                hint="Pass the same base, or recompute the delta with `reforge diff`.",
+                path=self.path,
+                expected=recorded,
+                found=found,
+            )

@@ -9,16 +9,17 @@ reproduces the retriever bit for bit. Stored in bf16/fp16 it rounds; the roundin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from reforge.errors import InvalidOptionError, LayoutMismatchError, short_path
+from reforge.errors import InvalidOptionError, LayoutMismatchError
 from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
-from reforge.io.format import safetensors_dtype, torch_dtype
+from reforge.io.companions import output_companions
+from reforge.io.format import torch_dtype
 from reforge.io.keymap import match_keys
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
-from reforge.io.companions import output_companions
 from reforge.ops.delta import RETRIEVER_FILES, factor_keys
 from reforge.ops.fold import Factors, LoraAdapter
 from reforge.ops.stream import Accumulator, prefetch, row_blocks, torch_threads
@@ -59,11 +60,25 @@ class _Entry:
     base_rows: int | None = None
 
 
-def diff(base: str | Path, retriever: str | Path, output: str | Path, *, dtype: str = "auto",
-         max_shard_size: int = 5 * 10**9, low_rank: bool = False, rank: int | None = None,
-         energy: float | None = None, allow_missing: bool = False, overwrite: bool = False,
-         token: str | None = None, allow_pickle: bool = False, dry_run: bool = False, command: str | None = None,
-         durable: bool = False, progress: Callable[[int, int | None], None] | None = None) -> DiffReport:
+def diff(
+    base: str | Path,
+    retriever: str | Path,
+    output: str | Path,
+    *,
+    dtype: str = "auto",
+    max_shard_size: int = 5 * 10**9,
+    low_rank: bool = False,
+    rank: int | None = None,
+    energy: float | None = None,
+    allow_missing: bool = False,
+    overwrite: bool = False,
+    token: str | None = None,
+    allow_pickle: bool = False,
+    dry_run: bool = False,
+    command: str | None = None,
+    durable: bool = False,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> DiffReport:
     """Write Delta = retriever - base into ``output``.
 
     Args:
@@ -86,14 +101,19 @@ def diff(base: str | Path, retriever: str | Path, output: str | Path, *, dtype: 
     if isinstance(retriever_ckpt, AdapterCheckpoint):
         adapter = LoraAdapter(retriever_ckpt)
         if low_rank and adapter.is_dora:
-            raise InvalidOptionError("a DoRA retriever's Delta is not exactly low rank; use --rank/--energy for an "
-                                     "SVD approximation, or store it dense.", option="--low-rank")
+            raise InvalidOptionError(
+                "a DoRA retriever's Delta is not exactly low rank; use --rank/--energy for an "
+                "SVD approximation, or store it dense.",
+                option="--low-rank",
+            )
         entries = _adapter_entries(base_ckpt, adapter)
         stored_dtype = _choose_dtype(dtype, base_ckpt, None)
     else:
         if low_rank:
-            raise InvalidOptionError("--low-rank needs a peft LoRA retriever; for a full retriever use --rank or "
-                                     "--energy (SVD).", option="--low-rank")
+            raise InvalidOptionError(
+                "--low-rank needs a peft LoRA retriever; for a full retriever use --rank or --energy (SVD).",
+                option="--low-rank",
+            )
         adapter = None
         entries = _dense_entries(base_ckpt, retriever_ckpt, allow_missing)
         stored_dtype = _choose_dtype(dtype, base_ckpt, retriever_ckpt)
@@ -102,18 +122,41 @@ def diff(base: str | Path, retriever: str | Path, output: str | Path, *, dtype: 
         factor["ranks"] = _energy_ranks(entries, base_ckpt, retriever_ckpt, adapter, energy)
     specs, factored = _specs(entries, stored_dtype, factor, adapter)
     manifest = _manifest(base_ckpt, retriever_ckpt, entries, stored_dtype, factored, factor, command)
-    plan_id = plan_id_for({"op": "diff", "base": base_ckpt.provenance["fingerprint"],
-                           "retriever": retriever_ckpt.provenance["fingerprint"], "dtype": stored_dtype,
-                           "specs": [(s.name, s.dtype, s.shape) for s in specs], "rank": rank, "energy": energy,
-                           "shard": max_shard_size})
+    plan_id = plan_id_for(
+        {
+            "op": "diff",
+            "base": base_ckpt.provenance["fingerprint"],
+            "retriever": retriever_ckpt.provenance["fingerprint"],
+            "dtype": stored_dtype,
+            "specs": [(s.name, s.dtype, s.shape) for s in specs],
+            "rank": rank,
+            "energy": energy,
+            "shard": max_shard_size,
+        }
+    )
     plan = ShardPlan.build(specs, max_shard_size)
-    report = DiffReport(Path(output), len(entries), plan.total_size, plan.shard_sizes(), stored_dtype, dry_run,
-                        factored=len(factored),
-                        extra_vocab_rows={e.key: e.shape[0] - e.base_rows for e in entries if e.base_rows})
+    report = DiffReport(
+        Path(output),
+        len(entries),
+        plan.total_size,
+        plan.shard_sizes(),
+        stored_dtype,
+        dry_run,
+        factored=len(factored),
+        extra_vocab_rows={e.key: e.shape[0] - e.base_rows for e in entries if e.base_rows},
+    )
     if dry_run:
         return report
-    with CheckpointWriter(output, specs, plan_id=plan_id, max_shard_size=max_shard_size, manifest=manifest,
-                          overwrite=overwrite, progress=progress, durable=durable) as writer:
+    with CheckpointWriter(
+        output,
+        specs,
+        plan_id=plan_id,
+        max_shard_size=max_shard_size,
+        manifest=manifest,
+        overwrite=overwrite,
+        progress=progress,
+        durable=durable,
+    ) as writer:
         report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
         for name, content in _retriever_companions(base_ckpt, retriever_ckpt).items():
             writer.add_file(f"{RETRIEVER_FILES}/{name}", content)
@@ -145,15 +188,15 @@ def _retriever_dtypes(base: Checkpoint, retriever, entries: list[_Entry]) -> dic
 
 def _check_options(low_rank: bool, rank: int | None, energy: float | None, dtype: str) -> None:
     if sum(bool(x) for x in (low_rank, rank is not None, energy is not None)) > 1:
-        raise InvalidOptionError("--low-rank, --rank and --energy are alternatives; pass one of them.",
-                                 option="--rank")
+        raise InvalidOptionError("--low-rank, --rank and --energy are alternatives; pass one of them.", option="--rank")
     if rank is not None and rank < 1:
         raise InvalidOptionError(f"--rank must be at least 1, got {rank}.", option="--rank")
     if energy is not None and not 0 < energy <= 1:
         raise InvalidOptionError(f"--energy must be in (0, 1], got {energy}.", option="--energy")
     if dtype != "auto" and dtype not in DTYPE_NAMES:
-        raise InvalidOptionError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}.",
-                                 option="--dtype")
+        raise InvalidOptionError(
+            f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}.", option="--dtype"
+        )
 
 
 def _choose_dtype(dtype: str, base: Checkpoint, retriever: Checkpoint | None) -> str:
@@ -167,9 +210,14 @@ def _choose_dtype(dtype: str, base: Checkpoint, retriever: Checkpoint | None) ->
 def _dense_entries(base: Checkpoint, retriever: Checkpoint, allow_missing: bool) -> list[_Entry]:
     base_keys, retriever_keys = base.canonical_keys(), retriever.canonical_keys()
     if not allow_missing:
-        match_keys(base_keys, retriever_keys, left_name=f"base {base.ref}", right_name=f"retriever {retriever.ref}",
-                   hint="If the architectures are the same and only a few tensors differ (e.g. a BERT pooler), "
-                        "--allow-missing stores tensors only the retriever has whole and skips the rest.")
+        match_keys(
+            base_keys,
+            retriever_keys,
+            left_name=f"base {base.ref}",
+            right_name=f"retriever {retriever.ref}",
+            hint="If the architectures are the same and only a few tensors differ (e.g. a BERT pooler), "
+            "--allow-missing stores tensors only the retriever has whole and skips the rest.",
+        )
     entries = []
     for key in _file_order(retriever, retriever_keys):
         r_info = retriever.index.tensors[retriever_keys[key]]
@@ -184,21 +232,32 @@ def _dense_entries(base: Checkpoint, retriever: Checkpoint, allow_missing: bool)
 def _entry_for_shapes(key: str, base_shape: tuple, retriever_shape: tuple, base_ref: str, retriever_ref: str) -> _Entry:
     if base_shape == retriever_shape:
         return _Entry(key, retriever_shape, "dense")
-    grown_vocab = (len(base_shape) == 2 and base_shape[1:] == retriever_shape[1:]
-                   and retriever_shape[0] > base_shape[0] and _is_embedding(key))
+    grown_vocab = (
+        len(base_shape) == 2
+        and base_shape[1:] == retriever_shape[1:]
+        and retriever_shape[0] > base_shape[0]
+        and _is_embedding(key)
+    )
     if grown_vocab:  # added tokens: the extra rows have no base value; Delta holds the retriever's rows there
         return _Entry(key, retriever_shape, "dense", base_rows=base_shape[0])
     raise LayoutMismatchError(
         f"tensor {key!r} is {list(base_shape)} in base {base_ref} but {list(retriever_shape)} in retriever "
-        f"{retriever_ref}.", hint="The two checkpoints are different architectures or sizes.",
-        left=base_ref, right=retriever_ref, tensor=key, details={"base": base_shape, "retriever": retriever_shape})
+        f"{retriever_ref}.",
+        hint="The two checkpoints are different architectures or sizes.",
+        left=base_ref,
+        right=retriever_ref,
+        tensor=key,
+        details={"base": base_shape, "retriever": retriever_shape},
+    )
 
 
 def _adapter_entries(base: Checkpoint, adapter: LoraAdapter) -> list[_Entry]:
     base_keys = base.canonical_keys()
     adapter.check_shapes({key: base.index.tensors[stored].shape for key, stored in base_keys.items()})
-    return [_Entry(key, base.index.tensors[base_keys[key]].shape, "adapter" if key in adapter.modules else "zero")
-            for key in _file_order(base, base_keys)]
+    return [
+        _Entry(key, base.index.tensors[base_keys[key]].shape, "adapter" if key in adapter.modules else "zero")
+        for key in _file_order(base, base_keys)
+    ]
 
 
 def _file_order(checkpoint: Checkpoint, keys: dict[str, str]) -> list[str]:
@@ -216,8 +275,9 @@ def _factor_rule(low_rank: bool, rank: int | None, energy: float | None):
     return {"low_rank": low_rank, "rank": rank, "energy": energy}
 
 
-def _specs(entries: list[_Entry], dtype: str, factor, adapter: LoraAdapter | None
-           ) -> tuple[list[TensorSpec], dict[str, int]]:
+def _specs(
+    entries: list[_Entry], dtype: str, factor, adapter: LoraAdapter | None
+) -> tuple[list[TensorSpec], dict[str, int]]:
     """Tensor specs to write, and the rank of each factored tensor. Ranks must be known before writing: for
     --low-rank they come from the adapter, for --rank they are fixed, and --energy is resolved by a first SVD
     pass in `_energy_ranks`."""
@@ -274,8 +334,7 @@ def _rank_for_energy(singular_values: "torch.Tensor", energy: float) -> int:
     if total == 0:
         return 1
     cumulative = torch.cumsum(squares, 0) / total
-    return min(int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64))) + 1,
-               len(singular_values))
+    return min(int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64))) + 1, len(singular_values))
 
 
 def _stored_names(entry: _Entry, factored: dict[str, int]) -> list[str]:
@@ -342,7 +401,7 @@ def _delta_rows(block: "torch.Tensor", rows: slice, entry: _Entry, loaded: _Load
             if covered is None:
                 block.sub_(loaded.base[rows])
             elif covered > 0:
-                block[:covered].sub_(loaded.base[rows.start: rows.start + covered])
+                block[:covered].sub_(loaded.base[rows.start : rows.start + covered])
 
 
 def overlap(rows: slice, limit: int | None) -> int | None:
@@ -377,8 +436,11 @@ def _store(writer: CheckpointWriter, entry: _Entry, loaded: _Loaded, dtype: str,
     writer.write(b_key, b)
     approx = b.float() @ a.float()
     norm = float(exact.norm())
-    return {"max_abs_rounding": float((approx - exact).abs().max()), "rank": rank_used,
-            "relative_error": float((approx - exact).norm()) / norm if norm else 0.0}
+    return {
+        "max_abs_rounding": float((approx - exact).abs().max()),
+        "rank": rank_used,
+        "relative_error": float((approx - exact).norm()) / norm if norm else 0.0,
+    }
 
 
 def _factors(exact: "torch.Tensor", rank: int) -> tuple["torch.Tensor", "torch.Tensor", int]:
@@ -390,13 +452,23 @@ def _factors(exact: "torch.Tensor", rank: int) -> tuple["torch.Tensor", "torch.T
     return root[:, None] * vh[:rank], u[:, :rank] * root[None, :], rank
 
 
-def _manifest(base: Checkpoint, retriever, entries: list[_Entry], dtype: str, factored: dict[str, int],
-              factor, command: str | None) -> dict:
+def _manifest(
+    base: Checkpoint,
+    retriever,
+    entries: list[_Entry],
+    dtype: str,
+    factored: dict[str, int],
+    factor,
+    command: str | None,
+) -> dict:
     return {
         "kind": "delta",
         "base": base.provenance,
-        "retriever": {**retriever.provenance, "kind": retriever.kind,
-                      "architecture": getattr(retriever, "architecture", None)},
+        "retriever": {
+            **retriever.provenance,
+            "kind": retriever.kind,
+            "architecture": getattr(retriever, "architecture", None),
+        },
         "dtype": dtype,
         "shapes": {e.key: list(e.shape) for e in entries},
         "retriever_dtypes": _retriever_dtypes(base, retriever, entries),
@@ -407,4 +479,3 @@ def _manifest(base: Checkpoint, retriever, entries: list[_Entry], dtype: str, fa
         "compression": factor,
         "command": command,
     }
-

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from reforge.errors import AdapterError, short_path
 from reforge.io.checkpoint import AdapterCheckpoint
@@ -24,8 +25,12 @@ if TYPE_CHECKING:
     import torch
 
 _SUFFIXES = {
-    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m",
-    ".lora_magnitude_vector.weight": "m", ".lora_embedding_A": "EA", ".lora_embedding_B": "EB",
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_magnitude_vector": "m",
+    ".lora_magnitude_vector.weight": "m",
+    ".lora_embedding_A": "EA",
+    ".lora_embedding_B": "EB",
 }
 
 
@@ -55,11 +60,17 @@ class LoraAdapter:
         config = checkpoint.adapter_config
         where = short_path(checkpoint.path)
         if config.get("peft_type", "LORA") != "LORA":
-            raise AdapterError(f"{where} is a {config.get('peft_type')} adapter; only LoRA and DoRA are supported.",
-                               path=checkpoint.path, tensor=None)
+            raise AdapterError(
+                f"{where} is a {config.get('peft_type')} adapter; only LoRA and DoRA are supported.",
+                path=checkpoint.path,
+                tensor=None,
+            )
         if config.get("lora_bias"):
-            raise AdapterError(f"{where} trains LoRA biases (lora_bias), which reforge does not fold yet.",
-                               path=checkpoint.path, tensor=None)
+            raise AdapterError(
+                f"{where} trains LoRA biases (lora_bias), which reforge does not fold yet.",
+                path=checkpoint.path,
+                tensor=None,
+            )
         self.is_dora = bool(config.get("use_dora"))
         groups = self._group_keys(list(checkpoint.index.tensors))
         module_layout = detect_layout([m + ".weight" for m in groups])
@@ -79,10 +90,14 @@ class LoraAdapter:
             else:
                 raise AdapterError(
                     f"{short_path(self.checkpoint.path)}: tensor {key!r} is not a LoRA factor (modules_to_save and "
-                    "trainable tokens are not supported).", path=self.checkpoint.path, tensor=key)
+                    "trainable tokens are not supported).",
+                    path=self.checkpoint.path,
+                    tensor=key,
+                )
         if not groups:
-            raise AdapterError(f"{short_path(self.checkpoint.path)} holds no LoRA tensors.",
-                               path=self.checkpoint.path, tensor=None)
+            raise AdapterError(
+                f"{short_path(self.checkpoint.path)} holds no LoRA tensors.", path=self.checkpoint.path, tensor=None
+            )
         return groups
 
     def _module(self, module: str, parts: dict[str, str], target: str) -> LoraModule:
@@ -91,13 +106,19 @@ class LoraAdapter:
         a_key, b_key = (parts.get("EA"), parts.get("EB")) if embedding else (parts.get("A"), parts.get("B"))
         if a_key is None or b_key is None:
             missing = "lora_A" if a_key is None else "lora_B"
-            raise AdapterError(f"{short_path(self.checkpoint.path)}: module {module!r} has no {missing} tensor.",
-                               path=self.checkpoint.path, tensor=module)
+            raise AdapterError(
+                f"{short_path(self.checkpoint.path)}: module {module!r} has no {missing} tensor.",
+                path=self.checkpoint.path,
+                tensor=module,
+            )
         magnitude = parts.get("m")
         if self.is_dora and magnitude is None and not embedding:
-            raise AdapterError(f"{short_path(self.checkpoint.path)}: DoRA module {module!r} has no "
-                               "lora_magnitude_vector.", hint="The adapter file is incomplete; save it again.",
-                               path=self.checkpoint.path, tensor=module)
+            raise AdapterError(
+                f"{short_path(self.checkpoint.path)}: DoRA module {module!r} has no lora_magnitude_vector.",
+                hint="The adapter file is incomplete; save it again.",
+                path=self.checkpoint.path,
+                tensor=module,
+            )
         rank = self.checkpoint.index.tensors[a_key].shape[0]
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
@@ -109,7 +130,9 @@ class LoraAdapter:
         magnitude = read(module.magnitude_key).float().reshape(-1) if module.magnitude_key else None
         return Factors(module, read(module.a_key).float(), read(module.b_key).float(), magnitude)
 
-    def psi(self, target: str, read: Callable[[str], "torch.Tensor"], base_weight: "torch.Tensor | None") -> "torch.Tensor":
+    def psi(
+        self, target: str, read: Callable[[str], "torch.Tensor"], base_weight: "torch.Tensor | None"
+    ) -> "torch.Tensor":
         """The whole dense fp32 update Psi for canonical tensor ``target``.
 
         Args:
@@ -120,8 +143,7 @@ class LoraAdapter:
 
         factors = self.factors(target, read)
         if base_weight is not None:
-            self._check_shapes(factors.module, tuple(factors.a.shape), tuple(factors.b.shape),
-                               tuple(base_weight.shape))
+            self._check_shapes(factors.module, tuple(factors.a.shape), tuple(factors.b.shape), tuple(base_weight.shape))
         shape = tuple(base_weight.shape) if base_weight is not None else factors.shape()
         psi = torch.zeros(shape, dtype=torch.float32)
         factors.add_to(psi, slice(None), base_weight, 1.0)
@@ -136,9 +158,13 @@ class LoraAdapter:
         tensors = self.checkpoint.index.tensors
         for target, module in self.modules.items():
             if target not in base_shapes:
-                raise AdapterError(f"{short_path(self.checkpoint.path)} adapts {target!r}, which the model it is "
-                                   "applied to does not have.", hint="Is it an adapter for this base?",
-                                   path=self.checkpoint.path, tensor=target)
+                raise AdapterError(
+                    f"{short_path(self.checkpoint.path)} adapts {target!r}, which the model it is "
+                    "applied to does not have.",
+                    hint="Is it an adapter for this base?",
+                    path=self.checkpoint.path,
+                    tensor=target,
+                )
             self._check_shapes(module, tensors[module.a_key].shape, tensors[module.b_key].shape, base_shapes[target])
             if module.magnitude_key is not None:
                 size = tensors[module.magnitude_key].numel
@@ -146,8 +172,11 @@ class LoraAdapter:
                 if size != rows:
                     raise AdapterError(
                         f"{short_path(self.checkpoint.path)}: DoRA magnitude of {target!r} has {size} values, but the "
-                        f"base tensor has {rows} output rows.", hint="Was the adapter trained on a different base "
-                        "model?", path=self.checkpoint.path, tensor=target)
+                        f"base tensor has {rows} output rows.",
+                        hint="Was the adapter trained on a different base model?",
+                        path=self.checkpoint.path,
+                        tensor=target,
+                    )
 
     def _check_shapes(self, module: LoraModule, a: tuple, b: tuple, shape: tuple) -> None:
         if module.embedding:
@@ -159,8 +188,10 @@ class LoraAdapter:
             raise AdapterError(
                 f"{short_path(self.checkpoint.path)}: adapter for {module.target!r} has lora_A {a} and "
                 f"lora_B {b}, which do not fit the base tensor of shape {shape}.",
-                hint="Was the adapter trained on a different base model?", path=self.checkpoint.path,
-                tensor=module.target)
+                hint="Was the adapter trained on a different base model?",
+                path=self.checkpoint.path,
+                tensor=module.target,
+            )
 
 
 @dataclass

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from reforge.errors import AdapterError, InvalidOptionError, LayoutMismatchError, ProvenanceMismatchError, short_path
 from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
 from reforge.io.companions import companion_files, output_companions
-from reforge.io.format import safetensors_dtype, torch_dtype
+from reforge.io.format import torch_dtype
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
-from reforge.ops.diff import DTYPE_NAMES
-from reforge.ops.diff import overlap
+from reforge.ops.diff import DTYPE_NAMES, overlap
 from reforge.ops.fold import Factors, LoraAdapter
 from reforge.ops.stream import Accumulator, prefetch, row_blocks, torch_threads
 
@@ -65,11 +65,25 @@ class _Source:
     stored_names: dict[str, str]
 
 
-def merge(base: str | Path, output: str | Path, *, retriever: str | Path | None = None,
-          delta: str | Path | None = None, adapters: list[tuple[str | Path, float]] = (), beta: float = 1.0,
-          dtype: str = "auto", max_shard_size: int = 5 * 10**9, overwrite: bool = False, token: str | None = None,
-          allow_pickle: bool = False, dry_run: bool = False, command: str | None = None, corpus: str | None = None,
-          durable: bool = False, progress: Callable[[int, int | None], None] | None = None) -> MergeReport:
+def merge(
+    base: str | Path,
+    output: str | Path,
+    *,
+    retriever: str | Path | None = None,
+    delta: str | Path | None = None,
+    adapters: list[tuple[str | Path, float]] = (),
+    beta: float = 1.0,
+    dtype: str = "auto",
+    max_shard_size: int = 5 * 10**9,
+    overwrite: bool = False,
+    token: str | None = None,
+    allow_pickle: bool = False,
+    dry_run: bool = False,
+    command: str | None = None,
+    corpus: str | None = None,
+    durable: bool = False,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> MergeReport:
     """Write the readapted retriever into ``output``.
 
     Args:
@@ -87,32 +101,54 @@ def merge(base: str | Path, output: str | Path, *, retriever: str | Path | None 
     _check_options(retriever, delta, adapters, beta, dtype)
     source = _open_sources(base, retriever, delta, adapters, token, allow_pickle)
     plan = {key: _terms(source, key, beta) for key in source.shapes}
-    specs = [TensorSpec(source.stored_names[k], DTYPE_NAMES.get(dtype, source.dtypes[k]), source.shapes[k])
-             for k in source.shapes]
-    plan_id = plan_id_for({"op": "merge", "base": source.base.provenance["fingerprint"],
-                           "retriever": source.retriever.provenance["fingerprint"] if source.retriever else None,
-                           "retriever_adapter": (source.retriever_adapter.checkpoint.provenance["fingerprint"]
-                                                 if source.retriever_adapter else None),
-                           "delta": source.delta.manifest.get("plan_id") if source.delta else None,
-                           "adapters": [(a.checkpoint.provenance["fingerprint"], alpha) for a, alpha in source.adapters],
-                           "beta": beta, "specs": [(s.name, s.dtype, s.shape) for s in specs],
-                           "shard": max_shard_size})
+    specs = [
+        TensorSpec(source.stored_names[k], DTYPE_NAMES.get(dtype, source.dtypes[k]), source.shapes[k])
+        for k in source.shapes
+    ]
+    plan_id = plan_id_for(
+        {
+            "op": "merge",
+            "base": source.base.provenance["fingerprint"],
+            "retriever": source.retriever.provenance["fingerprint"] if source.retriever else None,
+            "retriever_adapter": (
+                source.retriever_adapter.checkpoint.provenance["fingerprint"] if source.retriever_adapter else None
+            ),
+            "delta": source.delta.manifest.get("plan_id") if source.delta else None,
+            "adapters": [(a.checkpoint.provenance["fingerprint"], alpha) for a, alpha in source.adapters],
+            "beta": beta,
+            "specs": [(s.name, s.dtype, s.shape) for s in specs],
+            "shard": max_shard_size,
+        }
+    )
     shard_plan = ShardPlan.build(specs, max_shard_size)
-    report = MergeReport(Path(output), len(specs), shard_plan.total_size, shard_plan.shard_sizes(),
-                         dtype if dtype != "auto" else _dominant(source.dtypes), sum(1 for t in plan.values()
-                                                                                    if t != ["retriever"]),
-                         dry_run=dry_run, plan={k: v for k, v in plan.items()})
+    report = MergeReport(
+        Path(output),
+        len(specs),
+        shard_plan.total_size,
+        shard_plan.shard_sizes(),
+        dtype if dtype != "auto" else _dominant(source.dtypes),
+        sum(1 for t in plan.values() if t != ["retriever"]),
+        dry_run=dry_run,
+        plan={k: v for k, v in plan.items()},
+    )
     if dry_run:
         return report
     manifest = _manifest(source, beta, dtype, command, corpus)
-    with CheckpointWriter(output, specs, plan_id=plan_id, max_shard_size=max_shard_size, manifest=manifest,
-                          overwrite=overwrite, progress=progress, durable=durable) as writer:
+    with CheckpointWriter(
+        output,
+        specs,
+        plan_id=plan_id,
+        max_shard_size=max_shard_size,
+        manifest=manifest,
+        overwrite=overwrite,
+        progress=progress,
+        durable=durable,
+    ) as writer:
         report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
         _add_companions(writer, source, manifest)
         if not writer.already_complete:
             _write_tensors(writer, source, beta, specs)
-        writer.manifest["max_abs_rounding"] = max((r["max_abs_rounding"] for r in writer.records.values()),
-                                                  default=0.0)
+        writer.manifest["max_abs_rounding"] = max((r["max_abs_rounding"] for r in writer.records.values()), default=0.0)
         report.max_abs_rounding = writer.manifest["max_abs_rounding"]
     report.seconds = time.perf_counter() - started
     return report
@@ -120,17 +156,21 @@ def merge(base: str | Path, output: str | Path, *, retriever: str | Path | None 
 
 def _check_options(retriever, delta, adapters, beta: float, dtype: str) -> None:
     if (retriever is None) == (delta is None):
-        raise InvalidOptionError("give exactly one of --retriever (Delta computed on the fly) and --delta "
-                                 "(a folder from `reforge diff`).", option="--retriever")
+        raise InvalidOptionError(
+            "give exactly one of --retriever (Delta computed on the fly) and --delta (a folder from `reforge diff`).",
+            option="--retriever",
+        )
     for ref, alpha in adapters:
         if not math.isfinite(alpha):
-            raise InvalidOptionError(f"alpha for adapter {ref} is {alpha}; it must be a finite number.",
-                                     option="--alpha")
+            raise InvalidOptionError(
+                f"alpha for adapter {ref} is {alpha}; it must be a finite number.", option="--alpha"
+            )
     if not math.isfinite(beta):
         raise InvalidOptionError(f"--beta is {beta}; it must be a finite number.", option="--beta")
     if dtype != "auto" and dtype not in DTYPE_NAMES:
-        raise InvalidOptionError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}.",
-                                 option="--dtype")
+        raise InvalidOptionError(
+            f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}.", option="--dtype"
+        )
 
 
 def _open_sources(base_ref, retriever_ref, delta_ref, adapter_refs, token, allow_pickle) -> _Source:
@@ -173,35 +213,57 @@ def _check_delta_files(delta: DeltaCheckpoint) -> None:
         names = factor_keys(key) if key in delta.factored else () if key in delta.zero else (key,)
         missing = [n for n in names if n not in stored]
         if missing:
-            raise LayoutMismatchError(f"{short_path(delta.path)} lists {key!r} but holds no tensor {missing[0]!r}.",
-                                      hint="The delta folder is damaged; run `reforge diff` again.",
-                                      left=str(delta.path), right=None, tensor=key, details={})
+            raise LayoutMismatchError(
+                f"{short_path(delta.path)} lists {key!r} but holds no tensor {missing[0]!r}.",
+                hint="The delta folder is damaged; run `reforge diff` again.",
+                left=str(delta.path),
+                right=None,
+                tensor=key,
+                details={},
+            )
 
 
-def _check_retriever_against_base(base: Checkpoint, retriever: Checkpoint, retriever_keys: dict[str, str],
-                                  base_shapes: dict[str, tuple]) -> None:
+def _check_retriever_against_base(
+    base: Checkpoint, retriever: Checkpoint, retriever_keys: dict[str, str], base_shapes: dict[str, tuple]
+) -> None:
     for key, stored in retriever_keys.items():
         shape = retriever.index.tensors[stored].shape
-        if key in base_shapes and base_shapes[key] != shape and not (
-                len(shape) == 2 and base_shapes[key][1:] == shape[1:] and shape[0] > base_shapes[key][0]):
-            raise LayoutMismatchError(f"tensor {key!r} is {list(base_shapes[key])} in base {base.ref} but "
-                                      f"{list(shape)} in retriever {retriever.ref}.",
-                                      hint="Is this retriever trained from this base?", left=base.ref,
-                                      right=retriever.ref, tensor=key, details={})
+        if (
+            key in base_shapes
+            and base_shapes[key] != shape
+            and not (len(shape) == 2 and base_shapes[key][1:] == shape[1:] and shape[0] > base_shapes[key][0])
+        ):
+            raise LayoutMismatchError(
+                f"tensor {key!r} is {list(base_shapes[key])} in base {base.ref} but "
+                f"{list(shape)} in retriever {retriever.ref}.",
+                hint="Is this retriever trained from this base?",
+                left=base.ref,
+                right=retriever.ref,
+                tensor=key,
+                details={},
+            )
 
 
 def _open_adapter(ref, base: Checkpoint, output_shapes: dict[str, tuple], token, allow_pickle) -> LoraAdapter:
     checkpoint = open_checkpoint(ref, token=token, allow_pickle=allow_pickle)
     if not isinstance(checkpoint, AdapterCheckpoint):
-        raise AdapterError(f"{ref} is not a peft adapter folder (no adapter_config.json).",
-                           hint="Pass the folder `reforge train` wrote.", path=checkpoint.path, tensor=None)
+        raise AdapterError(
+            f"{ref} is not a peft adapter folder (no adapter_config.json).",
+            hint="Pass the folder `reforge train` wrote.",
+            path=checkpoint.path,
+            tensor=None,
+        )
     adapter = LoraAdapter(checkpoint)
     _check_adapter_base(checkpoint, base)
     lacking = sorted(set(adapter.modules) - set(output_shapes))
     if lacking:
-        raise AdapterError(f"{short_path(checkpoint.path)} adapts {len(lacking)} tensor(s) the retriever does not "
-                           f"have (e.g. {lacking[0]!r}).", hint="Was it trained on this retriever's base model?",
-                           path=checkpoint.path, tensor=lacking[0])
+        raise AdapterError(
+            f"{short_path(checkpoint.path)} adapts {len(lacking)} tensor(s) the retriever does not "
+            f"have (e.g. {lacking[0]!r}).",
+            hint="Was it trained on this retriever's base model?",
+            path=checkpoint.path,
+            tensor=lacking[0],
+        )
     base_keys = base.canonical_keys()
     adapter.check_shapes({k: base.index.tensors[v].shape for k, v in base_keys.items()})
     return adapter
@@ -222,14 +284,21 @@ def _check_adapter_base(checkpoint: AdapterCheckpoint, base: Checkpoint) -> None
     if recorded and found and recorded != found:
         raise ProvenanceMismatchError(
             f"{short_path(checkpoint.path)} was trained on base fingerprint {recorded}, but the base given "
-            f"({base.ref}) has fingerprint {found}.", hint="Pass the base the adapter was trained on.",
-            path=checkpoint.path, expected=recorded, found=found)
+            f"({base.ref}) has fingerprint {found}.",
+            hint="Pass the base the adapter was trained on.",
+            path=checkpoint.path,
+            expected=recorded,
+            found=found,
+        )
 
 
 def _terms(source: _Source, key: str, beta: float) -> list[str]:
     """Human-readable terms of one output tensor, for --dry-run and the manifest."""
-    adapters = [f"{alpha:g}*psi[{Path(str(a.checkpoint.ref)).name}]" for a, alpha in source.adapters
-                if alpha != 0 and key in a.modules]
+    adapters = [
+        f"{alpha:g}*psi[{Path(str(a.checkpoint.ref)).name}]"
+        for a, alpha in source.adapters
+        if alpha != 0 and key in a.modules
+    ]
     if source.retriever is not None and beta == 1:
         return ["retriever", *adapters]
     delta_changes = source.retriever_adapter is None or key in source.retriever_adapter.modules
@@ -281,15 +350,21 @@ class InputLoader:
 
     def load(self, key: str) -> Loaded:
         source, loaded = self.source, Loaded()
-        loaded.adapters = [(adapter.factors(key, reader.get), alpha)
-                           for (adapter, alpha), reader in zip(source.adapters, self.adapters)
-                           if alpha != 0 and key in adapter.modules]
+        loaded.adapters = [
+            (adapter.factors(key, reader.get), alpha)
+            for (adapter, alpha), reader in zip(source.adapters, self.adapters)
+            if alpha != 0 and key in adapter.modules
+        ]
         if source.retriever is not None:
             loaded.retriever = self.retriever.get(source.retriever.layout.stored(key))
         elif source.delta is not None:
-            loaded.delta = (None if key in source.delta.zero else
-                            source.delta.get(self.delta, key) if key in source.delta.factored else
-                            self.delta.get(key))
+            loaded.delta = (
+                None
+                if key in source.delta.zero
+                else source.delta.get(self.delta, key)
+                if key in source.delta.factored
+                else self.delta.get(key)
+            )
         elif key in source.retriever_adapter.modules:
             loaded.retriever_factors = source.retriever_adapter.factors(key, self.retriever_adapter.get)
         if self._needs_base(loaded) and key in source.base_keys:
@@ -301,8 +376,9 @@ class InputLoader:
         return dora or not (self.source.retriever is not None and self.beta == 1)
 
 
-def compute_output(source: _Source, loaded: Loaded, key: str, beta: float,
-                   dtype: "torch.dtype") -> tuple["torch.Tensor", float]:
+def compute_output(
+    source: _Source, loaded: Loaded, key: str, beta: float, dtype: "torch.dtype"
+) -> tuple["torch.Tensor", float]:
     """One output tensor (in ``dtype``) and its largest rounding |stored - exact fp32|.
 
     A tensor nothing changes (retriever, beta = 1, no adapter) is the retriever's tensor itself, bit for bit."""
@@ -346,7 +422,7 @@ def _rows(tensor: "torch.Tensor | None", rows: slice, covered: int | None) -> "t
         return None
     if covered is None:
         return tensor[rows]
-    return tensor[rows.start: rows.start + covered]
+    return tensor[rows.start : rows.start + covered]
 
 
 def _sub(block: "torch.Tensor", base: "torch.Tensor | None", covered: int | None) -> None:
@@ -365,17 +441,28 @@ def _dominant(dtypes: dict[str, str]) -> str:
 
 
 def _manifest(source: _Source, beta: float, dtype: str, command: str | None, corpus: str | None) -> dict:
-    retriever = (source.retriever.provenance if source.retriever else
-                 source.retriever_adapter.checkpoint.provenance if source.retriever_adapter else
-                 source.delta.manifest.get("retriever"))
+    retriever = (
+        source.retriever.provenance
+        if source.retriever
+        else source.retriever_adapter.checkpoint.provenance
+        if source.retriever_adapter
+        else source.delta.manifest.get("retriever")
+    )
     return {
         "kind": "merge",
         "base": source.base.provenance,
         "retriever": retriever,
-        "delta": {"path": str(source.delta.path.resolve()), "plan_id": source.delta.manifest.get("plan_id"),
-                  "max_abs_rounding": source.delta.manifest.get("max_abs_rounding")} if source.delta else None,
-        "adapters": [{**a.checkpoint.provenance, "alpha": alpha, "dora": a.is_dora,
-                      "corpus": corpus or _adapter_corpus(a)} for a, alpha in source.adapters],
+        "delta": {
+            "path": str(source.delta.path.resolve()),
+            "plan_id": source.delta.manifest.get("plan_id"),
+            "max_abs_rounding": source.delta.manifest.get("max_abs_rounding"),
+        }
+        if source.delta
+        else None,
+        "adapters": [
+            {**a.checkpoint.provenance, "alpha": alpha, "dora": a.is_dora, "corpus": corpus or _adapter_corpus(a)}
+            for a, alpha in source.adapters
+        ],
         "beta": beta,
         "dtype": dtype,
         "command": command,
@@ -399,8 +486,9 @@ def _add_companions(writer: CheckpointWriter, source: _Source, manifest: dict) -
     if source.delta is not None:
         files = companion_files(source.delta.path / RETRIEVER_FILES)
     elif source.retriever_adapter is not None:
-        files = output_companions(source.retriever_adapter.checkpoint.path, None, from_base=source.base.path,
-                                  base_config=source.base.config)
+        files = output_companions(
+            source.retriever_adapter.checkpoint.path, None, from_base=source.base.path, base_config=source.base.config
+        )
     else:
         files = output_companions(source.retriever.path, source.retriever.config)
     for name, content in files.items():
@@ -411,8 +499,11 @@ def _add_companions(writer: CheckpointWriter, source: _Source, manifest: dict) -
 def _model_card(manifest: dict, sentence_transformers: bool) -> str:
     from reforge import __version__
 
-    info = {**manifest, "reforge_version": __version__,
-            "library_name": "sentence-transformers" if sentence_transformers else "transformers"}
+    info = {
+        **manifest,
+        "reforge_version": __version__,
+        "library_name": "sentence-transformers" if sentence_transformers else "transformers",
+    }
     try:
         from reforge.card import render_model_card
     except ImportError:  # the card module is optional for merging

@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from reforge.errors import ReforgeError, short_path
 from reforge.io.checkpoint import AdapterCheckpoint, open_checkpoint
 from reforge.io.index import ShardIndex
 from reforge.io.reader import ShardReader
 
-SENTENCES = ["What is the capital of France?", "Vaccines train the immune system to recognise a pathogen.",
-             "Stock prices fell sharply after the announcement.", "A transformer maps tokens to vectors."]
+SENTENCES = [
+    "What is the capital of France?",
+    "Vaccines train the immune system to recognise a pathogen.",
+    "Stock prices fell sharply after the announcement.",
+    "A transformer maps tokens to vectors.",
+]
 
 
 @dataclass
@@ -59,11 +63,22 @@ class VerifyReport:
         self.checks.append(Check(name, ok, detail))
 
 
-def verify_checkpoint(path: str | Path, *, base: str | None = None, retriever: str | None = None,
-                      delta: str | None = None, adapters: list[tuple[str, float]] | None = None,
-                      beta: float | None = None, full: bool = False, samples: int = 8, embeddings: bool = True,
-                      token: str | None = None, allow_pickle: bool = False, seed: int = 0,
-                      progress: Callable[[int, int | None], None] | None = None) -> VerifyReport:
+def verify_checkpoint(
+    path: str | Path,
+    *,
+    base: str | None = None,
+    retriever: str | None = None,
+    delta: str | None = None,
+    adapters: list[tuple[str, float]] | None = None,
+    beta: float | None = None,
+    full: bool = False,
+    samples: int = 8,
+    embeddings: bool = True,
+    token: str | None = None,
+    allow_pickle: bool = False,
+    seed: int = 0,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> VerifyReport:
     """Verify a delta or merged checkpoint folder; see the module docstring for the checks.
 
     Inputs not given are taken from the folder's ``reforge.json`` when the paths it records still exist.
@@ -96,8 +111,9 @@ def _manifest(path: Path) -> dict:
 
 
 def _check_loads(path: Path, manifest: dict, report: VerifyReport) -> ShardIndex | None:
-    leftovers = [p.name for p in path.glob("*.incomplete")] + [p.name for p in path.parent.glob(
-        f".{path.name}.reforge-partial")]
+    leftovers = [p.name for p in path.glob("*.incomplete")] + [
+        p.name for p in path.parent.glob(f".{path.name}.reforge-partial")
+    ]
     try:
         index = ShardIndex.from_dir(path)
     except ReforgeError as e:
@@ -112,8 +128,11 @@ def _check_loads(path: Path, manifest: dict, report: VerifyReport) -> ShardIndex
         problems.append(f"unfinished files left: {', '.join(leftovers)}")
     if manifest and manifest.get("state") != "complete":
         problems.append("reforge.json does not say the write completed")
-    report.add("loads", not problems, "; ".join(problems) or f"{len(index.tensors)} tensors in "
-                                                            f"{len(index.files)} file(s), index consistent")
+    report.add(
+        "loads",
+        not problems,
+        "; ".join(problems) or f"{len(index.tensors)} tensors in {len(index.files)} file(s), index consistent",
+    )
     return index
 
 
@@ -132,8 +151,9 @@ def _check_finite(index: ShardIndex, report: VerifyReport, progress) -> None:
             done += info.nbytes
             if progress:
                 progress(done, total)
-    report.add("finite", not bad, f"NaN/Inf in {len(bad)} tensor(s), e.g. {bad[0]!r}" if bad
-               else "no NaN or Inf in any tensor")
+    report.add(
+        "finite", not bad, f"NaN/Inf in {len(bad)} tensor(s), e.g. {bad[0]!r}" if bad else "no NaN or Inf in any tensor"
+    )
 
 
 def _inputs(manifest: dict, base, retriever, delta, adapters, beta) -> dict:
@@ -170,8 +190,12 @@ def _check_delta(path, index, manifest, inputs, full, samples, seed, report, tok
     base = open_checkpoint(inputs["base"], token=token, allow_pickle=allow_pickle)
     retriever = open_checkpoint(inputs["retriever"], token=token, allow_pickle=allow_pickle)
     if isinstance(retriever, AdapterCheckpoint):
-        report.add("recompute", True, "skipped: the retriever is a peft adapter; its Delta is checked by "
-                                      "`reforge merge` tests, not against a stored model")
+        report.add(
+            "recompute",
+            True,
+            "skipped: the retriever is a peft adapter; its Delta is checked by "
+            "`reforge merge` tests, not against a stored model",
+        )
         return
     base_keys, retriever_keys = base.canonical_keys(), retriever.canonical_keys()
     keys = _sample(list(delta.shapes), full, samples, seed)
@@ -189,12 +213,19 @@ def _check_delta(path, index, manifest, inputs, full, samples, seed, report, tok
             error = float((rebuilt - expected).abs().max()) if expected.numel() else 0.0
             recorded = ((manifest.get("records") or {}).get(key) or {}).get("max_abs_rounding", 0.0)
             tolerance = recorded + _fp32_slack(expected)
-            report.tensors[key] = {"max_abs_error": error, "tolerance": tolerance,
-                                   "relative_error": error / max(float(expected.abs().max()), 1e-30)}
+            report.tensors[key] = {
+                "max_abs_error": error,
+                "tolerance": tolerance,
+                "relative_error": error / max(float(expected.abs().max()), 1e-30),
+            }
             if not error <= tolerance:
                 failures.append(f"{key}: |base + Delta - retriever| = {error:.3g} > {tolerance:.3g}")
-    report.add("recompute", not failures, "; ".join(failures[:3]) or
-               f"base + Delta matches the retriever on {len(keys)} tensor(s) within the recorded rounding")
+    report.add(
+        "recompute",
+        not failures,
+        "; ".join(failures[:3])
+        or f"base + Delta matches the retriever on {len(keys)} tensor(s) within the recorded rounding",
+    )
 
 
 def _check_layout(index: ShardIndex, inputs: dict, report: VerifyReport, token, allow_pickle) -> None:
@@ -205,25 +236,37 @@ def _check_layout(index: ShardIndex, inputs: dict, report: VerifyReport, token, 
     if isinstance(opened, AdapterCheckpoint):
         report.add("layout", True, "retriever is a peft adapter: output is its full bare model")
         return
-    expected = {name: (info.shape, info.dtype) for name, info in opened.index.tensors.items()
-                if opened.layout.canonical(name) is not None}
+    expected = {
+        name: (info.shape, info.dtype)
+        for name, info in opened.index.tensors.items()
+        if opened.layout.canonical(name) is not None
+    }
     found = {name: (info.shape, info.dtype) for name, info in index.tensors.items()}
     problems = [f"missing {n!r}" for n in expected if n not in found][:3]
     problems += [f"unexpected {n!r}" for n in found if n not in expected][:3]
-    problems += [f"{n!r} is {found[n]} not {expected[n]}" for n in expected if n in found and found[n] != expected[n]][:3]
-    report.add("layout", not problems, "; ".join(problems) or
-               f"same {len(expected)} tensor names, shapes and dtypes as the retriever")
+    problems += [f"{n!r} is {found[n]} not {expected[n]}" for n in expected if n in found and found[n] != expected[n]][
+        :3
+    ]
+    report.add(
+        "layout",
+        not problems,
+        "; ".join(problems) or f"same {len(expected)} tensor names, shapes and dtypes as the retriever",
+    )
 
 
 def _check_merge(path, index, inputs, full, samples, seed, report, token, allow_pickle) -> None:
     from reforge.ops import merge as merge_ops
 
-    source = merge_ops._open_sources(inputs["base"], inputs.get("retriever"), inputs.get("delta"),
-                                     inputs["adapters"], token, allow_pickle)
+    source = merge_ops._open_sources(
+        inputs["base"], inputs.get("retriever"), inputs.get("delta"), inputs["adapters"], token, allow_pickle
+    )
     touched = [k for k in source.shapes if any(k in a.modules for a, _ in source.adapters)]
     untouched = [k for k in source.shapes if k not in touched]
-    keys = list(source.shapes) if full else (_sample(touched, False, samples, seed)
-                                             + _sample(untouched, False, max(2, samples // 4), seed))
+    keys = (
+        list(source.shapes)
+        if full
+        else (_sample(touched, False, samples, seed) + _sample(untouched, False, max(2, samples // 4), seed))
+    )
     failures = []
     with merge_ops.InputLoader(source, inputs["beta"]) as loader:
         with ShardReader(index) as stored_reader:
@@ -240,8 +283,12 @@ def _check_merge(path, index, inputs, full, samples, seed, report, token, allow_
                 report.tensors[name] = {"max_abs_error": error, "tolerance": tolerance}
                 if not error <= tolerance:
                     failures.append(f"{name}: differs from the recomputed merge by {error:.3g} > {tolerance:.3g}")
-    report.add("recompute", not failures, "; ".join(failures[:3]) or
-               f"{len(keys)} tensor(s) recomputed from the inputs match within one rounding of their dtype")
+    report.add(
+        "recompute",
+        not failures,
+        "; ".join(failures[:3])
+        or f"{len(keys)} tensor(s) recomputed from the inputs match within one rounding of their dtype",
+    )
 
 
 def _check_embeddings(path: Path, inputs: dict, report: VerifyReport, token, allow_pickle) -> None:
@@ -265,8 +312,13 @@ def _check_embeddings(path: Path, inputs: dict, report: VerifyReport, token, all
     cosine = (old * new).sum(1) / (np.linalg.norm(old, axis=1) * np.linalg.norm(new, axis=1))
     report.cosine = [float(c) for c in cosine]
     finite = bool(np.isfinite(new).all())
-    report.add("embeddings", finite, f"cosine(retriever, new) on {len(cosine)} sentences: min {cosine.min():.4f}, "
-                                     f"mean {cosine.mean():.4f}" if finite else "the new model's embeddings are not finite")
+    report.add(
+        "embeddings",
+        finite,
+        f"cosine(retriever, new) on {len(cosine)} sentences: min {cosine.min():.4f}, mean {cosine.mean():.4f}"
+        if finite
+        else "the new model's embeddings are not finite",
+    )
 
 
 def _sample(keys: list[str], full: bool, samples: int, seed: int) -> list[str]:
@@ -293,7 +345,9 @@ def require_ok(report: VerifyReport) -> None:
     if not report.ok:
         from reforge.errors import VerificationError
 
-        raise VerificationError(f"{short_path(report.path)} failed verification: {'; '.join(report.failures)}",
-                                hint="Rerun the command that produced it.", path=report.path,
-                                failures=report.failures)
-
+        raise VerificationError(
+            f"{short_path(report.path)} failed verification: {'; '.join(report.failures)}",
+            hint="Rerun the command that produced it.",
+            path=report.path,
+            failures=report.failures,
+        )
