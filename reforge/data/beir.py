@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from reforge.errors import DataError, short_path
 
@@ -49,9 +49,12 @@ def iter_jsonl(path: str | Path, *, skip_bad_lines: bool = False) -> Iterator[tu
             except ValueError as e:
                 if skip_bad_lines:
                     continue
-                raise DataError(f"{short_path(path)}, line {number}: not a valid JSON object ({e}).",
-                                hint="Fix the line, or pass --skip-bad-lines to skip such lines.",
-                                path=path, line=number) from e
+                raise DataError(
+                    f"{short_path(path)}, line {number}: not a valid JSON object ({e}).",
+                    hint="Fix the line, or pass --skip-bad-lines to skip such lines.",
+                    path=path,
+                    line=number,
+                ) from e
             yield number, value
 
 
@@ -93,13 +96,18 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
             if len(parts) == 4:  # TREC qrels: qid 0 docid grade
                 parts = [parts[0], parts[2], parts[3]]
             if len(parts) != 3:
-                raise DataError(f"{short_path(path)}, line {number}: expected 3 tab-separated fields "
-                                f"(query-id, corpus-id, score), got {len(parts)}.", path=path, line=number)
+                raise DataError(
+                    f"{short_path(path)}, line {number}: expected 3 tab-separated fields "
+                    f"(query-id, corpus-id, score), got {len(parts)}.",
+                    path=path,
+                    line=number,
+                )
             try:
                 grade = int(float(parts[2]))
             except ValueError as e:
-                raise DataError(f"{short_path(path)}, line {number}: score {parts[2]!r} is not a number.",
-                                path=path, line=number) from e
+                raise DataError(
+                    f"{short_path(path)}, line {number}: score {parts[2]!r} is not a number.", path=path, line=number
+                ) from e
             qrels.setdefault(parts[0], {})[parts[1]] = grade
     return qrels
 
@@ -151,12 +159,16 @@ class BeirDataset:
     def content_hash(self) -> str:
         """SHA-256 over corpus, evaluated queries and qrels: identifies exactly what was evaluated."""
         digest = hashlib.sha256(self.corpus_hash.encode())
-        digest.update(json.dumps([sorted(self.queries.items()),
-                                  sorted((q, sorted(d.items())) for q, d in self.qrels.items())]).encode())
+        digest.update(
+            json.dumps(
+                [sorted(self.queries.items()), sorted((q, sorted(d.items())) for q, d in self.qrels.items())]
+            ).encode()
+        )
         return digest.hexdigest()
 
-    def subset(self, *, query_ids: Iterable[str] | None = None, doc_ids: Iterable[str] | None = None,
-               name: str | None = None) -> "BeirDataset":
+    def subset(
+        self, *, query_ids: Iterable[str] | None = None, doc_ids: Iterable[str] | None = None, name: str | None = None
+    ) -> "BeirDataset":
         """A smaller dataset: only ``query_ids`` (and their qrels) and/or only ``doc_ids`` (corpus order is kept).
 
         Judged documents left out of the corpus still count in the ideal ranking, exactly as in the full dataset.
@@ -169,8 +181,12 @@ class BeirDataset:
             wanted = [q for q in dict.fromkeys(query_ids)]
             unknown = [q for q in wanted if q not in queries]
             if unknown:
-                raise DataError(f"{len(unknown)} requested query ids are not evaluated queries of {self.name} "
-                                f"(e.g. {', '.join(unknown[:_EXAMPLES])}).", path=self.path, line=None)
+                raise DataError(
+                    f"{len(unknown)} requested query ids are not evaluated queries of {self.name} "
+                    f"(e.g. {', '.join(unknown[:_EXAMPLES])}).",
+                    path=self.path,
+                    line=None,
+                )
             queries = {q: queries[q] for q in wanted}
             qrels = {q: qrels[q] for q in wanted}
         corpus = self.corpus
@@ -178,8 +194,9 @@ class BeirDataset:
             keep = set(doc_ids)
             corpus = tuple(d for d in corpus if d.id in keep)
             if not corpus:
-                raise DataError(f"None of the requested document ids is in the corpus of {self.name}.",
-                                path=self.path, line=None)
+                raise DataError(
+                    f"None of the requested document ids is in the corpus of {self.name}.", path=self.path, line=None
+                )
         return BeirDataset(name or self.name, self.split, corpus, queries, qrels, self.path, self.warnings)
 
 
@@ -205,22 +222,37 @@ def load_beir(folder: str | Path, split: str = "test", *, name: str | None = Non
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"Dataset folder {short_path(folder)} does not exist.",
-                        hint="Pass a BEIR folder holding corpus.jsonl, queries.jsonl and qrels/<split>.tsv.",
-                        path=folder, line=None)
-    paths = {"corpus": folder / "corpus.jsonl", "queries": folder / "queries.jsonl",
-             "qrels": folder / "qrels" / f"{split}.tsv"}
+        raise DataError(
+            f"Dataset folder {short_path(folder)} does not exist.",
+            hint="Pass a BEIR folder holding corpus.jsonl, queries.jsonl and qrels/<split>.tsv.",
+            path=folder,
+            line=None,
+        )
+    paths = {
+        "corpus": folder / "corpus.jsonl",
+        "queries": folder / "queries.jsonl",
+        "qrels": folder / "qrels" / f"{split}.tsv",
+    }
     for kind in ("corpus", "queries"):
         if not paths[kind].is_file():
-            raise DataError(f"{short_path(paths[kind])} does not exist.",
-                            hint=f"A BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv; "
-                                 f"{short_path(folder)} has no {kind} file.", path=paths[kind], line=None)
+            raise DataError(
+                f"{short_path(paths[kind])} does not exist.",
+                hint=f"A BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv; "
+                f"{short_path(folder)} has no {kind} file.",
+                path=paths[kind],
+                line=None,
+            )
     if not paths["qrels"].is_file():
         splits = available_splits(folder)
         found = f"it has: {', '.join(splits)}" if splits else "it has no qrels/*.tsv file at all"
-        raise DataError(f"Split '{split}' does not exist in {short_path(folder)} ({found}).",
-                        hint=f"Pass --split {splits[0]}." if splits else "Add qrels/<split>.tsv.",
-                        path=paths["qrels"], line=None, split=split, available=splits)
+        raise DataError(
+            f"Split '{split}' does not exist in {short_path(folder)} ({found}).",
+            hint=f"Pass --split {splits[0]}." if splits else "Add qrels/<split>.tsv.",
+            path=paths["qrels"],
+            line=None,
+            split=split,
+            available=splits,
+        )
     corpus = _read_unique_corpus(paths["corpus"])
     queries = _read_unique_queries(paths["queries"])
     qrels = read_qrels(paths["qrels"])
@@ -228,8 +260,10 @@ def load_beir(folder: str | Path, split: str = "test", *, name: str | None = Non
     queries, qrels = _match_qrels(paths, corpus, queries, qrels, warnings)
     empty_docs = [d.id for d in corpus if not d.title.strip() and not d.text.strip()]
     if empty_docs:
-        warnings.append(f"{len(empty_docs)} documents in {short_path(paths['corpus'])} have no title and no text "
-                        f"(e.g. {', '.join(empty_docs[:_EXAMPLES])}); they are kept and encoded as empty passages.")
+        warnings.append(
+            f"{len(empty_docs)} documents in {short_path(paths['corpus'])} have no title and no text "
+            f"(e.g. {', '.join(empty_docs[:_EXAMPLES])}); they are kept and encoded as empty passages."
+        )
     hashes = {kind: _sha256_file(p) for kind, p in paths.items()}
     return BeirDataset(name or folder.resolve().name, split, corpus, queries, qrels, folder, tuple(warnings), hashes)
 
@@ -242,10 +276,13 @@ def _read_unique_corpus(path: Path) -> tuple[Document, ...]:
             raise DataError(f"{short_path(path)}, line {number}: no '_id' field.", path=path, line=number)
         doc_id = str(row["_id"])
         if doc_id in seen:
-            raise DataError(f"{short_path(path)}, line {number}: duplicate document id {doc_id!r} "
-                            f"(first at line {seen[doc_id]}).",
-                            hint="Document ids must be unique: remove or rename the duplicate.",
-                            path=path, line=number, doc_id=doc_id)
+            raise DataError(
+                f"{short_path(path)}, line {number}: duplicate document id {doc_id!r} (first at line {seen[doc_id]}).",
+                hint="Document ids must be unique: remove or rename the duplicate.",
+                path=path,
+                line=number,
+                doc_id=doc_id,
+            )
         seen[doc_id] = number
         docs.append(Document(doc_id, str(row.get("title") or ""), str(row.get("text") or "")))
     if not docs:
@@ -261,50 +298,74 @@ def _read_unique_queries(path: Path) -> dict[str, str]:
             raise DataError(f"{short_path(path)}, line {number}: no '_id' field.", path=path, line=number)
         query_id = str(row["_id"])
         if query_id in seen:
-            raise DataError(f"{short_path(path)}, line {number}: duplicate query id {query_id!r} "
-                            f"(first at line {seen[query_id]}).",
-                            hint="Query ids must be unique: remove or rename the duplicate.",
-                            path=path, line=number, query_id=query_id)
+            raise DataError(
+                f"{short_path(path)}, line {number}: duplicate query id {query_id!r} (first at line {seen[query_id]}).",
+                hint="Query ids must be unique: remove or rename the duplicate.",
+                path=path,
+                line=number,
+                query_id=query_id,
+            )
         seen[query_id] = number
         queries[query_id] = str(row.get("text") or "")
     return queries
 
 
-def _match_qrels(paths: dict[str, Path], corpus: tuple[Document, ...], queries: dict[str, str],
-                 qrels: dict[str, dict[str, int]], warnings: list[str]) -> tuple[dict, dict]:
+def _match_qrels(
+    paths: dict[str, Path],
+    corpus: tuple[Document, ...],
+    queries: dict[str, str],
+    qrels: dict[str, dict[str, int]],
+    warnings: list[str],
+) -> tuple[dict, dict]:
     """Keep the judged queries; fail when the qrels match nothing, warn (with counts) when they match in part."""
     qrels_name = short_path(paths["qrels"])
     if not qrels:
         raise DataError(f"{qrels_name} holds no judgments.", path=paths["qrels"], line=None)
     unknown_queries = [q for q in qrels if q not in queries]
     if len(unknown_queries) == len(qrels):
-        raise DataError(f"None of the {len(qrels)} query ids in {qrels_name} matches a query in "
-                        f"{short_path(paths['queries'])} (e.g. {', '.join(unknown_queries[:_EXAMPLES])}).",
-                        hint="Check that the qrels and queries files belong to the same dataset.",
-                        path=paths["qrels"], line=None, unmatched=len(unknown_queries))
+        raise DataError(
+            f"None of the {len(qrels)} query ids in {qrels_name} matches a query in "
+            f"{short_path(paths['queries'])} (e.g. {', '.join(unknown_queries[:_EXAMPLES])}).",
+            hint="Check that the qrels and queries files belong to the same dataset.",
+            path=paths["qrels"],
+            line=None,
+            unmatched=len(unknown_queries),
+        )
     if unknown_queries:
-        warnings.append(f"{len(unknown_queries)} of {len(qrels)} query ids in {qrels_name} match no query in "
-                        f"{short_path(paths['queries'])} (e.g. {', '.join(unknown_queries[:_EXAMPLES])}); "
-                        f"they are left out.")
+        warnings.append(
+            f"{len(unknown_queries)} of {len(qrels)} query ids in {qrels_name} match no query in "
+            f"{short_path(paths['queries'])} (e.g. {', '.join(unknown_queries[:_EXAMPLES])}); "
+            f"they are left out."
+        )
     qrels = {q: judged for q, judged in qrels.items() if q in queries}
     doc_ids = {d.id for d in corpus}
     judged_docs = {d for judged in qrels.values() for d in judged}
     unknown_docs = sorted(judged_docs - doc_ids)
     if len(unknown_docs) == len(judged_docs):
-        raise DataError(f"None of the {len(judged_docs)} document ids in {qrels_name} matches a document in "
-                        f"{short_path(paths['corpus'])} (e.g. {', '.join(unknown_docs[:_EXAMPLES])}).",
-                        hint="Check that the qrels and corpus files belong to the same dataset.",
-                        path=paths["qrels"], line=None, unmatched=len(unknown_docs))
+        raise DataError(
+            f"None of the {len(judged_docs)} document ids in {qrels_name} matches a document in "
+            f"{short_path(paths['corpus'])} (e.g. {', '.join(unknown_docs[:_EXAMPLES])}).",
+            hint="Check that the qrels and corpus files belong to the same dataset.",
+            path=paths["qrels"],
+            line=None,
+            unmatched=len(unknown_docs),
+        )
     if unknown_docs:
-        warnings.append(f"{len(unknown_docs)} of {len(judged_docs)} judged document ids in {qrels_name} match no "
-                        f"document in {short_path(paths['corpus'])} (e.g. {', '.join(unknown_docs[:_EXAMPLES])}); "
-                        f"they still count in the ideal ranking but can never be retrieved.")
+        warnings.append(
+            f"{len(unknown_docs)} of {len(judged_docs)} judged document ids in {qrels_name} match no "
+            f"document in {short_path(paths['corpus'])} (e.g. {', '.join(unknown_docs[:_EXAMPLES])}); "
+            f"they still count in the ideal ranking but can never be retrieved."
+        )
     empty = [q for q in qrels if not queries[q].strip()]
     if empty:
-        raise DataError(f"{len(empty)} judged queries in {short_path(paths['queries'])} have empty text "
-                        f"(e.g. {', '.join(empty[:_EXAMPLES])}).",
-                        hint="Fix or remove those queries (and their qrels rows).",
-                        path=paths["queries"], line=None, query_ids=empty)
+        raise DataError(
+            f"{len(empty)} judged queries in {short_path(paths['queries'])} have empty text "
+            f"(e.g. {', '.join(empty[:_EXAMPLES])}).",
+            hint="Fix or remove those queries (and their qrels rows).",
+            path=paths["queries"],
+            line=None,
+            query_ids=empty,
+        )
     return {q: queries[q] for q in qrels}, qrels
 
 

@@ -1,0 +1,265 @@
+"""`reforge eval`: retrieval quality of one or more models on BEIR-style datasets, side by side."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from reforge.cli import output
+from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options
+
+PROFILES = ["sentence-transformers", "repllama", "e5-mistral", "last-token", "custom"]
+
+
+class MetricType(click.ParamType):
+    """An ir-measures name such as ``nDCG@10``, checked at parse time."""
+
+    name = "metric"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from reforge.errors import InvalidOptionError
+        from reforge.eval.metrics import parse_measures
+
+        try:
+            return str(parse_measures([str(value)])[0])
+        except InvalidOptionError as e:
+            self.fail(str(e), param, ctx)
+
+
+@click.command("eval")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL [MODEL ...]")
+@click.option(
+    "-d",
+    "--data",
+    "datasets",
+    multiple=True,
+    required=True,
+    metavar="DIR",
+    help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv). Repeat for several datasets.",
+)
+@click.option("--split", default="test", show_default=True, help="Which qrels/<split>.tsv to score.")
+@click.option(
+    "-m",
+    "--metric",
+    "metrics",
+    multiple=True,
+    type=MetricType(),
+    metavar="NAME",
+    help="ir-measures name, repeatable: nDCG@10 (default), R@100, RR@10, AP, P@5, ...",
+)
+@click.option(
+    "--averaging",
+    type=click.Choice(["beir", "all"]),
+    default="beir",
+    show_default=True,
+    help="beir: mean over queries with results; all: over every judged query, none = 0 (trec_eval -c).",
+)
+@click.option("--top-k", type=click.IntRange(min=1), default=1000, show_default=True, help="Hits kept per query.")
+@click.option(
+    "--keep-identical-ids",
+    is_flag=True,
+    help="Keep hits whose doc id equals the query id (BEIR drops them; matters for ArguAna, Quora).",
+)
+@click.option(
+    "--profile",
+    type=click.Choice(PROFILES),
+    default=None,
+    help="Encoding convention (default: detected from the model's files; see docs/eval.md).",
+)
+@click.option("--pooling", type=click.Choice(["mean", "cls", "last"]), default=None, help="Override the pooling.")
+@click.option("--query-prefix", default=None, help="Text before each query ('\\n' = newline; '{task}' = e5 task).")
+@click.option("--passage-prefix", default=None, help="Text before each passage ('\\n' = newline).")
+@click.option("--task", default=None, help="Task instruction filling '{task}' (e5-mistral), for any dataset.")
+@click.option("--max-length", type=click.IntRange(min=2), default=None, help="Tokens per text (default: profile's).")
+@click.option("--normalize/--no-normalize", default=None, help="L2-normalize vectors (default: profile's).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Texts per batch [32 CPU, 64 GPU].")
+@click.option("--base", default=None, help="Base model for adapter MODELs (default: the adapter config's).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when available].")
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="auto = float32 on CPU, bfloat16 (or float16) on GPU.",
+)
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the embedding cache.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Embedding cache folder [$REFORGE_HOME/cache/embeddings].",
+)
+@click.option(
+    "-o",
+    "--output",
+    "output_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write summary.json, runs/*.trec and per_query/*.tsv here.",
+)
+@click.option(
+    "--permutations",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Sign flips in the randomization test.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomization test.")
+@hub_options
+@output_options
+def eval_cmd(
+    models: tuple[str, ...],
+    datasets: tuple[str, ...],
+    metrics: tuple[str, ...],
+    output_dir: str | None,
+    quiet: bool,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """nDCG@10 (and more) of retrievers on BEIR-style datasets.
+
+    Encodes each corpus once per model (cached on disk, keyed by model, corpus and settings), searches exactly with
+    faiss, scores with ir-measures, and compares every MODEL with the first: difference, paired t-test and
+    randomization-test p-values, and per-query wins/ties/losses. MODEL is a folder or Hub id; a peft adapter is
+    merged into its base in memory. With torchrun / accelerate launch, ranks share the corpus encoding.
+
+    \b
+    Examples:
+      reforge eval ~/.cache/reforge-models/all-MiniLM-L6-v2 --data ../shared/data/scifact
+      reforge eval retriever/ readapted/ -d scifact/ -d nfcorpus/ --metric nDCG@10 --metric R@100
+      reforge eval intfloat/e5-mistral-7b-instruct -d scifact/ --output results/ --json
+      torchrun --nproc-per-node 4 -m reforge.cli.eval repllama/ -d trec-covid/
+    """
+    from reforge.data.beir import load_beir
+    from reforge.eval import EvalSettings, evaluate, write_outputs
+
+    _quiet_transformers()
+    settings = EvalSettings(
+        split=options["split"],
+        measures=tuple(metrics) or ("nDCG@10",),
+        averaging=options["averaging"],
+        top_k=options["top_k"],
+        keep_identical_ids=options["keep_identical_ids"],
+        profile=options["profile"],
+        pooling=options["pooling"],
+        query_prefix=_unescape(options["query_prefix"]),
+        passage_prefix=_unescape(options["passage_prefix"]),
+        task=options["task"],
+        max_length=options["max_length"],
+        normalize=options["normalize"],
+        batch_size=options["batch_size"],
+        device=options["device"],
+        dtype=None if options["dtype"] == "auto" else options["dtype"],
+        base=options["base"],
+        cache=not options["no_cache"],
+        cache_dir=options["cache_dir"],
+        permutations=options["permutations"],
+        seed=options["seed"],
+        token=options["token"],
+        allow_pickle=options["allow_pickle"],
+    )
+    data = [load_beir(path, settings.split) for path in datasets]
+    for dataset in data:
+        for warning in dataset.warnings:
+            output.warn(warning)
+    with output.progress_bar("Encoding", quiet=quiet or as_json) as bar:
+        report = evaluate(list(models), data, settings, progress=bar, stage=lambda text: bar(0, None, description=text))
+    if report is None:  # a rank other than 0 of a distributed run: it only encoded its shards
+        return
+    if not quiet:
+        for result in report.results:
+            rate = result.docs_per_second
+            corpus = (
+                "corpus from cache"
+                if result.corpus_cached
+                else f"{int(result.timings['documents'])} docs encoded in {result.timings['encode_corpus']:.1f} s"
+                + (f" ({rate:.1f} docs/s)" if rate else "")
+            )
+            output.info(f"{result.model} on {result.dataset}: {corpus}; search {result.timings['search']:.2f} s")
+    if output_dir:
+        written = write_outputs(report, output_dir)
+        output.info(f"Wrote {len(written)} files to {output_dir}")
+    if as_json:
+        output.print_json(report.to_dict())
+        return
+    for measure in report.measures:
+        table, caption = _table(report, measure)
+        _print_unwrapped(table)
+        output.out.print(caption, highlight=False)
+
+
+def _table(report: Any, measure: str) -> tuple[Any, str]:
+    from rich.table import Table
+
+    compare = len(report.models) > 1
+    caption = (
+        f"{measure}, {report.averaging_text}; split {report.settings['split']}, "
+        f"top-{report.settings['top_k']}, identical ids "
+        f"{'kept' if report.settings['keep_identical_ids'] else 'dropped'}"
+    )
+    if compare:
+        caption += (
+            f". Δ and tests against {report.models[0].name}: paired t-test, randomization test "
+            f"({report.settings['permutations']} sign flips, seed {report.settings['seed']}); "
+            f"W/T/L = queries better/equal/worse"
+        )
+    table = Table(title=f"reforge eval: {measure}")
+    for name in ["Dataset", "Model", measure] + (["Δ", "p (t-test)", "p (rand.)", "W/T/L"] if compare else []):
+        table.add_column(name, justify="left" if name in ("Dataset", "Model") else "right", no_wrap=True)
+    for dataset in report.datasets:
+        for i, model in enumerate(report.models):
+            row = [dataset.name if i == 0 else "", model.name, f"{report.score(model.name, dataset.name, measure):.4f}"]
+            if compare and i > 0:
+                c = report.comparison(model.name, dataset.name, measure)
+                t = c.test
+                row += [f"{t.delta:+.4f}", _p(t.p_ttest), _p(t.p_randomization), f"{t.wins}/{t.ties}/{t.losses}"]
+            elif compare:
+                row += ["", "", "", ""]
+            table.add_row(*row, end_section=i == len(report.models) - 1)
+    if len(report.datasets) > 1:
+        first = report.average(report.models[0].name, measure)
+        for i, model in enumerate(report.models):
+            average = report.average(model.name, measure)
+            row = ["Average" if i == 0 else "", model.name, f"{average:.4f}"]
+            if compare:
+                row += [f"{average - first:+.4f}" if i else "", "", "", ""]
+            table.add_row(*row)
+    return table, caption
+
+
+def _print_unwrapped(table: Any) -> None:
+    """Print ``table`` on stdout; when stdout is not a terminal, as wide as it needs (no truncated names)."""
+    console = output.out
+    if console.is_terminal:
+        console.print(table)
+        return
+    needed = console.measure(table, options=console.options.update(max_width=10_000)).maximum
+    saved = console.width
+    console.width = max(saved, needed)
+    try:
+        console.print(table)
+    finally:
+        console.width = saved
+
+
+def _p(value: float) -> str:
+    return "<0.0001" if value < 1e-4 else f"{value:.4f}"
+
+
+def _unescape(text: str | None) -> str | None:
+    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _quiet_transformers() -> None:
+    """transformers' own tqdm bars and warnings would interleave with ours."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m reforge.cli.eval MODEL --data DIR
+    from reforge.cli import main
+
+    main(["eval", *__import__("sys").argv[1:]])

@@ -1,0 +1,151 @@
+"""Texts -> vectors with a loaded `Retriever` and an `EncodingProfile`.
+
+Texts are sorted by length (longest first, as sentence-transformers does) so each batch pads little, encoded under
+``torch.inference_mode``, pooled in float32 and put back in input order. `shard_indices` splits that length order
+across ranks so every rank gets a similar amount of work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from reforge.eval.model import Retriever
+from reforge.eval.profiles import EncodingProfile
+
+ProgressFn = Callable[[int, "int | None"], None]
+
+
+def passages(documents: Sequence[Any], profile: EncodingProfile) -> list[str]:
+    """The passage text of each document under ``profile``: prefix + title + separator + text."""
+    return [profile.passage_prefix + doc.passage(profile.title_separator) for doc in documents]
+
+
+def length_order(texts: Sequence[str]) -> list[int]:
+    """Indices of ``texts`` from longest to shortest (stable), the order batches are built in."""
+    return sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+
+
+def shard_indices(texts: Sequence[str], rank: int, world_size: int) -> list[int]:
+    """The indices rank ``rank`` of ``world_size`` encodes: every ``world_size``-th text of the length order.
+
+    Shards are disjoint, cover every index, and differ in size by at most one text; striding through the length
+    order gives each rank a similar mix of long and short texts.
+
+    Example:
+        >>> shard_indices(["a", "bbb", "cc", "dddd"], 0, 2), shard_indices(["a", "bbb", "cc", "dddd"], 1, 2)
+        ([3, 2], [1, 0])
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    return length_order(texts)[rank::world_size]
+
+
+def encode(
+    retriever: Retriever,
+    texts: Sequence[str],
+    profile: EncodingProfile,
+    *,
+    batch_size: int = 32,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+) -> np.ndarray:
+    """Encode ``texts`` (prefixes already applied) into a float32 array of shape ``(len(texts), dim)``.
+
+    Args:
+        retriever: the loaded model and tokenizer.
+        texts: full texts to encode, in the order wanted back.
+        profile: pooling, max length, EOS, lower-casing and normalization.
+        batch_size: texts per forward pass.
+        device: where the inputs go (default: the model's device).
+        progress: called as ``progress(done, total)`` after each batch.
+    """
+    import torch
+
+    model, tokenizer = retriever.model, retriever.tokenizer
+    device = device or str(next(model.parameters()).device)
+    if not texts:
+        return np.zeros((0, _hidden_size(model)), dtype=np.float32)
+    order = length_order(texts)
+    out: np.ndarray | None = None
+    total = len(texts)
+    if progress:
+        progress(0, total)
+    with torch.inference_mode():
+        for start in range(0, total, batch_size):
+            batch = order[start : start + batch_size]
+            inputs = _tokenize(tokenizer, [texts[i] for i in batch], profile, model)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            hidden = model(**inputs).last_hidden_state
+            vectors = pool(hidden, inputs["attention_mask"], profile.pooling, profile.normalize)
+            if out is None:
+                out = np.empty((total, vectors.shape[1]), dtype=np.float32)
+            out[batch] = vectors.cpu().numpy()
+            if progress:
+                progress(min(start + batch_size, total), total)
+    assert out is not None
+    return out
+
+
+def pool(hidden: Any, mask: Any, pooling: str, normalize: bool) -> Any:
+    """One float32 vector per row of ``hidden`` (batch, tokens, dim) by ``mean``, ``cls`` or ``last`` pooling.
+
+    ``last`` takes the last position whose mask is 1, so it works with left or right padding.
+    """
+    import torch
+
+    hidden = hidden.float()
+    if pooling == "mean":
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        vectors = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    elif pooling == "cls":
+        vectors = hidden[:, 0]
+    elif pooling == "last":
+        last = mask.shape[1] - 1 - mask.flip(1).to(torch.int64).argmax(1)
+        vectors = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}")
+    if normalize:
+        vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
+    return vectors
+
+
+def _tokenize(tokenizer: Any, texts: list[str], profile: EncodingProfile, model: Any) -> dict[str, Any]:
+    """Token ids truncated to ``max_length`` (EOS appended after truncation if the profile says so), right-padded."""
+    import torch
+
+    if profile.lowercase:
+        texts = [t.lower() for t in texts]
+    limit = profile.max_length - 1 if profile.append_eos else profile.max_length
+    encoded = tokenizer(texts, truncation=True, max_length=limit, padding=False, add_special_tokens=True)
+    ids = [list(row) for row in encoded["input_ids"]]
+    eos = tokenizer.eos_token_id
+    if profile.append_eos:
+        if eos is None:
+            raise ValueError("the profile appends EOS but the tokenizer has no eos_token_id")
+        ids = [row if row and row[-1] == eos else row + [eos] for row in ids]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    width = max(1, max(len(row) for row in ids))
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        if not row:  # nothing to encode (no special tokens, empty text): let the model see one pad token
+            row = [pad]
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    inputs = {"input_ids": input_ids, "attention_mask": mask}
+    if "token_type_ids" in encoded and _accepts_token_types(model):
+        inputs["token_type_ids"] = torch.zeros_like(input_ids)
+    return inputs
+
+
+def _accepts_token_types(model: Any) -> bool:
+    import inspect
+
+    return "token_type_ids" in inspect.signature(model.forward).parameters
+
+
+def _hidden_size(model: Any) -> int:
+    return int(getattr(model.config, "hidden_size", 0))

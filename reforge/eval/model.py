@@ -1,0 +1,253 @@
+"""Retrievers to evaluate: a model on disk (`ModelSource`, resolved but not loaded) or in memory (`Retriever`).
+
+A source is resolved cheaply (path, fingerprint, encoding profile); its weights are loaded only when some vectors are
+not in the cache. A peft adapter folder is loaded over its base as a bare ``AutoModel`` and merged in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reforge.errors import AdapterError, PickleRefusedError, PoolingUndeterminedError, short_path
+from reforge.eval.profiles import DECODER_TYPES, EncodingProfile, builtin_profile, detect_profile
+
+
+@dataclass(frozen=True)
+class Retriever:
+    """A loaded encoder: a transformers model whose output has ``last_hidden_state``, and its tokenizer.
+
+    Pass one to `reforge.eval.evaluate` to score a model that lives only in memory (e.g. a merge being tuned).
+    ``fingerprint`` identifies the weights for the embedding cache; leave it None to skip the cache.
+    ``profile`` None means: last-token profile for a decoder LM, else `PoolingUndeterminedError`.
+    """
+
+    model: Any
+    tokenizer: Any
+    name: str
+    profile: EncodingProfile | None = None
+    fingerprint: str | None = None
+
+    def resolved_profile(self) -> EncodingProfile:
+        """``profile``, or the one implied by the model's architecture."""
+        if self.profile is not None:
+            return self.profile
+        model_type = str(getattr(getattr(self.model, "config", None), "model_type", "")).lower()
+        if model_type in DECODER_TYPES:
+            return builtin_profile("last-token")
+        raise PoolingUndeterminedError(
+            f"Cannot tell how to pool the in-memory model {self.name!r} (model_type {model_type or 'unknown'!r}).",
+            hint="Give Retriever(profile=...) or pass --pooling.",
+            path=None,
+            model_type=model_type or None,
+        )
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model on disk, resolved: where it is, what it is (fingerprint) and how it encodes (profile)."""
+
+    name: str
+    ref: str
+    path: Path
+    fingerprint: str
+    profile: EncodingProfile
+    base_ref: str | None = None
+    base_path: Path | None = None
+    tokenizer_hash: str | None = None
+
+    @property
+    def cache_identity(self) -> str:
+        """What the embedding cache keys on: the weights' fingerprint and the tokenizer files."""
+        return f"{self.fingerprint}:{self.tokenizer_hash}"
+
+    def load(self, *, device: str, dtype: Any, allow_pickle: bool = False) -> Retriever:
+        """Load the weights (merging an adapter into its base) onto ``device`` in ``dtype``, in eval mode."""
+        from transformers import AutoModel, AutoTokenizer
+
+        if self.base_path is not None:
+            model = _load_adapter_merged(self.path, self.base_path, dtype=dtype, allow_pickle=allow_pickle)
+            tokenizer_dir = self.path if _has_tokenizer(self.path) else self.base_path
+        else:
+            weights_dir = transformer_dir(self.path)
+            model = AutoModel.from_pretrained(weights_dir, dtype=dtype)
+            tokenizer_dir = weights_dir if _has_tokenizer(weights_dir) else self.path
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        model.to(device).eval()
+        return Retriever(model, tokenizer, self.name, self.profile, self.fingerprint)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Provenance for the JSON summary."""
+        return {
+            "name": self.name,
+            "ref": self.ref,
+            "path": str(self.path),
+            "fingerprint": self.fingerprint,
+            "base_ref": self.base_ref,
+            "base_path": str(self.base_path) if self.base_path else None,
+            "tokenizer_hash": self.tokenizer_hash,
+            "profile": self.profile.to_dict(),
+        }
+
+
+def resolve_model(
+    ref: str | Path,
+    *,
+    name: str | None = None,
+    base: str | None = None,
+    token: str | None = None,
+    allow_pickle: bool = False,
+    profile: str | None = None,
+    pooling: str | None = None,
+) -> ModelSource:
+    """Find a model (local folder or Hub id), fingerprint it and pick its encoding profile; load no weights.
+
+    Args:
+        ref: a folder, or a Hub id ``owner/name[@revision]``.
+        name: shown in tables (default: the folder name, or the Hub id).
+        base: for a peft adapter, the base model to load it over (default: ``base_model_name_or_path``).
+        token, allow_pickle: passed to the checkpoint reader.
+        profile, pooling: see `detect_profile`.
+
+    Raises:
+        CheckpointNotFoundError: the folder does not exist (or the Hub id cannot be fetched).
+        AdapterError: an adapter whose config names no base.
+        PoolingUndeterminedError: see `detect_profile`.
+    """
+    path = _resolve_local(str(ref), token=token, allow_pickle=allow_pickle)
+    base_ref = base_path = None
+    fingerprint = _fingerprint(path)
+    if (path / "adapter_config.json").is_file():
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        base_ref = base or config.get("base_model_name_or_path")
+        if not base_ref:
+            raise AdapterError(
+                f"{short_path(path)}/adapter_config.json names no base model.",
+                hint="Pass --base PATH_OR_HUB_ID.",
+                path=path,
+                tensor=None,
+            )
+        base_path = _resolve_local(str(base_ref), token=token, allow_pickle=allow_pickle)
+        fingerprint = hashlib.sha256(f"{fingerprint}+{_fingerprint(base_path)}".encode()).hexdigest()
+    shown = name or (Path(str(ref)).name if Path(str(ref)).exists() else str(ref))
+    chosen = detect_profile(path, name=str(ref), base_dir=base_path, profile=profile, pooling=pooling)
+    tokenizer_dir = path if _has_tokenizer(transformer_dir(path)) or base_path is None else base_path
+    return ModelSource(
+        shown,
+        str(ref),
+        path,
+        fingerprint,
+        chosen,
+        str(base_ref) if base_ref else None,
+        base_path,
+        _tokenizer_hash(transformer_dir(tokenizer_dir)),
+    )
+
+
+def transformer_dir(path: Path) -> Path:
+    """The folder holding the transformer weights: ``path``, or a sentence-transformers Transformer module's."""
+    modules_file = path / "modules.json"
+    if modules_file.is_file():
+        for module in json.loads(modules_file.read_text(encoding="utf-8")):
+            if str(module.get("type", "")).endswith("Transformer"):
+                return path / module.get("path", "")
+    return path
+
+
+def _load_adapter_merged(adapter: Path, base: Path, *, dtype: Any, allow_pickle: bool) -> Any:
+    """Base as a bare AutoModel + the adapter, merged in memory. Fails loudly when adapter keys match nothing."""
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(base, dtype=dtype)
+    state = _adapter_state(adapter, allow_pickle=allow_pickle)
+    has_inner_model = hasattr(model, "model") or hasattr(model, "language_model")
+    prefix = "base_model.model.model."
+    if not has_inner_model and state and all(k.startswith(prefix) for k in state):
+        # trained on a CausalLM (base_model.model.model.layers...), applied to a bare model (base_model.model.layers...)
+        state = {"base_model.model." + k[len(prefix) :]: v for k, v in state.items()}
+    peft_model = PeftModel(model, PeftConfig.from_pretrained(adapter))
+    result = set_peft_model_state_dict(peft_model, state)
+    unexpected = list(result.unexpected_keys)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if unexpected or missing:
+        example = (unexpected or missing)[0]
+        raise AdapterError(
+            f"Adapter {short_path(adapter)} does not fit base {short_path(base)}: "
+            f"{len(unexpected)} adapter tensors match no module, {len(missing)} adapter modules "
+            f"got no tensor (e.g. {example}).",
+            hint="Check --base (or base_model_name_or_path in adapter_config.json).",
+            path=adapter,
+            tensor=example,
+        )
+    return peft_model.merge_and_unload()
+
+
+def _adapter_state(adapter: Path, *, allow_pickle: bool) -> dict[str, Any]:
+    safetensors_file = adapter / "adapter_model.safetensors"
+    if safetensors_file.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(safetensors_file))
+    pickle_file = adapter / "adapter_model.bin"
+    if pickle_file.is_file():
+        if not allow_pickle:
+            raise PickleRefusedError(
+                f"{short_path(pickle_file)} is a pickle file.",
+                hint="Pass --allow-pickle to load it with torch.load(weights_only=True).",
+                path=pickle_file,
+            )
+        import torch
+
+        return torch.load(pickle_file, map_location="cpu", weights_only=True)
+    raise AdapterError(
+        f"{short_path(adapter)} has adapter_config.json but no adapter_model.safetensors or .bin.",
+        hint="Copy the adapter weights next to its config.",
+        path=adapter,
+        tensor=None,
+    )
+
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def _tokenizer_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        if (folder / name).is_file():
+            digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def _resolve_local(ref: str, *, token: str | None, allow_pickle: bool) -> Path:
+    """A local folder for ``ref`` (Hub ids are downloaded by `reforge.io.checkpoint.resolve_local`)."""
+    from reforge.io.checkpoint import resolve_local
+
+    return Path(resolve_local(ref, token=token, allow_pickle=allow_pickle))
+
+
+def _fingerprint(path: Path) -> str:
+    """`reforge.io.checkpoint.fingerprint` of the folder, and of a sentence-transformers Transformer subfolder."""
+    from reforge.io.checkpoint import fingerprint
+
+    value = str(fingerprint(path))
+    weights_dir = transformer_dir(path)
+    if weights_dir.resolve() != path.resolve():
+        value = hashlib.sha256(f"{value}+{fingerprint(weights_dir)}".encode()).hexdigest()[:32]
+    return value
