@@ -22,6 +22,7 @@ _API = {
     "open_checkpoint": "reforge.io.checkpoint",
     "fingerprint": "reforge.io.checkpoint",
     "describe": "reforge.io.describe",
+    "evaluate": "reforge.eval",
     "CheckpointWriter": "reforge.io.writer",
     "ShardReader": "reforge.io.reader",
     "ReforgeError": "reforge.errors",

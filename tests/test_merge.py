@@ -368,3 +368,17 @@ def test_rerun_is_a_no_op_and_overwrite_is_required_for_other_content(setup, tmp
     result = run(*args[:-2], "--alpha", "0.25", "-o", out, ok=False)
     assert result.exit_code == 1 and "--overwrite" in result.stderr
     run(*args[:-2], "--alpha", "0.25", "-o", out, "--overwrite")
+
+
+def test_merged_lora_retriever_keeps_its_encoding_convention(setup, tmp_path):
+    """A merged RepLLaMA is a bare Llama named nothing like "repllama": the profile travels in the folder."""
+    from reforge.eval.profiles import detect_profile
+
+    make_adapter(setup["base"].model, tmp_path / "repllama", seed=11)
+    out = tmp_path / "readapted"
+    run("merge", "--base", setup["base_dir"], "--retriever", tmp_path / "repllama", "-o", out)
+    profile = detect_profile(out, name=str(out))
+    assert (profile.query_prefix, profile.passage_prefix, profile.pooling, profile.append_eos) == (
+        "query: ", "passage: ", "last", True)
+    card = (out / "README.md").read_text()
+    assert "query: " in card

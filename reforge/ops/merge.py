@@ -11,6 +11,7 @@ Psi_i is folded from adapter i against the *base* weight (DoRA's row norm uses i
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from reforge.io.companions import companion_files, output_companions
 from reforge.io.format import torch_dtype
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
+
+PROFILE_FILE = "reforge_encoding.json"  # read first by `reforge eval` (reforge.eval.profiles)
 from reforge.ops.diff import DTYPE_NAMES, overlap
 from reforge.ops.fold import Factors, LoraAdapter
 from reforge.ops.stream import Accumulator, prefetch, row_blocks, torch_threads
@@ -484,16 +487,32 @@ def _adapter_corpus(adapter: LoraAdapter) -> str | None:
 
 def _add_companions(writer: CheckpointWriter, source: _Source, manifest: dict) -> None:
     if source.delta is not None:
-        files = companion_files(source.delta.path / RETRIEVER_FILES)
+        folder, base_dir = source.delta.path / RETRIEVER_FILES, None
+        files = companion_files(folder)
     elif source.retriever_adapter is not None:
-        files = output_companions(
-            source.retriever_adapter.checkpoint.path, None, from_base=source.base.path, base_config=source.base.config
-        )
+        folder, base_dir = source.retriever_adapter.checkpoint.path, source.base.path
+        files = output_companions(folder, None, from_base=source.base.path, base_config=source.base.config)
     else:
-        files = output_companions(source.retriever.path, source.retriever.config)
+        folder, base_dir = source.retriever.path, None
+        files = output_companions(folder, source.retriever.config)
+    encoding = _encoding_profile(folder, str((manifest.get("retriever") or {}).get("ref") or folder), base_dir)
+    if encoding is not None and PROFILE_FILE not in files:
+        files[PROFILE_FILE] = (json.dumps(encoding, indent=2) + "\n").encode()
     for name, content in files.items():
         writer.add_file(name, content)
-    writer.add_file("README.md", _model_card(manifest, "modules.json" in files))
+    writer.add_file("README.md", _model_card({**manifest, "encoding": encoding}, "modules.json" in files))
+
+
+def _encoding_profile(folder: Path, name: str, base_dir: Path | None) -> dict | None:
+    """How the retriever encodes (prefixes, pooling, EOS), so the merged model is evaluated the same way: a merged
+    RepLLaMA is a bare Llama whose name no longer says "repllama". None when it cannot be told."""
+    from reforge.errors import ReforgeError
+    from reforge.eval.profiles import detect_profile
+
+    try:
+        return detect_profile(folder, name=name, base_dir=base_dir).to_dict()
+    except ReforgeError:
+        return None
 
 
 def _model_card(manifest: dict, sentence_transformers: bool) -> str:
