@@ -185,7 +185,7 @@ def eval_cmd(
         return
     for measure in report.measures:
         table, caption = _table(report, measure)
-        _print_unwrapped(table)
+        output.print_table(table)
         output.out.print(caption, highlight=False)
 
 
@@ -226,21 +226,6 @@ def _table(report: Any, measure: str) -> tuple[Any, str]:
                 row += [f"{average - first:+.4f}" if i else "", "", "", ""]
             table.add_row(*row)
     return table, caption
-
-
-def _print_unwrapped(table: Any) -> None:
-    """Print ``table`` on stdout; when stdout is not a terminal, as wide as it needs (no truncated names)."""
-    console = output.out
-    if console.is_terminal:
-        console.print(table)
-        return
-    needed = console.measure(table, options=console.options.update(max_width=10_000)).maximum
-    saved = console.width
-    console.width = max(saved, needed)
-    try:
-        console.print(table)
-    finally:
-        console.width = saved
 
 
 def _p(value: float) -> str:

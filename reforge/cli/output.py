@@ -142,7 +142,7 @@ def show_plan(plan: dict[str, list[str]]) -> None:
     table = Table("output tensor = ", "tensors", "e.g.")
     for terms, keys in sorted(groups.items(), key=lambda item: -len(item[1])):
         table.add_row(escape(terms), str(len(keys)), escape(keys[0]))
-    out.print(table)
+    print_table(table)
 
 
 def show_checks(report: Any) -> None:
@@ -188,4 +188,18 @@ def show_summary(summary: dict) -> None:
         rows.append((f"reforge.{key}", json.dumps(value, default=str)[:200]))
     for name, value in rows:
         table.add_row(name, escape(str(value)))
-    out.print(table)
+    print_table(table)
+
+
+def print_table(table: Any) -> None:
+    """Print a rich table on stdout; when stdout is not a terminal, as wide as it needs (no truncated names)."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    needed = out.measure(table, options=out.options.update(max_width=10_000)).maximum
+    saved = out.width
+    out.width = max(saved, needed)
+    try:
+        out.print(table)
+    finally:
+        out.width = saved
