@@ -118,7 +118,7 @@ def select_subset(dataset: BeirDataset, *, max_queries: int | None = None, corpu
 class InMemoryMerge:
     """One loaded model of the retriever's architecture whose weights are set to base + alpha*Psi + beta*Delta.
 
-    ``source`` comes from `reforge.ops.merge._open_sources` with exactly one adapter. `materialize` recomputes only
+    ``source`` comes from `reforge.ops.merge.open_inputs` with exactly one adapter. `materialize` recomputes only
     the tensors whose value changes from the current (alpha, beta). Counters: ``merges`` (points materialized),
     ``tensors_computed``.
     """
@@ -360,7 +360,7 @@ def tune(base: str | Path, adapter: str | Path, data: str | Path | BeirDataset, 
             ``test_split`` without ``i_know`` (all before anything is loaded).
         DataError, AdapterError, LayoutMismatchError, ProvenanceMismatchError: from reading the data and inputs.
     """
-    from reforge.ops.merge import _open_sources
+    from reforge.ops.merge import open_inputs
 
     started = time.perf_counter()
     alphas, betas = check_grid(alphas, option="--alpha"), check_grid(betas, option="--beta")
@@ -374,7 +374,7 @@ def tune(base: str | Path, adapter: str | Path, data: str | Path | BeirDataset, 
                                  option="--split")
     warnings = list(full.warnings) + _overlap_warnings(full, split, test_split)
     subset = select_subset(full, max_queries=max_queries, corpus_sample=corpus_sample, seed=seed)
-    source = _open_sources(base, retriever, delta, [(adapter, 0.0)], settings.token, settings.allow_pickle)
+    source = open_inputs(base, retriever, delta, [(adapter, 0.0)], settings.token, settings.allow_pickle)
     merger, template = _merger_and_template(source, retriever, delta, base, settings, stage)
     points = _points(alphas, betas, template, merger, source)
     try:

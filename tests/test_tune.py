@@ -133,11 +133,11 @@ def test_in_memory_merge_equals_on_disk_merge_through_a_sequence_of_points(setup
     from transformers import AutoModel
 
     from reforge.eval import EvalSettings
-    from reforge.ops.merge import _open_sources, merge
+    from reforge.ops.merge import open_inputs, merge
     from reforge.tune import _merger_and_template
 
     inputs = {"retriever": None, "delta": None, kind.replace("lora_", ""): setup[kind]}
-    source = _open_sources(setup["base"], inputs["retriever"], inputs["delta"], [(setup["psi"], 0.0)], None, False)
+    source = open_inputs(setup["base"], inputs["retriever"], inputs["delta"], [(setup["psi"], 0.0)], None, False)
     merger, _ = _merger_and_template(source, inputs["retriever"], inputs["delta"], setup["base"], EvalSettings(), None)
     assert isinstance(merger, InMemoryMerge)
     computed = []

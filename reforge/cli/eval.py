@@ -7,24 +7,7 @@ from typing import Any
 import click
 
 from reforge.cli import output
-from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options
-
-PROFILES = ["sentence-transformers", "repllama", "e5-mistral", "last-token", "custom"]
-
-
-class MetricType(click.ParamType):
-    """An ir-measures name such as ``nDCG@10``, checked at parse time."""
-
-    name = "metric"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from reforge.errors import InvalidOptionError
-        from reforge.eval.metrics import parse_measures
-
-        try:
-            return str(parse_measures([str(value)])[0])
-        except InvalidOptionError as e:
-            self.fail(str(e), param, ctx)
+from reforge.cli.options import MetricType, encoding_options, hub_options, output_options
 
 
 @click.command("eval")
@@ -48,48 +31,7 @@ class MetricType(click.ParamType):
     metavar="NAME",
     help="ir-measures name, repeatable: nDCG@10 (default), R@100, RR@10, AP, P@5, ...",
 )
-@click.option(
-    "--averaging",
-    type=click.Choice(["beir", "all"]),
-    default="beir",
-    show_default=True,
-    help="beir: mean over queries with results; all: over every judged query, none = 0 (trec_eval -c).",
-)
-@click.option("--top-k", type=click.IntRange(min=1), default=1000, show_default=True, help="Hits kept per query.")
-@click.option(
-    "--keep-identical-ids",
-    is_flag=True,
-    help="Keep hits whose doc id equals the query id (BEIR drops them; matters for ArguAna, Quora).",
-)
-@click.option(
-    "--profile",
-    type=click.Choice(PROFILES),
-    default=None,
-    help="Encoding convention (default: detected from the model's files; see docs/eval.md).",
-)
-@click.option("--pooling", type=click.Choice(["mean", "cls", "last"]), default=None, help="Override the pooling.")
-@click.option("--query-prefix", default=None, help="Text before each query ('\\n' = newline; '{task}' = e5 task).")
-@click.option("--passage-prefix", default=None, help="Text before each passage ('\\n' = newline).")
-@click.option("--task", default=None, help="Task instruction filling '{task}' (e5-mistral), for any dataset.")
-@click.option("--max-length", type=click.IntRange(min=2), default=None, help="Tokens per text (default: profile's).")
-@click.option("--normalize/--no-normalize", default=None, help="L2-normalize vectors (default: profile's).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Texts per batch [32 CPU, 64 GPU].")
 @click.option("--base", default=None, help="Base model for adapter MODELs (default: the adapter config's).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when available].")
-@click.option(
-    "--dtype",
-    type=click.Choice(DTYPE_CHOICES),
-    default="auto",
-    show_default=True,
-    help="auto = float32 on CPU, bfloat16 (or float16) on GPU.",
-)
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the embedding cache.")
-@click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Embedding cache folder [$REFORGE_HOME/cache/embeddings].",
-)
 @click.option(
     "-o",
     "--output",
@@ -98,14 +40,8 @@ class MetricType(click.ParamType):
     default=None,
     help="Write summary.json, runs/*.trec and per_query/*.tsv here.",
 )
-@click.option(
-    "--permutations",
-    type=click.IntRange(min=1),
-    default=10_000,
-    show_default=True,
-    help="Sign flips in the randomization test.",
-)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomization test.")
+@encoding_options
 @hub_options
 @output_options
 def eval_cmd(

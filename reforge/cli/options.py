@@ -104,3 +104,88 @@ def write_options(func: Callable) -> Callable:
         help="Output folder (written under a temporary name, renamed when whole).",
     )(func)
     return func
+
+
+PROFILES = ["sentence-transformers", "repllama", "e5-mistral", "last-token", "custom"]
+
+
+class MetricType(click.ParamType):
+    """An ir-measures name such as ``nDCG@10``, checked at parse time."""
+
+    name = "metric"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from reforge.errors import InvalidOptionError
+        from reforge.eval.metrics import parse_measures
+
+        try:
+            return str(parse_measures([str(value)])[0])
+        except InvalidOptionError as e:
+            self.fail(str(e), param, ctx)
+
+
+def encoding_options(func: Callable) -> Callable:
+    """How texts become vectors and runs become scores: shared by `reforge eval` and `reforge tune`."""
+    options = [
+        click.option(
+            "--averaging",
+            type=click.Choice(["beir", "all"]),
+            default="beir",
+            show_default=True,
+            help="beir: mean over queries with results; all: over every judged query, none = 0 (trec_eval -c).",
+        ),
+        click.option(
+            "--top-k", type=click.IntRange(min=1), default=1000, show_default=True, help="Hits kept per query."
+        ),
+        click.option(
+            "--keep-identical-ids",
+            is_flag=True,
+            help="Keep hits whose doc id equals the query id (BEIR drops them; matters for ArguAna, Quora).",
+        ),
+        click.option(
+            "--profile",
+            type=click.Choice(PROFILES),
+            default=None,
+            help="Encoding convention (default: detected from the model's files; see docs/eval.md).",
+        ),
+        click.option(
+            "--pooling", type=click.Choice(["mean", "cls", "last"]), default=None, help="Override the pooling."
+        ),
+        click.option(
+            "--query-prefix", default=None, help="Text before each query ('\\n' = newline; '{task}' = e5 task)."
+        ),
+        click.option("--passage-prefix", default=None, help="Text before each passage ('\\n' = newline)."),
+        click.option("--task", default=None, help="Task instruction filling '{task}' (e5-mistral), for any dataset."),
+        click.option(
+            "--max-length", type=click.IntRange(min=2), default=None, help="Tokens per text (default: profile's)."
+        ),
+        click.option("--normalize/--no-normalize", default=None, help="L2-normalize vectors (default: profile's)."),
+        click.option(
+            "--batch-size", type=click.IntRange(min=1), default=None, help="Texts per batch [32 CPU, 64 GPU]."
+        ),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when available]."),
+        click.option(
+            "--dtype",
+            type=click.Choice(DTYPE_CHOICES),
+            default="auto",
+            show_default=True,
+            help="auto = float32 on CPU, bfloat16 (or float16) on GPU.",
+        ),
+        click.option("--no-cache", is_flag=True, help="Neither read nor write the embedding cache."),
+        click.option(
+            "--cache-dir",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Embedding cache folder [$REFORGE_HOME/cache/embeddings].",
+        ),
+        click.option(
+            "--permutations",
+            type=click.IntRange(min=1),
+            default=10_000,
+            show_default=True,
+            help="Sign flips in the randomization test.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
 
 from reforge.cli import output as ui
-from reforge.cli.eval import PROFILES, MetricType
-from reforge.cli.options import DTYPE_CHOICES, SizeType, hub_options, output_options
+from reforge.cli.options import MetricType, SizeType, encoding_options, hub_options, output_options
 
 
 class GridType(click.ParamType):
@@ -31,78 +29,104 @@ class GridType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
-def encoding_options(func: Callable) -> Callable:
-    """The encoding and scoring options of `reforge eval`, with the same names, defaults and meanings."""
-    options = [
-        click.option("--averaging", type=click.Choice(["beir", "all"]), default="beir", show_default=True,
-                     help="beir: mean over queries with results; all: over every judged query, none = 0."),
-        click.option("--top-k", type=click.IntRange(min=1), default=1000, show_default=True,
-                     help="Hits kept per query."),
-        click.option("--keep-identical-ids", is_flag=True,
-                     help="Keep hits whose doc id equals the query id (BEIR drops them)."),
-        click.option("--profile", type=click.Choice(PROFILES), default=None,
-                     help="Encoding convention (default: detected from the retriever's files; see docs/eval.md)."),
-        click.option("--pooling", type=click.Choice(["mean", "cls", "last"]), default=None,
-                     help="Override the pooling."),
-        click.option("--query-prefix", default=None, help="Text before each query ('\\n' = newline)."),
-        click.option("--passage-prefix", default=None, help="Text before each passage ('\\n' = newline)."),
-        click.option("--task", default=None, help="Task instruction filling '{task}' (e5-mistral)."),
-        click.option("--max-length", type=click.IntRange(min=2), default=None,
-                     help="Tokens per text (default: profile's)."),
-        click.option("--normalize/--no-normalize", default=None, help="L2-normalize vectors (default: profile's)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=None,
-                     help="Texts per batch [32 CPU, 64 GPU]."),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when available]."),
-        click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
-                     help="Encoding dtype: auto = float32 on CPU, bfloat16 (or float16) on GPU."),
-        click.option("--no-cache", is_flag=True, help="Neither read nor write the embedding cache."),
-        click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-                     help="Embedding cache folder [$REFORGE_HOME/cache/embeddings]."),
-        click.option("--permutations", type=click.IntRange(min=1), default=10_000, show_default=True,
-                     help="Sign flips in the randomization test."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
 @click.command("tune")
 @click.option("--base", required=True, help="The pretrained LM the retriever and the adapter were trained from.")
 @click.option("--retriever", default=None, help="The retriever (full, or a peft LoRA over BASE).")
-@click.option("--delta", default=None, type=click.Path(exists=True, file_okay=False),
-              help="A delta folder from `reforge diff` (instead of --retriever).")
+@click.option(
+    "--delta",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="A delta folder from `reforge diff` (instead of --retriever).",
+)
 @click.option("--adapter", required=True, help="The knowledge adapter (peft folder from `reforge train`).")
 @click.option("-d", "--data", required=True, metavar="DIR", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/).")
 @click.option("--split", default="dev", show_default=True, help="The held-out qrels split to tune on.")
-@click.option("--test-split", default="test", show_default=True,
-              help="The split you will report; tuning on it is refused unless --i-know.")
+@click.option(
+    "--test-split",
+    default="test",
+    show_default=True,
+    help="The split you will report; tuning on it is refused unless --i-know.",
+)
 @click.option("--i-know", is_flag=True, help="Allow --split to equal --test-split (the result is then optimistic).")
-@click.option("--alpha", "alphas", type=GridType(), default="0,0.25,0.5,0.75,1", show_default=True,
-              help="Alphas to try: a list 0,0.5,1 or a range start:stop:step (0:1:0.1).")
+@click.option(
+    "--alpha",
+    "alphas",
+    type=GridType(),
+    default="0,0.25,0.5,0.75,1",
+    show_default=True,
+    help="Alphas to try: a list 0,0.5,1 or a range start:stop:step (0:1:0.1).",
+)
 @click.option("--beta", "betas", type=GridType(), default="1", show_default=True, help="Betas to try (same forms).")
-@click.option("-m", "--metric", type=MetricType(), default="nDCG@10", show_default=True, metavar="NAME",
-              help="The ir-measures metric to maximize: nDCG@10, R@100, RR@10, AP, ...")
-@click.option("--max-queries", type=click.IntRange(min=1), default=None,
-              help="Tune on a seeded random sample of N judged queries.")
-@click.option("--corpus-sample", type=click.IntRange(min=1), default=None,
-              help="Search a corpus of about N documents: every judged one plus a seeded random sample.")
+@click.option(
+    "-m",
+    "--metric",
+    type=MetricType(),
+    default="nDCG@10",
+    show_default=True,
+    metavar="NAME",
+    help="The ir-measures metric to maximize: nDCG@10, R@100, RR@10, AP, ...",
+)
+@click.option(
+    "--max-queries",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tune on a seeded random sample of N judged queries.",
+)
+@click.option(
+    "--corpus-sample",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Search a corpus of about N documents: every judged one plus a seeded random sample.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples and the randomization test.")
 @encoding_options
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="PNG of the metric against alpha [tune-<dataset>-<split>.png].")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="PNG of the metric against alpha [tune-<dataset>-<split>.png].",
+)
 @click.option("--no-plot", is_flag=True, help="Write no PNG.")
-@click.option("--write", "write_dir", type=click.Path(file_okay=False), default=None,
-              help="Write the merged model of the best point here (exactly what `reforge merge` writes).")
-@click.option("--max-shard-size", type=SizeType(), default="5GB", show_default=True,
-              help="Largest shard file of --write.")
+@click.option(
+    "--write",
+    "write_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write the merged model of the best point here (exactly what `reforge merge` writes).",
+)
+@click.option(
+    "--max-shard-size", type=SizeType(), default="5GB", show_default=True, help="Largest shard file of --write."
+)
 @click.option("--overwrite", is_flag=True, help="Let --write replace a folder that holds a different checkpoint.")
 @hub_options
 @output_options
-def tune_cmd(base: str, retriever: str | None, delta: str | None, adapter: str, data: str, split: str,
-             test_split: str, i_know: bool, alphas: tuple[float, ...], betas: tuple[float, ...], metric: str,
-             max_queries: int | None, corpus_sample: int | None, seed: int, plot_path: str | None, no_plot: bool,
-             write_dir: str | None, max_shard_size: int, overwrite: bool, token: str | None, allow_pickle: bool,
-             quiet: bool, as_json: bool, **options: Any) -> None:
+def tune_cmd(
+    base: str,
+    retriever: str | None,
+    delta: str | None,
+    adapter: str,
+    data: str,
+    split: str,
+    test_split: str,
+    i_know: bool,
+    alphas: tuple[float, ...],
+    betas: tuple[float, ...],
+    metric: str,
+    max_queries: int | None,
+    corpus_sample: int | None,
+    seed: int,
+    plot_path: str | None,
+    no_plot: bool,
+    write_dir: str | None,
+    max_shard_size: int,
+    overwrite: bool,
+    token: str | None,
+    allow_pickle: bool,
+    quiet: bool,
+    as_json: bool,
+    **options: Any,
+) -> None:
     """Choose alpha (and beta) on held-out queries.
 
     Scores base + alpha*Psi + beta*Delta for every point of the grid on a held-out split, each merged in memory
@@ -129,17 +153,45 @@ def tune_cmd(base: str, retriever: str | None, delta: str | None, adapter: str, 
         raise click.UsageError("The plot needs matplotlib: pip install matplotlib, or pass --no-plot.")
     _quiet_transformers()
     settings = EvalSettings(
-        averaging=options["averaging"], top_k=options["top_k"], keep_identical_ids=options["keep_identical_ids"],
-        profile=options["profile"], pooling=options["pooling"], query_prefix=_unescape(options["query_prefix"]),
-        passage_prefix=_unescape(options["passage_prefix"]), task=options["task"], max_length=options["max_length"],
-        normalize=options["normalize"], batch_size=options["batch_size"], device=options["device"],
-        dtype=None if options["dtype"] == "auto" else options["dtype"], cache=not options["no_cache"],
-        cache_dir=options["cache_dir"], permutations=options["permutations"], token=token, allow_pickle=allow_pickle)
+        averaging=options["averaging"],
+        top_k=options["top_k"],
+        keep_identical_ids=options["keep_identical_ids"],
+        profile=options["profile"],
+        pooling=options["pooling"],
+        query_prefix=_unescape(options["query_prefix"]),
+        passage_prefix=_unescape(options["passage_prefix"]),
+        task=options["task"],
+        max_length=options["max_length"],
+        normalize=options["normalize"],
+        batch_size=options["batch_size"],
+        device=options["device"],
+        dtype=None if options["dtype"] == "auto" else options["dtype"],
+        cache=not options["no_cache"],
+        cache_dir=options["cache_dir"],
+        permutations=options["permutations"],
+        token=token,
+        allow_pickle=allow_pickle,
+    )
     with ui.progress_bar("Tuning", quiet=quiet or as_json) as bar:
-        report = tune(base, adapter, data, retriever=retriever, delta=delta, alphas=alphas, betas=betas,
-                      metric=metric, split=split, test_split=test_split, i_know=i_know, max_queries=max_queries,
-                      corpus_sample=corpus_sample, seed=seed, settings=settings, progress=bar,
-                      stage=lambda text: bar(0, None, description=text))
+        report = tune(
+            base,
+            adapter,
+            data,
+            retriever=retriever,
+            delta=delta,
+            alphas=alphas,
+            betas=betas,
+            metric=metric,
+            split=split,
+            test_split=test_split,
+            i_know=i_know,
+            max_queries=max_queries,
+            corpus_sample=corpus_sample,
+            seed=seed,
+            settings=settings,
+            progress=bar,
+            stage=lambda text: bar(0, None, description=text),
+        )
     for warning in report.warnings:
         ui.warn(warning)
     summary = report.to_dict()
@@ -147,12 +199,23 @@ def tune_cmd(base: str, retriever: str | None, delta: str | None, adapter: str, 
         summary["plot"] = str(plot_tuning(report, plot_path or f"tune-{report.dataset.name}-{report.split}.png"))
     if write_dir:
         with ui.progress_bar("merge", unit="bytes", quiet=quiet or as_json) as progress:
-            written = write_best(report, write_dir, token=token, allow_pickle=allow_pickle,
-                                 max_shard_size=max_shard_size, overwrite=overwrite,
-                                 command="reforge " + shlex.join(sys.argv[1:]), progress=progress)
-        summary["written"] = {"output": str(written.output), "tensors": written.tensors,
-                              "total_size": written.total_size, "max_abs_rounding": written.max_abs_rounding,
-                              "already_complete": written.already_complete}
+            written = write_best(
+                report,
+                write_dir,
+                token=token,
+                allow_pickle=allow_pickle,
+                max_shard_size=max_shard_size,
+                overwrite=overwrite,
+                command="reforge " + shlex.join(sys.argv[1:]),
+                progress=progress,
+            )
+        summary["written"] = {
+            "output": str(written.output),
+            "tensors": written.tensors,
+            "total_size": written.total_size,
+            "max_abs_rounding": written.max_abs_rounding,
+            "already_complete": written.already_complete,
+        }
     if as_json:
         ui.print_json(summary)
         return
@@ -168,43 +231,43 @@ def _show(report: Any, summary: dict) -> None:
     for p in report.points:
         mark = " *" if p is report.best else ("  (reference)" if not p.in_grid else "")
         t = p.test
-        table.add_row(f"{p.alpha:g}", f"{p.beta:g}", f"{p.score:.4f}{mark}",
-                      f"{t.delta:+.4f}" if t else "", _p(t.p_ttest) if t else "", _p(t.p_randomization) if t else "",
-                      f"{t.wins}/{t.ties}/{t.losses}" if t else "", "encoded" if p.merged else "cached")
-    _print_unwrapped(table)
+        table.add_row(
+            f"{p.alpha:g}",
+            f"{p.beta:g}",
+            f"{p.score:.4f}{mark}",
+            f"{t.delta:+.4f}" if t else "",
+            _p(t.p_ttest) if t else "",
+            _p(t.p_randomization) if t else "",
+            f"{t.wins}/{t.ties}/{t.losses}" if t else "",
+            "encoded" if p.merged else "cached",
+        )
+    ui.print_table(table)
     sample = report.sample
-    ui.out.print(f"{sample['queries']} of {sample['split_queries']} {report.split} queries, {sample['documents']} of "
-                 f"{sample['split_documents']} documents; {report.eval.averaging_text}. Δ and paired "
-                 f"tests against alpha 0, beta 1 (the original retriever): t-test and randomization test "
-                 f"({report.eval.settings['permutations']} sign flips); W/T/L = queries better/equal/worse; "
-                 f"vectors: encoded now or read from the cache.",
-                 highlight=False)
+    ui.out.print(
+        f"{sample['queries']} of {sample['split_queries']} {report.split} queries, {sample['documents']} of "
+        f"{sample['split_documents']} documents; {report.eval.averaging_text}. Δ and paired "
+        f"tests against alpha 0, beta 1 (the original retriever): t-test and randomization test "
+        f"({report.eval.settings['permutations']} sign flips); W/T/L = queries better/equal/worse; "
+        f"vectors: encoded now or read from the cache.",
+        highlight=False,
+    )
     best, t = report.best, report.best.test
-    verdict = (f"{best.score - report.baseline.score:+.4f} over alpha 0 (p = {_p(t.p_randomization)}, "
-               f"randomization; {t.wins}/{t.ties}/{t.losses} queries better/equal/worse)" if t else
-               "the original retriever itself: no point of the grid beats it")
-    ui.out.print(f"Best: alpha {best.alpha:g}, beta {best.beta:g}: {report.metric} {best.score:.4f}, {verdict}. "
-                 f"Chosen on {report.split}: score it on {report.test_split} with `reforge eval`.", highlight=False)
+    verdict = (
+        f"{best.score - report.baseline.score:+.4f} over alpha 0 (p = {_p(t.p_randomization)}, "
+        f"randomization; {t.wins}/{t.ties}/{t.losses} queries better/equal/worse)"
+        if t
+        else "the original retriever itself: no point of the grid beats it"
+    )
+    ui.out.print(
+        f"Best: alpha {best.alpha:g}, beta {best.beta:g}: {report.metric} {best.score:.4f}, {verdict}. "
+        f"Chosen on {report.split}: score it on {report.test_split} with `reforge eval`.",
+        highlight=False,
+    )
     if "plot" in summary:
         ui.info(f"Plot: {summary['plot']}")
     if "written" in summary:
         ui.info(f"Wrote the merge with alpha {best.alpha:g}, beta {best.beta:g} to {summary['written']['output']}")
     ui.info(f"{report.merges} in-memory merges, {report.seconds:.1f} s")
-
-
-def _print_unwrapped(table: Any) -> None:
-    """Print ``table`` on stdout; when stdout is not a terminal, as wide as it needs (no truncated cells)."""
-    console = ui.out
-    if console.is_terminal:
-        console.print(table)
-        return
-    needed = console.measure(table, options=console.options.update(max_width=10_000)).maximum
-    saved = console.width
-    console.width = max(saved, needed)
-    try:
-        console.print(table)
-    finally:
-        console.width = saved
 
 
 def _p(value: float) -> str:

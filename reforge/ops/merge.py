@@ -54,8 +54,8 @@ class MergeReport:
 
 
 @dataclass(frozen=True)
-class _Source:
-    """The opened inputs and how output keys map onto them."""
+class MergeInputs:
+    """The opened inputs of a merge and how output keys (canonical names) map onto them."""
 
     base: Checkpoint
     base_keys: dict[str, str]
@@ -102,7 +102,7 @@ def merge(
     """
     started = time.perf_counter()
     _check_options(retriever, delta, adapters, beta, dtype)
-    source = _open_sources(base, retriever, delta, adapters, token, allow_pickle)
+    source = open_inputs(base, retriever, delta, adapters, token, allow_pickle)
     plan = {key: _terms(source, key, beta) for key in source.shapes}
     specs = [
         TensorSpec(source.stored_names[k], DTYPE_NAMES.get(dtype, source.dtypes[k]), source.shapes[k])
@@ -176,7 +176,12 @@ def _check_options(retriever, delta, adapters, beta: float, dtype: str) -> None:
         )
 
 
-def _open_sources(base_ref, retriever_ref, delta_ref, adapter_refs, token, allow_pickle) -> _Source:
+def open_inputs(base_ref, retriever_ref, delta_ref, adapter_refs, token=None, allow_pickle=False) -> MergeInputs:
+    """Open and check every input of a merge (nothing read but headers); used by `merge`, `verify` and `tune`.
+
+    Raises:
+        the errors `merge` lists, before any tensor is read.
+    """
     base = open_model(base_ref, token=token, allow_pickle=allow_pickle)
     base_keys = base.canonical_keys()
     base_shapes = {k: base.index.tensors[v].shape for k, v in base_keys.items()}
@@ -204,7 +209,7 @@ def _open_sources(base_ref, retriever_ref, delta_ref, adapter_refs, token, allow
             stored = dict(retriever_keys)
             _check_retriever_against_base(base, retriever, retriever_keys, base_shapes)
     adapters = [(_open_adapter(ref, base, shapes, token, allow_pickle), alpha) for ref, alpha in adapter_refs]
-    return _Source(base, base_keys, retriever, retriever_adapter, delta, adapters, shapes, dtypes, stored)
+    return MergeInputs(base, base_keys, retriever, retriever_adapter, delta, adapters, shapes, dtypes, stored)
 
 
 def _check_delta_files(delta: DeltaCheckpoint) -> None:
@@ -295,7 +300,7 @@ def _check_adapter_base(checkpoint: AdapterCheckpoint, base: Checkpoint) -> None
         )
 
 
-def _terms(source: _Source, key: str, beta: float) -> list[str]:
+def _terms(source: MergeInputs, key: str, beta: float) -> list[str]:
     """Human-readable terms of one output tensor, for --dry-run and the manifest."""
     adapters = [
         f"{alpha:g}*psi[{Path(str(a.checkpoint.ref)).name}]"
@@ -311,7 +316,7 @@ def _terms(source: _Source, key: str, beta: float) -> list[str]:
     return terms + adapters
 
 
-def _write_tensors(writer: CheckpointWriter, source: _Source, beta: float, specs: list[TensorSpec]) -> None:
+def _write_tensors(writer: CheckpointWriter, source: MergeInputs, beta: float, specs: list[TensorSpec]) -> None:
     todo = [(spec, key) for spec, key in zip(specs, source.shapes) if writer.pending(spec.name)]
     with InputLoader(source, beta) as loader, torch_threads(1):
         for (spec, key), loaded in prefetch(todo, lambda item: loader.load(item[1])):
@@ -334,7 +339,7 @@ class Loaded:
 class InputLoader:
     """Reads what each output tensor needs; one reader per input, used only by the thread calling `load`."""
 
-    def __init__(self, source: _Source, beta: float) -> None:
+    def __init__(self, source: MergeInputs, beta: float) -> None:
         self.source, self.beta = source, beta
 
     def __enter__(self) -> "InputLoader":
@@ -380,7 +385,7 @@ class InputLoader:
 
 
 def compute_output(
-    source: _Source, loaded: Loaded, key: str, beta: float, dtype: "torch.dtype"
+    source: MergeInputs, loaded: Loaded, key: str, beta: float, dtype: "torch.dtype"
 ) -> tuple["torch.Tensor", float]:
     """One output tensor (in ``dtype``) and its largest rounding |stored - exact fp32|.
 
@@ -443,7 +448,7 @@ def _dominant(dtypes: dict[str, str]) -> str:
     return max(set(values), key=values.count) if values else "F32"
 
 
-def _manifest(source: _Source, beta: float, dtype: str, command: str | None, corpus: str | None) -> dict:
+def _manifest(source: MergeInputs, beta: float, dtype: str, command: str | None, corpus: str | None) -> dict:
     retriever = (
         source.retriever.provenance
         if source.retriever
@@ -485,7 +490,7 @@ def _adapter_corpus(adapter: LoraAdapter) -> str | None:
     return corpus
 
 
-def _add_companions(writer: CheckpointWriter, source: _Source, manifest: dict) -> None:
+def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dict) -> None:
     if source.delta is not None:
         folder, base_dir = source.delta.path / RETRIEVER_FILES, None
         files = companion_files(folder)

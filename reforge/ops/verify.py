@@ -257,7 +257,7 @@ def _check_layout(index: ShardIndex, inputs: dict, report: VerifyReport, token, 
 def _check_merge(path, index, inputs, full, samples, seed, report, token, allow_pickle) -> None:
     from reforge.ops import merge as merge_ops
 
-    source = merge_ops._open_sources(
+    source = merge_ops.open_inputs(
         inputs["base"], inputs.get("retriever"), inputs.get("delta"), inputs["adapters"], token, allow_pickle
     )
     touched = [k for k in source.shapes if any(k in a.modules for a, _ in source.adapters)]
