@@ -23,6 +23,8 @@ _API = {
     "fingerprint": "reforge.io.checkpoint",
     "describe": "reforge.io.describe",
     "evaluate": "reforge.eval",
+    "train_adapter": "reforge.train",
+    "tune": "reforge.tune",
     "CheckpointWriter": "reforge.io.writer",
     "ShardReader": "reforge.io.reader",
     "ReforgeError": "reforge.errors",

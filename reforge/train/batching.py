@@ -1,0 +1,217 @@
+"""From documents to training batches: tokenize, pack (or group by length), order, and collate.
+
+Each document becomes ``tokens(text)[: max_length - 1] + [EOS]`` (the tokenizer's own BOS, if it adds one, stays
+first), so every document is truncated exactly as if it were trained alone, as in the paper.
+
+Packing puts whole documents into rows of at most ``max_length`` tokens (best fit, longest first) and never splits
+one. Position ids restart at 0 for every document and no attention mask is passed, so transformers builds a
+block-diagonal causal mask: a document attends only to itself, and each token's loss equals its loss in an
+unpacked run (checked in the tests). Without packing, a row is one document and a step's documents have similar
+lengths, so little padding is left either way.
+
+The order depends only on the token lengths and the seed, so a resumed run and every rank see the same steps.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE = -100
+# Without packing, documents are shuffled, cut into windows of this many global batches, and sorted by length
+# inside each window (like transformers' group_by_length): random order, little padding.
+SORT_WINDOW_BATCHES = 32
+
+Row = tuple[int, ...]
+Encoder = Callable[[Sequence[str]], list[list[int]]]
+
+
+def make_encoder(tokenizer, max_length: int) -> Encoder:
+    """A function ``texts -> token id lists``: tokenizer's special tokens, truncated, EOS last (if it has one)."""
+    eos = tokenizer.eos_token_id
+    room = max_length - 1 if eos is not None else max_length
+
+    def encode(texts: Sequence[str]) -> list[list[int]]:
+        ids = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=room)["input_ids"]
+        return [list(row) + [eos] for row in ids] if eos is not None else [list(row) for row in ids]
+
+    return encode
+
+
+def token_lengths(encode: Encoder, texts: Sequence[str], *, chunk: int = 1024) -> np.ndarray:
+    """Token count of each text as `make_encoder` cuts it, tokenizing ``chunk`` texts at a time."""
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    for start in range(0, len(texts), chunk):
+        lengths[start:start + chunk] = [len(ids) for ids in encode(texts[start:start + chunk])]
+    return lengths
+
+
+def pack_rows(lengths: np.ndarray, max_length: int) -> list[Row]:
+    """Best-fit-decreasing bin packing of documents into rows of at most ``max_length`` tokens.
+
+    Documents go longest first into the fullest row they still fit in, which leaves a few percent of padding on
+    real corpora. Deterministic: ties keep document order. O(n log max_length).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    rows: list[list[int]] = []
+    by_room: dict[int, list[int]] = {}   # free room -> rows with exactly that much room left
+    rooms: list[int] = []                # sorted distinct free rooms that have rows
+    for doc in order:
+        need = int(lengths[doc])
+        at = bisect.bisect_left(rooms, need)
+        if at < len(rooms):
+            room = rooms[at]
+            row = by_room[room].pop()
+            if not by_room[room]:
+                del by_room[room]
+                rooms.pop(at)
+        else:
+            room, row = max_length, len(rows)
+            rows.append([])
+        rows[row].append(doc)
+        left = room - need
+        if left > 0:
+            if left not in by_room:
+                by_room[left] = []
+                bisect.insort(rooms, left)
+            by_room[left].append(row)
+    return [tuple(row) for row in rows]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which rows each optimizer step trains on.
+
+    Fields: ``rows`` (tuples of document indices), ``lengths`` (tokens per document), ``global_batch`` (rows per
+    optimizer step, over all micro-steps and ranks), ``pack``, ``seed``.
+    """
+
+    rows: list[Row]
+    lengths: np.ndarray
+    global_batch: int
+    pack: bool
+    seed: int
+
+    @classmethod
+    def build(cls, lengths: np.ndarray, *, max_length: int, global_batch: int, pack: bool, seed: int) -> "BatchPlan":
+        """Pack (or not) the documents whose token counts are ``lengths``."""
+        rows = pack_rows(lengths, max_length) if pack else [(i,) for i in range(len(lengths))]
+        return cls(rows, lengths, global_batch, pack, seed)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the rows (the last one may be short)."""
+        return math.ceil(len(self.rows) / self.global_batch)
+
+    def epoch_steps(self, epoch: int) -> list[list[Row]]:
+        """The rows of each optimizer step of ``epoch``, in training order (seeded by ``seed + epoch``)."""
+        rng = np.random.default_rng(self.seed + epoch)
+        order = rng.permutation(len(self.rows))
+        if not self.pack:
+            window = self.global_batch * SORT_WINDOW_BATCHES
+            row_len = np.array([int(self.lengths[row[0]]) for row in self.rows])
+            order = np.concatenate([sorted(order[i:i + window], key=lambda r: -row_len[r])
+                                    for i in range(0, len(order), window)]).astype(np.int64)
+        steps = [[self.rows[r] for r in order[i:i + self.global_batch]]
+                 for i in range(0, len(order), self.global_batch)]
+        if not self.pack:  # keep each step's similar lengths together, but visit the steps in random order
+            steps = [steps[i] for i in rng.permutation(len(steps))]
+        return steps
+
+    def row_tokens(self, row: Row) -> int:
+        """Tokens in a row (before padding)."""
+        return sum(int(self.lengths[d]) for d in row)
+
+    def forward_groups(self, rows: list[Row], budget: int | None) -> list[list[Row]]:
+        """Cut a micro-batch into the groups of consecutive rows that go through the model together: as many as
+        fit ``budget`` padded tokens (at least one row each); all of them when ``budget`` is None."""
+        if budget is None or not rows:
+            return [rows]
+        groups: list[list[Row]] = []
+        widest = 0
+        for row in rows:
+            width = self.row_tokens(row)
+            if groups and max(widest, width) * (len(groups[-1]) + 1) <= budget:
+                groups[-1].append(row)
+                widest = max(widest, width)
+            else:
+                groups.append([row])
+                widest = width
+        return groups
+
+    def padding(self, batch_size: int, world_size: int, grad_accum: int,
+                budget: int | None = None) -> tuple[int, int]:
+        """``(real tokens, pad tokens)`` of one epoch as `collate` pads each forward group to its longest row."""
+        real = pad = 0
+        for step in self.epoch_steps(0):
+            for micro in split_step(step, rank_count=world_size, batch_size=batch_size, grad_accum=grad_accum,
+                                    flat=True):
+                for group in self.forward_groups(micro, budget):
+                    sizes = [self.row_tokens(row) for row in group]
+                    if sizes:
+                        real += sum(sizes)
+                        pad += max(sizes) * len(sizes) - sum(sizes)
+        return real, pad
+
+
+def split_step(step: list[Row], *, rank: int = 0, rank_count: int = 1, batch_size: int, grad_accum: int,
+               flat: bool = False) -> list[list[Row]]:
+    """The micro-batches of one optimizer step for ``rank``: micro-step ``a`` gets rows
+    ``[(a * rank_count + rank) * batch_size, ... + batch_size)``. With ``flat``, every rank's micro-batches."""
+    ranks = range(rank_count) if flat else (rank,)
+    return [step[(a * rank_count + r) * batch_size:(a * rank_count + r + 1) * batch_size]
+            for a in range(grad_accum) for r in ranks]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch of tensors. ``targets[b, t]`` is the token to predict at position t (``IGNORE`` at each
+    document's last token and on padding). ``real`` counts non-pad input tokens, ``pad`` pad positions."""
+
+    input_ids: "torch.Tensor"
+    position_ids: "torch.Tensor"
+    targets: "torch.Tensor"
+    real: int
+    pad: int
+
+    @property
+    def predicted(self) -> int:
+        """Tokens that carry a loss."""
+        return int((self.targets != IGNORE).sum())
+
+
+def collate(rows: list[list[list[int]]], pad_id: int) -> Batch:
+    """Tensors for rows of tokenized documents, right-padded to the longest row.
+
+    An empty ``rows`` (a rank with nothing left at the end of an epoch) gives one pad token with no loss, so every
+    rank still runs a forward and backward and distributed training does not stall.
+    """
+    import torch
+
+    if not rows:
+        zero = torch.zeros((1, 1), dtype=torch.long)
+        return Batch(zero + pad_id, zero, zero + IGNORE, 0, 0)
+    width = max(sum(len(doc) for doc in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    real = 0
+    for b, row in enumerate(rows):
+        at = 0
+        for doc in row:
+            n = len(doc)
+            ids = torch.tensor(doc, dtype=torch.long)
+            input_ids[b, at:at + n] = ids
+            position_ids[b, at:at + n] = torch.arange(n)
+            targets[b, at:at + n - 1] = ids[1:]
+            at += n
+        position_ids[b, at:] = torch.arange(width - at)  # padding: one more pseudo-document, no loss
+        real += at
+    return Batch(input_ids, position_ids, targets, real, len(rows) * width - real)

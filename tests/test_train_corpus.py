@@ -1,0 +1,177 @@
+"""reforge.data.corpus: every input kind, the id filters, and the errors for bad input, on real SciFact text."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA
+from reforge.data.beir import iter_corpus
+from reforge.data.corpus import DocSelection, detect_kind, load_corpus
+from reforge.errors import DataError
+
+SCIFACT = DATA / "scifact"
+
+
+def _scifact_rows(n):
+    with (SCIFACT / "corpus.jsonl").open(encoding="utf-8") as handle:
+        return [json.loads(line) for line, _ in zip(handle, range(n))]
+
+
+def _judged(split):
+    with (SCIFACT / "qrels" / f"{split}.tsv").open(encoding="utf-8") as handle:
+        return {row["corpus-id"] for row in csv.DictReader(handle, delimiter="\t")}
+
+
+def test_beir_folder_joins_title_and_text_like_the_retriever():
+    corpus = load_corpus(SCIFACT, selection=DocSelection(max_docs=5))
+    rows = _scifact_rows(5)
+    assert corpus.kinds == ("beir",) and corpus.read == 5183 and corpus.filtered == 5178
+    assert [d.id for d in corpus.docs] == [r["_id"] for r in rows]
+    assert corpus.docs[0].text == f"{rows[0]['title']} {rows[0]['text']}".strip()
+    assert [d.text for d in corpus.docs] == [doc.passage() for doc, _ in zip(iter_corpus(SCIFACT), range(5))]
+
+
+def test_corpus_jsonl_file_reads_the_same_as_its_folder():
+    folder = load_corpus(SCIFACT, selection=DocSelection(max_docs=20))
+    file = load_corpus(SCIFACT / "corpus.jsonl", selection=DocSelection(max_docs=20))
+    assert file.kinds == ("jsonl",) and file.docs == folder.docs and file.sha256 == folder.sha256
+
+
+def test_text_field_of_any_jsonl(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"id": 7, "body": "first note"}\n\n{"id": 8, "body": "second note"}\n', encoding="utf-8")
+    corpus = load_corpus(path, text_field="body")
+    assert [(d.id, d.text) for d in corpus.docs] == [("7", "first note"), ("8", "second note")]
+
+
+def test_missing_text_field_names_line_and_fields(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"id": 7, "body": "first"}\n{"id": 8, "content": "second"}\n', encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_corpus(path, text_field="body")
+    assert e.value.line == 2
+    assert "notes.jsonl, line 2 has no field 'body' (fields there: id, content)" in str(e.value)
+    assert "--text-field" in str(e.value) and "--skip-bad-lines" in str(e.value)
+    with pytest.raises(DataError, match=r"line 1 has no field 'text' \(fields there: id, body\)"):
+        load_corpus(path)  # plain JSONL without BEIR's text field: must say which field to pass
+    assert [d.id for d in load_corpus(path, text_field="body", skip_bad_lines=True).docs] == ["7"]
+
+
+def test_bad_json_line_is_named_or_skipped(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    rows = _scifact_rows(3)
+    lines = [json.dumps(rows[0]), '{"_id": "x", "text": unquoted}', json.dumps(rows[1]), json.dumps(rows[2])]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_corpus(tmp_path)
+    assert e.value.line == 2 and "corpus.jsonl, line 2: not a valid JSON object" in str(e.value)
+    assert "--skip-bad-lines" in str(e.value)
+    kept = load_corpus(tmp_path, skip_bad_lines=True)
+    assert [d.id for d in kept.docs] == [rows[0]["_id"], rows[1]["_id"], rows[2]["_id"]]
+
+
+def test_text_files_per_file_and_per_line(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.txt").write_text("Second file.\nIts second line.\n", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("  First file.  \n", encoding="utf-8")
+    (tmp_path / "sub" / "c.txt").write_text("\n\nThird.\n", encoding="utf-8")
+    (tmp_path / "skip.md").write_text("not text input", encoding="utf-8")
+    per_file = load_corpus(tmp_path)
+    assert per_file.kinds == ("text",)
+    assert [(d.id, d.text) for d in per_file.docs] == [
+        ("a.txt", "First file."), ("b.txt", "Second file.\nIts second line."), ("sub/c.txt", "Third.")]
+    per_line = load_corpus(tmp_path, per_line=True)
+    assert [(d.id, d.text) for d in per_line.docs] == [
+        ("a.txt:1", "First file."), ("b.txt:1", "Second file."), ("b.txt:2", "Its second line."),
+        ("sub/c.txt:3", "Third.")]
+    single = load_corpus(tmp_path / "b.txt", per_line=True)
+    assert [d.id for d in single.docs] == ["b.txt:1", "b.txt:2"]
+
+
+def test_several_sources_in_order(tmp_path):
+    (tmp_path / "x.txt").write_text("extra text", encoding="utf-8")
+    corpus = load_corpus([SCIFACT, tmp_path / "x.txt"], selection=DocSelection(max_docs=3))
+    assert corpus.kinds == ("beir", "text") and len(corpus.docs) == 3   # max_docs counts over all sources
+    both = load_corpus([tmp_path / "x.txt", SCIFACT], selection=DocSelection(max_docs=2))
+    assert both.docs[0].text == "extra text" and both.docs[1].id == _scifact_rows(1)[0]["_id"]
+
+
+def test_saved_hf_dataset_folder(tmp_path):
+    import datasets
+
+    rows = _scifact_rows(4)
+    data = datasets.Dataset.from_list([{"_id": r["_id"], "title": r["title"], "text": r["text"]} for r in rows])
+    data.save_to_disk(str(tmp_path / "ds"))
+    corpus = load_corpus(tmp_path / "ds")
+    assert corpus.kinds == ("datasets",)
+    assert corpus.docs == load_corpus(SCIFACT, selection=DocSelection(max_docs=4)).docs
+    datasets.DatasetDict({"train": data, "test": data.select([0])}).save_to_disk(str(tmp_path / "dd"))
+    assert len(load_corpus(tmp_path / "dd", text_field="title").docs) == 4
+    with pytest.raises(DataError, match=r"has no column 'body' \(columns: _id, title, text\)"):
+        load_corpus(tmp_path / "ds", text_field="body")
+
+
+def test_only_and_exclude_ids(tmp_path):
+    rows = _scifact_rows(10)
+    (tmp_path / "only.txt").write_text(f"# chosen\n{rows[2]['_id']}\n\n{rows[7]['_id']}\nno-such-id\n")
+    (tmp_path / "drop.txt").write_text(f"{rows[0]['_id']}\n{rows[1]['_id']}\n")
+    selection = DocSelection.from_files(only_ids=tmp_path / "only.txt")
+    corpus = load_corpus(SCIFACT, selection=selection)
+    assert [d.id for d in corpus.docs] == [rows[2]["_id"], rows[7]["_id"]] and corpus.only_missing == 1
+    dropped = load_corpus(SCIFACT, selection=DocSelection.from_files(exclude_ids=tmp_path / "drop.txt", max_docs=3))
+    assert [d.id for d in dropped.docs] == [rows[2]["_id"], rows[3]["_id"], rows[4]["_id"]]
+
+
+def test_judged_filters_select_the_paper_table_2_subsets():
+    judged = _judged("test")
+    only = load_corpus(SCIFACT, selection=DocSelection.from_files(only_judged=[SCIFACT / "qrels" / "test.tsv"]))
+    assert {d.id for d in only.docs} == judged and len(only.docs) == len(judged) > 100
+    without = load_corpus(SCIFACT, selection=DocSelection.from_files(exclude_judged=[SCIFACT / "qrels" / "test.tsv"]))
+    assert len(without.docs) == 5183 - len(judged) and not judged & {d.id for d in without.docs}
+    both = DocSelection.from_files(exclude_judged=[SCIFACT / "qrels" / "test.tsv", SCIFACT / "qrels" / "train.tsv"])
+    assert len(load_corpus(SCIFACT, selection=both).docs) == 5183 - len(judged | _judged("train"))
+    with pytest.raises(DataError, match=r"is a folder; .* need a qrels file"):
+        DocSelection.from_files(only_judged=[SCIFACT])
+
+
+def test_hash_follows_content_and_selection():
+    a = load_corpus(SCIFACT, selection=DocSelection(max_docs=3))
+    b = load_corpus(SCIFACT, selection=DocSelection(max_docs=3))
+    c = load_corpus(SCIFACT, selection=DocSelection(max_docs=4))
+    assert a.sha256 == b.sha256 != c.sha256 and len(a.sha256) == 64
+
+
+def test_empty_corpus_and_no_usable_text(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(DataError, match=r"empty.jsonl: no usable text: 0 documents read, 0 empty, 0 removed"):
+        load_corpus(tmp_path / "empty.jsonl")
+    (tmp_path / "blank.jsonl").write_text('{"text": "   "}\n{"text": ""}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"no usable text: 2 documents read, 2 empty, 0 removed by the filters"):
+        load_corpus(tmp_path / "blank.jsonl")
+    (tmp_path / "none.txt").write_text("nothing\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"1 documents read, 0 empty, 1 removed by the filters"):
+        load_corpus(tmp_path / "none.txt", selection=DocSelection(only=frozenset({"other"})))
+
+
+def test_unreadable_paths(tmp_path):
+    (tmp_path / "data.csv").write_text("a,b\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"unknown corpus file type '.csv'"):
+        detect_kind(tmp_path / "data.csv")
+    with pytest.raises(DataError, match=r"does not exist"):
+        load_corpus(tmp_path / "missing")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match=r"holds no corpus.jsonl, no .txt files and no saved HF dataset"):
+        load_corpus(tmp_path / "folder")
+
+
+def test_docstring_example_runs(monkeypatch):
+    import doctest
+
+    import reforge.data.corpus as module
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the example's ../shared is relative to the repo
+    assert doctest.testmod(module).failed == 0
