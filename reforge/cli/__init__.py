@@ -92,6 +92,9 @@ class ReforgeUsageFailure(click.ClickException):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `reforge` script. Errors are handled in `LazyGroup.invoke`, so tests see the same."""
+    from reforge.ops.stream import tune_allocator
+
+    tune_allocator()
     cli.main(args=argv, prog_name="reforge")
 
 

@@ -204,6 +204,7 @@ class Factors:
     b: "torch.Tensor"
     magnitude: "torch.Tensor | None"
     _whole: "torch.Tensor | None" = None
+    _buffers: tuple | None = None
 
     def shape(self) -> tuple[int, int]:
         out_dim, in_dim = self.b.shape[0], self.a.shape[1]
@@ -222,11 +223,21 @@ class Factors:
             out.addmm_(self.b[rows], self.a, alpha=alpha * scale)
             return
         assert base_rows is not None, "DoRA needs the base weight"
-        weight = base_rows.float()
-        updated = torch_addmm(weight, self.b[rows], self.a, scale)
+        weight, updated = self._scratch(base_rows.shape)
+        weight.copy_(base_rows)
+        torch_addmm(weight, self.b[rows], self.a, scale, out=updated)
         factor = self.magnitude[rows] / torch_norm_rows(updated)
         updated.mul_(factor[:, None]).sub_(weight)
         out.add_(updated, alpha=alpha)
+
+    def _scratch(self, shape) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Two fp32 buffers for a block, reused across blocks (fresh memory per block costs page faults)."""
+        import torch
+
+        count = shape[0] * shape[1]
+        if self._buffers is None or self._buffers[0].numel() < count:
+            self._buffers = (torch.empty(count), torch.empty(count))
+        return self._buffers[0][:count].view(shape), self._buffers[1][:count].view(shape)
 
     def _transposed_psi(self) -> "torch.Tensor":
         """Psi of an embedding or fan_in_fan_out module, whole (its rows are the product's columns)."""
@@ -238,11 +249,12 @@ class Factors:
         return self._whole
 
 
-def torch_addmm(base: "torch.Tensor", b: "torch.Tensor", a: "torch.Tensor", scale: float) -> "torch.Tensor":
-    """``base + scale * (b @ a)``, in a new fp32 tensor."""
+def torch_addmm(base: "torch.Tensor", b: "torch.Tensor", a: "torch.Tensor", scale: float,
+                out: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """``base + scale * (b @ a)`` in fp32 (into ``out`` when given)."""
     import torch
 
-    return torch.addmm(base, b, a, alpha=scale)
+    return torch.addmm(base, b, a, alpha=scale, out=out)
 
 
 def torch_norm_rows(matrix: "torch.Tensor") -> "torch.Tensor":

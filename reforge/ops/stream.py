@@ -110,6 +110,30 @@ def prefetch(items: Iterable[K], load: Callable[[K], V], depth: int = 2) -> Iter
         thread.join()
 
 
+def tune_allocator() -> None:
+    """Make large, short-lived allocations cheap for the streaming commands (called by the CLI before torch loads).
+
+    A 7B merge allocates and frees thousands of tensors of 30-500 MB; by default each one is a fresh mmap whose
+    every 4 KiB page faults on first touch. Measured on an 8-layer merge: 2.0M page faults and 15 s of system time.
+    torch's THP_MEM_ALLOC_ENABLE backs large tensors with 2 MiB pages, and glibc's thresholds keep freed memory
+    for reuse: faults fell to 0.13M with RSS unchanged. Only the CLI does this; library users keep their settings.
+    """
+    import ctypes
+    import ctypes.util
+    import os
+
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the reusable heap
+        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap instead of returning it
+    except (OSError, AttributeError):
+        pass
+
+
 @contextmanager
 def torch_threads(count: int = 1) -> Iterator[None]:
     """Run torch's elementwise kernels on ``count`` threads for a while.
