@@ -23,9 +23,10 @@ import json
 import os
 import re
 import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from reforge.errors import (
     CheckpointNotFoundError,

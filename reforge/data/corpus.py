@@ -18,9 +18,9 @@ Sources, chosen from what the path holds:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from reforge.data.beir import Document, iter_corpus, iter_jsonl, read_qrels
 from reforge.errors import DataError, short_path
@@ -179,7 +179,7 @@ def load_corpus(paths: str | Path | Sequence[str | Path], *, text_field: str | N
                 filtered += 1
             else:
                 docs.append(doc)
-                digest.update(f"{doc.id}\x1f{doc.text}\x1e".encode("utf-8"))
+                digest.update(f"{doc.id}\x1f{doc.text}\x1e".encode())
     only_missing = len(selection.only - seen_ids) if selection.only is not None else 0
     if not docs:
         names = ", ".join(short_path(p) for p in sources)

@@ -25,14 +25,14 @@ from reforge.io.companions import companion_files, output_companions
 from reforge.io.format import torch_dtype
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
-
-PROFILE_FILE = "reforge_encoding.json"  # read first by `reforge eval` (reforge.eval.profiles)
 from reforge.ops.diff import DTYPE_NAMES, overlap
 from reforge.ops.fold import Factors, LoraAdapter
 from reforge.ops.stream import Accumulator, prefetch, row_blocks, torch_threads
 
 if TYPE_CHECKING:
     import torch
+
+PROFILE_FILE = "reforge_encoding.json"  # read first by `reforge eval` (reforge.eval.profiles)
 
 
 @dataclass
