@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from reforge.cli import output
-from reforge.cli.options import MetricType, encoding_options, hub_options, output_options
+from reforge.cli.options import MetricType, encoding_options, encoding_settings, hub_options, output_options
 
 
 @click.command("eval")
@@ -68,29 +68,14 @@ def eval_cmd(
       torchrun --nproc-per-node 4 -m reforge.cli.eval repllama/ -d trec-covid/
     """
     from reforge.data.beir import load_beir
-    from reforge.eval import EvalSettings, evaluate, write_outputs
+    from reforge.eval import evaluate, write_outputs
 
-    _quiet_transformers()
-    settings = EvalSettings(
+    output.quiet_transformers()
+    settings = encoding_settings(
+        options,
         split=options["split"],
         measures=tuple(metrics) or ("nDCG@10",),
-        averaging=options["averaging"],
-        top_k=options["top_k"],
-        keep_identical_ids=options["keep_identical_ids"],
-        profile=options["profile"],
-        pooling=options["pooling"],
-        query_prefix=_unescape(options["query_prefix"]),
-        passage_prefix=_unescape(options["passage_prefix"]),
-        task=options["task"],
-        max_length=options["max_length"],
-        normalize=options["normalize"],
-        batch_size=options["batch_size"],
-        device=options["device"],
-        dtype=None if options["dtype"] == "auto" else options["dtype"],
         base=options["base"],
-        cache=not options["no_cache"],
-        cache_dir=options["cache_dir"],
-        permutations=options["permutations"],
         seed=options["seed"],
         token=options["token"],
         allow_pickle=options["allow_pickle"],
@@ -149,7 +134,12 @@ def _table(report: Any, measure: str) -> tuple[Any, str]:
             if compare and i > 0:
                 c = report.comparison(model.name, dataset.name, measure)
                 t = c.test
-                row += [f"{t.delta:+.4f}", _p(t.p_ttest), _p(t.p_randomization), f"{t.wins}/{t.ties}/{t.losses}"]
+                row += [
+                    f"{t.delta:+.4f}",
+                    output.p_value(t.p_ttest),
+                    output.p_value(t.p_randomization),
+                    f"{t.wins}/{t.ties}/{t.losses}",
+                ]
             elif compare:
                 row += ["", "", "", ""]
             table.add_row(*row, end_section=i == len(report.models) - 1)
@@ -162,22 +152,6 @@ def _table(report: Any, measure: str) -> tuple[Any, str]:
                 row += [f"{average - first:+.4f}" if i else "", "", "", ""]
             table.add_row(*row)
     return table, caption
-
-
-def _p(value: float) -> str:
-    return "<0.0001" if value < 1e-4 else f"{value:.4f}"
-
-
-def _unescape(text: str | None) -> str | None:
-    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def _quiet_transformers() -> None:
-    """transformers' own tqdm bars and warnings would interleave with ours."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 if __name__ == "__main__":  # torchrun --nproc-per-node N -m reforge.cli.eval MODEL --data DIR

@@ -189,3 +189,33 @@ def encoding_options(func: Callable) -> Callable:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def encoding_settings(options: dict, **extra: Any) -> Any:
+    """The `reforge.eval.EvalSettings` that `encoding_options` (plus ``extra`` fields) describe."""
+    from reforge.eval import EvalSettings
+
+    return EvalSettings(
+        averaging=options["averaging"],
+        top_k=options["top_k"],
+        keep_identical_ids=options["keep_identical_ids"],
+        profile=options["profile"],
+        pooling=options["pooling"],
+        query_prefix=_unescape(options["query_prefix"]),
+        passage_prefix=_unescape(options["passage_prefix"]),
+        task=options["task"],
+        max_length=options["max_length"],
+        normalize=options["normalize"],
+        batch_size=options["batch_size"],
+        device=options["device"],
+        dtype=None if options["dtype"] == "auto" else options["dtype"],
+        cache=not options["no_cache"],
+        cache_dir=options["cache_dir"],
+        permutations=options["permutations"],
+        **extra,
+    )
+
+
+def _unescape(text: str | None) -> str | None:
+    """``\\n`` and ``\\t`` typed on a command line become a newline and a tab (e5 prompts need them)."""
+    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")

@@ -203,3 +203,16 @@ def print_table(table: Any) -> None:
         out.print(table)
     finally:
         out.width = saved
+
+
+def p_value(value: float) -> str:
+    """A p-value for a table."""
+    return "<0.0001" if value < 1e-4 else f"{value:.4f}"
+
+
+def quiet_transformers() -> None:
+    """transformers' own tqdm bars and warnings would interleave with ours."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

@@ -19,60 +19,141 @@ def _targets(value: str) -> list[str]:
 
 @click.command("train")
 @click.argument("base")
-@click.option("--corpus", "corpus", multiple=True, required=True, type=click.Path(exists=True),
-              help="BEIR folder, .jsonl file, .txt file or folder, or a datasets.save_to_disk folder. Repeatable.")
-@click.option("-o", "--output", required=True, type=click.Path(),
-              help="Adapter folder to write (built under a temporary name, renamed when whole).")
-@click.option("--text-field", default=None, help="JSONL field / dataset column with the text [default: BEIR title + text].")
+@click.option(
+    "--corpus",
+    "corpus",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True),
+    help="BEIR folder, .jsonl file, .txt file or folder, or a datasets.save_to_disk folder. Repeatable.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(),
+    help="Adapter folder to write (built under a temporary name, renamed when whole).",
+)
+@click.option(
+    "--text-field", default=None, help="JSONL field / dataset column with the text [default: BEIR title + text]."
+)
 @click.option("--per-line", is_flag=True, help="For .txt inputs: one document per non-empty line, not per file.")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip JSONL lines that are not JSON or lack the text field.")
 @click.option("--max-docs", type=click.IntRange(min=1), default=None, help="Train on the first N documents kept.")
 @click.option("--only-ids", type=click.Path(exists=True, dir_okay=False), help="Keep only these ids (one per line).")
 @click.option("--exclude-ids", type=click.Path(exists=True, dir_okay=False), help="Drop these ids (one per line).")
-@click.option("--only-judged", multiple=True, type=click.Path(exists=True),
-              help="Keep only documents judged in this qrels file (repeatable).")
-@click.option("--exclude-judged", multiple=True, type=click.Path(exists=True),
-              help="Drop documents judged in this qrels file (repeatable), e.g. the test split's.")
+@click.option(
+    "--only-judged",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Keep only documents judged in this qrels file (repeatable).",
+)
+@click.option(
+    "--exclude-judged",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Drop documents judged in this qrels file (repeatable), e.g. the test split's.",
+)
 @click.option("--lora", is_flag=True, help="Plain LoRA instead of DoRA.")
-@click.option("--target-modules", default=",".join(PAPER_TARGETS), show_default=True,
-              help="Comma-separated Linear module names to adapt.")
+@click.option(
+    "--target-modules",
+    default=",".join(PAPER_TARGETS),
+    show_default=True,
+    help="Comma-separated Linear module names to adapt.",
+)
 @click.option("-r", "--lora-r", "r", type=click.IntRange(min=1), default=_D.r, show_default=True, help="Adapter rank.")
 @click.option("--lora-alpha", type=float, default=_D.lora_alpha, show_default=True, help="Scale numerator (alpha/r).")
-@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=_D.lora_dropout,
-              show_default=True, help="Dropout on the adapter's input.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size, show_default=True,
-              help="Sequences per process and micro-step (packed rows, or documents with --no-pack).")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=_D.grad_accum, show_default=True,
-              help="Micro-steps per optimizer step.")
+@click.option(
+    "--lora-dropout",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=_D.lora_dropout,
+    show_default=True,
+    help="Dropout on the adapter's input.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=_D.batch_size,
+    show_default=True,
+    help="Sequences per process and micro-step (packed rows, or documents with --no-pack).",
+)
+@click.option(
+    "--grad-accum",
+    type=click.IntRange(min=1),
+    default=_D.grad_accum,
+    show_default=True,
+    help="Micro-steps per optimizer step.",
+)
 @click.option("--lr", type=float, default=_D.lr, show_default=True, help="AdamW learning rate.")
 @click.option("--weight-decay", type=float, default=_D.weight_decay, show_default=True, help="AdamW weight decay.")
-@click.option("--schedule", type=click.Choice(SCHEDULES), default=_D.schedule, show_default=True,
-              help="Learning-rate schedule.")
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=_D.warmup_steps, show_default=True,
-              help="Linear warm-up steps.")
-@click.option("--max-grad-norm", type=float, default=_D.max_grad_norm, show_default=True,
-              help="Clip the gradient norm (0 = no clipping).")
-@click.option("--epochs", type=click.IntRange(min=1), default=_D.epochs, show_default=True, help="Passes over the corpus.")
+@click.option(
+    "--schedule", type=click.Choice(SCHEDULES), default=_D.schedule, show_default=True, help="Learning-rate schedule."
+)
+@click.option(
+    "--warmup-steps",
+    type=click.IntRange(min=0),
+    default=_D.warmup_steps,
+    show_default=True,
+    help="Linear warm-up steps.",
+)
+@click.option(
+    "--max-grad-norm",
+    type=float,
+    default=_D.max_grad_norm,
+    show_default=True,
+    help="Clip the gradient norm (0 = no clipping).",
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=_D.epochs, show_default=True, help="Passes over the corpus."
+)
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after N optimizer steps.")
-@click.option("--max-length", type=click.IntRange(min=2), default=_D.max_length, show_default=True,
-              help="Tokens per document (longer ones are cut) and per packed row.")
-@click.option("--pack/--no-pack", default=_D.pack, show_default=True,
-              help="Pack whole documents into full rows (each attends only to itself), or pad per batch of "
-                   "similar lengths.")
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=2),
+    default=_D.max_length,
+    show_default=True,
+    help="Tokens per document (longer ones are cut) and per packed row.",
+)
+@click.option(
+    "--pack/--no-pack",
+    default=_D.pack,
+    show_default=True,
+    help="Pack whole documents into full rows (each attends only to itself), or pad per batch of similar lengths.",
+)
 @click.option("--seed", type=int, default=_D.seed, show_default=True, help="Adapter init, data order and dropout.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=_D.precision, show_default=True,
-              help="auto: bf16 autocast on GPUs that have it, fp32 on CPU.")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=_D.precision,
+    show_default=True,
+    help="auto: bf16 autocast on GPUs that have it, fp32 on CPU.",
+)
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--device", default=None, help="torch device [default: cuda:LOCAL_RANK if there is a GPU, else cpu].")
-@click.option("--save-every", type=click.IntRange(min=0), default=_D.save_every, show_default=True,
-              help="Checkpoint every N optimizer steps, for --resume (0 = never).")
+@click.option(
+    "--save-every",
+    type=click.IntRange(min=0),
+    default=_D.save_every,
+    show_default=True,
+    help="Checkpoint every N optimizer steps, for --resume (0 = never).",
+)
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of an interrupted run.")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that holds something else.")
 @click.option("--dry-run", is_flag=True, help="Read the corpus and print the plan (documents, tokens, steps).")
 @hub_options
 @output_options
-def train_cmd(base: str, corpus: tuple[str, ...], output: str, lora: bool, target_modules: str, token: str | None,
-              dry_run: bool, quiet: bool, as_json: bool, **options) -> None:
+def train_cmd(
+    base: str,
+    corpus: tuple[str, ...],
+    output: str,
+    lora: bool,
+    target_modules: str,
+    token: str | None,
+    dry_run: bool,
+    quiet: bool,
+    as_json: bool,
+    **options,
+) -> None:
     """Train a DoRA knowledge adapter on the base LM over unlabeled text.
 
     BASE is the causal LM the retriever was made from (a folder or a Hub id), not the retriever. The adapter
@@ -90,9 +171,16 @@ def train_cmd(base: str, corpus: tuple[str, ...], output: str, lora: bool, targe
     """
     from reforge.train import train_adapter
 
-    config = TrainConfig(base=base, corpus=list(corpus), output=output, use_dora=not lora,
-                         target_modules=_targets(target_modules), **options)
+    config = TrainConfig(
+        base=base,
+        corpus=list(corpus),
+        output=output,
+        use_dora=not lora,
+        target_modules=_targets(target_modules),
+        **options,
+    )
     with ui.progress_bar("Preparing", quiet=quiet or as_json) as bar:
+
         def progress(step: int, total: int, stats) -> None:
             bar(step, total, description=f"loss {stats.loss:.3f} | {stats.tokens_per_s:,.0f} tok/s")
 
@@ -107,24 +195,40 @@ def _report(result, config: TrainConfig, as_json: bool) -> None:
     if corpus["only_ids_missing"]:
         ui.warn(f"{corpus['only_ids_missing']} ids of the --only filters are not in the corpus.")
     if corpus["documents_at_max_length"]:
-        ui.warn(f"{corpus['documents_at_max_length']} of {corpus['documents']} documents reach --max-length "
-                    f"{config.max_length} and are cut there.")
+        ui.warn(
+            f"{corpus['documents_at_max_length']} of {corpus['documents']} documents reach --max-length "
+            f"{config.max_length} and are cut there."
+        )
     if as_json:
-        ui.print_json({"output": str(result.output) if result.output else None, "dry_run": result.dry_run,
-                           "steps": result.steps, "documents": result.documents, "tokens": result.tokens,
-                           "padding_share": result.padding_share, "final_loss": result.final_loss,
-                           "tokens_per_s": result.tokens_per_s, "wall_time_s": result.wall_time_s,
-                           "resumed_from": result.resumed_from, "record": record})
+        ui.print_json(
+            {
+                "output": str(result.output) if result.output else None,
+                "dry_run": result.dry_run,
+                "steps": result.steps,
+                "documents": result.documents,
+                "tokens": result.tokens,
+                "padding_share": result.padding_share,
+                "final_loss": result.final_loss,
+                "tokens_per_s": result.tokens_per_s,
+                "wall_time_s": result.wall_time_s,
+                "resumed_from": result.resumed_from,
+                "record": record,
+            }
+        )
         return
     kind = "LoRA" if not config.use_dora else "DoRA"
-    lines = [f"{'Plan' if result.dry_run else 'Trained'}: {kind} r {config.r}, alpha {config.lora_alpha:g} on "
-             f"{','.join(config.target_modules)}" + ("" if result.dry_run else f" -> {result.output}"),
-             f"  documents {result.documents:,} of {corpus['documents_read']:,} read | tokens {result.tokens:,} "
-             f"trained | padding {result.padding_share:.1%} | steps {result.steps:,} "
-             f"({record['global_batch']} {'rows' if config.pack else 'documents'} each)"]
+    lines = [
+        f"{'Plan' if result.dry_run else 'Trained'}: {kind} r {config.r}, alpha {config.lora_alpha:g} on "
+        f"{','.join(config.target_modules)}" + ("" if result.dry_run else f" -> {result.output}"),
+        f"  documents {result.documents:,} of {corpus['documents_read']:,} read | tokens {result.tokens:,} "
+        f"trained | padding {result.padding_share:.1%} | steps {result.steps:,} "
+        f"({record['global_batch']} {'rows' if config.pack else 'documents'} each)",
+    ]
     if not result.dry_run:
         resumed = f" | resumed at step {result.resumed_from}" if result.resumed_from else ""
-        lines.append(f"  loss {record['loss']['first']:.4f} -> {result.final_loss:.4f} | "
-                     f"{result.tokens_per_s:,.0f} tok/s | {result.wall_time_s:.1f} s{resumed}")
+        lines.append(
+            f"  loss {record['loss']['first']:.4f} -> {result.final_loss:.4f} | "
+            f"{result.tokens_per_s:,.0f} tok/s | {result.wall_time_s:.1f} s{resumed}"
+        )
         lines.append(f"  record {Path(result.output) / 'training_record.json'}")
     ui.out.print("\n".join(lines), highlight=False)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from reforge.cli import output as ui
-from reforge.cli.options import MetricType, SizeType, encoding_options, hub_options, output_options
+from reforge.cli.options import MetricType, SizeType, encoding_options, encoding_settings, hub_options, output_options
 
 
 class GridType(click.ParamType):
@@ -142,7 +142,7 @@ def tune_cmd(
           --alpha 0:1:0.1 --max-queries 200 --corpus-sample 2000 --write readapted/
       reforge tune --base base/ --delta delta/ --adapter psi/ -d nfcorpus/ --beta 0.9,1 --json
     """
-    from reforge.eval import EvalSettings
+
     from reforge.tune import plot_tuning, tune, write_best
 
     if (retriever is None) == (delta is None):
@@ -151,27 +151,8 @@ def tune_cmd(
         raise click.UsageError("--plot and --no-plot contradict each other; drop one.")
     if not no_plot and not _has_matplotlib():
         raise click.UsageError("The plot needs matplotlib: pip install matplotlib, or pass --no-plot.")
-    _quiet_transformers()
-    settings = EvalSettings(
-        averaging=options["averaging"],
-        top_k=options["top_k"],
-        keep_identical_ids=options["keep_identical_ids"],
-        profile=options["profile"],
-        pooling=options["pooling"],
-        query_prefix=_unescape(options["query_prefix"]),
-        passage_prefix=_unescape(options["passage_prefix"]),
-        task=options["task"],
-        max_length=options["max_length"],
-        normalize=options["normalize"],
-        batch_size=options["batch_size"],
-        device=options["device"],
-        dtype=None if options["dtype"] == "auto" else options["dtype"],
-        cache=not options["no_cache"],
-        cache_dir=options["cache_dir"],
-        permutations=options["permutations"],
-        token=token,
-        allow_pickle=allow_pickle,
-    )
+    ui.quiet_transformers()
+    settings = encoding_settings(options, token=token, allow_pickle=allow_pickle)
     with ui.progress_bar("Tuning", quiet=quiet or as_json) as bar:
         report = tune(
             base,
@@ -236,8 +217,8 @@ def _show(report: Any, summary: dict) -> None:
             f"{p.beta:g}",
             f"{p.score:.4f}{mark}",
             f"{t.delta:+.4f}" if t else "",
-            _p(t.p_ttest) if t else "",
-            _p(t.p_randomization) if t else "",
+            ui.p_value(t.p_ttest) if t else "",
+            ui.p_value(t.p_randomization) if t else "",
             f"{t.wins}/{t.ties}/{t.losses}" if t else "",
             "encoded" if p.merged else "cached",
         )
@@ -253,7 +234,7 @@ def _show(report: Any, summary: dict) -> None:
     )
     best, t = report.best, report.best.test
     verdict = (
-        f"{best.score - report.baseline.score:+.4f} over alpha 0 (p = {_p(t.p_randomization)}, "
+        f"{best.score - report.baseline.score:+.4f} over alpha 0 (p = {ui.p_value(t.p_randomization)}, "
         f"randomization; {t.wins}/{t.ties}/{t.losses} queries better/equal/worse)"
         if t
         else "the original retriever itself: no point of the grid beats it"
@@ -270,22 +251,7 @@ def _show(report: Any, summary: dict) -> None:
     ui.info(f"{report.merges} in-memory merges, {report.seconds:.1f} s")
 
 
-def _p(value: float) -> str:
-    return "<0.0001" if value < 1e-4 else f"{value:.4f}"
-
-
-def _unescape(text: str | None) -> str | None:
-    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
-
-
 def _has_matplotlib() -> bool:
     from importlib.util import find_spec
 
     return find_spec("matplotlib") is not None
-
-
-def _quiet_transformers() -> None:
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
