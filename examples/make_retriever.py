@@ -35,7 +35,6 @@ name `examples.prepare_base` writes inside ``$REFORGE_MODELS``); tools are given
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -54,6 +53,7 @@ from examples import encoding
 from examples.bm25 import BM25
 from examples.prepare_base import BASE_NAME, MARKER, default_base_dir
 from reforge.errors import CheckpointNotFoundError, DataError, InvalidOptionError, short_path
+from reforge.io.checkpoint import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "examples" / "assets" / "repllama-smol"
@@ -135,8 +135,8 @@ def setup_data(data_dir: str | Path, config: RecipeConfig) -> TrainingData:
     index = BM25([d.passage() for d in documents], [d.id for d in documents])
     negatives = {q: [d for d, _ in index.search(raw_queries[q], config.negative_depth + len(qrels[q]))
                      if d not in qrels[q]][: config.negative_depth] for q in qrels}
-    files = {name: _sha256(data_dir / name) for name in ("corpus.jsonl", "queries.jsonl")}
-    files[f"qrels/{config.split}.tsv"] = _sha256(qrels_path)
+    files = {name: sha256_file(data_dir / name) for name in ("corpus.jsonl", "queries.jsonl")}
+    files[f"qrels/{config.split}.tsv"] = sha256_file(qrels_path)
     return TrainingData(passages={d.id: encoding.format_passage(d.title, d.text) for d in documents},
                         queries={q: encoding.format_query(raw_queries[q]) for q in qrels},
                         qrels=qrels, pairs=pairs, negatives=negatives, files_sha256=files)
@@ -259,7 +259,7 @@ def save(model, out: str | Path, record: dict, config: RecipeConfig) -> Path:
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
         save_profile(tmp, builtin_profile("repllama", max_length=config.max_length))
         weights = tmp / "adapter_model.safetensors"
-        record["adapter"] = {"file": weights.name, "bytes": weights.stat().st_size, "sha256": _sha256(weights),
+        record["adapter"] = {"file": weights.name, "bytes": weights.stat().st_size, "sha256": sha256_file(weights),
                              **_adapter_stats(weights)}
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(_readme(record))
@@ -356,7 +356,7 @@ def _base_record(base_dir: Path) -> dict:
     marker = base_dir / MARKER
     source = json.loads(marker.read_text()) if marker.is_file() else {}
     weights = base_dir / "model.safetensors"
-    return {"name": BASE_NAME, "model_safetensors_sha256": _sha256(weights) if weights.is_file() else None,
+    return {"name": BASE_NAME, "model_safetensors_sha256": sha256_file(weights) if weights.is_file() else None,
             "converted_from": source.get("source"), "converted_from_sha256": source.get("source_sha256"),
             "dtype": source.get("dtype", "float32")}
 
@@ -395,14 +395,6 @@ HuggingFaceTB/SmolLM2-135M-Instruct (those are the unquantized weights). Pass th
 - last-token pooling (the hidden state of that EOS; pad = EOS, so find it from the attention mask), L2-normalized,
   inner product; at most {h['max_length']} tokens for queries and passages
 """
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

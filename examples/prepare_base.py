@@ -28,7 +28,6 @@ place, so an interrupted run never leaves a half-written base behind.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ if __package__ in (None, ""):  # run as a script: python examples/prepare_base.p
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reforge.errors import CheckpointNotFoundError, OutputExistsError, VerificationError, short_path
+from reforge.io.checkpoint import sha256_file
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_NAME = "SmolLM2-135M-Instruct"
@@ -170,7 +170,7 @@ def _convert(gguf: Path, folder: Path, log) -> None:
         path.chmod(0o644)  # safetensors writes 0600 files
     record = {
         "source": gguf.name,
-        "source_sha256": _sha256(gguf),
+        "source_sha256": sha256_file(gguf),
         "architecture": "LlamaForCausalLM",
         "dtype": "float32",
         "dtype_reason": "the dequantized GGUF weights are exact in float32 only; float32 is also fastest on CPU",
@@ -198,14 +198,6 @@ def _check_tokenizer(tokenizer, config, gguf: Path) -> dict:
     return {"eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id,
             "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id,
             "pad_token_set_to_eos_by_us": pad_added, "vocab_size": config.vocab_size}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

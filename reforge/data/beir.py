@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 
 from reforge.errors import DataError, short_path
+from reforge.io.checkpoint import sha256_file
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,7 @@ def load_beir(folder: str | Path, split: str = "test", *, name: str | None = Non
             f"{len(empty_docs)} documents in {short_path(paths['corpus'])} have no title and no text "
             f"(e.g. {', '.join(empty_docs[:_EXAMPLES])}); they are kept and encoded as empty passages."
         )
-    hashes = {kind: _sha256_file(p) for kind, p in paths.items()}
+    hashes = {kind: sha256_file(p) for kind, p in paths.items()}
     return BeirDataset(name or folder.resolve().name, split, corpus, queries, qrels, folder, tuple(warnings), hashes)
 
 
@@ -367,11 +368,3 @@ def _match_qrels(
             query_ids=empty,
         )
     return {q: queries[q] for q in qrels}, qrels
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

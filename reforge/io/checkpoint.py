@@ -165,6 +165,16 @@ def fingerprint(path: str | Path, *, samples: int = 16, sample_bytes: int = 4096
     return digest.hexdigest()[:32]
 
 
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a whole file, read in 1 MiB blocks (for data files and records; see `fingerprint` for
+    checkpoints)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _is_content_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".pt")) or name in {
         "config.json",
