@@ -1,12 +1,12 @@
 """`make demo`: RE-AdaptIR end to end on a real small retriever and real data, with reforge's own commands.
 
-    python -m examples.demo [--work .cache/demo] [--train-docs 100] [--corpus-docs 400] [--alpha 0.5]
+    python -m examples.demo [--work .cache/demo] [--train-docs 48] [--corpus-docs 400] [--alpha 0.5]
 
 1. the base LM: SmolLM2-135M-Instruct, converted once from the GGUF that ../shared/scripts/fetch-models.sh brings;
 2. the retriever: examples/assets/repllama-smol, a RepLLaMA-style LoRA over the bare base (examples/make_retriever.py);
 3. the target domain: SciFact; the demo evaluates on all 300 test queries against a corpus of every judged
    document plus a fixed random sample of the others (--corpus-docs, 400), passages cut at 128 tokens, and trains
-   the knowledge adapter on 100 of those documents (128 tokens each, ~7 steps), so that it runs in about 10 minutes
+   the knowledge adapter on 48 of those documents (128 tokens each: 12 steps of 4 rows), so that it runs in about 10 minutes
    on 2 idle CPU cores (a 135M model costs ~0.3 GFLOP per token forward, ~1 GFLOP per token trained); the
    reproduction in docs/results.md uses the full corpora;
 4. reforge diff -> train (knowledge adapter on that corpus) -> merge (alpha 0.5) -> verify -> eval.
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "demo")
     parser.add_argument("--data", type=Path, default=SCIFACT, help="a BEIR folder (default: ../shared/data/scifact)")
     parser.add_argument("--corpus-docs", type=int, default=400, help="corpus size for the demo evaluation")
-    parser.add_argument("--train-docs", type=int, default=100, help="documents the knowledge adapter reads")
+    parser.add_argument("--train-docs", type=int, default=48, help="documents the knowledge adapter reads")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per document when training")
     parser.add_argument("--eval-max-length", type=int, default=128, help="tokens per text when encoding")
     parser.add_argument("--alpha", type=float, default=0.5)
