@@ -5,13 +5,17 @@
   the EOS token (``<|im_end|>``, id 2) appended, so every sequence ends in EOS even when truncated.
 - Right padding with the pad token (also ``<|im_end|>``: pad == EOS, so the last real token is found from the
   attention mask, never from the ids).
-- Last-token pooling: the final hidden state (after the last norm) of the last real token, i.e. of that EOS.
+- Pooling: **mean** over the real tokens (EOS included) of the final hidden states (after the last norm).
+  RepLLaMA pools the last token (the EOS); `last_token_pool` implements that and ``pooling="last"`` selects it, but
+  on SmolLM2-135M it does not train in a CPU budget: the untrained EOS state carries no relevance signal (in-batch
+  MRR 0.08 = chance, mean pooling 0.38), and every last-token run collapsed all vectors together (cosine 0.93-0.98)
+  with the loss stuck at ln(batch passages); see docs/results.md.
 - L2-normalized; similarity is the inner product (= cosine).
 - Length: at most 128 tokens (EOS included) for queries and passages, in training and evaluation alike.
 
-This is `reforge eval`'s ``repllama`` profile with ``max_length`` 128 (``reforge/eval/encode.py`` tokenizes the same
-way: SmolLM2's tokenizer adds no special tokens, so truncating to 127 and appending EOS gives the same ids), and the
-adapter folder carries it as ``reforge_encoding.json`` so `reforge eval` picks it up.
+This is `reforge eval`'s ``repllama`` profile with ``pooling`` mean and ``max_length`` 128 (``reforge/eval/encode.py``
+tokenizes the same way: SmolLM2's tokenizer adds no special tokens, so truncating to 127 and appending EOS gives the
+same ids); the adapter folder carries it as ``reforge_encoding.json`` so `reforge eval` picks it up.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from collections.abc import Callable, Sequence
 QUERY_PREFIX = "query: "
 PASSAGE_PREFIX = "passage: "
 MAX_LENGTH = 128
+POOLING = "mean"
+POOLINGS = ("mean", "last")
 
 
 def format_query(text: str) -> str:
@@ -72,15 +78,27 @@ def last_token_pool(hidden, attention_mask):
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-def embed(model, batch: dict):
-    """Run a bare model (LlamaModel) on a tokenized batch; return L2-normalized last-token embeddings (float32)."""
+def mean_pool(hidden, attention_mask):
+    """Mean of the hidden states over each row's real tokens: ``(batch, seq, dim), (batch, seq) -> (batch, dim)``."""
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def embed(model, batch: dict, pooling: str = POOLING):
+    """Run a bare model (LlamaModel) on a tokenized batch; return L2-normalized pooled embeddings (float32).
+
+    ``pooling`` is ``mean`` (this retriever's) or ``last`` (RepLLaMA's last token).
+    """
     import torch.nn.functional as F
 
-    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    return F.normalize(last_token_pool(hidden, batch["attention_mask"]).float(), dim=-1)
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}.")
+    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state.float()
+    pool = mean_pool if pooling == "mean" else last_token_pool
+    return F.normalize(pool(hidden, batch["attention_mask"]), dim=-1)
 
 
-def encode(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int = 32,
+def encode(model, tokenizer, texts: Sequence[str], *, max_length: int, pooling: str = POOLING, batch_size: int = 32,
            progress: Callable[[int, int | None], None] | None = None):
     """Embed formatted texts with no gradient; returns a float32 numpy array ``(len(texts), dim)`` in input order.
 
@@ -96,7 +114,7 @@ def encode(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_siz
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start: start + batch_size]
-            out[chunk] = embed(model, tokenize(tokenizer, [texts[i] for i in chunk], max_length)).numpy()
+            out[chunk] = embed(model, tokenize(tokenizer, [texts[i] for i in chunk], max_length), pooling).numpy()
             if progress:
                 progress(min(start + batch_size, len(order)), len(order))
     return out

@@ -21,6 +21,7 @@ from examples.make_retriever import (  # noqa: E402
     ASSETS,
     RecipeConfig,
     contrastive_loss,
+    encoding_profile,
     make_batches,
     make_retriever,
     setup_data,
@@ -72,6 +73,26 @@ def test_last_token_pool_right_and_left_padding():
     assert encoding.last_token_pool(hidden, single).tolist() == [[0.0, 1.0], [8.0, 9.0]]
 
 
+def test_mean_pool_averages_only_real_tokens_and_embed_normalizes():
+    import torch
+
+    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)  # rows [[0,1],[2,3],[4,5]], [[6,7],...]
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert encoding.mean_pool(hidden, mask).tolist() == [[1.0, 2.0], [8.0, 9.0]]
+
+    class Fixed(torch.nn.Module):  # stands in for a LlamaModel: returns the hidden states above
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"last_hidden_state": hidden})()
+
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": mask}
+    mean = encoding.embed(Fixed(), batch, "mean")
+    assert mean.flatten().tolist() == pytest.approx([1 / 5**0.5, 2 / 5**0.5, 8 / 145**0.5, 9 / 145**0.5], abs=1e-7)
+    last = encoding.embed(Fixed(), batch, "last")
+    assert last.flatten().tolist() == pytest.approx([2 / 13**0.5, 3 / 13**0.5, 10 / 221**0.5, 11 / 221**0.5], abs=1e-7)
+    with pytest.raises(ValueError, match=r"^pooling must be one of mean, last, got 'cls'\.$"):
+        encoding.embed(Fixed(), batch, "cls")
+
+
 def test_formats_and_tokenize_append_eos_after_truncation(tiny_tokenizer):
     assert encoding.format_query("aspirin helps") == "query: aspirin helps"
     assert encoding.format_passage("Title", "Body text.") == "passage: Title Body text."
@@ -89,8 +110,9 @@ def test_formats_and_tokenize_append_eos_after_truncation(tiny_tokenizer):
         encoding.tokenize(tok, ["query: alpha"], max_length=1)
 
 
-def test_encoding_gives_the_same_vectors_as_reforge_eval(tiny_base):
-    """The convention the adapter was trained with is exactly `reforge eval`'s repllama profile at 128 tokens."""
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_encoding_gives_the_same_vectors_as_reforge_eval(tiny_base, pooling):
+    """The convention the adapter was trained with is exactly the profile it ships for `reforge eval`."""
     import numpy as np
     from transformers import AutoModel, AutoTokenizer
 
@@ -98,15 +120,15 @@ def test_encoding_gives_the_same_vectors_as_reforge_eval(tiny_base):
     from reforge.eval import Retriever
     from reforge.eval.encode import encode as eval_encode
     from reforge.eval.encode import passages
-    from reforge.eval.profiles import builtin_profile
 
-    profile = builtin_profile("repllama", max_length=encoding.MAX_LENGTH)
+    profile = encoding_profile(RecipeConfig(pooling=pooling))
+    assert (profile.pooling, profile.max_length, profile.append_eos, profile.normalize) == (pooling, 128, True, True)
     docs = [Document("1", "Alpha", "beta gamma " * 80), Document("2", "", "delta"), Document("3", "Gamma", "")]
-    texts = [encoding.format_passage(d.title, d.text) for d in docs]
-    assert texts == passages(docs, profile)
+    texts = [encoding.format_passage(d.title, d.text) for d in docs] + ["query: alpha beta"]
+    assert texts[:3] == passages(docs, profile)
     model, tok = AutoModel.from_pretrained(tiny_base), AutoTokenizer.from_pretrained(tiny_base)
-    ours = encoding.encode(model, tok, texts + ["query: alpha beta"], max_length=encoding.MAX_LENGTH, batch_size=2)
-    theirs = eval_encode(Retriever(model, tok, "tiny", profile), texts + ["query: alpha beta"], profile, batch_size=3)
+    ours = encoding.encode(model, tok, texts, max_length=encoding.MAX_LENGTH, pooling=pooling, batch_size=2)
+    theirs = eval_encode(Retriever(model, tok, "tiny", profile), texts, profile, batch_size=3)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
     assert np.linalg.norm(ours, axis=1) == pytest.approx([1.0] * 4, abs=1e-6)
 
@@ -160,6 +182,8 @@ def test_recipe_config_rejects_impossible_settings():
         RecipeConfig(max_steps=0).check()
     with pytest.raises(InvalidOptionError, match=r"temperature > 0 .*got 1, 0.0, 128\.$"):
         RecipeConfig(temperature=0.0).check()
+    with pytest.raises(InvalidOptionError, match=r"^pooling must be one of mean, last, got 'cls'\.$"):
+        RecipeConfig(pooling="cls").check()
 
 
 def test_make_retriever_on_a_tiny_model_writes_a_deterministic_peft_adapter(tiny_base, tiny_beir, tmp_path):
@@ -263,12 +287,14 @@ def test_committed_adapter_has_the_expected_keys_ranks_and_record():
                                  "tensors": 420, "parameters": params}
     assert params == 2_442_240 and weights.stat().st_size < 10 * 10**6
     t = record["training"]
-    assert t["steps"] == h["max_steps"] == len(t["loss"]["all"]) and t["examples"] == t["steps"] * h["batch_queries"]
-    assert t["loss"]["last_10_mean"] < t["loss"]["first_10_mean"]
     assert record["data"]["pairs"] == 919 and record["data"]["queries"] == 809
+    assert t["steps"] == (h["max_steps"] or 919 // h["batch_queries"] * h["epochs"]) == len(t["loss"]["all"]) == 114
+    assert t["examples"] == t["steps"] * h["batch_queries"]
+    assert t["loss"]["last_10_mean"] < 0.5 * t["loss"]["first_10_mean"]
     profile = load_profile(ASSETS / "reforge_encoding.json")
+    assert profile == encoding_profile(RecipeConfig(**{**h, "target_modules": tuple(h["target_modules"])}))
     assert (profile.name, profile.pooling, profile.normalize, profile.append_eos, profile.max_length) == (
-        "repllama", "last", True, True, record["encoding"]["max_length"])
+        "custom", record["encoding"]["pooling"], True, True, record["encoding"]["max_length"])
     assert (profile.query_prefix, profile.passage_prefix) == (encoding.QUERY_PREFIX, encoding.PASSAGE_PREFIX)
 
 

@@ -1,0 +1,262 @@
+"""The miniature RE-AdaptIR reproduction behind docs/results.md, run with reforge's own commands.
+
+    python -m examples.reproduce [--out .cache/reproduce] [--data ../shared/data] [--base DIR]
+    python -m examples.reproduce --report-only --out DIR         # rebuild the tables from finished steps
+
+What it runs (every command is printed first; a step whose JSON exists is skipped, so a rerun continues, and a
+failed step is logged while the steps that do not need it go on):
+
+1. ``reforge eval``: the untrained base LM vs the retriever (examples/assets/repllama-smol) on SciFact test and
+   NFCorpus-partial test, both encoded the retriever's way (``query: ``/``passage: ``, EOS, mean pooling, 128 tokens).
+2. ``reforge train``: knowledge adapters with the paper's defaults (DoRA r 32 / alpha 64 on q,k,v,up,down, batch 4,
+   lr 2e-4 linear, one epoch, 1024 tokens) on SciFact's corpus, NFCorpus-partial's corpus, and for the Table 2
+   variant SciFact's corpus without (``--exclude-judged``) and with only (``--only-judged``) the test-judged passages.
+3. ``reforge tune --split test --i-know``: retriever + alpha * Psi on each test split for alpha in 0..1. Every point
+   is reported and compared with alpha = 0 (the retriever); nothing is chosen on test.
+4. ``reforge tune`` on held-out queries (SciFact train queries, NFCorpus dev): the alpha a user would pick.
+5. ``results.md`` in --out: the tables (`report`).
+
+On a GPU the full corpora take minutes. On a CPU, budget it with ``--train-max-docs``, ``--train-max-length`` and
+``--corpus-sample`` (the same budget for every row); `make demo` is the quick CPU run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from examples.demo import RETRIEVER
+from examples.prepare_base import prepare_base
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+ALPHAS = "0,0.25,0.5,0.75,1"
+DATASETS = {"scifact": "SciFact", "nfcorpus-partial": "NFCorpus-partial"}
+# held-out queries for tuning: NFCorpus has a dev split; SciFact only train (the retriever's own training queries)
+DEV_SPLITS = {"scifact": "train", "nfcorpus-partial": "dev"}
+# the retriever's encoding (its reforge_encoding.json), spelled out so the untrained base is encoded the same way
+ENCODING = ("--profile", "repllama", "--pooling", "mean", "--max-length", "128")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One reforge command whose ``--json`` output is saved as ``<out>/<name>.json``; ``needs`` are step names."""
+
+    name: str
+    args: tuple[str, ...]
+    needs: tuple[str, ...] = ()
+
+
+def plan(base: Path, data: Path, out: Path, args: argparse.Namespace) -> list[Step]:
+    """The steps in the order they run: what the results table needs most comes first."""
+    scifact, nfcorpus = data / "scifact", data / "nfcorpus-partial"
+    evaluation = (*ENCODING, "--dtype", args.dtype)
+    sample = ("--corpus-sample", str(args.corpus_sample)) if args.corpus_sample else ()
+    if args.max_queries:
+        sample += ("--max-queries", str(args.max_queries))
+    training = ("--max-length", str(args.train_max_length), "--save-every", "0", "--seed", str(args.seed))
+    if args.train_max_docs:
+        training += ("--max-docs", str(args.train_max_docs))
+
+    def train(name: str, corpus: Path, *filters: str) -> Step:
+        return Step(name, ("train", str(base), "--corpus", str(corpus), *filters, "-o", str(out / name), *training))
+
+    def tune(name: str, adapter: str, dataset: Path, split: str, alphas: str = args.alphas) -> Step:
+        honest = ("--i-know",) if split == "test" else ()
+        return Step(name, ("tune", "--base", str(base), "--retriever", str(RETRIEVER), "--adapter",
+                           str(out / adapter), "-d", str(dataset), "--split", split, *honest, "--alpha", alphas,
+                           "--plot", str(out / f"{name}.png"), *evaluation, *sample), needs=(adapter,))
+
+    scifact_test = scifact / "qrels" / "test.tsv"
+    steps = [
+        Step("eval-retriever", ("eval", str(base), str(RETRIEVER), "--base", str(base), "-d", str(scifact), "-d",
+                                str(nfcorpus), *evaluation, "-o", str(out / "eval-retriever"))),
+        train("psi-scifact", scifact),
+        tune("tune-scifact-test", "psi-scifact", scifact, "test"),
+        train("psi-nfcorpus-partial", nfcorpus),
+        tune("tune-nfcorpus-partial-test", "psi-nfcorpus-partial", nfcorpus, "test"),
+        tune("tune-scifact-train", "psi-scifact", scifact, DEV_SPLITS["scifact"]),
+        tune("tune-nfcorpus-partial-dev", "psi-nfcorpus-partial", nfcorpus, DEV_SPLITS["nfcorpus-partial"]),
+        train("psi-scifact-unjudged", scifact, "--exclude-judged", str(scifact_test)),
+        tune("tune-scifact-test-unjudged", "psi-scifact-unjudged", scifact, "test"),
+        train("psi-scifact-judged", scifact, "--only-judged", str(scifact_test)),
+        tune("tune-scifact-test-judged", "psi-scifact-judged", scifact, "test"),
+    ]
+    return [step for step in steps if not args.only or step.name in args.only]
+
+
+def run_steps(steps: list[Step], out: Path, command: list[str], log: Callable[[str], None] = print) -> list[str]:
+    """Run every step whose JSON is missing and whose needs succeeded; returns the names of the failed steps."""
+    failed: list[str] = []
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        result = out / f"{step.name}.json"
+        log(f"\n== {step.name}\n$ reforge {shlex.join(step.args)} --json")
+        if result.is_file():
+            log("   (already done)")
+            continue
+        missing = [need for need in step.needs if not (out / f"{need}.json").is_file()]
+        if missing:
+            log(f"   (skipped: {', '.join(missing)} did not finish)")
+            failed.append(step.name)
+            continue
+        started = time.perf_counter()
+        partial = result.with_name(result.name + ".partial")
+        with partial.open("w") as stdout, (out / "logs" / f"{step.name}.log").open("w") as stderr:
+            code = subprocess.run([*command, *step.args, "-q", "--json"], stdout=stdout, stderr=stderr).returncode
+        if code != 0:
+            log(f"   FAILED (exit {code}); see {out / 'logs' / (step.name + '.log')}")
+            failed.append(step.name)
+            continue
+        partial.rename(result)
+        log(f"   ({time.perf_counter() - started:.0f} s)")
+    return failed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the report
+
+
+def report(out: Path) -> str:
+    """docs/results.md's tables, in Markdown, from the JSON of the finished steps (missing steps are left out)."""
+    sections = [_retriever_table(out), _training_table(out), _alpha_table(out), _tuned_table(out), _table2(out)]
+    return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def _load(out: Path, name: str) -> dict | None:
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _p(value: float) -> str:
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _retriever_table(out: Path) -> str:
+    data = _load(out, "eval-retriever")
+    if not data:
+        return ""
+    rows = ["| dataset | base LM (untrained) | retriever | difference | p (t-test) | p (randomization) | "
+            "wins / ties / losses |", "|---|---|---|---|---|---|---|"]
+    for c in data["comparisons"]:
+        rows.append(f"| {_dataset_name(c['dataset'])} | {c['baseline_score']:.4f} | {c['score']:.4f} | "
+                    f"{c['delta']:+.4f} | {_p(c['p_ttest'])} | {_p(c['p_randomization'])} | "
+                    f"{c['wins']} / {c['ties']} / {c['losses']} |")
+    return "\n".join(rows)
+
+
+def _training_table(out: Path) -> str:
+    rows = ["| adapter | corpus | documents | tokens trained | steps | loss first -> last | tokens/s | time |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name in ("psi-scifact", "psi-nfcorpus-partial", "psi-scifact-unjudged", "psi-scifact-judged"):
+        data = _load(out, name)
+        if not data:
+            continue
+        loss = data["record"]["loss"]
+        rows.append(f"| {name} | {_corpus_text(name)} | {data['documents']:,} | {data['tokens']:,} | "
+                    f"{data['steps']:,} | {loss['first']:.3f} -> {data['final_loss']:.3f} | "
+                    f"{data['tokens_per_s']:,.0f} | {data['wall_time_s']:.0f} s |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def _alpha_table(out: Path) -> str:
+    rows = ["| dataset (test) | alpha | nDCG@10 | vs retriever (alpha 0) | p (t-test) | p (randomization) | "
+            "wins / ties / losses |", "|---|---|---|---|---|---|---|"]
+    for dataset in DATASETS:
+        data = _load(out, f"tune-{dataset}-test")
+        for point in data["points"] if data else ():
+            rows.append(_point_row(DATASETS[dataset], point))
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def _tuned_table(out: Path) -> str:
+    rows = ["| dataset | tuned on | alpha chosen | its score there | test nDCG@10 at that alpha | "
+            "test nDCG@10 at alpha 0.5 | test, retriever |", "|---|---|---|---|---|---|---|"]
+    for dataset, split in DEV_SPLITS.items():
+        tuned, test = _load(out, f"tune-{dataset}-{split}"), _load(out, f"tune-{dataset}-test")
+        if not tuned or not test:
+            continue
+        alpha = tuned["best"]["alpha"]
+        rows.append(f"| {DATASETS[dataset]} | {split} ({tuned['dataset']['queries']} queries) | {alpha:g} | "
+                    f"{tuned['best']['score']:.4f} | {_score_at(test, alpha)} | {_score_at(test, 0.5)} | "
+                    f"{_score_at(test, 0.0)} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def _table2(out: Path) -> str:
+    rows = ["| knowledge adapter trained on | alpha | SciFact test nDCG@10 | vs retriever | p (randomization) |",
+            "|---|---|---|---|---|"]
+    for name, text in (("tune-scifact-test", "the whole corpus"),
+                       ("tune-scifact-test-unjudged", "the corpus without the test-judged passages"),
+                       ("tune-scifact-test-judged", "only the test-judged passages")):
+        data = _load(out, name)
+        for point in data["points"] if data else ():
+            if point["alpha"] == 0.5:
+                test = point["test"]
+                rows.append(f"| {text} | 0.5 | {point['score']:.4f} | {test['delta']:+.4f} | "
+                            f"{_p(test['p_randomization'])} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def _point_row(dataset: str, point: dict) -> str:
+    test = point["test"]
+    if test is None:
+        return f"| {dataset} | {point['alpha']:g} (retriever) | {point['score']:.4f} | | | | |"
+    return (f"| {dataset} | {point['alpha']:g} | {point['score']:.4f} | {test['delta']:+.4f} | "
+            f"{_p(test['p_ttest'])} | {_p(test['p_randomization'])} | "
+            f"{test['wins']} / {test['ties']} / {test['losses']} |")
+
+
+def _score_at(tune_report: dict, alpha: float) -> str:
+    for point in tune_report["points"]:
+        if point["alpha"] == alpha and point["beta"] == 1.0:
+            return f"{point['score']:.4f}"
+    return "(not in the grid)"
+
+
+def _dataset_name(name: str) -> str:
+    return DATASETS.get(name, name)
+
+
+def _corpus_text(name: str) -> str:
+    return {"psi-scifact": "SciFact", "psi-nfcorpus-partial": "NFCorpus-partial",
+            "psi-scifact-unjudged": "SciFact minus test-judged", "psi-scifact-judged": "SciFact test-judged only"}[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / ".cache" / "reproduce")
+    parser.add_argument("--data", type=Path, default=DATA, help="folder with scifact/ and nfcorpus-partial/")
+    parser.add_argument("--base", type=Path, default=None, help="the converted SmolLM2 folder (default: prepare it)")
+    parser.add_argument("--train-max-docs", type=int, default=None, help="budget: documents per knowledge adapter")
+    parser.add_argument("--train-max-length", type=int, default=1024, help="tokens per training document/row")
+    parser.add_argument("--corpus-sample", type=int, default=None, help="budget: tune over ~N documents per corpus")
+    parser.add_argument("--max-queries", type=int, default=None, help="budget: tune on N sampled queries per split")
+    parser.add_argument("--alphas", default=ALPHAS, help="the alpha grid of every tune step")
+    parser.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run just these steps")
+    parser.add_argument("--dtype", default="float32", help="encoding dtype for eval/tune (float32 matches CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild results.md from finished steps")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed: list[str] = []
+    if not args.report_only:
+        base = args.base or prepare_base()
+        failed = run_steps(plan(base, args.data, args.out, args), args.out, [sys.executable, "-m", "reforge"])
+    text = report(args.out)
+    (args.out / "results.md").write_text(text)
+    print("\n" + text, flush=True)
+    if failed:
+        print(f"Failed or skipped: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
