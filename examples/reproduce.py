@@ -112,6 +112,7 @@ def run_steps(steps: list[Step], out: Path, command: list[str], log: Callable[[s
         with partial.open("w") as stdout, (out / "logs" / f"{step.name}.log").open("w") as stderr:
             code = subprocess.run([*command, *step.args, "-q", "--json"], stdout=stdout, stderr=stderr).returncode
         if code != 0:
+            partial.unlink()
             log(f"   FAILED (exit {code}); see {out / 'logs' / (step.name + '.log')}")
             failed.append(step.name)
             continue
@@ -230,7 +231,8 @@ def _corpus_text(name: str) -> str:
             "psi-scifact-unjudged": "SciFact minus test-judged", "psi-scifact-judged": "SciFact test-judged only"}[name]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of `main` (also what `plan` reads its budget from)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / ".cache" / "reproduce")
     parser.add_argument("--data", type=Path, default=DATA, help="folder with scifact/ and nfcorpus-partial/")
@@ -244,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", help="encoding dtype for eval/tune (float32 matches CPU)")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.md from finished steps")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
     if not args.report_only:

@@ -27,10 +27,11 @@ import hashlib
 import json
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 # Files treated like git-LFS files (ETag = sha256, X-Linked-Etag), as the real Hub does for weights.
@@ -129,9 +130,8 @@ class FakeHub:
 
         Installs a client factory whose first request hook raises for any other host, then restores the previous one.
         """
-        from huggingface_hub.utils import _http
-
         import httpx2
+        from huggingface_hub.utils import _http
 
         def refuse_other_hosts(request: httpx2.Request) -> None:
             if request.url.host != "127.0.0.1":

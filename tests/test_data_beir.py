@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import DATA
 
+from conftest import DATA
 from reforge.cli import cli
 from reforge.data.beir import load_beir
 from reforge.errors import DataError

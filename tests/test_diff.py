@@ -9,9 +9,9 @@ import stat
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_model, perturbed_bare, save
 from safetensors.torch import load_file
 
+from conftest import build_model, perturbed_bare, save
 from reforge.cli import cli
 from reforge.io.checkpoint import open_checkpoint
 from reforge.ops.delta import DeltaCheckpoint

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_model, save
 from test_data_beir import write_beir
 
+from conftest import build_model, save
 from reforge.cli import cli
 from reforge.data.beir import load_beir
 from reforge.errors import AdapterError, InvalidOptionError, PoolingUndeterminedError

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import DATA
 from test_data_beir import write_beir
 
+from conftest import DATA
 from reforge.cli import cli
 from reforge.data.beir import load_beir
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import build_model, make_adapter, save
 from safetensors.torch import load_file
 
+from conftest import build_model, make_adapter, save
 from reforge.cli import cli
 from reforge.io.checkpoint import open_checkpoint
 from reforge.ops.fold import LoraAdapter

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fakehub import WRITE_TOKEN, FakeHub, build_tiny_llama, fake_hub_fixture
 
+from fakehub import WRITE_TOKEN, FakeHub, build_tiny_llama, fake_hub_fixture
 from reforge import hub
 from reforge.cli import cli, main
 from reforge.errors import (
@@ -392,7 +392,7 @@ def _truncated(f: Path) -> str:
     shard = f / "model-00002-of-00005.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[:-100])
-    return f"model-00002-of-00005.safetensors: truncated or padded: tensors end at byte"
+    return "model-00002-of-00005.safetensors: truncated or padded: tensors end at byte"
 
 
 def _leftover(f: Path) -> str:
@@ -517,7 +517,6 @@ def test_merge_output_pushes_and_comes_back_whole(fake_hub, tmp_path):
     import copy
 
     from conftest import build_model, make_adapter, perturbed_bare, save, save_tokenizer
-
     from reforge.io.checkpoint import open_checkpoint
     from reforge.ops.merge import merge
 

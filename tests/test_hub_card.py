@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from fakehub import build_tiny_llama
 
+from fakehub import build_tiny_llama
 from reforge.card import render_model_card
 from reforge.errors import InvalidOptionError
 

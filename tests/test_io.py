@@ -9,9 +9,9 @@ import struct
 
 import pytest
 import torch
-from conftest import build_model, save
 from safetensors.torch import load_file, save_file
 
+from conftest import build_model, save
 from reforge.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -298,3 +298,75 @@ def test_durable_mode_writes_the_same_bytes(tmp_path, tensors):
                 writer.write(name, value)
         outputs.append({f.name: f.read_bytes() for f in out.glob("*.safetensors")})
     assert outputs[0] == outputs[1] and len(outputs[0]) == 2
+
+
+def _large_tensors():
+    """Tensors of over 1 MiB (read with O_DIRECT where the filesystem allows) at offsets that are not 4 KiB
+    aligned (a small tensor first), with lengths that are not whole blocks either."""
+    g = torch.Generator().manual_seed(1)
+    return {
+        "a.small": torch.randn(3, generator=g).to(torch.bfloat16),
+        "b.large": torch.randn(1031, 517, generator=g).to(torch.bfloat16),
+        "c.large": torch.randn(700, 450, generator=g),
+        "d.odd": torch.randn(3, generator=g).to(torch.bfloat16),
+        "e.misaligned": torch.randn(600, 450, generator=g),  # starts 2 bytes past a multiple of 4
+        "f.small": torch.randn(5, generator=g),
+    }
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("cached", [True, False])
+def test_large_tensors_round_trip_through_direct_io_and_the_page_cache(tmp_path, monkeypatch, direct, cached):
+    """Pooled, page-aligned outputs are written with O_DIRECT; reads take O_DIRECT or the page cache: the bytes
+    are the same either way, and safetensors reads the file."""
+    from reforge.io import format as fmt
+    from reforge.io import reader as reader_module
+    from reforge.io import writer as writer_module
+    from reforge.io.buffers import BufferPool
+    from reforge.ops.stream import empty
+
+    if not direct:  # a filesystem without O_DIRECT (tmpfs)
+        monkeypatch.setattr(reader_module, "_open_direct", lambda file: None)
+        monkeypatch.setattr(writer_module, "_open_direct", lambda path: None)
+    monkeypatch.setattr(fmt, "page_cached", lambda fd, offset, length: cached)
+    tensors, pool, out = _large_tensors(), BufferPool(), tmp_path / "out"
+    with CheckpointWriter(out, _specs(tensors), plan_id="p") as writer:
+        for name, value in tensors.items():
+            placed = empty(tuple(value.shape), value.dtype, pool, writer.alignment(name))
+            writer.write(name, placed.copy_(value))
+    loaded = load_file(out / "model.safetensors")
+    with ShardReader(ShardIndex.from_dir(out), pool) as reader:
+        for name, value in tensors.items():
+            assert torch.equal(loaded[name], value)
+            assert torch.equal(reader.get(name), value)
+
+
+def test_pool_lends_a_buffer_again_only_once_nothing_uses_it():
+    from reforge.io.buffers import BufferPool
+
+    pool = BufferPool()
+    first = torch.frombuffer(pool.take(3 << 20), dtype=torch.uint8)
+    view = first[10:].view(torch.int16)
+    del first
+    second = torch.frombuffer(pool.take(3 << 20), dtype=torch.uint8)
+    assert second.data_ptr() != view.data_ptr() - 10, "a view still used the first buffer"
+    address = second.data_ptr()
+    del second
+    assert torch.frombuffer(pool.take(2 << 20), dtype=torch.uint8).data_ptr() == address, "freed buffer reused"
+    assert view.data_ptr() % 4096 == 10 and address % 4096 == 0
+
+
+def test_page_cached_sees_what_was_just_written_and_evicted(tmp_path):
+    from reforge.io.format import page_cached
+
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(1 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert page_cached(fd, 0, 1 << 20)
+        if hasattr(os, "posix_fadvise"):
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert not page_cached(fd, 0, 1 << 20)
+    finally:
+        os.close(fd)

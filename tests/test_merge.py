@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_model, make_adapter, perturbed_bare, save, save_tokenizer
 from safetensors.torch import load_file
 
+from conftest import build_model, make_adapter, perturbed_bare, save, save_tokenizer
 from reforge.cli import cli
 
 

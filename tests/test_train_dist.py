@@ -9,8 +9,8 @@ import sys
 
 import pytest
 from safetensors.torch import load_file
-
 from test_train import SCIFACT, build_tokenizer, config, make_base
+
 from reforge.train import train_adapter
 
 # The runs differ only in fp32 rounding: one process multiplies a (4 rows x 64) batch at once, two processes each a

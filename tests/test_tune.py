@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_model, make_adapter, perturbed_bare, save, save_tokenizer
 from safetensors.torch import load_file
 
+from conftest import build_model, make_adapter, perturbed_bare, save, save_tokenizer
 from reforge.cli import cli
 from reforge.errors import InvalidOptionError
 from reforge.tune import (
@@ -133,7 +133,7 @@ def test_in_memory_merge_equals_on_disk_merge_through_a_sequence_of_points(setup
     from transformers import AutoModel
 
     from reforge.eval import EvalSettings
-    from reforge.ops.merge import open_inputs, merge
+    from reforge.ops.merge import merge, open_inputs
     from reforge.tune import _merger_and_template
 
     inputs = {"retriever": None, "delta": None, kind.replace("lora_", ""): setup[kind]}

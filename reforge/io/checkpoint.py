@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reforge.errors import AdapterError, CheckpointNotFoundError, CorruptCheckpointError, short_path
+from reforge.io.buffers import BufferPool
 from reforge.io.index import ShardIndex
 from reforge.io.keymap import KeyLayout, canonical_map, detect_layout
 from reforge.io.reader import ShardReader
@@ -39,9 +40,9 @@ class Checkpoint:
     provenance: dict = field(default_factory=dict)
     kind: str = "model"
 
-    def reader(self) -> ShardReader:
-        """A fresh lazy reader (use it as a context manager)."""
-        return ShardReader(self.index)
+    def reader(self, pool: BufferPool | None = None) -> ShardReader:
+        """A fresh lazy reader (use it as a context manager); large tensors take their memory from ``pool``."""
+        return ShardReader(self.index, pool)
 
     def canonical_keys(self) -> dict[str, str]:
         """``{canonical key: stored key}`` for every tensor but the head."""
@@ -69,8 +70,8 @@ class AdapterCheckpoint:
     provenance: dict = field(default_factory=dict)
     kind: str = "adapter"
 
-    def reader(self) -> ShardReader:
-        return ShardReader(self.index)
+    def reader(self, pool: BufferPool | None = None) -> ShardReader:
+        return ShardReader(self.index, pool)
 
     @property
     def base_ref(self) -> str | None:
@@ -158,8 +159,11 @@ def fingerprint(path: str | Path, *, samples: int = 16, sample_bytes: int = 4096
             if name.endswith(".json"):
                 digest.update(handle.read())
                 continue
-            step = max(size // samples, 1)
-            for position in range(0, size, step):
+            positions = range(0, size, max(size // samples, 1))
+            if hasattr(os, "posix_fadvise"):  # ask for all samples at once: one disk latency, not one per sample
+                for position in positions:
+                    os.posix_fadvise(handle.fileno(), position, sample_bytes, os.POSIX_FADV_WILLNEED)
+            for position in positions:
                 handle.seek(position)
                 digest.update(handle.read(sample_bytes))
     return digest.hexdigest()[:32]

@@ -7,14 +7,20 @@ header ourselves lets every malformed file fail with its name, the tensor and th
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import functools
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from reforge.errors import CorruptCheckpointError, short_path
+from reforge.io.buffers import ALIGNMENT, BufferPool, allocate, round_up
 
 # safetensors dtype name -> (torch dtype attribute, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -159,16 +165,104 @@ def safetensors_dtype(dtype) -> str:
     raise ValueError(f"dtype {dtype} cannot be stored in safetensors")
 
 
-def read_tensor(fd: int, info: TensorInfo):
-    """Read one tensor's bytes with pread into memory it owns (no mmap, so nothing lingers in RSS)."""
-    import torch
+def read_tensor(fd: int, info: TensorInfo, *, direct_fd: int | None = None, pool: BufferPool | None = None):
+    """Read one tensor's bytes with pread into memory it owns (no mmap of the file, so nothing lingers in RSS).
 
-    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-    view = memoryview(buffer.numpy())
+    Args:
+        fd: the file, opened for ordinary (page cache) reads.
+        direct_fd: the same file opened with O_DIRECT, or None. Tensors of 1 MiB and more whose bytes are not
+            already in the page cache are read through it, straight from the disk into the tensor's memory: no
+            copy out of the page cache, and no page cache to fill and evict. Measured on 2.4 GB of cold safetensors:
+            1.04 s and 0.02 s of CPU, against 1.8 s and 0.8 s of CPU for the same reads through the page cache.
+            Bytes the page cache holds (a file just written or read) are copied from it instead: an O_DIRECT read
+            would go to the disk again, after writing back any dirty pages.
+        pool: where large tensors get their memory (`BufferPool`); fresh memory when None.
+    """
+    if info.nbytes < DIRECT_MIN_BYTES or info.start % DTYPES[info.dtype][1]:  # small, or elements misaligned
+        import torch
+
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        _pread_exact(fd, memoryview(buffer.numpy()), info.start, info)
+        return _typed(buffer, info)
+    first = info.start - info.start % ALIGNMENT  # O_DIRECT reads whole aligned blocks around the tensor
+    skip = info.start - first
+    size = round_up(info.end - first, ALIGNMENT)
+    loan = pool.take(size) if pool is not None else memoryview(allocate(size))
     done = 0
-    while done < info.nbytes:
-        count = os.preadv(fd, [view[done:]], info.start + done)
+    if direct_fd is not None and not page_cached(fd, first, size):
+        done = _pread_direct(direct_fd, loan[:size], first, needed=info.end - first)
+    if done < info.end - first:  # no O_DIRECT, cached bytes, or a short direct read: the page cache does the rest
+        start = max(info.start, first + done)
+        _pread_exact(fd, loan[start - first : info.end - first], start, info)
+    import torch  # only now: the read above needs none, so it can overlap with torch's import (stream.py)
+
+    buffer = torch.frombuffer(loan, dtype=torch.uint8, count=info.nbytes, offset=skip)
+    return _typed(buffer, info)
+
+
+DIRECT_MIN_BYTES = 2**20  # smaller tensors: one plain read, cheaper than aligning and checking the cache
+
+
+def _typed(buffer, info: TensorInfo):
+    return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int, info: TensorInfo) -> None:
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
         if count == 0:
             raise _corrupt(info.file, info.name, "file ended while reading the tensor (it changed on disk?)")
         done += count
-    return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+
+def _pread_direct(fd: int, view: memoryview, offset: int, needed: int) -> int:
+    """Read up to ``len(view)`` bytes with O_DIRECT; returns how many were read (fewer at the end of the file,
+    and 0 when the filesystem refuses O_DIRECT reads: the caller reads the rest through the page cache)."""
+    done = 0
+    while done < needed:
+        try:
+            count = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            return done
+        done += count
+        if count == 0 or done % ALIGNMENT:  # end of file, or a short read that left the next read unaligned
+            break
+    return done
+
+
+def page_cached(fd: int, offset: int, length: int) -> bool:
+    """Whether the page cache holds at least half of these bytes of the file (``mincore`` on a mapping of the
+    range that is never touched, so it reads nothing). False when that cannot be told."""
+    libc = _libc()
+    if libc is None:
+        return False
+    address = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+    if address in (None, ctypes.c_void_p(-1).value):
+        return False
+    try:
+        pages = -(-length // mmap.PAGESIZE)
+        resident = ctypes.create_string_buffer(pages)
+        if libc.mincore(ctypes.c_void_p(address), length, resident) != 0:
+            return False
+        return resident.raw.count(0) * 2 <= pages
+    finally:
+        libc.munmap(ctypes.c_void_p(address), length)
+
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name, use_errno=True) if name else None
+        if libc is None or not hasattr(libc, "mincore"):
+            return None
+    except OSError:
+        return None
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc

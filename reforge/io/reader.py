@@ -1,7 +1,8 @@
 """Lazy, tensor-by-tensor reading of a checkpoint folder.
 
 `ShardReader.get` reads one tensor with ``pread`` into memory the tensor owns: no memory map stays open, so the
-resident set holds only the tensors the caller keeps. One shard file descriptor is open at a time.
+resident set holds only the tensors the caller keeps. One shard file is open at a time (twice: for ordinary reads,
+and with O_DIRECT where the filesystem allows it; see `reforge.io.format.read_tensor`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reforge.errors import CorruptCheckpointError, short_path
+from reforge.io.buffers import BufferPool
 from reforge.io.format import TensorInfo, read_tensor, safetensors_dtype
 from reforge.io.index import ShardIndex
 
@@ -27,9 +29,11 @@ class ShardReader:
         ...     weight = reader.get("layers.0.mlp.up_proj.weight")
     """
 
-    def __init__(self, index: ShardIndex) -> None:
+    def __init__(self, index: ShardIndex, pool: BufferPool | None = None) -> None:
         self.index = index
+        self.pool = pool
         self._fd: int | None = None
+        self._direct_fd: int | None = None
         self._fd_file: Path | None = None
         self._pickle_file: Path | None = None
         self._pickle_state: dict | None = None
@@ -62,7 +66,8 @@ class ShardReader:
         info = self.info(name)
         if self.index.pickle_files:
             return self._pickle_tensor(info)
-        return read_tensor(self._open(info.file), info)
+        fd = self._open(info.file)
+        return read_tensor(fd, info, direct_fd=self._direct_fd, pool=self.pool)
 
     def iter_tensors(self) -> Iterator[tuple[str, "torch.Tensor"]]:
         """Yield ``(name, tensor)`` for every tensor, in file order."""
@@ -70,9 +75,10 @@ class ShardReader:
             yield name, self.get(name)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-        self._fd = self._fd_file = None
+        for fd in (self._fd, self._direct_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._direct_fd = self._fd_file = None
         self._pickle_state = self._pickle_file = None
 
     def _open(self, file: Path) -> int:
@@ -80,6 +86,7 @@ class ShardReader:
             self.close()
             self._fd = os.open(file, os.O_RDONLY)
             self._fd_file = file
+            self._direct_fd = _open_direct(file)
         assert self._fd is not None
         return self._fd
 
@@ -130,3 +137,13 @@ class ShardReader:
                 reason="not a state dict",
             )
         return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _open_direct(file: Path) -> int | None:
+    """``file`` opened with O_DIRECT, or None where the platform or filesystem (tmpfs, for one) has none."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(file, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return None

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reforge.errors import CorruptCheckpointError, ProvenanceMismatchError, short_path
+from reforge.io.buffers import BufferPool
 from reforge.io.index import ShardIndex
 from reforge.io.reader import ShardReader
 
@@ -81,9 +82,9 @@ class DeltaCheckpoint:
     def zero(self) -> set[str]:
         return set(self.manifest.get("zero", []))
 
-    def reader(self) -> ShardReader:
-        """A fresh lazy reader over the delta's files."""
-        return ShardReader(self.index)
+    def reader(self, pool: BufferPool | None = None) -> ShardReader:
+        """A fresh lazy reader over the delta's files; large tensors take their memory from ``pool``."""
+        return ShardReader(self.index, pool)
 
     def get(self, reader: ShardReader, key: str) -> "torch.Tensor":
         """Delta for canonical ``key`` in fp32 (materialized from factors, or zeros)."""

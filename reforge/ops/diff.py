@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reforge.errors import InvalidOptionError, LayoutMismatchError
+from reforge.io.buffers import BufferPool
 from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
 from reforge.io.companions import output_companions
 from reforge.io.format import torch_dtype
@@ -22,7 +23,7 @@ from reforge.io.keymap import match_keys
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.delta import RETRIEVER_FILES, factor_keys
 from reforge.ops.fold import Factors, LoraAdapter
-from reforge.ops.stream import Accumulator, prefetch, row_blocks, torch_threads
+from reforge.ops.stream import Accumulator, import_torch_in_background, prefetch, row_blocks, torch_threads
 
 if TYPE_CHECKING:
     import torch
@@ -95,6 +96,7 @@ def diff(
         LayoutMismatchError: the two do not line up (names or shapes). InvalidOptionError: options that conflict.
     """
     started = time.perf_counter()
+    import_torch_in_background()
     _check_options(low_rank, rank, energy, dtype)
     base_ckpt = open_model(base, token=token, allow_pickle=allow_pickle)
     retriever_ckpt = open_checkpoint(retriever, token=token, allow_pickle=allow_pickle)
@@ -162,9 +164,13 @@ def diff(
             writer.add_file(f"{RETRIEVER_FILES}/{name}", content)
         if not writer.already_complete:
             todo = [e for e in entries if any(writer.pending(n) for n in _stored_names(e, factored))]
-            with _EntryLoader(base_ckpt, retriever_ckpt, adapter, low_rank) as loader, torch_threads(1):
-                for entry, loaded in prefetch(todo, loader.load):
-                    writer.record(entry.key, _store(writer, entry, loaded, stored_dtype, factored))
+            with (
+                _EntryLoader(base_ckpt, retriever_ckpt, adapter, low_rank) as loader,
+                prefetch(todo, loader.load) as stream,
+                torch_threads(1),
+            ):
+                for entry, loaded in stream:
+                    writer.record(entry.key, _store(writer, entry, loaded, stored_dtype, factored, loader.pool))
         errors = writer.records
         writer.manifest["max_abs_rounding"] = max((e["max_abs_rounding"] for e in errors.values()), default=0.0)
     report.max_abs_rounding = max((e["max_abs_rounding"] for e in errors.values()), default=0.0)
@@ -319,8 +325,8 @@ def _energy_ranks(entries: list[_Entry], base: Checkpoint, retriever, adapter, e
 
     ranks = {}
     todo = [e for e in entries if _factor_rank(e, {"low_rank": False, "rank": None}, adapter) is not None]
-    with _EntryLoader(base, retriever, adapter, False) as loader:
-        for entry, loaded in prefetch(todo, loader.load):
+    with _EntryLoader(base, retriever, adapter, False) as loader, prefetch(todo, loader.load) as stream:
+        for entry, loaded in stream:
             exact, _ = _delta_tensor(entry, loaded, "F32")
             ranks[entry.key] = _rank_for_energy(torch.linalg.svdvals(exact), energy)
     return ranks
@@ -352,13 +358,15 @@ class _Loaded:
 
 
 class _EntryLoader:
-    """Reads what each entry needs. Its readers are used only by the prefetch thread."""
+    """Reads what each entry needs. Its readers are used only by the prefetch thread; its ``pool`` lends the memory
+    of large inputs and outputs, reused from tensor to tensor."""
 
     def __init__(self, base: Checkpoint, retriever, adapter: LoraAdapter | None, low_rank: bool) -> None:
         self.base, self.retriever, self.adapter, self.low_rank = base, retriever, adapter, low_rank
+        self.pool = BufferPool()
 
     def __enter__(self) -> "_EntryLoader":
-        self.base_reader, self.retriever_reader = self.base.reader(), self.retriever.reader()
+        self.base_reader, self.retriever_reader = self.base.reader(self.pool), self.retriever.reader(self.pool)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -378,9 +386,11 @@ class _EntryLoader:
         return loaded
 
 
-def _delta_tensor(entry: _Entry, loaded: _Loaded, dtype: str) -> tuple["torch.Tensor", float]:
+def _delta_tensor(
+    entry: _Entry, loaded: _Loaded, dtype: str, pool: BufferPool | None = None, skew: int = 0
+) -> tuple["torch.Tensor", float]:
     """Delta of one entry computed in fp32 block by block, rounded to ``dtype``; and the largest rounding."""
-    accumulator = Accumulator(entry.shape, torch_dtype(dtype))
+    accumulator = Accumulator(entry.shape, torch_dtype(dtype), pool, skew)
     for rows in row_blocks(entry.shape):
         block = accumulator.block(rows)
         _delta_rows(block, rows, entry, loaded)
@@ -418,10 +428,12 @@ def _adapter_factors(adapter: LoraAdapter, key: str, read) -> tuple["torch.Tenso
     return (b.T.contiguous(), a.T.contiguous()) if module.fan_in_fan_out else (a, b)
 
 
-def _store(writer: CheckpointWriter, entry: _Entry, loaded: _Loaded, dtype: str, factored: dict[str, int]) -> dict:
+def _store(
+    writer: CheckpointWriter, entry: _Entry, loaded: _Loaded, dtype: str, factored: dict[str, int], pool: BufferPool
+) -> dict:
     """Write one entry (dense, or factored) and return its measured errors."""
     if entry.key not in factored:
-        stored, rounding = _delta_tensor(entry, loaded, dtype)
+        stored, rounding = _delta_tensor(entry, loaded, dtype, pool, writer.alignment(entry.key))
         writer.write(entry.key, stored)
         return {"max_abs_rounding": rounding}
     exact, _ = _delta_tensor(entry, loaded, "F32")

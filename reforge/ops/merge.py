@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reforge.errors import AdapterError, InvalidOptionError, LayoutMismatchError, ProvenanceMismatchError, short_path
+from reforge.io.buffers import ALIGNMENT, BufferPool
 from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
 from reforge.io.companions import companion_files, output_companions
 from reforge.io.format import torch_dtype
@@ -27,7 +28,14 @@ from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_f
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
 from reforge.ops.diff import DTYPE_NAMES, overlap
 from reforge.ops.fold import Factors, LoraAdapter
-from reforge.ops.stream import Accumulator, prefetch, row_blocks, torch_threads
+from reforge.ops.stream import (
+    Accumulator,
+    empty,
+    import_torch_in_background,
+    prefetch,
+    row_blocks,
+    torch_threads,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -101,6 +109,7 @@ def merge(
             is read or written.
     """
     started = time.perf_counter()
+    import_torch_in_background()
     _check_options(retriever, delta, adapters, beta, dtype)
     source = open_inputs(base, retriever, delta, adapters, token, allow_pickle)
     plan = {key: _terms(source, key, beta) for key in source.shapes}
@@ -318,9 +327,15 @@ def _terms(source: MergeInputs, key: str, beta: float) -> list[str]:
 
 def _write_tensors(writer: CheckpointWriter, source: MergeInputs, beta: float, specs: list[TensorSpec]) -> None:
     todo = [(spec, key) for spec, key in zip(specs, source.shapes) if writer.pending(spec.name)]
-    with InputLoader(source, beta) as loader, torch_threads(1):
-        for (spec, key), loaded in prefetch(todo, lambda item: loader.load(item[1])):
-            stored, rounding = compute_output(source, loaded, key, beta, torch_dtype(spec.dtype))
+    with (
+        InputLoader(source, beta) as loader,
+        prefetch(todo, lambda item: loader.load(item[1])) as stream,
+        torch_threads(1),
+    ):
+        for (spec, key), loaded in stream:
+            stored, rounding = compute_output(
+                source, loaded, key, beta, torch_dtype(spec.dtype), loader.pool, writer.alignment(spec.name)
+            )
             writer.write(spec.name, stored)
             writer.record(spec.name, {"max_abs_rounding": rounding})
 
@@ -337,18 +352,20 @@ class Loaded:
 
 
 class InputLoader:
-    """Reads what each output tensor needs; one reader per input, used only by the thread calling `load`."""
+    """Reads what each output tensor needs; one reader per input, used only by the thread calling `load`. Its
+    ``pool`` lends the memory of large inputs and outputs, reused from tensor to tensor."""
 
     def __init__(self, source: MergeInputs, beta: float) -> None:
         self.source, self.beta = source, beta
+        self.pool = BufferPool()
 
     def __enter__(self) -> "InputLoader":
-        source = self.source
-        self.base = source.base.reader()
-        self.retriever = source.retriever.reader() if source.retriever else None
-        self.retriever_adapter = source.retriever_adapter.checkpoint.reader() if source.retriever_adapter else None
-        self.delta = source.delta.reader() if source.delta else None
-        self.adapters = [a.checkpoint.reader() for a, _ in source.adapters]
+        source, pool = self.source, self.pool
+        self.base = source.base.reader(pool)
+        self.retriever = source.retriever.reader(pool) if source.retriever else None
+        self.retriever_adapter = source.retriever_adapter.checkpoint.reader(pool) if source.retriever_adapter else None
+        self.delta = source.delta.reader(pool) if source.delta else None
+        self.adapters = [a.checkpoint.reader(pool) for a, _ in source.adapters]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -385,16 +402,23 @@ class InputLoader:
 
 
 def compute_output(
-    source: MergeInputs, loaded: Loaded, key: str, beta: float, dtype: "torch.dtype"
+    source: MergeInputs,
+    loaded: Loaded,
+    key: str,
+    beta: float,
+    dtype: "torch.dtype",
+    pool: BufferPool | None = None,
+    skew: int = 0,
 ) -> tuple["torch.Tensor", float]:
-    """One output tensor (in ``dtype``) and its largest rounding |stored - exact fp32|.
+    """One output tensor (in ``dtype``) and its largest rounding |stored - exact fp32|. With ``pool`` and ``skew``
+    its memory is placed for an O_DIRECT write (see `Accumulator`).
 
     A tensor nothing changes (retriever, beta = 1, no adapter) is the retriever's tensor itself, bit for bit."""
     if loaded.retriever is not None and beta == 1 and not loaded.adapters and loaded.retriever.dtype == dtype:
-        return loaded.retriever, 0.0
+        return _placed(loaded.retriever, pool, skew), 0.0
     shape = source.shapes[key]
     base_rows = loaded.base.shape[0] if loaded.base is not None and loaded.base.dim() else None
-    accumulator = Accumulator(shape, dtype)
+    accumulator = Accumulator(shape, dtype, pool, skew)
     for rows in row_blocks(shape):
         block = accumulator.block(rows)
         covered = overlap(rows, base_rows) if base_rows is not None and base_rows != shape[0] else None
@@ -414,6 +438,15 @@ def compute_output(
             factors.add_to(block, rows, base, alpha)
         accumulator.commit(rows)
     return accumulator.output, accumulator.max_abs_rounding
+
+
+def _placed(tensor: "torch.Tensor", pool: BufferPool | None, skew: int) -> "torch.Tensor":
+    """``tensor``, or a copy of it that starts ``skew`` bytes into a page: a copy in memory costs far less than
+    writing it through the page cache (see `reforge.io.writer`)."""
+    if pool is None or (tensor.data_ptr() - skew) % ALIGNMENT == 0:
+        return tensor
+    placed = empty(tuple(tensor.shape), tensor.dtype, pool, skew)
+    return placed.copy_(tensor) if placed.data_ptr() % ALIGNMENT == skew else tensor
 
 
 def _delta_rows_into(block: "torch.Tensor", rows: slice, loaded: Loaded, base) -> None:

@@ -1,0 +1,68 @@
+"""examples/reproduce.py: the commands it plans, how it runs and resumes them, and the tables it builds from the
+real outputs of the H100 run committed in docs/results/."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from examples.reproduce import parse_args, plan, report, run_steps
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_RUN = REPO / "docs" / "results" / "h100-2026-11-26"
+CPU_RUN = REPO / "docs" / "results" / "cpu-2026-11-26"  # the NFCorpus rows, run on CPU with a budget
+
+
+def test_plan_spells_out_budget_encoding_and_honesty(tmp_path):
+    args = parse_args(["--out", str(tmp_path), "--train-max-docs", "300", "--max-queries", "50", "--corpus-sample",
+                  "1000", "--alphas", "0,0.5,1"])
+    steps = {s.name: s for s in plan(Path("BASE"), Path("DATA"), tmp_path, args)}
+    assert list(steps)[:3] == ["eval-retriever", "psi-scifact", "tune-scifact-test"]
+    train = steps["psi-scifact-unjudged"].args
+    assert train[:2] == ("train", "BASE") and "--exclude-judged" in train
+    assert train[train.index("--max-docs") + 1] == "300" and train[train.index("--max-length") + 1] == "1024"
+    test, dev = steps["tune-nfcorpus-partial-test"].args, steps["tune-nfcorpus-partial-dev"].args
+    assert "--i-know" in test and "--i-know" not in dev  # only the reported split needs the flag
+    assert dev[dev.index("--split") + 1] == "dev" and test[test.index("--alpha") + 1] == "0,0.5,1"
+    for step in (steps["eval-retriever"], steps["tune-scifact-train"]):  # base and merges encoded the same way
+        line = " ".join(step.args)
+        assert "--profile repllama --pooling mean --max-length 128" in line and "--dtype float32" in line
+    assert "--corpus-sample 1000 --max-queries 50" in " ".join(test)
+    assert steps["tune-scifact-train"].needs == ("psi-scifact",)
+    only = parse_args(["--only", "psi-scifact", "tune-scifact-test"])
+    assert [s.name for s in plan(Path("B"), Path("D"), tmp_path, only)] == ["psi-scifact", "tune-scifact-test"]
+
+
+def test_run_steps_saves_json_skips_finished_and_dependents_of_failures(tmp_path):
+    from examples.reproduce import Step
+
+    script = tmp_path / "fake.py"  # stands in for `python -m reforge`: echoes JSON, fails on "boom"
+    script.write_text("import json, sys\nargs = sys.argv[1:]\nif 'boom' in args: sys.exit(3)\n"
+                      "print(json.dumps({'args': args}))\n")
+    steps = [Step("a", ("train", "x")), Step("b", ("tune", "boom"), needs=("a",)), Step("c", ("tune",), needs=("b",))]
+    lines: list[str] = []
+    failed = run_steps(steps, tmp_path, [sys.executable, str(script)], log=lines.append)
+    assert failed == ["b", "c"]
+    assert (tmp_path / "a.json").read_text().strip() == '{"args": ["train", "x", "-q", "--json"]}'
+    assert not (tmp_path / "b.json").exists() and not list(tmp_path.glob("*.partial"))
+    assert any("skipped: b did not finish" in line for line in lines)
+    (tmp_path / "a.json").write_text("{}")  # a rerun keeps what is done
+    run_steps(steps[:1], tmp_path, [sys.executable, str(script)], log=lines.append)
+    assert (tmp_path / "a.json").read_text() == "{}" and lines[-1] == "   (already done)"
+
+
+def test_report_from_the_committed_runs_matches_docs_results(tmp_path):
+    for path in [*GPU_RUN.glob("*.json"), *CPU_RUN.glob("*.json")]:
+        shutil.copy(path, tmp_path)
+    text = report(tmp_path)
+    docs = (REPO / "docs" / "results.md").read_text()
+    assert "| SciFact | 0.1056 | 0.4705 | +0.3649 | <0.001 | <0.001 | 174 / 112 / 14 |" in text
+    assert "| SciFact | 0.5 | 0.4848 | +0.0143 | 0.099 | 0.094 | 48 / 213 / 39 |" in text
+    assert "| SciFact | train (809 queries) | 0 | 0.5053 | 0.4705 | 0.4848 | 0.4705 |" in text
+    assert "| only the test-judged passages | 0.5 | 0.4789 | +0.0084 | 0.077 |" in text
+    assert "| NFCorpus-partial | 0.5 | 0.1901 | -0.0013 | 0.783 | 0.790 | 10 / 30 / 10 |" in text
+    assert "| NFCorpus-partial | dev (50 queries) | 0.5 | 0.1932 | 0.1901 | 0.1901 | 0.1914 |" in text
+    for number in ("0.1914", "0.1901", "0.1906", "0.1932", "0.1833",
+                   "0.1056", "0.4705", "0.4848", "0.4710", "0.4764", "0.4501", "0.5053", "0.4789", "0.4751"):
+        assert number in docs, number  # every number quoted in docs/results.md comes from these files
