@@ -144,18 +144,17 @@ def _retriever_table(out: Path) -> str:
     data = _load(out, "eval-retriever")
     if not data:
         return ""
-    rows = ["| dataset | base LM (untrained) | retriever | difference | p (t-test) | p (randomization) | "
-            "wins / ties / losses |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for c in data["comparisons"]:
         rows.append(f"| {_dataset_name(c['dataset'])} | {c['baseline_score']:.4f} | {c['score']:.4f} | "
                     f"{c['delta']:+.4f} | {_p(c['p_ttest'])} | {_p(c['p_randomization'])} | "
                     f"{c['wins']} / {c['ties']} / {c['losses']} |")
-    return "\n".join(rows)
+    return _table("dataset | base LM (untrained) | retriever | difference | p (t-test) | p (randomization) | "
+                  "wins / ties / losses", rows)
 
 
 def _training_table(out: Path) -> str:
-    rows = ["| adapter | corpus | documents | tokens trained | steps | loss first -> last | tokens/s | time |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for name in ("psi-scifact", "psi-nfcorpus-partial", "psi-scifact-unjudged", "psi-scifact-judged"):
         data = _load(out, name)
         if not data:
@@ -164,22 +163,21 @@ def _training_table(out: Path) -> str:
         rows.append(f"| {name} | {_corpus_text(name)} | {data['documents']:,} | {data['tokens']:,} | "
                     f"{data['steps']:,} | {loss['first']:.3f} -> {data['final_loss']:.3f} | "
                     f"{data['tokens_per_s']:,.0f} | {data['wall_time_s']:.0f} s |")
-    return "\n".join(rows) if len(rows) > 2 else ""
+    return _table("adapter | corpus | documents | tokens trained | steps | loss first -> last | tokens/s | time", rows)
 
 
 def _alpha_table(out: Path) -> str:
-    rows = ["| dataset (test) | alpha | nDCG@10 | vs retriever (alpha 0) | p (t-test) | p (randomization) | "
-            "wins / ties / losses |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for dataset in DATASETS:
         data = _load(out, f"tune-{dataset}-test")
         for point in data["points"] if data else ():
             rows.append(_point_row(DATASETS[dataset], point))
-    return "\n".join(rows) if len(rows) > 2 else ""
+    return _table("dataset (test) | alpha | nDCG@10 | vs retriever (alpha 0) | p (t-test) | p (randomization) | "
+                  "wins / ties / losses", rows)
 
 
 def _tuned_table(out: Path) -> str:
-    rows = ["| dataset | tuned on | alpha chosen | its score there | test nDCG@10 at that alpha | "
-            "test nDCG@10 at alpha 0.5 | test, retriever |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for dataset, split in DEV_SPLITS.items():
         tuned, test = _load(out, f"tune-{dataset}-{split}"), _load(out, f"tune-{dataset}-test")
         if not tuned or not test:
@@ -188,12 +186,12 @@ def _tuned_table(out: Path) -> str:
         rows.append(f"| {DATASETS[dataset]} | {split} ({tuned['dataset']['queries']} queries) | {alpha:g} | "
                     f"{tuned['best']['score']:.4f} | {_score_at(test, alpha)} | {_score_at(test, 0.5)} | "
                     f"{_score_at(test, 0.0)} |")
-    return "\n".join(rows) if len(rows) > 2 else ""
+    return _table("dataset | tuned on | alpha chosen | its score there | test nDCG@10 at that alpha | "
+                  "test nDCG@10 at alpha 0.5 | test, retriever", rows)
 
 
 def _table2(out: Path) -> str:
-    rows = ["| knowledge adapter trained on | alpha | SciFact test nDCG@10 | vs retriever | p (randomization) |",
-            "|---|---|---|---|---|"]
+    rows = []
     for name, text in (("tune-scifact-test", "the whole corpus"),
                        ("tune-scifact-test-unjudged", "the corpus without the test-judged passages"),
                        ("tune-scifact-test-judged", "only the test-judged passages")):
@@ -203,7 +201,15 @@ def _table2(out: Path) -> str:
                 test = point["test"]
                 rows.append(f"| {text} | 0.5 | {point['score']:.4f} | {test['delta']:+.4f} | "
                             f"{_p(test['p_randomization'])} |")
-    return "\n".join(rows) if len(rows) > 2 else ""
+    return _table("knowledge adapter trained on | alpha | SciFact test nDCG@10 | vs retriever | p (randomization)",
+                  rows)
+
+
+def _table(header: str, rows: list[str]) -> str:
+    """A Markdown table (columns separated by `` | `` in ``header``), or "" when there are no rows."""
+    if not rows:
+        return ""
+    return "\n".join([f"| {header} |", "|" + "---|" * (header.count("|") + 1), *rows])
 
 
 def _point_row(dataset: str, point: dict) -> str:

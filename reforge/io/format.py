@@ -203,6 +203,17 @@ def read_tensor(fd: int, info: TensorInfo, *, direct_fd: int | None = None, pool
 DIRECT_MIN_BYTES = 2**20  # smaller tensors: one plain read, cheaper than aligning and checking the cache
 
 
+def open_direct(path: Path, flags: int) -> int | None:
+    """``path`` opened with ``flags | O_DIRECT``, or None where the platform or filesystem (tmpfs, for one) has none:
+    callers then use their ordinary descriptor."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, flags | os.O_DIRECT)
+    except OSError:
+        return None
+
+
 def _typed(buffer, info: TensorInfo):
     return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from reforge.errors import CorruptCheckpointError, short_path
 from reforge.io.buffers import BufferPool
-from reforge.io.format import TensorInfo, read_tensor, safetensors_dtype
+from reforge.io.format import TensorInfo, open_direct, read_tensor, safetensors_dtype
 from reforge.io.index import ShardIndex
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class ShardReader:
             self.close()
             self._fd = os.open(file, os.O_RDONLY)
             self._fd_file = file
-            self._direct_fd = _open_direct(file)
+            self._direct_fd = open_direct(file, os.O_RDONLY)
         assert self._fd is not None
         return self._fd
 
@@ -138,12 +138,3 @@ class ShardReader:
             )
         return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
-
-def _open_direct(file: Path) -> int | None:
-    """``file`` opened with O_DIRECT, or None where the platform or filesystem (tmpfs, for one) has none."""
-    if not hasattr(os, "O_DIRECT"):
-        return None
-    try:
-        return os.open(file, os.O_RDONLY | os.O_DIRECT)
-    except OSError:
-        return None

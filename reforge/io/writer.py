@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from reforge import __version__
 from reforge.errors import DiskFullError, InvalidOptionError, OutputExistsError, OutputLockedError, short_path
 from reforge.io.buffers import ALIGNMENT
-from reforge.io.format import DTYPES, encode_header, safetensors_dtype
+from reforge.io.format import DTYPES, encode_header, open_direct, safetensors_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -133,7 +133,7 @@ class _ShardFile:
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
         _pwrite_all(self.fd, self.header, 0)
-        self.direct_fd = _open_direct(self.partial)
+        self.direct_fd = open_direct(self.partial, os.O_WRONLY)
 
     def write(self, name: str, data: memoryview, address: int) -> None:
         """Write one tensor's bytes (``data``, at memory ``address``) at its offset."""
@@ -158,16 +158,6 @@ class _ShardFile:
             if fd is not None:
                 os.close(fd)
         self.fd = self.direct_fd = None
-
-
-def _open_direct(path: Path) -> int | None:
-    """``path`` opened for O_DIRECT writes, or None where the platform or filesystem (tmpfs) has none."""
-    if not hasattr(os, "O_DIRECT"):
-        return None
-    try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError:
-        return None
 
 
 def _pwrite_tensor(fd: int, direct_fd: int | None, data: memoryview, offset: int, address: int) -> None:
