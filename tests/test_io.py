@@ -326,8 +326,8 @@ def test_large_tensors_round_trip_through_direct_io_and_the_page_cache(tmp_path,
     from reforge.ops.stream import empty
 
     if not direct:  # a filesystem without O_DIRECT (tmpfs)
-        monkeypatch.setattr(reader_module, "_open_direct", lambda file: None)
-        monkeypatch.setattr(writer_module, "_open_direct", lambda path: None)
+        monkeypatch.setattr(reader_module, "open_direct", lambda path, flags: None)
+        monkeypatch.setattr(writer_module, "open_direct", lambda path, flags: None)
     monkeypatch.setattr(fmt, "page_cached", lambda fd, offset, length: cached)
     tensors, pool, out = _large_tensors(), BufferPool(), tmp_path / "out"
     with CheckpointWriter(out, _specs(tensors), plan_id="p") as writer:
