@@ -12,6 +12,7 @@ from examples.reproduce import parse_args, plan, report, run_steps
 REPO = Path(__file__).resolve().parents[1]
 GPU_RUN = REPO / "docs" / "results" / "h100-2026-11-26"
 CPU_RUN = REPO / "docs" / "results" / "cpu-2026-11-26"  # the NFCorpus rows, run on CPU with a budget
+CPU_TABLE2 = REPO / "docs" / "results" / "cpu-table2-2026-11-26"  # Table 2's three variants at one CPU budget
 
 
 def test_plan_spells_out_budget_encoding_and_honesty(tmp_path):
@@ -66,3 +67,15 @@ def test_report_from_the_committed_runs_matches_docs_results(tmp_path):
     for number in ("0.1914", "0.1901", "0.1906", "0.1932", "0.1833",
                    "0.1056", "0.4705", "0.4848", "0.4710", "0.4764", "0.4501", "0.5053", "0.4789", "0.4751"):
         assert number in docs, number  # every number quoted in docs/results.md comes from these files
+
+
+def test_report_of_the_cpu_table2_run_matches_docs_results(tmp_path):
+    for path in CPU_TABLE2.glob("*.json"):
+        shutil.copy(path, tmp_path)
+    text = report(tmp_path)
+    assert "| the whole corpus | 0.5 | 0.6794 | +0.0030 | 0.591 |" in text
+    assert "| the corpus without the test-judged passages | 0.5 | 0.6804 | +0.0040 | 0.446 |" in text
+    assert "| only the test-judged passages | 0.5 | 0.6831 | +0.0067 | 0.207 |" in text
+    docs = (REPO / "docs" / "results.md").read_text()
+    for number in ("0.6764", "0.6794", "0.6804", "0.6831", "3.455 -> 2.621", "3.501 -> 2.974", "3.196 -> 2.700"):
+        assert number in docs and number in text, number
