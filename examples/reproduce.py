@@ -146,9 +146,8 @@ def _retriever_table(out: Path) -> str:
         return ""
     rows = []
     for c in data["comparisons"]:
-        rows.append(f"| {_dataset_name(c['dataset'])} | {c['baseline_score']:.4f} | {c['score']:.4f} | "
-                    f"{c['delta']:+.4f} | {_p(c['p_ttest'])} | {_p(c['p_randomization'])} | "
-                    f"{c['wins']} / {c['ties']} / {c['losses']} |")
+        rows.append(_row(_dataset_name(c["dataset"]), f"{c['baseline_score']:.4f}", f"{c['score']:.4f}",
+                         f"{c['delta']:+.4f}", _p(c["p_ttest"]), _p(c["p_randomization"]), _wtl(c)))
     return _table("dataset | base LM (untrained) | retriever | difference | p (t-test) | p (randomization) | "
                   "wins / ties / losses", rows)
 
@@ -160,9 +159,9 @@ def _training_table(out: Path) -> str:
         if not data:
             continue
         loss = data["record"]["loss"]
-        rows.append(f"| {name} | {_corpus_text(name)} | {data['documents']:,} | {data['tokens']:,} | "
-                    f"{data['steps']:,} | {loss['first']:.3f} -> {data['final_loss']:.3f} | "
-                    f"{data['tokens_per_s']:,.0f} | {data['wall_time_s']:.0f} s |")
+        rows.append(_row(name, _corpus_text(name), f"{data['documents']:,}", f"{data['tokens']:,}",
+                         f"{data['steps']:,}", f"{loss['first']:.3f} -> {data['final_loss']:.3f}",
+                         f"{data['tokens_per_s']:,.0f}", f"{data['wall_time_s']:.0f} s"))
     return _table("adapter | corpus | documents | tokens trained | steps | loss first -> last | tokens/s | time", rows)
 
 
@@ -183,9 +182,9 @@ def _tuned_table(out: Path) -> str:
         if not tuned or not test:
             continue
         alpha = tuned["best"]["alpha"]
-        rows.append(f"| {DATASETS[dataset]} | {split} ({tuned['dataset']['queries']} queries) | {alpha:g} | "
-                    f"{tuned['best']['score']:.4f} | {_score_at(test, alpha)} | {_score_at(test, 0.5)} | "
-                    f"{_score_at(test, 0.0)} |")
+        rows.append(_row(DATASETS[dataset], f"{split} ({tuned['dataset']['queries']} queries)", f"{alpha:g}",
+                         f"{tuned['best']['score']:.4f}", _score_at(test, alpha), _score_at(test, 0.5),
+                         _score_at(test, 0.0)))
     return _table("dataset | tuned on | alpha chosen | its score there | test nDCG@10 at that alpha | "
                   "test nDCG@10 at alpha 0.5 | test, retriever", rows)
 
@@ -199,8 +198,8 @@ def _table2(out: Path) -> str:
         for point in data["points"] if data else ():
             if point["alpha"] == 0.5:
                 test = point["test"]
-                rows.append(f"| {text} | 0.5 | {point['score']:.4f} | {test['delta']:+.4f} | "
-                            f"{_p(test['p_randomization'])} |")
+                rows.append(_row(text, "0.5", f"{point['score']:.4f}", f"{test['delta']:+.4f}",
+                                 _p(test["p_randomization"])))
     return _table("knowledge adapter trained on | alpha | SciFact test nDCG@10 | vs retriever | p (randomization)",
                   rows)
 
@@ -212,13 +211,20 @@ def _table(header: str, rows: list[str]) -> str:
     return "\n".join([f"| {header} |", "|" + "---|" * (header.count("|") + 1), *rows])
 
 
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _wtl(test: dict) -> str:
+    return f"{test['wins']} / {test['ties']} / {test['losses']}"
+
+
 def _point_row(dataset: str, point: dict) -> str:
     test = point["test"]
     if test is None:
-        return f"| {dataset} | {point['alpha']:g} (retriever) | {point['score']:.4f} | | | | |"
-    return (f"| {dataset} | {point['alpha']:g} | {point['score']:.4f} | {test['delta']:+.4f} | "
-            f"{_p(test['p_ttest'])} | {_p(test['p_randomization'])} | "
-            f"{test['wins']} / {test['ties']} / {test['losses']} |")
+        return _row(dataset, f"{point['alpha']:g} (retriever)", f"{point['score']:.4f}", "", "", "", "")
+    return _row(dataset, f"{point['alpha']:g}", f"{point['score']:.4f}", f"{test['delta']:+.4f}",
+                _p(test["p_ttest"]), _p(test["p_randomization"]), _wtl(test))
 
 
 def _score_at(tune_report: dict, alpha: float) -> str:
