@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
-
 import click
 
 from reforge.cli import output as ui
@@ -80,7 +77,7 @@ def diff_cmd(
     """
     from reforge.ops.diff import diff
 
-    command = "reforge " + shlex.join(sys.argv[1:]) if sys.argv else None
+    command = ui.command_line()
     with ui.progress_bar("diff", unit="bytes", quiet=quiet or as_json) as progress:
         report = diff(
             base,

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
-
 import click
 
 from reforge.cli import output as ui
@@ -101,7 +98,7 @@ def merge_cmd(
             "--adapter, or none for 0.5 each."
         )
     pairs = list(zip(adapters, alphas or [0.5] * len(adapters)))
-    command = "reforge " + shlex.join(sys.argv[1:])
+    command = ui.command_line()
     with ui.progress_bar("merge", unit="bytes", quiet=quiet or as_json) as progress:
         report = merge(
             base,

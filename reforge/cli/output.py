@@ -216,3 +216,10 @@ def quiet_transformers() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def command_line() -> str | None:
+    """How this command was invoked (``reforge merge ...``), recorded in the outputs' provenance."""
+    import shlex
+
+    return "reforge " + shlex.join(sys.argv[1:]) if sys.argv else None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from typing import Any
 
 import click
@@ -187,7 +185,7 @@ def tune_cmd(
                 allow_pickle=allow_pickle,
                 max_shard_size=max_shard_size,
                 overwrite=overwrite,
-                command="reforge " + shlex.join(sys.argv[1:]),
+                command=ui.command_line(),
                 progress=progress,
             )
         summary["written"] = {
