@@ -251,7 +251,7 @@ def train_loop(model, tokenizer, data: TrainingData, batches, config: RecipeConf
 
 def save(model, out: str | Path, record: dict, config: RecipeConfig) -> Path:
     """Write the adapter folder atomically: peft files (base named symbolically), encoding profile, record, README."""
-    from reforge.eval.profiles import save_profile
+    from reforge.profiles import save_profile
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +287,7 @@ def encoding_profile(config: RecipeConfig):
     """The `reforge.eval` profile of this retriever: RepLLaMA's with the recipe's pooling and length."""
     from dataclasses import replace
 
-    from reforge.eval.profiles import builtin_profile
+    from reforge.profiles import builtin_profile
 
     profile = builtin_profile("repllama", max_length=config.max_length)
     return profile if config.pooling == "last" else replace(profile, name="custom", pooling=config.pooling)

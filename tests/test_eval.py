@@ -25,7 +25,7 @@ from reforge.errors import AdapterError, InvalidOptionError, PoolingUndetermined
 from reforge.eval import EvalSettings, Retriever, evaluate, resolve_model
 from reforge.eval.encode import _tokenize, encode, pool, shard_indices
 from reforge.eval.metrics import paired_test, parse_measures, randomization_pvalue, score_run
-from reforge.eval.profiles import (
+from reforge.profiles import (
     EncodingProfile,
     apply_overrides,
     builtin_profile,

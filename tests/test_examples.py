@@ -189,7 +189,7 @@ def test_recipe_config_rejects_impossible_settings():
 def test_make_retriever_on_a_tiny_model_writes_a_deterministic_peft_adapter(tiny_base, tiny_beir, tmp_path):
     from safetensors import safe_open
 
-    from reforge.eval.profiles import load_profile
+    from reforge.profiles import load_profile
 
     config = RecipeConfig(rank=2, lora_alpha=4, batch_queries=2, max_steps=2, negative_depth=3, warmup_steps=1,
                           learning_rate=1e-2)
@@ -259,7 +259,7 @@ def test_is_complete_checks_every_recorded_file_and_size(tmp_path):
 def test_committed_adapter_has_the_expected_keys_ranks_and_record():
     from safetensors import safe_open
 
-    from reforge.eval.profiles import load_profile
+    from reforge.profiles import load_profile
 
     record = json.loads((ASSETS / "training.json").read_text())
     adapter_config = json.loads((ASSETS / "adapter_config.json").read_text())

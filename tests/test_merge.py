@@ -372,7 +372,7 @@ def test_rerun_is_a_no_op_and_overwrite_is_required_for_other_content(setup, tmp
 
 def test_merged_lora_retriever_keeps_its_encoding_convention(setup, tmp_path):
     """A merged RepLLaMA is a bare Llama named nothing like "repllama": the profile travels in the folder."""
-    from reforge.eval.profiles import detect_profile
+    from reforge.profiles import detect_profile
 
     make_adapter(setup["base"].model, tmp_path / "repllama", seed=11)
     out = tmp_path / "readapted"

@@ -4,13 +4,13 @@
     >>> settings = EvalSettings(measures=("nDCG@10", "R@100"))  # doctest: +SKIP
     >>> report = evaluate(["all-MiniLM-L6-v2"], ["scifact"], settings)  # doctest: +SKIP
 
-Modules: ``profiles`` (how a model encodes), ``model`` (finding and loading models), ``encode``, ``cache``,
+Modules: ``model`` (finding and loading models), ``encode``, ``cache``,
 ``search``, ``metrics`` (scores and significance), ``distributed`` (ranks), ``report``, ``pipeline`` (`evaluate`).
 """
 
 from reforge.eval.model import ModelSource, Retriever, resolve_model
 from reforge.eval.pipeline import EvalSettings, evaluate
-from reforge.eval.profiles import EncodingProfile
+from reforge.profiles import EncodingProfile
 from reforge.eval.report import EvalReport, write_outputs
 
 __all__ = [

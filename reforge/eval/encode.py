@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from reforge.eval.model import Retriever
-from reforge.eval.profiles import EncodingProfile
+from reforge.profiles import EncodingProfile
 
 ProgressFn = Callable[[int, "int | None"], None]
 

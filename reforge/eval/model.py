@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from reforge.errors import AdapterError, PickleRefusedError, PoolingUndeterminedError, short_path
-from reforge.eval.profiles import DECODER_TYPES, EncodingProfile, builtin_profile, detect_profile
+from reforge.profiles import DECODER_TYPES, EncodingProfile, builtin_profile, detect_profile
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from reforge.ops.stream import (
 if TYPE_CHECKING:
     import torch
 
-PROFILE_FILE = "reforge_encoding.json"  # read first by `reforge eval` (reforge.eval.profiles)
+PROFILE_FILE = "reforge_encoding.json"  # read first by `reforge eval` (reforge.profiles)
 
 
 @dataclass
@@ -545,7 +545,7 @@ def _encoding_profile(folder: Path, name: str, base_dir: Path | None) -> dict | 
     """How the retriever encodes (prefixes, pooling, EOS), so the merged model is evaluated the same way: a merged
     RepLLaMA is a bare Llama whose name no longer says "repllama". None when it cannot be told."""
     from reforge.errors import ReforgeError
-    from reforge.eval.profiles import detect_profile
+    from reforge.profiles import detect_profile
 
     try:
         return detect_profile(folder, name=name, base_dir=base_dir).to_dict()
