@@ -171,6 +171,20 @@ def encoding_options(func: Callable) -> Callable:
             show_default=True,
             help="auto = float32 on CPU, bfloat16 (or float16) on GPU.",
         ),
+        click.option(
+            "--embedding-dtype",
+            type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
+            default="auto",
+            show_default=True,
+            help="How corpus vectors are stored and searched: auto = float16 from 1024 dimensions up, else float32.",
+        ),
+        click.option(
+            "--shard-docs",
+            type=click.IntRange(min=1),
+            default=65_536,
+            show_default=True,
+            help="Documents per embedding shard on disk (search memory is one shard).",
+        ),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the embedding cache."),
         click.option(
             "--cache-dir",
@@ -211,6 +225,8 @@ def encoding_settings(options: dict, **extra: Any) -> Any:
         dtype=None if options["dtype"] == "auto" else options["dtype"],
         cache=not options["no_cache"],
         cache_dir=options["cache_dir"],
+        embedding_dtype=None if options["embedding_dtype"] == "auto" else options["embedding_dtype"],
+        shard_docs=options["shard_docs"],
         permutations=options["permutations"],
         **extra,
     )
