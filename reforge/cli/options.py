@@ -183,7 +183,7 @@ def encoding_options(func: Callable) -> Callable:
             type=click.IntRange(min=1),
             default=65_536,
             show_default=True,
-            help="Documents per embedding shard on disk (search memory is one shard).",
+            help="Documents per embedding shard in the cache (an encode resumes at the first missing shard).",
         ),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the embedding cache."),
         click.option(
