@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from reforge.data.clip import clip_texts, token_counter
 from reforge.eval.model import Retriever
 from reforge.profiles import EncodingProfile
 
@@ -119,6 +120,7 @@ def _tokenize(tokenizer: Any, texts: list[str], profile: EncodingProfile, model:
     if profile.lowercase:
         texts = [t.lower() for t in texts]
     limit = profile.max_length - 1 if profile.append_eos else profile.max_length
+    texts = clip_texts(texts, limit, token_counter(tokenizer))  # a huge document costs what is kept
     encoded = tokenizer(texts, truncation=True, max_length=limit, padding=False, add_special_tokens=True)
     ids = [list(row) for row in encoded["input_ids"]]
     eos = tokenizer.eos_token_id
