@@ -518,3 +518,28 @@ def test_e5_mistral_task_prefix_from_cli(tmp_path):
     assert by_task["models"][0]["profile"]["name"] == "e5-mistral"
     by_prefix = json.loads(run_cli(e5, "--data", data, "--query-prefix", r"Instruct: Find\nQuery: ", "--json").stdout)
     assert by_prefix["results"][0]["query_prefix"] == "Instruct: Find\nQuery: "  # '\n' typed in a shell = newline
+
+
+def test_eval_samples_queries_and_corpus_like_tune_and_records_it(models, tmp_path):
+    from reforge.data.beir import sample_dataset
+    from reforge.tune import select_subset
+
+    data = toy_dataset(tmp_path / "toy")
+    result = run_cli(models["st"], "--data", data, "--json", "--max-queries", "2", "--corpus-sample", "4",
+                     "--seed", "3", "--output", tmp_path / "out")
+    summary = json.loads(result.stdout)
+    expected = sample_dataset(load_beir(data), max_queries=2, corpus_sample=4, seed=3)
+    assert select_subset is sample_dataset  # one implementation for eval and tune
+    sample = summary["datasets"][0]["sample"]
+    assert sample == {"max_queries": 2, "corpus_sample": 4, "seed": 3, "queries": 2, "documents": 4,
+                      "split_queries": 4, "split_documents": 6, "query_ids": list(expected.queries)}
+    judged = {d for q in expected.queries for d in expected.qrels[q]}
+    assert judged <= {d.id for d in expected.corpus}  # every judged document of the drawn queries is kept
+    assert summary["datasets"][0]["documents"] == 4 and summary["results"][0]["scored_queries"] == 2
+    run_lines = (tmp_path / "out" / "runs" / "st__toy.trec").read_text().splitlines()
+    assert {line.split()[0] for line in run_lines} == set(expected.queries)
+    assert {line.split()[2] for line in run_lines} == {d.id for d in expected.corpus}
+    stderr = run_cli(models["st"], "-d", data, "--max-queries", "2").stderr
+    assert "toy: sample of 2 of 4 queries and 6 of 6 documents (seed 0)" in stderr
+    whole = json.loads(run_cli(models["st"], "--data", data, "--json").stdout)
+    assert whole["datasets"][0]["sample"] is None

@@ -7,7 +7,14 @@ from typing import Any
 import click
 
 from reforge.cli import output
-from reforge.cli.options import MetricType, encoding_options, encoding_settings, hub_options, output_options
+from reforge.cli.options import (
+    MetricType,
+    encoding_options,
+    encoding_settings,
+    hub_options,
+    output_options,
+    sample_options,
+)
 
 
 @click.command("eval")
@@ -40,7 +47,8 @@ from reforge.cli.options import MetricType, encoding_options, encoding_settings,
     default=None,
     help="Write summary.json, runs/*.trec and per_query/*.tsv here.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomization test.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples and the randomization test.")
+@sample_options
 @encoding_options
 @hub_options
 @output_options
@@ -65,6 +73,7 @@ def eval_cmd(
       reforge eval ~/.cache/reforge-models/all-MiniLM-L6-v2 --data ../shared/data/scifact
       reforge eval retriever/ readapted/ -d scifact/ -d nfcorpus/ --metric nDCG@10 --metric R@100
       reforge eval intfloat/e5-mistral-7b-instruct -d scifact/ --output results/ --json
+      reforge eval retriever/ -d msmarco/ --split dev --max-queries 500 --corpus-sample 100000
       torchrun --nproc-per-node 4 -m reforge.cli.eval repllama/ -d trec-covid/
     """
     from reforge.data.beir import load_beir
@@ -77,6 +86,8 @@ def eval_cmd(
         measures=tuple(metrics) or ("nDCG@10",),
         base=options["base"],
         seed=options["seed"],
+        max_queries=options["max_queries"],
+        corpus_sample=options["corpus_sample"],
         token=options["token"],
         allow_pickle=options["allow_pickle"],
     )
@@ -89,6 +100,11 @@ def eval_cmd(
     if report is None:  # a rank other than 0 of a distributed run: it only encoded its shards
         return
     if not quiet:
+        for dataset in report.datasets:
+            if dataset.sample:
+                s = dataset.sample
+                output.info(f"{dataset.name}: sample of {s['queries']} of {s['split_queries']} queries and "
+                            f"{s['documents']} of {s['split_documents']} documents (seed {s['seed']})")
         for result in report.results:
             rate = result.docs_per_second
             corpus = (

@@ -205,6 +205,28 @@ def encoding_options(func: Callable) -> Callable:
     return func
 
 
+def sample_options(func: Callable) -> Callable:
+    """``--max-queries`` and ``--corpus-sample``: score a seeded sample of a dataset (`reforge.data.beir.sample_dataset`),
+    shared by eval and tune."""
+    options = [
+        click.option(
+            "--max-queries",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Score a seeded random sample of N judged queries.",
+        ),
+        click.option(
+            "--corpus-sample",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Search a corpus of about N documents: every judged one plus a seeded random sample.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def encoding_settings(options: dict, **extra: Any) -> Any:
     """The `reforge.eval.EvalSettings` that `encoding_options` (plus ``extra`` fields) describe."""
     from reforge.eval import EvalSettings

@@ -7,7 +7,15 @@ from typing import Any
 import click
 
 from reforge.cli import output as ui
-from reforge.cli.options import MetricType, SizeType, encoding_options, encoding_settings, hub_options, output_options
+from reforge.cli.options import (
+    MetricType,
+    SizeType,
+    encoding_options,
+    encoding_settings,
+    hub_options,
+    output_options,
+    sample_options,
+)
 
 
 class GridType(click.ParamType):
@@ -64,18 +72,7 @@ class GridType(click.ParamType):
     metavar="NAME",
     help="The ir-measures metric to maximize: nDCG@10, R@100, RR@10, AP, ...",
 )
-@click.option(
-    "--max-queries",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Tune on a seeded random sample of N judged queries.",
-)
-@click.option(
-    "--corpus-sample",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Search a corpus of about N documents: every judged one plus a seeded random sample.",
-)
+@sample_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples and the randomization test.")
 @encoding_options
 @click.option(

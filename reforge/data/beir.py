@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -199,6 +200,45 @@ class BeirDataset:
                     f"None of the requested document ids is in the corpus of {self.name}.", path=self.path, line=None
                 )
         return BeirDataset(name or self.name, self.split, corpus, queries, qrels, self.path, self.warnings)
+
+
+def sample_dataset(
+    dataset: BeirDataset, *, max_queries: int | None = None, corpus_sample: int | None = None, seed: int = 0
+) -> BeirDataset:
+    """At most ``max_queries`` judged queries, and a corpus of about ``corpus_sample`` documents that keeps **every
+    document judged** for those queries (so each query's relevant documents can still be found) plus a random
+    sample of the rest. Both draws are seeded; the dataset's order is kept. Used by ``reforge eval`` and
+    ``reforge tune`` (``--max-queries``, ``--corpus-sample``).
+
+    With more judged documents than ``corpus_sample``, all judged documents are kept (the sample is then larger).
+    Returns ``dataset`` itself when neither limit applies.
+    """
+    if max_queries is not None and max_queries < len(dataset.queries):
+        chosen = set(random.Random(f"{seed}:queries").sample(list(dataset.queries), max_queries))
+        dataset = dataset.subset(query_ids=[q for q in dataset.queries if q in chosen])
+    if corpus_sample is not None and corpus_sample < len(dataset.corpus):
+        judged = {doc for docs in dataset.qrels.values() for doc in docs}
+        others = [d.id for d in dataset.corpus if d.id not in judged]
+        room = max(0, corpus_sample - (len(dataset.corpus) - len(others)))
+        drawn = random.Random(f"{seed}:corpus").sample(others, min(room, len(others)))
+        dataset = dataset.subset(doc_ids=judged | set(drawn))
+    return dataset
+
+
+def sample_record(
+    full: BeirDataset, sample: BeirDataset, *, max_queries: int | None, corpus_sample: int | None, seed: int
+) -> dict:
+    """What a result records about a sample: the options, the counts before and after, and the query ids drawn."""
+    return {
+        "max_queries": max_queries,
+        "corpus_sample": corpus_sample,
+        "seed": seed,
+        "queries": len(sample.queries),
+        "documents": len(sample.corpus),
+        "split_queries": len(full.queries),
+        "split_documents": len(full.corpus),
+        "query_ids": list(sample.queries),
+    }
 
 
 def load_beir(folder: str | Path, split: str = "test", *, name: str | None = None) -> BeirDataset:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from reforge import __version__
-from reforge.data.beir import BeirDataset, load_beir
+from reforge.data.beir import BeirDataset, load_beir, sample_dataset, sample_record
 from reforge.errors import InvalidOptionError
 from reforge.eval.cache import (
     DEFAULT_SHARD_DOCS,
@@ -45,6 +45,8 @@ class EvalSettings:
     CPU, bfloat16 on a GPU that supports it (else float16). ``cache_dir`` None = ``$REFORGE_HOME/cache/embeddings``.
     ``embedding_dtype`` is how corpus vectors are stored and searched (None = float16 from 1024 dimensions up, else
     float32, `reforge.eval.cache.default_embedding_dtype`); ``shard_docs`` documents per cache shard.
+    ``max_queries`` / ``corpus_sample``: score a sample of each dataset drawn with ``seed``
+    (`reforge.data.beir.sample_dataset`); the report's datasets record it.
     """
 
     split: str = "test"
@@ -67,6 +69,8 @@ class EvalSettings:
     cache_dir: str | None = None
     embedding_dtype: str | None = None
     shard_docs: int = DEFAULT_SHARD_DOCS
+    max_queries: int | None = None
+    corpus_sample: int | None = None
     query_chunk_size: int = 1024
     permutations: int = 10_000
     seed: int = 0
@@ -95,6 +99,8 @@ class EvalSettings:
             ("--batch-size", self.batch_size or 1),
             ("--permutations", self.permutations),
             ("--shard-docs", self.shard_docs),
+            ("--max-queries", self.max_queries or 1),
+            ("--corpus-sample", self.corpus_sample or 1),
         ):
             if value < 1:
                 raise InvalidOptionError(f"{option} must be at least 1, got {value}.", option=option)
@@ -142,7 +148,8 @@ def evaluate(
     device = ranks.device(settings.device)
     ranks.start(device)
     measures = parse_measures(settings.measures)
-    data = [d if isinstance(d, BeirDataset) else load_beir(d, settings.split) for d in datasets]
+    full = [d if isinstance(d, BeirDataset) else load_beir(d, settings.split) for d in datasets]
+    data = [_sample(d, settings) for d in full]
     _check_unique([d.name for d in data], "dataset")
     for dataset in data:  # every rank must read the same corpus: shard s means the same rows everywhere
         ranks.agree(f"the corpus of {dataset.name}", (len(dataset.corpus), dataset.corpus_hash))
@@ -176,7 +183,7 @@ def evaluate(
     names = tuple(str(m) for m in measures)
     return EvalReport(
         models=tuple(_model_info(s, p) for s, p in zip(sources, profiles)),
-        datasets=tuple(_dataset_info(d) for d in data),
+        datasets=tuple(_dataset_info(d, f, settings) for d, f in zip(data, full)),
         measures=names,
         averaging=settings.averaging,
         settings={
@@ -529,7 +536,17 @@ def _model_info(source: ModelSource | Retriever, profile: EncodingProfile) -> Mo
     return ModelInfo(source.name, source.ref, str(source.path), source.fingerprint, profile.to_dict(), source.base_ref)
 
 
-def _dataset_info(dataset: BeirDataset) -> DatasetInfo:
+def _sample(dataset: BeirDataset, settings: EvalSettings) -> BeirDataset:
+    return sample_dataset(
+        dataset, max_queries=settings.max_queries, corpus_sample=settings.corpus_sample, seed=settings.seed
+    )
+
+
+def _dataset_info(dataset: BeirDataset, full: BeirDataset, settings: EvalSettings) -> DatasetInfo:
+    sampled = settings.max_queries is not None or settings.corpus_sample is not None
+    sample = sample_record(
+        full, dataset, max_queries=settings.max_queries, corpus_sample=settings.corpus_sample, seed=settings.seed
+    )
     return DatasetInfo(
         dataset.name,
         str(dataset.path) if dataset.path else None,
@@ -540,4 +557,5 @@ def _dataset_info(dataset: BeirDataset) -> DatasetInfo:
         dataset.content_hash,
         dict(dataset.files_sha256),
         dataset.warnings,
+        sample if sampled else None,
     )

@@ -26,6 +26,7 @@ class DatasetInfo:
     content_hash: str
     files_sha256: dict[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    sample: dict[str, Any] | None = None  # how a --max-queries / --corpus-sample sample was drawn (None: whole)
 
 
 @dataclass(frozen=True)
