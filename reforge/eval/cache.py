@@ -169,6 +169,14 @@ class Entry:
         )
         return Shard(path, start, rows, self.dtype) if ok else None
 
+    def shard_ids(self, index: int) -> list[str] | None:
+        """The ids stored beside shard ``index`` (None when they are not here or not the right count)."""
+        try:
+            ids = json.loads((self.folder / f"{index:05d}.ids.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return ids if isinstance(ids, list) and len(ids) == self.bounds(index)[1] else None
+
     def missing(self, indices: Sequence[int] | None = None) -> list[int]:
         """The shards among ``indices`` (default: all) that are not on disk whole, in order."""
         wanted = range(self.shard_count) if indices is None else indices

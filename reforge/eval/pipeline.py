@@ -400,11 +400,10 @@ def _search_and_score(
         return None
     for scores, rows in gathered[1:]:
         table = table.merge(scores, rows)
-    corpus = dataset.corpus
     run = to_run(
         table,
         query_ids,
-        lambda rows: {int(r): corpus[int(r)].id for r in rows},
+        lambda rows: _ids_of(rows, entry, dataset),
         top_k=settings.top_k,
         drop_identical_ids=not settings.keep_identical_ids,
     )
@@ -431,6 +430,21 @@ def _search_and_score(
         ctx.profile.query_prefix_for(dataset.name),
     )
 
+
+
+def _ids_of(rows: np.ndarray, entry: Entry, dataset: BeirDataset) -> dict[int, str]:
+    """Document ids of ``rows``, shard by shard: from the ids stored beside each shard (another machine's shard:
+    from the corpus)."""
+    names: dict[int, str] = {}
+    shard_of = rows // entry.shard_docs
+    for index in np.unique(shard_of).tolist():
+        first, count = entry.bounds(index)
+        ids = entry.shard_ids(index)
+        if ids is None:
+            ids = [d.id for d in dataset.corpus[first : first + count]]
+        for row in rows[shard_of == index].tolist():
+            names[row] = ids[row - first]
+    return names
 
 
 def _compare(
