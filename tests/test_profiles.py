@@ -318,3 +318,45 @@ def test_saved_profile_round_trips_modules(tmp_path):
     profile = detect_profile(folder)
     assert (profile.pooling, profile.modules, profile.normalize) == ("cls+mean", ("dense:2_Dense",), True)
     assert load_profile(save_profile(tmp_path, profile)) == profile
+
+
+def test_st6_lasttoken_retriever_merge_writes_and_verify_checks_the_profile(tmp_path):
+    """Issue 12 case 5: merge writes reforge_encoding.json for an ST 6 lasttoken retriever, verify runs the embedding
+    check (not skipped) and fails when the profile file is gone."""
+    import copy
+
+    from click.testing import CliRunner
+    from conftest import build_model, perturbed_bare
+
+    from reforge.cli import cli
+
+    base = build_model("bert-mlm")
+    base_dir = save(base, tmp_path / "base")
+    save_tokenizer(base_dir, 64, bert=True)
+    retriever = save(perturbed_bare(copy.deepcopy(base)), tmp_path / "retriever")
+    save_tokenizer(retriever, 64, bert=True)
+    (retriever / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
+    (retriever / "1_Pooling").mkdir()
+    (retriever / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "lasttoken"}))
+    out = tmp_path / "out"
+    merged = CliRunner().invoke(cli, ["merge", "--base", str(base_dir), "--retriever", str(retriever), "-o", str(out)])
+    assert merged.exit_code == 0, merged.stderr
+    assert load_profile(out / "reforge_encoding.json").pooling == "last"
+    result = CliRunner().invoke(cli, ["verify", str(out), "--json"])
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert result.exit_code == 0, result.stdout
+    assert checks["encoding"]["ok"] and checks["embeddings"]["ok"]
+    assert checks["embeddings"]["detail"].startswith("cosine(retriever, new) on 4 sentences")
+    (out / "reforge_encoding.json").unlink()
+    (out / "modules.json").unlink()
+    result = CliRunner().invoke(cli, ["verify", str(out), "--json"])
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert result.exit_code == 1 and not checks["embeddings"]["ok"]
+    assert "could not embed with both models" in checks["embeddings"]["detail"]
