@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save, save_tokenizer
 
+from conftest import save, save_tokenizer
 from reforge.errors import CheckpointNotFoundError, PickleRefusedError, UnsupportedModelError
 from reforge.eval.encode import encode
 from reforge.eval.model import resolve_model
 from reforge.profiles import detect_profile, load_profile, save_profile
+
 
 @pytest.fixture(scope="module")
 def bpe():
@@ -105,8 +106,9 @@ def test_remote_code_is_refused_unless_trusted(tmp_path, bpe):
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModel": "modeling_qwen.Qwen2Model"}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedModelError, match="asks for the model's own code .modeling_qwen.Qwen2Model.*"
-                       "--trust-remote-code"):
+    with pytest.raises(
+        UnsupportedModelError, match="asks for the model's own code .modeling_qwen.Qwen2Model.*--trust-remote-code"
+    ):
         resolve_model(folder)
     assert resolve_model(folder, trust_remote_code=True).profile.name == "gte-qwen2"
 
@@ -326,8 +328,8 @@ def test_st6_lasttoken_retriever_merge_writes_and_verify_checks_the_profile(tmp_
     import copy
 
     from click.testing import CliRunner
-    from conftest import build_model, perturbed_bare
 
+    from conftest import build_model, perturbed_bare
     from reforge.cli import cli
 
     base = build_model("bert-mlm")

@@ -205,8 +205,7 @@ def _tokenizer_dir(path: Path, base_path: Path | None, ref: str) -> Path:
             return folder
     looked = ", ".join(short_path(f) for f in dict.fromkeys([transformer_dir(path), path, base_path]) if f)
     raise UnsupportedModelError(
-        f"{ref} has no tokenizer files (tokenizer.json, tokenizer_config.json or tokenizer.model; looked in "
-        f"{looked}).",
+        f"{ref} has no tokenizer files (tokenizer.json, tokenizer_config.json or tokenizer.model; looked in {looked}).",
         hint="Copy the tokenizer files of the model it was trained from into the folder.",
         path=path,
         reason="no tokenizer",

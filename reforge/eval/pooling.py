@@ -138,6 +138,4 @@ def _load_dense(folder: Path, device: Any) -> Dense:
             f"{short_path(weights_file)} has no tensor 'linear.weight'.", path=folder, reason="dense weights"
         )
     bias = state.get("linear.bias")
-    return Dense(
-        weight.float().to(device), bias.float().to(device) if bias is not None else None, activation
-    )
+    return Dense(weight.float().to(device), bias.float().to(device) if bias is not None else None, activation)

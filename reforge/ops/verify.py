@@ -307,8 +307,9 @@ def _check_embeddings(path: Path, inputs: dict, report: VerifyReport, token, all
             old = resolve_model(inputs["retriever"], base=inputs["base"], token=token, allow_pickle=allow_pickle)
             known = True
         except PoolingUndeterminedError:  # no profile to carry; agreement is still measured, with mean pooling
-            old = resolve_model(inputs["retriever"], base=inputs["base"], token=token, allow_pickle=allow_pickle,
-                                pooling="mean")
+            old = resolve_model(
+                inputs["retriever"], base=inputs["base"], token=token, allow_pickle=allow_pickle, pooling="mean"
+            )
             known = False
         new = resolve_model(path, token=token, allow_pickle=allow_pickle, pooling=None if known else "mean")
         if known:
