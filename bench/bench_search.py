@@ -53,8 +53,9 @@ def write_corpora(folder: Path, sizes: list[int], dim: int) -> dict[int, Path]:
                 for name in (f"{index:05d}.npy", f"{index:05d}.ids.json"):
                     os.link(big.folder / name, entry.folder / name)
                 continue
-            entry.write_shard(index, _shard_vectors(index, DEFAULT_SHARD_DOCS, dim)[:rows],
-                              [str(first + i) for i in range(rows)])
+            entry.write_shard(
+                index, _shard_vectors(index, DEFAULT_SHARD_DOCS, dim)[:rows], [str(first + i) for i in range(rows)]
+            )
         entries[size] = entry.folder
     return entries
 
@@ -86,15 +87,36 @@ def child(mode: str, folder: Path, rows: int, queries_path: Path, k: int, out: P
     np.save(out, found)
     np.save(out.with_name(out.stem + "-scores.npy"), scores)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return {"mode": mode, "documents": rows, "peak_rss_gib": round(peak, 3), "shard_bytes": scanned,
-            "seconds": {k: round(v, 2) for k, v in seconds.items()},
-            "gb_per_s": round(scanned / 1e9 / seconds["search"], 3) if mode == "streamed" else None}
+    return {
+        "mode": mode,
+        "documents": rows,
+        "peak_rss_gib": round(peak, 3),
+        "shard_bytes": scanned,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "gb_per_s": round(scanned / 1e9 / seconds["search"], 3) if mode == "streamed" else None,
+    }
 
 
 def _run_child(args: argparse.Namespace, mode: str, folder: Path, rows: int, out: Path) -> dict:
-    command = ["nice", "-n", "10", sys.executable, __file__, "--child", mode, "--entry", str(folder), "--rows",
-               str(rows), "--queries-file", str(args.folder / "queries.npy"), "--top-k", str(args.top_k),
-               "--out", str(out)]
+    command = [
+        "nice",
+        "-n",
+        "10",
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--entry",
+        str(folder),
+        "--rows",
+        str(rows),
+        "--queries-file",
+        str(args.folder / "queries.npy"),
+        "--top-k",
+        str(args.top_k),
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -123,8 +145,14 @@ def main() -> None:
     rng = np.random.default_rng([SEED, 10**6])
     np.save(args.folder / "queries.npy", rng.standard_normal((args.queries, args.dim), dtype=np.float32))
     results = [_run_child(args, "streamed", entries[n], n, args.folder / f"streamed-{n}.npy") for n in args.sizes]
-    report: dict = {"dim": args.dim, "queries": args.queries, "top_k": args.top_k, "cores": os.cpu_count(),
-                    "write_seconds": round(written, 1), "streamed": results}
+    report: dict = {
+        "dim": args.dim,
+        "queries": args.queries,
+        "top_k": args.top_k,
+        "cores": os.cpu_count(),
+        "write_seconds": round(written, 1),
+        "streamed": results,
+    }
     if args.flat_at in entries:
         flat = _run_child(args, "flat", entries[args.flat_at], args.flat_at, args.folder / f"flat-{args.flat_at}.npy")
         mine = next(r for r in results if r["documents"] == args.flat_at)

@@ -21,11 +21,11 @@ def _long_texts() -> list[str]:
     docs = [d.passage() for _, d in zip(range(400), iter_corpus(DATA / "scifact"))]
     joined = " ".join(docs)
     return [
-        joined[:200_000],                                     # ordinary prose, far past any max length
-        "\n\n".join(docs[:60]) + "   \t  " * 3000,              # paragraphs, then a long run of whitespace
-        "x" * 50_000 + " tail",                               # one giant word first
-        ("word " * 30) + "é" * 20_000,                        # multi-byte characters with no whitespace
-        "a short passage",                                    # short: untouched
+        joined[:200_000],  # ordinary prose, far past any max length
+        "\n\n".join(docs[:60]) + "   \t  " * 3000,  # paragraphs, then a long run of whitespace
+        "x" * 50_000 + " tail",  # one giant word first
+        ("word " * 30) + "é" * 20_000,  # multi-byte characters with no whitespace
+        "a short passage",  # short: untouched
     ]
 
 
@@ -49,9 +49,10 @@ def test_clipped_texts_keep_exactly_the_tokens_of_the_whole_text(name):
 
 
 def test_a_huge_document_costs_what_max_length_keeps():
+    from transformers import AutoTokenizer
+
     from reforge.eval.encode import _tokenize
     from reforge.profiles import EncodingProfile
-    from transformers import AutoTokenizer
 
     if not (MODELS / "all-MiniLM-L6-v2").is_dir():
         pytest.skip("needs all-MiniLM-L6-v2")

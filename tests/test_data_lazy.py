@@ -33,7 +33,8 @@ def test_lazy_corpus_reads_the_same_documents_hash_and_subsets():
     small_lazy, small_eager = lazy.subset(doc_ids=ids), eager.subset(doc_ids=ids)
     assert list(small_lazy.corpus) == list(small_eager.corpus) and small_lazy.corpus_hash == small_eager.corpus_hash
     assert lazy.files_sha256["corpus"] == __import__("reforge.io.checkpoint", fromlist=["x"]).sha256_file(
-        SCIFACT / "corpus.jsonl")
+        SCIFACT / "corpus.jsonl"
+    )
 
 
 def test_the_offset_index_is_built_once_and_rebuilt_when_the_file_changes(tmp_path):

@@ -49,7 +49,9 @@ def test_streamed_search_equals_one_flat_index_and_merges_across_ranks():
     assert (table.rows == want_rows).all()
     np.testing.assert_allclose(table.scores, want_scores, rtol=0, atol=1e-5)
     # two "ranks" with interleaved shards of 300 rows: merging their tables gives the same top-k
-    halves = [search_blocks(queries, ((at, docs[at : at + 300]) for at in range(r * 300, 2000, 600)), 50) for r in (0, 1)]
+    halves = [
+        search_blocks(queries, ((at, docs[at : at + 300]) for at in range(r * 300, 2000, 600)), 50) for r in (0, 1)
+    ]
     merged = TopK.empty(30, 50).merge(halves[0].scores, halves[0].rows).merge(halves[1].scores, halves[1].rows)
     assert (merged.rows == want_rows).all()
     # the torch kernel (used on GPUs) finds the same rows
@@ -92,8 +94,11 @@ def test_shard_size_and_float32_storage_do_not_change_the_run(models, tmp_path):
 
 
 def _keys_with_dtype(dtype: str) -> list[str]:
-    return [p.parent.name for p in _cache_folder().glob("*/meta.json") if json.loads(p.read_text())["dtype"] == dtype
-            and "documents" in json.loads(p.read_text())]
+    return [
+        p.parent.name
+        for p in _cache_folder().glob("*/meta.json")
+        if json.loads(p.read_text())["dtype"] == dtype and "documents" in json.loads(p.read_text())
+    ]
 
 
 def test_interrupted_encode_resumes_at_the_missing_shard(models, tmp_path):  # noqa: F811
@@ -102,7 +107,13 @@ def test_interrupted_encode_resumes_at_the_missing_shard(models, tmp_path):  # n
     first = evaluate([models["st"]], [data], settings)
     folder = _corpus_entry_folder()
     assert sorted(p.name for p in folder.iterdir()) == [
-        "00000.ids.json", "00000.npy", "00001.ids.json", "00001.npy", "00002.ids.json", "00002.npy", "meta.json"
+        "00000.ids.json",
+        "00000.npy",
+        "00001.ids.json",
+        "00001.npy",
+        "00002.ids.json",
+        "00002.npy",
+        "meta.json",
     ]
     assert json.loads((folder / "00001.ids.json").read_text()) == ["d3", "d4"]
     (folder / "00001.npy").unlink()  # as if the run had stopped there
@@ -123,8 +134,9 @@ def test_old_single_file_cache_entry_is_converted_not_reencoded(models, tmp_path
     dataset = load_beir(data)
     vectors = np.stack([np.full(32, i, dtype=np.float32) for i in range(6)])  # recognizable, not the model's
     settings = {"kind": "corpus", "dtype": "torch.float32", **source.profile.passage_settings()}
-    key = embedding_key(model_fingerprint=source.cache_identity, texts_hash=dataset.corpus_hash, settings=settings,
-                        version=1)
+    key = embedding_key(
+        model_fingerprint=source.cache_identity, texts_hash=dataset.corpus_hash, settings=settings, version=1
+    )
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / f"{key}.npy", vectors)
     stages: list[str] = []
@@ -170,16 +182,36 @@ def test_missing_shard_at_search_time_is_a_clear_error(tmp_path):
 
 def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(29500 + os.getpid() % 1000), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(29500 + os.getpid() % 1000),
+        *args,
+    ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_search_their_own_shards_and_equal_one_process(models, tmp_path):  # noqa: F811
     data = toy_dataset(tmp_path / "toy")
-    args = [str(models["st"]), "--data", str(data), "--json", "--device", "cpu", "--shard-docs", "2",
-            "--metric", "nDCG@10", "--metric", "R@100"]
+    args = [
+        str(models["st"]),
+        "--data",
+        str(data),
+        "--json",
+        "--device",
+        "cpu",
+        "--shard-docs",
+        "2",
+        "--metric",
+        "nDCG@10",
+        "--metric",
+        "R@100",
+    ]
     done = _torchrun(["-m", "reforge.cli.eval", *args, "--output", str(tmp_path / "two")], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     distributed = json.loads(done.stdout)  # only rank 0 printed

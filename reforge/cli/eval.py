@@ -103,8 +103,10 @@ def eval_cmd(
         for dataset in report.datasets:
             if dataset.sample:
                 s = dataset.sample
-                output.info(f"{dataset.name}: sample of {s['queries']} of {s['split_queries']} queries and "
-                            f"{s['documents']} of {s['split_documents']} documents (seed {s['seed']})")
+                output.info(
+                    f"{dataset.name}: sample of {s['queries']} of {s['split_queries']} queries and "
+                    f"{s['documents']} of {s['split_documents']} documents (seed {s['seed']})"
+                )
         for result in report.results:
             rate = result.docs_per_second
             corpus = (

@@ -213,8 +213,8 @@ def encoding_options(func: Callable) -> Callable:
 
 
 def sample_options(func: Callable) -> Callable:
-    """``--max-queries`` and ``--corpus-sample``: score a seeded sample of a dataset (`reforge.data.beir.sample_dataset`),
-    shared by eval and tune."""
+    """``--max-queries`` and ``--corpus-sample``: score a seeded sample of a dataset
+    (`reforge.data.beir.sample_dataset`), shared by eval and tune."""
     options = [
         click.option(
             "--max-queries",

@@ -132,9 +132,10 @@ class BeirDataset:
     """A BEIR folder read for one split, checked for the mistakes that silently skew scores.
 
     ``corpus`` is in file order (read from disk on demand, `reforge.data.lazy.LazyCorpus`, for datasets loaded by
-    `load_beir`; any sequence of `Document` for datasets built in memory); ``queries`` holds only the queries judged in ``qrels`` (BEIR does the same);
-    ``qrels`` is ``{query_id: {doc_id: grade}}`` with rows for unknown queries removed. ``warnings`` lists what was
-    odd but usable (judged documents missing from the corpus, empty documents, ...), for the caller to show.
+    `load_beir`; any sequence of `Document` for datasets built in memory); ``queries`` holds only the queries
+    judged in ``qrels`` (BEIR does the same); ``qrels`` is ``{query_id: {doc_id: grade}}`` with rows for unknown
+    queries removed. ``warnings`` lists what was odd but usable (judged documents missing from the corpus, empty
+    documents, ...), for the caller to show.
     ``files_sha256`` maps ``corpus``, ``queries`` and ``qrels`` to the SHA-256 of the files read (empty for
     datasets built in memory).
     """

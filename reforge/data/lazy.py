@@ -95,8 +95,15 @@ def _build(path: Path) -> CorpusIndex:
         raise DataError(f"{short_path(path)} holds no documents.", path=path, line=None)
     id_array = np.array(hashes, dtype=np.uint64)
     _check_unique_ids(path, id_array, np.array(offsets, dtype=np.uint64))
-    return CorpusIndex(path, np.array(offsets, dtype=np.uint64), id_array, corpus_digest.hexdigest(),
-                       file_digest.hexdigest(), len(empty), tuple(empty[:_EXAMPLES]))
+    return CorpusIndex(
+        path,
+        np.array(offsets, dtype=np.uint64),
+        id_array,
+        corpus_digest.hexdigest(),
+        file_digest.hexdigest(),
+        len(empty),
+        tuple(empty[:_EXAMPLES]),
+    )
 
 
 def _parse(raw: bytes, path: Path, number: int) -> tuple[str, str, str]:
@@ -222,16 +229,27 @@ def _read_cached(path: Path, corpus: Path) -> CorpusIndex | None:
     try:
         with np.load(path) as data:
             facts = json.loads(bytes(data["facts"]).decode())
-            return CorpusIndex(corpus, data["offsets"], data["id_hashes"], facts["corpus_hash"], facts["sha256"],
-                               int(facts["empty"]), tuple(facts["empty_examples"]))
+            return CorpusIndex(
+                corpus,
+                data["offsets"],
+                data["id_hashes"],
+                facts["corpus_hash"],
+                facts["sha256"],
+                int(facts["empty"]),
+                tuple(facts["empty_examples"]),
+            )
     except (OSError, ValueError, KeyError):
         return None
 
 
 def _write_cached(path: Path, index: CorpusIndex) -> None:
     """Atomically; an index that cannot be cached (read-only home, full disk) is only rebuilt next time."""
-    facts = {"corpus_hash": index.corpus_hash, "sha256": index.sha256, "empty": index.empty,
-             "empty_examples": list(index.empty_examples)}
+    facts = {
+        "corpus_hash": index.corpus_hash,
+        "sha256": index.sha256,
+        "empty": index.empty,
+        "empty_examples": list(index.empty_examples),
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -239,8 +257,12 @@ def _write_cached(path: Path, index: CorpusIndex) -> None:
         return
     try:
         with os.fdopen(handle, "wb") as f:
-            np.savez(f, offsets=index.offsets, id_hashes=index.id_hashes,
-                     facts=np.frombuffer(json.dumps(facts).encode(), dtype=np.uint8))
+            np.savez(
+                f,
+                offsets=index.offsets,
+                id_hashes=index.id_hashes,
+                facts=np.frombuffer(json.dumps(facts).encode(), dtype=np.uint8),
+            )
         os.replace(temporary, path)
     except OSError:
         Path(temporary).unlink(missing_ok=True)

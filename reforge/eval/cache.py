@@ -54,7 +54,9 @@ def default_embedding_dtype(dim: int) -> str:
     return "float16" if dim >= 1024 else "float32"
 
 
-def embedding_key(*, model_fingerprint: str, texts_hash: str, settings: dict[str, Any], version: int = CACHE_FORMAT) -> str:
+def embedding_key(
+    *, model_fingerprint: str, texts_hash: str, settings: dict[str, Any], version: int = CACHE_FORMAT
+) -> str:
     """The cache key: SHA-256 of the model fingerprint, the texts' hash and the settings that change vectors."""
     payload = json.dumps(
         {"format": version, "model": model_fingerprint, "texts": texts_hash, "settings": settings}, sort_keys=True
@@ -258,8 +260,13 @@ class EmbeddingCache:
     def describe(self, entry: Entry, meta: dict[str, Any]) -> None:
         """Write ``meta.json`` beside the shards (what the key stands for, for people)."""
         entry.folder.mkdir(parents=True, exist_ok=True)
-        facts = {**meta, "rows": entry.rows, "shard_docs": entry.shard_docs, "dtype": entry.dtype,
-                 "format": CACHE_FORMAT}
+        facts = {
+            **meta,
+            "rows": entry.rows,
+            "shard_docs": entry.shard_docs,
+            "dtype": entry.dtype,
+            "format": CACHE_FORMAT,
+        }
         _atomic_write(entry.folder / "meta.json", lambda f: f.write(json.dumps(facts, indent=2).encode()))
 
     def legacy(self, key: str, rows: int) -> np.ndarray | None:

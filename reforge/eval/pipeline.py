@@ -28,9 +28,9 @@ from reforge.eval.distributed import Ranks
 from reforge.eval.encode import encode, passages
 from reforge.eval.metrics import AVERAGING, paired_test, parse_measures, score_run
 from reforge.eval.model import ModelSource, Retriever, resolve_model
-from reforge.profiles import EncodingProfile, apply_overrides
 from reforge.eval.report import Comparison, DatasetInfo, EvalReport, ModelInfo, Result
 from reforge.eval.search import block_rows_for, search_blocks, to_run
+from reforge.profiles import EncodingProfile, apply_overrides
 
 ProgressFn = Callable[[int, "int | None"], None]
 StageFn = Callable[[str], None]
@@ -167,8 +167,20 @@ def evaluate(
         for source, profile in zip(sources, profiles):
             loader = _Loader(source, device=device, dtype=dtype, allow_pickle=settings.allow_pickle)
             contexts = [
-                _Context(loader, profile, d, cache, EmbeddingCache(scratch), settings, batch_size, device, str(dtype),
-                         ranks, progress, stage)
+                _Context(
+                    loader,
+                    profile,
+                    d,
+                    cache,
+                    EmbeddingCache(scratch),
+                    settings,
+                    batch_size,
+                    device,
+                    str(dtype),
+                    ranks,
+                    progress,
+                    stage,
+                )
                 for d in data
             ]
             encoded = [(ctx, *_corpus_entry(ctx), *_query_vectors(ctx)) for ctx in contexts]
@@ -287,8 +299,14 @@ def _corpus_entry(ctx: _Context) -> tuple[Entry, float, bool]:
     missing = entry.missing(mine)
     if not missing:
         return entry, 0.0, True
-    meta = {"key": key, "model": ctx.loader.source.name, "dataset": dataset.name, "documents": rows,
-            "profile": ctx.profile.to_dict(), "dtype": ctx.dtype}
+    meta = {
+        "key": key,
+        "model": ctx.loader.source.name,
+        "dataset": dataset.name,
+        "documents": rows,
+        "profile": ctx.profile.to_dict(),
+        "dtype": ctx.dtype,
+    }
     legacy = _legacy_vectors(ctx, cache, rows)
     start = time.perf_counter()
     if legacy is None:
@@ -371,8 +389,12 @@ def _query_vectors(ctx: _Context) -> tuple[list[str], np.ndarray, float]:
         ctx.say(f"Encoding {dataset.name} queries with {retriever.name}")
         vectors = encode(retriever, texts, ctx.profile, batch_size=ctx.batch_size, progress=ctx.progress)
         if cache is ctx.cache:
-            meta = {"model": ctx.loader.source.name, "dataset": dataset.name, "queries": len(texts),
-                    "query_prefix": prefix}
+            meta = {
+                "model": ctx.loader.source.name,
+                "dataset": dataset.name,
+                "queries": len(texts),
+                "query_prefix": prefix,
+            }
             cache.save(entry, vectors, query_ids, meta)
     return query_ids, vectors, time.perf_counter() - start
 
@@ -430,7 +452,6 @@ def _search_and_score(
         cached,
         ctx.profile.query_prefix_for(dataset.name),
     )
-
 
 
 def _ids_of(rows: np.ndarray, entry: Entry, dataset: BeirDataset) -> dict[int, str]:

@@ -42,8 +42,12 @@ def tokenizer_identity(tokenizer) -> str:
 
 def lengths_key(corpus_sha256: str, tokenizer, max_length: int) -> str:
     """The cache key of one corpus, tokenizer and cut."""
-    payload = {"version": CACHE_VERSION, "corpus": corpus_sha256, "tokenizer": tokenizer_identity(tokenizer),
-               "max_length": max_length}
+    payload = {
+        "version": CACHE_VERSION,
+        "corpus": corpus_sha256,
+        "tokenizer": tokenizer_identity(tokenizer),
+        "max_length": max_length,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
