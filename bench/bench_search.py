@@ -118,7 +118,9 @@ def _run_child(args: argparse.Namespace, mode: str, folder: Path, rows: int, out
         str(out),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {json.dumps(result)}", file=sys.stderr, flush=True)  # partial results, for long runs
+    return result
 
 
 def main() -> None:
@@ -142,6 +144,7 @@ def main() -> None:
     start = time.perf_counter()
     entries = write_corpora(args.folder, args.sizes, args.dim)
     written = time.perf_counter() - start
+    print(f"  shards written in {written:.0f} s", file=sys.stderr, flush=True)
     rng = np.random.default_rng([SEED, 10**6])
     np.save(args.folder / "queries.npy", rng.standard_normal((args.queries, args.dim), dtype=np.float32))
     results = [_run_child(args, "streamed", entries[n], n, args.folder / f"streamed-{n}.npy") for n in args.sizes]
