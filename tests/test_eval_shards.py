@@ -150,7 +150,7 @@ def test_old_single_file_cache_entry_is_converted_not_reencoded(models, tmp_path
 
 def test_disk_full_while_writing_a_shard_leaves_no_whole_looking_file(models, tmp_path, monkeypatch):  # noqa: F811
     data = toy_dataset(tmp_path / "toy")
-    import reforge.eval.cache as cache_module
+    import reforge.io.atomic as cache_module
 
     real_fsync, calls = os.fsync, []
 

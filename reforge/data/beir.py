@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from reforge.data.lazy import LazyCorpus, corpus_index
+from reforge.data.lazy import LazyCorpus, corpus_index, json_object
 from reforge.errors import DataError, short_path
 from reforge.io.checkpoint import sha256_file
 
@@ -46,18 +46,11 @@ def iter_jsonl(path: str | Path, *, skip_bad_lines: bool = False) -> Iterator[tu
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
-                if not isinstance(value, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as e:
+                value = json_object(line, path, number)
+            except DataError:
                 if skip_bad_lines:
                     continue
-                raise DataError(
-                    f"{short_path(path)}, line {number}: not a valid JSON object ({e}).",
-                    hint="Fix the line, or pass --skip-bad-lines to skip such lines.",
-                    path=path,
-                    line=number,
-                ) from e
+                raise
             yield number, value
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import overload
 import numpy as np
 
 from reforge.errors import DataError, short_path
+from reforge.io.atomic import write_atomic
 
 INDEX_VERSION = 1
 _EXAMPLES = 3
@@ -106,10 +105,15 @@ def _build(path: Path) -> CorpusIndex:
     )
 
 
-def _parse(raw: bytes, path: Path, number: int) -> tuple[str, str, str]:
+def json_object(line: str | bytes, path: Path, number: int) -> dict:
+    """One JSONL line as a dict.
+
+    Raises:
+        DataError: the line is not a JSON object (naming the file and line).
+    """
     try:
-        row = json.loads(raw)
-        if not isinstance(row, dict):
+        value = json.loads(line)
+        if not isinstance(value, dict):
             raise ValueError("not a JSON object")
     except ValueError as e:
         raise DataError(
@@ -118,6 +122,11 @@ def _parse(raw: bytes, path: Path, number: int) -> tuple[str, str, str]:
             path=path,
             line=number,
         ) from e
+    return value
+
+
+def _parse(raw: bytes, path: Path, number: int) -> tuple[str, str, str]:
+    row = json_object(raw, path, number)
     if "_id" not in row:
         raise DataError(f"{short_path(path)}, line {number}: no '_id' field.", path=path, line=number)
     return str(row["_id"]), str(row.get("title") or ""), str(row.get("text") or "")
@@ -250,19 +259,10 @@ def _write_cached(path: Path, index: CorpusIndex) -> None:
         "empty": index.empty,
         "empty_examples": list(index.empty_examples),
     }
+    arrays = {"offsets": index.offsets, "id_hashes": index.id_hashes}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        facts_bytes = np.frombuffer(json.dumps(facts).encode(), dtype=np.uint8)
+        write_atomic(path, lambda f: np.savez(f, facts=facts_bytes, **arrays))
     except OSError:
         return
-    try:
-        with os.fdopen(handle, "wb") as f:
-            np.savez(
-                f,
-                offsets=index.offsets,
-                id_hashes=index.id_hashes,
-                facts=np.frombuffer(json.dumps(facts).encode(), dtype=np.uint8),
-            )
-        os.replace(temporary, path)
-    except OSError:
-        Path(temporary).unlink(missing_ok=True)

@@ -23,9 +23,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from reforge.errors import DiskFullError, InvalidOptionError, ShardNotFoundError
+from reforge.io.atomic import write_atomic
 
 CACHE_FORMAT = 2
 EMBEDDING_DTYPES = ("float16", "bfloat16", "float32")
@@ -230,8 +229,8 @@ class Entry:
         path = self.shard_path(index)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path.with_name(f"{index:05d}.ids.json"), lambda f: f.write(json.dumps(list(ids)).encode()))
-            _atomic_write(path, lambda f: np.save(f, stored))
+            write_atomic(path.with_name(f"{index:05d}.ids.json"), lambda f: f.write(json.dumps(list(ids)).encode()))
+            write_atomic(path, lambda f: np.save(f, stored))
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -267,7 +266,7 @@ class EmbeddingCache:
             "dtype": entry.dtype,
             "format": CACHE_FORMAT,
         }
-        _atomic_write(entry.folder / "meta.json", lambda f: f.write(json.dumps(facts, indent=2).encode()))
+        write_atomic(entry.folder / "meta.json", lambda f: f.write(json.dumps(facts, indent=2).encode()))
 
     def legacy(self, key: str, rows: int) -> np.ndarray | None:
         """A first-format entry (``<key>.npy``, float32), memory-mapped, or None when absent or not ``rows`` long."""
@@ -290,17 +289,3 @@ class EmbeddingCache:
         for index in range(entry.shard_count):
             start, rows = entry.bounds(index)
             entry.write_shard(index, vectors[start : start + rows], ids[start : start + rows])
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from reforge.io.atomic import write_atomic
 from reforge.train.dist import Ranks, gather_strided
 
 CACHE_VERSION = 1
@@ -100,12 +99,6 @@ def _write(path: Path, array: np.ndarray) -> None:
     """Atomically; a cache that cannot be written (read-only home, full disk) only costs the next run a recount."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        write_atomic(path, lambda f: np.save(f, array))
     except OSError:
         return
-    try:
-        with os.fdopen(handle, "wb") as f:
-            np.save(f, array)
-        os.replace(temporary, path)
-    except OSError:
-        Path(temporary).unlink(missing_ok=True)
