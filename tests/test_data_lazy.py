@@ -53,3 +53,9 @@ def test_the_offset_index_is_built_once_and_rebuilt_when_the_file_changes(tmp_pa
     again = load_beir(folder)
     assert len(again.corpus) == len(first.corpus) + 1 and again.corpus[-1].id == "new"
     assert again.corpus_hash not in ("f" * 64, first.corpus_hash) and len(_index_files()) == 2
+
+
+def test_lazy_corpora_compare_by_documents():
+    lazy = load_beir(SCIFACT).corpus
+    assert lazy == load_beir(SCIFACT).corpus and lazy.select(["4983", "5836"]) == lazy.select(["5836", "4983"])
+    assert lazy.select(["4983"]) == (lazy[0],) and lazy.select(["4983"]) != lazy.select(["5836"])

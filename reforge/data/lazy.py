@@ -212,6 +212,14 @@ class LazyCorpus(Sequence):
         for start in range(0, len(self), step):
             yield from self[start : start + step]
 
+    def __eq__(self, other: object) -> bool:
+        """Same documents in the same order (compared by offsets within one file, else document by document)."""
+        if isinstance(other, LazyCorpus) and other.index.path == self.index.path:
+            return np.array_equal(self._offsets(), other._offsets())
+        return isinstance(other, Sequence) and len(other) == len(self) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking sequence, like list
+
     def has_ids(self, ids: Iterable[str]) -> set[str]:
         """Which of ``ids`` are documents of this corpus (by id hash)."""
         ids = list(ids)
