@@ -29,6 +29,7 @@ import numpy as np
 from reforge import __version__
 from reforge.data.corpus import Corpus, DocSelection, load_corpus
 from reforge.errors import CheckpointNotFoundError, InvalidOptionError
+from reforge.io.target import OutputLock
 from reforge.train.attention import register_packed_attention
 from reforge.train.batching import IGNORE, Batch, BatchPlan, Encoder, collate, make_encoder, split_step, token_lengths
 from reforge.train.config import TrainConfig
@@ -149,7 +150,10 @@ def train_adapter(config: TrainConfig, progress: ProgressFn | None = None, *, to
     device_type = torch.device(config.device).type if config.device else "cuda" if torch.cuda.is_available() \
         else "cpu"
     ranks = init_ranks(device_type)
+    lock = OutputLock(config.output) if ranks.main and not dry_run else None  # the lock every writer takes
     try:
+        if lock is not None:
+            lock.acquire()
         device = torch.device(config.device or (f"cuda:{ranks.local}" if device_type == "cuda" else "cpu"))
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -169,6 +173,8 @@ def train_adapter(config: TrainConfig, progress: ProgressFn | None = None, *, to
         state = train_loop(run, data, state, progress, work=work)
         return save(run, data, state, base=checkpoint, work=work, wall_time_s=time.perf_counter() - started)
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(ranks)
 
 
