@@ -121,3 +121,101 @@ def test_redaction_rules():
             "--adapter=/a/b/psi", "rel/psi", "--message", "uses hf_abcdefghijklmnopqrstu1234", "~/data/scifact"]
     assert redact_arguments(argv) == ["merge", "--base", "base", "-o", "out", "--adapter=psi", "rel/psi",
                                       "--message", "uses ***", "scifact"]
+
+
+# ---- symlinks and companion files ------------------------------------------------------------------------------
+def _copy_folder(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_a_shard_symlinked_outside_the_folder_is_refused(setup, tmp_path):
+    from reforge.errors import UnsafePathError
+    from reforge.io.index import ShardIndex
+
+    retriever = _copy_folder(setup["retriever"], tmp_path / "retriever")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shard = sorted(retriever.glob("model-0000*.safetensors"))[0]
+    shard.rename(outside / shard.name)
+    shard.symlink_to(outside / shard.name)
+    with pytest.raises(UnsafePathError, match="outside the checkpoint folder"):
+        ShardIndex.from_dir(retriever)
+    result = run("merge", "--base", setup["base"], "--retriever", retriever, "--adapter", setup["psi"],
+                 "-o", tmp_path / "out", ok=False)
+    assert result.exit_code == 1 and "outside the checkpoint folder" in " ".join(result.stderr.split())
+    assert not (tmp_path / "out").exists()
+    inside = tmp_path / "inside"  # a symlink within the folder is fine
+    _copy_folder(setup["retriever"], inside)
+    target = sorted(inside.glob("model-0000*.safetensors"))[0]
+    target.rename(inside / "real.bin-part")
+    target.symlink_to("real.bin-part")
+    assert len(ShardIndex.from_dir(inside).tensors) == len(ShardIndex.from_dir(setup["retriever"]).tensors)
+
+
+def test_index_paths_through_a_symlinked_folder_are_refused(setup, tmp_path):
+    from reforge.errors import UnsafePathError
+    from reforge.io.index import ShardIndex
+
+    retriever = _copy_folder(setup["retriever"], tmp_path / "retriever")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    index_file = retriever / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    for shard in set(index["weight_map"].values()):
+        (retriever / shard).rename(outside / shard)
+    (retriever / "shards").symlink_to(outside)
+    index["weight_map"] = {k: f"shards/{v}" for k, v in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(UnsafePathError, match="outside the checkpoint folder"):
+        ShardIndex.from_dir(retriever)
+
+
+def test_only_the_companion_files_a_model_needs_are_copied(setup, tmp_path):
+    from reforge.errors import UnsafePathError
+
+    secrets = tmp_path / "home" / ".ssh"
+    secrets.mkdir(parents=True)
+    (secrets / "id_rsa").write_text("PRIVATE KEY")
+    retriever = _copy_folder(setup["retriever"], tmp_path / "retriever")
+    (retriever / "extras").symlink_to(secrets)
+    (retriever / "notes").mkdir()
+    (retriever / "notes" / "todo.txt").write_text("private notes")
+    (retriever / "modeling_evil.py").write_text("import os; os.system('echo pwned')")
+    (retriever / "reforge-base.json").write_text('{"unrelated": true}')  # issue 17: not carried over
+    (retriever / "training.json").write_text('{"unrelated": true}')
+    (retriever / "1_Pooling").mkdir()
+    (retriever / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    out = tmp_path / "out"
+    run("merge", "--base", setup["base"], "--retriever", retriever, "--adapter", setup["psi"], "-o", out, "-q")
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"config.json", "tokenizer.json", "1_Pooling/config.json"} <= names
+    assert not {n for n in names if n.startswith(("extras", "notes")) or n.endswith(".py")}, names
+    assert not {"reforge-base.json", "training.json"} & names
+    assert _leaks(out, ["PRIVATE KEY", "private notes", "pwned"]) == []
+
+    (retriever / "tokenizer.json").rename(tmp_path / "tokenizer.json")  # a companion that leaves the folder
+    (retriever / "tokenizer.json").symlink_to(tmp_path / "tokenizer.json")
+    result = run("merge", "--base", setup["base"], "--retriever", retriever, "--adapter", setup["psi"],
+                 "-o", tmp_path / "out2", ok=False)
+    assert result.exit_code == 1 and "tokenizer.json" in result.stderr and "outside the checkpoint" in result.stderr
+    with pytest.raises(UnsafePathError):
+        from reforge.io.companions import companion_files
+
+        companion_files(retriever)
+
+
+def test_a_fifo_named_as_a_shard_is_not_called_missing(setup, tmp_path):
+    import os
+
+    from reforge.errors import CorruptCheckpointError
+    from reforge.io.index import ShardIndex
+
+    retriever = _copy_folder(setup["retriever"], tmp_path / "retriever")
+    shard = sorted(retriever.glob("model-0000*.safetensors"))[0]
+    shard.unlink()
+    os.mkfifo(shard)
+    with pytest.raises(CorruptCheckpointError, match="is a FIFO, not a file"):
+        ShardIndex.from_dir(retriever)
