@@ -139,3 +139,55 @@ def test_a_real_safetensors_file_still_reads(tmp_path):
     found, metadata = read_header(tmp_path / "model.safetensors")
     assert {k: v.shape for k, v in found.items()} == {k: tuple(v.shape) for k, v in tensors.items()}
     assert metadata == {"format": "pt"}
+
+
+# ---- data files --------------------------------------------------------------------------------------------------
+def test_non_utf8_jsonl_names_its_line_and_is_skipped_with_skip_bad_lines(tmp_path):
+    from reforge.data.beir import iter_corpus, read_qrels
+    from reforge.data.corpus import load_corpus
+    from reforge.errors import DataError
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b'{"_id": "d1", "text": "fine"}\n{"_id": "d2", "text": "caf\xe9 latin-1"}\n'
+                       b'{"_id": "d3", "text": "also fine"}\n')
+    with pytest.raises(DataError, match=r"corpus.jsonl, line 2: not UTF-8 text \(invalid continuation byte") as e:
+        load_corpus(corpus)
+    assert "--skip-bad-lines" in str(e.value)  # train has it
+    assert [d.id for d in load_corpus(corpus, skip_bad_lines=True).docs] == ["d1", "d3"]
+    with pytest.raises(DataError, match="line 2: not UTF-8") as e:
+        list(iter_corpus(corpus))  # what eval reads: it has no --skip-bad-lines, so none is suggested
+    assert "--skip-bad-lines" not in str(e.value)
+    qrels = tmp_path / "test.tsv"
+    qrels.write_bytes(b"query-id\tcorpus-id\tscore\nq1\td\xe91\t1\n")
+    with pytest.raises(DataError, match="test.tsv, line 2: not UTF-8"):
+        read_qrels(qrels)
+
+
+def test_eval_never_suggests_an_option_it_lacks(tmp_path):
+    data = tmp_path / "data"
+    (data / "qrels").mkdir(parents=True)
+    (data / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\nnot json\n')
+    (data / "queries.jsonl").write_text('{"_id": "q1", "text": "x"}\n')
+    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    result = CliRunner().invoke(cli, ["eval", str(tmp_path / "no-model"), "-d", str(data)])
+    assert "--skip-bad-lines" not in result.output + result.stderr
+    from reforge.data.beir import load_beir
+    from reforge.errors import DataError
+
+    with pytest.raises(DataError, match="line 2: not a valid JSON object") as e:
+        load_beir(data, "test")
+    assert "--skip-bad-lines" not in str(e.value)
+
+
+# ---- options -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_device_that_does_not_exist_is_refused_at_parse_time(tmp_path, command):
+    args = {"train": ["train", "base", "--corpus", str(tmp_path), "-o", str(tmp_path / "o")],
+            "eval": ["eval", "model", "-d", str(tmp_path)]}[command]
+    no_gpu = "cuda:99" if torch.cuda.is_available() else "cuda"
+    for device, message in (("nonsense", "'nonsense' is not a torch device"),
+                            (no_gpu, "no CUDA support" if torch.version.cuda is None else "CUDA device(s) visible"),
+                            ("fpga", "reforge runs on cpu, cuda or mps")):
+        result = CliRunner().invoke(cli, [*args, "--device", device])
+        assert result.exit_code == 2 and message in result.stderr, (device, result.stderr)
+        assert "Traceback" not in result.output
