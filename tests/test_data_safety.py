@@ -210,3 +210,12 @@ def test_free_space_refusal_leaves_no_partial_folder(tmp_path):
     with pytest.raises(DiskFullError, match="are free"):
         CheckpointWriter(tmp_path / "out", huge, plan_id="p").__enter__()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_mistyped_local_path_is_not_reported_as_a_hub_repo(inputs, tmp_path, monkeypatch):
+    monkeypatch.chdir(inputs.parent)
+    result = run("merge", "--base", "work/base", "--retriever", "work/retriver", "--adapter", "work/psi",
+                 "-o", tmp_path / "out", ok=False)
+    failed(result, r"work/retriver is not a folder here: work/ has no 'retriver' \(it holds base/, psi/, "
+                   r"retriever/\)")
+    assert not (tmp_path / "out").exists()
