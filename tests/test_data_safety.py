@@ -219,3 +219,51 @@ def test_a_mistyped_local_path_is_not_reported_as_a_hub_repo(inputs, tmp_path, m
     failed(result, r"work/retriver is not a folder here: work/ has no 'retriver' \(it holds base/, psi/, "
                    r"retriever/\)")
     assert not (tmp_path / "out").exists()
+
+
+# ---- a full disk late in the work keeps the results ------------------------------------------------------------
+FULL_DISK = """
+import resource, signal, sys, json
+from click.testing import CliRunner
+from reforge.cli import cli
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (BYTES, BYTES))
+result = CliRunner().invoke(cli, json.loads(sys.argv[1]))
+print(json.dumps({"code": result.exit_code, "stdout": result.stdout, "stderr": result.stderr,
+                  "exception": repr(result.exception)}))
+"""
+
+
+def full_disk_run(args: list, limit: int) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run([sys.executable, "-c", FULL_DISK.replace("BYTES", str(limit)),
+                           json.dumps([str(a) for a in args])], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_full_disk_in_eval_output_keeps_the_table(tmp_path):
+    from test_eval import llama_folder, toy_dataset
+
+    model, data = llama_folder(tmp_path / "llama"), toy_dataset(tmp_path / "toy")
+    result = full_disk_run(["eval", model, "--data", data, "--profile", "repllama", "--no-cache",
+                            "-o", tmp_path / "results"], limit=200)
+    assert result["code"] == 1, result
+    assert "nDCG@10" in result["stdout"] and "llama" in result["stdout"]  # the results were shown first
+    assert "the disk filled up while writing" in result["stderr"] and "The results above are complete" in \
+        " ".join(result["stderr"].split()), result["stderr"]
+
+
+def test_a_full_disk_when_train_saves_is_a_clear_error(inputs, tmp_path):
+    out = tmp_path / "psi"
+    result = full_disk_run(["train", inputs / "base", "--corpus", SCIFACT, "--max-docs", 4, "--max-length", 32,
+                            "-r", 2, "--lora-alpha", 4, "--batch-size", 2, "--max-steps", 2, "-o", out,
+                            ], limit=4096)
+    text = " ".join(result["stderr"].split())
+    assert result["code"] == 1 and "Traceback" not in result["stdout"], result
+    assert "the disk filled up while writing" in text and "nothing could be saved" in text, result
+    assert not out.exists()

@@ -11,6 +11,7 @@ The lock is ``.NAME.reforge-lock`` beside the output, held with ``flock`` for th
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -18,7 +19,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from reforge.errors import OutputExistsError, OutputLockedError, OutputRefusedError, short_path
+from reforge.errors import DiskFullError, OutputExistsError, OutputLockedError, OutputRefusedError, short_path
 
 MANIFESTS = ("reforge.json", "training_record.json")  # what diff/merge/tune --write and train leave in their output
 
@@ -86,7 +87,7 @@ def check_output(output: str | Path, *, inputs: Iterable[str | Path | None] = ()
             f"{option} {shown} holds files reforge did not write; they are never replaced"
             + (", --overwrite or not." if overwrite else "."),
             hint=f"Choose an empty or new {option} folder.", path=path)
-    _check_writable(path, option)
+    check_writable(path, option)
     return path
 
 
@@ -112,9 +113,14 @@ def _overlap(output: Path, source: Path) -> str | None:
     return None
 
 
-def _check_writable(path: Path, option: str) -> None:
+def check_writable(path: str | Path, option: str = "--output") -> None:
     """The nearest existing folder at or above ``path`` must be a folder we can create files in (probed for real,
-    so a read-only mount refuses root too)."""
+    so a read-only mount refuses root too).
+
+    Raises:
+        OutputRefusedError: a file stands in the way, or nothing can be created there.
+    """
+    path = absolute(path)
     ancestor = path.parent if path.is_dir() else path
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -128,6 +134,16 @@ def _check_writable(path: Path, option: str) -> None:
                              f"{short_path(ancestor)} fails ({e.strerror}).",
                        f"Choose an {option} on a writable disk.") from e
     os.rmdir(probe)
+
+
+def write_error(error: OSError, path: str | Path, hint: str) -> Exception:
+    """A failed write as a reforge error: `DiskFullError` when the disk or a quota is full, `OutputRefusedError`
+    otherwise (permissions, a read-only disk); ``hint`` says where the finished work is."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DiskFullError(f"the disk filled up while writing {short_path(path)}.", hint=hint, path=Path(path),
+                             needed=None, free=None)
+    return OutputRefusedError(f"writing {short_path(path)} failed: {error.strerror or error}.", hint=hint,
+                              path=Path(path))
 
 
 def _refused(path: Path, message: str, hint: str) -> OutputRefusedError:

@@ -139,14 +139,22 @@ def load_checkpoint(checkpoint: Path, config: TrainConfig, *, model, optimizer, 
 
 
 def publish(final: Path, output: Path, work: Path) -> None:
-    """Move the finished ``final`` folder to ``output`` (replacing what is there) and remove ``work``."""
-    for path in final.rglob("*"):
-        if path.is_file():
-            os.chmod(path, 0o644)  # safetensors' save_file creates 0600 files
-    if output.exists() or output.is_symlink():
-        trash = work / "replaced"
-        os.replace(output, trash)
-    os.replace(final, output)
+    """Move the finished ``final`` folder to ``output`` (replacing what is there) and remove ``work``.
+
+    Raises:
+        DiskFullError, OutputRefusedError: the move failed; the message says where the whole adapter waits.
+    """
+    try:
+        for path in final.rglob("*"):
+            if path.is_file():
+                os.chmod(path, 0o644)  # safetensors' save_file creates 0600 files
+        if output.exists() or output.is_symlink():
+            trash = work / "replaced"
+            os.replace(output, trash)
+        os.replace(final, output)
+    except OSError as e:
+        raise target.write_error(e, output, f"The trained adapter is whole in {short_path(final)}: move that "
+                                            f"folder to {short_path(output)} yourself.") from e
     shutil.rmtree(work, ignore_errors=True)
 
 
