@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from test_train import build_tokenizer, make_base
 
 from conftest import DATA, make_adapter, perturbed_bare, save, save_tokenizer
 from reforge.cli import cli
 from reforge.errors import DiskFullError, OutputLockedError, OutputRefusedError
-from reforge.io.target import OutputLock, check_output
+from reforge.io.target import check_output
 from reforge.io.writer import CheckpointWriter, TensorSpec
 from reforge.train import TrainConfig, train_adapter
-from test_train import build_tokenizer, make_base
 
 SCIFACT = DATA / "scifact"
 

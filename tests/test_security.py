@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from test_tune import write_dataset
 
 from conftest import build_model, make_adapter, perturbed_bare, save, save_tokenizer
 from fakehub import FakeHub, fake_hub_fixture
 from reforge.cli import cli
 from reforge.cli.output import redact_arguments
-from test_tune import write_dataset
 
 SECRET = "s3cr3t-token-that-is-not-hf-shaped-4711"  # not hf_...: the --token rule itself must drop it
 

@@ -129,7 +129,12 @@ def _targets(value: str) -> list[str]:
     help="auto: bf16 autocast on GPUs that have it, fp32 on CPU.",
 )
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
-@click.option("--device", type=DeviceType(), default=None, help="torch device [default: cuda:LOCAL_RANK if there is a GPU, else cpu].")
+@click.option(
+    "--device",
+    type=DeviceType(),
+    default=None,
+    help="torch device [default: cuda:LOCAL_RANK if there is a GPU, else cpu].",
+)
 @click.option(
     "--save-every",
     type=click.IntRange(min=0),

@@ -136,12 +136,11 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_start: int) -
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
     try:
         dtype, raw_shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(raw_shape, list) or not all(type(d) is int and d >= 0 for d in raw_shape):
-            raise ValueError(f"shape {raw_shape!r} is not a list of non-negative integers")
-        shape = tuple(raw_shape)
     except (KeyError, TypeError, ValueError) as e:
-        detail = str(e) if isinstance(e, ValueError) and "shape" in str(e) else "entry lacks dtype, shape or data_offsets"
-        raise _corrupt(path, name, detail) from e
+        raise _corrupt(path, name, "entry lacks dtype, shape or data_offsets") from e
+    if not isinstance(raw_shape, list) or not all(type(d) is int and d >= 0 for d in raw_shape):
+        raise _corrupt(path, name, f"shape {raw_shape!r} is not a list of non-negative integers")
+    shape = tuple(raw_shape)
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _corrupt(path, name, f"unknown dtype {dtype!r}")
     expected = math.prod(shape) * DTYPES[dtype][1]
