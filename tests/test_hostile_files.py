@@ -191,3 +191,17 @@ def test_device_that_does_not_exist_is_refused_at_parse_time(tmp_path, command):
         result = CliRunner().invoke(cli, [*args, "--device", device])
         assert result.exit_code == 2 and message in result.stderr, (device, result.stderr)
         assert "Traceback" not in result.output
+
+
+# ---- reforge.json ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("manifest", [b'{"kind": "delta", "state": "compl', b"[1, 2]", b"\xff\xfe"],
+                         ids=["truncated", "a list", "not utf-8"])
+def test_verify_never_calls_a_malformed_manifest_sound(llama_pair, tmp_path, manifest):
+    base_dir, retriever_dir = llama_pair
+    delta = tmp_path / "delta"
+    assert CliRunner().invoke(cli, ["diff", str(base_dir), str(retriever_dir), "-o", str(delta), "-q"]).exit_code == 0
+    (delta / "reforge.json").write_bytes(manifest)
+    result = CliRunner().invoke(cli, ["verify", str(delta), "--json"])
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and not report["ok"], result.stdout
+    assert "reforge.json is not a readable JSON object" in report["failures"][0]
