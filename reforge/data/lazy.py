@@ -105,22 +105,26 @@ def _build(path: Path) -> CorpusIndex:
     )
 
 
-def json_object(line: str | bytes, path: Path, number: int) -> dict:
-    """One JSONL line as a dict.
+def json_object(raw: bytes, path: Path, number: int, skip_option: str | None = None) -> dict:
+    """One JSONL line (bytes, decoded here so a bad byte names its line) as a dict.
 
     Raises:
-        DataError: the line is not a JSON object (naming the file and line).
+        DataError: the line is not UTF-8 or not a JSON object, naming the file and line; the hint names
+            ``skip_option`` when the command has one (eval has none, so none is suggested).
     """
     try:
-        value = json.loads(line)
+        value = json.loads(raw.decode("utf-8"))
         if not isinstance(value, dict):
             raise ValueError("not a JSON object")
-    except ValueError as e:
+    except ValueError as e:  # UnicodeDecodeError is a ValueError
+        what = (
+            f"not UTF-8 text ({e.reason} at byte {e.start})"
+            if isinstance(e, UnicodeDecodeError)
+            else f"not a valid JSON object ({e})"
+        )
+        skip = f", or pass {skip_option} to skip such lines" if skip_option else ""
         raise DataError(
-            f"{short_path(path)}, line {number}: not a valid JSON object ({e}).",
-            hint="Fix the line, or pass --skip-bad-lines to skip such lines.",
-            path=path,
-            line=number,
+            f"{short_path(path)}, line {number}: {what}.", hint=f"Fix the line{skip}.", path=path, line=number
         ) from e
     return value
 
