@@ -24,7 +24,7 @@ import errno
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +110,11 @@ class Shard:
     start: int
     rows: int
     dtype: str
+    held: np.ndarray | None = field(default=None, repr=False, compare=False)  # a `MemoryEntry`'s shard
 
     def array(self) -> np.ndarray:
         """The stored array, memory-mapped read-only (bfloat16 shards come back as uint16)."""
-        return np.load(self.path, mmap_mode="r")
+        return self.held if self.held is not None else np.load(self.path, mmap_mode="r")
 
     def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """``(first row, float32 block)`` pieces of at most ``block_rows`` rows: at most one block is in memory."""
@@ -242,6 +243,37 @@ class Entry:
                 free=None,
             ) from e
         return path
+
+
+@dataclass(frozen=True)
+class MemoryEntry(Entry):
+    """An entry whose shards stay in memory (``--no-cache``, in-memory models): the same interface, nothing is
+    written, and memory grows with the corpus (use the cache for large corpora)."""
+
+    held: dict[int, tuple[np.ndarray, list[str]]] = field(default_factory=dict, repr=False, compare=False)
+
+    def shard(self, index: int, dim: int | None = None) -> Shard | None:
+        """Shard ``index`` if it was written in this process."""
+        if index not in self.held:
+            return None
+        start, rows = self.bounds(index)
+        return Shard(self.folder / f"{index:05d}", start, rows, self.dtype, self.held[index][0])
+
+    def dim(self) -> int | None:
+        """Vector width, from the first shard held."""
+        return next((int(array.shape[1]) for array, _ in self.held.values()), None)
+
+    def shard_ids(self, index: int) -> list[str] | None:
+        """The ids of shard ``index`` (None when it is not held)."""
+        return self.held[index][1] if index in self.held else None
+
+    def write_shard(self, index: int, vectors: np.ndarray, ids: Sequence[str]) -> Path:
+        """Keep shard ``index`` (converted to the entry's dtype) in memory."""
+        rows = self.bounds(index)[1]
+        if vectors.shape[0] != rows or len(ids) != rows:
+            raise ValueError(f"shard {index} needs {rows} rows, got {vectors.shape[0]} vectors and {len(ids)} ids")
+        self.held[index] = (to_stored(vectors, self.dtype), list(ids))
+        return self.folder / f"{index:05d}"
 
 
 class EmbeddingCache:

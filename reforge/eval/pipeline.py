@@ -4,10 +4,10 @@ score, compare."""
 from __future__ import annotations
 
 import gc
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from reforge.eval.cache import (
     EMBEDDING_DTYPES,
     EmbeddingCache,
     Entry,
+    MemoryEntry,
     default_embedding_dtype,
     embedding_key,
     texts_hash,
@@ -162,35 +163,21 @@ def evaluate(
     dtype = _dtype(settings.dtype, device)
     batch_size = settings.batch_size or (32 if device == "cpu" else 64)
     results = []
-    with tempfile.TemporaryDirectory(prefix="reforge-eval-") as scratch:
-        cache = EmbeddingCache(settings.cache_dir) if settings.cache else None
-        for source, profile in zip(sources, profiles):
-            loader = _Loader(source, device=device, dtype=dtype, allow_pickle=settings.allow_pickle)
-            contexts = [
-                _Context(
-                    loader,
-                    profile,
-                    d,
-                    cache,
-                    EmbeddingCache(scratch),
-                    settings,
-                    batch_size,
-                    device,
-                    str(dtype),
-                    ranks,
-                    progress,
-                    stage,
-                )
-                for d in data
-            ]
-            encoded = [(ctx, *_corpus_entry(ctx), *_query_vectors(ctx)) for ctx in contexts]
-            _free(loader)  # the search needs no model: the GPU holds one or the other
-            for ctx, entry, encode_seconds, cached, query_ids, query_vectors, query_seconds in encoded:
-                result = _search_and_score(
-                    ctx, entry, query_ids, query_vectors, (encode_seconds, query_seconds), cached, measures
-                )
-                if result is not None:
-                    results.append(result)
+    cache = EmbeddingCache(settings.cache_dir) if settings.cache else None
+    for source, profile in zip(sources, profiles):
+        loader = _Loader(source, device=device, dtype=dtype, allow_pickle=settings.allow_pickle)
+        contexts = [
+            _Context(loader, profile, d, cache, settings, batch_size, device, str(dtype), ranks, progress, stage)
+            for d in data
+        ]
+        encoded = [(ctx, *_corpus_entry(ctx), *_query_vectors(ctx)) for ctx in contexts]
+        _free(loader)  # the search needs no model: the GPU holds one or the other
+        for ctx, entry, encode_seconds, cached, query_ids, query_vectors, query_seconds in encoded:
+            result = _search_and_score(
+                ctx, entry, query_ids, query_vectors, (encode_seconds, query_seconds), cached, measures
+            )
+            if result is not None:
+                results.append(result)
     if not ranks.is_main:
         return None
     names = tuple(str(m) for m in measures)
@@ -258,7 +245,6 @@ class _Context:
     profile: EncodingProfile
     dataset: BeirDataset
     cache: EmbeddingCache | None
-    scratch: EmbeddingCache
     settings: EvalSettings
     batch_size: int
     device: str
@@ -282,19 +268,18 @@ class _Context:
             settings["embedding_dtype"] = self.settings.embedding_dtype or "auto"
         return embedding_key(model_fingerprint=self.loader.fingerprint, texts_hash=texts_digest, settings=settings)
 
-    def store(self, key: str | None) -> tuple[EmbeddingCache, str]:
-        """The cache and key to keep vectors under: the real cache, or this run's scratch folder (--no-cache)."""
-        if key is not None and self.cache is not None:
-            return self.cache, key
-        return self.scratch, f"{self.loader.source.name}--{self.dataset.name}".replace("/", "_")
-
 
 def _corpus_entry(ctx: _Context) -> tuple[Entry, float, bool]:
     """This rank's corpus shards, encoded where missing. Returns ``(entry, encode seconds, all from cache)``."""
-    dataset, ranks = ctx.dataset, ctx.ranks
-    cache, key = ctx.store(ctx.key("corpus", dataset.corpus_hash))
+    dataset, ranks, cache = ctx.dataset, ctx.ranks, ctx.cache
+    key = ctx.key("corpus", dataset.corpus_hash)
     rows = len(dataset.corpus)
-    entry = _existing_entry(cache, key, rows) or _new_entry(ctx, cache, key, rows)
+    if key is None or cache is None:  # --no-cache, or an in-memory model without a fingerprint
+        entry: Entry = MemoryEntry(Path("<memory>"), rows, max(1, ctx.settings.shard_docs), _requested_dtype(ctx))
+    else:
+        entry = _existing_entry(cache, key, rows) or Entry(
+            cache.folder / key, rows, max(1, ctx.settings.shard_docs), _requested_dtype(ctx)
+        )
     mine = ranks.owned_shards(entry.shard_count)
     missing = entry.missing(mine)
     if not missing:
@@ -307,7 +292,7 @@ def _corpus_entry(ctx: _Context) -> tuple[Entry, float, bool]:
         "profile": ctx.profile.to_dict(),
         "dtype": ctx.dtype,
     }
-    legacy = _legacy_vectors(ctx, cache, rows)
+    legacy = _legacy_vectors(ctx, rows)
     start = time.perf_counter()
     if legacy is None:
         retriever = ctx.loader.get()
@@ -325,7 +310,7 @@ def _corpus_entry(ctx: _Context) -> tuple[Entry, float, bool]:
             vectors = np.asarray(legacy[first : first + count], dtype=np.float32)
         else:
             vectors = encode(ctx.loader.get(), passages(docs, ctx.profile), ctx.profile, batch_size=ctx.batch_size)
-        entry = _settle_dtype(ctx, cache, entry, vectors, meta)
+        entry = _settle_dtype(cache, entry, vectors, meta)
         entry.write_shard(index, vectors, [d.id for d in docs])
         done += count
         if ctx.progress:
@@ -345,23 +330,22 @@ def _existing_entry(cache: EmbeddingCache, key: str, rows: int) -> Entry | None:
     return entry if int(meta.get("rows", -1)) == rows else None
 
 
-def _new_entry(ctx: _Context, cache: EmbeddingCache, key: str, rows: int) -> Entry:
-    """A fresh entry; an ``auto`` dtype is settled by the first shard's width (`_settle_dtype`)."""
+def _requested_dtype(ctx: _Context) -> str:
+    """The stored dtype asked for; ``auto`` is settled by the first shard's width (`_settle_dtype`)."""
     requested = ctx.settings.embedding_dtype
-    dtype = requested if requested not in (None, "auto") else "auto"
-    return Entry(cache.folder / key, rows, max(1, ctx.settings.shard_docs), dtype)
+    return requested if requested not in (None, "auto") else "auto"
 
 
-def _settle_dtype(ctx: _Context, cache: EmbeddingCache, entry: Entry, vectors: np.ndarray, meta: dict) -> Entry:
+def _settle_dtype(cache: EmbeddingCache | None, entry: Entry, vectors: np.ndarray, meta: dict) -> Entry:
     """Fix the entry's dtype from the vector width (if still ``auto``) and write its ``meta.json`` once."""
     if entry.dtype == "auto":
-        entry = Entry(entry.folder, entry.rows, entry.shard_docs, default_embedding_dtype(vectors.shape[1]))
-    if not (entry.folder / "meta.json").is_file():
+        entry = replace(entry, dtype=default_embedding_dtype(vectors.shape[1]))
+    if cache is not None and not (entry.folder / "meta.json").is_file():
         cache.describe(entry, meta)
     return entry
 
 
-def _legacy_vectors(ctx: _Context, cache: EmbeddingCache, rows: int) -> np.ndarray | None:
+def _legacy_vectors(ctx: _Context, rows: int) -> np.ndarray | None:
     """An entry of the first cache format (one float32 ``.npy``) for the same model, corpus and settings."""
     if ctx.cache is None or ctx.loader.fingerprint is None:
         return None
@@ -371,7 +355,7 @@ def _legacy_vectors(ctx: _Context, cache: EmbeddingCache, rows: int) -> np.ndarr
         settings=ctx.vector_settings("corpus"),
         version=1,
     )
-    return cache.legacy(key, rows)
+    return ctx.cache.legacy(key, rows)
 
 
 def _query_vectors(ctx: _Context) -> tuple[list[str], np.ndarray, float]:
@@ -381,14 +365,14 @@ def _query_vectors(ctx: _Context) -> tuple[list[str], np.ndarray, float]:
     query_ids = list(dataset.queries)
     texts = [prefix + dataset.queries[q] for q in query_ids]
     start = time.perf_counter()
-    cache, key = ctx.store(ctx.key("queries", texts_hash(texts)))
-    entry = cache.entry(key, len(texts), shard_docs=max(1, len(texts)), dtype="float32")
-    vectors = cache.load(entry) if cache is ctx.cache else None
+    cache, key = ctx.cache, ctx.key("queries", texts_hash(texts))
+    entry = cache.entry(key, len(texts), shard_docs=max(1, len(texts))) if cache and key else None
+    vectors = cache.load(entry) if cache and entry else None
     if vectors is None:
         retriever = ctx.loader.get()
         ctx.say(f"Encoding {dataset.name} queries with {retriever.name}")
         vectors = encode(retriever, texts, ctx.profile, batch_size=ctx.batch_size, progress=ctx.progress)
-        if cache is ctx.cache:
+        if cache and entry:
             meta = {
                 "model": ctx.loader.source.name,
                 "dataset": dataset.name,
