@@ -171,23 +171,44 @@ def train_cmd(
     """
     from reforge.train import train_adapter
 
+    lists = {k: list(v) for k, v in options.items() if isinstance(v, tuple)}  # multiple=True options, as saved
     config = TrainConfig(
         base=base,
         corpus=list(corpus),
         output=output,
         use_dora=not lora,
         target_modules=_targets(target_modules),
-        **options,
+        **{**options, **lists},
     )
-    with ui.progress_bar("Preparing", quiet=quiet or as_json) as bar:
+    try:
+        with ui.progress_bar("Preparing", quiet=quiet or as_json) as bar:
 
-        def progress(step: int, total: int, stats) -> None:
-            bar(step, total, description=f"loss {stats.loss:.3f} | {stats.tokens_per_s:,.0f} tok/s")
+            def progress(step: int, total: int, stats) -> None:
+                bar(step, total, description=f"loss {stats.loss:.3f} | {stats.tokens_per_s:,.0f} tok/s")
 
-        result = train_adapter(config, progress, token=token, dry_run=dry_run)
+            result = train_adapter(config, progress, token=token, dry_run=dry_run)
+    except KeyboardInterrupt:
+        _interrupted(config)
     if not result.is_main:
         return
     _report(result, config, as_json)
+
+
+def _interrupted(config: TrainConfig) -> None:
+    """Ctrl-C: say how to continue, the way the rerun will accept it (exit 130, as a shell does)."""
+    from reforge.train.state import latest_checkpoint, work_dir
+
+    checkpoint = latest_checkpoint(work_dir(config.output))
+    if checkpoint is None:
+        ui.err.print("Interrupted before the first checkpoint. Rerun the same command to start over.", highlight=False)
+    else:
+        step = int(checkpoint.name.split("-")[-1])
+        ui.err.print(
+            f"Interrupted; the last checkpoint is at step {step} ({checkpoint}). Rerun the same command with "
+            "--resume to continue from it, or with --overwrite to start over.",
+            highlight=False,
+        )
+    raise click.exceptions.Exit(130)
 
 
 def _report(result, config: TrainConfig, as_json: bool) -> None:
