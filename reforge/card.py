@@ -158,7 +158,7 @@ def _intro(info: dict, retriever: dict, base: dict, adapters: list, beta: Any) -
              "with next-token prediction on the base LM is added: `merged = base + alpha * Psi + beta * Delta`."]
     if base.get("ref"):
         lines[-1] += f" The base LM is {_name(base)}."
-    corpora = [_corpus(a["corpus"]) for a in adapters if a.get("corpus")]
+    corpora = [_corpus(c) for a in adapters if a.get("corpus") for c in str(a["corpus"]).split(", ")]
     if corpora:
         lines.append("")
         lines.append(f"Adapted to: {', '.join(f'`{c}`' for c in corpora)}.")
@@ -194,7 +194,7 @@ def _recipe(adapters: list, beta: Any, info: dict) -> str:
         facts = [f"alpha {_number(a['alpha'])}" if a.get("alpha") is not None else None,
                  _kind(a),
                  a.get("rank") and f"rank {a['rank']}", a.get("steps") and f"{a['steps']} steps",
-                 a.get("corpus") and f"trained on `{_corpus(a['corpus'])}`"]
+                 a.get("corpus") and "trained on " + ", ".join(f"`{_corpus(c)}`" for c in str(a["corpus"]).split(", "))]
         label = f"Psi{i + 1}" if len(adapters) > 1 else "Psi"
         details.append(f"- {label}: {_name(a)}" + (f" ({', '.join(f for f in facts if f)})" if any(facts) else ""))
     if details:

@@ -10,6 +10,9 @@ from reforge.cli import output as ui
 from reforge.cli.options import MetricType, SizeType, encoding_options, encoding_settings, hub_options, output_options
 
 
+GRID_CONFIRM = 1000  # points; a bigger grid (e.g. a range typed with one digit too many) is confirmed first
+
+
 class GridType(click.ParamType):
     """A list of numbers ``0,0.25,0.5`` or an inclusive range ``0:1:0.25``, checked at parse time."""
 
@@ -97,6 +100,7 @@ class GridType(click.ParamType):
     "--max-shard-size", type=SizeType(), default="5GB", show_default=True, help="Largest shard file of --write."
 )
 @click.option("--overwrite", is_flag=True, help="Let --write replace a folder that holds a different checkpoint.")
+@click.option("-y", "--yes", is_flag=True, help=f"Run a grid of more than {GRID_CONFIRM:,} points without asking.")
 @hub_options
 @output_options
 def tune_cmd(
@@ -119,6 +123,7 @@ def tune_cmd(
     write_dir: str | None,
     max_shard_size: int,
     overwrite: bool,
+    yes: bool,
     token: str | None,
     allow_pickle: bool,
     quiet: bool,
@@ -149,6 +154,7 @@ def tune_cmd(
         raise click.UsageError("--plot and --no-plot contradict each other; drop one.")
     if not no_plot and not _has_matplotlib():
         raise click.UsageError("The plot needs matplotlib: pip install matplotlib, or pass --no-plot.")
+    _confirm_grid(len(alphas) * len(betas), yes)
     ui.quiet_transformers()
     settings = encoding_settings(options, token=token, allow_pickle=allow_pickle)
     with ui.progress_bar("Tuning", quiet=quiet or as_json) as bar:
@@ -247,6 +253,19 @@ def _show(report: Any, summary: dict) -> None:
     if "written" in summary:
         ui.info(f"Wrote the merge with alpha {best.alpha:g}, beta {best.beta:g} to {summary['written']['output']}")
     ui.info(f"{report.merges} in-memory merges, {report.seconds:.1f} s")
+
+
+def _confirm_grid(points: int, yes: bool) -> None:
+    """Ask before a grid of more than `GRID_CONFIRM` points; without a terminal to ask on, require --yes."""
+    import sys
+
+    if points <= GRID_CONFIRM or yes:
+        return
+    question = f"The grid has {points:,} points (each one merge and one evaluation). Run them all?"
+    if not sys.stdin.isatty():
+        raise click.UsageError(f"{question} Pass --yes to run it, or a smaller --alpha / --beta grid.")
+    if not click.confirm(question, default=False, err=True):
+        raise click.Abort()
 
 
 def _has_matplotlib() -> bool:

@@ -511,6 +511,7 @@ def _manifest(source: MergeInputs, beta: float, dtype: str, command: str | None,
 
 
 def _adapter_corpus(adapter: LoraAdapter) -> str | None:
+    """The corpus `reforge train` recorded (``corpus.paths`` in training_record.json), several joined by ", "."""
     import json
 
     record = adapter.checkpoint.path / "training_record.json"
@@ -519,8 +520,9 @@ def _adapter_corpus(adapter: LoraAdapter) -> str | None:
     except ValueError:
         return None
     if isinstance(corpus, dict):
-        return corpus.get("path") or corpus.get("source")
-    return corpus
+        paths = corpus.get("paths") or []
+        return ", ".join(str(p) for p in paths) if isinstance(paths, list) and paths else None
+    return corpus if isinstance(corpus, str) else None
 
 
 def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dict) -> None:

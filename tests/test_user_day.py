@@ -1,0 +1,73 @@
+"""What a new user hits along the pipeline (issue 17): the corpus on the card, tune's split hint, grids, swapped
+diff inputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import DATA, build_model, perturbed_bare, save
+from reforge.cli import cli
+from reforge.errors import InvalidOptionError
+from reforge.tune import parse_grid
+from test_train import llama_base, tokenizer  # noqa: F401 - session fixtures: a tiny Llama with a SciFact BPE
+
+SCIFACT = DATA / "scifact"
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=not ok)
+    if ok:
+        assert result.exit_code == 0, result.output + result.stderr
+    return result
+
+
+def test_the_training_corpus_reaches_the_manifest_and_the_card(llama_base, tmp_path):  # noqa: F811
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    psi, retriever, out = tmp_path / "psi", tmp_path / "retriever", tmp_path / "merged"
+    run("train", llama_base, "--corpus", SCIFACT, "-o", psi, "--max-docs", 4, "--max-length", 32, "-r", 2,
+        "--max-steps", 1, "-q")
+    save(perturbed_bare(copy.deepcopy(AutoModelForCausalLM.from_pretrained(llama_base))), retriever)
+    AutoTokenizer.from_pretrained(llama_base).save_pretrained(retriever)
+    run("merge", "--base", llama_base, "--retriever", retriever, "--adapter", psi, "-o", out, "-q")
+    adapter = json.loads((out / "reforge.json").read_text())["adapters"][0]
+    assert adapter["corpus"] == str(SCIFACT.resolve())
+    card = (out / "README.md").read_text()
+    assert "Adapted to: `data/scifact`." in card and "trained on `data/scifact`" in card
+
+
+def test_tune_points_at_a_split_it_accepts(tmp_path):
+    # SciFact has train and test only; tune's default --split dev is missing and test is refused: the hint says train
+    result = run("tune", "--base", tmp_path / "unused", "--retriever", tmp_path / "unused", "--adapter",
+                 tmp_path / "unused", "-d", SCIFACT, "--no-plot", ok=False)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: Split 'dev' does not exist in ")
+    assert "(it has: test, train). Pass --split train (held out from --test-split test)." in result.stderr
+    assert "see docs/tune.md" in result.stderr and "--split test" not in result.stderr
+
+
+def test_grid_items_may_not_be_empty_and_big_grids_need_yes(tmp_path):
+    for text in ("0,,1", "0,1,", ",0"):
+        with pytest.raises(InvalidOptionError, match="has an empty item"):
+            parse_grid(text)
+    assert parse_grid("0, 1") == (0.0, 1.0)
+    common = ["tune", "--base", "b", "--retriever", "r", "--adapter", "a", "-d", SCIFACT, "--no-plot"]
+    result = run(*common, "--alpha", "0,,1", ok=False)
+    assert result.exit_code == 2 and "has an empty item" in result.stderr
+    result = run(*common, "--alpha", "0:10:0.01", ok=False)  # 1,001 points; CliRunner's stdin is not a terminal
+    assert result.exit_code == 2 and "The grid has 1,001 points" in result.stderr and "Pass --yes" in result.stderr
+    result = run(*common, "--alpha", "0:10:0.01", "--yes", ok=False)  # past the question: the missing split
+    assert result.exit_code == 1 and "Split 'dev' does not exist" in result.stderr
+
+
+def test_diff_with_base_and_retriever_swapped_warns(tmp_path):
+    base = build_model("llama-causal")
+    base_dir, retriever_dir = save(base, tmp_path / "base"), save(perturbed_bare(copy.deepcopy(base)), tmp_path / "r")
+    swapped = run("diff", retriever_dir, base_dir, "-o", tmp_path / "d1", "--dry-run")
+    assert "look swapped" in swapped.stderr and "reforge diff BASE RETRIEVER" in swapped.stderr
+    right = run("diff", base_dir, retriever_dir, "-o", tmp_path / "d2", "--dry-run", "--json")
+    assert "Warning" not in right.stderr and json.loads(right.stdout)["warnings"] == []
