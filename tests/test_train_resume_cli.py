@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from test_train import SCIFACT, build_tokenizer, make_base
 
 from reforge.cli import cli
 from reforge.train.state import work_dir
-from test_train import SCIFACT, build_tokenizer, make_base
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,12 +8,12 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from test_train import llama_base, tokenizer  # noqa: F401 - session fixtures: a tiny Llama with a SciFact BPE
 
 from conftest import DATA, build_model, perturbed_bare, save
 from reforge.cli import cli
 from reforge.errors import InvalidOptionError
 from reforge.tune import parse_grid
-from test_train import llama_base, tokenizer  # noqa: F401 - session fixtures: a tiny Llama with a SciFact BPE
 
 SCIFACT = DATA / "scifact"
 

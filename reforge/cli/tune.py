@@ -9,7 +9,6 @@ import click
 from reforge.cli import output as ui
 from reforge.cli.options import MetricType, SizeType, encoding_options, encoding_settings, hub_options, output_options
 
-
 GRID_CONFIRM = 1000  # points; a bigger grid (e.g. a range typed with one digit too many) is confirmed first
 
 
