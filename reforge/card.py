@@ -41,6 +41,8 @@ def render_model_card(info: dict[str, Any]) -> str:
             - ``pipeline_tag``: default ``"feature-extraction"``.
             - ``encoding``: ``{"query_prefix": str, "passage_prefix": str, "pooling": "last" | "eos" | "mean" |
               "cls", "normalize": bool, "append_eos": bool, "max_length": int}``.
+            - ``prompt_names``: the ``prompts`` of the folder's config_sentence_transformers.json; with ``query``
+              and ``document`` the snippet uses ``prompt_name``.
             - ``repo_id``: where the card will live (used in the loading snippets; default a placeholder).
             - ``model_name``: the card's title. ``license``, ``language``: copied to the metadata.
             - ``datasets``: Hub dataset ids of the adaptation corpora, for the metadata.
@@ -226,7 +228,18 @@ def _usage(info: dict, library: str) -> str:
     repo = info.get("repo_id") or "path/to/this-model"
     enc = info.get("encoding") or {}
     q, p = enc.get("query_prefix", ""), enc.get("passage_prefix", "")
-    if library == "sentence-transformers":
+    prompt_names = info.get("prompt_names") or []
+    if library == "sentence-transformers" and {"query", "document"} <= set(prompt_names):
+        # the folder's own prompts, pooling, max length and EOS: encodes exactly as `reforge eval` does
+        code = ["from sentence_transformers import SentenceTransformer", "",
+                f'model = SentenceTransformer("{repo}")',
+                'queries = model.encode(["how do vaccines work?"], prompt_name="query")',
+                'passages = model.encode(["Vaccines train the immune system."], prompt_name="document")',
+                "scores = model.similarity(queries, passages)"]
+        tasks = sorted(set(prompt_names) - {"query", "document"})
+        if tasks:
+            code.append(f'# per-task instructions: prompt_name="{tasks[0]}" (also: {", ".join(tasks[1:])})')
+    elif library == "sentence-transformers":
         code = ["from sentence_transformers import SentenceTransformer", "",
                 f'model = SentenceTransformer("{repo}")',
                 f'queries = model.encode(["how do vaccines work?"]{", prompt=" + repr(q) if q else ""})',
@@ -236,13 +249,13 @@ def _usage(info: dict, library: str) -> str:
         pooling = enc.get("pooling", "last")
         pool = {"mean": "(h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)",
                 "cls": "h[:, 0]"}.get(pooling, "h[torch.arange(len(h)), mask.sum(1) - 1]  # last token (right padding)")
-        eos = " + tokenizer.eos_token" if enc.get("append_eos") else ""
+        length = int(enc.get("max_length") or 512)
         norm = ["e = torch.nn.functional.normalize(e, dim=-1)"] if enc.get("normalize", True) else []
         code = ["import torch", "from transformers import AutoModel, AutoTokenizer", "",
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
                 f'model = AutoModel.from_pretrained("{repo}", torch_dtype="auto").eval()', "",
                 "def embed(texts):",
-                f"    batch = tokenizer([t{eos} for t in texts], padding=True, truncation=True, return_tensors=\"pt\")",
+                *_tokenize_lines(length, bool(enc.get("append_eos"))),
                 "    with torch.no_grad():",
                 "        h = model(**batch).last_hidden_state",
                 "    mask = batch[\"attention_mask\"]",
@@ -251,6 +264,16 @@ def _usage(info: dict, library: str) -> str:
                 f'passages = embed([{repr(p + "Vaccines train the immune system.")}])',
                 "scores = queries @ passages.T"]
     return "\n".join(["## Usage", "", "```python", *code, "```"])
+
+
+def _tokenize_lines(length: int, append_eos: bool) -> list[str]:
+    """The snippet's tokenization: cut at the profile's max length, the EOS (if any) appended after the cut."""
+    if not append_eos:
+        return [f"    batch = tokenizer(texts, padding=True, truncation=True, max_length={length}, "
+                'padding_side="right", return_tensors="pt")']
+    return [f"    ids = tokenizer(texts, truncation=True, max_length={length - 1})[\"input_ids\"]",
+            '    batch = tokenizer.pad({"input_ids": [i + [tokenizer.eos_token_id] for i in ids]}, '
+            'padding_side="right", return_tensors="pt")']
 
 
 def _encoding(enc: dict) -> str:

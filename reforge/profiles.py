@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from reforge.errors import InvalidOptionError, PoolingUndeterminedError, short_path
+from reforge.io.st_folder import Encoding
 
 POOLINGS = ("mean", "cls", "last")
 PROFILE_NAMES = ("sentence-transformers", "repllama", "e5-mistral", "last-token", "custom")
@@ -275,6 +276,26 @@ def sentence_transformers_profile(model_dir: str | Path) -> EncodingProfile:
         passage_prefix=passage_prompt,
         lowercase=bool(sbert.get("do_lower_case", False)),
     )
+
+
+def st_prompts(profile: EncodingProfile) -> dict[str, str]:
+    """The sentence-transformers ``prompts`` of ``profile``: ``query`` and ``document``, plus one per dataset of
+    `E5_TASKS` when the query prefix holds ``{task}`` and no fixed task is set (``query`` then uses MS MARCO's
+    web-search instruction)."""
+    template = profile.query_prefix
+    if "{task}" not in template:
+        return {"query": template, "document": profile.passage_prefix}
+    prompts = {"query": template.replace("{task}", profile.task or E5_TASKS["msmarco"]),
+               "document": profile.passage_prefix}
+    if profile.task is None:
+        prompts.update({name: template.replace("{task}", task) for name, task in E5_TASKS.items()})
+    return prompts
+
+
+def st_encoding(profile: EncodingProfile) -> Encoding:
+    """``profile`` as the plain values `reforge.io.st_folder` writes into a sentence-transformers folder."""
+    return Encoding(profile.pooling, profile.normalize, profile.max_length, append_eos=profile.append_eos,
+                    lowercase=profile.lowercase, prompts=st_prompts(profile))
 
 
 def save_profile(folder: str | Path, profile: EncodingProfile) -> Path:
