@@ -101,6 +101,49 @@ def render_model_card(info: dict[str, Any]) -> str:
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n"))
 
 
+def render_adapter_card(record: dict[str, Any]) -> str:
+    """README.md for a knowledge adapter folder written by `reforge train`, from its training record.
+
+    Args:
+        record: the ``training_record.json`` dict (``adapter``, ``base``, ``corpus``, ``tokens``, ``steps``,
+            ``loss``, ``config``, ``reforge_version``).
+
+    Returns:
+        The card text: ``---`` YAML (``library_name: peft``, ``base_model`` for a Hub base) ``---`` then Markdown.
+
+    Example:
+        >>> card = render_adapter_card({"adapter": "dora", "base": {"ref": "HuggingFaceTB/SmolLM2-135M"},
+        ...                             "config": {"r": 32, "lora_alpha": 64, "target_modules": ["q_proj"]}})
+        >>> "base_model: HuggingFaceTB/SmolLM2-135M" in card
+        True
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = _entry(record.get("base"))
+    config = record.get("config") or {}
+    kind = _KINDS.get(str(record.get("adapter") or "dora"), "DoRA")
+    data = ModelCardData(base_model=base.get("repo_id"), library_name="peft",
+                         tags=["reforge", "re-adaptir", "knowledge-adapter", kind.lower()])
+    corpus = record.get("corpus") or {}
+    corpora = ", ".join(f"`{_corpus(p)}`" for p in corpus.get("paths") or []) or "unlabeled text"
+    facts = [f"{corpus['documents']:,} documents" if corpus.get("documents") is not None else None,
+             f"{record['tokens']['trained']:,} tokens" if (record.get("tokens") or {}).get("trained") else None,
+             f"{record['steps']:,} step{'s' if record['steps'] != 1 else ''}" if record.get("steps") else None,
+             f"final loss {record['loss']['final']:.4f}" if (record.get("loss") or {}).get("final") else None]
+    base_name = _name(base) if base.get("ref") else "its base LM"
+    ref = base.get("repo_id") or "BASE"
+    body = "\n".join([
+        f"# {kind} knowledge adapter for {PurePath(str(base.get('ref', 'base')).rstrip('/')).name}", "",
+        f"A RE-AdaptIR knowledge adapter (Fleshman & Van Durme): {kind} r {config.get('r')}, alpha "
+        f"{config.get('lora_alpha', 0):g} on {', '.join(config.get('target_modules') or [])} of {base_name}, trained by "
+        f"next-token prediction on {corpora}" + (f" ({', '.join(f for f in facts if f)})." if any(facts) else "."),
+        "", "It is not a retriever by itself: add it to a dense retriever made from the same base LM.", "",
+        "```bash", f"reforge merge --base {ref} --retriever RETRIEVER --adapter THIS_ADAPTER --alpha 0.5 -o readapted/",
+        "```", "", "`training_record.json` holds every option, the data hashes and the loss history.", "",
+        f"Made with reforge {record.get('reforge_version') or ''}".rstrip() + "."])
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n"))
+
+
 def _entry(raw: dict[str, Any] | None) -> dict[str, Any]:
     """A checkpoint record with ``ref`` (``path`` when no ref) and ``repo_id`` set only for Hub references.
 

@@ -39,6 +39,33 @@ def test_the_training_corpus_reaches_the_manifest_and_the_card(llama_base, tmp_p
     card = (out / "README.md").read_text()
     assert "Adapted to: `data/scifact`." in card and "trained on `data/scifact`" in card
 
+    # the adapter folder has its own short card, so it pushes with no hand-written README
+    adapter_card = (psi / "README.md").read_text()
+    assert "library_name: peft" in adapter_card and "DoRA r 2, alpha 64 on q_proj" in adapter_card
+    assert "trained by next-token prediction on `data/scifact` (4 documents" in adapter_card
+    dry = run("push", psi, "me/psi", "--dry-run")
+    assert "README.md" in dry.stdout and "no README.md" not in dry.stderr
+
+    # --dry-run runs the verification a real push runs: a NaN that only `reforge verify` sees stops both
+    run("push", out, "me/merged", "--dry-run")
+    _poison_one_value(out / "model.safetensors")
+    refused = run("push", out, "me/merged", "--dry-run", ok=False)
+    assert refused.exit_code == 1 and "is not ready to push: finite: NaN/Inf in 1 tensor(s)" in refused.stderr
+    run("push", out, "me/merged", "--dry-run", "--skip-verify")
+
+
+def _poison_one_value(shard):
+    """A NaN in the first float32 tensor's data; the header stays whole, so only verify can see it."""
+    import struct
+
+    data = bytearray(shard.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    tensor = next(v for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
+    start = 8 + length + tensor["data_offsets"][0]
+    data[start:start + 4] = struct.pack("<f", float("nan"))
+    shard.write_bytes(bytes(data))
+
 
 def test_tune_points_at_a_split_it_accepts(tmp_path):
     # SciFact has train and test only; tune's default --split dev is missing and test is refused: the hint says train

@@ -169,6 +169,7 @@ def train_cmd(
       reforge train ./base --corpus notes/ --per-line --max-docs 10000 --save-every 200 -o psi/ --resume
       torchrun --nproc-per-node 8 "$(which reforge)" train ./base --corpus big.jsonl --text-field body -o psi/
     """
+    from reforge.card import render_adapter_card
     from reforge.train import train_adapter
 
     lists = {k: list(v) for k, v in options.items() if isinstance(v, tuple)}  # multiple=True options, as saved
@@ -186,7 +187,7 @@ def train_cmd(
             def progress(step: int, total: int, stats) -> None:
                 bar(step, total, description=f"loss {stats.loss:.3f} | {stats.tokens_per_s:,.0f} tok/s")
 
-            result = train_adapter(config, progress, token=token, dry_run=dry_run)
+            result = train_adapter(config, progress, token=token, dry_run=dry_run, readme=render_adapter_card)
     except KeyboardInterrupt:
         _interrupted(config)
     if not result.is_main:

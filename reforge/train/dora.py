@@ -116,7 +116,7 @@ class LoopState:
 
 
 def train_adapter(config: TrainConfig, progress: ProgressFn | None = None, *, token: str | None = None,
-                  dry_run: bool = False) -> TrainResult:
+                  dry_run: bool = False, readme: Callable[[dict[str, Any]], str] | None = None) -> TrainResult:
     """Train a knowledge adapter on ``config.base`` over ``config.corpus`` and write it to ``config.output``.
 
     Args:
@@ -124,6 +124,8 @@ def train_adapter(config: TrainConfig, progress: ProgressFn | None = None, *, to
         progress: called on rank 0 after each optimizer step as ``progress(step, total_steps, stats)``.
         token: Hugging Face token for a private base on the Hub (never saved).
         dry_run: read the corpus and lay out the steps, then stop; nothing is written.
+        readme: turns the training record into the folder's README.md (the CLI passes
+            `reforge.card.render_adapter_card`); None writes no README.
 
     Returns:
         A `TrainResult`; the adapter folder holds ``adapter_config.json``, ``adapter_model.safetensors`` (peft
@@ -167,7 +169,8 @@ def train_adapter(config: TrainConfig, progress: ProgressFn | None = None, *, to
                                    scheduler=run.scheduler, ranks=ranks)
             state = LoopState(**{k: meta[k] for k in asdict(state) if k != "resumed_from"}, resumed_from=meta["step"])
         state = train_loop(run, data, state, progress, work=work)
-        return save(run, data, state, base=checkpoint, work=work, wall_time_s=time.perf_counter() - started)
+        return save(run, data, state, base=checkpoint, work=work, wall_time_s=time.perf_counter() - started,
+                    readme=readme)
     finally:
         shutdown(ranks)
 
@@ -287,7 +290,8 @@ def train_loop(run: Run, data: Data, state: LoopState, progress: ProgressFn | No
     return state
 
 
-def save(run: Run, data: Data, state: LoopState, *, base, work: Path, wall_time_s: float) -> TrainResult:
+def save(run: Run, data: Data, state: LoopState, *, base, work: Path, wall_time_s: float,
+         readme: Callable[[dict[str, Any]], str] | None = None) -> TrainResult:
     """Write the peft adapter and the training record under ``work/final`` and rename it to the output (rank 0)."""
     import shutil
 
@@ -301,7 +305,9 @@ def save(run: Run, data: Data, state: LoopState, *, base, work: Path, wall_time_
         adapter.base_model_name_or_path = config.base
         adapter.revision = record["base"].get("commit") or record["base"].get("revision")
         run.model.save_pretrained(final)
-        (final / "README.md").unlink(missing_ok=True)  # peft's blank model card; `reforge push` writes a real one
+        (final / "README.md").unlink(missing_ok=True)  # peft's blank model card
+        if readme is not None:
+            (final / "README.md").write_text(readme(record), encoding="utf-8")
         (final / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         publish(final, output, work)
     barrier(ranks)
