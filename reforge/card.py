@@ -131,12 +131,13 @@ def render_adapter_card(record: dict[str, Any]) -> str:
              f"{record['steps']:,} step{'s' if record['steps'] != 1 else ''}" if record.get("steps") else None,
              f"final loss {record['loss']['final']:.4f}" if (record.get("loss") or {}).get("final") else None]
     base_name = _name(base) if base.get("ref") else "its base LM"
+    numbers = f" ({', '.join(f for f in facts if f)})" if any(facts) else ""
     ref = base.get("repo_id") or "BASE"
     body = "\n".join([
         f"# {kind} knowledge adapter for {PurePath(str(base.get('ref', 'base')).rstrip('/')).name}", "",
         f"A RE-AdaptIR knowledge adapter (Fleshman & Van Durme): {kind} r {config.get('r')}, alpha "
-        f"{config.get('lora_alpha', 0):g} on {', '.join(config.get('target_modules') or [])} of {base_name}, trained by "
-        f"next-token prediction on {corpora}" + (f" ({', '.join(f for f in facts if f)})." if any(facts) else "."),
+        f"{config.get('lora_alpha', 0):g} on {', '.join(config.get('target_modules') or [])} of {base_name}, "
+        f"trained by next-token prediction on {corpora}{numbers}.",
         "", "It is not a retriever by itself: add it to a dense retriever made from the same base LM.", "",
         "```bash", f"reforge merge --base {ref} --retriever RETRIEVER --adapter THIS_ADAPTER --alpha 0.5 -o readapted/",
         "```", "", "`training_record.json` holds every option, the data hashes and the loss history.", "",
