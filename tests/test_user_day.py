@@ -98,3 +98,55 @@ def test_diff_with_base_and_retriever_swapped_warns(tmp_path):
     assert "look swapped" in swapped.stderr and "reforge diff BASE RETRIEVER" in swapped.stderr
     right = run("diff", base_dir, retriever_dir, "-o", tmp_path / "d2", "--dry-run", "--json")
     assert "Warning" not in right.stderr and json.loads(right.stdout)["warnings"] == []
+
+
+def test_plain_progress_lines_stages_throttle_and_eta():
+    from reforge.cli.output import PlainProgress
+
+    now, lines = [0.0], []
+    progress = PlainProgress("Training", "items", [lines.append], every=30, clock=lambda: now[0])
+    progress.update(0, None, "Reading the corpus")
+    now[0] = 50.0
+    progress.update(0, None, "Reading the corpus")  # the same stage again: no new line
+    progress.update(0, None, "Loading the model")
+    now[0] = 60.0
+    progress.update(1, 10, "loss 3.000 | 500 tok/s")  # counting starts: first line at once
+    now[0] = 70.0
+    progress.update(2, 10, "loss 2.900 | 510 tok/s")  # 10 s later: quiet
+    now[0] = 100.0
+    progress.update(5, 10, "loss 2.500 | 520 tok/s")  # 40 s after the last line: 5 done in 40 s, 5 to go
+    now[0] = 180.0
+    progress.update(10, 10, "loss 2.000 | 530 tok/s")  # the end always prints
+    progress.finish()  # nothing new to say
+    text = [line.split("] ", 1)[1] for line in lines]
+    assert text == ["Training: Reading the corpus", "Training: Loading the model",
+                    "Training: 1/10 (10%) | loss 3.000 | 500 tok/s | elapsed 1m00s",
+                    "Training: 5/10 (50%) | loss 2.500 | 520 tok/s | elapsed 1m40s | ETA 40s",
+                    "Training: 10/10 (100%) | loss 2.000 | 530 tok/s | elapsed 3m00s"]
+
+
+def test_train_without_a_terminal_prints_stages_and_steps_keeps_a_log_and_reports_to_tensorboard(
+        llama_base, tmp_path, monkeypatch):  # noqa: F811
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("REFORGE_PROGRESS_EVERY", "0")
+    log, runs = tmp_path / "train.log", tmp_path / "runs"
+    result = run("train", llama_base, "--corpus", SCIFACT, "-o", tmp_path / "psi", "--max-docs", 6, "--max-length",
+                 32, "--batch-size", 1, "-r", 2, "--max-steps", 3, "--log-file", log, "--report-to", "tensorboard",
+                 "--logging-dir", runs)
+    lines = [line.split("] ", 1)[1] for line in result.stderr.splitlines() if line.startswith("[")]
+    assert lines[:4] == ["Training: Reading the corpus", "Training: Counting the tokens of 6 documents",
+                         "Training: Loading llama and adding the adapter", "Training: Starting step 1 of 3"]
+    assert [line.split(" | ")[0] for line in lines[4:]] == ["Training: 1/3 (33%)", "Training: 2/3 (67%)",
+                                                            "Training: 3/3 (100%)"]
+    assert all(" tok/s | elapsed " in line for line in lines[4:])  # tokens per second from the first step
+    assert [line.split("] ", 1)[1] for line in log.read_text().splitlines()] == lines
+    history = json.loads((tmp_path / "psi" / "training_record.json").read_text())["loss"]["history"]
+    (run_dir,) = runs.iterdir()
+    assert run_dir.name.startswith("psi-")
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    logged = [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")]
+    assert logged == [(step, round(loss, 4)) for step, loss in history]
+    assert len(events.Scalars("train/tokens_per_s")) == 3

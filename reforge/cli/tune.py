@@ -7,7 +7,15 @@ from typing import Any
 import click
 
 from reforge.cli import output as ui
-from reforge.cli.options import MetricType, SizeType, encoding_options, encoding_settings, hub_options, output_options
+from reforge.cli.options import (
+    MetricType,
+    SizeType,
+    encoding_options,
+    encoding_settings,
+    hub_options,
+    log_file_option,
+    output_options,
+)
 
 GRID_CONFIRM = 1000  # points; a bigger grid (e.g. a range typed with one digit too many) is confirmed first
 
@@ -99,6 +107,7 @@ class GridType(click.ParamType):
     "--max-shard-size", type=SizeType(), default="5GB", show_default=True, help="Largest shard file of --write."
 )
 @click.option("--overwrite", is_flag=True, help="Let --write replace a folder that holds a different checkpoint.")
+@log_file_option
 @click.option("-y", "--yes", is_flag=True, help=f"Run a grid of more than {GRID_CONFIRM:,} points without asking.")
 @hub_options
 @output_options
@@ -123,6 +132,7 @@ def tune_cmd(
     max_shard_size: int,
     overwrite: bool,
     yes: bool,
+    log_file: str | None,
     token: str | None,
     allow_pickle: bool,
     quiet: bool,
@@ -156,7 +166,7 @@ def tune_cmd(
     _confirm_grid(len(alphas) * len(betas), yes)
     ui.quiet_transformers()
     settings = encoding_settings(options, token=token, allow_pickle=allow_pickle)
-    with ui.progress_bar("Tuning", quiet=quiet or as_json) as bar:
+    with ui.progress_bar("Tuning", quiet=quiet or as_json, log_file=log_file) as bar:
         report = tune(
             base,
             adapter,
@@ -182,7 +192,7 @@ def tune_cmd(
     if not no_plot:
         summary["plot"] = str(plot_tuning(report, plot_path or f"tune-{report.dataset.name}-{report.split}.png"))
     if write_dir:
-        with ui.progress_bar("merge", unit="bytes", quiet=quiet or as_json) as progress:
+        with ui.progress_bar("merge", unit="bytes", quiet=quiet or as_json, log_file=log_file) as progress:
             written = write_best(
                 report,
                 write_dir,
