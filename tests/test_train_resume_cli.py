@@ -32,8 +32,10 @@ def _options(base, out):
 def _interrupt_after_a_checkpoint(options, out) -> subprocess.CompletedProcess:
     checkpoints = work_dir(out) / "checkpoints"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    # SIGINT back to its default: a shell's background job (nohup, `&`) would otherwise pass it on ignored
     process = subprocess.Popen([sys.executable, "-m", "reforge", "train", *options], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not any(checkpoints.glob("step-*[0-9]")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

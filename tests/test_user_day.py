@@ -105,24 +105,30 @@ def test_plain_progress_lines_stages_throttle_and_eta():
 
     now, lines = [0.0], []
     progress = PlainProgress("Training", "items", [lines.append], every=30, clock=lambda: now[0])
-    progress.update(0, None, "Reading the corpus")
+    progress.update(0, None, "Reading the corpus")  # a short command prints nothing: the first line is due at 30 s
     now[0] = 50.0
-    progress.update(0, None, "Reading the corpus")  # the same stage again: no new line
+    progress.update(0, None, "Reading the corpus")  # a long stage: a heartbeat
+    now[0] = 55.0
     progress.update(0, None, "Loading the model")
     now[0] = 60.0
-    progress.update(1, 10, "loss 3.000 | 500 tok/s")  # counting starts: first line at once
-    now[0] = 70.0
-    progress.update(2, 10, "loss 2.900 | 510 tok/s")  # 10 s later: quiet
+    progress.update(1, 10, "loss 3.000 | 500 tok/s")  # counting starts at 60 s
+    now[0] = 85.0
+    progress.update(2, 10, "loss 2.900 | 510 tok/s")  # due: 2 done in 25 s, 8 to go
     now[0] = 100.0
-    progress.update(5, 10, "loss 2.500 | 520 tok/s")  # 40 s after the last line: 5 done in 40 s, 5 to go
+    progress.update(5, 10, "loss 2.500 | 520 tok/s")  # 15 s after the last line: quiet
     now[0] = 180.0
-    progress.update(10, 10, "loss 2.000 | 530 tok/s")  # the end always prints
+    progress.update(10, 10, "loss 2.000 | 530 tok/s")  # the end of a command that printed: always
     progress.finish()  # nothing new to say
-    text = [line.split("] ", 1)[1] for line in lines]
-    assert text == ["Training: Reading the corpus", "Training: Loading the model",
-                    "Training: 1/10 (10%) | loss 3.000 | 500 tok/s | elapsed 1m00s",
-                    "Training: 5/10 (50%) | loss 2.500 | 520 tok/s | elapsed 1m40s | ETA 40s",
-                    "Training: 10/10 (100%) | loss 2.000 | 530 tok/s | elapsed 3m00s"]
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "Training: Reading the corpus | elapsed 50s",
+        "Training: 2/10 (20%) | loss 2.900 | 510 tok/s | elapsed 1m25s | ETA 1m40s",
+        "Training: 10/10 (100%) | loss 2.000 | 530 tok/s | elapsed 3m00s"]
+    quiet: list[str] = []
+    short = PlainProgress("diff", "bytes", [quiet.append], every=30, clock=lambda: 0.0)
+    short.update(0, 100)
+    short.update(100, 100)
+    short.finish()
+    assert quiet == []
 
 
 def test_train_without_a_terminal_prints_stages_and_steps_keeps_a_log_and_reports_to_tensorboard(
@@ -136,8 +142,9 @@ def test_train_without_a_terminal_prints_stages_and_steps_keeps_a_log_and_report
                  32, "--batch-size", 1, "-r", 2, "--max-steps", 3, "--log-file", log, "--report-to", "tensorboard",
                  "--logging-dir", runs)
     lines = [line.split("] ", 1)[1] for line in result.stderr.splitlines() if line.startswith("[")]
-    assert lines[:4] == ["Training: Reading the corpus", "Training: Counting the tokens of 6 documents",
-                         "Training: Loading llama and adding the adapter", "Training: Starting step 1 of 3"]
+    assert [line.split(" | ")[0] for line in lines[:4]] == [
+        "Training: Reading the corpus", "Training: Counting the tokens of 6 documents",
+        "Training: Loading llama and adding the adapter", "Training: Starting step 1 of 3"]
     assert [line.split(" | ")[0] for line in lines[4:]] == ["Training: 1/3 (33%)", "Training: 2/3 (67%)",
                                                             "Training: 3/3 (100%)"]
     assert all(" tok/s | elapsed " in line for line in lines[4:])  # tokens per second from the first step

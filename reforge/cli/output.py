@@ -80,8 +80,11 @@ def progress_bar(
 
 class PlainProgress:
     """Progress as plain lines for logs: ``[12:00:05] Training: 120/400 (30%) | loss 2.345 | 1,234 tok/s |
-    elapsed 1m05s | ETA 2m31s``. A line at each new stage (a description without a total), then every ``every``
-    seconds, and at the end; the ETA is the elapsed time per unit done since counting began."""
+    elapsed 1m05s | ETA 2m31s``, or ``[11:59:30] Training: Reading the corpus | elapsed 30s`` before counting begins.
+
+    A line every ``every`` seconds (the first after ``every`` seconds, so a short command prints none), and a last
+    one at the end of a command that printed any. The ETA is the time per unit since counting began times the units
+    left."""
 
     def __init__(self, label: str, unit: str, sinks: list[Callable[[str], None]], every: float,
                  clock: Callable[[], float] | None = None) -> None:
@@ -89,57 +92,54 @@ class PlainProgress:
 
         self.label, self.unit, self.sinks, self.every = label, unit, sinks, every
         self.clock = clock or time.monotonic
-        self.started = self.clock()
+        self.started = self.last_emit = self.clock()
         self.counting_since: float | None = None
-        self.last_emit: float | None = None
         self.done, self.total, self.description = 0, None, ""
         self.stage: str | None = None
-        self._last_line: str | None = None
+        self.printed: str | None = None
 
     def update(self, done: int, total: int | None = None, description: str | None = None) -> None:
-        """Record the state; emit a line if a stage began or ``every`` seconds passed."""
+        """Record the state (a description without a total begins a stage); emit a line when one is due."""
         now = self.clock()
-        if description is not None:
-            self.description = description
         if total is None and description is not None and (description != self.stage or self.total is None):
-            if description != self.stage:  # a stage: one line when it begins
-                self.stage, self.counting_since, self.total = description, None, None
-                self._emit(now, description)
-            return
-        first = total is not None and self.counting_since is None
-        if first:
-            self.counting_since = now
-        self.done, self.total = done, total if total is not None else self.total
-        due = self.last_emit is None or now - self.last_emit >= self.every
-        if first or due or (self.total and done >= self.total):
-            self._emit(now, self._counts(now))
+            if description != self.stage:
+                self.stage, self.counting_since, self.total, self.description = description, None, None, ""
+        else:
+            if description is not None:
+                self.description = description
+            if total is not None and self.counting_since is None:
+                self.counting_since = now
+            self.done, self.total = done, total if total is not None else self.total
+        finished = self.printed is not None and self.total is not None and self.done >= self.total
+        if now - self.last_emit >= self.every or finished:
+            self._emit(now)
 
     def finish(self) -> None:
-        """A last line with the final counts (if any were reported and not printed already)."""
-        if self.total is not None and self.counting_since is not None:
-            now = self.clock()
-            line = self._counts(now)
-            if line != self._last_line:
-                self._emit(now, line)
+        """The final state, if this command printed any line and not this one already."""
+        if self.printed is not None:
+            self._emit(self.clock(), only_if_new=True)
 
-    def _counts(self, now: float) -> str:
+    def _line(self, now: float) -> str:
+        elapsed = f"elapsed {_duration(now - self.started)}"
+        if self.total is None or self.counting_since is None:
+            return f"{self.stage or 'starting'} | {elapsed}"
         size = _size if self.unit == "bytes" else (lambda n: f"{n:,}")
-        parts = [f"{size(self.done)}/{size(self.total)}" if self.total else size(self.done)]
-        if self.total:
-            parts[0] += f" ({self.done / self.total:.0%})"
-        if self.description and self.description != self.label and self.description != self.stage:
+        parts = [f"{size(self.done)}/{size(self.total)}" + (f" ({self.done / self.total:.0%})" if self.total else "")]
+        if self.description and self.description != self.label:
             parts.append(self.description)
-        parts.append(f"elapsed {_duration(now - self.started)}")
-        spent = now - (self.counting_since or now)
+        parts.append(elapsed)
+        spent = now - self.counting_since
         if self.total and 0 < self.done < self.total and spent > 0:
             parts.append(f"ETA {_duration(spent / self.done * (self.total - self.done))}")
         return " | ".join(parts)
 
-    def _emit(self, now: float, text: str) -> None:
+    def _emit(self, now: float, only_if_new: bool = False) -> None:
         from datetime import datetime
 
-        self.last_emit = now
-        self._last_line = text
+        text = self._line(now)
+        if only_if_new and text.rsplit(" | elapsed", 1)[0] == (self.printed or "").rsplit(" | elapsed", 1)[0]:
+            return
+        self.last_emit, self.printed = now, text
         line = f"[{datetime.now().strftime('%H:%M:%S')}] {self.label}: {text}"
         for sink in self.sinks:
             sink(line)
