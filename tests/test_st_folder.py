@@ -60,6 +60,7 @@ CASES = {
     "e5-mistral": ("mistral-bare", "llama", builtin_profile("e5-mistral", max_length=MAX_LENGTH)),
     "last-token": ("qwen2-bare", "qwen2", builtin_profile("last-token", max_length=MAX_LENGTH)),
     "last-token-tokenizer-eos": ("qwen2-bare", "qwen3-embedding", builtin_profile("last-token", max_length=MAX_LENGTH)),
+    "qwen3-embedding": ("qwen2-bare", "qwen3-embedding", builtin_profile("qwen3-embedding", max_length=MAX_LENGTH)),
     "sentence-transformers": ("bert-bare", "bert", EncodingProfile("sentence-transformers", "mean", True, MAX_LENGTH,
                                                                    "query: ", "passage: ", lowercase=True)),
     "custom": ("bert-bare", "bert", EncodingProfile("custom", "cls", False, MAX_LENGTH)),

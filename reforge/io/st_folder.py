@@ -6,7 +6,7 @@ reforge's own ``reforge_encoding.json`` is read only by reforge. These files say
 (``max_seq_length``, ``do_lower_case``), ``1_Pooling/config.json``, and ``config_sentence_transformers.json``
 (``prompts``). An EOS appended by the profile goes into the saved tokenizer's post-processor, the way
 Qwen3-Embedding ships it, so every loader of the tokenizer appends it after truncation. The tokenizer pads on the
-right, as reforge does.
+profile's side, as reforge does.
 
 `sentence_transformers_files` returns file contents; the caller writes them with its checkpoint writer.
 """
@@ -18,7 +18,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "last": "pooling_mode_lasttoken"}
+POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "last": "pooling_mode_lasttoken",
+                "max": "pooling_mode_max_tokens", "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
+                "weightedmean": "pooling_mode_weightedmean_tokens"}
 _ALL_POOLING_KEYS = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
                      "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -30,7 +32,8 @@ class Encoding:
     """What decides a vector besides the weights, as plain values (`reforge.profiles.EncodingProfile` fills it).
 
     ``max_length`` counts every token, special tokens and the appended EOS included; ``prompts`` maps a prompt name
-    (``query``, ``document``, a dataset for per-task instructions) to the text put before the input."""
+    (``query``, ``document``, a dataset for per-task instructions) to the text put before the input; ``modules``
+    are steps after pooling (``normalize``; a ``dense:`` one only comes from a folder that has its own files)."""
 
     pooling: str
     normalize: bool
@@ -38,6 +41,8 @@ class Encoding:
     append_eos: bool = False
     lowercase: bool = False
     prompts: dict[str, str] = field(default_factory=dict)
+    padding_side: str = "right"
+    modules: tuple[str, ...] = ()
 
 
 @dataclass
@@ -59,6 +64,8 @@ def sentence_transformers_files(companions: dict[str, bytes], encoding: Encoding
         return StFiles(skipped="the retriever's own modules.json is kept")
     if encoding.pooling not in POOLING_KEYS:
         return StFiles(skipped=f"pooling {encoding.pooling!r} has no sentence-transformers module")
+    if any(step != "normalize" for step in encoding.modules):
+        return StFiles(skipped=f"modules {', '.join(encoding.modules)} need the retriever's own files")
     config = json.loads(companions.get("config.json", b"{}"))
     hidden = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")
     if not hidden or "tokenizer_config.json" not in companions:
@@ -69,7 +76,7 @@ def sentence_transformers_files(companions: dict[str, bytes], encoding: Encoding
     files = dict(tokenizer)
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    if encoding.normalize:
+    if encoding.normalize or "normalize" in encoding.modules:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
     pooling = {"word_embedding_dimension": int(hidden), **{k: False for k in _ALL_POOLING_KEYS},
                POOLING_KEYS[encoding.pooling]: True, "include_prompt": True}
@@ -84,10 +91,11 @@ def sentence_transformers_files(companions: dict[str, bytes], encoding: Encoding
 
 
 def _tokenizer_files(companions: dict[str, bytes], encoding: Encoding) -> tuple[dict[str, bytes], str | None]:
-    """tokenizer.json / tokenizer_config.json padding on the right, with a pad token, appending EOS if asked;
+    """tokenizer.json / tokenizer_config.json padding on the profile's side, with a pad token, appending EOS if asked;
     checked by loading them back with transformers."""
     tokenizer_config = json.loads(companions["tokenizer_config.json"])
-    tokenizer_config["padding_side"] = "right"
+    tokenizer_config["padding_side"] = encoding.padding_side
+    tokenizer_config["model_max_length"] = encoding.max_length  # where sentence-transformers 6 keeps it
     files: dict[str, bytes] = {}
     eos = _token_text(tokenizer_config.get("eos_token"))
     if tokenizer_config.get("pad_token") is None and eos is not None:
@@ -153,8 +161,8 @@ def _check_tokenizer(files: dict[str, bytes], encoding: Encoding, eos: str | Non
             tokenizer = AutoTokenizer.from_pretrained(tmp)
         except (OSError, ValueError, TypeError) as e:
             return f"the tokenizer does not load ({e})"
-    if tokenizer.padding_side != "right" or tokenizer.pad_token_id is None:
-        return "the tokenizer does not pad on the right with a pad token"
+    if tokenizer.padding_side != encoding.padding_side or tokenizer.pad_token_id is None:
+        return f"the tokenizer does not pad on the {encoding.padding_side} with a pad token"
     if not encoding.append_eos:
         return None
     eos_id = tokenizer.convert_tokens_to_ids(eos)
