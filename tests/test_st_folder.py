@@ -129,7 +129,8 @@ def test_sentence_transformers_encodes_like_reforge(case, tmp_path):
     config = json.loads((out / "config_sentence_transformers.json").read_text())
     assert set(config["prompts"]) >= {"query", "document"}
     if "{task}" in profile.query_prefix:
-        assert config["prompts"]["scifact"] == f"Instruct: {e5_task('scifact')}\nQuery: "
+        assert config["prompts"]["scifact"] == profile.query_prefix_for("scifact")
+        assert e5_task("scifact") in config["prompts"]["scifact"]
     assert json.loads((out / "sentence_bert_config.json").read_text())["max_seq_length"] == MAX_LENGTH
 
 
