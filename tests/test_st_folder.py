@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from test_train import build_tokenizer
 
 from conftest import DATA, build_model, make_adapter, perturbed_bare, save
 from reforge.cli import cli
@@ -26,31 +27,22 @@ MAX_LENGTH = 24
 
 
 def bpe_tokenizer(style: str):
-    """A byte-level BPE (vocab 400) trained on SciFact passages, post-processed like a real family's tokenizer:
+    """test_train's byte-level BPE (trained on SciFact passages), post-processed like a real family's tokenizer:
     ``llama`` adds BOS, ``qwen2`` adds nothing, ``qwen3-embedding`` appends EOS itself, ``bert`` adds CLS/SEP."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    texts = [doc.text for doc in load_corpus(SCIFACT, selection=DocSelection(max_docs=200)).docs]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    names = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    bpe = build_tokenizer().backend_tokenizer  # ids: <pad> 0, <s> 1, </s> 2, <unk> 3
+    names = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
     if style == "llama":
-        bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        names.pop("pad_token")  # no pad token: reforge and the folder pad with EOS
     elif style == "qwen2":
         bpe.post_processor = processors.ByteLevel(trim_offsets=False)
-        names = dict(eos_token="</s>", unk_token="<unk>", pad_token="<pad>")  # no BOS
+        names.pop("bos_token")
     elif style == "qwen3-embedding":
         bpe.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
-        names["pad_token"] = "<pad>"
     elif style == "bert":
         bpe.post_processor = processors.BertProcessing(("</s>", 2), ("<s>", 1))
-        names["pad_token"] = "<pad>"
-    if style == "llama":
-        names.pop("pad_token", None)  # no pad token: reforge and the folder pad with EOS
     return PreTrainedTokenizerFast(tokenizer_object=bpe, **names)
 
 
