@@ -46,16 +46,26 @@ class KeyLayout:
 
     prefix: str
     head: frozenset[str] = frozenset()
+    keep_head: bool = False
 
     def canonical(self, key: str) -> str | None:
-        """The bare-model name of a stored key, or None for a head tensor or a key outside the layout."""
-        if key in self.head or not key.startswith(self.prefix):
+        """The bare-model name of a stored key, or None for a head tensor or a key outside the layout. With
+        ``keep_head`` (RE-Adapt of a chat model) a head tensor is its own canonical name (``lm_head.weight``)."""
+        if key in self.head:
+            return key if self.keep_head else None
+        if not key.startswith(self.prefix):
             return None
         return key[len(self.prefix) :]
 
     def stored(self, canonical: str) -> str:
         """The name this checkpoint stores a canonical key under."""
+        if self.keep_head and canonical in self.head_names():
+            return canonical
         return self.prefix + canonical
+
+    def head_names(self) -> frozenset[str]:
+        """The canonical names head tensors get with ``keep_head`` (``lm_head.weight``)."""
+        return self.head | frozenset(f"{module}.weight" for module in HEAD_MODULES)
 
     @property
     def is_bare(self) -> bool:
