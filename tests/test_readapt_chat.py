@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_model, make_adapter, save, save_tokenizer
 
+from conftest import build_model, make_adapter, save, save_tokenizer
 from reforge.cli import cli
 
 
@@ -52,8 +52,15 @@ def chat(request, tmp_path_factory):
     for folder in (base_dir, instruct_dir):
         save_tokenizer(folder)
     adapter = make_adapter(base, root / "psi", dora=True)
-    return {"root": root, "base": base, "instruct": instruct, "adapter": adapter, "tied": request.param == "tied",
-            "base_dir": base_dir, "instruct_dir": instruct_dir}
+    return {
+        "root": root,
+        "base": base,
+        "instruct": instruct,
+        "adapter": adapter,
+        "tied": request.param == "tied",
+        "base_dir": base_dir,
+        "instruct_dir": instruct_dir,
+    }
 
 
 @pytest.mark.parametrize("path", ["retriever", "delta"])
@@ -71,8 +78,21 @@ def test_readapted_chat_model_loads_as_causal_lm_and_matches_reference(chat, tmp
     else:
         source = ["--retriever", chat["instruct_dir"]]
     out = tmp_path / "out"
-    run("merge", "--base", chat["base_dir"], *source, "--adapter", root / "psi", "--alpha", "0.5", "--beta", "0.8",
-        "--keep-lm-head", "-o", out)
+    run(
+        "merge",
+        "--base",
+        chat["base_dir"],
+        *source,
+        "--adapter",
+        root / "psi",
+        "--alpha",
+        "0.5",
+        "--beta",
+        "0.8",
+        "--keep-lm-head",
+        "-o",
+        out,
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)

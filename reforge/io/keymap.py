@@ -16,6 +16,8 @@ from reforge.errors import LayoutMismatchError
 
 PEFT_PREFIX = "base_model.model."
 HEAD_MODULES = frozenset({"lm_head", "cls", "score", "classifier", "qa_outputs", "output_layer"})
+# head modules with generic names, recognized only for their model_type (ModernBertForMaskedLM: head.*, decoder.*)
+MODEL_TYPE_HEADS = {"modernbert": frozenset({"head", "decoder"})}
 # first components that wrap the body of a head model (transformers' base_model_prefix values)
 KNOWN_BODY_PREFIXES = frozenset(
     {
@@ -82,7 +84,8 @@ def detect_layout(keys: Iterable[str], config: dict | None = None) -> KeyLayout:
     keys = list(keys)
     peft = PEFT_PREFIX if keys and all(k.startswith(PEFT_PREFIX) for k in keys) else ""
     inner = [k[len(peft) :] for k in keys]
-    head = {k for k in inner if k.split(".", 1)[0] in HEAD_MODULES}
+    heads = HEAD_MODULES | MODEL_TYPE_HEADS.get(str((config or {}).get("model_type")), frozenset())
+    head = {k for k in inner if k.split(".", 1)[0] in heads}
     body = [k for k in inner if k not in head]
     firsts = {k.split(".", 1)[0] for k in body if "." in k}
     prefix = ""

@@ -100,7 +100,9 @@ def verify_checkpoint(
         _check_layout(index, inputs, report, token, allow_pickle)
         _check_merge(path, index, inputs, full, samples, seed, report, token, allow_pickle)
         if inputs["keep_lm_head"]:
-            report.add("embeddings", True, "not applicable: a chat model readapted with --keep-lm-head, not a retriever")
+            report.add(
+                "embeddings", True, "not applicable: a chat model readapted with --keep-lm-head, not a retriever"
+            )
         elif embeddings and inputs.get("retriever"):
             _check_embeddings(path, inputs, report, token, allow_pickle)
     else:
