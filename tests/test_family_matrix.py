@@ -186,16 +186,7 @@ def test_matrix_diff_merge_both_paths_verify_encode(family, tmp_path, bpe, toy):
     assert all(0 <= s <= 1 for s in scores)
 
 
-GEMMA2_TRAIN = pytest.mark.xfail(
-    strict=True,
-    reason="Gemma2 declares no SDPA support and the packed attention ignores its softcap and sliding window: "
-    "engineer attn18 fixes this in reforge/train/attention.py (issue 14); remove this mark when it lands",
-)
-
-
-@pytest.mark.parametrize(
-    "family", [pytest.param("gemma2", marks=GEMMA2_TRAIN) if f == "gemma2" else f for f in FAMILIES]
-)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_matrix_train_then_merge(family, tmp_path, bpe):
     inputs = prepare(family, tmp_path, bpe)
     targets = ",".join(inputs["targets"])
