@@ -33,6 +33,12 @@ ENCODERS = {"bert": ("query", "value"), "xlm-roberta": ("query", "value")}
 FAMILIES = [*DECODERS, *ENCODERS]
 
 
+def train_args(base: Path, out: Path, targets: str) -> list:
+    """`reforge train` on 4 SciFact documents, 32 tokens each: one or two steps."""
+    return ["train", base, "--corpus", SCIFACT, "-o", out, "--max-docs", 4, "--max-length", 32, "-r", 4,
+            "--lora-alpha", 8, "--batch-size", 2, "--target-modules", targets]  # fmt: skip
+
+
 def run(*args, ok=True):
     result = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=not ok)
     if ok:
@@ -190,27 +196,7 @@ def test_matrix_diff_merge_both_paths_verify_encode(family, tmp_path, bpe, toy):
 def test_matrix_train_then_merge(family, tmp_path, bpe):
     inputs = prepare(family, tmp_path, bpe)
     targets = ",".join(inputs["targets"])
-    args = [
-        "train",
-        inputs["base"],
-        "--corpus",
-        SCIFACT,
-        "-o",
-        tmp_path / "trained",
-        "--max-docs",
-        4,
-        "--max-length",
-        32,
-        "-r",
-        4,
-        "--lora-alpha",
-        8,
-        "--batch-size",
-        2,
-        "--target-modules",
-        targets,
-        "--json",
-    ]
+    args = [*train_args(inputs["base"], tmp_path / "trained", targets), "--json"]
     if family in ENCODERS:  # the knowledge adapter is trained by next-token prediction: causal LMs only
         result = run(*args, ok=False)
         assert result.exit_code == 1 and "not a causal LM with an LM head" in result.stderr
@@ -245,26 +231,7 @@ def test_matrix_readapt_chat_model(tmp_path, bpe):
     instruct_dir = save(nudged(base, seed=2), tmp_path / "instruct")
     for folder in (base_dir, instruct_dir):
         bpe.save_pretrained(folder)
-    run(
-        "train",
-        base_dir,
-        "--corpus",
-        SCIFACT,
-        "-o",
-        tmp_path / "psi",
-        "--max-docs",
-        4,
-        "--max-length",
-        32,
-        "-r",
-        4,
-        "--lora-alpha",
-        8,
-        "--batch-size",
-        2,
-        "--target-modules",
-        "q_proj,v_proj",
-    )
+    run(*train_args(base_dir, tmp_path / "psi", "q_proj,v_proj"))
     run("diff", base_dir, instruct_dir, "-o", tmp_path / "delta", "--keep-lm-head", "--dtype", "float32")
     outs = []
     for path, source in (("retriever", instruct_dir), ("delta", tmp_path / "delta")):
