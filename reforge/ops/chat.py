@@ -42,7 +42,9 @@ def apply_head_rule(base: Checkpoint, retriever: Checkpoint | AdapterCheckpoint,
         retriever.layout = replace(retriever.layout, keep_head=True)
         return
     same = retriever.provenance.get("fingerprint") == base.provenance.get("fingerprint")
-    if has_lm_head(retriever) and not same:  # the base against itself (diff(x, x)) is no chat model
+    # the base against itself (diff(x, x)) is no chat model; a bare "base" means the two were swapped, which
+    # `diff` warns about (`swapped_roles`)
+    if has_lm_head(retriever) and not same and not base.layout.is_bare:
         raise UnsupportedModelError(
             f"{retriever.ref} is a causal LM with an lm_head ({retriever.architecture or 'lm_head.weight'}), e.g. an "
             f"instruction-tuned chat model, not a retriever: writing it as a retriever would drop its head.",

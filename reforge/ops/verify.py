@@ -324,14 +324,23 @@ def _check_embeddings(path: Path, inputs: dict, report: VerifyReport, token, all
 
     try:
         try:
-            old = resolve_model(inputs["retriever"], base=inputs["base"], token=token, allow_pickle=allow_pickle)
+            old = resolve_model(
+                inputs["retriever"], base=inputs["base"], token=token, allow_pickle=allow_pickle, builtin_class=True
+            )
             known = True
         except PoolingUndeterminedError:  # no profile to carry; agreement is still measured, with mean pooling
             old = resolve_model(
-                inputs["retriever"], base=inputs["base"], token=token, allow_pickle=allow_pickle, pooling="mean"
+                inputs["retriever"],
+                base=inputs["base"],
+                token=token,
+                allow_pickle=allow_pickle,
+                pooling="mean",
+                builtin_class=True,
             )
             known = False
-        new = resolve_model(path, token=token, allow_pickle=allow_pickle, pooling=None if known else "mean")
+        new = resolve_model(
+            path, token=token, allow_pickle=allow_pickle, pooling=None if known else "mean", builtin_class=True
+        )
         if known:
             same = new.profile == old.profile
             report.add(
