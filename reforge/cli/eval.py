@@ -41,6 +41,12 @@ from reforge.cli.options import (
 )
 @click.option("--base", default=None, help="Base model for adapter MODELs (default: the adapter config's).")
 @click.option(
+    "--tokenizer",
+    default=None,
+    type=click.Path(file_okay=False, exists=True),
+    help="Folder with the tokenizer files, for MODELs that have none (default: the model's, else its base's).",
+)
+@click.option(
     "-o",
     "--output",
     "output_dir",
@@ -87,6 +93,7 @@ def eval_cmd(
         split=options["split"],
         measures=tuple(metrics) or ("nDCG@10",),
         base=options["base"],
+        tokenizer=options["tokenizer"],
         seed=options["seed"],
         max_queries=options["max_queries"],
         corpus_sample=options["corpus_sample"],
