@@ -360,7 +360,7 @@ def tune(base: str | Path, adapter: str | Path, data: str | Path | BeirDataset, 
             ``test_split`` without ``i_know`` (all before anything is loaded).
         DataError, AdapterError, LayoutMismatchError, ProvenanceMismatchError: from reading the data and inputs.
     """
-    from reforge.ops.merge import open_inputs
+    from reforge.ops.merge import check_base_values, open_inputs
 
     started = time.perf_counter()
     alphas, betas = check_grid(alphas, option="--alpha"), check_grid(betas, option="--beta")
@@ -375,6 +375,8 @@ def tune(base: str | Path, adapter: str | Path, data: str | Path | BeirDataset, 
     warnings = list(full.warnings) + _overlap_warnings(full, split, test_split)
     subset = select_subset(full, max_queries=max_queries, corpus_sample=corpus_sample, seed=seed)
     source = open_inputs(base, retriever, delta, [(adapter, 0.0)], settings.token, settings.allow_pickle)
+    for beta in betas:
+        check_base_values(source, beta)
     merger, template = _merger_and_template(source, retriever, delta, base, settings, stage)
     points = _points(alphas, betas, template, merger, source)
     try:
@@ -434,8 +436,8 @@ def _merger_and_template(source, retriever, delta, base, settings: EvalSettings,
                          stage: StageFn | None) -> tuple[InMemoryMerge, ModelSource]:
     """The shared in-memory model and a `ModelSource` describing the retriever (profile, tokenizer, paths)."""
     from reforge.eval.model import _tokenizer_hash, resolve_model, transformer_dir
-    from reforge.profiles import detect_profile
     from reforge.ops.delta import RETRIEVER_FILES
+    from reforge.profiles import detect_profile
 
     if delta is not None:
         files = source.delta.path / RETRIEVER_FILES

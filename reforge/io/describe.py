@@ -18,7 +18,7 @@ def describe(ref: str | Path, *, token: str | None = None, allow_pickle: bool = 
         ``files``, and for adapters ``adapter`` (type, r, alpha, targets), for reforge outputs ``reforge``.
     """
     checkpoint = open_checkpoint(ref, token=token, allow_pickle=allow_pickle)
-    infos = checkpoint.index.tensors or checkpoint.reader()._infos()
+    infos = checkpoint.index.tensors
     summary = {
         "ref": str(ref),
         "path": str(checkpoint.path),

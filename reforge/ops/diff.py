@@ -9,7 +9,6 @@ reproduces the retriever bit for bit. Stored in bf16/fp16 it rounds; the roundin
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,17 +18,24 @@ from reforge.io.buffers import BufferPool
 from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
 from reforge.io.companions import output_companions
 from reforge.io.format import torch_dtype
-from reforge.io.keymap import match_keys
+from reforge.io.keymap import extra_rows, is_embedding, match_keys
+from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.delta import RETRIEVER_FILES, factor_keys
 from reforge.ops.fold import Factors, LoraAdapter
-from reforge.ops.stream import Accumulator, import_torch_in_background, prefetch, row_blocks, torch_threads
+from reforge.ops.stream import (
+    Accumulator,
+    check_finite,
+    import_torch_in_background,
+    prefetch,
+    row_blocks,
+    torch_threads,
+)
 
 if TYPE_CHECKING:
     import torch
 
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
 
 
 @dataclass
@@ -78,7 +84,7 @@ def diff(
     dry_run: bool = False,
     command: str | None = None,
     durable: bool = False,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> DiffReport:
     """Write Delta = retriever - base into ``output``.
 
@@ -236,15 +242,10 @@ def _dense_entries(base: Checkpoint, retriever: Checkpoint, allow_missing: bool)
 
 
 def _entry_for_shapes(key: str, base_shape: tuple, retriever_shape: tuple, base_ref: str, retriever_ref: str) -> _Entry:
-    if base_shape == retriever_shape:
+    added = extra_rows(key, base_shape, retriever_shape)
+    if added == 0:
         return _Entry(key, retriever_shape, "dense")
-    grown_vocab = (
-        len(base_shape) == 2
-        and base_shape[1:] == retriever_shape[1:]
-        and retriever_shape[0] > base_shape[0]
-        and _is_embedding(key)
-    )
-    if grown_vocab:  # added tokens: the extra rows have no base value; Delta holds the retriever's rows there
+    if added:  # added tokens: the extra rows have no base value; Delta holds the retriever's rows there
         return _Entry(key, retriever_shape, "dense", base_rows=base_shape[0])
     raise LayoutMismatchError(
         f"tensor {key!r} is {list(base_shape)} in base {base_ref} but {list(retriever_shape)} in retriever "
@@ -269,10 +270,6 @@ def _adapter_entries(base: Checkpoint, adapter: LoraAdapter) -> list[_Entry]:
 def _file_order(checkpoint: Checkpoint, keys: dict[str, str]) -> list[str]:
     tensors = checkpoint.index.tensors
     return sorted(keys, key=lambda k: (str(tensors[keys[k]].file), tensors[keys[k]].start))
-
-
-def _is_embedding(key: str) -> bool:
-    return any(hint in key for hint in EMBEDDING_HINTS)
 
 
 def _factor_rule(low_rank: bool, rank: int | None, energy: float | None):
@@ -304,7 +301,7 @@ def _specs(
 
 def _factor_rank(entry: _Entry, factor, adapter: LoraAdapter | None) -> int | None:
     """The stored rank of a factored tensor, or None to store it dense."""
-    if factor is None or len(entry.shape) != 2 or _is_embedding(entry.key) or entry.source == "retriever-only":
+    if factor is None or len(entry.shape) != 2 or is_embedding(entry.key) or entry.source == "retriever-only":
         return None
     if factor["low_rank"]:
         if entry.source != "adapter" or adapter is None or adapter.modules[entry.key].embedding:
@@ -395,6 +392,7 @@ def _delta_tensor(
         block = accumulator.block(rows)
         _delta_rows(block, rows, entry, loaded)
         accumulator.commit(rows)
+    check_finite(accumulator.finite, entry.key, "retriever - base is")
     return accumulator.output, accumulator.max_abs_rounding
 
 
@@ -481,6 +479,9 @@ def _manifest(
             "kind": retriever.kind,
             "architecture": getattr(retriever, "architecture", None),
         },
+        # the retriever's own key prefix ("model." for a body saved through a *ForCausalLM class), so that
+        # `merge --delta` writes the names the retriever has
+        "retriever_prefix": retriever.layout.prefix if isinstance(retriever, Checkpoint) else "",
         "dtype": dtype,
         "shapes": {e.key: list(e.shape) for e in entries},
         "retriever_dtypes": _retriever_dtypes(base, retriever, entries),

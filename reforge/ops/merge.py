@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,12 +23,16 @@ from reforge.io.buffers import ALIGNMENT, BufferPool
 from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
 from reforge.io.companions import companion_files, output_companions
 from reforge.io.format import torch_dtype
+from reforge.io.keymap import extra_rows
+from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
 from reforge.ops.diff import DTYPE_NAMES, overlap
 from reforge.ops.fold import Factors, LoraAdapter
 from reforge.ops.stream import (
     Accumulator,
+    all_finite,
+    check_finite,
     empty,
     import_torch_in_background,
     prefetch,
@@ -93,7 +96,7 @@ def merge(
     command: str | None = None,
     corpus: str | None = None,
     durable: bool = False,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> MergeReport:
     """Write the readapted retriever into ``output``.
 
@@ -112,6 +115,7 @@ def merge(
     import_torch_in_background()
     _check_options(retriever, delta, adapters, beta, dtype)
     source = open_inputs(base, retriever, delta, adapters, token, allow_pickle)
+    check_base_values(source, beta)
     plan = {key: _terms(source, key, beta) for key in source.shapes}
     specs = [
         TensorSpec(source.stored_names[k], DTYPE_NAMES.get(dtype, source.dtypes[k]), source.shapes[k])
@@ -201,7 +205,8 @@ def open_inputs(base_ref, retriever_ref, delta_ref, adapter_refs, token=None, al
         shapes = delta.shapes
         dtypes = {k: delta.manifest.get("retriever_dtypes", {}).get(k, delta.manifest["dtype"]) for k in shapes}
         _check_delta_files(delta)
-        stored = {k: k for k in shapes}
+        prefix = delta.manifest.get("retriever_prefix") or ""
+        stored = {k: prefix + k for k in shapes}
     else:
         opened = open_checkpoint(retriever_ref, token=token, allow_pickle=allow_pickle)
         if isinstance(opened, AdapterCheckpoint):
@@ -245,11 +250,7 @@ def _check_retriever_against_base(
 ) -> None:
     for key, stored in retriever_keys.items():
         shape = retriever.index.tensors[stored].shape
-        if (
-            key in base_shapes
-            and base_shapes[key] != shape
-            and not (len(shape) == 2 and base_shapes[key][1:] == shape[1:] and shape[0] > base_shapes[key][0])
-        ):
+        if key in base_shapes and extra_rows(key, base_shapes[key], shape) is None:
             raise LayoutMismatchError(
                 f"tensor {key!r} is {list(base_shapes[key])} in base {base.ref} but "
                 f"{list(shape)} in retriever {retriever.ref}.",
@@ -259,6 +260,40 @@ def _check_retriever_against_base(
                 tensor=key,
                 details={},
             )
+
+
+def check_base_values(source: MergeInputs, beta: float) -> None:
+    """The missing-key rule: every value the formula needs from the base must be there.
+
+    Where the base has no value (a tensor only the retriever has, such as a BERT pooler, or embedding rows of
+    tokens added to the retriever), Delta is the retriever's own value (the base is taken as zero; see `diff`).
+    That reproduces the retriever at beta = 1. At any other beta it would write beta times a trained tensor, a
+    number no formula of the method asks for, so it is refused rather than written silently.
+
+    Raises:
+        LayoutMismatchError: naming the first such tensor.
+    """
+    retriever_only = set(source.delta.manifest.get("retriever_only") or []) if source.delta else None
+    for key, shape in source.shapes.items():
+        stored = source.base_keys.get(key)
+        base_shape = source.base.index.tensors[stored].shape if stored is not None else None
+        if base_shape is None:
+            if beta == 1 and (retriever_only is None or key in retriever_only):
+                continue
+            lacks = "the base has no such tensor"
+        elif beta != 1 and base_shape[0] < shape[0]:
+            lacks = f"the base has only {base_shape[0]} of its {shape[0]} rows (tokens added to the retriever)"
+        else:
+            continue
+        raise LayoutMismatchError(
+            f"tensor {key!r}: {lacks}, so base + {beta:g} * Delta has no base value there.",
+            hint="Use --beta 1 (the retriever's values are kept there), or a base with the same tensors and "
+            "vocabulary.",
+            left=source.base.ref,
+            right=None,
+            tensor=key,
+            details={"beta": beta},
+        )
 
 
 def _open_adapter(ref, base: Checkpoint, output_shapes: dict[str, tuple], token, allow_pickle) -> LoraAdapter:
@@ -415,6 +450,7 @@ def compute_output(
 
     A tensor nothing changes (retriever, beta = 1, no adapter) is the retriever's tensor itself, bit for bit."""
     if loaded.retriever is not None and beta == 1 and not loaded.adapters and loaded.retriever.dtype == dtype:
+        check_finite(all_finite(loaded.retriever), key, "the retriever's tensor holds")
         return _placed(loaded.retriever, pool, skew), 0.0
     shape = source.shapes[key]
     base_rows = loaded.base.shape[0] if loaded.base is not None and loaded.base.dim() else None
@@ -437,6 +473,7 @@ def compute_output(
         for factors, alpha in loaded.adapters:
             factors.add_to(block, rows, base, alpha)
         accumulator.commit(rows)
+    check_finite(accumulator.finite, key, "base + alpha * Psi + beta * Delta is")
     return accumulator.output, accumulator.max_abs_rounding
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reforge.errors import ReforgeError, short_path
 from reforge.io.checkpoint import AdapterCheckpoint, open_checkpoint
 from reforge.io.index import ShardIndex
+from reforge.io.progress import ProgressFn
 from reforge.io.reader import ShardReader
 
 SENTENCES = [
@@ -77,7 +77,7 @@ def verify_checkpoint(
     token: str | None = None,
     allow_pickle: bool = False,
     seed: int = 0,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> VerifyReport:
     """Verify a delta or merged checkpoint folder; see the module docstring for the checks.
 
