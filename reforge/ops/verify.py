@@ -39,6 +39,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    skipped: bool = False
 
 
 @dataclass
@@ -59,8 +60,13 @@ class VerifyReport:
     def failures(self) -> list[str]:
         return [f"{c.name}: {c.detail}" for c in self.checks if not c.ok]
 
-    def add(self, name: str, ok: bool, detail: str) -> None:
-        self.checks.append(Check(name, ok, detail))
+    @property
+    def skipped(self) -> list[str]:
+        """Checks that could not run, with why: the folder is sound only as far as it was checked."""
+        return [f"{c.name}: {c.detail}" for c in self.checks if c.skipped]
+
+    def add(self, name: str, ok: bool, detail: str, *, skipped: bool = False) -> None:
+        self.checks.append(Check(name, ok, detail, skipped))
 
 
 def verify_checkpoint(
@@ -96,10 +102,13 @@ def verify_checkpoint(
     elif inputs.get("base") and (inputs.get("retriever") or inputs.get("delta")):
         _check_layout(index, inputs, report, token, allow_pickle)
         _check_merge(path, index, inputs, full, samples, seed, report, token, allow_pickle)
+        _check_independent(path, index, inputs, full, samples, seed, report, token, allow_pickle)
         if embeddings and inputs.get("retriever"):
             _check_embeddings(path, inputs, report, token, allow_pickle)
     else:
-        report.add("recompute", True, "skipped: no inputs given and none recorded (pass --base and --retriever)")
+        report.add(
+            "recompute", True, "skipped: no inputs given and none recorded (pass --base and --retriever)", skipped=True
+        )
     return report
 
 
@@ -184,18 +193,15 @@ def _check_delta(path, index, manifest, inputs, full, samples, seed, report, tok
     from reforge.ops.delta import DeltaCheckpoint
 
     if not (inputs["base"] and inputs["retriever"]):
-        report.add("recompute", True, "skipped: pass --base and --retriever to check base + Delta = retriever")
+        report.add(
+            "recompute", True, "skipped: pass --base and --retriever to check base + Delta = retriever", skipped=True
+        )
         return
     delta = DeltaCheckpoint.open(path)
     base = open_checkpoint(inputs["base"], token=token, allow_pickle=allow_pickle)
     retriever = open_checkpoint(inputs["retriever"], token=token, allow_pickle=allow_pickle)
     if isinstance(retriever, AdapterCheckpoint):
-        report.add(
-            "recompute",
-            True,
-            "skipped: the retriever is a peft adapter; its Delta is checked by "
-            "`reforge merge` tests, not against a stored model",
-        )
+        _check_adapter_delta(path, delta, manifest, inputs, base.path, retriever.path, full, samples, seed, report)
         return
     base_keys, retriever_keys = base.canonical_keys(), retriever.canonical_keys()
     keys = _sample(list(delta.shapes), full, samples, seed)
@@ -291,6 +297,52 @@ def _check_merge(path, index, inputs, full, samples, seed, report, token, allow_
     )
 
 
+def _check_independent(path, index, inputs, full, samples, seed, report, token, allow_pickle) -> None:
+    """Recompute a sample (all with ``full``) by `reforge.ops.recheck`'s plain formula, sharing no code with merge."""
+    from reforge.ops.recheck import recheck_merge
+
+    names = _sample(sorted(index.tensors), full, samples, seed + 1)
+    result = recheck_merge(path, names, inputs, _resolver(token, allow_pickle))
+    _report_recheck("independent", result, report, "recomputed by the plain formula from the input files")
+
+
+def _check_adapter_delta(path, delta, manifest, inputs, base_dir, adapter_dir, full, samples, seed, report) -> None:
+    """A delta from a LoRA retriever: Delta against the adapter folded by the plain formula (`reforge.ops.recheck`)."""
+    from reforge.ops.recheck import recheck_adapter_delta
+
+    names = _sample(list(delta.shapes), full, samples, seed)
+    result = recheck_adapter_delta(path, names, base_dir, adapter_dir, manifest)
+    _report_recheck("recompute", result, report, "of Delta equal the LoRA retriever folded by the plain formula")
+
+
+def _report_recheck(check: str, result, report: VerifyReport, what: str) -> None:
+    failures = result.failures
+    missing = result.not_recomputed
+    for name, (error, tolerance) in result.checked.items():
+        report.tensors.setdefault(name, {}).update({f"{check}_error": error, f"{check}_tolerance": tolerance})
+    if failures:
+        report.add(check, False, "; ".join(failures[:3]))
+    elif missing and not result.checked:
+        reason = next(iter(missing.values()))
+        report.add(check, True, f"skipped: {len(missing)} tensor(s) not recomputed ({reason})", skipped=True)
+    elif missing:
+        name, reason = next(iter(missing.items()))
+        report.add(
+            check,
+            True,
+            f"{len(result.checked)} tensor(s) {what}; {len(missing)} not recomputed (e.g. {name!r}: {reason})",
+            skipped=True,
+        )
+    else:
+        report.add(check, True, f"{len(result.checked)} tensor(s) {what}, within one rounding of their dtype")
+
+
+def _resolver(token, allow_pickle):
+    from reforge.io.checkpoint import resolve_local
+
+    return lambda ref: resolve_local(ref, token=token, allow_pickle=allow_pickle)
+
+
 def _check_embeddings(path: Path, inputs: dict, report: VerifyReport, token, allow_pickle) -> None:
     import numpy as np
 
@@ -306,7 +358,7 @@ def _check_embeddings(path: Path, inputs: dict, report: VerifyReport, token, all
             model = source.load(device="cpu", dtype=None, allow_pickle=allow_pickle)
             vectors.append(encode(model, SENTENCES, source.profile, batch_size=len(SENTENCES)))
     except ReforgeError as e:
-        report.add("embeddings", True, f"skipped: {e}")
+        report.add("embeddings", True, f"skipped: {e}", skipped=True)
         return
     old, new = vectors
     cosine = (old * new).sum(1) / (np.linalg.norm(old, axis=1) * np.linalg.norm(new, axis=1))
