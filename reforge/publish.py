@@ -9,7 +9,6 @@ nothing. This module sits above ops because it verifies; downloading lives below
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from pathlib import Path, PurePosixPath
 
@@ -24,6 +23,7 @@ from reforge.errors import (
 from reforge.io.format import TensorInfo, read_header
 from reforge.io.hub import _hub_errors, _offline, _with_revision, hub_endpoint, shard_names
 from reforge.io.index import read_weight_map
+from reforge.io.manifest import read_manifest
 from reforge.io.progress import ProgressFn
 
 # Names that mean a writer did not finish (temporary files, partial downloads, locks).
@@ -126,13 +126,11 @@ def _lock_is_held(lock: Path) -> bool:
 
 def _manifest_failures(folder: Path) -> list[str]:
     """``reforge.json``, when present, must say the write completed."""
-    manifest = folder / "reforge.json"
-    if not manifest.is_file():
-        return []
     try:
-        state = json.loads(manifest.read_text()).get("state")
-    except (ValueError, AttributeError):
+        manifest = read_manifest(folder)
+    except CorruptCheckpointError:
         return ["reforge.json is not a JSON object"]
+    state = manifest.state if manifest is not None else None
     return [] if state in (None, "complete") else [f"reforge.json says the write is {state!r}, not 'complete'"]
 
 

@@ -24,6 +24,7 @@ from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint
 from reforge.io.companions import companion_files, output_companions
 from reforge.io.format import torch_dtype
 from reforge.io.keymap import extra_rows
+from reforge.io.manifest import read_training_record
 from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
@@ -323,15 +324,8 @@ def _open_adapter(ref, base: Checkpoint, output_shapes: dict[str, tuple], token,
 
 def _check_adapter_base(checkpoint: AdapterCheckpoint, base: Checkpoint) -> None:
     """Refuse an adapter whose training record names a different base (by content fingerprint)."""
-    import json
-
-    record_file = checkpoint.path / "training_record.json"
-    if not record_file.is_file():
-        return
-    try:
-        recorded = (json.loads(record_file.read_text()).get("base") or {}).get("fingerprint")
-    except ValueError:
-        return
+    record = read_training_record(checkpoint.path)
+    recorded = record.base_fingerprint if record is not None else None
     found = base.provenance.get("fingerprint")
     if recorded and found and recorded != found:
         raise ProvenanceMismatchError(
@@ -548,16 +542,8 @@ def _manifest(source: MergeInputs, beta: float, dtype: str, command: str | None,
 
 
 def _adapter_corpus(adapter: LoraAdapter) -> str | None:
-    import json
-
-    record = adapter.checkpoint.path / "training_record.json"
-    try:
-        corpus = json.loads(record.read_text()).get("corpus") if record.is_file() else None
-    except ValueError:
-        return None
-    if isinstance(corpus, dict):
-        return corpus.get("path") or corpus.get("source")
-    return corpus
+    record = read_training_record(adapter.checkpoint.path)
+    return record.corpus if record is not None else None
 
 
 def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dict) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reforge.io.manifest import Manifest, read_manifest
 from reforge.io.plain import PlainReader
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ class _Source:
         self.retriever = self.delta = self.adapter = None
         if inputs.get("delta"):
             folder = resolve(inputs["delta"])
-            self.delta, self.manifest = PlainReader(folder), json.loads((folder / "reforge.json").read_text())
+            self.delta, self.manifest = PlainReader(folder), (read_manifest(folder) or Manifest(folder, {})).data
             return
         folder = resolve(inputs["retriever"])
         if (folder / "adapter_config.json").is_file():

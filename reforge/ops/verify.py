@@ -13,14 +13,14 @@ Checks, each reported by name:
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reforge.errors import ReforgeError, short_path
+from reforge.errors import CorruptCheckpointError, ReforgeError
 from reforge.io.checkpoint import AdapterCheckpoint, open_checkpoint
 from reforge.io.index import ShardIndex
+from reforge.io.manifest import read_manifest
 from reforge.io.progress import ProgressFn
 from reforge.io.reader import ShardReader
 
@@ -90,7 +90,13 @@ def verify_checkpoint(
     Inputs not given are taken from the folder's ``reforge.json`` when the paths it records still exist.
     """
     path = Path(path)
-    manifest = _manifest(path)
+    try:
+        record = read_manifest(path)
+    except CorruptCheckpointError as e:  # not "no inputs recorded": a damaged record fails the folder
+        report = VerifyReport(path, "model")
+        report.add("loads", False, str(e))
+        return report
+    manifest = record.data if record is not None else {}
     report = VerifyReport(path, manifest.get("kind", "model"))
     index = _check_loads(path, manifest, report)
     if index is None:
@@ -110,13 +116,6 @@ def verify_checkpoint(
             "recompute", True, "skipped: no inputs given and none recorded (pass --base and --retriever)", skipped=True
         )
     return report
-
-
-def _manifest(path: Path) -> dict:
-    try:
-        return json.loads((path / "reforge.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _check_loads(path: Path, manifest: dict, report: VerifyReport) -> ShardIndex | None:
@@ -390,16 +389,3 @@ def _fp32_slack(reference) -> float:
     import torch
 
     return 4 * float(torch.finfo(torch.float32).eps) * float(reference.abs().max()) if reference.numel() else 0.0
-
-
-def require_ok(report: VerifyReport) -> None:
-    """Raise if the report failed (used by `push` to refuse an unsound folder)."""
-    if not report.ok:
-        from reforge.errors import VerificationError
-
-        raise VerificationError(
-            f"{short_path(report.path)} failed verification: {'; '.join(report.failures)}",
-            hint="Rerun the command that produced it.",
-            path=report.path,
-            failures=report.failures,
-        )
