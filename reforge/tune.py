@@ -436,8 +436,8 @@ def _merger_and_template(source, retriever, delta, base, settings: EvalSettings,
                          stage: StageFn | None) -> tuple[InMemoryMerge, ModelSource]:
     """The shared in-memory model and a `ModelSource` describing the retriever (profile, tokenizer, paths)."""
     from reforge.eval.model import _tokenizer_hash, resolve_model, transformer_dir
-    from reforge.ops.delta import RETRIEVER_FILES
     from reforge.profiles import detect_profile
+    from reforge.ops.delta import RETRIEVER_FILES
 
     if delta is not None:
         files = source.delta.path / RETRIEVER_FILES

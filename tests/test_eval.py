@@ -25,7 +25,6 @@ from reforge.errors import AdapterError, InvalidOptionError, PoolingUndetermined
 from reforge.eval import EvalSettings, Retriever, evaluate, resolve_model
 from reforge.eval.encode import _tokenize, encode, pool, shard_indices
 from reforge.eval.metrics import paired_test, parse_measures, randomization_pvalue, score_run
-from reforge.eval.search import search
 from reforge.profiles import (
     EncodingProfile,
     apply_overrides,
@@ -34,6 +33,7 @@ from reforge.profiles import (
     e5_task,
     save_profile,
 )
+from reforge.eval.search import search
 
 WORDS = (
     "cats purr and sleep dogs bark loudly fish swim in water which animals do the a of query passage : "

@@ -19,9 +19,9 @@ from reforge.eval.distributed import Ranks
 from reforge.eval.encode import encode, passages, shard_indices
 from reforge.eval.metrics import AVERAGING, paired_test, parse_measures, score_run
 from reforge.eval.model import ModelSource, Retriever, resolve_model
+from reforge.profiles import EncodingProfile, apply_overrides
 from reforge.eval.report import Comparison, DatasetInfo, EvalReport, ModelInfo, Result
 from reforge.eval.search import search
-from reforge.profiles import EncodingProfile, apply_overrides
 
 ProgressFn = Callable[[int, "int | None"], None]
 StageFn = Callable[[str], None]
