@@ -572,12 +572,13 @@ def write_best(report: TuneReport, output: str | Path, *, token: str | None = No
     Returns:
         The `MergeReport`.
     """
+    from reforge.ops.job import Access, WriteOptions
     from reforge.ops.merge import merge
 
     inputs = report.inputs
     return merge(inputs["base"]["ref"], output,
                  retriever=inputs["retriever"]["ref"] if inputs["retriever"] else None,
                  delta=inputs["delta"]["ref"] if inputs["delta"] else None,
-                 adapters=[(inputs["adapter"]["ref"], report.best.alpha)], beta=report.best.beta, dtype="auto",
-                 max_shard_size=max_shard_size, overwrite=overwrite, token=token, allow_pickle=allow_pickle,
-                 dry_run=dry_run, command=command, progress=progress)
+                 adapters=[(inputs["adapter"]["ref"], report.best.alpha)], beta=report.best.beta,
+                 write=WriteOptions("auto", max_shard_size, overwrite, dry_run=dry_run, command=command),
+                 access=Access(token, allow_pickle), progress=progress)

@@ -608,6 +608,7 @@ def test_merge_output_pushes_and_comes_back_whole(fake_hub, tmp_path):
 
     from conftest import build_model, make_adapter, perturbed_bare, save, save_tokenizer
     from reforge.io.checkpoint import open_checkpoint
+    from reforge.ops.job import WriteOptions
     from reforge.ops.merge import merge
 
     base = build_model("llama-causal")
@@ -616,7 +617,13 @@ def test_merge_output_pushes_and_comes_back_whole(fake_hub, tmp_path):
     save_tokenizer(retriever_dir)
     make_adapter(base, tmp_path / "psi", dora=True)
     out = tmp_path / "scifact-readapted"
-    merge(base_dir, out, retriever=retriever_dir, adapters=[(tmp_path / "psi", 0.5)], command="reforge merge ...")
+    merge(
+        base_dir,
+        out,
+        retriever=retriever_dir,
+        adapters=[(tmp_path / "psi", 0.5)],
+        write=WriteOptions(command="reforge merge ..."),
+    )
     assert publish.check_folder(out) == []
     result = CliRunner().invoke(
         cli, ["push", str(out), "user/readapted", "--token", WRITE_TOKEN, "--json"], catch_exceptions=False

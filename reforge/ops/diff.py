@@ -23,19 +23,17 @@ from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.delta import RETRIEVER_FILES, factor_keys
 from reforge.ops.fold import Factors, LoraAdapter
+from reforge.ops.job import Access, WriteOptions, dominant_dtype, max_rounding, streamed, writing
 from reforge.ops.stream import (
     Accumulator,
     check_finite,
     import_torch_in_background,
     prefetch,
     row_blocks,
-    torch_threads,
 )
 
 if TYPE_CHECKING:
     import torch
-
-DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 @dataclass
@@ -72,18 +70,12 @@ def diff(
     retriever: str | Path,
     output: str | Path,
     *,
-    dtype: str = "auto",
-    max_shard_size: int = 5 * 10**9,
     low_rank: bool = False,
     rank: int | None = None,
     energy: float | None = None,
     allow_missing: bool = False,
-    overwrite: bool = False,
-    token: str | None = None,
-    allow_pickle: bool = False,
-    dry_run: bool = False,
-    command: str | None = None,
-    durable: bool = False,
+    write: WriteOptions = WriteOptions(),
+    access: Access = Access(),
     progress: ProgressFn | None = None,
 ) -> DiffReport:
     """Write Delta = retriever - base into ``output``.
@@ -91,21 +83,84 @@ def diff(
     Args:
         base: the pretrained LM (folder or Hub id); its ``lm_head`` is ignored.
         retriever: a full retriever checkpoint, or a peft LoRA/DoRA adapter over ``base`` (RepLLaMA form).
-        dtype: stored dtype: ``auto`` (the retriever's), ``float32``, ``bfloat16`` or ``float16``.
         low_rank: keep an adapter retriever's LoRA Delta as factors (exact up to fp32 rounding, far smaller).
         rank / energy: compress each dense 2-D layer Delta by SVD to ``rank`` or to the smallest rank holding
             ``energy`` of its squared singular values (LoRE-Adapt); 1-D tensors and embeddings stay dense.
         allow_missing: store tensors only the retriever has whole, and skip those only the base has, instead
             of failing.
+        write: dtype (``auto``: the retriever's dominant dtype), shard size, overwrite, dry run, the command.
+        access: Hub token and pickle permission for the inputs.
 
     Raises:
         LayoutMismatchError: the two do not line up (names or shapes). InvalidOptionError: options that conflict.
     """
     started = time.perf_counter()
     import_torch_in_background()
-    _check_options(low_rank, rank, energy, dtype)
-    base_ckpt = open_model(base, token=token, allow_pickle=allow_pickle)
-    retriever_ckpt = open_checkpoint(retriever, token=token, allow_pickle=allow_pickle)
+    _check_options(low_rank, rank, energy)
+    write.check()
+    job = _open(base, retriever, access, low_rank, allow_missing, write)
+    factor = _factor_rule(low_rank, rank, energy)
+    if energy is not None and not write.dry_run:
+        factor["ranks"] = _energy_ranks(job.entries, job.base, job.retriever, job.adapter, energy)
+    specs, factored = _specs(job.entries, job.dtype, factor, job.adapter)
+    plan = ShardPlan.build(specs, write.max_shard_size)
+    report = DiffReport(
+        Path(output),
+        len(job.entries),
+        plan.total_size,
+        plan.shard_sizes(),
+        job.dtype,
+        write.dry_run,
+        factored=len(factored),
+        extra_vocab_rows={e.key: e.shape[0] - e.base_rows for e in job.entries if e.base_rows},
+    )
+    if write.dry_run:
+        return report
+    manifest = _manifest(job, factored, factor, write.command)
+    plan_id = plan_id_for(
+        {
+            "op": "diff",
+            "base": job.base.provenance["fingerprint"],
+            "retriever": job.retriever.provenance["fingerprint"],
+            "dtype": job.dtype,
+            "specs": [(s.name, s.dtype, s.shape) for s in specs],
+            "rank": rank,
+            "energy": energy,
+            "shard": write.max_shard_size,
+        }
+    )
+    with writing(output, specs, plan_id=plan_id, manifest=manifest, options=write, progress=progress) as writer:
+        report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
+        for name, content in _retriever_companions(job.base, job.retriever).items():
+            writer.add_file(f"{RETRIEVER_FILES}/{name}", content)
+        if not writer.already_complete:
+            todo = [e for e in job.entries if any(writer.pending(n) for n in _stored_names(e, factored))]
+            loader = _EntryLoader(job.base, job.retriever, job.adapter, low_rank)
+            with streamed(todo, loader) as stream:
+                for entry, loaded in stream:
+                    writer.record(entry.key, _store(writer, entry, loaded, job.dtype, factored, loader.pool))
+    report.max_abs_rounding = max_rounding(writer.records)
+    relative = [e["relative_error"] for e in writer.records.values() if "relative_error" in e]
+    report.low_rank_relative_error = max(relative) if relative else None
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+@dataclass(frozen=True)
+class _Job:
+    """The opened inputs of a diff, what to compute for each tensor, and the stored dtype."""
+
+    base: Checkpoint
+    retriever: Checkpoint | AdapterCheckpoint
+    adapter: LoraAdapter | None
+    entries: list[_Entry]
+    dtype: str
+
+
+def _open(base, retriever, access: Access, low_rank: bool, allow_missing: bool, write: WriteOptions) -> _Job:
+    """Open both inputs and plan every entry; nothing but headers is read."""
+    base_ckpt = open_model(base, token=access.token, allow_pickle=access.allow_pickle)
+    retriever_ckpt = open_checkpoint(retriever, token=access.token, allow_pickle=access.allow_pickle)
     if isinstance(retriever_ckpt, AdapterCheckpoint):
         adapter = LoraAdapter(retriever_ckpt)
         if low_rank and adapter.is_dora:
@@ -114,76 +169,16 @@ def diff(
                 "SVD approximation, or store it dense.",
                 option="--low-rank",
             )
-        entries = _adapter_entries(base_ckpt, adapter)
-        stored_dtype = _choose_dtype(dtype, base_ckpt, None)
-    else:
-        if low_rank:
-            raise InvalidOptionError(
-                "--low-rank needs a peft LoRA retriever; for a full retriever use --rank or --energy (SVD).",
-                option="--low-rank",
-            )
-        adapter = None
-        entries = _dense_entries(base_ckpt, retriever_ckpt, allow_missing)
-        stored_dtype = _choose_dtype(dtype, base_ckpt, retriever_ckpt)
-    factor = _factor_rule(low_rank, rank, energy)
-    if energy is not None and not dry_run:
-        factor["ranks"] = _energy_ranks(entries, base_ckpt, retriever_ckpt, adapter, energy)
-    specs, factored = _specs(entries, stored_dtype, factor, adapter)
-    manifest = _manifest(base_ckpt, retriever_ckpt, entries, stored_dtype, factored, factor, command)
-    plan_id = plan_id_for(
-        {
-            "op": "diff",
-            "base": base_ckpt.provenance["fingerprint"],
-            "retriever": retriever_ckpt.provenance["fingerprint"],
-            "dtype": stored_dtype,
-            "specs": [(s.name, s.dtype, s.shape) for s in specs],
-            "rank": rank,
-            "energy": energy,
-            "shard": max_shard_size,
-        }
-    )
-    plan = ShardPlan.build(specs, max_shard_size)
-    report = DiffReport(
-        Path(output),
-        len(entries),
-        plan.total_size,
-        plan.shard_sizes(),
-        stored_dtype,
-        dry_run,
-        factored=len(factored),
-        extra_vocab_rows={e.key: e.shape[0] - e.base_rows for e in entries if e.base_rows},
-    )
-    if dry_run:
-        return report
-    with CheckpointWriter(
-        output,
-        specs,
-        plan_id=plan_id,
-        max_shard_size=max_shard_size,
-        manifest=manifest,
-        overwrite=overwrite,
-        progress=progress,
-        durable=durable,
-    ) as writer:
-        report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
-        for name, content in _retriever_companions(base_ckpt, retriever_ckpt).items():
-            writer.add_file(f"{RETRIEVER_FILES}/{name}", content)
-        if not writer.already_complete:
-            todo = [e for e in entries if any(writer.pending(n) for n in _stored_names(e, factored))]
-            with (
-                _EntryLoader(base_ckpt, retriever_ckpt, adapter, low_rank) as loader,
-                prefetch(todo, loader.load) as stream,
-                torch_threads(1),
-            ):
-                for entry, loaded in stream:
-                    writer.record(entry.key, _store(writer, entry, loaded, stored_dtype, factored, loader.pool))
-        errors = writer.records
-        writer.manifest["max_abs_rounding"] = max((e["max_abs_rounding"] for e in errors.values()), default=0.0)
-    report.max_abs_rounding = max((e["max_abs_rounding"] for e in errors.values()), default=0.0)
-    relative = [e["relative_error"] for e in errors.values() if "relative_error" in e]
-    report.low_rank_relative_error = max(relative) if relative else None
-    report.seconds = time.perf_counter() - started
-    return report
+        entries, dtypes = _adapter_entries(base_ckpt, adapter), base_ckpt.index.tensors.values()
+        return _Job(base_ckpt, retriever_ckpt, adapter, entries, write.stored(dominant_dtype(i.dtype for i in dtypes)))
+    if low_rank:
+        raise InvalidOptionError(
+            "--low-rank needs a peft LoRA retriever; for a full retriever use --rank or --energy (SVD).",
+            option="--low-rank",
+        )
+    entries = _dense_entries(base_ckpt, retriever_ckpt, allow_missing)
+    dtype = write.stored(dominant_dtype(i.dtype for i in retriever_ckpt.index.tensors.values()))
+    return _Job(base_ckpt, retriever_ckpt, None, entries, dtype)
 
 
 def _retriever_companions(base: Checkpoint, retriever) -> dict[str, bytes]:
@@ -198,25 +193,13 @@ def _retriever_dtypes(base: Checkpoint, retriever, entries: list[_Entry]) -> dic
     return {e.key: source.index.tensors[source.layout.stored(e.key)].dtype for e in entries}
 
 
-def _check_options(low_rank: bool, rank: int | None, energy: float | None, dtype: str) -> None:
+def _check_options(low_rank: bool, rank: int | None, energy: float | None) -> None:
     if sum(bool(x) for x in (low_rank, rank is not None, energy is not None)) > 1:
         raise InvalidOptionError("--low-rank, --rank and --energy are alternatives; pass one of them.", option="--rank")
     if rank is not None and rank < 1:
         raise InvalidOptionError(f"--rank must be at least 1, got {rank}.", option="--rank")
     if energy is not None and not 0 < energy <= 1:
         raise InvalidOptionError(f"--energy must be in (0, 1], got {energy}.", option="--energy")
-    if dtype != "auto" and dtype not in DTYPE_NAMES:
-        raise InvalidOptionError(
-            f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}.", option="--dtype"
-        )
-
-
-def _choose_dtype(dtype: str, base: Checkpoint, retriever: Checkpoint | None) -> str:
-    if dtype != "auto":
-        return DTYPE_NAMES[dtype]
-    source = retriever or base
-    floats = [i.dtype for i in source.index.tensors.values() if i.dtype in ("F32", "BF16", "F16", "F64")]
-    return max(set(floats), key=floats.count) if floats else "F32"
 
 
 def _dense_entries(base: Checkpoint, retriever: Checkpoint, allow_missing: bool) -> list[_Entry]:
@@ -462,18 +445,11 @@ def _factors(exact: "torch.Tensor", rank: int) -> tuple["torch.Tensor", "torch.T
     return root[:, None] * vh[:rank], u[:, :rank] * root[None, :], rank
 
 
-def _manifest(
-    base: Checkpoint,
-    retriever,
-    entries: list[_Entry],
-    dtype: str,
-    factored: dict[str, int],
-    factor,
-    command: str | None,
-) -> dict:
+def _manifest(job: _Job, factored: dict[str, int], factor, command: str | None) -> dict:
+    entries, retriever = job.entries, job.retriever
     return {
         "kind": "delta",
-        "base": base.provenance,
+        "base": job.base.provenance,
         "retriever": {
             **retriever.provenance,
             "kind": retriever.kind,
@@ -482,9 +458,9 @@ def _manifest(
         # the retriever's own key prefix ("model." for a body saved through a *ForCausalLM class), so that
         # `merge --delta` writes the names the retriever has
         "retriever_prefix": retriever.layout.prefix if isinstance(retriever, Checkpoint) else "",
-        "dtype": dtype,
+        "dtype": job.dtype,
         "shapes": {e.key: list(e.shape) for e in entries},
-        "retriever_dtypes": _retriever_dtypes(base, retriever, entries),
+        "retriever_dtypes": _retriever_dtypes(job.base, retriever, entries),
         "zero": [e.key for e in entries if e.source == "zero" and factor is not None],
         "factored": sorted(factored),
         "retriever_only": [e.key for e in entries if e.source == "retriever-only"],

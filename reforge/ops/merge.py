@@ -28,17 +28,16 @@ from reforge.io.manifest import read_training_record
 from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
-from reforge.ops.diff import DTYPE_NAMES, overlap
+from reforge.ops.diff import overlap
 from reforge.ops.fold import Factors, LoraAdapter
+from reforge.ops.job import Access, WriteOptions, check_source, dominant_dtype, max_rounding, streamed, writing
 from reforge.ops.stream import (
     Accumulator,
     all_finite,
     check_finite,
     empty,
     import_torch_in_background,
-    prefetch,
     row_blocks,
-    torch_threads,
 )
 
 if TYPE_CHECKING:
@@ -88,15 +87,9 @@ def merge(
     delta: str | Path | None = None,
     adapters: list[tuple[str | Path, float]] = (),
     beta: float = 1.0,
-    dtype: str = "auto",
-    max_shard_size: int = 5 * 10**9,
-    overwrite: bool = False,
-    token: str | None = None,
-    allow_pickle: bool = False,
-    dry_run: bool = False,
-    command: str | None = None,
     corpus: str | None = None,
-    durable: bool = False,
+    write: WriteOptions = WriteOptions(),
+    access: Access = Access(),
     progress: ProgressFn | None = None,
 ) -> MergeReport:
     """Write the readapted retriever into ``output``.
@@ -106,7 +99,10 @@ def merge(
         retriever / delta: exactly one: the retriever (full or peft LoRA), or a delta folder from `diff`.
         adapters: ``[(adapter folder, alpha), ...]`` knowledge adapters (peft LoRA/DoRA trained on ``base``).
         beta: weight of Delta.
-        dtype: ``auto`` keeps each tensor's dtype as the retriever stores it; or float32/bfloat16/float16.
+        corpus: what the adapters were trained on, for the card (default: from their training records).
+        write: dtype (``auto`` keeps each tensor's dtype as the retriever stores it), shard size, overwrite, dry
+            run, the command.
+        access: Hub token and pickle permission for the inputs.
 
     Raises:
         InvalidOptionError, AdapterError, LayoutMismatchError, ProvenanceMismatchError: checked before any tensor
@@ -114,22 +110,48 @@ def merge(
     """
     started = time.perf_counter()
     import_torch_in_background()
-    _check_options(retriever, delta, adapters, beta, dtype)
-    source = open_inputs(base, retriever, delta, adapters, token, allow_pickle)
+    _check_options(retriever, delta, adapters, beta)
+    write.check()
+    source = open_inputs(base, retriever, delta, adapters, access.token, access.allow_pickle)
     check_base_values(source, beta)
     plan = {key: _terms(source, key, beta) for key in source.shapes}
     specs = [
-        TensorSpec(source.stored_names[k], DTYPE_NAMES.get(dtype, source.dtypes[k]), source.shapes[k])
-        for k in source.shapes
+        TensorSpec(source.stored_names[k], write.stored(source.dtypes[k]), source.shapes[k]) for k in source.shapes
     ]
-    plan_id = plan_id_for(
+    shard_plan = ShardPlan.build(specs, write.max_shard_size)
+    report = MergeReport(
+        Path(output),
+        len(specs),
+        shard_plan.total_size,
+        shard_plan.shard_sizes(),
+        write.stored(dominant_dtype(source.dtypes.values())),
+        sum(1 for t in plan.values() if t != ["retriever"]),
+        dry_run=write.dry_run,
+        plan=plan,
+    )
+    if write.dry_run:
+        return report
+    manifest = _manifest(source, beta, write.dtype, write.command, corpus)
+    plan_id = _plan_id(source, beta, specs, write.max_shard_size)
+    with writing(output, specs, plan_id=plan_id, manifest=manifest, options=write, progress=progress) as writer:
+        report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
+        _add_companions(writer, source, manifest)
+        if not writer.already_complete:
+            _write_tensors(writer, source, beta, specs)
+    report.max_abs_rounding = max_rounding(writer.records)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _plan_id(source: "MergeInputs", beta: float, specs: list[TensorSpec], max_shard_size: int) -> str:
+    """What the output depends on: a rerun with the same plan id resumes or is a no-op."""
+    adapter = source.retriever_adapter
+    return plan_id_for(
         {
             "op": "merge",
             "base": source.base.provenance["fingerprint"],
             "retriever": source.retriever.provenance["fingerprint"] if source.retriever else None,
-            "retriever_adapter": (
-                source.retriever_adapter.checkpoint.provenance["fingerprint"] if source.retriever_adapter else None
-            ),
+            "retriever_adapter": adapter.checkpoint.provenance["fingerprint"] if adapter else None,
             "delta": source.delta.manifest.get("plan_id") if source.delta else None,
             "adapters": [(a.checkpoint.provenance["fingerprint"], alpha) for a, alpha in source.adapters],
             "beta": beta,
@@ -137,46 +159,10 @@ def merge(
             "shard": max_shard_size,
         }
     )
-    shard_plan = ShardPlan.build(specs, max_shard_size)
-    report = MergeReport(
-        Path(output),
-        len(specs),
-        shard_plan.total_size,
-        shard_plan.shard_sizes(),
-        dtype if dtype != "auto" else _dominant(source.dtypes),
-        sum(1 for t in plan.values() if t != ["retriever"]),
-        dry_run=dry_run,
-        plan={k: v for k, v in plan.items()},
-    )
-    if dry_run:
-        return report
-    manifest = _manifest(source, beta, dtype, command, corpus)
-    with CheckpointWriter(
-        output,
-        specs,
-        plan_id=plan_id,
-        max_shard_size=max_shard_size,
-        manifest=manifest,
-        overwrite=overwrite,
-        progress=progress,
-        durable=durable,
-    ) as writer:
-        report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
-        _add_companions(writer, source, manifest)
-        if not writer.already_complete:
-            _write_tensors(writer, source, beta, specs)
-        writer.manifest["max_abs_rounding"] = max((r["max_abs_rounding"] for r in writer.records.values()), default=0.0)
-        report.max_abs_rounding = writer.manifest["max_abs_rounding"]
-    report.seconds = time.perf_counter() - started
-    return report
 
 
-def _check_options(retriever, delta, adapters, beta: float, dtype: str) -> None:
-    if (retriever is None) == (delta is None):
-        raise InvalidOptionError(
-            "give exactly one of --retriever (Delta computed on the fly) and --delta (a folder from `reforge diff`).",
-            option="--retriever",
-        )
+def _check_options(retriever, delta, adapters, beta: float) -> None:
+    check_source(retriever, delta)
     for ref, alpha in adapters:
         if not math.isfinite(alpha):
             raise InvalidOptionError(
@@ -184,10 +170,6 @@ def _check_options(retriever, delta, adapters, beta: float, dtype: str) -> None:
             )
     if not math.isfinite(beta):
         raise InvalidOptionError(f"--beta is {beta}; it must be a finite number.", option="--beta")
-    if dtype != "auto" and dtype not in DTYPE_NAMES:
-        raise InvalidOptionError(
-            f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}.", option="--dtype"
-        )
 
 
 def open_inputs(base_ref, retriever_ref, delta_ref, adapter_refs, token=None, allow_pickle=False) -> MergeInputs:
@@ -355,13 +337,12 @@ def _terms(source: MergeInputs, key: str, beta: float) -> list[str]:
 
 
 def _write_tensors(writer: CheckpointWriter, source: MergeInputs, beta: float, specs: list[TensorSpec]) -> None:
-    todo = [(spec, key) for spec, key in zip(specs, source.shapes) if writer.pending(spec.name)]
-    with (
-        InputLoader(source, beta) as loader,
-        prefetch(todo, lambda item: loader.load(item[1])) as stream,
-        torch_threads(1),
-    ):
-        for (spec, key), loaded in stream:
+    todo = [key for spec, key in zip(specs, source.shapes) if writer.pending(spec.name)]
+    spec_of = {key: spec for spec, key in zip(specs, source.shapes)}
+    loader = InputLoader(source, beta)
+    with streamed(todo, loader) as stream:
+        for key, loaded in stream:
+            spec = spec_of[key]
             stored, rounding = compute_output(
                 source, loaded, key, beta, torch_dtype(spec.dtype), loader.pool, writer.alignment(spec.name)
             )
@@ -505,11 +486,6 @@ def _sub(block: "torch.Tensor", base: "torch.Tensor | None", covered: int | None
 def _add(block: "torch.Tensor", base: "torch.Tensor | None", covered: int | None) -> None:
     if base is not None:
         (block if covered is None else block[:covered]).add_(base)
-
-
-def _dominant(dtypes: dict[str, str]) -> str:
-    values = list(dtypes.values())
-    return max(set(values), key=values.count) if values else "F32"
 
 
 def _manifest(source: MergeInputs, beta: float, dtype: str, command: str | None, corpus: str | None) -> dict:
