@@ -36,9 +36,9 @@ from reforge.eval.metrics import PairedTest, parse_measures
 from reforge.eval.model import ModelSource, Retriever
 from reforge.eval.pipeline import EvalSettings, evaluate
 from reforge.eval.report import DatasetInfo, EvalReport
+from reforge.io.progress import ProgressFn
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-ProgressFn = Callable[[int, "int | None"], None]
 StageFn = Callable[[str], None]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,10 +24,10 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from reforge.io.progress import ProgressFn
+
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
-
-ProgressFn = Callable[[int, "int | None"], None]
 
 
 def print_json(data: Any) -> None:
