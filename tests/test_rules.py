@@ -12,25 +12,10 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from test_merge import run, tensors
 
 from conftest import build_model, make_adapter, perturbed_bare, save, save_tokenizer
-from reforge.cli import cli
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=not ok)
-    if ok:
-        assert result.exit_code == 0, result.output + result.stderr
-    return result
-
-
-def tensors(folder):
-    found = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        found.update(load_file(file))
-    return found
 
 
 def as_pickle(folder, target):

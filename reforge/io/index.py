@@ -72,16 +72,7 @@ class ShardIndex:
         """Index the given safetensors files (already checked to be inside ``directory``)."""
         tensors: dict[str, TensorInfo] = {}
         for file in files:
-            found, _ = read_header(file)
-            for name, info in found.items():
-                if name in tensors:
-                    raise CorruptCheckpointError(
-                        f"{short_path(file)}: tensor {name!r} also appears in {short_path(tensors[name].file)}.",
-                        path=file,
-                        tensor=name,
-                        reason="duplicate tensor",
-                    )
-                tensors[name] = info
+            _add_tensors(tensors, read_header(file)[0], file)
         return cls(directory, tensors, metadata or {}, tuple(files))
 
     @classmethod
@@ -129,18 +120,23 @@ class ShardIndex:
 
         tensors: dict[str, TensorInfo] = {}
         for file in files:
-            for name, info in tensor_infos(file).items():
-                if name in tensors:
-                    raise CorruptCheckpointError(
-                        f"{short_path(file)}: tensor {name!r} also appears in {short_path(tensors[name].file)}.",
-                        path=file,
-                        tensor=name,
-                        reason="duplicate tensor",
-                    )
-                tensors[name] = info
+            _add_tensors(tensors, tensor_infos(file), file)
         if weight_map is not None:
             _check_weight_map(tensors, weight_map, directory, index_file)
         return cls(directory, tensors, metadata, tuple(files), tuple(files))
+
+
+def _add_tensors(tensors: dict[str, TensorInfo], found: dict[str, TensorInfo], file: Path) -> None:
+    """Add one file's tensors to ``tensors``; a name held by two files is a corrupt checkpoint."""
+    for name, info in found.items():
+        if name in tensors:
+            raise CorruptCheckpointError(
+                f"{short_path(file)}: tensor {name!r} also appears in {short_path(tensors[name].file)}.",
+                path=file,
+                tensor=name,
+                reason="duplicate tensor",
+            )
+        tensors[name] = info
 
 
 def read_weight_map(index_file: Path) -> tuple[dict[str, str], dict]:
