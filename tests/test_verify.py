@@ -53,7 +53,7 @@ def test_verify_merge_with_recorded_inputs_and_embeddings(setup, tmp_path):  # n
     report = json.loads(result.stdout)
     assert result.exit_code == 0, result.stdout
     names = {c["name"] for c in report["checks"]}
-    assert names == {"loads", "finite", "layout", "recompute", "independent", "embeddings"}
+    assert names == {"loads", "finite", "layout", "recompute", "independent", "encoding", "embeddings"}
     assert not any(c["skipped"] for c in report["checks"]) and "sound" in run("verify", out, "--no-embeddings").stdout
     assert len(report["cosine"]) == 4 and min(report["cosine"]) > 0.5
     assert len(report["tensors"]) == 20
