@@ -13,6 +13,8 @@ The layers (shared/docs/STYLE.md), highest first; a module may import its own la
 One deviation from STYLE.md's sketch, on purpose: ``reforge.card`` renders a model card from a dict (no I/O, no Hub
 calls), and `merge` writes it into every output, so it sits beside profiles rather than in publish.
 
+Only reforge.io may import ``safetensors`` (the one package that opens, parses or writes checkpoint files).
+
 Every import counts, also one inside a function and ``importlib.import_module("reforge...")`` with a literal name:
 a lazy import is still a dependency. ``from reforge import __version__`` is free; ``from reforge import diff`` counts
 as an import of the module the package's ``_API`` table names. A new top-level module must be given a layer below.
@@ -41,6 +43,8 @@ LAYERS: dict[str, int] = {
     "reforge.__main__": 6,
 }
 ROOT = "reforge"
+# Libraries that open checkpoint files: only reforge.io may import them (STYLE.md: "only io touches checkpoints").
+IO_ONLY = ("safetensors",)
 FREE_ROOT_NAMES = {"__version__", "__all__"}
 
 
@@ -93,6 +97,7 @@ def check(package_dir: Path) -> tuple[list[str], int]:
             problems.append(f"{path}: module {name} has no layer; add it to LAYERS in scripts/check_layers.py")
             continue
         tree = ast.parse(path.read_text(), filename=str(path))
+        problems += _io_only(tree, name, path)
         for target, line in imports_of(tree, name, path.name == "__init__.py", api):
             target = _existing(target, modules)
             edges += 1
@@ -106,6 +111,23 @@ def check(package_dir: Path) -> tuple[list[str], int]:
                 )
     problems += [f"import cycle: {' -> '.join(cycle)}" for cycle in cycles(graph)]
     return problems, edges
+
+
+def _io_only(tree: ast.AST, module: str, path: Path) -> list[str]:
+    """Imports of a checkpoint-file library (``IO_ONLY``) outside reforge.io."""
+    if module == "reforge.io" or module.startswith("reforge.io."):
+        return []
+    found = []
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [node.module]
+        found += [
+            f"{path}:{node.lineno}: {module} imports {n}; only reforge.io reads or writes checkpoint files"
+            for n in names
+            if n.split(".")[0] in IO_ONLY
+        ]
+    return found
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -87,3 +87,10 @@ def test_every_third_party_module_reforge_imports_is_a_declared_dependency():
 
 def _name(requirement: str) -> str:
     return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def test_a_checkpoint_library_outside_io_is_caught(layers, package):
+    model = package / "eval" / "model.py"
+    model.write_text(model.read_text() + "\n\ndef _late():\n    from safetensors.torch import load_file  # noqa\n")
+    problems, _ = layers.check(package)
+    assert len(problems) == 1 and "reforge.eval.model imports safetensors.torch; only reforge.io" in problems[0]
