@@ -217,6 +217,19 @@ def test_nan_in_a_retriever_is_an_error_in_diff_and_merge(models, tmp_path, dtyp
     assert result.exit_code == 1 and "'norm.weight'" in result.stderr
 
 
+@pytest.mark.parametrize("flags", [["--energy", "0.9"], ["--rank", "2"]])
+def test_nan_before_an_svd_is_an_error_naming_the_tensor(models, tmp_path, flags):
+    retriever = tmp_path / "nan_retriever"
+    shutil.copytree(models["retriever"], retriever)
+    key = "layers.0.self_attn.q_proj.weight"
+    file = next(f for f in sorted(retriever.glob("*.safetensors")) if key in load_file(f))
+    state = load_file(file)
+    state[key][1, 2] = float("nan")
+    save_file(state, file, metadata={"format": "pt"})
+    result = run("diff", models["base"], retriever, "-o", tmp_path / "delta", *flags, ok=False)
+    assert result.exit_code == 1 and f"{key!r}" in result.stderr and "NaN or Inf" in result.stderr
+
+
 def test_overflow_to_inf_in_the_output_dtype_is_an_error(models, tmp_path):
     retriever = tmp_path / "big"
     shutil.copytree(models["retriever"], retriever)
