@@ -192,6 +192,8 @@ def train_cmd(
 
 def _report(result, config: TrainConfig, as_json: bool) -> None:
     record, corpus = result.record, result.record["corpus"]
+    if (record.get("attention") or {}).get("note"):
+        ui.warn(record["attention"]["note"])
     if corpus["only_ids_missing"]:
         ui.warn(f"{corpus['only_ids_missing']} ids of the --only filters are not in the corpus.")
     if corpus["documents_at_max_length"]:

@@ -29,7 +29,7 @@ import numpy as np
 from reforge import __version__
 from reforge.data.corpus import Corpus, DocSelection, load_corpus
 from reforge.errors import CheckpointNotFoundError, InvalidOptionError
-from reforge.train.attention import register_packed_attention
+from reforge.train.attention import AttentionPlan, plan_attention
 from reforge.train.batching import IGNORE, Batch, BatchPlan, Encoder, collate, make_encoder, split_step, token_lengths
 from reforge.train.config import TrainConfig
 from reforge.train.dist import Ranks, all_sum, barrier, gather_strided, init_ranks, shutdown
@@ -100,6 +100,7 @@ class Run:
     optimizer: Any
     scheduler: Any
     forward_budget: int | None = None
+    attention: AttentionPlan | None = None
 
 
 @dataclass
@@ -198,14 +199,15 @@ def setup_model(config: TrainConfig, base: Path, ranks: Ranks, device, total_ste
     tensors are trainable; the LM head and embeddings never are."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, get_scheduler
+    from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
+    attention = plan_attention(AutoConfig.from_pretrained(base), device.type)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda"
                                           and torch.cuda.is_bf16_supported())
     with _quiet_transformers():
         model, info = AutoModelForCausalLM.from_pretrained(
             base, dtype=torch.bfloat16 if bf16 else torch.float32, output_loading_info=True,
-            attn_implementation=register_packed_attention(),
+            attn_implementation=attention.implementation,
             use_safetensors=None if config.allow_pickle else True,
             device_map={"": device} if device.type == "cuda" else None)
     if info["missing_keys"]:
@@ -238,7 +240,8 @@ def setup_model(config: TrainConfig, base: Path, ranks: Ranks, device, total_ste
     schedule = "constant_with_warmup" if config.schedule == "constant" else config.schedule
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=total_steps)
-    return Run(config, ranks, device, bf16, model, engine, optimizer, scheduler, _forward_budget(config, device))
+    return Run(config, ranks, device, bf16, model, engine, optimizer, scheduler, _forward_budget(config, device),
+               attention)
 
 
 def train_loop(run: Run, data: Data, state: LoopState, progress: ProgressFn | None = None, *,
@@ -430,6 +433,7 @@ def _record(run: Run, data: Data, state: LoopState, base, wall_time_s: float) ->
                    "padding_share": state.pad / max(state.real + state.pad, 1)},
         "steps": state.step, "global_batch": data.plan.global_batch, "world_size": run.ranks.world,
         "device": run.device.type, "precision": "bf16" if run.bf16 else "fp32",
+        "attention": run.attention.to_dict() if run.attention else None,
         "loss": {"first": state.losses[0] if state.losses else None,
                  "final": state.losses[-1] if state.losses else None, "history": history},
         "train_time_s": round(state.train_time_s, 3), "wall_time_s": round(wall_time_s, 3),
