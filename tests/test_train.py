@@ -368,11 +368,16 @@ def test_output_that_holds_something_else(llama_base, tmp_path):
     out = tmp_path / "psi"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
+    for overwrite in (False, True):  # files reforge did not write are never replaced
+        with pytest.raises(OutputExistsError, match=r"psi holds files reforge did not write; they are never"):
+            train_adapter(config(llama_base, out, max_steps=1, overwrite=overwrite))
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    train_adapter(config(llama_base, out, max_steps=1))
     with pytest.raises(OutputExistsError, match=r"psi already exists and is not empty. Pass --overwrite"):
         train_adapter(config(llama_base, out, max_steps=1))
-    assert (out / "notes.txt").read_text() == "mine"
-    train_adapter(config(llama_base, out, max_steps=1, overwrite=True))
-    assert not (out / "notes.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    train_adapter(config(llama_base, out, max_steps=1, overwrite=True))  # an earlier adapter of reforge's: replaced
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_corpus_errors_stop_before_training(llama_base, tmp_path):

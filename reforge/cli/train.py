@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from reforge.cli import output as ui
-from reforge.cli.options import hub_options, output_options
+from reforge.cli.options import DeviceType, hub_options, output_options
 from reforge.train.config import PAPER_TARGETS, PRECISIONS, SCHEDULES, TrainConfig
 
 _D = TrainConfig(base="", corpus=[""], output="")  # the defaults, shown in --help
@@ -129,7 +129,12 @@ def _targets(value: str) -> list[str]:
     help="auto: bf16 autocast on GPUs that have it, fp32 on CPU.",
 )
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
-@click.option("--device", default=None, help="torch device [default: cuda:LOCAL_RANK if there is a GPU, else cpu].")
+@click.option(
+    "--device",
+    type=DeviceType(),
+    default=None,
+    help="torch device [default: cuda:LOCAL_RANK if there is a GPU, else cpu].",
+)
 @click.option(
     "--save-every",
     type=click.IntRange(min=0),

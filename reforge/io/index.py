@@ -21,6 +21,7 @@ from reforge.errors import (
     short_path,
 )
 from reforge.io.format import TensorInfo, read_header
+from reforge.io.paths import inside_checkpoint
 
 SAFETENSORS_NAMES = ("model", "adapter_model", "diffusion_pytorch_model")
 PICKLE_NAMES = {"model": "pytorch_model.bin", "adapter_model": "adapter_model.bin"}
@@ -63,7 +64,7 @@ class ShardIndex:
             if index_file.is_file():
                 return cls._from_index_file(index_file)
             single = directory / f"{name}.safetensors"
-            if single.is_file():
+            if single.exists():  # a FIFO or a folder by that name is refused in from_files, not skipped
                 return cls.from_files(directory, [single])
         return cls._pickle_or_fail(directory, names, allow_pickle)
 
@@ -72,12 +73,14 @@ class ShardIndex:
         """Index the given safetensors files (already checked to be inside ``directory``)."""
         tensors: dict[str, TensorInfo] = {}
         for file in files:
+            inside_checkpoint(directory, file, what="shard")
             _add_tensors(tensors, read_header(file)[0], file)
         return cls(directory, tensors, metadata or {}, tuple(files))
 
     @classmethod
     def _from_index_file(cls, index_file: Path) -> "ShardIndex":
         directory = index_file.parent
+        inside_checkpoint(directory, index_file, what="index")
         weight_map, metadata = read_weight_map(index_file)
         files = _named_files(directory, weight_map, index_file)
         result = cls.from_files(directory, files, metadata)
@@ -120,6 +123,7 @@ class ShardIndex:
 
         tensors: dict[str, TensorInfo] = {}
         for file in files:
+            inside_checkpoint(directory, file, what="pickle file")
             _add_tensors(tensors, tensor_infos(file), file)
         if weight_map is not None:
             _check_weight_map(tensors, weight_map, directory, index_file)
@@ -175,7 +179,7 @@ def read_weight_map(index_file: Path) -> tuple[dict[str, str], dict]:
 def _named_files(directory: Path, weight_map: dict[str, str], index_file: Path) -> list[Path]:
     files = [safe_child(directory, name, index_file) for name in dict.fromkeys(weight_map.values())]
     for file in files:
-        if not file.is_file():
+        if not file.exists():  # a FIFO or a folder by that name is refused by inside_checkpoint, not called missing
             raise ShardNotFoundError(
                 f"{short_path(file)} is named by {short_path(index_file)} but missing.",
                 hint="Download or copy the missing shard, then rerun.",

@@ -119,7 +119,7 @@ def _read(path: Path) -> dict[str, Any] | None:
             raise ValueError("not a JSON object")
     except (ValueError, OSError) as e:
         raise CorruptCheckpointError(
-            f"{short_path(path)} is not a readable reforge record ({e}).",
+            f"{short_path(path)} is not a readable JSON object ({e}).",
             hint="It was damaged after it was written; rerun the command that wrote the folder.",
             path=path,
             tensor=None,

@@ -23,7 +23,7 @@ from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.delta import RETRIEVER_FILES, factor_keys
 from reforge.ops.fold import Factors, LoraAdapter
-from reforge.ops.job import Access, WriteOptions, dominant_dtype, max_rounding, streamed, writing
+from reforge.ops.job import Access, WriteOptions, check_target, dominant_dtype, max_rounding, streamed, writing
 from reforge.ops.stream import (
     Accumulator,
     check_finite,
@@ -98,6 +98,7 @@ def diff(
     import_torch_in_background()
     _check_options(low_rank, rank, energy)
     write.check()
+    check_target(output, [base, retriever], write)
     job = _open(base, retriever, access, low_rank, allow_missing, write)
     factor = _factor_rule(low_rank, rank, energy)
     if energy is not None and not write.dry_run:
@@ -129,7 +130,10 @@ def diff(
             "shard": write.max_shard_size,
         }
     )
-    with writing(output, specs, plan_id=plan_id, manifest=manifest, options=write, progress=progress) as writer:
+    inputs = [job.base.path, job.retriever.path]
+    with writing(
+        output, specs, plan_id=plan_id, manifest=manifest, options=write, inputs=inputs, progress=progress
+    ) as writer:
         report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
         for name, content in _retriever_companions(job.base, job.retriever).items():
             writer.add_file(f"{RETRIEVER_FILES}/{name}", content)

@@ -15,6 +15,7 @@ from typing import Any
 
 from reforge.errors import InvalidOptionError
 from reforge.io.progress import ProgressFn
+from reforge.io.target import check_output
 from reforge.io.writer import CheckpointWriter, TensorSpec
 from reforge.ops.stream import prefetch, torch_threads
 
@@ -93,9 +94,11 @@ def writing(
     plan_id: str,
     manifest: dict,
     options: WriteOptions,
+    inputs: list[Path],
     progress: ProgressFn | None = None,
 ) -> Iterator[CheckpointWriter]:
-    """The output writer of a job; on a clean exit the manifest gets the largest rounding of any tensor."""
+    """The output writer of a job (``inputs``: the folders it reads, which the output must stay apart from); on a
+    clean exit the manifest gets the largest rounding of any tensor."""
     with CheckpointWriter(
         output,
         specs,
@@ -105,9 +108,16 @@ def writing(
         overwrite=options.overwrite,
         progress=progress,
         durable=options.durable,
+        inputs=inputs,
     ) as writer:
         yield writer
         writer.manifest["max_abs_rounding"] = max_rounding(writer.records)
+
+
+def check_target(output: str | Path, inputs: list, options: WriteOptions) -> None:
+    """The output rule (`reforge.io.target.check_output`), checked before any input is opened; not for a dry run."""
+    if not options.dry_run:
+        check_output(output, inputs=[ref for ref in inputs if ref is not None], overwrite=options.overwrite)
 
 
 def max_rounding(records: dict[str, dict]) -> float:

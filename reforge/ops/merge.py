@@ -30,7 +30,16 @@ from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_f
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
 from reforge.ops.diff import overlap
 from reforge.ops.fold import Factors, LoraAdapter
-from reforge.ops.job import Access, WriteOptions, check_source, dominant_dtype, max_rounding, streamed, writing
+from reforge.ops.job import (
+    Access,
+    WriteOptions,
+    check_source,
+    check_target,
+    dominant_dtype,
+    max_rounding,
+    streamed,
+    writing,
+)
 from reforge.ops.stream import (
     Accumulator,
     all_finite,
@@ -112,6 +121,7 @@ def merge(
     import_torch_in_background()
     _check_options(retriever, delta, adapters, beta)
     write.check()
+    check_target(output, [base, retriever, delta, *(ref for ref, _ in adapters)], write)
     source = open_inputs(base, retriever, delta, adapters, access.token, access.allow_pickle)
     check_base_values(source, beta)
     plan = {key: _terms(source, key, beta) for key in source.shapes}
@@ -133,7 +143,10 @@ def merge(
         return report
     manifest = _manifest(source, beta, write.dtype, write.command, corpus)
     plan_id = _plan_id(source, beta, specs, write.max_shard_size)
-    with writing(output, specs, plan_id=plan_id, manifest=manifest, options=write, progress=progress) as writer:
+    inputs = _input_paths(source)
+    with writing(
+        output, specs, plan_id=plan_id, manifest=manifest, options=write, inputs=inputs, progress=progress
+    ) as writer:
         report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
         _add_companions(writer, source, manifest)
         if not writer.already_complete:
@@ -159,6 +172,14 @@ def _plan_id(source: "MergeInputs", beta: float, specs: list[TensorSpec], max_sh
             "shard": max_shard_size,
         }
     )
+
+
+def _input_paths(source: "MergeInputs") -> list[Path]:
+    """The folders a merge reads, which its output must stay apart from."""
+    adapters = [source.retriever_adapter, *(adapter for adapter, _ in source.adapters)]
+    return [c.path for c in (source.base, source.retriever, source.delta) if c is not None] + [
+        a.checkpoint.path for a in adapters if a is not None
+    ]
 
 
 def _check_options(retriever, delta, adapters, beta: float) -> None:

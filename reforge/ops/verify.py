@@ -136,6 +136,8 @@ def _check_loads(path: Path, manifest: dict, report: VerifyReport) -> ShardIndex
         problems.append(f"index total_size {total} != {actual} bytes of tensors")
     if leftovers:
         problems.append(f"unfinished files left: {', '.join(leftovers)}")
+    if (path / "reforge.json").exists() and not manifest:
+        problems.append("reforge.json is not a readable JSON object (malformed or truncated)")
     if manifest and manifest.get("state") != "complete":
         problems.append("reforge.json does not say the write completed")
     report.add(
