@@ -92,4 +92,6 @@ def diff_cmd(
             access=Access(token, allow_pickle),
             progress=progress,
         )
+    for warning in report.warnings:
+        ui.warn(warning)
     ui.show_write_report(report, as_json=as_json, what="delta")

@@ -556,9 +556,22 @@ def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dic
     encoding = _encoding_profile(folder, str((manifest.get("retriever") or {}).get("ref") or folder), base_dir)
     if encoding is not None and PROFILE_FILE not in files:
         files[PROFILE_FILE] = (json.dumps(encoding, indent=2) + "\n").encode()
+    if encoding is not None:  # a complete sentence-transformers folder that encodes like `reforge eval`
+        files.update(_sentence_transformers_files(files, encoding))
     for name, content in files.items():
         writer.add_file(name, content)
-    writer.add_file("README.md", _model_card({**manifest, "encoding": encoding}, "modules.json" in files))
+    prompts = json.loads(files.get("config_sentence_transformers.json", b"{}")).get("prompts") or {}
+    writer.add_file(
+        "README.md",
+        _model_card({**manifest, "encoding": encoding, "prompt_names": sorted(prompts)}, "modules.json" in files),
+    )
+
+
+def _sentence_transformers_files(files: dict[str, bytes], encoding: dict) -> dict[str, bytes]:
+    from reforge.io.st_folder import sentence_transformers_files
+    from reforge.profiles import EncodingProfile, st_encoding
+
+    return sentence_transformers_files(files, st_encoding(EncodingProfile(**encoding))).files
 
 
 def _encoding_profile(folder: Path, name: str, base_dir: Path | None) -> dict | None:
