@@ -21,6 +21,7 @@ from reforge.io.format import torch_dtype
 from reforge.io.keymap import extra_rows, is_embedding, match_keys
 from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
+from reforge.ops.chat import apply_head_rule
 from reforge.ops.delta import RETRIEVER_FILES, factor_keys
 from reforge.ops.fold import Factors, LoraAdapter
 from reforge.ops.job import Access, WriteOptions, check_target, dominant_dtype, max_rounding, streamed, writing
@@ -87,6 +88,7 @@ def diff(
     rank: int | None = None,
     energy: float | None = None,
     allow_missing: bool = False,
+    keep_lm_head: bool = False,
     write: WriteOptions = WriteOptions(),
     access: Access = Access(),
     progress: ProgressFn | None = None,
@@ -101,6 +103,8 @@ def diff(
             ``energy`` of its squared singular values (LoRE-Adapt); 1-D tensors and embeddings stay dense.
         allow_missing: store tensors only the retriever has whole, and skip those only the base has, instead
             of failing.
+        keep_lm_head: RE-Adapt of a chat model: ``retriever`` is the instruction-tuned CausalLM and Delta keeps
+            ``lm_head`` (see `reforge.ops.chat`). Without it a CausalLM with an lm_head is refused.
         write: dtype (``auto``: the retriever's dominant dtype), shard size, overwrite, dry run, the command.
         access: Hub token and pickle permission for the inputs.
 
@@ -112,7 +116,7 @@ def diff(
     _check_options(low_rank, rank, energy)
     write.check()
     check_target(output, [base, retriever], write)
-    job = _open(base, retriever, access, low_rank, allow_missing, write)
+    job = _open(base, retriever, access, low_rank, allow_missing, write, keep_lm_head)
     factor = _factor_rule(low_rank, rank, energy)
     if energy is not None and not write.dry_run:
         factor["ranks"] = _energy_ranks(job.entries, job.base, job.retriever, job.adapter, energy)
@@ -132,6 +136,8 @@ def diff(
     if write.dry_run:
         return report
     manifest = _manifest(job, factored, factor, write.command)
+    if keep_lm_head:
+        manifest["keep_lm_head"] = True
     plan_id = plan_id_for(
         {
             "op": "diff",
@@ -149,7 +155,7 @@ def diff(
         output, specs, plan_id=plan_id, manifest=manifest, options=write, inputs=inputs, progress=progress
     ) as writer:
         report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
-        for name, content in _retriever_companions(job.base, job.retriever).items():
+        for name, content in _retriever_companions(job.base, job.retriever, keep_lm_head).items():
             writer.add_file(f"{RETRIEVER_FILES}/{name}", content)
         if not writer.already_complete:
             todo = [e for e in job.entries if any(writer.pending(n) for n in _stored_names(e, factored))]
@@ -175,10 +181,13 @@ class _Job:
     dtype: str
 
 
-def _open(base, retriever, access: Access, low_rank: bool, allow_missing: bool, write: WriteOptions) -> _Job:
+def _open(
+    base, retriever, access: Access, low_rank: bool, allow_missing: bool, write: WriteOptions, keep_lm_head: bool
+) -> _Job:
     """Open both inputs and plan every entry; nothing but headers is read."""
     base_ckpt = open_model(base, token=access.token, allow_pickle=access.allow_pickle)
     retriever_ckpt = open_checkpoint(retriever, token=access.token, allow_pickle=access.allow_pickle)
+    apply_head_rule(base_ckpt, retriever_ckpt, keep_lm_head)
     if isinstance(retriever_ckpt, AdapterCheckpoint):
         adapter = LoraAdapter(retriever_ckpt)
         if low_rank and adapter.is_dora:
@@ -199,10 +208,10 @@ def _open(base, retriever, access: Access, low_rank: bool, allow_missing: bool, 
     return _Job(base_ckpt, retriever_ckpt, None, entries, dtype)
 
 
-def _retriever_companions(base: Checkpoint, retriever) -> dict[str, bytes]:
+def _retriever_companions(base: Checkpoint, retriever, keep_head: bool = False) -> dict[str, bytes]:
     if isinstance(retriever, AdapterCheckpoint):
         return output_companions(retriever.path, None, from_base=base.path, base_config=base.config)
-    return output_companions(retriever.path, retriever.config)
+    return output_companions(retriever.path, retriever.config, keep_head=keep_head)
 
 
 def _retriever_dtypes(base: Checkpoint, retriever, entries: list[_Entry]) -> dict[str, str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,7 @@ from reforge.io.keymap import extra_rows
 from reforge.io.manifest import read_training_record
 from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
+from reforge.ops.chat import apply_head_rule, chat_card
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
 from reforge.ops.diff import overlap
 from reforge.ops.fold import Factors, LoraAdapter
@@ -97,6 +98,7 @@ def merge(
     adapters: list[tuple[str | Path, float]] = (),
     beta: float = 1.0,
     corpus: str | None = None,
+    keep_lm_head: bool = False,
     write: WriteOptions = WriteOptions(),
     access: Access = Access(),
     progress: ProgressFn | None = None,
@@ -112,6 +114,8 @@ def merge(
         write: dtype (``auto`` keeps each tensor's dtype as the retriever stores it), shard size, overwrite, dry
             run, the command.
         access: Hub token and pickle permission for the inputs.
+        keep_lm_head: RE-Adapt of a chat model: the "retriever" (or the delta's) is an instruction-tuned CausalLM
+            and the output is a CausalLM with its lm_head (see `reforge.ops.chat`).
 
     Raises:
         InvalidOptionError, AdapterError, LayoutMismatchError, ProvenanceMismatchError: checked before any tensor
@@ -122,7 +126,7 @@ def merge(
     _check_options(retriever, delta, adapters, beta)
     write.check()
     check_target(output, [base, retriever, delta, *(ref for ref, _ in adapters)], write)
-    source = open_inputs(base, retriever, delta, adapters, access.token, access.allow_pickle)
+    source = open_inputs(base, retriever, delta, adapters, access.token, access.allow_pickle, keep_lm_head)
     check_base_values(source, beta)
     plan = {key: _terms(source, key, beta) for key in source.shapes}
     specs = [
@@ -142,13 +146,15 @@ def merge(
     if write.dry_run:
         return report
     manifest = _manifest(source, beta, write.dtype, write.command, corpus)
+    if keep_lm_head:
+        manifest["keep_lm_head"] = True
     plan_id = _plan_id(source, beta, specs, write.max_shard_size)
     inputs = _input_paths(source)
     with writing(
         output, specs, plan_id=plan_id, manifest=manifest, options=write, inputs=inputs, progress=progress
     ) as writer:
         report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
-        _add_companions(writer, source, manifest)
+        _add_companions(writer, source, manifest, keep_lm_head)
         if not writer.already_complete:
             _write_tensors(writer, source, beta, specs)
     report.max_abs_rounding = max_rounding(writer.records)
@@ -193,26 +199,34 @@ def _check_options(retriever, delta, adapters, beta: float) -> None:
         raise InvalidOptionError(f"--beta is {beta}; it must be a finite number.", option="--beta")
 
 
-def open_inputs(base_ref, retriever_ref, delta_ref, adapter_refs, token=None, allow_pickle=False) -> MergeInputs:
+def open_inputs(
+    base_ref, retriever_ref, delta_ref, adapter_refs, token=None, allow_pickle=False, keep_lm_head=False
+) -> MergeInputs:
     """Open and check every input of a merge (nothing read but headers); used by `merge`, `verify` and `tune`.
 
     Raises:
         the errors `merge` lists, before any tensor is read.
     """
     base = open_model(base_ref, token=token, allow_pickle=allow_pickle)
+    if delta_ref is None:
+        opened = open_checkpoint(retriever_ref, token=token, allow_pickle=allow_pickle)
+        apply_head_rule(base, opened, keep_lm_head)
+    elif keep_lm_head:
+        base.layout = replace(base.layout, keep_head=True)
     base_keys = base.canonical_keys()
     base_shapes = {k: base.index.tensors[v].shape for k, v in base_keys.items()}
     retriever = retriever_adapter = delta = None
     if delta_ref is not None:
         delta = DeltaCheckpoint.open(delta_ref)
         delta.check_base(base.provenance)
+        _check_delta_head(delta, keep_lm_head)
         shapes = delta.shapes
         dtypes = {k: delta.manifest.get("retriever_dtypes", {}).get(k, delta.manifest["dtype"]) for k in shapes}
         _check_delta_files(delta)
+        # the retriever's own names: its key prefix, or (a chat model's delta) the CausalLM layout the base has
         prefix = delta.manifest.get("retriever_prefix") or ""
-        stored = {k: prefix + k for k in shapes}
+        stored = {k: base.layout.stored(k) if keep_lm_head else prefix + k for k in shapes}
     else:
-        opened = open_checkpoint(retriever_ref, token=token, allow_pickle=allow_pickle)
         if isinstance(opened, AdapterCheckpoint):
             retriever_adapter = LoraAdapter(opened)
             retriever_adapter.check_shapes(base_shapes)
@@ -228,6 +242,17 @@ def open_inputs(base_ref, retriever_ref, delta_ref, adapter_refs, token=None, al
             _check_retriever_against_base(base, retriever, retriever_keys, base_shapes)
     adapters = [(_open_adapter(ref, base, shapes, token, allow_pickle), alpha) for ref, alpha in adapter_refs]
     return MergeInputs(base, base_keys, retriever, retriever_adapter, delta, adapters, shapes, dtypes, stored)
+
+
+def _check_delta_head(delta: DeltaCheckpoint, keep_lm_head: bool) -> None:
+    """A delta made with --keep-lm-head is merged with it, and only such a delta (explicit either way)."""
+    made_with = bool(delta.manifest.get("keep_lm_head"))
+    if made_with != keep_lm_head:
+        raise InvalidOptionError(
+            f"{short_path(delta.path)} was made {'with' if made_with else 'without'} --keep-lm-head "
+            f"(RE-Adapt of a chat model); merge it {'with' if made_with else 'without'} it too.",
+            option="--keep-lm-head",
+        )
 
 
 def _check_delta_files(delta: DeltaCheckpoint) -> None:
@@ -543,7 +568,7 @@ def _adapter_corpus(adapter: LoraAdapter) -> str | None:
     return record.corpus if record is not None else None
 
 
-def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dict) -> None:
+def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dict, keep_head: bool = False) -> None:
     if source.delta is not None:
         folder, base_dir = source.delta.path / RETRIEVER_FILES, None
         files = companion_files(folder)
@@ -552,7 +577,12 @@ def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dic
         files = output_companions(folder, None, from_base=source.base.path, base_config=source.base.config)
     else:
         folder, base_dir = source.retriever.path, None
-        files = output_companions(folder, source.retriever.config)
+        files = output_companions(folder, source.retriever.config, keep_head=keep_head)
+    if keep_head:  # a chat model, not a retriever: no encoding profile, a card that says what it is
+        for name, content in files.items():
+            writer.add_file(name, content)
+        writer.add_file("README.md", chat_card(manifest))
+        return
     encoding = _encoding_profile(folder, str((manifest.get("retriever") or {}).get("ref") or folder), base_dir)
     if encoding is not None and PROFILE_FILE not in files:
         files[PROFILE_FILE] = (json.dumps(encoding, indent=2) + "\n").encode()
