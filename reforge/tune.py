@@ -23,14 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from reforge.data.beir import BeirDataset, load_beir, read_qrels
+from reforge.data.beir import BeirDataset, load_beir, read_qrels, sample_dataset, sample_record
 from reforge.errors import DataError, InvalidOptionError, LayoutMismatchError, short_path
 from reforge.eval.metrics import PairedTest, parse_measures
 from reforge.eval.model import ModelSource, Retriever
@@ -97,24 +96,7 @@ def check_grid(values: Sequence[float], *, option: str = "--alpha") -> tuple[flo
     return grid
 
 
-def select_subset(dataset: BeirDataset, *, max_queries: int | None = None, corpus_sample: int | None = None,
-                  seed: int = 0) -> BeirDataset:
-    """The tuning subset: at most ``max_queries`` judged queries, and a corpus of about ``corpus_sample`` documents
-    that keeps **every document judged** for those queries (so each query's relevant documents can still be found)
-    plus a random sample of the rest. Both draws are seeded; the dataset's order is kept.
-
-    With more judged documents than ``corpus_sample``, all judged documents are kept (the sample is then larger).
-    """
-    if max_queries is not None and max_queries < len(dataset.queries):
-        chosen = set(random.Random(f"{seed}:queries").sample(list(dataset.queries), max_queries))
-        dataset = dataset.subset(query_ids=[q for q in dataset.queries if q in chosen])
-    if corpus_sample is not None and corpus_sample < len(dataset.corpus):
-        judged = {doc for docs in dataset.qrels.values() for doc in docs}
-        others = [d.id for d in dataset.corpus if d.id not in judged]
-        room = max(0, corpus_sample - (len(dataset.corpus) - len(others)))
-        drawn = random.Random(f"{seed}:corpus").sample(others, min(room, len(others)))
-        dataset = dataset.subset(doc_ids=judged | set(drawn))
-    return dataset
+select_subset = sample_dataset  # the name tune has always used
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -396,10 +378,7 @@ def tune(base: str | Path, adapter: str | Path, data: str | Path | BeirDataset, 
     return TuneReport(
         inputs=_inputs(source, base, retriever, delta, adapter), split=split, test_split=test_split,
         i_know=i_know, metric=metric, dataset=report.datasets[0],
-        sample={"max_queries": max_queries, "corpus_sample": corpus_sample, "seed": seed,
-                "queries": len(subset.queries), "documents": len(subset.corpus),
-                "split_queries": len(full.queries), "split_documents": len(full.corpus),
-                "query_ids": list(subset.queries)},
+        sample=sample_record(full, subset, max_queries=max_queries, corpus_sample=corpus_sample, seed=seed),
         points=tuple(grid if scored[0].in_grid else [scored[0], *grid]), baseline=scored[0], best=best,
         warnings=tuple(warnings), merges=merger.merges, tensors_computed=merger.tensors_computed,
         seconds=time.perf_counter() - started, eval=report)
