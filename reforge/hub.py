@@ -41,6 +41,7 @@ from reforge.errors import (
     VerificationError,
     short_path,
 )
+from reforge.io.http import HubLimits, bounded, is_timeout, retrying
 
 ProgressFn = Callable[[int, "int | None"], None]
 
@@ -268,10 +269,10 @@ def download_checkpoint(repo_id: str, *, revision: str | None = None, token: str
     api = HfApi(endpoint=url, token=token)
     with _hub_errors(repo_id, revision):
         try:
-            info = api.model_info(repo_id, revision=revision, files_metadata=True)
+            info = retrying(lambda: api.model_info(repo_id, revision=revision, files_metadata=True))
         except _connection_errors() as err:
             return _from_cache(repo_id, revision, cache, allow_pickle=allow_pickle,
-                               reason=f"the Hub at {url} could not be reached ({type(err).__name__})", cause=err)
+                               reason=f"the Hub at {url} {_unreachable(err)}", cause=err)
         if not info.sha:
             raise HubError(f"The Hub at {url} did not say which commit {repo_id} is at.",
                            hint="Check HF_ENDPOINT: it must point to a Hugging Face Hub.", repo_id=repo_id,
@@ -400,6 +401,15 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return (httpx2.ConnectError, httpx2.TimeoutException, httpx2.NetworkError, OfflineModeIsEnabled)
 
 
+def _unreachable(error: BaseException) -> str:
+    """How the Hub failed to answer, for messages: the timeout and tries when it timed out."""
+    if is_timeout(error):
+        limits = HubLimits.from_env()
+        return (f"did not answer within {limits.read:g} s ({limits.retries + 1} tries; REFORGE_HUB_READ_TIMEOUT "
+                "and REFORGE_HUB_RETRIES set the limits)")
+    return f"could not be reached ({type(error).__name__})"
+
+
 @contextlib.contextmanager
 def _hub_errors(repo_id: str, revision: str | None, *, writing: bool = False) -> Iterator[None]:
     """Turn huggingface_hub failures into reforge errors (the token never goes into a message)."""
@@ -407,7 +417,8 @@ def _hub_errors(repo_id: str, revision: str | None, *, writing: bool = False) ->
 
     ref = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        yield
+        with bounded():  # huggingface_hub's client has no timeout of its own
+            yield
     except hf.GatedRepoError as err:
         raise HubRepoNotFoundError(
             f"Hub repo {repo_id} is gated and this token has no access to it.",
@@ -425,10 +436,13 @@ def _hub_errors(repo_id: str, revision: str | None, *, writing: bool = False) ->
             repo_id=repo_id, revision=revision, ref=ref, reason="revision not found") from err
     except (hf.LocalEntryNotFoundError, *_connection_errors()) as err:
         if writing:
-            raise HubError(f"Could not reach the Hub to push {repo_id} ({type(err).__name__}).",
+            raise HubError(f"Could not push {repo_id}: the Hub {_unreachable(err)}." if is_timeout(err) else
+                           f"Could not reach the Hub to push {repo_id} ({type(err).__name__}).",
                            hint="Check the network, then rerun: files already on the Hub are skipped.",
                            repo_id=repo_id, reason="unreachable") from err
-        raise HubOfflineError(f"Lost the connection to the Hub while downloading {ref} ({type(err).__name__}).",
+        raise HubOfflineError(f"Lost the connection to the Hub while downloading {ref}: it {_unreachable(err)}."
+                              if is_timeout(err) else
+                              f"Lost the connection to the Hub while downloading {ref} ({type(err).__name__}).",
                               hint="Check the network, then rerun: files already downloaded stay in the cache.",
                               repo_id=repo_id, revision=revision, ref=ref, reason="unreachable", missing=[]) from err
     except hf.HfHubHTTPError as err:
@@ -656,13 +670,13 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, token
         progress(0, total)
     url = hub_endpoint(endpoint)
     api = HfApi(endpoint=url, token=token)
-    with _hub_errors(repo_id, revision, writing=True):
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with _hub_errors(repo_id, revision, writing=True):  # each step is safe to retry: the commit is all or nothing
+        repo_id = retrying(lambda: api.create_repo(repo_id, private=private, exist_ok=True)).repo_id
         if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
+            retrying(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
         message = commit_message or f"Upload {folder.name} with reforge {__version__}"
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message,
-                                 ignore_patterns=list(_UPLOAD_IGNORE))
+        info = retrying(lambda: api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                                  commit_message=message, ignore_patterns=list(_UPLOAD_IGNORE)))
     if progress is not None:
         progress(total, total)
     return str(info.commit_url)
