@@ -474,7 +474,8 @@ def upload_plan(folder: str | Path) -> list[tuple[str, int]]:
 def check_folder(folder: str | Path) -> list[str]:
     """Cheap completeness checks on a checkpoint folder before upload; returns the failures (empty when fine).
 
-    Checks: it is a folder with no leftover temporary, partial or lock files, no reforge run writing it now
+    Checks: it is a folder with no leftover temporary, partial or lock files, no symlink leading out of it (its
+    target would be uploaded), no reforge run writing it now
     (``.NAME.reforge-lock`` held) and no unfinished rewrite beside it (``.NAME.reforge-partial``); its
     ``reforge.json``, if any, says ``complete``; it holds
     safetensors weights with their config; every index entry is safe, names an existing shard that holds the
@@ -488,10 +489,13 @@ def check_folder(folder: str | Path) -> list[str]:
     if _is_leftover(folder.name):
         failures.append(f"{folder.name} looks like a temporary output folder (the run that wrote it did not finish)")
     failures += _sibling_failures(folder)
+    root = folder.resolve()
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if _is_leftover(path.name) and not rel.startswith((".git/", ".cache/")):
             failures.append(f"{rel} is a leftover temporary, partial or lock file")
+        if path.is_symlink() and root not in path.resolve().parents:  # would upload a file from elsewhere
+            failures.append(f"{rel} is a symlink to {path.resolve()}, outside the folder")
     failures += _manifest_failures(folder)
     headers: dict[str, dict[str, Any]] = {}
     for path in sorted(folder.rglob("*.safetensors")):

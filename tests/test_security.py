@@ -245,3 +245,23 @@ def test_retrying_backs_off_only_on_retryable_errors():
     with pytest.raises(ValueError):
         retrying(lambda: (_ for _ in ()).throw(ValueError("a bug")), HubLimits(retries=3), sleep=waits.append)
     assert waits == [0.5, 1.0]  # not retried
+
+
+def test_push_refuses_a_folder_with_symlinks_leading_out(setup, tmp_path):  # noqa: F811
+    import shutil
+
+    secret = tmp_path / "home" / ".ssh"
+    secret.mkdir(parents=True)
+    (secret / "id_rsa").write_text("PRIVATE KEY")
+    out = tmp_path / "out"
+    run("merge", "--base", setup["base"], "--retriever", setup["retriever"], "--adapter", setup["psi"], "-o", out,
+        "-q")
+    (out / "extras").symlink_to(secret)
+    (out / "key.txt").symlink_to(secret / "id_rsa")
+    result = run("push", out, "me/model", "--dry-run", ok=False)
+    text = " ".join(result.stdout.split() + result.stderr.split())
+    assert result.exit_code == 1 and "outside the folder" in text, text
+    (out / "key.txt").unlink()
+    (out / "extras").unlink()
+    shutil.copy(secret / "id_rsa", out / "notes.txt")  # a real file inside is the user's choice
+    assert run("push", out, "me/model", "--dry-run").exit_code == 0
