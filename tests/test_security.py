@@ -184,3 +184,84 @@ def test_a_fifo_named_as_a_shard_is_not_called_missing(setup, tmp_path):  # noqa
     os.mkfifo(shard)
     with pytest.raises(CorruptCheckpointError, match="is a FIFO, not a file"):
         ShardIndex.from_dir(retriever)
+
+
+# ---- a Hub that never answers -------------------------------------------------------------------------------------
+@pytest.fixture
+def silent_hub(monkeypatch, tmp_path):
+    """An endpoint on 127.0.0.1 that accepts connections (the kernel's backlog does) and never answers."""
+    import socket
+
+    from huggingface_hub import constants
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setenv("REFORGE_HUB_CONNECT_TIMEOUT", "0.5")
+    monkeypatch.setenv("REFORGE_HUB_READ_TIMEOUT", "0.3")
+    monkeypatch.setenv("REFORGE_HUB_RETRIES", "2")
+    monkeypatch.setenv("REFORGE_HUB_BACKOFF", "0.05")
+    yield server
+    server.close()
+
+
+def test_a_hub_that_never_answers_fails_fast_with_a_clear_message(silent_hub, setup, tmp_path):  # noqa: F811
+    import time
+
+    cases = [
+        (["inspect", "org/model"], "did not answer within 0.3 s (3 tries"),
+        (["diff", setup["base"], "org/retriever", "-o", tmp_path / "delta"], "did not answer within 0.3 s (3 tries"),
+        (["push", setup["retriever"], "me/model", "--skip-verify", "--token", SECRET],
+         "Could not push me/model: the Hub did not answer within 0.3 s (3 tries"),
+    ]
+    for args, message in cases:
+        started = time.monotonic()
+        result = run(*args, ok=False)
+        took = time.monotonic() - started
+        text = " ".join(result.stderr.split())
+        assert result.exit_code == 1 and message in text and "Traceback" not in result.output, (args, text)
+        assert took < 20, (args, took)  # 280 s on main at be54a18
+        assert SECRET not in text
+
+
+def test_retrying_backs_off_only_on_retryable_errors():
+    import httpx2
+
+    from reforge.io.http import HubLimits, retrying
+
+    waits, calls = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise httpx2.ReadTimeout("slow")
+        return "ok"
+
+    assert retrying(flaky, HubLimits(retries=3, backoff=0.5), sleep=waits.append) == "ok" and waits == [0.5, 1.0]
+    with pytest.raises(ValueError):
+        retrying(lambda: (_ for _ in ()).throw(ValueError("a bug")), HubLimits(retries=3), sleep=waits.append)
+    assert waits == [0.5, 1.0]  # not retried
+
+
+def test_push_refuses_a_folder_with_symlinks_leading_out(setup, tmp_path):  # noqa: F811
+    import shutil
+
+    secret = tmp_path / "home" / ".ssh"
+    secret.mkdir(parents=True)
+    (secret / "id_rsa").write_text("PRIVATE KEY")
+    out = tmp_path / "out"
+    run("merge", "--base", setup["base"], "--retriever", setup["retriever"], "--adapter", setup["psi"], "-o", out,
+        "-q")
+    (out / "extras").symlink_to(secret)
+    (out / "key.txt").symlink_to(secret / "id_rsa")
+    result = run("push", out, "me/model", "--dry-run", ok=False)
+    text = " ".join(result.stdout.split() + result.stderr.split())
+    assert result.exit_code == 1 and "outside the folder" in text, text
+    (out / "key.txt").unlink()
+    (out / "extras").unlink()
+    shutil.copy(secret / "id_rsa", out / "notes.txt")  # a real file inside is the user's choice
+    assert run("push", out, "me/model", "--dry-run").exit_code == 0
