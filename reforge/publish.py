@@ -26,6 +26,7 @@ from reforge.io.hub import _hub_errors, _offline, _with_revision, hub_endpoint, 
 from reforge.io.index import read_weight_map
 from reforge.io.manifest import read_manifest
 from reforge.io.progress import ProgressFn
+from reforge.io.target import lock_path, staging_path
 
 # Names that mean a writer did not finish (temporary files, partial downloads, locks).
 _LEFTOVER_PATTERNS = (
@@ -104,10 +105,10 @@ def check_folder(folder: str | Path) -> list[str]:
 def _sibling_failures(folder: Path) -> list[str]:
     """A reforge run writing this folder right now (its lock is held), or a half-written replacement next to it."""
     failures = []
-    for lock in (folder.with_name(f".{folder.name}.reforge-lock"), folder.with_name(f"{folder.name}.lock")):
+    for lock in (lock_path(folder), folder.with_name(f"{folder.name}.lock")):
         if lock.is_file() and _lock_is_held(lock):
             failures.append(f"another run is writing this folder right now (it holds {short_path(lock)})")
-    partial = folder.with_name(f".{folder.name}.reforge-partial")
+    partial = staging_path(folder)
     if partial.exists():
         failures.append(
             f"{short_path(partial)} holds an unfinished rewrite of this folder: rerun the command that "
