@@ -35,9 +35,9 @@ from reforge.eval.metrics import PairedTest, parse_measures
 from reforge.eval.model import ModelSource, Retriever
 from reforge.eval.pipeline import EvalSettings, evaluate
 from reforge.eval.report import DatasetInfo, EvalReport
+from reforge.io.progress import ProgressFn
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-ProgressFn = Callable[[int, "int | None"], None]
 StageFn = Callable[[str], None]
 
 
@@ -348,7 +348,7 @@ def tune(base: str | Path, adapter: str | Path, data: str | Path | BeirDataset, 
             ``test_split`` without ``i_know`` (all before anything is loaded).
         DataError, AdapterError, LayoutMismatchError, ProvenanceMismatchError: from reading the data and inputs.
     """
-    from reforge.ops.merge import open_inputs
+    from reforge.ops.merge import check_base_values, open_inputs
 
     started = time.perf_counter()
     alphas, betas = check_grid(alphas, option="--alpha"), check_grid(betas, option="--beta")
@@ -363,6 +363,8 @@ def tune(base: str | Path, adapter: str | Path, data: str | Path | BeirDataset, 
     warnings = list(full.warnings) + _overlap_warnings(full, split, test_split)
     subset = select_subset(full, max_queries=max_queries, corpus_sample=corpus_sample, seed=seed)
     source = open_inputs(base, retriever, delta, [(adapter, 0.0)], settings.token, settings.allow_pickle)
+    for beta in betas:
+        check_base_values(source, beta)
     merger, template = _merger_and_template(source, retriever, delta, base, settings, stage)
     points = _points(alphas, betas, template, merger, source)
     try:
@@ -575,12 +577,13 @@ def write_best(report: TuneReport, output: str | Path, *, token: str | None = No
     Returns:
         The `MergeReport`.
     """
+    from reforge.ops.job import Access, WriteOptions
     from reforge.ops.merge import merge
 
     inputs = report.inputs
     return merge(inputs["base"]["ref"], output,
                  retriever=inputs["retriever"]["ref"] if inputs["retriever"] else None,
                  delta=inputs["delta"]["ref"] if inputs["delta"] else None,
-                 adapters=[(inputs["adapter"]["ref"], report.best.alpha)], beta=report.best.beta, dtype="auto",
-                 max_shard_size=max_shard_size, overwrite=overwrite, token=token, allow_pickle=allow_pickle,
-                 dry_run=dry_run, command=command, progress=progress)
+                 adapters=[(inputs["adapter"]["ref"], report.best.alpha)], beta=report.best.beta,
+                 write=WriteOptions("auto", max_shard_size, overwrite, dry_run=dry_run, command=command),
+                 access=Access(token, allow_pickle), progress=progress)

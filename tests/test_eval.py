@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
-import time
 from itertools import product
 from pathlib import Path
 

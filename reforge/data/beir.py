@@ -14,22 +14,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from reforge.data.lazy import LazyCorpus, corpus_index, json_object
+from reforge.data.lazy import Document, LazyCorpus, corpus_index, json_object
 from reforge.errors import DataError, short_path
 from reforge.io.checkpoint import sha256_file
-
-
-@dataclass(frozen=True)
-class Document:
-    """One corpus entry."""
-
-    id: str
-    title: str
-    text: str
-
-    def passage(self, separator: str = " ") -> str:
-        """Title and text joined the way retrievers see passages (BEIR: ``title + " " + text``)."""
-        return f"{self.title}{separator}{self.text}".strip() if self.title else self.text.strip()
 
 
 def iter_jsonl(path: str | Path, *, skip_bad_lines: bool = False,

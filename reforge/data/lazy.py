@@ -26,6 +26,19 @@ INDEX_VERSION = 1
 _EXAMPLES = 3
 
 
+@dataclass(frozen=True)
+class Document:
+    """One corpus entry."""
+
+    id: str
+    title: str
+    text: str
+
+    def passage(self, separator: str = " ") -> str:
+        """Title and text joined the way retrievers see passages (BEIR: ``title + " " + text``)."""
+        return f"{self.title}{separator}{self.text}".strip() if self.title else self.text.strip()
+
+
 def id_hash(doc_id: str) -> int:
     """A 64-bit hash of a document id (ids are looked up by hash; a collision has probability ~n²/2⁶⁴)."""
     return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little")
@@ -199,8 +212,6 @@ class LazyCorpus(Sequence):
     def __getitem__(self, item: slice): ...
 
     def __getitem__(self, item):
-        from reforge.data.beir import Document
-
         offsets = self._offsets()
         with self.index.path.open("rb") as handle:
             if isinstance(item, slice):

@@ -29,6 +29,7 @@ import numpy as np
 from reforge import __version__
 from reforge.data.corpus import Corpus, DocSelection, load_corpus
 from reforge.errors import CheckpointNotFoundError, InvalidOptionError
+from reforge.io.manifest import TRAINING_RECORD
 from reforge.io.target import OutputLock, write_error
 from reforge.train.attention import AttentionPlan, plan_attention
 from reforge.train.batching import IGNORE, Batch, BatchPlan, Encoder, collate, make_encoder, split_step, token_lengths
@@ -44,8 +45,9 @@ from reforge.train.state import (
     start_fresh,
     work_dir,
 )
+from reforge.train.weight_norm import step_cached_weight_norm
 
-RECORD_NAME = "training_record.json"
+RECORD_NAME = TRAINING_RECORD
 RECORD_FORMAT = "reforge-train-record/1"
 _HISTORY_POINTS = 1000
 
@@ -254,6 +256,7 @@ def setup_model(config: TrainConfig, base: Path, ranks: Ranks, device, total_ste
                              task_type="CAUSAL_LM")
     with _quiet_transformers():
         model = get_peft_model(model, peft_config).to(device)
+    step_cached_weight_norm(model)   # DoRA's norm once per optimizer step, not per forward pass
     not_adapter = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
     if not_adapter:  # a bug, not a user error: peft must leave the base (LM head, embeddings) frozen
         raise RuntimeError(f"non-adapter tensors are trainable: {not_adapter[:3]}")
