@@ -1,4 +1,4 @@
-"""Every training option, with the paper's values as defaults (RE-AdaptIR section 3: DoRA on q,k,v,up,down; r 32,
+"""Every training option, with the paper's values as defaults (RE-AdaptIR Appendix A: DoRA on q,k,v,up,down; r 32,
 lora_alpha 64, dropout 0.05; batch 4; AdamW lr 2e-4 with a linear schedule; one epoch; max length 1024).
 
 The CLI fills a `TrainConfig`; the recipe reads nothing else. The resolved config is saved in the training record.

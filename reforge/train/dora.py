@@ -1,5 +1,5 @@
 """The knowledge-adapter recipe: a DoRA (or LoRA) adapter on the base causal LM, trained by next-token prediction
-over unlabeled documents (RE-AdaptIR section 3). Reads top to bottom, one function per phase:
+over unlabeled documents (RE-AdaptIR; hyperparameters in its Appendix A). Reads top to bottom, one function per phase:
 
     train_adapter(config)
       setup_data   read and filter the corpus, count tokens, pack rows, lay out the steps
