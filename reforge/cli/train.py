@@ -163,7 +163,8 @@ def train_cmd(
     learns the target domain by next-token prediction; `reforge merge` then adds 0.5 of it to the retriever.
     Defaults are the paper's (DoRA r 32, alpha 64 on q,k,v,up,down; batch 4; lr 2e-4 linear; one epoch; 1024
     tokens): each optimizer step sees 4 documents, packed so that no compute goes to padding. The run is
-    checkpointed with --save-every and continued with --resume. Launch it with `torchrun` or `accelerate launch` to use several GPUs.
+    checkpointed with --save-every and continued with --resume. Launch it with `torchrun` or `accelerate launch`
+    to use several GPUs.
 
     \b
     Examples:

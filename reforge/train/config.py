@@ -37,7 +37,8 @@ class TrainConfig:
 
     ``batch_size`` is per process and micro-step: one optimizer step sees ``batch_size * grad_accum * world_size``
     documents (``batching`` "documents", the paper's, or "grouped") or packed rows of ``max_length`` tokens
-    ("rows"). ``max_steps`` caps the run (the schedule is laid out over the capped length). ``save_every`` 0 writes no intermediate checkpoints.
+    ("rows"). ``max_steps`` caps the run (the schedule is laid out over the capped length). ``save_every`` 0 writes
+    no intermediate checkpoints.
     """
 
     base: str
