@@ -23,6 +23,9 @@ def test_plan_spells_out_budget_encoding_and_honesty(tmp_path):
     train = steps["psi-scifact-unjudged"].args
     assert train[:2] == ("train", "BASE") and "--exclude-judged" in train
     assert train[train.index("--max-docs") + 1] == "300" and train[train.index("--max-length") + 1] == "1024"
+    assert "--batching" not in train   # the paper's batching unless asked: --train-batching rows
+    rows = plan(Path("BASE"), Path("DATA"), tmp_path, parse_args(["--train-batching", "rows"]))
+    assert all(s.args[s.args.index("--batching") + 1] == "rows" for s in rows if s.args[0] == "train")
     test, dev = steps["tune-nfcorpus-partial-test"].args, steps["tune-nfcorpus-partial-dev"].args
     assert "--i-know" in test and "--i-know" not in dev  # only the reported split needs the flag
     assert dev[dev.index("--split") + 1] == "dev" and test[test.index("--alpha") + 1] == "0,0.5,1"
