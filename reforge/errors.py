@@ -125,3 +125,13 @@ class HubOfflineError(HubError, CheckpointNotFoundError):
 class PoolingUndeterminedError(ReforgeError, ValueError):
     """`reforge eval` cannot tell how a model pools token vectors into one vector (no sentence-transformers files,
     not a known retriever, not a decoder LM). Fields: ``path`` (the model folder), ``model_type`` (or None)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Added for issue 14 (model families).
+
+
+class UnsupportedModelError(ReforgeError, ValueError):
+    """A model reforge would otherwise encode or write wrongly: a sentence-transformers module or pooling it does
+    not implement, a model that needs its own code without ``--trust-remote-code``, a folder without a tokenizer, a
+    chat model given as a retriever without ``--keep-lm-head``. Fields: ``path``, ``reason``."""

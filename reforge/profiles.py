@@ -4,10 +4,14 @@ A profile is picked from the model's files (`detect_profile`), then any option t
 (`apply_overrides`). Detection, first match wins:
 
 1. ``reforge_encoding.json`` in the model folder: a saved profile (`save_profile`), e.g. written next to a merge.
-2. "e5-mistral" in the model's name (folder, Hub id or config ``_name_or_path``): the e5-mistral profile.
+2. A known retriever's name in the model's name (folder, Hub id or config ``_name_or_path``): e5-mistral,
+   Qwen3-Embedding, gte-Qwen2-instruct, bge-multilingual-gemma2, Linq-Embed-Mistral, SFR-Embedding-Mistral
+   (`NAMED_PROFILES`), each with its authors' prompt format, pooling, padding side and length.
 3. "repllama" in the name, or a peft adapter whose base is a Llama: the RepLLaMA profile.
-4. ``modules.json`` (a sentence-transformers folder): its pooling, Normalize module, ``max_seq_length``,
-   lower-casing and ``query`` / ``document`` prompts.
+4. ``modules.json`` (a sentence-transformers folder): encoded as sentence-transformers would: its pooling (old
+   ``pooling_mode_*`` booleans or the newer ``pooling_mode``), Dense and Normalize modules in order,
+   ``max_seq_length``, lower-casing and prompts (``query`` / ``document``, else ``default_prompt_name``). A module
+   reforge does not implement is an error, never skipped.
 5. A decoder LM (Llama, Mistral, Qwen2, ...; also behind an adapter): last-token pooling, EOS appended, normalized.
 6. Anything else (e.g. a bare BERT without sentence-transformers files): the pooling is unknown, and
    `PoolingUndeterminedError` asks for ``--pooling``.
@@ -21,13 +25,34 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from reforge.errors import InvalidOptionError, PoolingUndeterminedError, short_path
+from reforge.errors import InvalidOptionError, PoolingUndeterminedError, UnsupportedModelError, short_path
 
-POOLINGS = ("mean", "cls", "last")
-PROFILE_NAMES = ("sentence-transformers", "repllama", "e5-mistral", "last-token", "custom")
+POOLINGS = ("mean", "cls", "last", "max", "mean_sqrt_len", "weightedmean")
 PROFILE_FILE = "reforge_encoding.json"
 
 E5_QUERY_TEMPLATE = "Instruct: {task}\nQuery: "
+QWEN3_QUERY_TEMPLATE = "Instruct: {task}\nQuery:"  # no space after "Query:" (Qwen3-Embedding's model card)
+BGE_GEMMA2_QUERY_TEMPLATE = "<instruct>{task}\n<query>"
+
+# sentence-transformers' pooling names (new ``pooling_mode`` values and old ``pooling_mode_*`` keys) -> reforge's
+ST_POOLING_MODES = {
+    "mean": "mean",
+    "cls": "cls",
+    "lasttoken": "last",
+    "max": "max",
+    "mean_sqrt_len_tokens": "mean_sqrt_len",
+    "weightedmean": "weightedmean",
+}
+ST_POOLING_KEYS = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_lasttoken": "lasttoken",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+}
+# Modules after pooling that reforge applies; anything else in modules.json is refused.
+ST_INPUT_MODULES = ("Transformer",)
 
 # Task instructions of e5-mistral-7b-instruct for the BEIR datasets (microsoft/unilm e5/utils.py), keyed by the
 # dataset name with everything but letters and digits removed, lower-cased. Longest key that starts the name wins.
@@ -48,6 +73,42 @@ E5_TASKS: dict[str, str] = {
     "touche": "Given a question, retrieve detailed and persuasive arguments that answer the question",
     "webistouche": "Given a question, retrieve detailed and persuasive arguments that answer the question",
 }
+
+# Retrievers known by name: (name fragments, profile fields). Sources are cited in docs/eval.md
+# ("Encoding profiles: sources"). Instruction models take the task text of `E5_TASKS` for the BEIR datasets.
+NAMED_PROFILES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "e5-mistral": (
+        ("e5-mistral", "e5_mistral"),
+        dict(pooling="last", normalize=True, max_length=512, query_prefix=E5_QUERY_TEMPLATE, append_eos=True),
+    ),
+    "qwen3-embedding": (
+        ("qwen3-embedding", "qwen3_embedding"),
+        dict(
+            pooling="last",
+            normalize=True,
+            max_length=8192,
+            query_prefix=QWEN3_QUERY_TEMPLATE,
+            padding_side="left",
+        ),
+    ),
+    "gte-qwen2": (
+        ("gte-qwen2", "gte_qwen2"),
+        dict(pooling="last", normalize=True, max_length=8192, query_prefix=E5_QUERY_TEMPLATE),
+    ),
+    "bge-gemma2": (
+        ("bge-multilingual-gemma2", "bge_multilingual_gemma2"),
+        dict(pooling="last", normalize=True, max_length=4096, query_prefix=BGE_GEMMA2_QUERY_TEMPLATE),
+    ),
+    "linq-embed-mistral": (
+        ("linq-embed-mistral", "linq_embed_mistral"),
+        dict(pooling="last", normalize=True, max_length=4096, query_prefix=E5_QUERY_TEMPLATE, append_eos=True),
+    ),
+    "sfr-embedding-mistral": (
+        ("sfr-embedding-mistral", "sfr_embedding_mistral", "sfr-embedding-2"),
+        dict(pooling="last", normalize=True, max_length=4096, query_prefix=E5_QUERY_TEMPLATE, append_eos=True),
+    ),
+}
+PROFILE_NAMES = ("sentence-transformers", "repllama", *NAMED_PROFILES, "last-token", "custom")
 
 DECODER_TYPES = (
     "llama",
@@ -83,6 +144,9 @@ class EncodingProfile:
         lowercase: lower-case texts before tokenizing (sentence-transformers ``do_lower_case``).
         title_separator: between a document's title and text.
         task: the task text for ``{task}``; None = look it up by dataset name.
+        padding_side: ``right`` or ``left`` (Qwen3-Embedding pads on the left, as its card does).
+        modules: steps after pooling, in order (a sentence-transformers folder's): ``dense:<folder>`` applies the
+            Dense module saved in that subfolder, ``normalize`` L2-normalizes. ``normalize`` above is applied last.
     """
 
     name: str
@@ -95,6 +159,8 @@ class EncodingProfile:
     lowercase: bool = False
     title_separator: str = " "
     task: str | None = None
+    padding_side: str = "right"
+    modules: tuple[str, ...] = ()
 
     def query_prefix_for(self, dataset: str) -> str:
         """The query prefix with ``{task}`` filled for ``dataset``.
@@ -116,7 +182,11 @@ class EncodingProfile:
 
     def passage_settings(self) -> dict[str, Any]:
         """The fields that change passage vectors (part of the embedding cache key)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("name", "query_prefix", "task")}
+        settings = {k: v for k, v in asdict(self).items() if k not in ("name", "query_prefix", "task")}
+        for key, default in (("padding_side", "right"), ("modules", ())):  # keeps older cache keys valid
+            if settings[key] == default:
+                del settings[key]
+        return settings
 
     def to_dict(self) -> dict[str, Any]:
         """All fields, for JSON."""
@@ -133,11 +203,13 @@ def e5_task(dataset: str) -> str | None:
 
 
 def builtin_profile(name: str, *, max_length: int | None = None) -> EncodingProfile:
-    """The named built-in profile (``repllama``, ``e5-mistral``, ``last-token``)."""
+    """The named built-in profile (``repllama``, ``last-token`` or one of `NAMED_PROFILES`)."""
     if name == "repllama":
         return EncodingProfile("repllama", "last", True, max_length or 512, "query: ", "passage: ", append_eos=True)
-    if name == "e5-mistral":
-        return EncodingProfile("e5-mistral", "last", True, max_length or 512, E5_QUERY_TEMPLATE, "", append_eos=True)
+    if name in NAMED_PROFILES:
+        values = dict(NAMED_PROFILES[name][1])
+        values["max_length"] = max_length or values["max_length"]
+        return EncodingProfile(name, **values)
     if name == "last-token":
         return EncodingProfile("last-token", "last", True, max_length or 512, append_eos=True)
     raise InvalidOptionError(f"Unknown profile {name!r}; choose one of {', '.join(PROFILE_NAMES)}.", option="--profile")
@@ -207,10 +279,14 @@ def apply_overrides(profile: EncodingProfile, **overrides: Any) -> EncodingProfi
     unknown = set(overrides) - valid
     if unknown:
         raise TypeError(f"unknown profile fields: {sorted(unknown)}")
-    if "pooling" in changes and changes["pooling"] not in POOLINGS:
+    if "pooling" in changes and not set(str(changes["pooling"]).split("+")) <= set(POOLINGS):
         raise InvalidOptionError(
-            f"Pooling {changes['pooling']!r} is not supported; use mean, cls or last.", option="--pooling"
+            f"Pooling {changes['pooling']!r} is not supported; use mean, cls or last "
+            f"(or {', '.join(POOLINGS[3:])}, or several joined by '+').",
+            option="--pooling",
         )
+    if changes.get("padding_side", "right") not in ("right", "left"):
+        raise InvalidOptionError(f"padding_side must be right or left, got {changes['padding_side']!r}.", option=None)
     if "max_length" in changes and changes["max_length"] < 2:
         raise InvalidOptionError(
             f"--max-length must be at least 2, got {changes['max_length']}.", option="--max-length"
@@ -219,62 +295,110 @@ def apply_overrides(profile: EncodingProfile, **overrides: Any) -> EncodingProfi
 
 
 def sentence_transformers_profile(model_dir: str | Path) -> EncodingProfile:
-    """The profile a sentence-transformers folder describes (modules.json, pooling config, prompts).
+    """The profile a sentence-transformers folder describes: modules.json, pooling config, prompts.
 
     Raises:
-        PoolingUndeterminedError: the folder has no Pooling module, or one with a mode reforge does not implement.
+        PoolingUndeterminedError: the folder has no Pooling module.
+        UnsupportedModelError: a module or pooling option reforge does not implement (never skipped).
     """
     model_dir = Path(model_dir)
     modules = _read_json(model_dir / "modules.json", default=[])
-    types = {m.get("type", "").rsplit(".", 1)[-1]: m for m in modules}
-    pooling_module = types.get("Pooling")
-    if pooling_module is None:
+    if not isinstance(modules, list):
+        raise UnsupportedModelError(
+            f"{short_path(model_dir)}/modules.json is not a list of modules.", path=model_dir, reason="modules.json"
+        )
+    pooling, steps, normalize_last, transformer = None, [], False, model_dir
+    for module in sorted(modules, key=lambda m: int(m.get("idx", 0))):
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        folder = str(module.get("path", ""))
+        if kind in ST_INPUT_MODULES and pooling is None and not steps:
+            transformer = model_dir / folder
+            continue
+        if kind == "Pooling" and pooling is None:
+            pooling = _st_pooling(model_dir, folder)
+        elif kind == "Dense" and pooling is not None:
+            steps.append(f"dense:{folder}")
+        elif kind == "Normalize" and pooling is not None:
+            steps.append("normalize")
+        else:
+            raise UnsupportedModelError(
+                f"{short_path(model_dir)}/modules.json has a {module.get('type')!r} module "
+                f"({folder or 'no folder'}) that reforge does not implement; it would encode differently from "
+                f"sentence-transformers.",
+                hint="Evaluate it with sentence-transformers, or remove the module if it is not wanted.",
+                path=model_dir,
+                reason=str(module.get("type")),
+            )
+    if pooling is None:
         raise PoolingUndeterminedError(
             f"{short_path(model_dir)}/modules.json has no Pooling module.",
             hint="Pass --pooling mean|cls|last.",
             path=model_dir,
             model_type=None,
         )
-    pool_config = _read_json(model_dir / pooling_module.get("path", "1_Pooling") / "config.json")
-    modes = [
-        mode
-        for mode, key in (
-            ("mean", "pooling_mode_mean_tokens"),
-            ("cls", "pooling_mode_cls_token"),
-            ("last", "pooling_mode_lasttoken"),
-        )
-        if pool_config.get(key)
-    ]
-    others = [
-        k
-        for k, v in pool_config.items()
-        if k.startswith("pooling_mode")
-        and v
-        and k not in ("pooling_mode_mean_tokens", "pooling_mode_cls_token", "pooling_mode_lasttoken")
-    ]
-    if len(modes) != 1 or others or pool_config.get("include_prompt") is False:
-        raise PoolingUndeterminedError(
-            f"{short_path(model_dir)} pools with {', '.join(modes + others) or 'no mode'}"
-            f"{' excluding the prompt' if pool_config.get('include_prompt') is False else ''}; reforge implements "
-            f"exactly one of mean, cls or last token.",
-            hint="Pass --pooling mean|cls|last to choose one.",
-            path=model_dir,
-            model_type=None,
-        )
-    sbert = _read_json(model_dir / "sentence_bert_config.json")
-    config = _read_json(model_dir / "config.json")
-    max_length = sbert.get("max_seq_length") or min(int(config.get("max_position_embeddings", 512)), 512)
-    prompts = _read_json(model_dir / "config_sentence_transformers.json").get("prompts") or {}
-    passage_prompt = next((prompts[k] for k in ("document", "passage", "corpus") if prompts.get(k)), "")
+    if steps and steps[-1] == "normalize":
+        steps.pop()
+        normalize_last = True
+    sbert = _read_json(transformer / "sentence_bert_config.json")
+    max_length = sbert.get("max_seq_length") or _st_max_length(transformer)
+    query_prefix, passage_prefix = st_prompts(_read_json(model_dir / "config_sentence_transformers.json"))
     return EncodingProfile(
         "sentence-transformers",
-        modes[0],
-        "Normalize" in types,
+        pooling,
+        normalize_last,
         int(max_length),
-        query_prefix=prompts.get("query", "") or "",
-        passage_prefix=passage_prompt,
+        query_prefix=query_prefix,
+        passage_prefix=passage_prefix,
         lowercase=bool(sbert.get("do_lower_case", False)),
+        modules=tuple(steps),
     )
+
+
+def _st_max_length(transformer: Path) -> int:
+    """sentence-transformers 6 keeps the length in the tokenizer: ``model_max_length`` capped at the model's
+    ``max_position_embeddings``; with neither, 512 as before."""
+    positions = _read_json(transformer / "config.json").get("max_position_embeddings")
+    tokenizer_max = _read_json(transformer / "tokenizer_config.json").get("model_max_length")
+    limits = [int(v) for v in (tokenizer_max, positions) if isinstance(v, (int, float)) and 0 < v < 10**9]
+    if tokenizer_max is None or not limits:
+        return min(int(positions or 512), 512)
+    return min(limits)
+
+
+def st_prompts(st_config: dict) -> tuple[str, str]:
+    """(query prompt, document prompt) as sentence-transformers' ``encode_query`` / ``encode_document`` pick them:
+    the ``query`` prompt, resp. the first of ``document``, ``passage``, ``corpus``; else ``default_prompt_name``'s."""
+    prompts = st_config.get("prompts") or {}
+    default = prompts.get(st_config.get("default_prompt_name") or "", None) or ""
+    query = prompts["query"] if "query" in prompts else default
+    passage = next((prompts[k] for k in ("document", "passage", "corpus") if k in prompts), default)
+    return query or "", passage or ""
+
+
+def _st_pooling(model_dir: Path, folder: str) -> str:
+    """reforge's pooling for a sentence-transformers Pooling config (``pooling_mode`` or the old booleans)."""
+    config = _read_json(model_dir / folder / "config.json")
+    mode = config.get("pooling_mode")
+    if mode is None:
+        modes = [name for key, name in ST_POOLING_KEYS.items() if config.get(key)]
+    else:
+        modes = [mode] if isinstance(mode, str) else list(mode)
+    unknown = [m for m in modes if m not in ST_POOLING_MODES]
+    if not modes or unknown or config.get("include_prompt") is False:
+        what = (
+            "no pooling mode"
+            if not modes
+            else f"pooling mode {unknown[0]!r}"
+            if unknown
+            else "pooling that excludes the prompt (include_prompt false)"
+        )
+        raise UnsupportedModelError(
+            f"{short_path(model_dir / folder)}/config.json asks for {what}, which reforge does not implement.",
+            hint="Pass --pooling mean|cls|last to choose one yourself.",
+            path=model_dir,
+            reason=what,
+        )
+    return "+".join(ST_POOLING_MODES[m] for m in modes)
 
 
 def save_profile(folder: str | Path, profile: EncodingProfile) -> Path:
@@ -292,6 +416,8 @@ def load_profile(path: str | Path) -> EncodingProfile:
     """
     data = _read_json(Path(path))
     try:
+        if "modules" in data:
+            data["modules"] = tuple(data["modules"])
         profile = EncodingProfile(**data)
     except TypeError as e:
         raise InvalidOptionError(
@@ -316,8 +442,9 @@ def _custom(pooling: str | None, max_positions: Any, model_dir: Path) -> Encodin
 
 def _kind_from_name(name: str, config: dict) -> str | None:
     text = f"{name} {config.get('_name_or_path', '')}".lower()
-    if "e5-mistral" in text or "e5_mistral" in text:
-        return "e5-mistral"
+    for kind, (fragments, _) in NAMED_PROFILES.items():
+        if any(fragment in text for fragment in fragments):
+            return kind
     if "repllama" in text:
         return "repllama"
     return None

@@ -52,7 +52,7 @@ def test_verify_merge_with_recorded_inputs_and_embeddings(setup, tmp_path):  # n
     result = run("verify", out, "--json", "--full")
     report = json.loads(result.stdout)
     assert result.exit_code == 0, result.stdout
-    assert {c["name"] for c in report["checks"]} == {"loads", "finite", "layout", "recompute", "embeddings"}
+    assert {c["name"] for c in report["checks"]} == {"loads", "finite", "layout", "recompute", "encoding", "embeddings"}
     assert len(report["cosine"]) == 4 and min(report["cosine"]) > 0.5
     assert len(report["tensors"]) == 20
     # a different alpha than the one used must fail the recomputation

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from reforge.profiles import PROFILE_NAMES
+
 _SIZE_UNITS = {
     "": 1,
     "B": 1,
@@ -106,7 +108,7 @@ def write_options(func: Callable) -> Callable:
     return func
 
 
-PROFILES = ["sentence-transformers", "repllama", "e5-mistral", "last-token", "custom"]
+PROFILES = list(PROFILE_NAMES)  # one home: reforge.profiles
 
 
 class MetricType(click.ParamType):
@@ -173,6 +175,11 @@ def encoding_options(func: Callable) -> Callable:
         ),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the embedding cache."),
         click.option(
+            "--trust-remote-code",
+            is_flag=True,
+            help="Run a model's own Python code (config auto_map, e.g. NV-Embed-v2, gte-Qwen2); refused without it.",
+        ),
+        click.option(
             "--cache-dir",
             type=click.Path(file_okay=False),
             default=None,
@@ -212,6 +219,7 @@ def encoding_settings(options: dict, **extra: Any) -> Any:
         cache=not options["no_cache"],
         cache_dir=options["cache_dir"],
         permutations=options["permutations"],
+        trust_remote_code=options["trust_remote_code"],
         **extra,
     )
 

@@ -13,7 +13,10 @@ from typing import Any
 import numpy as np
 
 from reforge.eval.model import Retriever
+from reforge.eval.pooling import pool
 from reforge.profiles import EncodingProfile
+
+__all__ = ["encode", "length_order", "passages", "pool", "shard_indices"]
 
 ProgressFn = Callable[[int, "int | None"], None]
 
@@ -79,7 +82,7 @@ def encode(
             inputs = _tokenize(tokenizer, [texts[i] for i in batch], profile, model)
             inputs = {k: v.to(device) for k, v in inputs.items()}
             hidden = model(**inputs).last_hidden_state
-            vectors = pool(hidden, inputs["attention_mask"], profile.pooling, profile.normalize)
+            vectors = retriever.finish(pool(hidden, inputs["attention_mask"], profile.pooling, False), profile)
             if out is None:
                 out = np.empty((total, vectors.shape[1]), dtype=np.float32)
             out[batch] = vectors.cpu().numpy()
@@ -89,31 +92,9 @@ def encode(
     return out
 
 
-def pool(hidden: Any, mask: Any, pooling: str, normalize: bool) -> Any:
-    """One float32 vector per row of ``hidden`` (batch, tokens, dim) by ``mean``, ``cls`` or ``last`` pooling.
-
-    ``last`` takes the last position whose mask is 1, so it works with left or right padding.
-    """
-    import torch
-
-    hidden = hidden.float()
-    if pooling == "mean":
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        vectors = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-    elif pooling == "cls":
-        vectors = hidden[:, 0]
-    elif pooling == "last":
-        last = mask.shape[1] - 1 - mask.flip(1).to(torch.int64).argmax(1)
-        vectors = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    else:
-        raise ValueError(f"unknown pooling {pooling!r}")
-    if normalize:
-        vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
-    return vectors
-
-
 def _tokenize(tokenizer: Any, texts: list[str], profile: EncodingProfile, model: Any) -> dict[str, Any]:
-    """Token ids truncated to ``max_length`` (EOS appended after truncation if the profile says so), right-padded."""
+    """Token ids truncated to ``max_length`` (EOS appended after truncation if the profile says so), padded on the
+    profile's side."""
     import torch
 
     if profile.lowercase:
@@ -133,8 +114,9 @@ def _tokenize(tokenizer: Any, texts: list[str], profile: EncodingProfile, model:
     for i, row in enumerate(ids):
         if not row:  # nothing to encode (no special tokens, empty text): let the model see one pad token
             row = [pad]
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
+        span = slice(width - len(row), width) if profile.padding_side == "left" else slice(0, len(row))
+        input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
     inputs = {"input_ids": input_ids, "attention_mask": mask}
     if "token_type_ids" in encoded and _accepts_token_types(model):
         inputs["token_type_ids"] = torch.zeros_like(input_ids)

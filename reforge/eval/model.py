@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reforge.errors import AdapterError, PickleRefusedError, PoolingUndeterminedError, short_path
+from reforge.errors import (
+    AdapterError,
+    CheckpointNotFoundError,
+    PickleRefusedError,
+    PoolingUndeterminedError,
+    UnsupportedModelError,
+    short_path,
+)
 from reforge.profiles import DECODER_TYPES, EncodingProfile, builtin_profile, detect_profile
 
 
@@ -30,6 +37,27 @@ class Retriever:
     name: str
     profile: EncodingProfile | None = None
     fingerprint: str | None = None
+    modules: tuple[Any, ...] = ()
+
+    def finish(self, vectors: Any, profile: EncodingProfile) -> Any:
+        """Pooled vectors through the profile's post-pooling ``modules`` (loaded in ``modules``), then normalized.
+
+        Raises:
+            UnsupportedModelError: the profile has modules this retriever did not load (never skipped).
+        """
+        import torch
+
+        if len(profile.modules) != len(self.modules):
+            raise UnsupportedModelError(
+                f"The profile of {self.name!r} applies {len(profile.modules)} module(s) after pooling "
+                f"({', '.join(profile.modules) or 'none'}), but {len(self.modules)} were loaded with the model.",
+                hint="Load the model with `ModelSource.load` (it loads the sentence-transformers modules).",
+                path=None,
+                reason="modules not loaded",
+            )
+        for module in self.modules:
+            vectors = module(vectors)
+        return torch.nn.functional.normalize(vectors, p=2, dim=-1) if profile.normalize else vectors
 
     def resolved_profile(self) -> EncodingProfile:
         """``profile``, or the one implied by the model's architecture."""
@@ -58,6 +86,8 @@ class ModelSource:
     base_ref: str | None = None
     base_path: Path | None = None
     tokenizer_hash: str | None = None
+    tokenizer_path: Path | None = None
+    trust_remote_code: bool = False
 
     @property
     def cache_identity(self) -> str:
@@ -68,16 +98,20 @@ class ModelSource:
         """Load the weights (merging an adapter into its base) onto ``device`` in ``dtype``, in eval mode."""
         from transformers import AutoModel, AutoTokenizer
 
+        from reforge.eval.pooling import load_modules
+
+        remote = {"trust_remote_code": True} if self.trust_remote_code else {}
         if self.base_path is not None:
-            model = _load_adapter_merged(self.path, self.base_path, dtype=dtype, allow_pickle=allow_pickle)
-            tokenizer_dir = self.path if _has_tokenizer(self.path) else self.base_path
+            model = _load_adapter_merged(
+                self.path, self.base_path, dtype=dtype, allow_pickle=allow_pickle, remote=remote
+            )
         else:
-            weights_dir = transformer_dir(self.path)
-            model = AutoModel.from_pretrained(weights_dir, dtype=dtype)
-            tokenizer_dir = weights_dir if _has_tokenizer(weights_dir) else self.path
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            model = AutoModel.from_pretrained(transformer_dir(self.path), dtype=dtype, weights_only=True, **remote)
+        tokenizer_dir = self.tokenizer_path or _tokenizer_dir(self.path, self.base_path, self.ref)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **remote)
         model.to(device).eval()
-        return Retriever(model, tokenizer, self.name, self.profile, self.fingerprint)
+        modules = tuple(load_modules(self.path, self.profile.modules, device))
+        return Retriever(model, tokenizer, self.name, self.profile, self.fingerprint, modules)
 
     def to_dict(self) -> dict[str, Any]:
         """Provenance for the JSON summary."""
@@ -102,6 +136,8 @@ def resolve_model(
     allow_pickle: bool = False,
     profile: str | None = None,
     pooling: str | None = None,
+    tokenizer: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> ModelSource:
     """Find a model (local folder or Hub id), fingerprint it and pick its encoding profile; load no weights.
 
@@ -109,12 +145,17 @@ def resolve_model(
         ref: a folder, or a Hub id ``owner/name[@revision]``.
         name: shown in tables (default: the folder name, or the Hub id).
         base: for a peft adapter, the base model to load it over (default: ``base_model_name_or_path``).
-        token, allow_pickle: passed to the checkpoint reader.
+        token, allow_pickle: passed to the checkpoint reader. Pickle weights (``pytorch_model.bin``) are refused
+            unless ``allow_pickle``, and then read with ``weights_only=True``.
         profile, pooling: see `detect_profile`.
+        tokenizer: a folder with the tokenizer files, for a model folder that has none.
+        trust_remote_code: allow a model whose config asks for its own code (``auto_map``); refused otherwise.
 
     Raises:
         CheckpointNotFoundError: the folder does not exist (or the Hub id cannot be fetched).
         AdapterError: an adapter whose config names no base.
+        PickleRefusedError: only pickle weights and no ``allow_pickle``.
+        UnsupportedModelError: no tokenizer anywhere, or remote code without ``trust_remote_code``.
         PoolingUndeterminedError: see `detect_profile`.
     """
     path = _resolve_local(str(ref), token=token, allow_pickle=allow_pickle)
@@ -130,11 +171,14 @@ def resolve_model(
                 path=path,
                 tensor=None,
             )
-        base_path = _resolve_local(str(base_ref), token=token, allow_pickle=allow_pickle)
+        base_path = _resolve_base(str(base_ref), path, given=base is not None, token=token, allow_pickle=allow_pickle)
         fingerprint = hashlib.sha256(f"{fingerprint}+{_fingerprint(base_path)}".encode()).hexdigest()
+    weights_dir = base_path or transformer_dir(path)
+    _check_pickle(weights_dir, allow_pickle)
+    _check_remote_code(weights_dir, trust_remote_code)
     shown = name or (Path(str(ref)).name if Path(str(ref)).exists() else str(ref))
     chosen = detect_profile(path, name=str(ref), base_dir=base_path, profile=profile, pooling=pooling)
-    tokenizer_dir = path if _has_tokenizer(transformer_dir(path)) or base_path is None else base_path
+    tokenizer_dir = Path(tokenizer) if tokenizer is not None else _tokenizer_dir(path, base_path, str(ref))
     return ModelSource(
         shown,
         str(ref),
@@ -143,8 +187,81 @@ def resolve_model(
         chosen,
         str(base_ref) if base_ref else None,
         base_path,
-        _tokenizer_hash(transformer_dir(tokenizer_dir)),
+        _tokenizer_hash(tokenizer_dir),
+        tokenizer_dir,
+        trust_remote_code,
     )
+
+
+def _tokenizer_dir(path: Path, base_path: Path | None, ref: str) -> Path:
+    """Where the tokenizer files are: the model's (or its Transformer module's) folder, else an adapter's base.
+
+    Raises:
+        UnsupportedModelError: none of them has tokenizer files (a tokenizer made up on the spot would map every
+            word to an unknown token and still score).
+    """
+    for folder in (transformer_dir(path), path, base_path):
+        if folder is not None and _has_tokenizer(folder):
+            return folder
+    looked = ", ".join(short_path(f) for f in dict.fromkeys([transformer_dir(path), path, base_path]) if f)
+    raise UnsupportedModelError(
+        f"{ref} has no tokenizer files (tokenizer.json, tokenizer_config.json or tokenizer.model; looked in {looked}).",
+        hint="Copy the tokenizer files of the model it was trained from into the folder.",
+        path=path,
+        reason="no tokenizer",
+    )
+
+
+def _check_pickle(folder: Path, allow_pickle: bool) -> None:
+    """Refuse a model whose weights exist only as pickle files unless ``allow_pickle`` (then weights_only)."""
+    names = [p.name for p in folder.glob("*") if p.is_file()]
+    if any(n.endswith(".safetensors") for n in names) or allow_pickle:
+        return
+    pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth")) and n != "training_args.bin")
+    if pickles:
+        raise PickleRefusedError(
+            f"{short_path(folder / pickles[0])} is a pickle file and the model has no safetensors weights.",
+            hint="Pass --allow-pickle to load it with torch.load(weights_only=True).",
+            path=folder / pickles[0],
+        )
+
+
+def _check_remote_code(folder: Path, trust_remote_code: bool) -> None:
+    """Refuse a model whose config asks for its own Python code (``auto_map``), unless the user trusts it: loaded
+    without it, transformers would use its own class and encode differently (e.g. causal instead of
+    bidirectional attention)."""
+    config_file = folder / "config.json"
+    if trust_remote_code or not config_file.is_file():
+        return
+    try:
+        auto_map = json.loads(config_file.read_text(encoding="utf-8")).get("auto_map") or {}
+    except ValueError:
+        return
+    if auto_map:
+        first = next(iter(auto_map.values()))
+        raise UnsupportedModelError(
+            f"{short_path(folder)}/config.json asks for the model's own code ({first}); without it transformers "
+            f"would load its built-in class, which may not encode the way the authors do.",
+            hint="Read the code it ships, then pass --trust-remote-code to run it.",
+            path=folder,
+            reason="remote code",
+        )
+
+
+def _resolve_base(ref: str, adapter: Path, *, given: bool, token: str | None, allow_pickle: bool) -> Path:
+    """The local folder of an adapter's base. A base taken from adapter_config.json that cannot be found says so:
+    the user never typed that name."""
+    try:
+        return _resolve_local(ref, token=token, allow_pickle=allow_pickle)
+    except CheckpointNotFoundError as e:
+        if given:
+            raise
+        raise CheckpointNotFoundError(
+            f"The base model {ref!r} named in {short_path(adapter)}/adapter_config.json (base_model_name_or_path) "
+            f"is not a folder here and could not be fetched ({e.message}).",
+            hint="Pass --base PATH_OR_HUB_ID with the base model the adapter was trained on.",
+            ref=ref,
+        ) from e
 
 
 def transformer_dir(path: Path) -> Path:
@@ -157,12 +274,12 @@ def transformer_dir(path: Path) -> Path:
     return path
 
 
-def _load_adapter_merged(adapter: Path, base: Path, *, dtype: Any, allow_pickle: bool) -> Any:
+def _load_adapter_merged(adapter: Path, base: Path, *, dtype: Any, allow_pickle: bool, remote: dict) -> Any:
     """Base as a bare AutoModel + the adapter, merged in memory. Fails loudly when adapter keys match nothing."""
     from peft import PeftConfig, PeftModel, set_peft_model_state_dict
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(base, dtype=dtype)
+    model = AutoModel.from_pretrained(base, dtype=dtype, weights_only=True, **remote)
     state = _adapter_state(adapter, allow_pickle=allow_pickle)
     has_inner_model = hasattr(model, "model") or hasattr(model, "language_model")
     prefix = "base_model.model.model."
@@ -247,7 +364,18 @@ def _fingerprint(path: Path) -> str:
     from reforge.io.checkpoint import fingerprint
 
     value = str(fingerprint(path))
-    weights_dir = transformer_dir(path)
-    if weights_dir.resolve() != path.resolve():
-        value = hashlib.sha256(f"{value}+{fingerprint(weights_dir)}".encode()).hexdigest()[:32]
+    for folder in _module_dirs(path):  # the Transformer's weights and any Dense module's
+        value = hashlib.sha256(f"{value}+{fingerprint(folder)}".encode()).hexdigest()[:32]
     return value
+
+
+def _module_dirs(path: Path) -> list[Path]:
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return []
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    except ValueError:
+        return []
+    folders = [path / str(m.get("path", "")) for m in modules if isinstance(m, dict)]
+    return [f for f in folders if f.is_dir() and f.resolve() != path.resolve()]

@@ -59,6 +59,7 @@ class EvalSettings:
     seed: int = 0
     token: str | None = field(default=None, repr=False)
     allow_pickle: bool = False
+    trust_remote_code: bool = False
 
     def overrides(self) -> dict[str, Any]:
         """The profile fields the user set."""
@@ -381,6 +382,7 @@ def _source(model: Any, settings: EvalSettings) -> ModelSource | Retriever:
         allow_pickle=settings.allow_pickle,
         profile=settings.profile,
         pooling=settings.pooling,
+        trust_remote_code=settings.trust_remote_code,
     )
 
 

@@ -7,8 +7,9 @@ Checks, each reported by name:
 - ``recompute``: tensors recomputed from the inputs match the stored ones within the stored dtype's rounding
   (a sample, or every tensor with ``full``). For a delta: base + Delta against the retriever, within the
   rounding recorded at diff time;
+- ``encoding`` (merged models): the new model's ``reforge_encoding.json`` gives the retriever's encoding profile;
 - ``embeddings`` (merged models, optional): cosine agreement of a few sentences embedded by the retriever and
-  the new model; reported, it fails only when an embedding is not finite.
+  the new model; reported, it fails when an embedding is not finite or when the check cannot run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from reforge.io.checkpoint import AdapterCheckpoint, open_checkpoint
 from reforge.io.index import ShardIndex
 from reforge.io.reader import ShardReader
 
+PROFILE_FILE_NAME = "reforge_encoding.json"
 SENTENCES = [
     "What is the capital of France?",
     "Vaccines train the immune system to recognise a pathogen.",
@@ -292,30 +294,52 @@ def _check_merge(path, index, inputs, full, samples, seed, report, token, allow_
 
 
 def _check_embeddings(path: Path, inputs: dict, report: VerifyReport, token, allow_pickle) -> None:
+    """``encoding``: the new model is encoded like the retriever (its reforge_encoding.json); ``embeddings``: the
+    two embed a few sentences alike. A check that cannot run fails (``--no-embeddings`` skips it on purpose)."""
     import numpy as np
 
+    from reforge.errors import PoolingUndeterminedError
+    from reforge.eval.encode import encode
+    from reforge.eval.model import resolve_model
+
     try:
-        from reforge.eval.encode import encode
-        from reforge.eval.model import resolve_model
-    except ImportError:
-        return
-    try:
+        try:
+            old = resolve_model(inputs["retriever"], base=inputs["base"], token=token, allow_pickle=allow_pickle)
+            known = True
+        except PoolingUndeterminedError:  # no profile to carry; agreement is still measured, with mean pooling
+            old = resolve_model(
+                inputs["retriever"], base=inputs["base"], token=token, allow_pickle=allow_pickle, pooling="mean"
+            )
+            known = False
+        new = resolve_model(path, token=token, allow_pickle=allow_pickle, pooling=None if known else "mean")
+        if known:
+            same = new.profile == old.profile
+            report.add(
+                "encoding",
+                same,
+                f"encoded like the retriever ({old.profile.name} profile)"
+                if same
+                else f"the new model would be encoded as {new.profile.to_dict()}, the retriever as "
+                f"{old.profile.to_dict()}; {PROFILE_FILE_NAME} is missing or differs",
+            )
         vectors = []
-        for ref in (inputs["retriever"], str(path)):
-            source = resolve_model(ref, base=inputs["base"], token=token, allow_pickle=allow_pickle)
+        for source in (old, new):
             model = source.load(device="cpu", dtype=None, allow_pickle=allow_pickle)
-            vectors.append(encode(model, SENTENCES, source.profile, batch_size=len(SENTENCES)))
+            vectors.append(encode(model, SENTENCES, old.profile, batch_size=len(SENTENCES)))
     except ReforgeError as e:
-        report.add("embeddings", True, f"skipped: {e}")
+        report.add("embeddings", False, f"could not embed with both models: {e} (--no-embeddings skips this check)")
         return
-    old, new = vectors
-    cosine = (old * new).sum(1) / (np.linalg.norm(old, axis=1) * np.linalg.norm(new, axis=1))
+    old_vectors, new_vectors = vectors
+    cosine = (old_vectors * new_vectors).sum(1) / (
+        np.linalg.norm(old_vectors, axis=1) * np.linalg.norm(new_vectors, axis=1)
+    )
     report.cosine = [float(c) for c in cosine]
-    finite = bool(np.isfinite(new).all())
+    finite = bool(np.isfinite(new_vectors).all())
+    pooled = "" if known else " (pooling unknown: compared with mean pooling)"
     report.add(
         "embeddings",
         finite,
-        f"cosine(retriever, new) on {len(cosine)} sentences: min {cosine.min():.4f}, mean {cosine.mean():.4f}"
+        f"cosine(retriever, new) on {len(cosine)} sentences: min {cosine.min():.4f}, mean {cosine.mean():.4f}{pooled}"
         if finite
         else "the new model's embeddings are not finite",
     )
