@@ -66,6 +66,11 @@ class OutputExistsError(ReforgeError, FileExistsError):
     """The output folder already holds something else. Fields: ``path``."""
 
 
+class OutputRefusedError(ReforgeError, ValueError):
+    """An output reforge must not write: it is, contains or lies inside an input, is a symlink, a mount point or a
+    file, or cannot be written. Checked before any work (`reforge.io.target.check_output`). Fields: ``path``."""
+
+
 class OutputLockedError(ReforgeError):
     """Another reforge run is writing the same output. Fields: ``path``, ``lock``."""
 

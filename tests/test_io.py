@@ -177,13 +177,20 @@ def test_output_holding_something_else_is_refused(tmp_path, tensors):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(OutputExistsError, match="already holds something else.*--overwrite"):
-        CheckpointWriter(out, _specs(tensors), plan_id="p").__enter__()
+    for overwrite in (False, True):  # files reforge did not write are never replaced
+        with pytest.raises(OutputExistsError, match="holds files reforge did not write; they are never replaced"):
+            CheckpointWriter(out, _specs(tensors), plan_id="p", overwrite=overwrite).__enter__()
     assert (out / "precious.txt").read_text() == "keep me"
-    with CheckpointWriter(out, _specs(tensors), plan_id="p", overwrite=True) as writer:
+    (out / "precious.txt").unlink()
+    with CheckpointWriter(out, _specs(tensors), plan_id="p") as writer:
         for name, value in tensors.items():
             writer.write(name, value)
-    assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
+    with pytest.raises(OutputExistsError, match="already holds something else.*--overwrite"):
+        CheckpointWriter(out, _specs(tensors), plan_id="other").__enter__()
+    with CheckpointWriter(out, _specs(tensors), plan_id="other", overwrite=True) as writer:  # reforge's: replaced
+        for name, value in tensors.items():
+            writer.write(name, value)
+    assert json.loads((out / "reforge.json").read_text())["plan_id"] == "other"
 
 
 def test_same_plan_rerun_is_a_no_op(tmp_path, tensors):

@@ -38,6 +38,11 @@ class LazyGroup(click.Group):
         module, attribute, _ = COMMANDS[name]
         return getattr(importlib.import_module(module), attribute)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Keep the arguments as given, for the provenance command (`reforge.cli.output.command_line`)."""
+        ctx.meta["reforge.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
         """Run the command; a reforge error (or a known Hub error) becomes one ``Error: ...`` line and exit 1."""
         try:

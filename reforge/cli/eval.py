@@ -80,6 +80,10 @@ def eval_cmd(
         token=options["token"],
         allow_pickle=options["allow_pickle"],
     )
+    if output_dir:  # fail now, not after encoding every corpus
+        from reforge.io.target import check_writable
+
+        check_writable(output_dir)
     data = [load_beir(path, settings.split) for path in datasets]
     for dataset in data:
         for warning in dataset.warnings:
@@ -98,16 +102,22 @@ def eval_cmd(
                 + (f" ({rate:.1f} docs/s)" if rate else "")
             )
             output.info(f"{result.model} on {result.dataset}: {corpus}; search {result.timings['search']:.2f} s")
-    if output_dir:
-        written = write_outputs(report, output_dir)
-        output.info(f"Wrote {len(written)} files to {output_dir}")
     if as_json:
         output.print_json(report.to_dict())
-        return
-    for measure in report.measures:
-        table, caption = _table(report, measure)
-        output.print_table(table)
-        output.out.print(caption, highlight=False)
+    else:
+        for measure in report.measures:
+            table, caption = _table(report, measure)
+            output.print_table(table)
+            output.out.print(caption, highlight=False)
+    if output_dir:  # after the results are shown: a full disk must not cost them
+        from reforge.io.target import write_error
+
+        try:
+            written = write_outputs(report, output_dir)
+        except OSError as e:
+            raise write_error(e, output_dir, "The results above are complete; free some space or choose another "
+                                             "--output and rerun.") from e
+        output.info(f"Wrote {len(written)} files to {output_dir}")
 
 
 def _table(report: Any, measure: str) -> tuple[Any, str]:

@@ -50,6 +50,33 @@ class SizeType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class DeviceType(click.ParamType):
+    """A torch device this machine has: ``cpu``, ``cuda``, ``cuda:1``, ``mps``. Checked at parse time, so a typo or
+    a GPU the build lacks fails before any model is read."""
+
+    name = "device"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        import torch
+
+        try:
+            device = torch.device(str(value))
+        except (RuntimeError, ValueError):
+            self.fail(f"{value!r} is not a torch device; use cpu, cuda, cuda:N or mps.", param, ctx)
+        if device.type == "cuda":
+            if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+                self.fail(f"{value!r}: this torch build has no CUDA support (a CPU build); use cpu, or install a "
+                          "CUDA build of torch.", param, ctx)
+            count = torch.cuda.device_count()
+            if count == 0 or (device.index is not None and device.index >= count):
+                self.fail(f"{value!r}: {count} CUDA device(s) visible here.", param, ctx)
+        elif device.type == "mps" and not torch.backends.mps.is_available():
+            self.fail(f"{value!r}: MPS is not available on this machine.", param, ctx)
+        elif device.type not in ("cpu", "cuda", "mps"):
+            self.fail(f"{value!r}: reforge runs on cpu, cuda or mps.", param, ctx)
+        return str(value)
+
+
 DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
 
 
@@ -165,7 +192,7 @@ def encoding_options(func: Callable) -> Callable:
         click.option(
             "--batch-size", type=click.IntRange(min=1), default=None, help="Texts per batch [32 CPU, 64 GPU]."
         ),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when available]."),
+        click.option("--device", type=DeviceType(), default=None, help="cpu, cuda, cuda:1 ... [cuda when available]."),
         click.option(
             "--dtype",
             type=click.Choice(DTYPE_CHOICES),

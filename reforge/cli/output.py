@@ -7,6 +7,7 @@ API functions report progress through a plain callback ``progress(done, total)``
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -219,7 +220,60 @@ def quiet_transformers() -> None:
 
 
 def command_line() -> str | None:
-    """How this command was invoked (``reforge merge ...``), recorded in the outputs' provenance."""
+    """How this command was invoked (``reforge merge ...``), recorded in the outputs' provenance.
+
+    The record is published (reforge.json, the model card, `reforge push`), so it never holds a secret: an option
+    that carries one (``--token``, ``--token=...``) is dropped with its value, and any other argument holding a
+    token (``hf_...``, or the value of HF_TOKEN) is masked. Absolute local paths become their folder names.
+    """
     import shlex
 
-    return "reforge " + shlex.join(sys.argv[1:]) if sys.argv else None
+    import click
+
+    context = click.get_current_context(silent=True)
+    argv = context.meta.get(ARGV_KEY) if context is not None else None
+    if argv is None:
+        argv = sys.argv[1:] if sys.argv else None
+    if argv is None:
+        return None
+    return "reforge " + shlex.join(redact_arguments(argv))
+
+
+ARGV_KEY = "reforge.argv"  # where the root group keeps the arguments it was given (see reforge.cli.LazyGroup)
+_SECRET_OPTION = re.compile(r"^--?[\w-]*(token|password|passwd|secret|api[-_]?key|credential)[\w-]*$", re.I)
+_TOKEN_LIKE = re.compile(r"\b(hf_|api_org_)[A-Za-z0-9]{16,}")
+_SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
+
+
+def redact_arguments(argv: list[str]) -> list[str]:
+    """``argv`` without secrets, with absolute local paths cut to their last component (see `command_line`)."""
+    import os
+
+    secrets = [os.environ[name] for name in _SECRET_ENV if len(os.environ.get(name) or "") >= 4]
+    kept: list[str] = []
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+            continue
+        option, eq, value = arg.partition("=")
+        if _SECRET_OPTION.match(option):
+            skip_value = not eq  # "--token VALUE": drop both; "--token=VALUE": drop the one argument
+            continue
+        for secret in secrets:
+            arg = arg.replace(secret, "***")
+        arg = _TOKEN_LIKE.sub("***", arg)
+        if option.startswith("-") and eq:
+            kept.append(f"{option}={_local_name(value)}")
+        else:
+            kept.append(_local_name(arg))
+    return kept
+
+
+def _local_name(arg: str) -> str:
+    """An absolute local path (``/home/me/models/base/``, ``~/x``) as its last component (``base``)."""
+    from pathlib import PurePath
+
+    if not arg.startswith(("/", "~")) or arg.strip("/~") == "":
+        return arg
+    return PurePath(arg.rstrip("/")).name or arg

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from reforge.cli import output as ui
-from reforge.cli.options import hub_options, output_options
+from reforge.cli.options import DeviceType, hub_options, output_options
 from reforge.errors import InvalidOptionError
 from reforge.train.config import BATCHINGS, PAPER_TARGETS, PRECISIONS, SCHEDULES, TrainConfig
 
@@ -132,7 +132,12 @@ def _targets(value: str) -> list[str]:
     help="auto: bf16 autocast on GPUs that have it, fp32 on CPU.",
 )
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
-@click.option("--device", default=None, help="torch device [default: cuda:LOCAL_RANK if there is a GPU, else cpu].")
+@click.option(
+    "--device",
+    type=DeviceType(),
+    default=None,
+    help="torch device [default: cuda:LOCAL_RANK if there is a GPU, else cpu].",
+)
 @click.option(
     "--save-every",
     type=click.IntRange(min=0),
@@ -200,6 +205,8 @@ def train_cmd(
 
 def _report(result, config: TrainConfig, as_json: bool) -> None:
     record, corpus = result.record, result.record["corpus"]
+    if (record.get("attention") or {}).get("note"):
+        ui.warn(record["attention"]["note"])
     if corpus["only_ids_missing"]:
         ui.warn(f"{corpus['only_ids_missing']} ids of the --only filters are not in the corpus.")
     if corpus["documents_at_max_length"]:

@@ -141,7 +141,7 @@ def tune_cmd(
       reforge tune --base base/ --delta delta/ --adapter psi/ -d nfcorpus/ --beta 0.9,1 --json
     """
 
-    from reforge.tune import plot_tuning, tune, write_best
+    from reforge.tune import plot_tuning, tune
 
     if (retriever is None) == (delta is None):
         raise click.UsageError("Pass exactly one of --retriever and --delta.")
@@ -149,6 +149,10 @@ def tune_cmd(
         raise click.UsageError("--plot and --no-plot contradict each other; drop one.")
     if not no_plot and not _has_matplotlib():
         raise click.UsageError("The plot needs matplotlib: pip install matplotlib, or pass --no-plot.")
+    if write_dir:  # a bad --write fails now, not after the whole grid
+        from reforge.io.target import check_output
+
+        check_output(write_dir, inputs=[base, retriever, delta, adapter], overwrite=overwrite, option="--write")
     ui.quiet_transformers()
     settings = encoding_settings(options, token=token, allow_pickle=allow_pickle)
     with ui.progress_bar("Tuning", quiet=quiet or as_json) as bar:
@@ -177,17 +181,11 @@ def tune_cmd(
     if not no_plot:
         summary["plot"] = str(plot_tuning(report, plot_path or f"tune-{report.dataset.name}-{report.split}.png"))
     if write_dir:
-        with ui.progress_bar("merge", unit="bytes", quiet=quiet or as_json) as progress:
-            written = write_best(
-                report,
-                write_dir,
-                token=token,
-                allow_pickle=allow_pickle,
-                max_shard_size=max_shard_size,
-                overwrite=overwrite,
-                command=ui.command_line(),
-                progress=progress,
-            )
+        try:
+            written = _write(report, write_dir, token, allow_pickle, max_shard_size, overwrite, quiet or as_json)
+        except Exception:
+            _show_or_print(report, summary, as_json)  # the table is the result of the work: never lose it
+            raise
         summary["written"] = {
             "output": str(written.output),
             "tensors": written.tensors,
@@ -195,10 +193,23 @@ def tune_cmd(
             "max_abs_rounding": written.max_abs_rounding,
             "already_complete": written.already_complete,
         }
+    _show_or_print(report, summary, as_json)
+
+
+def _show_or_print(report: Any, summary: dict, as_json: bool) -> None:
     if as_json:
         ui.print_json(summary)
-        return
-    _show(report, summary)
+    else:
+        _show(report, summary)
+
+
+def _write(report: Any, write_dir: str, token: str | None, allow_pickle: bool, max_shard_size: int,
+           overwrite: bool, quiet: bool) -> Any:
+    from reforge.tune import write_best
+
+    with ui.progress_bar("merge", unit="bytes", quiet=quiet) as progress:
+        return write_best(report, write_dir, token=token, allow_pickle=allow_pickle, max_shard_size=max_shard_size,
+                          overwrite=overwrite, command=ui.command_line(), progress=progress)
 
 
 def _show(report: Any, summary: dict) -> None:

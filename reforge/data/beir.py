@@ -30,41 +30,56 @@ class Document:
         return f"{self.title}{separator}{self.text}".strip() if self.title else self.text.strip()
 
 
-def iter_jsonl(path: str | Path, *, skip_bad_lines: bool = False) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: str | Path, *, skip_bad_lines: bool = False,
+               skip_option: str | None = None) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for each non-empty line of a JSONL file (1-based line numbers).
 
+    Args:
+        skip_bad_lines: skip lines that are not UTF-8 or not a JSON object instead of failing.
+        skip_option: the option that turns ``skip_bad_lines`` on, named in the error; None where the command has
+            none (eval), so no error suggests an option that does not exist.
+
     Raises:
-        DataError: the file is missing, or a line is not a JSON object (unless ``skip_bad_lines``).
+        DataError: the file is missing, or a line is not UTF-8 or not a JSON object (unless ``skip_bad_lines``).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{short_path(path)} does not exist.", path=path, line=None)
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as handle:  # decoded per line, so one bad byte names its line instead of a traceback
+        for number, raw in enumerate(handle, start=1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 value = json.loads(line)
                 if not isinstance(value, dict):
                     raise ValueError("not a JSON object")
-            except ValueError as e:
+            except ValueError as e:  # UnicodeDecodeError is a ValueError
                 if skip_bad_lines:
                     continue
-                raise DataError(
-                    f"{short_path(path)}, line {number}: not a valid JSON object ({e}).",
-                    hint="Fix the line, or pass --skip-bad-lines to skip such lines.",
-                    path=path,
-                    line=number,
-                ) from e
+                what = (f"not UTF-8 text ({e.reason} at byte {e.start})" if isinstance(e, UnicodeDecodeError)
+                        else f"not a valid JSON object ({e})")
+                skip = f", or pass {skip_option} to skip such lines" if skip_option else ""
+                raise DataError(f"{short_path(path)}, line {number}: {what}.", hint=f"Fix the line{skip}.",
+                                path=path, line=number) from e
             yield number, value
 
 
-def iter_corpus(path: str | Path, *, skip_bad_lines: bool = False) -> Iterator[Document]:
+def _utf8_line(path: Path, number: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{short_path(path)}, line {number}: not UTF-8 text ({e.reason} at byte {e.start}).",
+                        hint="Convert the file to UTF-8.", path=path, line=number) from e
+
+
+def iter_corpus(path: str | Path, *, skip_bad_lines: bool = False,
+                skip_option: str | None = None) -> Iterator[Document]:
     """Yield the documents of a BEIR ``corpus.jsonl`` (or of the folder holding it), in file order."""
     path = Path(path)
     if path.is_dir():
         path = path / "corpus.jsonl"
-    for number, row in iter_jsonl(path, skip_bad_lines=skip_bad_lines):
+    for number, row in iter_jsonl(path, skip_bad_lines=skip_bad_lines, skip_option=skip_option):
         if "_id" not in row:
             if skip_bad_lines:
                 continue
@@ -89,8 +104,9 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
     if not path.is_file():
         raise DataError(f"{short_path(path)} does not exist.", path=path, line=None)
     qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = _utf8_line(path, number, raw)
             parts = line.rstrip("\n").split("\t")
             if not line.strip() or (number == 1 and parts[0] == "query-id"):
                 continue

@@ -192,7 +192,7 @@ def load_corpus(paths: str | Path | Sequence[str | Path], *, text_field: str | N
 def _iter_source(path: Path, kind: str, *, text_field: str | None, per_line: bool,
                  skip_bad_lines: bool) -> Iterator[TextDoc]:
     if kind == "beir" and text_field is None:
-        for doc in iter_corpus(path, skip_bad_lines=skip_bad_lines):
+        for doc in iter_corpus(path, skip_bad_lines=skip_bad_lines, skip_option="--skip-bad-lines"):
             yield TextDoc(doc.id, doc.passage())
     elif kind in ("beir", "jsonl"):
         yield from _iter_jsonl_docs(path / "corpus.jsonl" if kind == "beir" else path, text_field, skip_bad_lines)
@@ -204,7 +204,7 @@ def _iter_source(path: Path, kind: str, *, text_field: str | None, per_line: boo
 
 def _iter_jsonl_docs(path: Path, text_field: str | None, skip_bad_lines: bool) -> Iterator[TextDoc]:
     field_name = text_field or "text"
-    for number, row in iter_jsonl(path, skip_bad_lines=skip_bad_lines):
+    for number, row in iter_jsonl(path, skip_bad_lines=skip_bad_lines, skip_option="--skip-bad-lines"):
         value = row.get(field_name)
         if not isinstance(value, str):
             if skip_bad_lines:

@@ -105,9 +105,24 @@ def resolve_local(ref: str | Path, *, token: str | None = None, allow_pickle: bo
             f"{ref} is not a folder here, nor a Hub repo id (owner/name[@revision]).", ref=str(ref)
         )
     repo_id, revision = hub.parse_ref(str(ref))
-    return hub.download_checkpoint(
-        repo_id, revision=revision, token=token, allow_pickle=allow_pickle, progress=progress
-    )
+    try:
+        return hub.download_checkpoint(
+            repo_id, revision=revision, token=token, allow_pickle=allow_pickle, progress=progress
+        )
+    except CheckpointNotFoundError as e:
+        if path.parent.is_dir() and str(path.parent) not in ("", "."):
+            raise _local_typo(ref, path, e) from e
+        raise
+
+
+def _local_typo(ref: str | Path, path: Path, error: Exception) -> CheckpointNotFoundError:
+    """``out/typo`` when a folder ``out/`` exists here is a mistyped local path far more often than a Hub repo."""
+    near = sorted(p.name + "/" for p in path.parent.iterdir() if p.is_dir() and not p.name.startswith("."))[:8]
+    return CheckpointNotFoundError(
+        f"{ref} is not a folder here: {short_path(path.parent)}/ has no {path.name!r}"
+        + (f" (it holds {', '.join(near)})" if near else "")
+        + f"; nor could it be read as a Hub repo ({error}).",
+        hint="Check the path for a typo.", ref=str(ref))
 
 
 def open_checkpoint(

@@ -6,42 +6,47 @@ peft LoRA retriever, from its base, with the config turned into the bare model's
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".ckpt",
-    ".onnx",
-    ".gguf",
-    ".h5",
-    ".msgpack",
-    ".ot",
-    ".index.json",
-)
-SKIPPED_NAMES = {"README.md", "reforge.json", ".gitattributes", "training_record.json", "adapter_config.json"}
-SKIPPED_DIRS = {"onnx", "openvino", ".cache", ".git"}
+from reforge.io.paths import inside_checkpoint
+
+# The files a model needs besides its weights (the set `reforge.hub` downloads): config, tokenizer, and the
+# sentence-transformers description. Nothing else is copied: no custom code (*.py), no arbitrary folders.
+COMPANION_NAMES = frozenset({
+    "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json",
+    "modules.json", "config_sentence_transformers.json", "sentence_bert_config.json",
+})
+# sentence-transformers module folders (1_Pooling/, 2_Normalize/, 2_Dense/): their configs and vocabularies.
+MODULE_FILE = re.compile(r"^\d+_[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+\.(json|txt|model)$")
 MAX_COMPANION_BYTES = 64 * 2**20
 
 
+def is_companion(relative: str) -> bool:
+    """Whether a file at ``relative`` (POSIX, inside a checkpoint folder) travels with the weights."""
+    return relative in COMPANION_NAMES or bool(MODULE_FILE.match(relative))
+
+
 def companion_files(folder: str | Path) -> dict[str, bytes]:
-    """``{relative path: content}`` of the non-weight files in a checkpoint folder (two levels deep)."""
+    """``{relative path: content}`` of the companion files of a checkpoint folder (`is_companion`).
+
+    Raises:
+        UnsafePathError: a companion file is a symlink (or lies in a symlinked folder) that leaves the folder.
+        CorruptCheckpointError: a companion name is a FIFO, device or folder.
+    """
     folder = Path(folder)
     found: dict[str, bytes] = {}
     for path in sorted(folder.glob("*")) + sorted(folder.glob("*/*")):
-        relative = path.relative_to(folder)
-        if (
-            not path.is_file()
-            or path.name in SKIPPED_NAMES
-            or path.name.endswith(WEIGHT_SUFFIXES)
-            or relative.parts[0] in SKIPPED_DIRS
-            or path.name.startswith(".")
-            or path.stat().st_size > MAX_COMPANION_BYTES
-        ):
+        relative = path.relative_to(folder).as_posix()
+        if not is_companion(relative) or not (path.exists() or path.is_symlink()):
             continue
-        found[str(relative)] = path.read_bytes()
+        real = inside_checkpoint(folder, path, what="companion file")
+        if real.stat().st_size > MAX_COMPANION_BYTES:
+            continue
+        found[relative] = real.read_bytes()
     return found
 
 

@@ -67,8 +67,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         ``(tensors, metadata)``: TensorInfo by name (absolute offsets), and the ``__metadata__`` map (or {}).
 
     Raises:
-        CorruptCheckpointError: header length past the end of the file, invalid JSON, unknown dtype, offsets that
-            do not match the shape or run past the end of the file.
+        CorruptCheckpointError: header length past the end of the file, invalid or too deeply nested JSON, a name
+            given twice, ``__metadata__`` that is not a string map, an unknown dtype, a shape that is not a list of
+            non-negative integers, offsets that do not match the shape, overlap, leave gaps or run past the end.
     """
     size = path.stat().st_size
     with path.open("rb") as handle:
@@ -84,27 +85,66 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 "(truncated or not a safetensors file)",
             )
         raw = handle.read(length)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _corrupt(path, None, f"header is not valid JSON ({e})") from e
-    metadata = header.pop("__metadata__", None) or {}
+    header = _parse_header(path, raw)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(path, None, "__metadata__ is not a map of strings to strings")
     data_start = 8 + length
     tensors = {name: _tensor_info(path, name, entry, data_start, size) for name, entry in header.items()}
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    _check_layout(path, tensors, data_start)
+    return tensors, dict(metadata)
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
+    """The header's JSON object; duplicate names, deep nesting and anything but an object are refused."""
+
+    def unique(pairs: list[tuple[str, object]]) -> dict:
+        seen: dict[str, object] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise _corrupt(path, None, f"the header names {key!r} twice")
+            seen[key] = value
+        return seen
+
+    try:
+        header = json.loads(raw, object_pairs_hook=unique)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except RecursionError as e:
+        raise _corrupt(path, None, "header is nested too deeply to be a safetensors header") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, CorruptCheckpointError):
+            raise
+        raise _corrupt(path, None, f"header is not valid JSON ({e})") from e
+    return header
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_start: int) -> None:
+    """Tensors must tile the data from its start, each beginning where the previous ends (what safetensors itself
+    requires): overlapping tensors would alias each other's bytes, gaps hide data."""
+    position = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start != position:
+            reason = "overlaps the previous tensor" if info.start < position else "leaves a gap before it"
+            raise _corrupt(path, info.name, f"data_offsets {[info.start - data_start, info.end - data_start]} "
+                                            f"{reason} (it should start at {position - data_start})")
+        position = info.end
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
     try:
-        dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        dtype, raw_shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
     except (KeyError, TypeError, ValueError) as e:
         raise _corrupt(path, name, "entry lacks dtype, shape or data_offsets") from e
-    if dtype not in DTYPES:
+    if not isinstance(raw_shape, list) or not all(type(d) is int and d >= 0 for d in raw_shape):
+        raise _corrupt(path, name, f"shape {raw_shape!r} is not a list of non-negative integers")
+    shape = tuple(raw_shape)
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _corrupt(path, name, f"unknown dtype {dtype!r}")
     expected = math.prod(shape) * DTYPES[dtype][1]
-    if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != expected or begin < 0:
+    if not (type(begin) is int and type(end) is int) or end - begin != expected or begin < 0:
         raise _corrupt(
             path,
             name,

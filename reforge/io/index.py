@@ -21,6 +21,7 @@ from reforge.errors import (
     short_path,
 )
 from reforge.io.format import TensorInfo, read_header
+from reforge.io.paths import inside_checkpoint
 
 SAFETENSORS_NAMES = ("model", "adapter_model", "diffusion_pytorch_model")
 PICKLE_NAMES = {"model": "pytorch_model.bin", "adapter_model": "adapter_model.bin"}
@@ -63,7 +64,7 @@ class ShardIndex:
             if index_file.is_file():
                 return cls._from_index_file(index_file)
             single = directory / f"{name}.safetensors"
-            if single.is_file():
+            if single.exists():  # a FIFO or a folder by that name is refused in from_files, not skipped
                 return cls.from_files(directory, [single])
         return cls._pickle_or_fail(directory, names, allow_pickle)
 
@@ -72,6 +73,7 @@ class ShardIndex:
         """Index the given safetensors files (already checked to be inside ``directory``)."""
         tensors: dict[str, TensorInfo] = {}
         for file in files:
+            inside_checkpoint(directory, file, what="shard")
             found, _ = read_header(file)
             for name, info in found.items():
                 if name in tensors:
@@ -87,6 +89,7 @@ class ShardIndex:
     @classmethod
     def _from_index_file(cls, index_file: Path) -> "ShardIndex":
         directory = index_file.parent
+        inside_checkpoint(directory, index_file, what="index")
         try:
             index = json.loads(index_file.read_text())
             weight_map = index["weight_map"]
@@ -98,7 +101,7 @@ class ShardIndex:
             ) from e
         files = [safe_child(directory, name, index_file) for name in dict.fromkeys(weight_map.values())]
         for file in files:
-            if not file.is_file():
+            if not file.exists():
                 raise ShardNotFoundError(
                     f"{short_path(file)} is named by {short_path(index_file)} but missing.",
                     hint="Download or copy the missing shard, then rerun.",

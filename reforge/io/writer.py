@@ -4,7 +4,10 @@ Every tensor's name, dtype and shape is known before the first byte is computed,
 first and each tensor goes straight to its final offset: memory holds one tensor, never a shard.
 
 Safety, in order of events:
-- a lock file beside the output (``.NAME.reforge-lock``) keeps two runs from writing the same output;
+- before anything is written, the output rule (`reforge.io.target.check_output`): never an input, never a folder
+  reforge did not write, never a symlink, mount point or unwritable place;
+- a lock file beside the output (``.NAME.reforge-lock``, `reforge.io.target.OutputLock`, which train takes too)
+  keeps two runs from writing the same output;
 - everything is written into ``.NAME.reforge-partial/``; a shard is written as ``*.incomplete`` and renamed to its
   final name only when all its bytes are written, so after a crash or Ctrl-C a shard with its final name is whole.
   With ``durable=True`` each shard is also fsynced before the rename (and the folders after), which keeps that
@@ -20,7 +23,6 @@ Safety, in order of events:
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import math
 import os
@@ -33,9 +35,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reforge import __version__
-from reforge.errors import DiskFullError, InvalidOptionError, OutputExistsError, OutputLockedError, short_path
+from reforge.errors import DiskFullError, InvalidOptionError, OutputExistsError, short_path
 from reforge.io.buffers import ALIGNMENT
 from reforge.io.format import DTYPES, encode_header, open_direct, safetensors_dtype
+from reforge.io.target import OutputLock, absolute, check_output
 
 if TYPE_CHECKING:
     import torch
@@ -211,6 +214,8 @@ class CheckpointWriter:
         overwrite: replace an output folder that holds something else.
         progress: ``progress(bytes_done, bytes_total)``.
         durable: fsync every file before it is renamed (survives power loss; slower).
+        inputs: the command's input paths; an output that is, contains or lies inside one is refused
+            (`reforge.io.target.check_output`, which also refuses replacing anything reforge did not write).
     """
 
     def __init__(
@@ -225,6 +230,7 @@ class CheckpointWriter:
         weights_name: str = "model",
         progress: Callable[[int, int | None], None] | None = None,
         durable: bool = False,
+        inputs: list[str | Path | None] | tuple = (),
     ) -> None:
         self.durable = durable
         self.output = Path(output)
@@ -234,8 +240,11 @@ class CheckpointWriter:
         self.manifest = {"reforge_version": __version__, "plan_id": plan_id, **(manifest or {})}
         self.overwrite = overwrite
         self.progress = progress
-        self.staging = self.output.parent / f".{self.output.name}.reforge-partial"
-        self.lock_path = self.output.parent / f".{self.output.name}.reforge-lock"
+        self.inputs = list(inputs)
+        self._target = absolute(output)  # for the file system: "-o ." has a name here
+        self.staging = self._target.parent / f".{self._target.name}.reforge-partial"
+        self._lock = OutputLock(self._target)
+        self.lock_path = self._lock.path
         self.already_complete = False
         self.resumed_shards = 0
         self._files: dict[str, bytes] = {}
@@ -243,7 +252,6 @@ class CheckpointWriter:
         self._specs = {s.name: s for s in specs}
         self._shard_of: dict[str, _ShardFile] = {}
         self._shards: list[_ShardFile] = []
-        self._lock_fd: int | None = None
         self._done_bytes = 0
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._queued: set[str] = set()
@@ -252,12 +260,12 @@ class CheckpointWriter:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def __enter__(self) -> "CheckpointWriter":
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self._acquire_lock()
+        check_output(self.output, inputs=self.inputs, overwrite=self.overwrite)
+        self._lock.acquire()
         try:
             self._prepare()
         except BaseException:
-            self._release_lock()
+            self._lock.release()
             raise
         return self
 
@@ -272,7 +280,7 @@ class CheckpointWriter:
             if exc_type is None and not self.already_complete:
                 self._commit()
         finally:
-            self._release_lock()
+            self._lock.release()
 
     def pending(self, name: str) -> bool:
         """Whether ``name`` still has to be written (False when its shard survived from an earlier run)."""
@@ -356,42 +364,12 @@ class CheckpointWriter:
         self.add_file(name or source.name, Path(source).read_bytes())
 
     # -- internals ---------------------------------------------------------------------------------------------
-    def _acquire_lock(self) -> None:
-        while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as e:
-                os.close(fd)
-                raise OutputLockedError(
-                    f"another reforge run is writing {short_path(self.output)} right now.",
-                    hint=f"Wait for it to finish; if none is running, delete {short_path(self.lock_path)}.",
-                    path=self.output,
-                    lock=self.lock_path,
-                ) from e
-            # the file we locked may have been unlinked by a run finishing just now; lock the current one
-            if os.path.exists(self.lock_path) and os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino:
-                self._lock_fd = fd
-                os.ftruncate(fd, 0)
-                os.write(fd, str(os.getpid()).encode())
-                return
-            os.close(fd)
-
-    def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            try:
-                os.unlink(self.lock_path)
-            except FileNotFoundError:
-                pass
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
     def _prepare(self) -> None:
         if self._output_matches_plan():
             self.already_complete = True
-            self.records = _read_manifest(self.output / MANIFEST).get("records", {})
+            self.records = _read_manifest(self._target / MANIFEST).get("records", {})
             return
-        if self.output.exists() and not self.overwrite and any(self.output.iterdir()):
+        if self._target.exists() and not self.overwrite and any(self._target.iterdir()):
             raise OutputExistsError(
                 f"{short_path(self.output)} already holds something else.",
                 hint="Choose another --output, or pass --overwrite to replace it.",
@@ -413,7 +391,12 @@ class CheckpointWriter:
                 self._shard_of[spec.name] = shard
             self._shards.append(shard)
         self._load_journal()
-        self._check_space()
+        try:
+            self._check_space()
+        except DiskFullError:
+            if not self.resumed_shards:  # nothing worth keeping: leave no partial folder behind the refusal
+                shutil.rmtree(self.staging, ignore_errors=True)
+            raise
         self._advance(0)
 
     def _load_journal(self) -> None:
@@ -433,10 +416,10 @@ class CheckpointWriter:
         journal.write_text("".join(json.dumps({"name": k, "facts": v}) + "\n" for k, v in kept.items()))
 
     def _output_matches_plan(self) -> bool:
-        manifest = _read_manifest(self.output / MANIFEST)
+        manifest = _read_manifest(self._target / MANIFEST)
         if manifest.get("plan_id") != self.plan_id:
             return False
-        return all((self.output / name).is_file() for name in self.plan.filenames)
+        return all((self._target / name).is_file() for name in self.plan.filenames)
 
     def _check_space(self) -> None:
         needed = sum(s.size for s in self._shards if s.pending)
@@ -477,14 +460,14 @@ class CheckpointWriter:
             raise self._disk_error(e, self.staging) from e
         if self.durable:
             _fsync_dir(self.staging)
-        old = self.output.parent / f".{self.output.name}.reforge-old"
-        if self.output.exists():
+        old = self._target.parent / f".{self._target.name}.reforge-old"
+        if self._target.exists():
             if old.exists():
                 shutil.rmtree(old)
-            os.replace(self.output, old)
-        os.replace(self.staging, self.output)
+            os.replace(self._target, old)
+        os.replace(self.staging, self._target)
         if self.durable:
-            _fsync_dir(self.output.parent)
+            _fsync_dir(self._target.parent)
         if old.exists():
             shutil.rmtree(old)
 

@@ -20,6 +20,7 @@ from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint
 from reforge.io.companions import output_companions
 from reforge.io.format import torch_dtype
 from reforge.io.keymap import match_keys
+from reforge.io.target import check_output
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.delta import RETRIEVER_FILES, factor_keys
 from reforge.ops.fold import Factors, LoraAdapter
@@ -98,6 +99,8 @@ def diff(
     started = time.perf_counter()
     import_torch_in_background()
     _check_options(low_rank, rank, energy, dtype)
+    if not dry_run:
+        check_output(output, inputs=[base, retriever], overwrite=overwrite)
     base_ckpt = open_model(base, token=token, allow_pickle=allow_pickle)
     retriever_ckpt = open_checkpoint(retriever, token=token, allow_pickle=allow_pickle)
     if isinstance(retriever_ckpt, AdapterCheckpoint):
@@ -158,6 +161,7 @@ def diff(
         overwrite=overwrite,
         progress=progress,
         durable=durable,
+        inputs=[base_ckpt.path, retriever_ckpt.path],
     ) as writer:
         report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
         for name, content in _retriever_companions(base_ckpt, retriever_ckpt).items():

@@ -24,6 +24,7 @@ from reforge.io.buffers import ALIGNMENT, BufferPool
 from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
 from reforge.io.companions import companion_files, output_companions
 from reforge.io.format import torch_dtype
+from reforge.io.target import check_output
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
 from reforge.ops.diff import DTYPE_NAMES, overlap
@@ -111,6 +112,8 @@ def merge(
     started = time.perf_counter()
     import_torch_in_background()
     _check_options(retriever, delta, adapters, beta, dtype)
+    if not dry_run:
+        check_output(output, inputs=[base, retriever, delta, *(ref for ref, _ in adapters)], overwrite=overwrite)
     source = open_inputs(base, retriever, delta, adapters, token, allow_pickle)
     plan = {key: _terms(source, key, beta) for key in source.shapes}
     specs = [
@@ -155,6 +158,7 @@ def merge(
         overwrite=overwrite,
         progress=progress,
         durable=durable,
+        inputs=_input_paths(source),
     ) as writer:
         report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
         _add_companions(writer, source, manifest)
@@ -164,6 +168,14 @@ def merge(
         report.max_abs_rounding = writer.manifest["max_abs_rounding"]
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _input_paths(source: MergeInputs) -> list[Path]:
+    """The folders a merge reads, which its output must stay apart from."""
+    adapters = [source.retriever_adapter, *(adapter for adapter, _ in source.adapters)]
+    return [c.path for c in (source.base, source.retriever, source.delta) if c is not None] + [
+        a.checkpoint.path for a in adapters if a is not None
+    ]
 
 
 def _check_options(retriever, delta, adapters, beta: float, dtype: str) -> None:

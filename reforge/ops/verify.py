@@ -106,10 +106,12 @@ def verify_checkpoint(
 
 
 def _manifest(path: Path) -> dict:
+    """The folder's reforge.json, or {} (absent, unreadable or not an object: `_check_loads` reports the last two)."""
     try:
-        return json.loads((path / "reforge.json").read_text())
+        manifest = json.loads((path / "reforge.json").read_text())
     except (OSError, ValueError):
         return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def _check_loads(path: Path, manifest: dict, report: VerifyReport) -> ShardIndex | None:
@@ -128,6 +130,8 @@ def _check_loads(path: Path, manifest: dict, report: VerifyReport) -> ShardIndex
         problems.append(f"index total_size {total} != {actual} bytes of tensors")
     if leftovers:
         problems.append(f"unfinished files left: {', '.join(leftovers)}")
+    if (path / "reforge.json").exists() and not manifest:
+        problems.append("reforge.json is not a readable JSON object (malformed or truncated)")
     if manifest and manifest.get("state") != "complete":
         problems.append("reforge.json does not say the write completed")
     report.add(

@@ -1,46 +1,109 @@
-"""Attention for packed rows: causal attention inside each document, nothing across documents.
+"""Attention for packed rows: each document attends causally to itself only, exactly as the model's own attention
+would attend over that document alone.
 
-transformers can isolate packed documents itself (position ids that restart at 0, no attention mask), but with
-``sdpa`` it does so through a full (row x row) mask, which sends PyTorch to its slow masked kernels: on CPU a
-packed 4 x 1024 step took 1.6x as long as the same step with plain causal attention. Here each document is
-instead cut out of the row and given to ``scaled_dot_product_attention(is_causal=True)`` on its own, the
-pattern flash-attention's varlen kernels use: the fast causal kernels, and work in the sum of squared document
-lengths rather than the square of the row length.
+A packed row holds several documents whose position ids restart at 0 (`reforge.train.batching.collate`). Three
+paths give every token the attention it would get in its document alone:
 
-Registered with transformers' `AttentionInterface` under `PACKED_ATTENTION`; models loaded with
-``attn_implementation=PACKED_ATTENTION`` get no mask from transformers (a custom implementation has none) and
-read the document boundaries from ``position_ids``. Such a model drops any 2-D padding mask (transformers builds
-no mask for a custom implementation), so it is only for the rows `reforge.train.batching.collate` makes, whose
-padding is a pseudo-document of its own.
+- ``flex`` (CUDA): PyTorch's ``flex_attention``, compiled, with a document ``BlockMask``. transformers builds the
+  mask once per forward pass and per kind of layer (full or sliding window) through the mask function registered
+  here, from its own mask functions (causal, sliding window, packed documents), and hands the same mask to every
+  layer of that kind. Blocks outside every document are skipped, so the work grows with the sum of squared
+  document lengths, not the square of the row. Gemma2's attention-logit softcap is a ``score_mod``.
+- ``split`` (CPU, or a model with attention dropout): each document is cut out of the row and attended alone by
+  ``scaled_dot_product_attention(is_causal=True)``, the pattern of flash-attention's varlen kernels. A sliding
+  window shorter than the document becomes a banded mask; a softcap, which sdpa cannot apply, is computed the way
+  the model's eager attention computes it (scores, tanh cap, mask, float32 softmax) on that document.
+  ``flex_attention`` has no backward on CPU and compiling it there takes tens of seconds, hence this path.
+- ``fallback``: a family not in `PACKED_FAMILIES`, or an attention feature neither path implements (bidirectional
+  attention), keeps the model's own attention (sdpa or eager); transformers then builds a block-diagonal mask from
+  the position ids: exact, but a full row x row mask per layer. `plan_attention` says why, and the training record
+  carries that note so the CLI warns once.
+
+Both packed paths refuse, at the call, any attention argument they do not implement, so a new transformers feature
+fails loudly instead of changing the attention silently. tests/test_attention.py compares logits and gradients with
+each family's eager attention per document.
 """
 
 from __future__ import annotations
 
-PACKED_ATTENTION = "reforge_packed_sdpa"
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+PACKED_SPLIT = "reforge_packed_split"
+PACKED_FLEX = "reforge_packed_flex"
+# model_type values whose attention both packed paths reproduce exactly (tests/test_attention.py, one test each)
+PACKED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+# attention kwargs that carry no attention feature (bookkeeping transformers passes down to every layer)
+_INERT_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "output_attentions", "return_dict",
+                           "output_hidden_states"})
 
 
-def register_packed_attention() -> str:
-    """Make `PACKED_ATTENTION` known to transformers (idempotent) and return its name."""
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How a model attends within the documents of a packed row.
+
+    Fields: ``path`` (``"flex"``, ``"split"`` or ``"fallback"``), ``implementation`` (the ``attn_implementation``
+    to load the model with; None keeps transformers' default) and ``note`` (for a fallback: why, in one sentence
+    for the user; None otherwise).
+    """
+
+    path: str
+    implementation: str | None
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as the training record stores it."""
+        return {"path": self.path, "implementation": self.implementation, "note": self.note}
+
+
+def plan_attention(model_config, device_type: str) -> AttentionPlan:
+    """Choose the packed-attention path for a model (a transformers config) trained on ``device_type``.
+
+    CUDA gets ``flex`` unless the config has attention dropout (flex_attention has none); other devices get
+    ``split``; a family or feature the packed paths do not reproduce gets ``fallback`` with a note.
+    """
+    model_type = getattr(model_config, "model_type", None)
+    reason = None
+    if model_type not in PACKED_FAMILIES:
+        reason = f"packed attention is implemented for {', '.join(PACKED_FAMILIES)}, not {model_type}"
+    elif getattr(model_config, "use_bidirectional_attention", False) or not getattr(model_config, "is_causal", True):
+        reason = f"this {model_type} config uses bidirectional attention"
+    if reason:
+        return AttentionPlan("fallback", None, f"{reason}: training uses the model's own attention with a "
+                                               f"row x row block-diagonal mask (exact, slower).")
+    register_packed_attention()
+    if device_type == "cuda" and not getattr(model_config, "attention_dropout", 0.0):
+        return AttentionPlan("flex", PACKED_FLEX)
+    return AttentionPlan("split", PACKED_SPLIT)
+
+
+def register_packed_attention(path: str = "split") -> str:
+    """Make both packed paths known to transformers (idempotent); return the ``attn_implementation`` name of
+    ``path`` (``"split"`` or ``"flex"``)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-    return PACKED_ATTENTION
+    AttentionInterface.register(PACKED_SPLIT, split_attention)
+    AttentionMaskInterface.register(PACKED_SPLIT, _no_padding_mask)
+    AttentionInterface.register(PACKED_FLEX, flex_attention)
+    AttentionMaskInterface.register(PACKED_FLEX, flex_block_mask)
+    return {"split": PACKED_SPLIT, "flex": PACKED_FLEX}[path]
 
 
-def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                          scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+# ---- split: one call per document ---------------------------------------------------------------------------------
+
+def split_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                    sliding_window: int | None = None, softcap: float | None = None, **kwargs):
     """transformers' attention signature: ``query`` (batch, heads, L, dim), ``key``/``value`` (batch, kv heads,
     L, dim); returns ``(output (batch, L, heads, dim), None)``. A document starts wherever a position id is not
-    the previous one plus 1. Anything other than a plain training forward (a mask, a cache) goes to sdpa."""
+    the previous one plus 1."""
     import torch
-    import torch.nn.functional as F
 
+    _refuse_unknown(module, query, key, kwargs)
     position_ids = kwargs.get("position_ids")
-    if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+    if position_ids is None:
+        raise RuntimeError("packed attention reads document boundaries from position_ids; none were given")
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
@@ -48,16 +111,12 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     batch, heads, length, dim = query.shape
     positions = position_ids.expand(batch, length)
     starts = positions[:, 1:] != positions[:, :-1] + 1
-
-    drop = dropout if module.training else 0.0
+    scale = dim ** -0.5 if scaling is None else scaling
 
     def attend(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True, scale=scaling)
+        return _attend_document(q, k, v, scale=scale, window=sliding_window, softcap=softcap,
+                                dropout=dropout if module.training else 0.0)
 
-    if query.device.type != "cpu":  # one masked call per layer: see block_causal_mask
-        mask = block_causal_mask(starts)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=drop, scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
     if not bool(starts.any()):
         return attend(query, key, value).transpose(1, 2).contiguous(), None
     # The rows side by side as one sequence per head, cut into documents by one `split`, whose backward is one
@@ -70,17 +129,114 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     return out.reshape(heads, batch, length, dim).permute(1, 2, 0, 3).contiguous(), None
 
 
-def block_causal_mask(starts):
-    """``(batch, 1, L, L)`` booleans: position i may attend to j when j <= i in the same document.
+def _attend_document(q, k, v, *, scale: float, window: int | None, softcap: float | None, dropout: float):
+    """Causal attention over one document (``(1, heads, n, dim)`` each), with the window and softcap of eager."""
+    import torch
+    import torch.nn.functional as F
 
-    ``starts`` is ``(batch, L - 1)``, True where a document begins at the next position. On a GPU one masked
-    attention call per layer replaces the per-document calls: those cost more in Python, kernel launches and host
-    syncs than in arithmetic there (a 135M model trained at 5,800 tokens/s on an H100 with them, docs/results.md),
-    while the masked kernel is not the slow path it is on CPU. Same result (tests/test_train.py).
-    """
+    n = q.shape[2]
+    banded = window is not None and n > window
+    if softcap is None and not banded:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale)
+    allowed = document_mask(n, window, q.device)
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale)
+    # As transformers' eager attention computes it: cap the scaled scores, mask, softmax in float32.
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0)
+    return torch.matmul(weights, v)
+
+
+def document_mask(n: int, window: int | None, device=None):
+    """``(n, n)`` booleans: token i sees token j when ``j <= i`` and, with a window, ``i - j < window`` (the
+    sliding window of transformers' masks: the token itself and the ``window - 1`` before it)."""
     import torch
 
-    batch, length = starts.shape[0], starts.shape[1] + 1
-    document = torch.cat([starts.new_zeros(batch, 1, dtype=torch.long), starts.long().cumsum(1)], dim=1)
-    causal = torch.ones(length, length, dtype=torch.bool, device=starts.device).tril()
-    return ((document[:, :, None] == document[:, None, :]) & causal)[:, None]
+    i = torch.arange(n, device=device)
+    distance = i[:, None] - i[None, :]
+    return (distance >= 0) & (distance < window) if window is not None else distance >= 0
+
+
+def _no_padding_mask(batch_size: int, q_length: int, kv_length: int, attention_mask=None, **kwargs):
+    """The split path's mask function: it needs no mask, and refuses a padding mask it would otherwise drop."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("packed attention takes no padding mask: pad with a document of its own (as "
+                         "reforge.train.batching.collate does) and pass position_ids")
+    return None
+
+
+# ---- flex: one masked kernel per layer ----------------------------------------------------------------------------
+
+def flex_block_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                    mask_function: Callable | None = None, attention_mask=None, device="cpu", **kwargs):
+    """transformers' mask-function signature: the ``BlockMask`` of ``mask_function`` (causal, sliding window and
+    packed documents, as composed by transformers for this kind of layer). Called once per forward pass and kind of
+    layer; compiled on CUDA, built eagerly elsewhere (the CPU tests)."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+    from transformers.masking_utils import (
+        add_offsets_to_mask_function,
+        and_masks,
+        causal_mask_function,
+        padding_mask_function,
+        prepare_padding_mask,
+    )
+
+    mask_function = mask_function or causal_mask_function
+    if attention_mask is not None and not bool(attention_mask.all()):
+        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        mask_function = and_masks(mask_function, padding_mask_function(padding))
+    mask_function = add_offsets_to_mask_function(mask_function, q_offset, kv_offset)
+    return create_block_mask(mask_function, batch_size, None, q_length, kv_length, device=device,
+                             _compile=torch.device(device).type == "cuda")
+
+
+def flex_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                   sliding_window: int | None = None, softcap: float | None = None, **kwargs):
+    """transformers' attention signature over ``attention_mask``, the layer's ``BlockMask`` from `flex_block_mask`
+    (which already holds the sliding window). Compiled on CUDA; eager elsewhere, where it has no backward."""
+    from torch.nn.attention.flex_attention import BlockMask
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex
+
+    _refuse_unknown(module, query, key, kwargs)
+    if not isinstance(attention_mask, BlockMask):
+        raise RuntimeError(f"flex packed attention needs the BlockMask of its mask function, got "
+                           f"{type(attention_mask).__name__}")
+    if dropout and module.training:
+        raise RuntimeError("flex_attention has no dropout: plan_attention sends such models to the split path")
+    heads, kv_heads = query.shape[1], key.shape[1]
+    gqa = heads != kv_heads
+    if gqa and heads & (heads - 1):  # like transformers: expand the heads when the count is not a power of two
+        key = key.repeat_interleave(heads // kv_heads, dim=1)
+        value = value.repeat_interleave(heads // kv_heads, dim=1)
+        gqa = False
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, batch, head, q_idx, kv_idx):
+            import torch
+
+            return torch.tanh(score / softcap) * softcap
+    options = {"score_mod": score_mod, "block_mask": attention_mask, "enable_gqa": gqa, "scale": scaling}
+    if query.device.type == "cuda":
+        from transformers.integrations.flex_attention import compile_friendly_flex_attention
+
+        out = compile_friendly_flex_attention(query, key, value, training=module.training, **options)
+    else:
+        out = eager_flex(query, key, value, **options)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _refuse_unknown(module, query, key, kwargs: dict) -> None:
+    """Fail on what neither packed path implements, rather than attend differently from the model."""
+    extra = sorted(k for k, v in kwargs.items()
+                   if k not in _INERT_KWARGS and k != "is_causal" and v is not None and v is not False)
+    if extra:
+        raise RuntimeError(f"packed attention does not implement the attention argument(s) {', '.join(extra)} "
+                           f"of {type(module).__name__}; add the family to the fallback in plan_attention")
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        raise RuntimeError(f"{type(module).__name__} attends bidirectionally; packed attention is causal only")
+    if query.shape[2] != key.shape[2]:
+        raise RuntimeError("packed attention is for training forwards without a cache (queries = keys)")

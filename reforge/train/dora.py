@@ -29,11 +29,20 @@ import numpy as np
 from reforge import __version__
 from reforge.data.corpus import Corpus, DocSelection, load_corpus
 from reforge.errors import CheckpointNotFoundError, DataError, InvalidOptionError
-from reforge.train.attention import register_packed_attention
+from reforge.io.target import OutputLock, write_error
+from reforge.train.attention import AttentionPlan, plan_attention
 from reforge.train.batching import IGNORE, Batch, BatchPlan, Encoder, collate, make_encoder, split_step, token_lengths
 from reforge.train.config import TrainConfig
 from reforge.train.dist import Ranks, all_sum, barrier, gather_strided, init_ranks, shutdown
-from reforge.train.state import check_output, load_checkpoint, publish, save_checkpoint, start_fresh, work_dir
+from reforge.train.state import (
+    check_output,
+    latest_checkpoint,
+    load_checkpoint,
+    publish,
+    save_checkpoint,
+    start_fresh,
+    work_dir,
+)
 
 RECORD_NAME = "training_record.json"
 RECORD_FORMAT = "reforge-train-record/1"
@@ -100,6 +109,7 @@ class Run:
     optimizer: Any
     scheduler: Any
     forward_budget: int | None = None
+    attention: AttentionPlan | None = None
 
 
 @dataclass
@@ -149,7 +159,10 @@ def train_adapter(config: TrainConfig, progress: ProgressFn | None = None, *, to
     device_type = torch.device(config.device).type if config.device else "cuda" if torch.cuda.is_available() \
         else "cpu"
     ranks = init_ranks(device_type)
+    lock = OutputLock(config.output) if ranks.main and not dry_run else None  # the lock every writer takes
     try:
+        if lock is not None:
+            lock.acquire()
         device = torch.device(config.device or (f"cuda:{ranks.local}" if device_type == "cuda" else "cpu"))
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -169,6 +182,8 @@ def train_adapter(config: TrainConfig, progress: ProgressFn | None = None, *, to
         state = train_loop(run, data, state, progress, work=work)
         return save(run, data, state, base=checkpoint, work=work, wall_time_s=time.perf_counter() - started)
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(ranks)
 
 
@@ -199,14 +214,15 @@ def setup_model(config: TrainConfig, base: Path, ranks: Ranks, device, total_ste
     tensors are trainable; the LM head and embeddings never are."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, get_scheduler
+    from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
+    attention = plan_attention(AutoConfig.from_pretrained(base), device.type)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda"
                                           and torch.cuda.is_bf16_supported())
     with _quiet_transformers():
         model, info = AutoModelForCausalLM.from_pretrained(
             base, dtype=torch.bfloat16 if bf16 else torch.float32, output_loading_info=True,
-            attn_implementation=register_packed_attention(),
+            attn_implementation=attention.implementation,
             use_safetensors=None if config.allow_pickle else True,
             device_map={"": device} if device.type == "cuda" else None)
     if info["missing_keys"]:
@@ -239,7 +255,8 @@ def setup_model(config: TrainConfig, base: Path, ranks: Ranks, device, total_ste
     schedule = "constant_with_warmup" if config.schedule == "constant" else config.schedule
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=total_steps)
-    return Run(config, ranks, device, bf16, model, engine, optimizer, scheduler, _forward_budget(config, device))
+    return Run(config, ranks, device, bf16, model, engine, optimizer, scheduler, _forward_budget(config, device),
+               attention)
 
 
 def train_loop(run: Run, data: Data, state: LoopState, progress: ProgressFn | None = None, *,
@@ -301,15 +318,26 @@ def save(run: Run, data: Data, state: LoopState, *, base, work: Path, wall_time_
         adapter = run.model.peft_config["default"]
         adapter.base_model_name_or_path = config.base
         adapter.revision = record["base"].get("commit") or record["base"].get("revision")
-        run.model.save_pretrained(final)
-        (final / "README.md").unlink(missing_ok=True)  # peft's blank model card; `reforge push` writes a real one
-        (final / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        try:
+            run.model.save_pretrained(final)
+            (final / "README.md").unlink(missing_ok=True)  # peft's blank model card; `reforge push` writes a real one
+            (final / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise write_error(e, final, _unsaved_hint(config, work)) from e
         publish(final, output, work)
     barrier(ranks)
     return _result(record, output, state, data, ranks)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
+def _unsaved_hint(config: TrainConfig, work: Path) -> str:
+    checkpoint = latest_checkpoint(work)
+    if checkpoint is not None:
+        return (f"Training finished; its last checkpoint is {checkpoint}: free some space and rerun with --resume "
+                "to save the adapter from there.")
+    return "Training finished but nothing could be saved; free some space (--save-every N keeps checkpoints)."
+
+
 
 def _forward_budget(config: TrainConfig, device) -> int | None:
     """On CPU, a micro-batch goes through the model in groups of at most ``max_length`` padded tokens: the same
@@ -442,6 +470,7 @@ def _record(run: Run, data: Data, state: LoopState, base, wall_time_s: float) ->
         "steps": state.step, "global_batch": data.plan.global_batch, "batching": config.batching,
         "world_size": run.ranks.world,
         "device": run.device.type, "precision": "bf16" if run.bf16 else "fp32",
+        "attention": run.attention.to_dict() if run.attention else None,
         "loss": {"first": state.losses[0] if state.losses else None,
                  "final": state.losses[-1] if state.losses else None, "history": history},
         "train_time_s": round(state.train_time_s, 3), "wall_time_s": round(wall_time_s, 3),

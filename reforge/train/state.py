@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from reforge.errors import InvalidOptionError, OutputExistsError, short_path
+from reforge.io import target
 from reforge.train.config import RESUME_KEYS, TrainConfig
 from reforge.train.dist import Ranks, barrier
 
@@ -44,10 +45,14 @@ def check_output(config: TrainConfig) -> Path | None:
     """Refuse an output that holds something else, or stale checkpoints; return the checkpoint to resume from.
 
     Raises:
+        OutputRefusedError, OutputExistsError: see `reforge.io.target.check_output`.
         OutputExistsError: ``output`` is not empty (without ``overwrite``), or a previous run left checkpoints and
             neither ``resume`` nor ``overwrite`` says what to do with them.
     """
     output = Path(config.output)
+    inputs = [config.base, *config.corpus, config.only_ids, config.exclude_ids, *config.only_judged,
+              *config.exclude_judged]
+    target.check_output(output, inputs=inputs, overwrite=config.overwrite)  # never an input, nor others' files
     busy = output.exists() and (not output.is_dir() or any(output.iterdir()))
     if busy and not config.overwrite:
         raise OutputExistsError(f"Output {short_path(output)} already exists and is not empty.",
@@ -134,14 +139,22 @@ def load_checkpoint(checkpoint: Path, config: TrainConfig, *, model, optimizer, 
 
 
 def publish(final: Path, output: Path, work: Path) -> None:
-    """Move the finished ``final`` folder to ``output`` (replacing what is there) and remove ``work``."""
-    for path in final.rglob("*"):
-        if path.is_file():
-            os.chmod(path, 0o644)  # safetensors' save_file creates 0600 files
-    if output.exists() or output.is_symlink():
-        trash = work / "replaced"
-        os.replace(output, trash)
-    os.replace(final, output)
+    """Move the finished ``final`` folder to ``output`` (replacing what is there) and remove ``work``.
+
+    Raises:
+        DiskFullError, OutputRefusedError: the move failed; the message says where the whole adapter waits.
+    """
+    try:
+        for path in final.rglob("*"):
+            if path.is_file():
+                os.chmod(path, 0o644)  # safetensors' save_file creates 0600 files
+        if output.exists() or output.is_symlink():
+            trash = work / "replaced"
+            os.replace(output, trash)
+        os.replace(final, output)
+    except OSError as e:
+        raise target.write_error(e, output, f"The trained adapter is whole in {short_path(final)}: move that "
+                                            f"folder to {short_path(output)} yourself.") from e
     shutil.rmtree(work, ignore_errors=True)
 
 

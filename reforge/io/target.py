@@ -1,0 +1,202 @@
+"""Where a command may write a folder: the output rule, checked before any work, and the one lock every writer takes.
+
+The rule (issue 13): an output may replace only something reforge wrote (its ``reforge.json`` or
+``training_record.json`` says so), and never a folder that is, contains or lies inside one of the command's inputs.
+A symlink, a mount point, a file, or a place that cannot be written is refused too. All of it is checked before the
+first tensor is computed, so a long merge, tune or training never fails at its very end on a path mistake.
+
+The lock is ``.NAME.reforge-lock`` beside the output, held with ``flock`` for the whole run (diff, merge,
+``tune --write`` and train alike): a second run writing the same output is refused at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from reforge.errors import DiskFullError, OutputExistsError, OutputLockedError, OutputRefusedError, short_path
+
+MANIFESTS = ("reforge.json", "training_record.json")  # what diff/merge/tune --write and train leave in their output
+
+
+def lock_path(output: str | Path) -> Path:
+    """The lock file of a run writing ``output``."""
+    output = absolute(output)
+    return output.parent / f".{output.name}.reforge-lock"
+
+
+def absolute(output: str | Path) -> Path:
+    """``output`` as an absolute path with a real name (``-o .`` is the current folder by its name); the last
+    component is not resolved, so a symlink given as output stays visible as one."""
+    path = Path(os.path.abspath(os.path.expanduser(str(output))))
+    return path.parent.resolve() / path.name if path.name else path
+
+
+def written_by_reforge(folder: Path) -> bool:
+    """Whether ``folder`` holds an output reforge wrote: a manifest that is a JSON object naming reforge's version."""
+    for name in MANIFESTS:
+        try:
+            manifest = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and ("reforge_version" in manifest or "plan_id" in manifest):
+            return True
+    return False
+
+
+def check_output(output: str | Path, *, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
+                 option: str = "--output") -> Path:
+    """Refuse, before any work, an output this command must not write; return it as an absolute path.
+
+    Args:
+        output: the folder the command will write.
+        inputs: the command's inputs (local paths; Hub ids and None are skipped).
+        overwrite: the user allows replacing an earlier reforge output.
+        option: the option that named the output, for messages.
+
+    Raises:
+        OutputRefusedError: the output is, contains or lies inside an input; is a symlink, a mount point or a file;
+            or its folder cannot be written.
+        OutputExistsError: the output holds files reforge did not write (with or without ``overwrite``).
+    """
+    path = absolute(output)
+    shown = short_path(output)
+    if str(output).rstrip("/").rsplit("/", 1)[-1] in ("", ".", ".."):
+        raise _refused(path, f"{option} {output!r} names the current folder or one above it ({path}); reforge "
+                             "replaces its output folder as a whole.", f"Name a new folder, e.g. {option} out/.")
+    if path.is_symlink():
+        raise _refused(path, f"{option} {shown} is a symbolic link (to {os.path.realpath(path)}).",
+                       "Pass the folder it points to, or another folder.")
+    for source in _local_inputs(inputs):
+        reason = _overlap(path, source)
+        if reason:
+            raise _refused(path, f"{option} {shown} {reason} {short_path(source)}, an input of this command; "
+                                 "writing there could delete it.", f"Choose an {option} folder apart from the inputs.")
+    if path.exists() and not path.is_dir():
+        raise _refused(path, f"{option} {shown} is a file, not a folder.", f"Choose another {option}.")
+    if path.is_dir() and os.path.ismount(path):
+        raise _refused(path, f"{option} {shown} is a mount point; reforge writes beside the output and renames "
+                             "it into place, which a mount point cannot take.", f"Use {option} {shown}/NAME instead.")
+    if path.is_dir() and any(path.iterdir()) and not written_by_reforge(path):
+        raise OutputExistsError(
+            f"{option} {shown} holds files reforge did not write; they are never replaced"
+            + (", --overwrite or not." if overwrite else "."),
+            hint=f"Choose an empty or new {option} folder.", path=path)
+    check_writable(path, option)
+    return path
+
+
+def _local_inputs(inputs: Iterable[str | Path | None]) -> list[Path]:
+    found = []
+    for item in inputs:
+        if item is None or str(item) == "":
+            continue
+        candidate = Path(os.path.expanduser(str(item)))
+        if candidate.exists():
+            found.append(candidate.resolve())
+    return found
+
+
+def _overlap(output: Path, source: Path) -> str | None:
+    real = output.resolve()
+    if real == source:
+        return "is"
+    if source in real.parents:
+        return "lies inside"
+    if real in source.parents:
+        return "contains"
+    return None
+
+
+def check_writable(path: str | Path, option: str = "--output") -> None:
+    """The nearest existing folder at or above ``path`` must be a folder we can create files in (probed for real,
+    so a read-only mount refuses root too).
+
+    Raises:
+        OutputRefusedError: a file stands in the way, or nothing can be created there.
+    """
+    path = absolute(path)
+    ancestor = path.parent if path.is_dir() else path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise _refused(path, f"{option} {short_path(path)} cannot be created: {short_path(ancestor)} is a file.",
+                       f"Choose another {option}.")
+    try:
+        probe = tempfile.mkdtemp(prefix=".reforge-probe-", dir=ancestor)
+    except OSError as e:
+        raise _refused(path, f"{option} {short_path(path)} cannot be written: creating a folder in "
+                             f"{short_path(ancestor)} fails ({e.strerror}).",
+                       f"Choose an {option} on a writable disk.") from e
+    os.rmdir(probe)
+
+
+def write_error(error: OSError, path: str | Path, hint: str) -> Exception:
+    """A failed write as a reforge error: `DiskFullError` when the disk or a quota is full, `OutputRefusedError`
+    otherwise (permissions, a read-only disk); ``hint`` says where the finished work is."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DiskFullError(f"the disk filled up while writing {short_path(path)}.", hint=hint, path=Path(path),
+                             needed=None, free=None)
+    return OutputRefusedError(f"writing {short_path(path)} failed: {error.strerror or error}.", hint=hint,
+                              path=Path(path))
+
+
+def _refused(path: Path, message: str, hint: str) -> OutputRefusedError:
+    return OutputRefusedError(message, hint=hint, path=path)
+
+
+class OutputLock:
+    """``with OutputLock(output):`` -- the one lock of every command that writes ``output``.
+
+    Raises `OutputLockedError` at once when another run holds it. The lock file is removed on release.
+    """
+
+    def __init__(self, output: str | Path) -> None:
+        self.output = absolute(output)
+        self.path = lock_path(self.output)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lock, or raise `OutputLockedError`."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                os.close(fd)
+                raise OutputLockedError(
+                    f"another reforge run is writing {short_path(self.output)} right now.",
+                    hint=f"Wait for it to finish; if none is running, delete {short_path(self.path)}.",
+                    path=self.output,
+                    lock=self.path,
+                ) from e
+            # the file we locked may have been unlinked by a run finishing just now; lock the current one
+            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                self._fd = fd
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        """Remove the lock file and let go of the lock (a no-op when not held)."""
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
+            self._fd = None
