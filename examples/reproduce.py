@@ -10,7 +10,8 @@ failed step is logged while the steps that do not need it go on):
    NFCorpus-partial test, both encoded the retriever's way (``query: ``/``passage: ``, EOS, mean pooling, 128 tokens).
 2. ``reforge train``: knowledge adapters with the paper's defaults (DoRA r 32 / alpha 64 on q,k,v,up,down, 4
    documents a step, lr 2e-4 linear, one epoch, 1024 tokens; ``--train-batching rows`` for row packing) on
-   SciFact's corpus, NFCorpus-partial's corpus, and for the Table 2 variant SciFact's corpus without (``--exclude-judged``) and with only (``--only-judged``) the test-judged passages.
+   SciFact's corpus, NFCorpus-partial's corpus, and for the Table 2 variant SciFact's corpus without
+   (``--exclude-judged``) and with only (``--only-judged``) the test-judged passages.
 3. ``reforge tune --split test --i-know``: retriever + alpha * Psi on each test split for alpha in 0..1. Every point
    is reported and compared with alpha = 0 (the retriever); nothing is chosen on test.
 4. ``reforge tune`` on held-out queries (SciFact train queries, NFCorpus dev): the alpha a user would pick.
