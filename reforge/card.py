@@ -41,6 +41,8 @@ def render_model_card(info: dict[str, Any]) -> str:
             - ``pipeline_tag``: default ``"feature-extraction"``.
             - ``encoding``: ``{"query_prefix": str, "passage_prefix": str, "pooling": "last" | "eos" | "mean" |
               "cls", "normalize": bool, "append_eos": bool, "max_length": int}``.
+            - ``prompt_names``: the ``prompts`` of the folder's config_sentence_transformers.json; with ``query``
+              and ``document`` the snippet uses ``prompt_name``.
             - ``repo_id``: where the card will live (used in the loading snippets; default a placeholder).
             - ``model_name``: the card's title. ``license``, ``language``: copied to the metadata.
             - ``datasets``: Hub dataset ids of the adaptation corpora, for the metadata.
@@ -96,6 +98,50 @@ def render_model_card(info: dict[str, Any]) -> str:
         _usage(info, library),
         _encoding(info.get("encoding") or {}),
     ) if section)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n"))
+
+
+def render_adapter_card(record: dict[str, Any]) -> str:
+    """README.md for a knowledge adapter folder written by `reforge train`, from its training record.
+
+    Args:
+        record: the ``training_record.json`` dict (``adapter``, ``base``, ``corpus``, ``tokens``, ``steps``,
+            ``loss``, ``config``, ``reforge_version``).
+
+    Returns:
+        The card text: ``---`` YAML (``library_name: peft``, ``base_model`` for a Hub base) ``---`` then Markdown.
+
+    Example:
+        >>> card = render_adapter_card({"adapter": "dora", "base": {"ref": "HuggingFaceTB/SmolLM2-135M"},
+        ...                             "config": {"r": 32, "lora_alpha": 64, "target_modules": ["q_proj"]}})
+        >>> "base_model: HuggingFaceTB/SmolLM2-135M" in card
+        True
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = _entry(record.get("base"))
+    config = record.get("config") or {}
+    kind = _KINDS.get(str(record.get("adapter") or "dora"), "DoRA")
+    data = ModelCardData(base_model=base.get("repo_id"), library_name="peft",
+                         tags=["reforge", "re-adaptir", "knowledge-adapter", kind.lower()])
+    corpus = record.get("corpus") or {}
+    corpora = ", ".join(f"`{_corpus(p)}`" for p in corpus.get("paths") or []) or "unlabeled text"
+    facts = [f"{corpus['documents']:,} documents" if corpus.get("documents") is not None else None,
+             f"{record['tokens']['trained']:,} tokens" if (record.get("tokens") or {}).get("trained") else None,
+             f"{record['steps']:,} step{'s' if record['steps'] != 1 else ''}" if record.get("steps") else None,
+             f"final loss {record['loss']['final']:.4f}" if (record.get("loss") or {}).get("final") else None]
+    base_name = _name(base) if base.get("ref") else "its base LM"
+    numbers = f" ({', '.join(f for f in facts if f)})" if any(facts) else ""
+    ref = base.get("repo_id") or "BASE"
+    body = "\n".join([
+        f"# {kind} knowledge adapter for {PurePath(str(base.get('ref', 'base')).rstrip('/')).name}", "",
+        f"A RE-AdaptIR knowledge adapter (Fleshman & Van Durme): {kind} r {config.get('r')}, alpha "
+        f"{config.get('lora_alpha', 0):g} on {', '.join(config.get('target_modules') or [])} of {base_name}, "
+        f"trained by next-token prediction on {corpora}{numbers}.",
+        "", "It is not a retriever by itself: add it to a dense retriever made from the same base LM.", "",
+        "```bash", f"reforge merge --base {ref} --retriever RETRIEVER --adapter THIS_ADAPTER --alpha 0.5 -o readapted/",
+        "```", "", "`training_record.json` holds every option, the data hashes and the loss history.", "",
+        f"Made with reforge {record.get('reforge_version') or ''}".rstrip() + "."])
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n"))
 
 
@@ -158,7 +204,7 @@ def _intro(info: dict, retriever: dict, base: dict, adapters: list, beta: Any) -
              "with next-token prediction on the base LM is added: `merged = base + alpha * Psi + beta * Delta`."]
     if base.get("ref"):
         lines[-1] += f" The base LM is {_name(base)}."
-    corpora = [_corpus(a["corpus"]) for a in adapters if a.get("corpus")]
+    corpora = [_corpus(c) for a in adapters if a.get("corpus") for c in str(a["corpus"]).split(", ")]
     if corpora:
         lines.append("")
         lines.append(f"Adapted to: {', '.join(f'`{c}`' for c in corpora)}.")
@@ -194,7 +240,7 @@ def _recipe(adapters: list, beta: Any, info: dict) -> str:
         facts = [f"alpha {_number(a['alpha'])}" if a.get("alpha") is not None else None,
                  _kind(a),
                  a.get("rank") and f"rank {a['rank']}", a.get("steps") and f"{a['steps']} steps",
-                 a.get("corpus") and f"trained on `{_corpus(a['corpus'])}`"]
+                 a.get("corpus") and "trained on " + ", ".join(f"`{_corpus(c)}`" for c in str(a["corpus"]).split(", "))]
         label = f"Psi{i + 1}" if len(adapters) > 1 else "Psi"
         details.append(f"- {label}: {_name(a)}" + (f" ({', '.join(f for f in facts if f)})" if any(facts) else ""))
     if details:
@@ -226,7 +272,18 @@ def _usage(info: dict, library: str) -> str:
     repo = info.get("repo_id") or "path/to/this-model"
     enc = info.get("encoding") or {}
     q, p = enc.get("query_prefix", ""), enc.get("passage_prefix", "")
-    if library == "sentence-transformers":
+    prompt_names = info.get("prompt_names") or []
+    if library == "sentence-transformers" and {"query", "document"} <= set(prompt_names):
+        # the folder's own prompts, pooling, max length and EOS: encodes exactly as `reforge eval` does
+        code = ["from sentence_transformers import SentenceTransformer", "",
+                f'model = SentenceTransformer("{repo}")',
+                'queries = model.encode(["how do vaccines work?"], prompt_name="query")',
+                'passages = model.encode(["Vaccines train the immune system."], prompt_name="document")',
+                "scores = model.similarity(queries, passages)"]
+        tasks = sorted(set(prompt_names) - {"query", "document"})
+        if tasks:
+            code.append(f'# per-task instructions: prompt_name="{tasks[0]}" (also: {", ".join(tasks[1:])})')
+    elif library == "sentence-transformers":
         code = ["from sentence_transformers import SentenceTransformer", "",
                 f'model = SentenceTransformer("{repo}")',
                 f'queries = model.encode(["how do vaccines work?"]{", prompt=" + repr(q) if q else ""})',
@@ -236,13 +293,13 @@ def _usage(info: dict, library: str) -> str:
         pooling = enc.get("pooling", "last")
         pool = {"mean": "(h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)",
                 "cls": "h[:, 0]"}.get(pooling, "h[torch.arange(len(h)), mask.sum(1) - 1]  # last token (right padding)")
-        eos = " + tokenizer.eos_token" if enc.get("append_eos") else ""
+        length = int(enc.get("max_length") or 512)
         norm = ["e = torch.nn.functional.normalize(e, dim=-1)"] if enc.get("normalize", True) else []
         code = ["import torch", "from transformers import AutoModel, AutoTokenizer", "",
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
                 f'model = AutoModel.from_pretrained("{repo}", torch_dtype="auto").eval()', "",
                 "def embed(texts):",
-                f"    batch = tokenizer([t{eos} for t in texts], padding=True, truncation=True, return_tensors=\"pt\")",
+                *_tokenize_lines(length, bool(enc.get("append_eos"))),
                 "    with torch.no_grad():",
                 "        h = model(**batch).last_hidden_state",
                 "    mask = batch[\"attention_mask\"]",
@@ -251,6 +308,16 @@ def _usage(info: dict, library: str) -> str:
                 f'passages = embed([{repr(p + "Vaccines train the immune system.")}])',
                 "scores = queries @ passages.T"]
     return "\n".join(["## Usage", "", "```python", *code, "```"])
+
+
+def _tokenize_lines(length: int, append_eos: bool) -> list[str]:
+    """The snippet's tokenization: cut at the profile's max length, the EOS (if any) appended after the cut."""
+    if not append_eos:
+        return [f"    batch = tokenizer(texts, padding=True, truncation=True, max_length={length}, "
+                'padding_side="right", return_tensors="pt")']
+    return [f"    ids = tokenizer(texts, truncation=True, max_length={length - 1})[\"input_ids\"]",
+            '    batch = tokenizer.pad({"input_ids": [i + [tokenizer.eos_token_id] for i in ids]}, '
+            'padding_side="right", return_tensors="pt")']
 
 
 def _encoding(enc: dict) -> str:

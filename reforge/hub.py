@@ -593,6 +593,15 @@ def _check_weights(folder: Path, headers: dict[str, dict[str, Any]]) -> list[str
     return failures
 
 
+def push_failures(folder: str | Path, *, verify: bool = True) -> list[str]:
+    """What stops ``folder`` from being pushed: `check_folder`, then (when that passes and ``verify``) the full
+    `reforge verify` checks. `push_folder` and ``reforge push --dry-run`` run exactly this."""
+    failures = check_folder(folder)
+    if not failures and verify:
+        failures = _verify_failures(Path(folder))
+    return failures
+
+
 def _verify_failures(folder: Path) -> list[str]:
     """Failures from the full `reforge.ops.verify.verify_checkpoint`, when that module exists."""
     from importlib import import_module
@@ -640,9 +649,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, token
 
     repo_id, revision = _with_revision(repo_id, revision)
     folder = Path(folder)
-    failures = check_folder(folder)
-    if not failures and verify:
-        failures = _verify_failures(folder)
+    failures = push_failures(folder, verify=verify)
     if failures:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise VerificationError(f"{short_path(folder)} is not ready to push: {failures[0]}{more}.",

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from reforge.errors import InvalidOptionError, PoolingUndeterminedError, UnsupportedModelError, short_path
+from reforge.io.st_folder import Encoding
 
 POOLINGS = ("mean", "cls", "last", "max", "mean_sqrt_len", "weightedmean")
 PROFILE_FILE = "reforge_encoding.json"
@@ -399,6 +400,27 @@ def _st_pooling(model_dir: Path, folder: str) -> str:
             reason=what,
         )
     return "+".join(ST_POOLING_MODES[m] for m in modes)
+
+
+def st_folder_prompts(profile: EncodingProfile) -> dict[str, str]:
+    """The ``prompts`` a sentence-transformers folder gets for ``profile``: ``query`` and ``document``, plus one per
+    dataset of `E5_TASKS` when the query prefix holds ``{task}`` and no fixed task is set (``query`` then uses MS
+    MARCO's web-search instruction)."""
+    template = profile.query_prefix
+    if "{task}" not in template:
+        return {"query": template, "document": profile.passage_prefix}
+    prompts = {"query": template.replace("{task}", profile.task or E5_TASKS["msmarco"]),
+               "document": profile.passage_prefix}
+    if profile.task is None:
+        prompts.update({name: template.replace("{task}", task) for name, task in E5_TASKS.items()})
+    return prompts
+
+
+def st_encoding(profile: EncodingProfile) -> Encoding:
+    """``profile`` as the plain values `reforge.io.st_folder` writes into a sentence-transformers folder."""
+    return Encoding(profile.pooling, profile.normalize, profile.max_length, append_eos=profile.append_eos,
+                    lowercase=profile.lowercase, prompts=st_folder_prompts(profile),
+                    padding_side=profile.padding_side, modules=tuple(profile.modules))
 
 
 def save_profile(folder: str | Path, profile: EncodingProfile) -> Path:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from reforge.data.beir import BeirDataset, load_beir, read_qrels
-from reforge.errors import InvalidOptionError, LayoutMismatchError, short_path
+from reforge.errors import DataError, InvalidOptionError, LayoutMismatchError, short_path
 from reforge.eval.metrics import PairedTest, parse_measures
 from reforge.eval.model import ModelSource, Retriever
 from reforge.eval.pipeline import EvalSettings, evaluate
@@ -50,13 +50,19 @@ def parse_grid(text: str, *, option: str = "--alpha") -> tuple[float, ...]:
     """Values from ``0,0.25,0.5`` or an inclusive range ``start:stop:step`` (``0:1:0.25``), in the order given.
 
     Raises:
-        InvalidOptionError: not numbers, not finite, empty, a non-positive step, or a value given twice.
+        InvalidOptionError: not numbers, not finite, empty (or an empty item, ``0,,1``), a non-positive step, or
+            a value given twice.
 
     Example:
         >>> parse_grid("0:1:0.25")
         (0.0, 0.25, 0.5, 0.75, 1.0)
     """
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    parts = [p.strip() for p in str(text).split(",")]
+    if any(parts) and not all(parts):
+        raise InvalidOptionError(f"{option} {text!r} has an empty item.",
+                                 hint=f"Write the values separated by single commas, e.g. {option} 0,0.5,1.",
+                                 option=option)
+    parts = [p for p in parts if p]
     values: list[float] = []
     for part in parts:
         try:
@@ -368,7 +374,7 @@ def tune(base: str | Path, adapter: str | Path, data: str | Path | BeirDataset, 
     metric = str(parse_measures([metric])[0])
     settings = replace(settings or EvalSettings(), split=split, measures=(metric,), seed=seed)
     settings.check()
-    full = data if isinstance(data, BeirDataset) else load_beir(data, split)
+    full = data if isinstance(data, BeirDataset) else _load_split(data, split, test_split)
     if full.split != split:
         raise InvalidOptionError(f"The dataset given was read for split {full.split!r}, not {split!r}.",
                                  option="--split")
@@ -416,6 +422,26 @@ def _check_options(retriever, delta, split: str, test_split: str, i_know: bool, 
             raise InvalidOptionError(f"{option} must be at least 1, got {value}.", option=option)
 
 
+def _load_split(folder, split: str, test_split: str) -> BeirDataset:
+    """`load_beir`, with a missing split's hint naming a split tune accepts (not ``test_split``)."""
+    try:
+        return load_beir(folder, split)
+    except DataError as e:
+        available = getattr(e, "available", None)
+        if getattr(e, "split", None) != split or available is None:
+            raise
+        held_out = [s for s in available if s != test_split]
+        if not held_out:
+            hint = (f"Its only split is --test-split {test_split}: hold out some of its queries in another "
+                    f"qrels/<split>.tsv, or pass --split {test_split} --i-know (the score will be optimistic).")
+        else:
+            choice = "dev" if "dev" in held_out else held_out[0]
+            hint = (f"Pass --split {choice} (held out from --test-split {test_split}). If the retriever was "
+                    f"trained on those queries (as SciFact's train queries usually are), any alpha > 0 looks "
+                    f"worse on them than it is: see docs/tune.md.")
+        raise DataError(e.message, hint=hint, path=e.path, line=None, split=split, available=available) from e
+
+
 def _overlap_warnings(dataset: BeirDataset, split: str, test_split: str) -> list[str]:
     """A warning when tuning queries are also judged in the test split (only for folders that have one)."""
     if split == test_split or dataset.path is None:
@@ -434,8 +460,8 @@ def _merger_and_template(source, retriever, delta, base, settings: EvalSettings,
                          stage: StageFn | None) -> tuple[InMemoryMerge, ModelSource]:
     """The shared in-memory model and a `ModelSource` describing the retriever (profile, tokenizer, paths)."""
     from reforge.eval.model import _tokenizer_hash, resolve_model, transformer_dir
-    from reforge.profiles import detect_profile
     from reforge.ops.delta import RETRIEVER_FILES
+    from reforge.profiles import detect_profile
 
     if delta is not None:
         files = source.delta.path / RETRIEVER_FILES

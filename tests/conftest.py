@@ -16,6 +16,7 @@ def isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("REFORGE_HOME", str(home / "reforge"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("REFORGE_PROGRESS_EVERY", "3600")  # no plain progress lines in checked stderr, however slow
     monkeypatch.delenv("HF_TOKEN", raising=False)
     yield
 

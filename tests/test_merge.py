@@ -71,7 +71,9 @@ def test_alpha_zero_reproduces_the_retriever_bit_for_bit(setup, tmp_path):
     assert json.loads((out / "config.json").read_text()) == json.loads(
         (setup["retriever_dir"] / "config.json").read_text()
     )
-    assert (out / "tokenizer.json").read_bytes() == (setup["retriever_dir"] / "tokenizer.json").read_bytes()
+    # the tokenizer is the retriever's, but for the EOS the profile appends (see tests/test_st_folder.py)
+    got, original = (json.loads((folder / "tokenizer.json").read_text()) for folder in (out, setup["retriever_dir"]))
+    assert got.pop("post_processor") != original.pop("post_processor") and got == original
 
 
 def test_dora_merge_equals_formula_and_embeddings_match_reference_model(setup, tmp_path):

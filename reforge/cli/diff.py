@@ -97,4 +97,6 @@ def diff_cmd(
             durable=durable,
             progress=progress,
         )
+    for warning in report.warnings:
+        ui.warn(warning)
     ui.show_write_report(report, as_json=as_json, what="delta")

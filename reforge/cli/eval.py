@@ -7,7 +7,14 @@ from typing import Any
 import click
 
 from reforge.cli import output
-from reforge.cli.options import MetricType, encoding_options, encoding_settings, hub_options, output_options
+from reforge.cli.options import (
+    MetricType,
+    encoding_options,
+    encoding_settings,
+    hub_options,
+    log_file_option,
+    output_options,
+)
 
 
 @click.command("eval")
@@ -42,6 +49,7 @@ from reforge.cli.options import MetricType, encoding_options, encoding_settings,
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomization test.")
 @encoding_options
+@log_file_option
 @hub_options
 @output_options
 def eval_cmd(
@@ -88,7 +96,7 @@ def eval_cmd(
     for dataset in data:
         for warning in dataset.warnings:
             output.warn(warning)
-    with output.progress_bar("Encoding", quiet=quiet or as_json) as bar:
+    with output.progress_bar("Encoding", quiet=quiet or as_json, log_file=options["log_file"]) as bar:
         report = evaluate(list(models), data, settings, progress=bar, stage=lambda text: bar(0, None, description=text))
     if report is None:  # a rank other than 0 of a distributed run: it only encoded its shards
         return

@@ -87,6 +87,16 @@ def output_options(func: Callable) -> Callable:
     return func
 
 
+def log_file_option(func: Callable) -> Callable:
+    """``--log-file``: keep the plain progress lines of a long command (see `reforge.cli.output.progress_bar`)."""
+    return click.option(
+        "--log-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Append progress lines (stage, counts, rate, ETA; every $REFORGE_PROGRESS_EVERY s, 30) to this file.",
+    )(func)
+
+
 def hub_options(func: Callable) -> Callable:
     """``--token`` and ``--allow-pickle``: how checkpoints are fetched and opened."""
     func = click.option(

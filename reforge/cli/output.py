@@ -47,13 +47,142 @@ def warn(message: str) -> None:
     err.print(f"[yellow]Warning:[/yellow] {message}", highlight=False)
 
 
+PROGRESS_EVERY_ENV = "REFORGE_PROGRESS_EVERY"  # seconds between plain progress lines (default 30)
+
+
 @contextmanager
-def progress_bar(description: str, *, unit: str = "items", quiet: bool = False) -> Iterator[ProgressFn]:
+def progress_bar(
+    description: str, *, unit: str = "items", quiet: bool = False, log_file: str | None = None
+) -> Iterator[ProgressFn]:
     """A rich progress bar on stderr, yielded as a ``progress(done, total)`` callback.
 
     ``unit="bytes"`` shows sizes and transfer speed; anything else shows counts. The bar is transient and is
-    disabled by ``quiet`` or when stderr is not a terminal.
+    disabled by ``quiet`` or when stderr is not a terminal. Without a terminal (nohup, slurm, CI) and without
+    ``quiet``, a plain line goes to stderr instead every ``$REFORGE_PROGRESS_EVERY`` seconds (30) and at each new
+    stage; ``log_file`` gets the same lines appended, terminal or not.
     """
+    live = not quiet and err.is_terminal
+    sinks = [] if quiet or live else [_stderr_line]
+    with _append_lines(log_file) as log:
+        if log is not None:
+            sinks.append(log)
+        lines = PlainProgress(description, unit, sinks, _progress_every()) if sinks else None
+        with _live_bar(description, unit=unit, disable=not live) as bar:
+
+            def update(done: int, total: int | None = None, description: str | None = None) -> None:
+                bar(done, total, description)
+                if lines is not None:
+                    lines.update(done, total, description)
+
+            yield update
+        if lines is not None:
+            lines.finish()
+
+
+class PlainProgress:
+    """Progress as plain lines for logs: ``[12:00:05] Training: 120/400 (30%) | loss 2.345 | 1,234 tok/s |
+    elapsed 1m05s | ETA 2m31s``, or ``[11:59:30] Training: Reading the corpus | elapsed 30s`` before counting begins.
+
+    A line every ``every`` seconds (the first after ``every`` seconds, so a short command prints none), and a last
+    one at the end of a command that printed any. The ETA is the time per unit since counting began times the units
+    left."""
+
+    def __init__(self, label: str, unit: str, sinks: list[Callable[[str], None]], every: float,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.label, self.unit, self.sinks, self.every = label, unit, sinks, every
+        self.clock = clock or time.monotonic
+        self.started = self.last_emit = self.clock()
+        self.counting_since: float | None = None
+        self.done, self.total, self.description = 0, None, ""
+        self.stage: str | None = None
+        self.printed: str | None = None
+
+    def update(self, done: int, total: int | None = None, description: str | None = None) -> None:
+        """Record the state (a description without a total begins a stage); emit a line when one is due."""
+        now = self.clock()
+        if total is None and description is not None and (description != self.stage or self.total is None):
+            if description != self.stage:
+                self.stage, self.counting_since, self.total, self.description = description, None, None, ""
+        else:
+            if description is not None:
+                self.description = description
+            if total is not None and self.counting_since is None:
+                self.counting_since = now
+            self.done, self.total = done, total if total is not None else self.total
+        finished = self.printed is not None and self.total is not None and self.done >= self.total
+        if now - self.last_emit >= self.every or finished:
+            self._emit(now)
+
+    def finish(self) -> None:
+        """The final state, if this command printed any line and not this one already."""
+        if self.printed is not None:
+            self._emit(self.clock(), only_if_new=True)
+
+    def _line(self, now: float) -> str:
+        elapsed = f"elapsed {_duration(now - self.started)}"
+        if self.total is None or self.counting_since is None:
+            return f"{self.stage or 'starting'} | {elapsed}"
+        size = _size if self.unit == "bytes" else (lambda n: f"{n:,}")
+        parts = [f"{size(self.done)}/{size(self.total)}" + (f" ({self.done / self.total:.0%})" if self.total else "")]
+        if self.description and self.description != self.label:
+            parts.append(self.description)
+        parts.append(elapsed)
+        spent = now - self.counting_since
+        if self.total and 0 < self.done < self.total and spent > 0:
+            parts.append(f"ETA {_duration(spent / self.done * (self.total - self.done))}")
+        return " | ".join(parts)
+
+    def _emit(self, now: float, only_if_new: bool = False) -> None:
+        from datetime import datetime
+
+        text = self._line(now)
+        if only_if_new and text.rsplit(" | elapsed", 1)[0] == (self.printed or "").rsplit(" | elapsed", 1)[0]:
+            return
+        self.last_emit, self.printed = now, text
+        line = f"[{datetime.now().strftime('%H:%M:%S')}] {self.label}: {text}"
+        for sink in self.sinks:
+            sink(line)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _progress_every() -> float:
+    import os
+
+    try:
+        return max(0.0, float(os.environ.get(PROGRESS_EVERY_ENV, "30")))
+    except ValueError:
+        return 30.0
+
+
+def _stderr_line(line: str) -> None:
+    err.print(line, highlight=False, markup=False)
+
+
+@contextmanager
+def _append_lines(path: str | None) -> Iterator[Callable[[str], None] | None]:
+    """A sink that appends each line to ``path`` and flushes it (a log you can tail), or None."""
+    if path is None:
+        yield None
+        return
+    with open(path, "a", encoding="utf-8") as handle:
+
+        def write(line: str) -> None:
+            handle.write(line + "\n")
+            handle.flush()
+
+        yield write
+
+
+@contextmanager
+def _live_bar(description: str, *, unit: str, disable: bool) -> Iterator[Callable[..., None]]:
     if unit == "bytes":
         columns = [
             TextColumn("{task.description}"),
@@ -70,7 +199,6 @@ def progress_bar(description: str, *, unit: str = "items", quiet: bool = False) 
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         ]
-    disable = quiet or not err.is_terminal
     with Progress(*columns, console=err, transient=True, disable=disable) as progress:
         task = progress.add_task(description, total=None)
 

@@ -19,7 +19,8 @@ from reforge.cli.options import output_options
 @click.option("-m", "--message", default=None, help="Commit message.  [default: Upload FOLDER with reforge VERSION]")
 @click.option("--token", envvar="HF_TOKEN", default=None, show_envvar=True,
               help="Hugging Face token with write access (default: the one `hf auth login` saved). Never printed.")
-@click.option("--dry-run", is_flag=True, help="Check the folder and list the files and bytes to upload; send nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Run the checks a push runs (incl. `reforge verify`) and list the files and bytes; send nothing.")
 @click.option("--skip-verify", is_flag=True,
               help="Skip the full `reforge verify` checks (the quick completeness checks always run).")
 @output_options
@@ -48,9 +49,9 @@ def push_cmd(folder: str, repo_id: str, public: bool, revision: str | None, mess
                                "give the branch once, with --revision.")
     revision = revision or at_revision
     if dry_run:
-        return _dry_run(folder, target, revision, not public, as_json)
+        return _dry_run(folder, target, revision, not public, as_json, verify=not skip_verify)
     if not (Path(folder) / "README.md").is_file():
-        output.warn("no README.md: the repo will have no model card (reforge merge writes one).")
+        output.warn("no README.md: the repo will have no model card (reforge merge and train write one).")
     with output.progress_bar("Uploading", unit="bytes", quiet=quiet or as_json) as progress:
         url = hub.push_folder(folder, target, private=not public, token=token, revision=revision,
                               commit_message=message, progress=progress, verify=not skip_verify)
@@ -71,12 +72,12 @@ def _split_repo(repo_id: str) -> tuple[str, str | None]:
     return hub.parse_ref(repo_id)
 
 
-def _dry_run(folder: str, repo_id: str, revision: str | None, private: bool, as_json: bool) -> None:
+def _dry_run(folder: str, repo_id: str, revision: str | None, private: bool, as_json: bool, *, verify: bool) -> None:
     from reforge import hub
     from reforge.cli import output
     from reforge.errors import VerificationError, short_path
 
-    failures = hub.check_folder(folder)
+    failures = hub.push_failures(folder, verify=verify)  # what a real push checks, no less
     if failures:
         raise VerificationError(f"{short_path(folder)} is not ready to push: {failures[0]}"
                                 + (f" (and {len(failures) - 1} more)." if len(failures) > 1 else "."),
@@ -94,4 +95,4 @@ def _dry_run(folder: str, repo_id: str, revision: str | None, private: bool, as_
     click.echo(f"{len(plan)} files, {total:,} bytes -> {repo_id}@{revision or 'main'} "
                f"({'private' if private else 'public'} if created). Nothing was sent (--dry-run).")
     if not any(p == "README.md" for p, _ in plan):
-        output.warn("no README.md: the repo will have no model card (reforge merge writes one).")
+        output.warn("no README.md: the repo will have no model card (reforge merge and train write one).")

@@ -7,9 +7,10 @@ from pathlib import Path
 import click
 
 from reforge.cli import output as ui
-from reforge.cli.options import DeviceType, hub_options, output_options
+from reforge.cli.options import DeviceType, hub_options, log_file_option, output_options
 from reforge.errors import InvalidOptionError
 from reforge.train.config import BATCHINGS, PAPER_TARGETS, PRECISIONS, SCHEDULES, TrainConfig
+from reforge.train.tracking import REPORT_TO
 
 _D = TrainConfig(base="", corpus=[""], output="")  # the defaults, shown in --help
 
@@ -145,6 +146,21 @@ def _targets(value: str) -> list[str]:
     show_default=True,
     help="Checkpoint every N optimizer steps, for --resume (0 = never).",
 )
+@click.option(
+    "--report-to",
+    type=click.Choice(REPORT_TO),
+    default="none",
+    show_default=True,
+    help="Log loss, learning rate and tok/s per step with accelerate's tracker (tensorboard needs `tensorboard`).",
+)
+@click.option(
+    "--logging-dir",
+    type=click.Path(file_okay=False),
+    default="runs",
+    show_default=True,
+    help="Where --report-to writes: one sub-folder per run, named after -o and the start time.",
+)
+@log_file_option
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of an interrupted run.")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that holds something else.")
 @click.option("--dry-run", is_flag=True, help="Read the corpus and print the plan (documents, tokens, steps).")
@@ -158,6 +174,9 @@ def train_cmd(
     target_modules: str,
     token: str | None,
     dry_run: bool,
+    report_to: str,
+    logging_dir: str,
+    log_file: str | None,
     quiet: bool,
     as_json: bool,
     **options,
@@ -178,29 +197,61 @@ def train_cmd(
       reforge train ./base --corpus notes/ --per-line --max-docs 10000 --save-every 200 -o psi/ --resume
       torchrun --nproc-per-node 8 "$(which reforge)" train ./base --corpus big.jsonl --text-field body -o psi/
     """
-    from reforge.train import train_adapter
+    from datetime import datetime
 
+    from reforge.card import render_adapter_card
+    from reforge.train import train_adapter
+    from reforge.train.tracking import step_logger
+
+    lists = {k: list(v) for k, v in options.items() if isinstance(v, tuple)}  # multiple=True options, as saved
     config = TrainConfig(
         base=base,
         corpus=list(corpus),
         output=output,
         use_dora=not lora,
         target_modules=_targets(target_modules),
-        **options,
+        **{**options, **lists},
     )
     try:  # out-of-range or non-finite numbers (--lr nan, --lora-alpha inf) are usage errors, caught before any work
         config.validate()
     except InvalidOptionError as e:
         raise click.UsageError(str(e)) from e
-    with ui.progress_bar("Preparing", quiet=quiet or as_json) as bar:
+    run_name = f"{Path(output).name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    try:
+        with (
+            ui.progress_bar("Training", quiet=quiet or as_json, log_file=log_file) as bar,
+            step_logger("none" if dry_run else report_to, logging_dir, run_name, config.to_dict()) as log,
+        ):
 
-        def progress(step: int, total: int, stats) -> None:
-            bar(step, total, description=f"loss {stats.loss:.3f} | {stats.tokens_per_s:,.0f} tok/s")
+            def progress(step: int, total: int, stats) -> None:
+                bar(step, total, description=f"loss {stats.loss:.3f} | {stats.tokens_per_s:,.0f} tok/s")
+                if log is not None:
+                    log(step, stats)
 
-        result = train_adapter(config, progress, token=token, dry_run=dry_run)
+            result = train_adapter(config, progress, token=token, dry_run=dry_run, readme=render_adapter_card,
+                                   stage=lambda text: bar(0, None, description=text))
+    except KeyboardInterrupt:
+        _interrupted(config)
     if not result.is_main:
         return
     _report(result, config, as_json)
+
+
+def _interrupted(config: TrainConfig) -> None:
+    """Ctrl-C: say how to continue, the way the rerun will accept it (exit 130, as a shell does)."""
+    from reforge.train.state import latest_checkpoint, work_dir
+
+    checkpoint = latest_checkpoint(work_dir(config.output))
+    if checkpoint is None:
+        ui.err.print("Interrupted before the first checkpoint. Rerun the same command to start over.", highlight=False)
+    else:
+        step = int(checkpoint.name.split("-")[-1])
+        ui.err.print(
+            f"Interrupted; the last checkpoint is at step {step} ({checkpoint}). Rerun the same command with "
+            "--resume to continue from it, or with --overwrite to start over.",
+            highlight=False,
+        )
+    raise click.exceptions.Exit(130)
 
 
 def _report(result, config: TrainConfig, as_json: bool) -> None:

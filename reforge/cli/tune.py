@@ -7,7 +7,17 @@ from typing import Any
 import click
 
 from reforge.cli import output as ui
-from reforge.cli.options import MetricType, SizeType, encoding_options, encoding_settings, hub_options, output_options
+from reforge.cli.options import (
+    MetricType,
+    SizeType,
+    encoding_options,
+    encoding_settings,
+    hub_options,
+    log_file_option,
+    output_options,
+)
+
+GRID_CONFIRM = 1000  # points; a bigger grid (e.g. a range typed with one digit too many) is confirmed first
 
 
 class GridType(click.ParamType):
@@ -97,6 +107,8 @@ class GridType(click.ParamType):
     "--max-shard-size", type=SizeType(), default="5GB", show_default=True, help="Largest shard file of --write."
 )
 @click.option("--overwrite", is_flag=True, help="Let --write replace a folder that holds a different checkpoint.")
+@log_file_option
+@click.option("-y", "--yes", is_flag=True, help=f"Run a grid of more than {GRID_CONFIRM:,} points without asking.")
 @hub_options
 @output_options
 def tune_cmd(
@@ -119,6 +131,8 @@ def tune_cmd(
     write_dir: str | None,
     max_shard_size: int,
     overwrite: bool,
+    yes: bool,
+    log_file: str | None,
     token: str | None,
     allow_pickle: bool,
     quiet: bool,
@@ -149,13 +163,14 @@ def tune_cmd(
         raise click.UsageError("--plot and --no-plot contradict each other; drop one.")
     if not no_plot and not _has_matplotlib():
         raise click.UsageError("The plot needs matplotlib: pip install matplotlib, or pass --no-plot.")
+    _confirm_grid(len(alphas) * len(betas), yes)
     if write_dir:  # a bad --write fails now, not after the whole grid
         from reforge.io.target import check_output
 
         check_output(write_dir, inputs=[base, retriever, delta, adapter], overwrite=overwrite, option="--write")
     ui.quiet_transformers()
     settings = encoding_settings(options, token=token, allow_pickle=allow_pickle)
-    with ui.progress_bar("Tuning", quiet=quiet or as_json) as bar:
+    with ui.progress_bar("Tuning", quiet=quiet or as_json, log_file=log_file) as bar:
         report = tune(
             base,
             adapter,
@@ -182,7 +197,8 @@ def tune_cmd(
         summary["plot"] = str(plot_tuning(report, plot_path or f"tune-{report.dataset.name}-{report.split}.png"))
     if write_dir:
         try:
-            written = _write(report, write_dir, token, allow_pickle, max_shard_size, overwrite, quiet or as_json)
+            written = _write(report, write_dir, token, allow_pickle, max_shard_size, overwrite, quiet or as_json,
+                             log_file)
         except Exception:
             _show_or_print(report, summary, as_json)  # the table is the result of the work: never lose it
             raise
@@ -204,10 +220,10 @@ def _show_or_print(report: Any, summary: dict, as_json: bool) -> None:
 
 
 def _write(report: Any, write_dir: str, token: str | None, allow_pickle: bool, max_shard_size: int,
-           overwrite: bool, quiet: bool) -> Any:
+           overwrite: bool, quiet: bool, log_file: str | None) -> Any:
     from reforge.tune import write_best
 
-    with ui.progress_bar("merge", unit="bytes", quiet=quiet) as progress:
+    with ui.progress_bar("merge", unit="bytes", quiet=quiet, log_file=log_file) as progress:
         return write_best(report, write_dir, token=token, allow_pickle=allow_pickle, max_shard_size=max_shard_size,
                           overwrite=overwrite, command=ui.command_line(), progress=progress)
 
@@ -258,6 +274,19 @@ def _show(report: Any, summary: dict) -> None:
     if "written" in summary:
         ui.info(f"Wrote the merge with alpha {best.alpha:g}, beta {best.beta:g} to {summary['written']['output']}")
     ui.info(f"{report.merges} in-memory merges, {report.seconds:.1f} s")
+
+
+def _confirm_grid(points: int, yes: bool) -> None:
+    """Ask before a grid of more than `GRID_CONFIRM` points; without a terminal to ask on, require --yes."""
+    import sys
+
+    if points <= GRID_CONFIRM or yes:
+        return
+    question = f"The grid has {points:,} points (each one merge and one evaluation). Run them all?"
+    if not sys.stdin.isatty():
+        raise click.UsageError(f"{question} Pass --yes to run it, or a smaller --alpha / --beta grid.")
+    if not click.confirm(question, default=False, err=True):
+        raise click.Abort()
 
 
 def _has_matplotlib() -> bool:

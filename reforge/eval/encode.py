@@ -99,7 +99,9 @@ def _tokenize(tokenizer: Any, texts: list[str], profile: EncodingProfile, model:
 
     if profile.lowercase:
         texts = [t.lower() for t in texts]
-    limit = profile.max_length - 1 if profile.append_eos else profile.max_length
+    # max_length counts the EOS: room for it, unless the tokenizer appends it itself (its post-processor, as
+    # Qwen3-Embedding's and a merged folder's sentence-transformers tokenizer do; truncation then leaves room)
+    limit = profile.max_length - 1 if profile.append_eos and not _appends_eos(tokenizer) else profile.max_length
     encoded = tokenizer(texts, truncation=True, max_length=limit, padding=False, add_special_tokens=True)
     ids = [list(row) for row in encoded["input_ids"]]
     eos = tokenizer.eos_token_id
@@ -121,6 +123,12 @@ def _tokenize(tokenizer: Any, texts: list[str], profile: EncodingProfile, model:
     if "token_type_ids" in encoded and _accepts_token_types(model):
         inputs["token_type_ids"] = torch.zeros_like(input_ids)
     return inputs
+
+
+def _appends_eos(tokenizer: Any) -> bool:
+    eos = tokenizer.eos_token_id
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return eos is not None and ids[-1:] == [eos] and tokenizer("a", add_special_tokens=False)["input_ids"][-1:] != [eos]
 
 
 def _accepts_token_types(model: Any) -> bool:

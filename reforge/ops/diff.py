@@ -50,6 +50,17 @@ class DiffReport:
     factored: int = 0
     low_rank_relative_error: float | None = None
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def swapped_roles(base: Checkpoint, retriever: Checkpoint | AdapterCheckpoint) -> list[str]:
+    """A warning when BASE looks like the retriever and RETRIEVER like the base LM: a bare model given as the base
+    and a causal LM (with its LM head) given as the retriever. The diff still runs; its sign would be flipped."""
+    if isinstance(retriever, AdapterCheckpoint) or not base.layout.is_bare or retriever.layout.is_bare:
+        return []
+    return [f"BASE {base.ref} is a bare model and RETRIEVER {retriever.ref} is a causal LM with an LM head: the "
+            f"two look swapped, and Delta would then be base - retriever. The order is `reforge diff BASE "
+            f"RETRIEVER`."]
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,7 @@ def diff(
         dry_run,
         factored=len(factored),
         extra_vocab_rows={e.key: e.shape[0] - e.base_rows for e in entries if e.base_rows},
+        warnings=swapped_roles(base_ckpt, retriever_ckpt),
     )
     if dry_run:
         return report

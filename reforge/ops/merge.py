@@ -523,6 +523,7 @@ def _manifest(source: MergeInputs, beta: float, dtype: str, command: str | None,
 
 
 def _adapter_corpus(adapter: LoraAdapter) -> str | None:
+    """The corpus `reforge train` recorded (``corpus.paths`` in training_record.json), several joined by ", "."""
     import json
 
     record = adapter.checkpoint.path / "training_record.json"
@@ -531,8 +532,9 @@ def _adapter_corpus(adapter: LoraAdapter) -> str | None:
     except ValueError:
         return None
     if isinstance(corpus, dict):
-        return corpus.get("path") or corpus.get("source")
-    return corpus
+        paths = corpus.get("paths") or []
+        return ", ".join(str(p) for p in paths) if isinstance(paths, list) and paths else None
+    return corpus if isinstance(corpus, str) else None
 
 
 def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dict) -> None:
@@ -548,9 +550,20 @@ def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dic
     encoding = _encoding_profile(folder, str((manifest.get("retriever") or {}).get("ref") or folder), base_dir)
     if encoding is not None and PROFILE_FILE not in files:
         files[PROFILE_FILE] = (json.dumps(encoding, indent=2) + "\n").encode()
+    if encoding is not None:  # a complete sentence-transformers folder that encodes like `reforge eval`
+        files.update(_sentence_transformers_files(files, encoding))
     for name, content in files.items():
         writer.add_file(name, content)
-    writer.add_file("README.md", _model_card({**manifest, "encoding": encoding}, "modules.json" in files))
+    prompts = json.loads(files.get("config_sentence_transformers.json", b"{}")).get("prompts") or {}
+    writer.add_file("README.md", _model_card({**manifest, "encoding": encoding, "prompt_names": sorted(prompts)},
+                                             "modules.json" in files))
+
+
+def _sentence_transformers_files(files: dict[str, bytes], encoding: dict) -> dict[str, bytes]:
+    from reforge.io.st_folder import sentence_transformers_files
+    from reforge.profiles import EncodingProfile, st_encoding
+
+    return sentence_transformers_files(files, st_encoding(EncodingProfile(**encoding))).files
 
 
 def _encoding_profile(folder: Path, name: str, base_dir: Path | None) -> dict | None:

@@ -126,7 +126,8 @@ class LoopState:
 
 
 def train_adapter(config: TrainConfig, progress: ProgressFn | None = None, *, token: str | None = None,
-                  dry_run: bool = False) -> TrainResult:
+                  dry_run: bool = False, readme: Callable[[dict[str, Any]], str] | None = None,
+                  stage: Callable[[str], None] | None = None) -> TrainResult:
     """Train a knowledge adapter on ``config.base`` over ``config.corpus`` and write it to ``config.output``.
 
     Args:
@@ -134,6 +135,10 @@ def train_adapter(config: TrainConfig, progress: ProgressFn | None = None, *, to
         progress: called on rank 0 after each optimizer step as ``progress(step, total_steps, stats)``.
         token: Hugging Face token for a private base on the Hub (never saved).
         dry_run: read the corpus and lay out the steps, then stop; nothing is written.
+        readme: turns the training record into the folder's README.md (the CLI passes
+            `reforge.card.render_adapter_card`); None writes no README.
+        stage: called on rank 0 with a short text as each phase before the first step begins (reading the corpus,
+            counting tokens, loading the model, the first step).
 
     Returns:
         A `TrainResult`; the adapter folder holds ``adapter_config.json``, ``adapter_model.safetensors`` (peft
@@ -166,35 +171,43 @@ def train_adapter(config: TrainConfig, progress: ProgressFn | None = None, *, to
         device = torch.device(config.device or (f"cuda:{ranks.local}" if device_type == "cuda" else "cpu"))
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        say = stage if stage is not None and ranks.main else (lambda text: None)
         tokenizer = _load_tokenizer(config.base, base)
-        data = setup_data(config, tokenizer, ranks)
+        data = setup_data(config, tokenizer, ranks, stage=say)
         if dry_run:
             return _plan_result(config, data, ranks, device, time.perf_counter() - started)
         work = work_dir(config.output)
         if resume_from is None:
             start_fresh(work, ranks)
+        say(f"Loading {Path(str(config.base).rstrip('/')).name} and adding the adapter")
         run = setup_model(config, base, ranks, device, data.total_steps)
         state = LoopState()
         if resume_from is not None:
             meta = load_checkpoint(resume_from, config, model=run.model, optimizer=run.optimizer,
                                    scheduler=run.scheduler, ranks=ranks)
             state = LoopState(**{k: meta[k] for k in asdict(state) if k != "resumed_from"}, resumed_from=meta["step"])
+        say(f"Starting step {state.step + 1} of {data.total_steps:,}")
         state = train_loop(run, data, state, progress, work=work)
-        return save(run, data, state, base=checkpoint, work=work, wall_time_s=time.perf_counter() - started)
+        return save(run, data, state, base=checkpoint, work=work, wall_time_s=time.perf_counter() - started,
+                    readme=readme)
     finally:
         if lock is not None:
             lock.release()
         shutdown(ranks)
 
 
-def setup_data(config: TrainConfig, tokenizer, ranks: Ranks = Ranks()) -> Data:
-    """Read and filter the corpus, measure each document's tokens (each rank its share), and plan the steps."""
+def setup_data(config: TrainConfig, tokenizer, ranks: Ranks = Ranks(),
+               stage: Callable[[str], None] = lambda text: None) -> Data:
+    """Read and filter the corpus, measure each document's tokens (each rank its share), and plan the steps.
+    ``stage`` hears when each of the two begins."""
+    stage("Reading the corpus")
     selection = DocSelection.from_files(only_ids=config.only_ids, exclude_ids=config.exclude_ids,
                                         only_judged=config.only_judged, exclude_judged=config.exclude_judged,
                                         max_docs=config.max_docs)
     corpus = load_corpus(config.corpus, text_field=config.text_field, per_line=config.per_line,
                          skip_bad_lines=config.skip_bad_lines, selection=selection)
     texts = [doc.text for doc in corpus.docs]
+    stage(f"Counting the tokens of {len(texts):,} documents")
     encode = make_encoder(tokenizer, config.max_length)
     lengths = gather_strided(token_lengths(encode, texts[ranks.rank::ranks.world]), len(texts), ranks)
     global_batch = config.batch_size * config.grad_accum * ranks.world
@@ -305,7 +318,8 @@ def train_loop(run: Run, data: Data, state: LoopState, progress: ProgressFn | No
     return state
 
 
-def save(run: Run, data: Data, state: LoopState, *, base, work: Path, wall_time_s: float) -> TrainResult:
+def save(run: Run, data: Data, state: LoopState, *, base, work: Path, wall_time_s: float,
+         readme: Callable[[dict[str, Any]], str] | None = None) -> TrainResult:
     """Write the peft adapter and the training record under ``work/final`` and rename it to the output (rank 0)."""
     import shutil
 
@@ -320,7 +334,9 @@ def save(run: Run, data: Data, state: LoopState, *, base, work: Path, wall_time_
         adapter.revision = record["base"].get("commit") or record["base"].get("revision")
         try:
             run.model.save_pretrained(final)
-            (final / "README.md").unlink(missing_ok=True)  # peft's blank model card; `reforge push` writes a real one
+            (final / "README.md").unlink(missing_ok=True)  # peft's blank model card
+            if readme is not None:
+                (final / "README.md").write_text(readme(record), encoding="utf-8")
             (final / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         except OSError as e:
             raise write_error(e, final, _unsaved_hint(config, work)) from e

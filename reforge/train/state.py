@@ -66,6 +66,12 @@ def check_output(config: TrainConfig) -> Path | None:
     return checkpoint if config.resume else None
 
 
+def resume_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The options `--resume` compares, as JSON gives them back: a checkpoint's saved lists and the CLI's tuples
+    (``multiple=True`` options) are the same value."""
+    return json.loads(json.dumps({k: config.get(k) for k in RESUME_KEYS}))
+
+
 def start_fresh(work: Path, ranks: Ranks) -> None:
     """Remove what an earlier run left in ``work`` (rank 0), then wait for every rank."""
     if ranks.main and work.exists():
@@ -114,10 +120,10 @@ def load_checkpoint(checkpoint: Path, config: TrainConfig, *, model, optimizer, 
     from safetensors.torch import load_file
 
     meta = json.loads((checkpoint / "meta.json").read_text(encoding="utf-8"))
-    saved = meta["config"]
-    changed = [k for k in RESUME_KEYS if saved.get(k) != TrainConfig.to_dict(config).get(k)]
+    saved, now = resume_options(meta["config"]), resume_options(config.to_dict())
+    changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
     if changed:
-        pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
+        pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise InvalidOptionError(f"Cannot resume from {short_path(checkpoint)}: options changed ({pairs}).",
                                  hint="Resume with the original options, or pass --overwrite to start over.",
                                  option=changed[0])
