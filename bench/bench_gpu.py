@@ -14,7 +14,7 @@ characters per token SmolLM2's tokenizer gives on SciFact, + 1 EOS, cut at max l
 What is timed, after ``--warmup`` steps (compilation, allocator warm-up):
 - ``reforge train``: `reforge.train.dora.train_loop` (tokenize each step's rows, forward, backward, clip, AdamW)
   with the model `setup_model` builds: DoRA r 32, alpha 64, dropout 0.05 on q,k,v,up,down, batch 4, max length
-  1024, bf16 on a GPU, packed rows or the paper's batching (one document per row).
+  1024, bf16 on a GPU, packed rows (--batching rows) or the paper's batching (4 documents a step, packed per step).
 - HF Trainer + peft DoRA: the same adapter, documents and batch size, `DataCollatorForLanguageModeling` (random
   batches padded to their longest), bf16, sdpa; steps timed inside `Trainer.training_step`.
 - ``reforge eval``'s encoder (`reforge.eval.encode`) and sentence-transformers ``encode`` over the same bare model
@@ -192,7 +192,7 @@ def result(name: str, seconds: float, tokens: int, docs: int, flops: int, peak: 
 
 # ---- training -------------------------------------------------------------------------------------------------------
 
-def bench_reforge_train(base: Path, corpus: Path, shape: Shape, args, device, peak, pack: bool) -> dict:
+def bench_reforge_train(base: Path, corpus: Path, shape: Shape, args, device, peak, batching: str) -> dict:
     """`train_loop` as `reforge train` runs it, ``args.warmup`` steps untimed, then ``args.steps`` timed."""
     from transformers import AutoTokenizer
 
@@ -200,8 +200,9 @@ def bench_reforge_train(base: Path, corpus: Path, shape: Shape, args, device, pe
     from reforge.train.dist import Ranks
     from reforge.train.dora import LoopState, setup_data, setup_model, train_loop
 
-    config = TrainConfig(base=str(base), corpus=[str(corpus)], output=str(base.parent / "unused"), pack=pack,
-                         max_length=args.max_length, precision="bf16" if device.type == "cuda" else "fp32",
+    config = TrainConfig(base=str(base), corpus=[str(corpus)], output=str(base.parent / "unused"),
+                         batching=batching, max_length=args.max_length,
+                         precision="bf16" if device.type == "cuda" else "fp32",
                          device=str(device), save_every=0, **PAPER)
     data = setup_data(config, AutoTokenizer.from_pretrained(base))
     total = args.warmup + args.steps
@@ -220,7 +221,7 @@ def bench_reforge_train(base: Path, corpus: Path, shape: Shape, args, device, pe
     timed = [row for step in data.plan.epoch_steps(0)[args.warmup:total] for row in step]
     lengths = [int(data.plan.lengths[d]) for row in timed for d in row]
     assert sum(lengths) == state.real - before, "the plan and the loop disagree on the tokens trained"
-    name = f"reforge train ({'packed rows' if pack else 'paper batching'}, {run.attention.path} attention)"
+    name = f"reforge train ({'packed rows' if batching == 'rows' else 'paper batching'}, {run.attention.path} attention)"
     return result(name, seconds, sum(lengths), len(lengths), shape.train_flops(lengths, PAPER["r"]), peak, device,
                   padding_share=(state.pad / max(state.pad + state.real, 1)), steps=args.steps)
 
@@ -344,8 +345,8 @@ def run_shape(name: str, shape: Shape, args, device) -> list[dict]:
         corpus.write_text("".join(json.dumps({"_id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
         for measure in args.measure:
             if measure == "train":
-                rows += [bench_reforge_train(base, corpus, shape, args, device, peak, pack=True),
-                         bench_reforge_train(base, corpus, shape, args, device, peak, pack=False),
+                rows += [bench_reforge_train(base, corpus, shape, args, device, peak, batching="rows"),
+                         bench_reforge_train(base, corpus, shape, args, device, peak, batching="documents"),
                          bench_hf_train(base, texts, shape, args, device, peak)]
             elif measure == "encode":
                 folder = save_st_folder(base, tmp / "st", args.max_length)
