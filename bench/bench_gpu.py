@@ -221,7 +221,8 @@ def bench_reforge_train(base: Path, corpus: Path, shape: Shape, args, device, pe
     timed = [row for step in data.plan.epoch_steps(0)[args.warmup:total] for row in step]
     lengths = [int(data.plan.lengths[d]) for row in timed for d in row]
     assert sum(lengths) == state.real - before, "the plan and the loop disagree on the tokens trained"
-    name = f"reforge train ({'packed rows' if batching == 'rows' else 'paper batching'}, {run.attention.path} attention)"
+    kind = "packed rows" if batching == "rows" else "paper batching"
+    name = f"reforge train ({kind}, {run.attention.path} attention)"
     return result(name, seconds, sum(lengths), len(lengths), shape.train_flops(lengths, PAPER["r"]), peak, device,
                   padding_share=(state.pad / max(state.pad + state.real, 1)), steps=args.steps)
 
