@@ -158,7 +158,8 @@ def test_every_numeric_option_is_finite_and_of_its_kind(option, value, tmp_path)
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--lora-alpha", "nan"),
-                                         ("--lora-alpha", "-1"), ("--max-grad-norm", "inf"), ("--lr", "0")])
+                                         ("--lora-alpha", "-1"), ("--max-grad-norm", "inf"), ("--lr", "0"),
+                                         ("--seed", "-1")])
 def test_cli_refuses_non_finite_and_out_of_range_numbers_before_reading_anything(flag, value, tmp_path):
     result = CliRunner().invoke(cli, ["train", str(tmp_path / "no-base"), "--corpus", str(SCIFACT),
                                       "-o", str(tmp_path / "psi"), flag, value])

@@ -104,7 +104,7 @@ class TrainConfig:
             _bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if self.lr <= 0 or self.lora_alpha <= 0:
             _bad("lr" if self.lr <= 0 else "lora_alpha", "must be positive")
-        for name in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay"):
+        for name in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay", "seed"):
             if getattr(self, name) < 0:
                 _bad(name, f"must not be negative, got {getattr(self, name)}")
         if self.schedule not in SCHEDULES:
