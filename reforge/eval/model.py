@@ -100,7 +100,8 @@ class ModelSource:
 
         from reforge.eval.pooling import load_modules
 
-        remote = {"trust_remote_code": True} if self.trust_remote_code else {}
+        # without trust, transformers' own class is used explicitly (a config's auto_map is then ignored)
+        remote = {"trust_remote_code": bool(self.trust_remote_code)}
         if self.base_path is not None:
             model = _load_adapter_merged(
                 self.path, self.base_path, dtype=dtype, allow_pickle=allow_pickle, remote=remote
@@ -138,6 +139,7 @@ def resolve_model(
     pooling: str | None = None,
     tokenizer: str | Path | None = None,
     trust_remote_code: bool = False,
+    builtin_class: bool = False,
 ) -> ModelSource:
     """Find a model (local folder or Hub id), fingerprint it and pick its encoding profile; load no weights.
 
@@ -150,6 +152,8 @@ def resolve_model(
         profile, pooling: see `detect_profile`.
         tokenizer: a folder with the tokenizer files, for a model folder that has none.
         trust_remote_code: allow a model whose config asks for its own code (``auto_map``); refused otherwise.
+        builtin_class: load such a model with transformers' own class instead, running no code of the model's (for
+            `verify`, which compares two models' weights and never needs the model's code).
 
     Raises:
         CheckpointNotFoundError: the folder does not exist (or the Hub id cannot be fetched).
@@ -175,7 +179,7 @@ def resolve_model(
         fingerprint = hashlib.sha256(f"{fingerprint}+{_fingerprint(base_path)}".encode()).hexdigest()
     weights_dir = base_path or transformer_dir(path)
     _check_pickle(weights_dir, allow_pickle)
-    _check_remote_code(weights_dir, trust_remote_code)
+    _check_remote_code(weights_dir, trust_remote_code or builtin_class)
     shown = name or (Path(str(ref)).name if Path(str(ref)).exists() else str(ref))
     chosen = detect_profile(path, name=str(ref), base_dir=base_path, profile=profile, pooling=pooling)
     tokenizer_dir = Path(tokenizer) if tokenizer is not None else _tokenizer_dir(path, base_path, str(ref))
@@ -200,16 +204,26 @@ def _tokenizer_dir(path: Path, base_path: Path | None, ref: str) -> Path:
         UnsupportedModelError: none of them has tokenizer files (a tokenizer made up on the spot would map every
             word to an unknown token and still score).
     """
-    for folder in (transformer_dir(path), path, base_path):
+    for folder in (transformer_dir(path), path, base_path, _recorded_base(path)):
         if folder is not None and _has_tokenizer(folder):
             return folder
     looked = ", ".join(short_path(f) for f in dict.fromkeys([transformer_dir(path), path, base_path]) if f)
     raise UnsupportedModelError(
         f"{ref} has no tokenizer files (tokenizer.json, tokenizer_config.json or tokenizer.model; looked in {looked}).",
-        hint="Copy the tokenizer files of the model it was trained from into the folder.",
+        hint="Pass --tokenizer DIR, or copy the tokenizer files of the model it was trained from into the folder.",
         path=path,
         reason="no tokenizer",
     )
+
+
+def _recorded_base(path: Path) -> Path | None:
+    """The local base folder a reforge output records in its reforge.json (merges, deltas), if it still exists."""
+    try:
+        base = json.loads((path / "reforge.json").read_text(encoding="utf-8")).get("base") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    local = base.get("path") if isinstance(base, dict) else None
+    return Path(local) if local and Path(local).is_dir() else None
 
 
 def _check_pickle(folder: Path, allow_pickle: bool) -> None:
