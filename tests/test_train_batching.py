@@ -40,14 +40,17 @@ def llama_base(tmp_path_factory, tokenizer):
 def titles(tmp_path_factory):
     """The first sentences of 40 SciFact passages: short documents of varied length, so a row holds several."""
     path = tmp_path_factory.mktemp("titles") / "titles.jsonl"
-    path.write_text("".join(json.dumps({"_id": d.id, "t": d.text.split(". ")[0]}) + "\n"
-                            for d in load_corpus(SCIFACT, selection=DocSelection(max_docs=40)).docs))
+    path.write_text(
+        "".join(
+            json.dumps({"_id": d.id, "t": d.text.split(". ")[0]}) + "\n"
+            for d in load_corpus(SCIFACT, selection=DocSelection(max_docs=40)).docs
+        )
+    )
     return path
 
 
 def _config(base, out, corpus, **options) -> TrainConfig:
-    values = dict(corpus=[str(corpus)], text_field="t", max_docs=4, max_length=128, r=4, lora_alpha=8,
-                  lora_dropout=0.0)
+    values = dict(corpus=[str(corpus)], text_field="t", max_docs=4, max_length=128, r=4, lora_alpha=8, lora_dropout=0.0)
     values.update(options)
     return TrainConfig(base=str(base), output=str(out), **values)
 
@@ -56,17 +59,16 @@ def _adapter_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_default_step_has_the_gradient_of_a_padded_batch_of_its_four_documents(llama_base, tokenizer, titles,
-                                                                               tmp_path):
+def test_default_step_has_the_gradient_of_a_padded_batch_of_its_four_documents(llama_base, tokenizer, titles, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     config = _config(llama_base, tmp_path / "psi", titles)
     data = setup_data(config, tokenizer)
     (step,) = data.plan.epoch_steps(0)
-    assert sorted(d for row in step for d in row) == [0, 1, 2, 3]      # one step: exactly the 4 documents
+    assert sorted(d for row in step for d in row) == [0, 1, 2, 3]  # one step: exactly the 4 documents
     run = setup_model(config, Path(llama_base), Ranks(), torch.device("cpu"), data.total_steps)
-    with torch.no_grad():   # lora_B starts at zero, which would leave lora_A without a gradient to compare
+    with torch.no_grad():  # lora_B starts at zero, which would leave lora_A without a gradient to compare
         for name, param in run.model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
@@ -79,8 +81,17 @@ def test_default_step_has_the_gradient_of_a_padded_batch_of_its_four_documents(l
 
     # the reference: the paper's padded batch of the same documents through a stock model and HF's own loss
     model = AutoModelForCausalLM.from_pretrained(llama_base, attn_implementation="eager", dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=config.target_modules,
-                                             use_dora=True, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=config.target_modules,
+            use_dora=True,
+            task_type="CAUSAL_LM",
+        ),
+    )
     model.load_state_dict(run.model.state_dict())
     ids = data.encode([data.texts[d] for d in range(4)])
     width = max(len(x) for x in ids)
@@ -99,17 +110,32 @@ def test_default_step_has_the_gradient_of_a_padded_batch_of_its_four_documents(l
 
 def test_dry_run_on_40_documents_is_10_steps_by_default(llama_base, titles, tmp_path):
     def plan(*options):
-        result = CliRunner().invoke(cli, ["train", str(llama_base), "--corpus", str(titles), "--text-field", "t",
-                                          "--max-length", "256", "-o", str(tmp_path / "psi"), "--dry-run", "--json",
-                                          *options],
-                                    catch_exceptions=False)
+        result = CliRunner().invoke(
+            cli,
+            [
+                "train",
+                str(llama_base),
+                "--corpus",
+                str(titles),
+                "--text-field",
+                "t",
+                "--max-length",
+                "256",
+                "-o",
+                str(tmp_path / "psi"),
+                "--dry-run",
+                "--json",
+                *options,
+            ],
+            catch_exceptions=False,
+        )
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout)
 
     paper = plan()
     assert paper["steps"] == 10 and paper["record"]["batching"] == "documents" and paper["documents"] == 40
     assert paper["padding_share"] == 0.0
-    rows = plan("--batching", "rows")   # several short documents to a row: fewer steps, the deviation
+    rows = plan("--batching", "rows")  # several short documents to a row: fewer steps, the deviation
     assert rows["steps"] < 10 and rows["record"]["batching"] == "rows"
 
 
@@ -136,20 +162,45 @@ def test_training_on_nothing_is_an_error(tmp_path):
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     blind = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>")
     base = make_base("llama-causal", tmp_path / "base", blind)
-    config = TrainConfig(base=str(base), corpus=[str(SCIFACT)], output=str(tmp_path / "psi"), max_docs=5,
-                         max_length=256)
+    config = TrainConfig(
+        base=str(base), corpus=[str(SCIFACT)], output=str(tmp_path / "psi"), max_docs=5, max_length=256
+    )
     with pytest.raises(DataError, match="No tokens to train on: the tokenizer gives the 5 documents"):
         train_adapter(config)
-    result = CliRunner().invoke(cli, ["train", str(base), "--corpus", str(SCIFACT), "--max-docs", "5", "--max-length",
-                                      "256", "-o", str(tmp_path / "psi")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(base),
+            "--corpus",
+            str(SCIFACT),
+            "--max-docs",
+            "5",
+            "--max-length",
+            "256",
+            "-o",
+            str(tmp_path / "psi"),
+        ],
+    )
     assert result.exit_code == 1 and "No tokens to train on" in result.stderr
     assert not (tmp_path / "psi").exists()
 
 
-@pytest.mark.parametrize("option, value", [("lr", float("nan")), ("lr", float("inf")), ("lora_alpha", float("nan")),
-                                           ("lora_alpha", float("inf")), ("weight_decay", float("nan")),
-                                           ("max_grad_norm", float("inf")), ("lora_dropout", float("nan")),
-                                           ("r", 2.5), ("batch_size", True), ("use_dora", "yes")])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("lr", float("nan")),
+        ("lr", float("inf")),
+        ("lora_alpha", float("nan")),
+        ("lora_alpha", float("inf")),
+        ("weight_decay", float("nan")),
+        ("max_grad_norm", float("inf")),
+        ("lora_dropout", float("nan")),
+        ("r", 2.5),
+        ("batch_size", True),
+        ("use_dora", "yes"),
+    ],
+)
 def test_every_numeric_option_is_finite_and_of_its_kind(option, value, tmp_path):
     config = TrainConfig(base="b", corpus=["c"], output=str(tmp_path / "o"), **{option: value})
     with pytest.raises(InvalidOptionError, match=f"Training option {option} must") as caught:
@@ -157,11 +208,21 @@ def test_every_numeric_option_is_finite_and_of_its_kind(option, value, tmp_path)
     assert caught.value.option == option
 
 
-@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--lora-alpha", "nan"),
-                                         ("--lora-alpha", "-1"), ("--max-grad-norm", "inf"), ("--lr", "0"),
-                                         ("--seed", "-1")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--lr", "nan"),
+        ("--lr", "inf"),
+        ("--lora-alpha", "nan"),
+        ("--lora-alpha", "-1"),
+        ("--max-grad-norm", "inf"),
+        ("--lr", "0"),
+        ("--seed", "-1"),
+    ],
+)
 def test_cli_refuses_non_finite_and_out_of_range_numbers_before_reading_anything(flag, value, tmp_path):
-    result = CliRunner().invoke(cli, ["train", str(tmp_path / "no-base"), "--corpus", str(SCIFACT),
-                                      "-o", str(tmp_path / "psi"), flag, value])
+    result = CliRunner().invoke(
+        cli, ["train", str(tmp_path / "no-base"), "--corpus", str(SCIFACT), "-o", str(tmp_path / "psi"), flag, value]
+    )
     assert result.exit_code == 2, result.output
     assert "Training option " + flag[2:].replace("-", "_") in result.stderr
