@@ -105,6 +105,7 @@ class Shape:
 SHAPES = {
     "1b": Shape(hidden=2048, layers=16, heads=32, kv_heads=8, mlp=8192, vocab=128256, tie=True),
     "7b-cut": Shape(hidden=4096, layers=4, heads=32, kv_heads=32, mlp=11008, vocab=32000, tie=False),
+    "cpu-small": Shape(hidden=512, layers=4, heads=8, kv_heads=2, mlp=2048, vocab=8192, tie=True),  # 1B's ratios
     "smoke": Shape(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, vocab=256, tie=False),
 }
 
@@ -192,8 +193,10 @@ def result(name: str, seconds: float, tokens: int, docs: int, flops: int, peak: 
 
 # ---- training -------------------------------------------------------------------------------------------------------
 
-def bench_reforge_train(base: Path, corpus: Path, shape: Shape, args, device, peak, pack: bool) -> dict:
-    """`train_loop` as `reforge train` runs it, ``args.warmup`` steps untimed, then ``args.steps`` timed."""
+def bench_reforge_train(base: Path, corpus: Path, shape: Shape, args, device, peak, pack: bool,
+                        before_timed=None, **overrides) -> dict:
+    """`train_loop` as `reforge train` runs it, ``args.warmup`` steps untimed, then ``args.steps`` timed
+    (``before_timed()`` is called in between; ``overrides`` replace the paper's adapter options)."""
     from transformers import AutoTokenizer
 
     from reforge.train.config import TrainConfig
@@ -202,7 +205,7 @@ def bench_reforge_train(base: Path, corpus: Path, shape: Shape, args, device, pe
 
     config = TrainConfig(base=str(base), corpus=[str(corpus)], output=str(base.parent / "unused"), pack=pack,
                          max_length=args.max_length, precision="bf16" if device.type == "cuda" else "fp32",
-                         device=str(device), save_every=0, **PAPER)
+                         device=str(device), save_every=0, **{**PAPER, **overrides})
     data = setup_data(config, AutoTokenizer.from_pretrained(base))
     total = args.warmup + args.steps
     if data.plan.steps_per_epoch < total:
@@ -212,17 +215,22 @@ def bench_reforge_train(base: Path, corpus: Path, shape: Shape, args, device, pe
     data.total_steps = args.warmup
     state = train_loop(run, data, LoopState())
     sync(device)
-    started, before = time.perf_counter(), state.real
+    if before_timed:
+        before_timed()
+    started, cpu_started, before = time.perf_counter(), time.process_time(), state.real
     data.total_steps = total
     state = train_loop(run, data, state)
     sync(device)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     timed = [row for step in data.plan.epoch_steps(0)[args.warmup:total] for row in step]
     lengths = [int(data.plan.lengths[d]) for row in timed for d in row]
     assert sum(lengths) == state.real - before, "the plan and the loop disagree on the tokens trained"
     name = f"reforge train ({'packed rows' if pack else 'paper batching'}, {run.attention.path} attention)"
+    if overrides:
+        name += " " + ", ".join(f"{k} {v}" for k, v in overrides.items())
     return result(name, seconds, sum(lengths), len(lengths), shape.train_flops(lengths, PAPER["r"]), peak, device,
-                  padding_share=(state.pad / max(state.pad + state.real, 1)), steps=args.steps)
+                  padding_share=(state.pad / max(state.pad + state.real, 1)), steps=args.steps,
+                  cpu_seconds=round(cpu_seconds, 4))
 
 
 def bench_hf_train(base: Path, texts: list[str], shape: Shape, args, device, peak) -> dict:
@@ -271,6 +279,49 @@ def bench_hf_train(base: Path, texts: list[str], shape: Shape, args, device, pea
     return result("HF Trainer + peft DoRA (padded batches, sdpa)", seconds, sum(lengths), len(lengths),
                   shape.train_flops(lengths, PAPER["r"]), peak, device, padding_share=1 - sum(lengths) / padded,
                   steps=args.steps)
+
+
+def bench_dora_overheads(base: Path, corpus: Path, shape: Shape, args, device, peak) -> list[dict]:
+    """What DoRA's weight norm costs a training step with peft's own layers (CPU: the timers need no device sync),
+    the same run with reforge's norm once per step (`reforge.train.weight_norm`), and what peft's recomputation of
+    the base product under LoRA dropout costs (that run with dropout 0)."""
+    import functools
+
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    import reforge.train.dora as recipe
+
+    spent = [0.0, 0.0]   # wall, CPU (process) seconds inside the two functions
+    originals = {name: getattr(DoraLinearLayer, name) for name in ("get_lora_weight", "get_weight_norm")}
+
+    def timed(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            started, cpu_started = time.perf_counter(), time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - started
+                spent[1] += time.process_time() - cpu_started
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(DoraLinearLayer, name, timed(fn))
+    lighten = recipe.step_cached_weight_norm
+    recipe.step_cached_weight_norm = lambda model: 0   # peft's own layers, a norm per forward pass
+    try:
+        peft_own = bench_reforge_train(base, corpus, shape, args, device, peak, pack=True,
+                                       before_timed=lambda: spent.__setitem__(slice(None), [0.0, 0.0]))
+    finally:
+        recipe.step_cached_weight_norm = lighten
+        for name, fn in originals.items():
+            setattr(DoraLinearLayer, name, fn)
+    peft_own["name"] += " (peft's DoRA norm per forward)"
+    peft_own["dora_norm_s"], peft_own["dora_norm_share"] = spent[0], spent[0] / peft_own["seconds"]
+    peft_own["dora_norm_cpu_share"] = spent[1] / peft_own["cpu_seconds"]
+    cached = bench_reforge_train(base, corpus, shape, args, device, peak, pack=True)
+    no_dropout = bench_reforge_train(base, corpus, shape, args, device, peak, pack=True, lora_dropout=0.0)
+    return [peft_own, cached, no_dropout]
 
 
 # ---- encoding -------------------------------------------------------------------------------------------------------
@@ -347,6 +398,8 @@ def run_shape(name: str, shape: Shape, args, device) -> list[dict]:
                 rows += [bench_reforge_train(base, corpus, shape, args, device, peak, pack=True),
                          bench_reforge_train(base, corpus, shape, args, device, peak, pack=False),
                          bench_hf_train(base, texts, shape, args, device, peak)]
+            elif measure == "dora":
+                rows += bench_dora_overheads(base, corpus, shape, args, device, peak)
             elif measure == "encode":
                 folder = save_st_folder(base, tmp / "st", args.max_length)
                 n = min(args.encode_docs, len(texts))
@@ -371,13 +424,20 @@ def print_table(rows: list[dict]) -> None:
         padding = f"{row['padding_share']:.1%}" if "padding_share" in row else "-"
         print(f"{row['shape']:7} {row['name']:58} {row['tokens_per_s']:10,.0f} {row['docs_per_s']:8,.1f} "
               f"{row['tflops']:8.2f} {mfu:>6} {memory:>8} {padding:>7}")
+        if "dora_norm_share" in row:
+            print(f"{'':8}DoRA weight norm (peft's get_lora_weight + get_weight_norm): {row['dora_norm_s']:.2f} s, "
+                  f"{row['dora_norm_share']:.1%} of the timed loop ({row['dora_norm_cpu_share']:.1%} of its CPU time)")
+        if "cpu_seconds" in row and row["tokens"]:
+            print(f"{'':8}CPU time: {row['cpu_seconds']:.2f} s, {row['tokens'] / row['cpu_seconds']:,.0f} tokens per "
+                  "CPU-second")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model and corpus on CPU: seconds, same code")
     parser.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["1b", "7b-cut"])
-    parser.add_argument("--measure", nargs="+", choices=["train", "encode"], default=["train", "encode"])
+    parser.add_argument("--measure", nargs="+", choices=["train", "encode", "dora"], default=["train", "encode"],
+                        help="dora: the share of a step DoRA's weight norm takes, and LoRA dropout's cost (CPU)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per training run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--docs", type=int, default=1200, help="SciFact-length documents sampled (seed 0)")

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from reforge.data.clip import clip_texts, token_counter
 from reforge.eval.model import Retriever
 from reforge.eval.pooling import pool
 from reforge.profiles import EncodingProfile
@@ -102,6 +103,7 @@ def _tokenize(tokenizer: Any, texts: list[str], profile: EncodingProfile, model:
     # max_length counts the EOS: room for it, unless the tokenizer appends it itself (its post-processor, as
     # Qwen3-Embedding's and a merged folder's sentence-transformers tokenizer do; truncation then leaves room)
     limit = profile.max_length - 1 if profile.append_eos and not _appends_eos(tokenizer) else profile.max_length
+    texts = clip_texts(texts, limit, token_counter(tokenizer))  # a huge document costs what is kept
     encoded = tokenizer(texts, truncation=True, max_length=limit, padding=False, add_special_tokens=True)
     ids = [list(row) for row in encoded["input_ids"]]
     eos = tokenizer.eos_token_id

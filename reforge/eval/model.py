@@ -320,9 +320,9 @@ def _load_adapter_merged(adapter: Path, base: Path, *, dtype: Any, allow_pickle:
 def _adapter_state(adapter: Path, *, allow_pickle: bool) -> dict[str, Any]:
     safetensors_file = adapter / "adapter_model.safetensors"
     if safetensors_file.is_file():
-        from safetensors.torch import load_file
+        from reforge.io.tensors import load_tensors
 
-        return load_file(str(safetensors_file))
+        return load_tensors(safetensors_file)
     pickle_file = adapter / "adapter_model.bin"
     if pickle_file.is_file():
         if not allow_pickle:
@@ -331,9 +331,9 @@ def _adapter_state(adapter: Path, *, allow_pickle: bool) -> dict[str, Any]:
                 hint="Pass --allow-pickle to load it with torch.load(weights_only=True).",
                 path=pickle_file,
             )
-        import torch
+        from reforge.io.tensors import load_tensors
 
-        return torch.load(pickle_file, map_location="cpu", weights_only=True)
+        return load_tensors(pickle_file)  # weights_only=True
     raise AdapterError(
         f"{short_path(adapter)} has adapter_config.json but no adapter_model.safetensors or .bin.",
         hint="Copy the adapter weights next to its config.",

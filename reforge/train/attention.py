@@ -60,8 +60,9 @@ class AttentionPlan:
 def plan_attention(model_config, device_type: str) -> AttentionPlan:
     """Choose the packed-attention path for a model (a transformers config) trained on ``device_type``.
 
-    CUDA gets ``flex`` unless the config has attention dropout (flex_attention has none); other devices get
-    ``split``; a family or feature the packed paths do not reproduce gets ``fallback`` with a note.
+    CUDA gets ``flex`` unless the config has attention dropout (flex_attention has none) or PyTorch has no
+    flex_attention; other devices get ``split``; a family or feature the packed paths do not reproduce gets
+    ``fallback`` with a note.
     """
     model_type = getattr(model_config, "model_type", None)
     reason = None
@@ -73,9 +74,18 @@ def plan_attention(model_config, device_type: str) -> AttentionPlan:
         return AttentionPlan("fallback", None, f"{reason}: training uses the model's own attention with a "
                                                f"row x row block-diagonal mask (exact, slower).")
     register_packed_attention()
-    if device_type == "cuda" and not getattr(model_config, "attention_dropout", 0.0):
+    if device_type == "cuda" and not getattr(model_config, "attention_dropout", 0.0) and _has_flex():
         return AttentionPlan("flex", PACKED_FLEX)
     return AttentionPlan("split", PACKED_SPLIT)
+
+
+def _has_flex() -> bool:
+    """PyTorch 2.5 or later (flex_attention with GQA)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def register_packed_attention(path: str = "split") -> str:
