@@ -376,8 +376,8 @@ def test_st6_lasttoken_retriever_merge_writes_and_verify_checks_the_profile(tmp_
 def test_merged_sentence_transformers_folder_keeps_its_dense_module(tmp_path):
     """A Dense module's weights travel with the merged folder, so it encodes like the retriever (and verify passes)."""
     from click.testing import CliRunner
-    from conftest import build_model
 
+    from conftest import build_model
     from reforge.cli import cli
 
     base_dir = save(build_model("bert-mlm"), tmp_path / "base")
