@@ -435,25 +435,8 @@ def bench_reforge_encode(folder: Path, texts: list[str], lengths: list[int], sha
     source = resolve_model(folder, pooling="mean")  # sentence-transformers 6 writes pooling_mode, read by name
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     retriever = source.load(device=str(device), dtype=dtype)
-    encode(retriever, texts[: args.encode_batch], source.profile, batch_size=args.encode_batch)  # warm-up
-    reset_peak(device)
-    sync(device)
-    started = time.perf_counter()
-    vectors = encode(retriever, texts, source.profile, batch_size=args.encode_batch)
-    sync(device)
-    seconds = time.perf_counter() - started
-    assert vectors.shape == (len(texts), shape.hidden)
-    return result(
-        "reforge eval encode",
-        seconds,
-        sum(lengths),
-        len(lengths),
-        shape.encode_flops(lengths),
-        peak,
-        device,
-        batch_size=args.encode_batch,
-        vectors=vectors,
-    )
+    run = lambda batch: encode(retriever, batch, source.profile, batch_size=args.encode_batch)  # noqa: E731
+    return timed_encode("reforge eval encode", run, texts, lengths, shape, args, device, peak)
 
 
 def bench_st_encode(folder: Path, texts: list[str], lengths: list[int], shape: Shape, args, device, peak) -> dict:
@@ -462,23 +445,23 @@ def bench_st_encode(folder: Path, texts: list[str], lengths: list[int], shape: S
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = SentenceTransformer(str(folder), device=str(device), model_kwargs={"dtype": dtype})
-    model.encode(texts[: args.encode_batch], batch_size=args.encode_batch)  # warm-up
+    run = lambda batch: model.encode(batch, batch_size=args.encode_batch, convert_to_numpy=True)  # noqa: E731
+    return timed_encode("sentence-transformers encode", run, texts, lengths, shape, args, device, peak)
+
+
+def timed_encode(name: str, run, texts: list[str], lengths: list[int], shape: Shape, args, device, peak) -> dict:
+    """``run(texts)`` timed after a one-batch warm-up; the row carries the vectors for the comparison."""
+    run(texts[: args.encode_batch])
     reset_peak(device)
     sync(device)
     started = time.perf_counter()
-    vectors = model.encode(texts, batch_size=args.encode_batch, convert_to_numpy=True)
+    vectors = run(texts)
     sync(device)
     seconds = time.perf_counter() - started
+    assert vectors.shape == (len(texts), shape.hidden)
+    flops = shape.encode_flops(lengths)
     return result(
-        "sentence-transformers encode",
-        seconds,
-        sum(lengths),
-        len(lengths),
-        shape.encode_flops(lengths),
-        peak,
-        device,
-        batch_size=args.encode_batch,
-        vectors=vectors,
+        name, seconds, sum(lengths), len(lengths), flops, peak, device, batch_size=args.encode_batch, vectors=vectors
     )
 
 
