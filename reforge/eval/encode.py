@@ -7,7 +7,7 @@ across ranks so every rank gets a similar amount of work.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -15,11 +15,10 @@ import numpy as np
 from reforge.data.clip import clip_texts, token_counter
 from reforge.eval.model import Retriever
 from reforge.eval.pooling import pool
+from reforge.io.progress import ProgressFn
 from reforge.profiles import EncodingProfile
 
 __all__ = ["encode", "length_order", "passages", "pool", "shard_indices"]
-
-ProgressFn = Callable[[int, "int | None"], None]
 
 
 def passages(documents: Sequence[Any], profile: EncodingProfile) -> list[str]:
