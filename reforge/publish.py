@@ -21,10 +21,12 @@ from reforge.errors import (
     short_path,
 )
 from reforge.io.format import TensorInfo, read_header
+from reforge.io.http import retrying
 from reforge.io.hub import _hub_errors, _offline, _with_revision, hub_endpoint, shard_names
 from reforge.io.index import read_weight_map
 from reforge.io.manifest import read_manifest
 from reforge.io.progress import ProgressFn
+from reforge.io.target import lock_path, staging_path
 
 # Names that mean a writer did not finish (temporary files, partial downloads, locks).
 _LEFTOVER_PATTERNS = (
@@ -65,7 +67,8 @@ def upload_plan(folder: str | Path) -> list[tuple[str, int]]:
 def check_folder(folder: str | Path) -> list[str]:
     """Cheap completeness checks on a checkpoint folder before upload; returns the failures (empty when fine).
 
-    Checks: it is a folder with no leftover temporary, partial or lock files, no reforge run writing it now
+    Checks: it is a folder with no leftover temporary, partial or lock files, no symlink leading out of it (its
+    target would be uploaded), no reforge run writing it now
     (``.NAME.reforge-lock`` held) and no unfinished rewrite beside it (``.NAME.reforge-partial``); its
     ``reforge.json``, if any, says ``complete``; it holds
     safetensors weights with their config; every index entry is safe, names an existing shard that holds the
@@ -79,10 +82,13 @@ def check_folder(folder: str | Path) -> list[str]:
     if _is_leftover(folder.name):
         failures.append(f"{folder.name} looks like a temporary output folder (the run that wrote it did not finish)")
     failures += _sibling_failures(folder)
+    root = folder.resolve()
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if _is_leftover(path.name) and not rel.startswith((".git/", ".cache/")):
             failures.append(f"{rel} is a leftover temporary, partial or lock file")
+        if path.is_symlink() and root not in path.resolve().parents:  # its target would be uploaded
+            failures.append(f"{rel} is a symlink to {path.resolve()}, outside the folder")
     failures += _manifest_failures(folder)
     headers: dict[str, dict[str, TensorInfo]] = {}
     for path in sorted(folder.rglob("*.safetensors")):
@@ -99,10 +105,10 @@ def check_folder(folder: str | Path) -> list[str]:
 def _sibling_failures(folder: Path) -> list[str]:
     """A reforge run writing this folder right now (its lock is held), or a half-written replacement next to it."""
     failures = []
-    for lock in (folder.with_name(f".{folder.name}.reforge-lock"), folder.with_name(f"{folder.name}.lock")):
+    for lock in (lock_path(folder), folder.with_name(f"{folder.name}.lock")):
         if lock.is_file() and _lock_is_held(lock):
             failures.append(f"another run is writing this folder right now (it holds {short_path(lock)})")
-    partial = folder.with_name(f".{folder.name}.reforge-partial")
+    partial = staging_path(folder)
     if partial.exists():
         failures.append(
             f"{short_path(partial)} holds an unfinished rewrite of this folder: rerun the command that "
@@ -274,17 +280,19 @@ def push_folder(
         progress(0, total)
     url = hub_endpoint(endpoint)
     api = HfApi(endpoint=url, token=token)
-    with _hub_errors(repo_id, revision, writing=True):
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with _hub_errors(repo_id, revision, writing=True):  # each step is safe to retry: a commit is all or nothing
+        repo_id = retrying(lambda: api.create_repo(repo_id, private=private, exist_ok=True)).repo_id
         if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
+            retrying(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
         message = commit_message or f"Upload {folder.name} with reforge {__version__}"
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            revision=revision,
-            commit_message=message,
-            ignore_patterns=list(_UPLOAD_IGNORE),
+        info = retrying(
+            lambda: api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                revision=revision,
+                commit_message=message,
+                ignore_patterns=list(_UPLOAD_IGNORE),
+            )
         )
     if progress is not None:
         progress(total, total)

@@ -15,10 +15,22 @@ def dora_model(lighten: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, use_dora=True,
-                                            target_modules=TARGETS, init_lora_weights="gaussian"))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=64,
+        )
+    )
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.05, use_dora=True, target_modules=TARGETS, init_lora_weights="gaussian"
+        ),
+    )
     changed = step_cached_weight_norm(model) if lighten else 0
     return model, changed
 
@@ -28,7 +40,7 @@ def train(model, steps: int = 3, passes: int = 2):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     data = torch.randint(0, 64, (steps, passes, 2, 12), generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(2)   # the same dropout masks for both models
+    torch.manual_seed(2)  # the same dropout masks for both models
     model.train()
     losses, norms = [], []
     for step in data:
@@ -67,4 +79,4 @@ def test_merge_time_norm_is_peft_s_own():
     layer = first_dora(light)
     weight, lora = torch.randn(8, 32), torch.randn(8, 32)
     expected = torch.linalg.norm(weight + 2.0 * lora, dim=1)
-    torch.testing.assert_close(layer.get_weight_norm(weight, lora, 2.0), expected)   # no adapter name: uncached
+    torch.testing.assert_close(layer.get_weight_norm(weight, lora, 2.0), expected)  # no adapter name: uncached

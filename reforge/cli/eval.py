@@ -137,10 +137,11 @@ def eval_cmd(
             output.print_table(table)
             output.out.print(caption, highlight=False)
     if output_dir:  # after the results are shown: a full disk must not cost them
-        from reforge.io.target import write_error
+        from reforge.io.target import OutputLock, write_error
 
         try:
-            written = write_outputs(report, output_dir)
+            with OutputLock(output_dir):  # the lock every command writing a folder takes
+                written = write_outputs(report, output_dir)
         except OSError as e:
             raise write_error(e, output_dir, "The results above are complete; free some space or choose another "
                                              "--output and rerun.") from e

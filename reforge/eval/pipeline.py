@@ -31,9 +31,9 @@ from reforge.eval.metrics import AVERAGING, paired_test, parse_measures, score_r
 from reforge.eval.model import ModelSource, Retriever, resolve_model
 from reforge.eval.report import Comparison, DatasetInfo, EvalReport, ModelInfo, Result
 from reforge.eval.search import block_rows_for, search_blocks, to_run
+from reforge.io.progress import ProgressFn
 from reforge.profiles import EncodingProfile, apply_overrides
 
-ProgressFn = Callable[[int, "int | None"], None]
 StageFn = Callable[[str], None]
 
 

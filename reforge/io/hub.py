@@ -35,6 +35,7 @@ from reforge.errors import (
     UnsafePathError,
     short_path,
 )
+from reforge.io.http import HubLimits, bounded, is_timeout, retrying
 from reforge.io.index import read_weight_map
 from reforge.io.progress import ProgressFn
 
@@ -299,14 +300,14 @@ def download_checkpoint(
     api = HfApi(endpoint=url, token=token)
     with _hub_errors(repo_id, revision):
         try:
-            info = api.model_info(repo_id, revision=revision, files_metadata=True)
+            info = retrying(lambda: api.model_info(repo_id, revision=revision, files_metadata=True))
         except _connection_errors() as err:
             return _from_cache(
                 repo_id,
                 revision,
                 cache,
                 allow_pickle=allow_pickle,
-                reason=f"the Hub at {url} could not be reached ({type(err).__name__})",
+                reason=f"the Hub at {url} {_unreachable(err)}",
                 cause=err,
             )
         if not info.sha:
@@ -465,6 +466,17 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return (httpx2.ConnectError, httpx2.TimeoutException, httpx2.NetworkError, OfflineModeIsEnabled)
 
 
+def _unreachable(error: BaseException) -> str:
+    """How the Hub failed to answer, for messages: the timeout and tries when it timed out."""
+    if is_timeout(error):
+        limits = HubLimits.from_env()
+        return (
+            f"did not answer within {limits.read:g} s ({limits.retries + 1} tries; REFORGE_HUB_READ_TIMEOUT "
+            "and REFORGE_HUB_RETRIES set the limits)"
+        )
+    return f"could not be reached ({type(error).__name__})"
+
+
 @contextlib.contextmanager
 def _hub_errors(repo_id: str, revision: str | None, *, writing: bool = False) -> Iterator[None]:
     """Turn huggingface_hub failures into reforge errors (the token never goes into a message)."""
@@ -472,7 +484,8 @@ def _hub_errors(repo_id: str, revision: str | None, *, writing: bool = False) ->
 
     ref = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        yield
+        with bounded():  # huggingface_hub's client has no timeout of its own
+            yield
     except hf.GatedRepoError as err:
         raise HubRepoNotFoundError(
             f"Hub repo {repo_id} is gated and this token has no access to it.",
@@ -503,13 +516,17 @@ def _hub_errors(repo_id: str, revision: str | None, *, writing: bool = False) ->
     except (hf.LocalEntryNotFoundError, *_connection_errors()) as err:
         if writing:
             raise HubError(
-                f"Could not reach the Hub to push {repo_id} ({type(err).__name__}).",
+                f"Could not push {repo_id}: the Hub {_unreachable(err)}."
+                if is_timeout(err)
+                else f"Could not reach the Hub to push {repo_id} ({type(err).__name__}).",
                 hint="Check the network, then rerun: files already on the Hub are skipped.",
                 repo_id=repo_id,
                 reason="unreachable",
             ) from err
         raise HubOfflineError(
-            f"Lost the connection to the Hub while downloading {ref} ({type(err).__name__}).",
+            f"Lost the connection to the Hub while downloading {ref}: it {_unreachable(err)}."
+            if is_timeout(err)
+            else f"Lost the connection to the Hub while downloading {ref} ({type(err).__name__}).",
             hint="Check the network, then rerun: files already downloaded stay in the cache.",
             repo_id=repo_id,
             revision=revision,

@@ -31,6 +31,12 @@ def lock_path(output: str | Path) -> Path:
     return output.parent / f".{output.name}.reforge-lock"
 
 
+def staging_path(output: str | Path) -> Path:
+    """The folder a run writes ``output`` into before renaming it into place (``.NAME.reforge-partial``)."""
+    output = absolute(output)
+    return output.parent / f".{output.name}.reforge-partial"
+
+
 def absolute(output: str | Path) -> Path:
     """``output`` as an absolute path with a real name (``-o .`` is the current folder by its name); the last
     component is not resolved, so a symlink given as output stays visible as one."""

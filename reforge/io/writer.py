@@ -39,7 +39,7 @@ from reforge.errors import DiskFullError, InvalidOptionError, OutputExistsError,
 from reforge.io.buffers import ALIGNMENT
 from reforge.io.format import DTYPES, encode_header, open_direct, safetensors_dtype
 from reforge.io.manifest import MANIFEST
-from reforge.io.target import OutputLock, absolute, check_output
+from reforge.io.target import OutputLock, absolute, check_output, staging_path
 
 if TYPE_CHECKING:
     import torch
@@ -242,7 +242,7 @@ class CheckpointWriter:
         self.progress = progress
         self.inputs = list(inputs)
         self._target = absolute(output)  # for the file system: "-o ." has a name here
-        self.staging = self._target.parent / f".{self._target.name}.reforge-partial"
+        self.staging = staging_path(self._target)
         self._lock = OutputLock(self._target)
         self.lock_path = self._lock.path
         self.already_complete = False

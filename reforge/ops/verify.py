@@ -24,6 +24,7 @@ from reforge.io.index import ShardIndex
 from reforge.io.manifest import read_manifest
 from reforge.io.progress import ProgressFn
 from reforge.io.reader import ShardReader
+from reforge.io.target import staging_path
 from reforge.ops.chat import apply_head_rule
 
 PROFILE_FILE_NAME = "reforge_encoding.json"
@@ -126,9 +127,7 @@ def verify_checkpoint(
 
 
 def _check_loads(path: Path, manifest: dict, report: VerifyReport) -> ShardIndex | None:
-    leftovers = [p.name for p in path.glob("*.incomplete")] + [
-        p.name for p in path.parent.glob(f".{path.name}.reforge-partial")
-    ]
+    leftovers = [p.name for p in path.glob("*.incomplete")] + [p.name for p in [staging_path(path)] if p.exists()]
     try:
         index = ShardIndex.from_dir(path)
     except ReforgeError as e:

@@ -29,6 +29,7 @@ import numpy as np
 from reforge import __version__
 from reforge.data.corpus import Corpus, DocSelection, load_corpus
 from reforge.errors import CheckpointNotFoundError, InvalidOptionError
+from reforge.io.manifest import TRAINING_RECORD
 from reforge.io.target import OutputLock, write_error
 from reforge.train.attention import AttentionPlan, plan_attention
 from reforge.train.batching import IGNORE, Batch, BatchPlan, Encoder, collate, make_encoder, split_step, token_lengths
@@ -46,7 +47,7 @@ from reforge.train.state import (
 )
 from reforge.train.weight_norm import step_cached_weight_norm
 
-RECORD_NAME = "training_record.json"
+RECORD_NAME = TRAINING_RECORD
 RECORD_FORMAT = "reforge-train-record/1"
 _HISTORY_POINTS = 1000
 

@@ -29,7 +29,7 @@ def step_cached_weight_norm(model) -> int:
         return 0
     changed = 0
     for module in model.modules():
-        if type(module) is DoraLinearLayer:   # not the embedding or convolution subclasses
+        if type(module) is DoraLinearLayer:  # not the embedding or convolution subclasses
             module.get_lora_weight = MethodType(_lora_weight(module.get_lora_weight), module)
             module.get_weight_norm = MethodType(_weight_norm(module.get_weight_norm), module)
             changed += 1
@@ -46,7 +46,7 @@ def _lora_weight(original):
         placeholder when the cached norm is still current and ``B A`` would not be read."""
         import torch
 
-        if getattr(lora_B, "bias", None) is not None:   # lora_bias: peft's route adds it, B @ A would not
+        if getattr(lora_B, "bias", None) is not None:  # lora_bias: peft's route adds it, B @ A would not
             self._reforge_adapter = None
             return original(lora_A, lora_B, adapter_name=adapter_name)
         self._reforge_adapter = (lora_A, lora_B)
@@ -62,13 +62,13 @@ def _lora_weight(original):
 def _weight_norm(original):
     def weight_norm(self, weight, lora_weight, scaling, adapter_name=None):
         adapter = getattr(self, "_reforge_adapter", None)
-        if adapter_name is None or adapter is None:   # peft's own calls at set-up and merge time: untouched
+        if adapter_name is None or adapter is None:  # peft's own calls at set-up and merge time: untouched
             return original(weight, lora_weight, scaling, adapter_name=adapter_name)
         key = (_versions(adapter[0].weight, adapter[1].weight), _versions(weight), scaling)
         cached = getattr(self, "_reforge_norm", None)
         if cached is not None and cached[:3] == key:
             return cached[3]
-        if lora_weight.numel() == 0:   # the placeholder, but W changed since: form B A after all
+        if lora_weight.numel() == 0:  # the placeholder, but W changed since: form B A after all
             import torch
 
             with torch.no_grad():
