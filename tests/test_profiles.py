@@ -30,31 +30,10 @@ TEXTS = ["the protein binds the cell membrane in mice", "cancer", "a study of bl
 
 
 def _tiny(family: str):
-    """A tiny bare model of ``family`` with random weights."""
-    import transformers as tf
+    """A tiny bare model of ``family`` with random weights (the body of the matrix test's causal LM)."""
+    from test_family_matrix import decoder
 
-    common = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=600,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=1,
-    )
-    torch.manual_seed(0)
-    if family == "qwen3":
-        return tf.Qwen3Model(tf.Qwen3Config(**common, head_dim=8)).eval()
-    if family == "qwen2":
-        return tf.Qwen2Model(tf.Qwen2Config(**common)).eval()
-    if family == "gemma2":
-        return tf.Gemma2Model(tf.Gemma2Config(**common, head_dim=8, sliding_window=64)).eval()
-    if family == "mistral":
-        return tf.MistralModel(tf.MistralConfig(**common, sliding_window=None)).eval()
-    raise ValueError(family)
+    return decoder(family).model
 
 
 CASES = [
@@ -123,6 +102,26 @@ def test_model_without_tokenizer_is_an_error_unless_given(tmp_path):
     save_tokenizer(tokenizer, 64, bert=True)
     source = resolve_model(bert, pooling="cls", tokenizer=tokenizer)
     assert source.load(device="cpu", dtype=torch.float32).tokenizer.vocab_size == 64
+    (bert / "reforge.json").write_text(json.dumps({"kind": "merge", "base": {"path": str(tokenizer)}}))
+    assert resolve_model(bert, pooling="cls").tokenizer_path == tokenizer  # found at the recorded base
+
+
+def test_eval_cli_refuses_a_model_without_tokenizer_unless_given(tmp_path):
+    from click.testing import CliRunner
+    from test_eval import toy_dataset
+
+    from conftest import build_model
+    from reforge.cli import cli
+
+    bert = save(build_model("bert-bare"), tmp_path / "bert")
+    data = toy_dataset(tmp_path / "toy")
+    result = CliRunner().invoke(cli, ["eval", str(bert), "-d", str(data), "--pooling", "cls"])
+    assert result.exit_code == 1 and "has no tokenizer files" in result.stderr and "--tokenizer" in result.stderr
+    tokenizer = tmp_path / "tok"
+    save_tokenizer(tokenizer, 64, bert=True)
+    args = ["eval", str(bert), "-d", str(data), "--pooling", "cls", "--tokenizer", str(tokenizer), "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.stderr
 
 
 def test_pickle_only_model_needs_allow_pickle(tmp_path):
@@ -261,19 +260,22 @@ def test_old_pooling_booleans_and_new_pooling_mode_agree(tmp_path, mode):
     assert new.pooling == {"lasttoken": "last", "mean_sqrt_len_tokens": "mean_sqrt_len"}.get(mode, mode)
 
 
+def st6_lasttoken(folder: Path) -> Path:
+    """Turn a model folder into a sentence-transformers 6 folder that pools the last token (no Normalize)."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "lasttoken"}))
+    return folder
+
+
 def test_st6_lasttoken_pooling_file_is_read(tmp_path):
     """Issue 12 case 5: sentence-transformers 6 writes {"pooling_mode": "lasttoken"}."""
     folder = _bert_dir(tmp_path / "st")
-    (folder / "modules.json").write_text(
-        json.dumps(
-            [
-                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.Transformer"},
-                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            ]
-        )
-    )
-    (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "lasttoken"}))
+    st6_lasttoken(folder)
     profile = detect_profile(folder)
     assert (profile.pooling, profile.normalize) == ("last", False)
 
@@ -337,16 +339,7 @@ def test_st6_lasttoken_retriever_merge_writes_and_verify_checks_the_profile(tmp_
     save_tokenizer(base_dir, 64, bert=True)
     retriever = save(perturbed_bare(copy.deepcopy(base)), tmp_path / "retriever")
     save_tokenizer(retriever, 64, bert=True)
-    (retriever / "modules.json").write_text(
-        json.dumps(
-            [
-                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.Transformer"},
-                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            ]
-        )
-    )
-    (retriever / "1_Pooling").mkdir()
-    (retriever / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "lasttoken"}))
+    st6_lasttoken(retriever)
     out = tmp_path / "out"
     merged = CliRunner().invoke(cli, ["merge", "--base", str(base_dir), "--retriever", str(retriever), "-o", str(out)])
     assert merged.exit_code == 0, merged.stderr

@@ -40,6 +40,12 @@ from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, writ
     is_flag=True,
     help="Store tensors only the retriever has whole and skip those only the base has, instead of failing.",
 )
+@click.option(
+    "--keep-lm-head",
+    is_flag=True,
+    help="RE-Adapt a chat model: the retriever is an instruction-tuned CausalLM; keep its lm_head and write a "
+    "CausalLM (diff and merge both need it).",
+)
 @hub_options
 @output_options
 def diff_cmd(
@@ -55,6 +61,7 @@ def diff_cmd(
     rank: int | None,
     energy: float | None,
     allow_missing: bool,
+    keep_lm_head: bool,
     token: str | None,
     allow_pickle: bool,
     quiet: bool,
@@ -89,6 +96,7 @@ def diff_cmd(
             rank=rank,
             energy=energy,
             allow_missing=allow_missing,
+            keep_lm_head=keep_lm_head,
             overwrite=overwrite,
             token=token,
             allow_pickle=allow_pickle,

@@ -40,6 +40,12 @@ from reforge.cli.options import (
 )
 @click.option("--base", default=None, help="Base model for adapter MODELs (default: the adapter config's).")
 @click.option(
+    "--tokenizer",
+    default=None,
+    type=click.Path(file_okay=False, exists=True),
+    help="Folder with the tokenizer files, for MODELs that have none (default: the model's, else its base's).",
+)
+@click.option(
     "-o",
     "--output",
     "output_dir",
@@ -84,6 +90,7 @@ def eval_cmd(
         split=options["split"],
         measures=tuple(metrics) or ("nDCG@10",),
         base=options["base"],
+        tokenizer=options["tokenizer"],
         seed=options["seed"],
         token=options["token"],
         allow_pickle=options["allow_pickle"],

@@ -50,6 +50,12 @@ from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, writ
     "(default: read from the adapter's training record).",
 )
 @write_options
+@click.option(
+    "--keep-lm-head",
+    is_flag=True,
+    help="RE-Adapt a chat model: the retriever is an instruction-tuned CausalLM; keep its lm_head and write a "
+    "CausalLM (diff and merge both need it).",
+)
 @hub_options
 @output_options
 def merge_cmd(
@@ -66,6 +72,7 @@ def merge_cmd(
     overwrite: bool,
     dry_run: bool,
     durable: bool,
+    keep_lm_head: bool,
     token: str | None,
     allow_pickle: bool,
     quiet: bool,
@@ -115,6 +122,7 @@ def merge_cmd(
             dry_run=dry_run,
             command=command,
             corpus=corpus,
+            keep_lm_head=keep_lm_head,
             durable=durable,
             progress=progress,
         )

@@ -200,16 +200,26 @@ def _tokenizer_dir(path: Path, base_path: Path | None, ref: str) -> Path:
         UnsupportedModelError: none of them has tokenizer files (a tokenizer made up on the spot would map every
             word to an unknown token and still score).
     """
-    for folder in (transformer_dir(path), path, base_path):
+    for folder in (transformer_dir(path), path, base_path, _recorded_base(path)):
         if folder is not None and _has_tokenizer(folder):
             return folder
     looked = ", ".join(short_path(f) for f in dict.fromkeys([transformer_dir(path), path, base_path]) if f)
     raise UnsupportedModelError(
         f"{ref} has no tokenizer files (tokenizer.json, tokenizer_config.json or tokenizer.model; looked in {looked}).",
-        hint="Copy the tokenizer files of the model it was trained from into the folder.",
+        hint="Pass --tokenizer DIR, or copy the tokenizer files of the model it was trained from into the folder.",
         path=path,
         reason="no tokenizer",
     )
+
+
+def _recorded_base(path: Path) -> Path | None:
+    """The local base folder a reforge output records in its reforge.json (merges, deltas), if it still exists."""
+    try:
+        base = json.loads((path / "reforge.json").read_text(encoding="utf-8")).get("base") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    local = base.get("path") if isinstance(base, dict) else None
+    return Path(local) if local and Path(local).is_dir() else None
 
 
 def _check_pickle(folder: Path, allow_pickle: bool) -> None:

@@ -60,6 +60,7 @@ class EvalSettings:
     token: str | None = field(default=None, repr=False)
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    tokenizer: str | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The profile fields the user set."""
@@ -383,6 +384,7 @@ def _source(model: Any, settings: EvalSettings) -> ModelSource | Retriever:
         profile=settings.profile,
         pooling=settings.pooling,
         trust_remote_code=settings.trust_remote_code,
+        tokenizer=settings.tokenizer,
     )
 
 

@@ -51,11 +51,11 @@ def companion_files(folder: str | Path) -> dict[str, bytes]:
 
 
 def bare_config(config: dict) -> dict:
-    """A CausalLM config turned into its bare model's (``LlamaForCausalLM`` -> ``LlamaModel``)."""
+    """A head model's config turned into its bare model's: ``LlamaForCausalLM`` -> ``LlamaModel``,
+    ``BertForMaskedLM`` / ``XLMRobertaForMaskedLM`` / ``ModernBertForMaskedLM`` -> ``...Model``, ``GPT2LMHeadModel``
+    -> ``GPT2Model``. The weights reforge writes for a retriever have no head, so the config must not promise one."""
     bare = dict(config)
-    architectures = [
-        a.replace("ForCausalLM", "Model").replace("LMHeadModel", "Model") for a in config.get("architectures") or []
-    ]
+    architectures = [re.sub(r"(For[A-Z]\w*|LMHeadModel)$", "Model", a) for a in config.get("architectures") or []]
     if architectures:
         bare["architectures"] = architectures
     return bare
@@ -67,14 +67,20 @@ def output_companions(
     *,
     from_base: Path | None = None,
     base_config: dict | None = None,
+    keep_head: bool = False,
 ) -> dict[str, bytes]:
     """The companion files of a merged or delta output in the retriever's layout.
 
-    For a full retriever: its own files. For a peft LoRA retriever (``from_base`` given): the base's files with a
-    bare-model config, overlaid by any tokenizer or sentence-transformers files the adapter folder carries.
+    For a full retriever: its own files, with a bare-model config unless ``keep_head`` (RE-Adapt of a chat model
+    writes a CausalLM). For a peft LoRA retriever (``from_base`` given): the base's files with a bare-model config,
+    overlaid by any tokenizer or sentence-transformers files the adapter folder carries.
     """
     if from_base is None:
-        return companion_files(retriever_folder)
+        files = companion_files(retriever_folder)
+        bare = bare_config(retriever_config or {})
+        if retriever_config and not keep_head and bare.get("architectures") != retriever_config.get("architectures"):
+            files["config.json"] = (json.dumps(bare, indent=2) + "\n").encode()
+        return files
     files = companion_files(from_base)
     files.pop("generation_config.json", None)
     files.update(companion_files(retriever_folder))

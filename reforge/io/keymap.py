@@ -16,6 +16,8 @@ from reforge.errors import LayoutMismatchError
 
 PEFT_PREFIX = "base_model.model."
 HEAD_MODULES = frozenset({"lm_head", "cls", "score", "classifier", "qa_outputs", "output_layer"})
+# head modules with generic names, recognized only for their model_type (ModernBertForMaskedLM: head.*, decoder.*)
+MODEL_TYPE_HEADS = {"modernbert": frozenset({"head", "decoder"})}
 # first components that wrap the body of a head model (transformers' base_model_prefix values)
 KNOWN_BODY_PREFIXES = frozenset(
     {
@@ -46,16 +48,26 @@ class KeyLayout:
 
     prefix: str
     head: frozenset[str] = frozenset()
+    keep_head: bool = False
 
     def canonical(self, key: str) -> str | None:
-        """The bare-model name of a stored key, or None for a head tensor or a key outside the layout."""
-        if key in self.head or not key.startswith(self.prefix):
+        """The bare-model name of a stored key, or None for a head tensor or a key outside the layout. With
+        ``keep_head`` (RE-Adapt of a chat model) a head tensor is its own canonical name (``lm_head.weight``)."""
+        if key in self.head:
+            return key if self.keep_head else None
+        if not key.startswith(self.prefix):
             return None
         return key[len(self.prefix) :]
 
     def stored(self, canonical: str) -> str:
         """The name this checkpoint stores a canonical key under."""
+        if self.keep_head and canonical in self.head_names():
+            return canonical
         return self.prefix + canonical
+
+    def head_names(self) -> frozenset[str]:
+        """The canonical names head tensors get with ``keep_head`` (``lm_head.weight``)."""
+        return self.head | frozenset(f"{module}.weight" for module in HEAD_MODULES)
 
     @property
     def is_bare(self) -> bool:
@@ -72,7 +84,8 @@ def detect_layout(keys: Iterable[str], config: dict | None = None) -> KeyLayout:
     keys = list(keys)
     peft = PEFT_PREFIX if keys and all(k.startswith(PEFT_PREFIX) for k in keys) else ""
     inner = [k[len(peft) :] for k in keys]
-    head = {k for k in inner if k.split(".", 1)[0] in HEAD_MODULES}
+    heads = HEAD_MODULES | MODEL_TYPE_HEADS.get(str((config or {}).get("model_type")), frozenset())
+    head = {k for k in inner if k.split(".", 1)[0] in heads}
     body = [k for k in inner if k not in head]
     firsts = {k.split(".", 1)[0] for k in body if "." in k}
     prefix = ""

@@ -22,6 +22,7 @@ from reforge.io.format import torch_dtype
 from reforge.io.keymap import match_keys
 from reforge.io.target import check_output
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
+from reforge.ops.chat import apply_head_rule
 from reforge.ops.delta import RETRIEVER_FILES, factor_keys
 from reforge.ops.fold import Factors, LoraAdapter
 from reforge.ops.stream import Accumulator, import_torch_in_background, prefetch, row_blocks, torch_threads
@@ -84,6 +85,7 @@ def diff(
     rank: int | None = None,
     energy: float | None = None,
     allow_missing: bool = False,
+    keep_lm_head: bool = False,
     overwrite: bool = False,
     token: str | None = None,
     allow_pickle: bool = False,
@@ -103,6 +105,8 @@ def diff(
             ``energy`` of its squared singular values (LoRE-Adapt); 1-D tensors and embeddings stay dense.
         allow_missing: store tensors only the retriever has whole, and skip those only the base has, instead
             of failing.
+        keep_lm_head: RE-Adapt of a chat model: ``retriever`` is the instruction-tuned CausalLM and Delta keeps
+            ``lm_head`` (see `reforge.ops.chat`). Without it a CausalLM with an lm_head is refused.
 
     Raises:
         LayoutMismatchError: the two do not line up (names or shapes). InvalidOptionError: options that conflict.
@@ -114,6 +118,7 @@ def diff(
         check_output(output, inputs=[base, retriever], overwrite=overwrite)
     base_ckpt = open_model(base, token=token, allow_pickle=allow_pickle)
     retriever_ckpt = open_checkpoint(retriever, token=token, allow_pickle=allow_pickle)
+    apply_head_rule(base_ckpt, retriever_ckpt, keep_lm_head)
     if isinstance(retriever_ckpt, AdapterCheckpoint):
         adapter = LoraAdapter(retriever_ckpt)
         if low_rank and adapter.is_dora:
@@ -138,6 +143,8 @@ def diff(
         factor["ranks"] = _energy_ranks(entries, base_ckpt, retriever_ckpt, adapter, energy)
     specs, factored = _specs(entries, stored_dtype, factor, adapter)
     manifest = _manifest(base_ckpt, retriever_ckpt, entries, stored_dtype, factored, factor, command)
+    if keep_lm_head:
+        manifest["keep_lm_head"] = True
     plan_id = plan_id_for(
         {
             "op": "diff",
@@ -176,7 +183,7 @@ def diff(
         inputs=[base_ckpt.path, retriever_ckpt.path],
     ) as writer:
         report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
-        for name, content in _retriever_companions(base_ckpt, retriever_ckpt).items():
+        for name, content in _retriever_companions(base_ckpt, retriever_ckpt, keep_lm_head).items():
             writer.add_file(f"{RETRIEVER_FILES}/{name}", content)
         if not writer.already_complete:
             todo = [e for e in entries if any(writer.pending(n) for n in _stored_names(e, factored))]
@@ -196,10 +203,10 @@ def diff(
     return report
 
 
-def _retriever_companions(base: Checkpoint, retriever) -> dict[str, bytes]:
+def _retriever_companions(base: Checkpoint, retriever, keep_head: bool = False) -> dict[str, bytes]:
     if isinstance(retriever, AdapterCheckpoint):
         return output_companions(retriever.path, None, from_base=base.path, base_config=base.config)
-    return output_companions(retriever.path, retriever.config)
+    return output_companions(retriever.path, retriever.config, keep_head=keep_head)
 
 
 def _retriever_dtypes(base: Checkpoint, retriever, entries: list[_Entry]) -> dict[str, str]:

@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +26,7 @@ from reforge.io.companions import companion_files, output_companions
 from reforge.io.format import torch_dtype
 from reforge.io.target import check_output
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
+from reforge.ops.chat import apply_head_rule, chat_card
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
 from reforge.ops.diff import DTYPE_NAMES, overlap
 from reforge.ops.fold import Factors, LoraAdapter
@@ -94,6 +95,7 @@ def merge(
     command: str | None = None,
     corpus: str | None = None,
     durable: bool = False,
+    keep_lm_head: bool = False,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> MergeReport:
     """Write the readapted retriever into ``output``.
@@ -104,6 +106,8 @@ def merge(
         adapters: ``[(adapter folder, alpha), ...]`` knowledge adapters (peft LoRA/DoRA trained on ``base``).
         beta: weight of Delta.
         dtype: ``auto`` keeps each tensor's dtype as the retriever stores it; or float32/bfloat16/float16.
+        keep_lm_head: RE-Adapt of a chat model: the "retriever" (or the delta's) is an instruction-tuned CausalLM
+            and the output is a CausalLM with its lm_head (see `reforge.ops.chat`).
 
     Raises:
         InvalidOptionError, AdapterError, LayoutMismatchError, ProvenanceMismatchError: checked before any tensor
@@ -114,7 +118,7 @@ def merge(
     _check_options(retriever, delta, adapters, beta, dtype)
     if not dry_run:
         check_output(output, inputs=[base, retriever, delta, *(ref for ref, _ in adapters)], overwrite=overwrite)
-    source = open_inputs(base, retriever, delta, adapters, token, allow_pickle)
+    source = open_inputs(base, retriever, delta, adapters, token, allow_pickle, keep_lm_head)
     plan = {key: _terms(source, key, beta) for key in source.shapes}
     specs = [
         TensorSpec(source.stored_names[k], DTYPE_NAMES.get(dtype, source.dtypes[k]), source.shapes[k])
@@ -149,6 +153,8 @@ def merge(
     if dry_run:
         return report
     manifest = _manifest(source, beta, dtype, command, corpus)
+    if keep_lm_head:
+        manifest["keep_lm_head"] = True
     with CheckpointWriter(
         output,
         specs,
@@ -161,7 +167,7 @@ def merge(
         inputs=_input_paths(source),
     ) as writer:
         report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
-        _add_companions(writer, source, manifest)
+        _add_companions(writer, source, manifest, keep_lm_head)
         if not writer.already_complete:
             _write_tensors(writer, source, beta, specs)
         writer.manifest["max_abs_rounding"] = max((r["max_abs_rounding"] for r in writer.records.values()), default=0.0)
@@ -197,25 +203,33 @@ def _check_options(retriever, delta, adapters, beta: float, dtype: str) -> None:
         )
 
 
-def open_inputs(base_ref, retriever_ref, delta_ref, adapter_refs, token=None, allow_pickle=False) -> MergeInputs:
+def open_inputs(
+    base_ref, retriever_ref, delta_ref, adapter_refs, token=None, allow_pickle=False, keep_lm_head=False
+) -> MergeInputs:
     """Open and check every input of a merge (nothing read but headers); used by `merge`, `verify` and `tune`.
 
     Raises:
         the errors `merge` lists, before any tensor is read.
     """
     base = open_model(base_ref, token=token, allow_pickle=allow_pickle)
+    if delta_ref is None:
+        opened = open_checkpoint(retriever_ref, token=token, allow_pickle=allow_pickle)
+        apply_head_rule(base, opened, keep_lm_head)
+    elif keep_lm_head:
+        base.layout = replace(base.layout, keep_head=True)
     base_keys = base.canonical_keys()
     base_shapes = {k: base.index.tensors[v].shape for k, v in base_keys.items()}
     retriever = retriever_adapter = delta = None
     if delta_ref is not None:
         delta = DeltaCheckpoint.open(delta_ref)
         delta.check_base(base.provenance)
+        _check_delta_head(delta, keep_lm_head)
         shapes = delta.shapes
         dtypes = {k: delta.manifest.get("retriever_dtypes", {}).get(k, delta.manifest["dtype"]) for k in shapes}
         _check_delta_files(delta)
-        stored = {k: k for k in shapes}
+        # a chat model's delta is written back in the CausalLM layout the base has
+        stored = {k: base.layout.stored(k) if keep_lm_head else k for k in shapes}
     else:
-        opened = open_checkpoint(retriever_ref, token=token, allow_pickle=allow_pickle)
         if isinstance(opened, AdapterCheckpoint):
             retriever_adapter = LoraAdapter(opened)
             retriever_adapter.check_shapes(base_shapes)
@@ -231,6 +245,17 @@ def open_inputs(base_ref, retriever_ref, delta_ref, adapter_refs, token=None, al
             _check_retriever_against_base(base, retriever, retriever_keys, base_shapes)
     adapters = [(_open_adapter(ref, base, shapes, token, allow_pickle), alpha) for ref, alpha in adapter_refs]
     return MergeInputs(base, base_keys, retriever, retriever_adapter, delta, adapters, shapes, dtypes, stored)
+
+
+def _check_delta_head(delta: DeltaCheckpoint, keep_lm_head: bool) -> None:
+    """A delta made with --keep-lm-head is merged with it, and only such a delta (explicit either way)."""
+    made_with = bool(delta.manifest.get("keep_lm_head"))
+    if made_with != keep_lm_head:
+        raise InvalidOptionError(
+            f"{short_path(delta.path)} was made {'with' if made_with else 'without'} --keep-lm-head "
+            f"(RE-Adapt of a chat model); merge it {'with' if made_with else 'without'} it too.",
+            option="--keep-lm-head",
+        )
 
 
 def _check_delta_files(delta: DeltaCheckpoint) -> None:
@@ -537,7 +562,7 @@ def _adapter_corpus(adapter: LoraAdapter) -> str | None:
     return corpus if isinstance(corpus, str) else None
 
 
-def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dict) -> None:
+def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dict, keep_head: bool = False) -> None:
     if source.delta is not None:
         folder, base_dir = source.delta.path / RETRIEVER_FILES, None
         files = companion_files(folder)
@@ -546,7 +571,12 @@ def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dic
         files = output_companions(folder, None, from_base=source.base.path, base_config=source.base.config)
     else:
         folder, base_dir = source.retriever.path, None
-        files = output_companions(folder, source.retriever.config)
+        files = output_companions(folder, source.retriever.config, keep_head=keep_head)
+    if keep_head:  # a chat model, not a retriever: no encoding profile, a card that says what it is
+        for name, content in files.items():
+            writer.add_file(name, content)
+        writer.add_file("README.md", chat_card(manifest))
+        return
     encoding = _encoding_profile(folder, str((manifest.get("retriever") or {}).get("ref") or folder), base_dir)
     if encoding is not None and PROFILE_FILE not in files:
         files[PROFILE_FILE] = (json.dumps(encoding, indent=2) + "\n").encode()

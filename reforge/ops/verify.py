@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from reforge.errors import ReforgeError, short_path
 from reforge.io.checkpoint import AdapterCheckpoint, open_checkpoint
 from reforge.io.index import ShardIndex
 from reforge.io.reader import ShardReader
+from reforge.ops.chat import apply_head_rule
 
 PROFILE_FILE_NAME = "reforge_encoding.json"
 SENTENCES = [
@@ -98,7 +99,11 @@ def verify_checkpoint(
     elif inputs.get("base") and (inputs.get("retriever") or inputs.get("delta")):
         _check_layout(index, inputs, report, token, allow_pickle)
         _check_merge(path, index, inputs, full, samples, seed, report, token, allow_pickle)
-        if embeddings and inputs.get("retriever"):
+        if inputs["keep_lm_head"]:
+            report.add(
+                "embeddings", True, "not applicable: a chat model readapted with --keep-lm-head, not a retriever"
+            )
+        elif embeddings and inputs.get("retriever"):
             _check_embeddings(path, inputs, report, token, allow_pickle)
     else:
         report.add("recompute", True, "skipped: no inputs given and none recorded (pass --base and --retriever)")
@@ -180,6 +185,7 @@ def _inputs(manifest: dict, base, retriever, delta, adapters, beta) -> dict:
         "delta": delta or (None if retriever else (manifest.get("delta") or {}).get("path")),
         "adapters": adapters,
         "beta": manifest.get("beta", 1.0) if beta is None else beta,
+        "keep_lm_head": bool(manifest.get("keep_lm_head")),
     }
     if inputs["retriever"] and inputs["delta"]:
         inputs["delta"] = None
@@ -203,6 +209,8 @@ def _check_delta(path, index, manifest, inputs, full, samples, seed, report, tok
             "`reforge merge` tests, not against a stored model",
         )
         return
+    if inputs["keep_lm_head"]:
+        apply_head_rule(base, retriever, True)
     base_keys, retriever_keys = base.canonical_keys(), retriever.canonical_keys()
     keys = _sample(list(delta.shapes), full, samples, seed)
     failures = []
@@ -242,6 +250,8 @@ def _check_layout(index: ShardIndex, inputs: dict, report: VerifyReport, token, 
     if isinstance(opened, AdapterCheckpoint):
         report.add("layout", True, "retriever is a peft adapter: output is its full bare model")
         return
+    if inputs["keep_lm_head"]:
+        opened.layout = replace(opened.layout, keep_head=True)
     expected = {
         name: (info.shape, info.dtype)
         for name, info in opened.index.tensors.items()
@@ -264,7 +274,13 @@ def _check_merge(path, index, inputs, full, samples, seed, report, token, allow_
     from reforge.ops import merge as merge_ops
 
     source = merge_ops.open_inputs(
-        inputs["base"], inputs.get("retriever"), inputs.get("delta"), inputs["adapters"], token, allow_pickle
+        inputs["base"],
+        inputs.get("retriever"),
+        inputs.get("delta"),
+        inputs["adapters"],
+        token,
+        allow_pickle,
+        inputs["keep_lm_head"],
     )
     touched = [k for k in source.shapes if any(k in a.modules for a, _ in source.adapters)]
     untouched = [k for k in source.shapes if k not in touched]
