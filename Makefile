@@ -27,9 +27,16 @@ models:
 	@if [ -x $(SHARED)/scripts/fetch-models.sh ]; then $(SHARED)/scripts/fetch-models.sh "$(REFORGE_MODELS)"; \
 	else echo "no $(SHARED)/scripts/fetch-models.sh: tests that need real models will be skipped"; fi
 
-test: install models
+test: install models lint
 	$(PY) -m pytest -q --timeout=900 tests
 	$(PY) -m cogapp --check docs/cli.md
+
+# ruff (pinned in the test extra) and the import-layer check (scripts/check_layers.py: no upward import, no cycle)
+LINT_PATHS := reforge tests bench examples scripts
+lint: install
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+	$(PY) scripts/check_layers.py
 
 test-fast: install
 	$(PY) -m pytest -q -x -m "not slow" tests

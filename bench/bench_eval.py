@@ -4,6 +4,8 @@
                                                    #   sentence-transformers encode + faiss (same model, settings, data)
     python bench/bench_eval.py --full              # correctness: full SciFact test, expect 0.645 +- 0.002
     python bench/bench_eval.py --reference-subset  # the plain reference value in tests/test_eval_real.py
+    python bench/bench_eval.py --scale 100000 300000   # peak RSS of reforge eval on SciFact-length corpora of those
+                                                   #   sizes (SciFact documents repeated, a tiny random BERT)
 
 Every timed run is a fresh process (interpreter start and imports included) under `nice -n 10`; the reforge and
 baseline runs alternate ``--rounds`` times and the fastest of each is kept, since the machine is shared.
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "scifact"
 MODEL = Path(os.environ.get("REFORGE_MODELS", Path.home() / ".cache" / "reforge-models")) / "all-MiniLM-L6-v2"
 PUBLISHED = 0.645
+REFORGE = [sys.executable, "-m", "reforge"]  # this checkout's reforge (PYTHONPATH is set to it in `timed`)
 
 # The baseline: plain sentence-transformers + faiss + ir-measures, BEIR conventions (title + " " + text, identical
 # ids dropped, mean over queries with results). Run as its own process, like `reforge eval`.
@@ -133,6 +136,7 @@ def reference_subset(queries: int = 30, others: int = 100) -> float:
 
 
 def timed(command: list[str], env: dict[str, str]) -> tuple[float, dict]:
+    env = {**env, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     done = subprocess.run(["nice", "-n", "10", *command], env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
@@ -142,7 +146,7 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, dict]:
 
 
 def reforge_command(data: Path) -> list[str]:
-    return [str(ROOT / ".venv" / "bin" / "reforge"), "eval", str(MODEL), "--data", str(data), "--json", "-q"]
+    return [*REFORGE, "eval", str(MODEL), "--data", str(data), "--json", "-q"]
 
 
 def compare_speed(data: Path, rounds: int) -> dict:
@@ -193,10 +197,12 @@ def full_run() -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as home:
         seconds, out = timed(reforge_command(DATA), {**env, "REFORGE_HOME": home})
+        half = float16_rescore(Path(home))
     result = out["results"][0]
     ndcg = result["scores"]["nDCG@10"]
     return {
         "ndcg@10": ndcg,
+        "ndcg@10_float16_shards": half,
         "published": PUBLISHED,
         "within_0.002": abs(ndcg - PUBLISHED) <= 0.002,
         "documents": out["datasets"][0]["documents"],
@@ -206,17 +212,143 @@ def full_run() -> dict:
     }
 
 
+def float16_rescore(home: Path) -> float:
+    """nDCG@10 of the same run searched over float16 shards: the cached float32 corpus vectors stored as float16
+    (exactly what --embedding-dtype float16 writes), searched and scored by reforge's own functions."""
+    sys.path.insert(0, str(ROOT))
+    from reforge.data.beir import load_beir
+    from reforge.eval.cache import from_stored, to_stored
+    from reforge.eval.metrics import parse_measures, score_run
+    from reforge.eval.search import search
+
+    dataset = load_beir(DATA, "test")
+    entries = [p.parent for p in (home / "cache" / "embeddings").glob("*/meta.json")]
+    corpus = next(e for e in entries if "documents" in json.loads((e / "meta.json").read_text()))
+    queries = next(e for e in entries if "queries" in json.loads((e / "meta.json").read_text()))
+    import numpy as np
+
+    docs = np.concatenate([np.load(p) for p in sorted(corpus.glob("0*.npy"))])
+    query_vectors = np.load(queries / "00000.npy")
+    half = from_stored(to_stored(docs, "float16"), "float16")
+    run = search(query_vectors, half, list(dataset.queries), [d.id for d in dataset.corpus], top_k=1000)
+    return score_run(dataset.qrels, run, parse_measures(["nDCG@10"]), "beir").aggregate["nDCG@10"]
+
+
+def scale_corpus(dest: Path, documents: int) -> Path:
+    """``documents`` SciFact passages (the corpus repeated, ids ``<id>~<copy>`` after the first copy) with the test
+    queries and qrels: real document lengths at any size."""
+    docs = read_jsonl(DATA / "corpus.jsonl")
+    qrels = read_qrels(DATA / "qrels" / "test.tsv")
+    queries = {q["_id"]: q["text"] for q in read_jsonl(DATA / "queries.jsonl") if q["_id"] in qrels}
+    write_subset(dest, [], queries, qrels)  # queries and qrels; the corpus is written next
+    with (dest / "corpus.jsonl").open("w", encoding="utf-8") as f:
+        for i in range(documents):
+            d, copy = docs[i % len(docs)], i // len(docs)
+            doc_id = d["_id"] if copy == 0 else f"{d['_id']}~{copy}"
+            f.write(json.dumps({"_id": doc_id, "title": d.get("title", ""), "text": d["text"]}) + "\n")
+    return dest
+
+
+def tiny_retriever(dest: Path) -> Path:
+    """A random 2-layer BERT (hidden 32, max length 16) with all-MiniLM-L6-v2's tokenizer, as a sentence-transformers
+    folder: encoding costs little, so the run measures what reforge holds per document, not the model."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=512
+    )
+    BertModel(config).save_pretrained(dest, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (MODEL / name).is_file():
+            shutil.copy(MODEL / name, dest / name)
+    (dest / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
+    (dest / "1_Pooling").mkdir()
+    (dest / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
+    )
+    (dest / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16, "do_lower_case": False}))
+    return dest
+
+
+PEAK_RSS = (
+    "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)"
+)
+
+
+def scale_run(sizes: list[int]) -> dict:
+    """Peak RSS and time of a cold `reforge eval` (fresh process, fresh cache) at each corpus size."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = tiny_retriever(Path(tmp) / "tiny-bert")
+        for size in sizes:
+            data = scale_corpus(Path(tmp) / f"scifact-x{size}", size)
+            command = [
+                sys.executable,
+                "-c",
+                PEAK_RSS,
+                *REFORGE,
+                "eval",
+                str(model),
+                "--data",
+                str(data),
+                "--json",
+                "-q",
+                "--batch-size",
+                "64",
+            ]
+            env = {
+                **os.environ,
+                "HF_HUB_OFFLINE": "1",
+                "REFORGE_HOME": str(Path(tmp) / f"home-{size}"),
+                "PYTHONPATH": str(ROOT),
+            }
+            start = time.perf_counter()
+            done = subprocess.run(["nice", "-n", "10", *command], env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(done.stderr[-3000:])
+            out = json.loads(done.stdout)
+            peak_kib = int(done.stderr.strip().splitlines()[-1])
+            results.append(
+                {
+                    "documents": size,
+                    "peak_rss_gib": round(peak_kib / 2**20, 3),
+                    "wall_s": round(time.perf_counter() - start, 1),
+                    "corpus_mb": round((data / "corpus.jsonl").stat().st_size / 1e6, 1),
+                    "docs_per_s": out["results"][0]["docs_per_second"],
+                }
+            )
+            print(f"  {size} documents: {results[-1]}", file=sys.stderr)
+    return {
+        "runs": results,
+        "rss_largest_over_smallest": round(results[-1]["peak_rss_gib"] / results[0]["peak_rss_gib"], 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="full SciFact test with reforge eval (about 7 min)")
     parser.add_argument("--reference-subset", action="store_true", help="print the plain reference subset value")
     parser.add_argument("--docs", type=int, default=400, help="corpus documents in the speed subset")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the fastest of each is kept")
+    parser.add_argument("--scale", type=int, nargs="+", help="peak RSS of reforge eval at these corpus sizes")
     args = parser.parse_args()
     if not (MODEL / "model.safetensors").is_file() or not DATA.is_dir():
         sys.exit(f"needs {MODEL} (../shared/scripts/fetch-models.sh) and {DATA}")
     if args.reference_subset:
         reference_subset()
+        return
+    if args.scale:
+        print(json.dumps(scale_run(args.scale), indent=2))
         return
     if args.full:
         result = full_run()

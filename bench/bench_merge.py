@@ -56,10 +56,10 @@ RANK, LORA_ALPHA, ALPHA = 32, 64, 0.5
 @dataclass
 class Inputs:
     layers: int
-    base: Path          # LlamaForCausalLM layout, with lm_head
-    retriever: Path     # bare LlamaModel layout (what retrievers are)
-    adapter: Path       # peft DoRA adapter trained on base
-    knowledge: Path     # K = base + Psi, CausalLM layout (mergekit's input)
+    base: Path  # LlamaForCausalLM layout, with lm_head
+    retriever: Path  # bare LlamaModel layout (what retrievers are)
+    adapter: Path  # peft DoRA adapter trained on base
+    knowledge: Path  # K = base + Psi, CausalLM layout (mergekit's input)
     retriever_causal: Path  # the retriever in CausalLM layout + base's lm_head (mergekit's input)
 
 
@@ -113,8 +113,15 @@ def make_dora_adapter(folder: Path, base: Path, layers: int, seed: int) -> Path:
     staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    config = LoraConfig(r=RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.05, target_modules=TARGETS, use_dora=True,
-                        task_type="CAUSAL_LM", base_model_name_or_path=str(base.resolve()))
+    config = LoraConfig(
+        r=RANK,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=0.05,
+        target_modules=TARGETS,
+        use_dora=True,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=str(base.resolve()),
+    )
     config.save_pretrained(str(staging))
     (staging / "adapter_model.safetensors").write_bytes(save(tensors, metadata={"format": "pt"}))
     staging.rename(folder)
@@ -134,8 +141,11 @@ def make_folded(folder: Path, base: Path, adapter: Path, layers: int) -> Path:
     fold = LoraAdapter(open_checkpoint(adapter))
     names = list(source.index.tensors)
     specs = [TensorSpec(n, source.index.tensors[n].dtype, source.index.tensors[n].shape) for n in names]
-    with source.reader() as reader, fold.checkpoint.reader() as adapter_reader, \
-            CheckpointWriter(folder, specs, plan_id=f"knowledge-{layers}", max_shard_size=2 * 10**9) as writer:
+    with (
+        source.reader() as reader,
+        fold.checkpoint.reader() as adapter_reader,
+        CheckpointWriter(folder, specs, plan_id=f"knowledge-{layers}", max_shard_size=2 * 10**9) as writer,
+    ):
         for name in names:
             value = reader.get(name)
             canonical = source.layout.canonical(name)
@@ -156,8 +166,11 @@ def make_causal_copy(folder: Path, retriever: Path, base: Path, layers: int) -> 
     bare, causal = open_model(retriever), open_model(base)
     names = [(f"model.{n}", bare, n) for n in bare.index.tensors] + [("lm_head.weight", causal, "lm_head.weight")]
     specs = [TensorSpec(out, src.index.tensors[n].dtype, src.index.tensors[n].shape) for out, src, n in names]
-    with bare.reader() as bare_reader, causal.reader() as causal_reader, \
-            CheckpointWriter(folder, specs, plan_id=f"retriever-causal-{layers}", max_shard_size=2 * 10**9) as w:
+    with (
+        bare.reader() as bare_reader,
+        causal.reader() as causal_reader,
+        CheckpointWriter(folder, specs, plan_id=f"retriever-causal-{layers}", max_shard_size=2 * 10**9) as w,
+    ):
         for out, src, name in names:
             w.write(out, (bare_reader if src is bare else causal_reader).get(name))
         w.add_file("config.json", json.dumps(llama_config(layers, causal=True), indent=2))
@@ -172,8 +185,21 @@ def files_of(folder: Path) -> list[Path]:
 # commands
 # ---------------------------------------------------------------------------------------------------------------
 def reforge_command(inputs: Inputs, out: Path, retriever: Path | None = None) -> list[str]:
-    return [*REFORGE, "merge", "--base", str(inputs.base), "--retriever", str(retriever or inputs.retriever),
-            "--adapter", str(inputs.adapter), "--alpha", str(ALPHA), "-o", str(out), "-q"]
+    return [
+        *REFORGE,
+        "merge",
+        "--base",
+        str(inputs.base),
+        "--retriever",
+        str(retriever or inputs.retriever),
+        "--adapter",
+        str(inputs.adapter),
+        "--alpha",
+        str(ALPHA),
+        "-o",
+        str(out),
+        "-q",
+    ]
 
 
 def mergekit_config(path: Path, inputs: Inputs, retriever: Path | None) -> Path:
@@ -181,11 +207,13 @@ def mergekit_config(path: Path, inputs: Inputs, retriever: Path | None) -> Path:
     models = [f"  - model: {inputs.knowledge}\n    parameters:\n      weight: {ALPHA}\n"]
     if retriever is not None:
         models.append(f"  - model: {retriever}\n    parameters:\n      weight: 1.0\n")
-    path.write_text("merge_method: task_arithmetic\n"
-                    f"base_model: {inputs.base}\n"
-                    "parameters:\n  normalize: false\n  lambda: 1.0\n"
-                    "dtype: bfloat16\n"
-                    "models:\n" + "".join(models))
+    path.write_text(
+        "merge_method: task_arithmetic\n"
+        f"base_model: {inputs.base}\n"
+        "parameters:\n  normalize: false\n  lambda: 1.0\n"
+        "dtype: bfloat16\n"
+        "models:\n" + "".join(models)
+    )
     return path
 
 
@@ -275,10 +303,16 @@ def compare_models(left: Path, right: Path, keys: list[str] | None = None) -> di
             max_abs = max(max_abs, float((x[mask].float() - y[mask].float()).abs().max()))
             if x.dtype == y.dtype == torch.bfloat16:
                 one_ulp += int(((x[mask].view(torch.int16).int() - y[mask].view(torch.int16).int()).abs() == 1).sum())
-    return {"tensors": len(common), "elements": elements, "differing": differing,
-            "differing_share": differing / elements if elements else 0.0, "one_ulp_apart": one_ulp,
-            "max_abs_diff": max_abs, "only_left": sorted(set(a_keys) - set(b_keys)),
-            "only_right": sorted(set(b_keys) - set(a_keys))}
+    return {
+        "tensors": len(common),
+        "elements": elements,
+        "differing": differing,
+        "differing_share": differing / elements if elements else 0.0,
+        "one_ulp_apart": one_ulp,
+        "max_abs_diff": max_abs,
+        "only_left": sorted(set(a_keys) - set(b_keys)),
+        "only_right": sorted(set(b_keys) - set(a_keys)),
+    }
 
 
 def _dora_psi(w, a, b, m, dtype):
@@ -320,44 +354,74 @@ def reference_check(inputs: Inputs, reforge_out: Path, mergekit_out: Path | None
                 w = rb.get(base.layout.stored(key))
                 if mk_reader is not None:
                     mk_got = mk_reader.get(mk.layout.stored(key))
-                    formula = (w.float() + ALPHA * (rk.get(knowledge.layout.stored(key)).float() - w.float())
-                               + (rc.get(causal.layout.stored(key)).float() - w.float())).to(torch.bfloat16)
+                    formula = (
+                        w.float()
+                        + ALPHA * (rk.get(knowledge.layout.stored(key)).float() - w.float())
+                        + (rc.get(causal.layout.stored(key)).float() - w.float())
+                    ).to(torch.bfloat16)
                     differ = int((mk_got != formula).sum())
-                    mk_rows.append({"tensor": key, "adapted": module + ".lora_A.weight" in adapter.keys(),
-                                    "elements": got.numel(), "differing": differ,
-                                    "differing_share": differ / got.numel()})
+                    mk_rows.append(
+                        {
+                            "tensor": key,
+                            "adapted": module + ".lora_A.weight" in adapter.keys(),
+                            "elements": got.numel(),
+                            "differing": differ,
+                            "differing_share": differ / got.numel(),
+                        }
+                    )
                 if module + ".lora_A.weight" not in adapter.keys():
-                    rows.append({"tensor": key, "adapted": False, "elements": got.numel(),
-                                 "differing": int((got != r).sum())})
+                    rows.append(
+                        {"tensor": key, "adapted": False, "elements": got.numel(), "differing": int((got != r).sum())}
+                    )
                     continue
-                factors = [adapter.get_tensor(module + s) for s in (".lora_A.weight", ".lora_B.weight",
-                                                                     ".lora_magnitude_vector")]
+                factors = [
+                    adapter.get_tensor(module + s)
+                    for s in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
+                ]
                 ref32 = (r.float() + ALPHA * _dora_psi(w, *factors, torch.float32)).to(torch.bfloat16)
                 ref64 = (r.double() + ALPHA * _dora_psi(w, *factors, torch.float64)).to(torch.bfloat16)
                 mask = got != ref32
                 ulps = (got[mask].view(torch.int16).int() - ref32[mask].view(torch.int16).int()).abs()
-                rows.append({"tensor": key, "adapted": True, "elements": got.numel(), "differing": int(mask.sum()),
-                             "one_ulp_apart": int((ulps == 1).sum()),
-                             "max_abs_diff": float((got.float() - ref32.float()).abs().max()),
-                             "differing_where_reforge_matches_fp64": int((got[mask] == ref64[mask]).sum()),
-                             "differing_where_fp32_ref_matches_fp64": int((ref32[mask] == ref64[mask]).sum()),
-                             "reforge_vs_fp64_rounded_once_differing": int((got != ref64).sum())})
+                rows.append(
+                    {
+                        "tensor": key,
+                        "adapted": True,
+                        "elements": got.numel(),
+                        "differing": int(mask.sum()),
+                        "one_ulp_apart": int((ulps == 1).sum()),
+                        "max_abs_diff": float((got.float() - ref32.float()).abs().max()),
+                        "differing_where_reforge_matches_fp64": int((got[mask] == ref64[mask]).sum()),
+                        "differing_where_fp32_ref_matches_fp64": int((ref32[mask] == ref64[mask]).sum()),
+                        "reforge_vs_fp64_rounded_once_differing": int((got != ref64).sum()),
+                    }
+                )
     finally:
         for reader in [*readers, mk_reader]:
             if reader is not None:
                 reader.close()
     elements = sum(r["elements"] for r in rows)
     differing = sum(r["differing"] for r in rows)
-    result = {"reforge": {"tensors": rows, "elements": elements, "differing": differing,
-                          "differing_share": differing / elements,
-                          "untouched_bit_identical": all(r["differing"] == 0 for r in rows if not r["adapted"])}}
+    result = {
+        "reforge": {
+            "tensors": rows,
+            "elements": elements,
+            "differing": differing,
+            "differing_share": differing / elements,
+            "untouched_bit_identical": all(r["differing"] == 0 for r in rows if not r["adapted"]),
+        }
+    }
     if mk_rows:
         mk_elements, mk_differing = sum(r["elements"] for r in mk_rows), sum(r["differing"] for r in mk_rows)
         untouched = [r for r in mk_rows if not r["adapted"]]
-        result["mergekit"] = {"tensors": mk_rows, "elements": mk_elements, "differing": mk_differing,
-                              "differing_share": mk_differing / mk_elements,
-                              "untouched_differing_share": (sum(r["differing"] for r in untouched)
-                                                            / max(1, sum(r["elements"] for r in untouched)))}
+        result["mergekit"] = {
+            "tensors": mk_rows,
+            "elements": mk_elements,
+            "differing": mk_differing,
+            "differing_share": mk_differing / mk_elements,
+            "untouched_differing_share": (
+                sum(r["differing"] for r in untouched) / max(1, sum(r["elements"] for r in untouched))
+            ),
+        }
     return result
 
 
@@ -373,9 +437,13 @@ def bare_layout_finding(inputs: Inputs, work: Path, reforge_out: Path) -> dict:
         remove_output(out)
         config = mergekit_config(work / f"mergekit-{name}.yml", inputs, retriever)
         run = measure(mergekit_command(config, out))
-        runs[name] = {"returncode": run.returncode, "seconds": run.seconds,
-                      "warnings": [line for line in run.stderr.splitlines()
-                                   if any(w in line.lower() for w in ("warn", "missing", "error"))][:10]}
+        runs[name] = {
+            "returncode": run.returncode,
+            "seconds": run.seconds,
+            "warnings": [
+                line for line in run.stderr.splitlines() if any(w in line.lower() for w in ("warn", "missing", "error"))
+            ][:10],
+        }
         if run.returncode != 0:
             runs[name]["stderr"] = run.stderr
     finding = {"mergekit_runs": runs}
@@ -404,15 +472,22 @@ def peft_worker(base: str, adapter: str, out: str) -> None:
 
 
 def peft_command(inputs: Inputs, out: Path) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--peft-worker", str(inputs.base), str(inputs.adapter),
-            str(out)]
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--peft-worker",
+        str(inputs.base),
+        str(inputs.adapter),
+        str(out),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------------------
-def bench_layers(layers: int, repeats: int, *, run_peft: bool, finding: bool, keep: bool,
-                 no_mergekit: bool = False) -> dict:
+def bench_layers(
+    layers: int, repeats: int, *, run_peft: bool, finding: bool, keep: bool, no_mergekit: bool = False
+) -> dict:
     started = time.perf_counter()
     inputs = build_inputs(layers)
     print(f"[{layers} layers] inputs ready in {time.perf_counter() - started:.0f} s", flush=True)
@@ -449,33 +524,46 @@ def bench_layers(layers: int, repeats: int, *, run_peft: bool, finding: bool, ke
             mergekit_runs.append(checked(measure(mergekit_command(config, mergekit_out)), "mergekit-yaml"))
             mergekit_flush.append(flush_seconds(mergekit_out))
         r = reforge_runs[-1]
-        print(f"  run {repeat + 1}/{repeats}: cold cat {cat_r[-1]:.2f} s (reforge inputs)"
-              + (f", {cat_m[-1]:.2f} s (mergekit inputs)" if with_mergekit else "")
-              + f"; reforge {r.seconds:.2f} s (CPU {cpu_seconds(r):.1f} s), {r.max_rss_gib:.2f} GiB"
-              + (f"; mergekit {mergekit_runs[-1].seconds:.2f} s (CPU {cpu_seconds(mergekit_runs[-1]):.1f} s, "
-                 f"+{mergekit_flush[-1]:.2f} s flush), "
-                 f"{mergekit_runs[-1].max_rss_gib:.2f} GiB" if with_mergekit else ""), flush=True)
+        print(
+            f"  run {repeat + 1}/{repeats}: cold cat {cat_r[-1]:.2f} s (reforge inputs)"
+            + (f", {cat_m[-1]:.2f} s (mergekit inputs)" if with_mergekit else "")
+            + f"; reforge {r.seconds:.2f} s (CPU {cpu_seconds(r):.1f} s), {r.max_rss_gib:.2f} GiB"
+            + (
+                f"; mergekit {mergekit_runs[-1].seconds:.2f} s (CPU {cpu_seconds(mergekit_runs[-1]):.1f} s, "
+                f"+{mergekit_flush[-1]:.2f} s flush), "
+                f"{mergekit_runs[-1].max_rss_gib:.2f} GiB"
+                if with_mergekit
+                else ""
+            ),
+            flush=True,
+        )
 
-    row: dict = {"layers": layers, "reforge_input_gb": round(gigabytes(reforge_inputs), 2),
-                 "mergekit_input_gb": round(gigabytes(mergekit_inputs), 2),
-                 "output_gb": round(gigabytes(files_of(reforge_out)), 2), "repeats": repeats,
-                 "cold_cat_reforge_inputs_s": median(cat_r),
-                 "reforge_s": median([r.seconds for r in reforge_runs]),
-                 "reforge_runs_s": [r.seconds for r in reforge_runs],
-                 "reforge_cpu_s": median([cpu_seconds(r) for r in reforge_runs]),
-                 "reforge_max_rss_gib": max(r.max_rss_gib for r in reforge_runs),
-                 "reforge_peak_anon_gib": max(r.peak_anon_gib for r in reforge_runs)}
+    row: dict = {
+        "layers": layers,
+        "reforge_input_gb": round(gigabytes(reforge_inputs), 2),
+        "mergekit_input_gb": round(gigabytes(mergekit_inputs), 2),
+        "output_gb": round(gigabytes(files_of(reforge_out)), 2),
+        "repeats": repeats,
+        "cold_cat_reforge_inputs_s": median(cat_r),
+        "reforge_s": median([r.seconds for r in reforge_runs]),
+        "reforge_runs_s": [r.seconds for r in reforge_runs],
+        "reforge_cpu_s": median([cpu_seconds(r) for r in reforge_runs]),
+        "reforge_max_rss_gib": max(r.max_rss_gib for r in reforge_runs),
+        "reforge_peak_anon_gib": max(r.peak_anon_gib for r in reforge_runs),
+    }
     row["reforge_over_cat"] = row["reforge_s"] / row["cold_cat_reforge_inputs_s"]
     if row_notes:
         row["notes"] = row_notes
     if mergekit_runs:
-        row |= {"cold_cat_mergekit_inputs_s": median(cat_m),
-                "mergekit_s": median([r.seconds for r in mergekit_runs]),
-                "mergekit_runs_s": [r.seconds for r in mergekit_runs],
-                "mergekit_cpu_s": median([cpu_seconds(r) for r in mergekit_runs]),
-                "mergekit_flush_s": median(mergekit_flush),
-                "mergekit_max_rss_gib": max(r.max_rss_gib for r in mergekit_runs),
-                "mergekit_peak_anon_gib": max(r.peak_anon_gib for r in mergekit_runs)}
+        row |= {
+            "cold_cat_mergekit_inputs_s": median(cat_m),
+            "mergekit_s": median([r.seconds for r in mergekit_runs]),
+            "mergekit_runs_s": [r.seconds for r in mergekit_runs],
+            "mergekit_cpu_s": median([cpu_seconds(r) for r in mergekit_runs]),
+            "mergekit_flush_s": median(mergekit_flush),
+            "mergekit_max_rss_gib": max(r.max_rss_gib for r in mergekit_runs),
+            "mergekit_peak_anon_gib": max(r.peak_anon_gib for r in mergekit_runs),
+        }
         row["reforge_over_mergekit_cat"] = row["reforge_s"] / row["cold_cat_mergekit_inputs_s"]
         row["mergekit_over_reforge"] = row["mergekit_s"] / row["reforge_s"]
         row["mergekit_with_flush_over_reforge"] = (row["mergekit_s"] + row["mergekit_flush_s"]) / row["reforge_s"]
@@ -483,8 +571,12 @@ def bench_layers(layers: int, repeats: int, *, run_peft: bool, finding: bool, ke
         row["reforge_vs_mergekit"] = compare_models(reforge_out, mergekit_out)
 
     sample = [f"layers.0.self_attn.{t}.weight" for t in ("q_proj", "k_proj")] + [
-        f"layers.{layers - 1}.self_attn.v_proj.weight", f"layers.{layers - 1}.mlp.up_proj.weight",
-        "layers.0.mlp.down_proj.weight", "layers.0.self_attn.o_proj.weight", "embed_tokens.weight"]
+        f"layers.{layers - 1}.self_attn.v_proj.weight",
+        f"layers.{layers - 1}.mlp.up_proj.weight",
+        "layers.0.mlp.down_proj.weight",
+        "layers.0.self_attn.o_proj.weight",
+        "embed_tokens.weight",
+    ]
     row["reference"] = reference_check(inputs, reforge_out, mergekit_out if mergekit_runs else None, sample)
 
     if finding and with_mergekit and wait_for_memory(mergekit_need, "mergekit bare-layout check"):
@@ -501,18 +593,24 @@ def bench_layers(layers: int, repeats: int, *, run_peft: bool, finding: bool, ke
             for _ in range(repeats):
                 remove_output(peft_out)
                 evict([inputs.base, inputs.adapter])
-                peft_runs.append(checked(measure(peft_command(inputs, peft_out), env={"HF_HUB_OFFLINE": "1"}),
-                                         "peft merge_and_unload"))
-            row["peft"] = {"seconds": median([r.seconds for r in peft_runs]),
-                           "cpu_s": median([cpu_seconds(r) for r in peft_runs]),
-                           "max_rss_gib": max(r.max_rss_gib for r in peft_runs),
-                           "peak_anon_gib": max(r.peak_anon_gib for r in peft_runs),
-                           "cold_cat_base_adapter_s": cold_cat_seconds(files_of(inputs.base)
-                                                                       + files_of(inputs.adapter)),
-                           "vs_reforge_fold": compare_models(peft_out, inputs.knowledge),
-                           "vs_base": compare_models(peft_out, inputs.base)}
-            print(f"  peft merge_and_unload {row['peft']['seconds']:.2f} s, {row['peft']['max_rss_gib']:.2f} GiB",
-                  flush=True)
+                peft_runs.append(
+                    checked(
+                        measure(peft_command(inputs, peft_out), env={"HF_HUB_OFFLINE": "1"}), "peft merge_and_unload"
+                    )
+                )
+            row["peft"] = {
+                "seconds": median([r.seconds for r in peft_runs]),
+                "cpu_s": median([cpu_seconds(r) for r in peft_runs]),
+                "max_rss_gib": max(r.max_rss_gib for r in peft_runs),
+                "peak_anon_gib": max(r.peak_anon_gib for r in peft_runs),
+                "cold_cat_base_adapter_s": cold_cat_seconds(files_of(inputs.base) + files_of(inputs.adapter)),
+                "vs_reforge_fold": compare_models(peft_out, inputs.knowledge),
+                "vs_base": compare_models(peft_out, inputs.base),
+            }
+            print(
+                f"  peft merge_and_unload {row['peft']['seconds']:.2f} s, {row['peft']['max_rss_gib']:.2f} GiB",
+                flush=True,
+            )
     if not keep:
         for out in (reforge_out, mergekit_out, peft_out):
             remove_output(out)
@@ -523,24 +621,36 @@ def print_table(rows: list[dict]) -> None:
     def cell(row: dict, key: str, fmt: str) -> str:
         return format(row[key], fmt) if key in row else "n/a"
 
-    columns = [("layers", "layers", "d"), ("cat R s", "cold_cat_reforge_inputs_s", ".2f"),
-               ("reforge s", "reforge_s", ".2f"), ("CPU s", "reforge_cpu_s", ".1f"),
-               ("x cat", "reforge_over_cat", ".2f"),
-               ("RSS GiB", "reforge_max_rss_gib", ".2f"), ("anon GiB", "reforge_peak_anon_gib", ".2f"),
-               ("cat MK s", "cold_cat_mergekit_inputs_s", ".2f"), ("mergekit s", "mergekit_s", ".2f"),
-               ("CPU s", "mergekit_cpu_s", ".1f"), ("RSS GiB", "mergekit_max_rss_gib", ".2f"),
-               ("anon GiB", "mergekit_peak_anon_gib", ".2f"), ("MK/reforge", "mergekit_over_reforge", ".2f")]
+    columns = [
+        ("layers", "layers", "d"),
+        ("cat R s", "cold_cat_reforge_inputs_s", ".2f"),
+        ("reforge s", "reforge_s", ".2f"),
+        ("CPU s", "reforge_cpu_s", ".1f"),
+        ("x cat", "reforge_over_cat", ".2f"),
+        ("RSS GiB", "reforge_max_rss_gib", ".2f"),
+        ("anon GiB", "reforge_peak_anon_gib", ".2f"),
+        ("cat MK s", "cold_cat_mergekit_inputs_s", ".2f"),
+        ("mergekit s", "mergekit_s", ".2f"),
+        ("CPU s", "mergekit_cpu_s", ".1f"),
+        ("RSS GiB", "mergekit_max_rss_gib", ".2f"),
+        ("anon GiB", "mergekit_peak_anon_gib", ".2f"),
+        ("MK/reforge", "mergekit_over_reforge", ".2f"),
+    ]
     print(" ".join(f"{title:>10}" for title, _, _ in columns))
     for row in rows:
         print(" ".join(f"{cell(row, key, fmt):>10}" for _, key, fmt in columns))
-    print("cat R = cold cat of base + adapter + retriever (reforge's inputs); cat MK = cold cat of base + K + "
-          "retriever-causal (mergekit's inputs); wall and CPU (user + sys) times are medians, RSS and anon maxima.")
+    print(
+        "cat R = cold cat of base + adapter + retriever (reforge's inputs); cat MK = cold cat of base + K + "
+        "retriever-causal (mergekit's inputs); wall and CPU (user + sys) times are medians, RSS and anon maxima."
+    )
     for row in rows:
         if "reforge_vs_mergekit" in row:
             c = row["reforge_vs_mergekit"]
-            print(f"{row['layers']} layers: reforge vs mergekit outputs: {c['differing_share']:.2%} of "
-                  f"{c['elements']} elements differ ({c['one_ulp_apart']} of them by one bf16 ulp), max abs diff "
-                  f"{c['max_abs_diff']:.3g}")
+            print(
+                f"{row['layers']} layers: reforge vs mergekit outputs: {c['differing_share']:.2%} of "
+                f"{c['elements']} elements differ ({c['one_ulp_apart']} of them by one bf16 ulp), max abs diff "
+                f"{c['max_abs_diff']:.3g}"
+            )
 
 
 def verdict(rows: list[dict]) -> list[str]:
@@ -549,35 +659,47 @@ def verdict(rows: list[dict]) -> list[str]:
         ref = r["reference"]["reforge"]
         ties = sum(t["differing_where_reforge_matches_fp64"] for t in ref["tensors"] if t["adapted"])
         one_ulp = sum(t["one_ulp_apart"] for t in ref["tensors"] if t["adapted"])
-        lines.append(f"{r['layers']} layers: reforge {r['reforge_over_cat']:.2f}x its cold cat (target <= 1.5x): "
-                     f"{'met' if r['reforge_over_cat'] <= 1.5 else 'NOT met'} (its CPU time alone is "
-                     f"{r['reforge_cpu_s'] / r['cold_cat_reforge_inputs_s']:.2f}x the cat); max RSS "
-                     f"{r['reforge_max_rss_gib']:.2f} GiB (target <= 2): "
-                     f"{'met' if r['reforge_max_rss_gib'] <= 2 else 'NOT met'}"
-                     + (f"; {r['mergekit_over_reforge']:.2f}x faster than mergekit (target about 2.5x)"
-                        if "mergekit_s" in r else "")
-                     + f"; vs the fp32 formula rounded once: {ref['elements'] - ref['differing']} of {ref['elements']}"
-                     f" sampled elements bit-identical, {ref['differing']} differ ({one_ulp} by one ulp; on {ties} "
-                     f"reforge equals the fp64 value rounded once), untouched tensors "
-                     f"{'bit-identical to the retriever' if ref['untouched_bit_identical'] else 'CHANGED'}"
-                     + (f"; mergekit vs its own formula in fp32: {r['reference']['mergekit']['differing_share']:.2%}"
-                        f" of sampled elements differ, and on tensors the adapter does not touch (where the formula "
-                        f"is the retriever itself) {r['reference']['mergekit']['untouched_differing_share']:.2%}"
-                        if "mergekit" in r["reference"] else ""))
+        lines.append(
+            f"{r['layers']} layers: reforge {r['reforge_over_cat']:.2f}x its cold cat (target <= 1.5x): "
+            f"{'met' if r['reforge_over_cat'] <= 1.5 else 'NOT met'} (its CPU time alone is "
+            f"{r['reforge_cpu_s'] / r['cold_cat_reforge_inputs_s']:.2f}x the cat); max RSS "
+            f"{r['reforge_max_rss_gib']:.2f} GiB (target <= 2): "
+            f"{'met' if r['reforge_max_rss_gib'] <= 2 else 'NOT met'}"
+            + (
+                f"; {r['mergekit_over_reforge']:.2f}x faster than mergekit (target about 2.5x)"
+                if "mergekit_s" in r
+                else ""
+            )
+            + f"; vs the fp32 formula rounded once: {ref['elements'] - ref['differing']} of {ref['elements']}"
+            f" sampled elements bit-identical, {ref['differing']} differ ({one_ulp} by one ulp; on {ties} "
+            f"reforge equals the fp64 value rounded once), untouched tensors "
+            f"{'bit-identical to the retriever' if ref['untouched_bit_identical'] else 'CHANGED'}"
+            + (
+                f"; mergekit vs its own formula in fp32: {r['reference']['mergekit']['differing_share']:.2%}"
+                f" of sampled elements differ, and on tensors the adapter does not touch (where the formula "
+                f"is the retriever itself) {r['reference']['mergekit']['untouched_differing_share']:.2%}"
+                if "mergekit" in r["reference"]
+                else ""
+            )
+        )
     for r in rows:
         peft = r.get("peft")
         if peft and "seconds" in peft:
-            lines.append(f"{r['layers']} layers: peft merge_and_unload (the fold alone, bf16) {peft['seconds']:.2f} s, "
-                         f"max RSS {peft['max_rss_gib']:.2f} GiB; its output vs K (reforge's fp32 fold rounded once): "
-                         f"{peft['vs_reforge_fold']['differing_share']:.2e} of elements differ, max "
-                         f"{peft['vs_reforge_fold']['max_abs_diff']:.2g}; vs base: "
-                         f"{peft['vs_base']['differing_share']:.1%} differ (the adapter loaded and applied)")
+            lines.append(
+                f"{r['layers']} layers: peft merge_and_unload (the fold alone, bf16) {peft['seconds']:.2f} s, "
+                f"max RSS {peft['max_rss_gib']:.2f} GiB; its output vs K (reforge's fp32 fold rounded once): "
+                f"{peft['vs_reforge_fold']['differing_share']:.2e} of elements differ, max "
+                f"{peft['vs_reforge_fold']['max_abs_diff']:.2g}; vs base: "
+                f"{peft['vs_base']['differing_share']:.1%} differ (the adapter loaded and applied)"
+            )
         elif peft:
             lines.append(f"{r['layers']} layers: peft merge_and_unload skipped: {peft['skipped']}")
     if len(rows) > 1:
         rss = [r["reforge_max_rss_gib"] for r in rows]
-        lines.append(f"max RSS from {rows[0]['layers']} to {rows[-1]['layers']} layers: {rss[0]:.2f} -> {rss[-1]:.2f}"
-                     f" GiB ({'flat' if rss[-1] - rss[0] < 0.25 else 'NOT flat'})")
+        lines.append(
+            f"max RSS from {rows[0]['layers']} to {rows[-1]['layers']} layers: {rss[0]:.2f} -> {rss[-1]:.2f}"
+            f" GiB ({'flat' if rss[-1] - rss[0] < 0.25 else 'NOT flat'})"
+        )
     for r in rows:
         f = r.get("bare_layout_finding")
         if f and "retriever_silently_ignored" in f:
@@ -589,26 +711,42 @@ def verdict(rows: list[dict]) -> list[str]:
                 f"{f['retriever_minus_base']['max_abs_diff']:.3g}). reforge given the same bare retriever includes it: "
                 f"reforge vs that mergekit output differ by up to {f['reforge_vs_mergekit_bare']['max_abs_diff']:.3g} "
                 f"on {f['reforge_vs_mergekit_bare']['differing_share']:.1%} of elements, vs mergekit with the "
-                f"CausalLM copy: {r['reforge_vs_mergekit']['max_abs_diff']:.3g}.")
+                f"CausalLM copy: {r['reforge_vs_mergekit']['max_abs_diff']:.3g}."
+            )
     return lines
 
 
 def environment() -> dict:
     def version(python: Path, module: str) -> str | None:
         try:
-            return subprocess.run([str(python), "-c", f"import {module}; print({module}.__version__)"],
-                                  capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(
+                [str(python), "-c", f"import {module}; print({module}.__version__)"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return None
 
     import importlib.metadata as md
 
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "machine": platform.machine(),
-            "python": platform.python_version(), "reforge": md.version("reforge"), "torch": md.version("torch"),
-            "peft": md.version("peft"), "transformers": md.version("transformers"),
-            "mergekit": (subprocess.run([str(MERGEKIT_VENV / "bin" / "pip"), "show", "mergekit"], capture_output=True,
-                                        text=True).stdout.split("Version: ")[-1].split()[0]
-                         if MERGEKIT.is_file() else None)}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "reforge": md.version("reforge"),
+        "torch": md.version("torch"),
+        "peft": md.version("peft"),
+        "transformers": md.version("transformers"),
+        "mergekit": (
+            subprocess.run([str(MERGEKIT_VENV / "bin" / "pip"), "show", "mergekit"], capture_output=True, text=True)
+            .stdout.split("Version: ")[-1]
+            .split()[0]
+            if MERGEKIT.is_file()
+            else None
+        ),
+    }
 
 
 def main() -> None:
@@ -618,10 +756,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peft-layers", type=int, nargs="*", default=[2],
-                        help="layer counts to run peft merge_and_unload on (default 2; 8 needs about 6 GiB)")
-    parser.add_argument("--finding-layers", type=int, nargs="*", default=None,
-                        help="layer counts to run the mergekit bare-layout check on (default: the smallest)")
+    parser.add_argument(
+        "--peft-layers",
+        type=int,
+        nargs="*",
+        default=[2],
+        help="layer counts to run peft merge_and_unload on (default 2; 8 needs about 6 GiB)",
+    )
+    parser.add_argument(
+        "--finding-layers",
+        type=int,
+        nargs="*",
+        default=None,
+        help="layer counts to run the mergekit bare-layout check on (default: the smallest)",
+    )
     parser.add_argument("--no-mergekit", action="store_true", help="time reforge (and peft) only")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the merged outputs in .cache/bench")
     parser.add_argument("--json", type=Path, default=BENCH_DIR / "merge-results.json")
@@ -629,9 +777,16 @@ def main() -> None:
     finding_layers = args.finding_layers if args.finding_layers is not None else [min(args.layers)]
     rows = []
     for layers in args.layers:
-        rows.append(bench_layers(layers, args.repeats, run_peft=layers in args.peft_layers,
-                                 finding=layers in finding_layers, keep=args.keep_outputs,
-                                 no_mergekit=args.no_mergekit))
+        rows.append(
+            bench_layers(
+                layers,
+                args.repeats,
+                run_peft=layers in args.peft_layers,
+                finding=layers in finding_layers,
+                keep=args.keep_outputs,
+                no_mergekit=args.no_mergekit,
+            )
+        )
     print()
     print_table(rows)
     lines = verdict(rows)

@@ -40,8 +40,9 @@ class BM25:
         ['c', 'cd']
     """
 
-    def __init__(self, texts: Sequence[str], ids: Sequence[str] | None = None, *, k1: float = 0.9,
-                 b: float = 0.4) -> None:
+    def __init__(
+        self, texts: Sequence[str], ids: Sequence[str] | None = None, *, k1: float = 0.9, b: float = 0.4
+    ) -> None:
         if ids is not None and len(ids) != len(texts):
             raise ValueError(f"BM25 got {len(texts)} texts but {len(ids)} ids; give one id per text.")
         self.ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]

@@ -52,19 +52,60 @@ def main(argv: list[str] | None = None) -> int:
     base = prepare_base()
     data = demo_dataset(args.data, args.work / f"data-{args.corpus_docs}", args.corpus_docs)
     work = args.work
-    step("What retrieval training learned: Delta = retriever - base (kept as exact LoRA factors)",
-         "diff", base, RETRIEVER, "-o", work / "delta", "--low-rank")
-    step("The knowledge adapter: DoRA on the base LM, next-token prediction over the target corpus",
-         "train", base, "--corpus", data, "-o", work / "psi", "--max-docs", args.train_docs,
-         "--max-length", args.max_length, "--save-every", 0, skip_if=work / "psi" / "adapter_config.json")
-    step(f"The readapted retriever: retriever + {args.alpha} * Psi, in the retriever's layout",
-         "merge", "--base", base, "--retriever", RETRIEVER, "--adapter", work / "psi", "--alpha", args.alpha,
-         "-o", work / "readapted")
-    step("Is it sound? Loads, finite, recomputed tensors match, embeddings agree",
-         "verify", work / "readapted")
-    step("Retriever vs readapted retriever: nDCG@10 with paired significance",
-         "eval", RETRIEVER, work / "readapted", "--base", base, "--data", data, "--max-length", args.eval_max_length,
-         "--output", work / "eval")
+    step(
+        "What retrieval training learned: Delta = retriever - base (kept as exact LoRA factors)",
+        "diff",
+        base,
+        RETRIEVER,
+        "-o",
+        work / "delta",
+        "--low-rank",
+    )
+    step(
+        "The knowledge adapter: DoRA on the base LM, next-token prediction over the target corpus",
+        "train",
+        base,
+        "--corpus",
+        data,
+        "-o",
+        work / "psi",
+        "--max-docs",
+        args.train_docs,
+        "--max-length",
+        args.max_length,
+        "--save-every",
+        0,
+        skip_if=work / "psi" / "adapter_config.json",
+    )
+    step(
+        f"The readapted retriever: retriever + {args.alpha} * Psi, in the retriever's layout",
+        "merge",
+        "--base",
+        base,
+        "--retriever",
+        RETRIEVER,
+        "--adapter",
+        work / "psi",
+        "--alpha",
+        args.alpha,
+        "-o",
+        work / "readapted",
+    )
+    step("Is it sound? Loads, finite, recomputed tensors match, embeddings agree", "verify", work / "readapted")
+    step(
+        "Retriever vs readapted retriever: nDCG@10 with paired significance",
+        "eval",
+        RETRIEVER,
+        work / "readapted",
+        "--base",
+        base,
+        "--data",
+        data,
+        "--max-length",
+        args.eval_max_length,
+        "--output",
+        work / "eval",
+    )
     print(f"\nDemo finished in {time.perf_counter() - started:.0f} s. Outputs: {work}", flush=True)
     return 0
 

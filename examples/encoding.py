@@ -98,8 +98,16 @@ def embed(model, batch: dict, pooling: str = POOLING):
     return F.normalize(pool(hidden, batch["attention_mask"]), dim=-1)
 
 
-def encode(model, tokenizer, texts: Sequence[str], *, max_length: int, pooling: str = POOLING, batch_size: int = 32,
-           progress: Callable[[int, int | None], None] | None = None):
+def encode(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    pooling: str = POOLING,
+    batch_size: int = 32,
+    progress: Callable[[int, int | None], None] | None = None,
+):
     """Embed formatted texts with no gradient; returns a float32 numpy array ``(len(texts), dim)`` in input order.
 
     Texts are batched in order of token length (less padding); ``progress(done, total)`` counts texts.
@@ -113,7 +121,7 @@ def encode(model, tokenizer, texts: Sequence[str], *, max_length: int, pooling: 
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            chunk = order[start: start + batch_size]
+            chunk = order[start : start + batch_size]
             out[chunk] = embed(model, tokenize(tokenizer, [texts[i] for i in chunk], max_length), pooling).numpy()
             if progress:
                 progress(min(start + batch_size, len(order)), len(order))

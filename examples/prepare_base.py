@@ -69,8 +69,9 @@ def is_complete(folder: str | Path) -> bool:
     return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
 
 
-def prepare_base(models: str | Path | None = None, *, out: str | Path | None = None, force: bool = False,
-                 log=print) -> Path:
+def prepare_base(
+    models: str | Path | None = None, *, out: str | Path | None = None, force: bool = False, log=print
+) -> Path:
     """Convert the GGUF in ``models`` to a float32 safetensors checkpoint folder and return the folder's path.
 
     Args:
@@ -102,8 +103,11 @@ def prepare_base(models: str | Path | None = None, *, out: str | Path | None = N
     if not gguf.is_file():
         raise CheckpointNotFoundError(f"{short_path(gguf)} does not exist.", hint=FETCH_HINT, ref=str(gguf))
     if out.exists() and not force and any(out.iterdir()):
-        raise OutputExistsError(f"{short_path(out)} exists but is not a complete conversion (no valid {MARKER}).",
-                                hint="Delete it, or pass --force to rebuild it.", path=out)
+        raise OutputExistsError(
+            f"{short_path(out)} exists but is not a complete conversion (no valid {MARKER}).",
+            hint="Delete it, or pass --force to rebuild it.",
+            path=out,
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -134,19 +138,32 @@ def _convert(gguf: Path, folder: Path, log) -> None:
     source.eval()
 
     settings = source.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version", "dtype",
-                "torch_dtype", "architectures"):
+    for key in (
+        "quantization_config",
+        "_name_or_path",
+        "_model_name_or_path",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "architectures",
+    ):
         settings.pop(key, None)
     config = LlamaConfig(**settings, architectures=["LlamaForCausalLM"])
     config.dtype = "float32"
     if not config.tie_word_embeddings:
-        raise VerificationError(f"{gguf.name} does not tie its embeddings; this example expects SmolLM2.",
-                                path=gguf, failures=["tie_word_embeddings is false"])
+        raise VerificationError(
+            f"{gguf.name} does not tie its embeddings; this example expects SmolLM2.",
+            path=gguf,
+            failures=["tie_word_embeddings is false"],
+        )
     model = LlamaForCausalLM(config).to(torch.float32)
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise VerificationError(f"{gguf.name}: tensors do not map onto LlamaForCausalLM.", path=gguf,
-                                failures=[f"missing {missing}", f"unexpected {unexpected}"])
+        raise VerificationError(
+            f"{gguf.name}: tensors do not map onto LlamaForCausalLM.",
+            path=gguf,
+            failures=[f"missing {missing}", f"unexpected {unexpected}"],
+        )
     model.tie_weights()
     model.generation_config = source.generation_config
     model.eval()
@@ -163,8 +180,11 @@ def _convert(gguf: Path, folder: Path, log) -> None:
         expected, got = source(ids).logits, reloaded(ids).logits
     max_diff = (expected - got).abs().max().item()
     if not torch.equal(expected, got):
-        raise VerificationError(f"the converted checkpoint's logits differ from the GGUF model's by up to {max_diff}.",
-                                path=folder, failures=[f"logits max abs diff {max_diff}"])
+        raise VerificationError(
+            f"the converted checkpoint's logits differ from the GGUF model's by up to {max_diff}.",
+            path=folder,
+            failures=[f"logits max abs diff {max_diff}"],
+        )
 
     for path in folder.iterdir():
         path.chmod(0o644)  # safetensors writes 0600 files
@@ -177,8 +197,7 @@ def _convert(gguf: Path, folder: Path, log) -> None:
         "tie_word_embeddings": True,
         "parameters": sum(p.numel() for p in model.parameters()),
         **tokens,
-        "logits_check": {"sentence": CHECK_SENTENCE, "tokens": ids.shape[1], "max_abs_diff": max_diff,
-                         "equal": True},
+        "logits_check": {"sentence": CHECK_SENTENCE, "tokens": ids.shape[1], "max_abs_diff": max_diff, "equal": True},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir())},
     }
@@ -190,30 +209,44 @@ def _convert(gguf: Path, folder: Path, log) -> None:
 def _check_tokenizer(tokenizer, config, gguf: Path) -> dict:
     """Make sure the tokenizer has an EOS and a pad token (pad = EOS if missing); return what was found."""
     if tokenizer.eos_token is None:
-        raise VerificationError(f"the tokenizer of {gguf.name} has no EOS token; last-token pooling needs one.",
-                                path=gguf, failures=["no eos_token"])
+        raise VerificationError(
+            f"the tokenizer of {gguf.name} has no EOS token; last-token pooling needs one.",
+            path=gguf,
+            failures=["no eos_token"],
+        )
     pad_added = tokenizer.pad_token is None
     if pad_added:
         tokenizer.pad_token = tokenizer.eos_token
-    return {"eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id,
-            "pad_token_set_to_eos_by_us": pad_added, "vocab_size": config.vocab_size}
+    return {
+        "eos_token": tokenizer.eos_token,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token": tokenizer.pad_token,
+        "pad_token_id": tokenizer.pad_token_id,
+        "pad_token_set_to_eos_by_us": pad_added,
+        "vocab_size": config.vocab_size,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m examples.prepare_base [--models DIR] [--out DIR] [--force]``: print the converted folder's path."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=Path, default=None, help="where fetch-models.sh put the GGUF "
-                        "(default $REFORGE_MODELS or ~/.cache/reforge-models)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder to write (default <models>/SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help="where fetch-models.sh put the GGUF (default $REFORGE_MODELS or ~/.cache/reforge-models)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder to write (default <models>/SmolLM2-135M-Instruct)"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
     args = parser.parse_args(argv)
     from reforge.errors import ReforgeError
 
     try:
-        folder = prepare_base(args.models, out=args.out, force=args.force,
-                              log=lambda line: print(line, file=sys.stderr))
+        folder = prepare_base(
+            args.models, out=args.out, force=args.force, log=lambda line: print(line, file=sys.stderr)
+        )
     except ReforgeError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1

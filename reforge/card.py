@@ -151,7 +151,7 @@ def _entry(raw: dict[str, Any] | None) -> dict[str, Any]:
     Accepts reforge's provenance records (``ref``, ``repo_id``, ``revision``, ``commit``, ``path``,
     ``fingerprint``) as well as bare ``{"ref": ...}`` dicts.
     """
-    from reforge.hub import looks_like_repo_id
+    from reforge.io.hub import looks_like_repo_id
 
     entry = dict(raw or {})
     ref = entry.get("ref") or entry.get("path")

@@ -58,6 +58,10 @@ class AdapterError(ReforgeError, ValueError):
     ``tensor`` (or None)."""
 
 
+class NonFiniteError(ReforgeError, ValueError):
+    """diff or merge read or produced a NaN or Inf. Fields: ``tensor`` (the output tensor), ``path`` (the output)."""
+
+
 class ProvenanceMismatchError(ReforgeError, ValueError):
     """An input was made from a different base than the one given. Fields: ``path``, ``expected``, ``found``."""
 
@@ -104,7 +108,7 @@ def short_path(path: str | Path) -> str:
         return str(p)
 
 
-# ---- Hub errors (added by the hub module, reforge/hub.py) -----------------------------------------------------------
+# ---- Hub errors (raised by reforge/io/hub.py and reforge/publish.py) ------------------------------------------------
 # Each is also a CheckpointNotFoundError, so code that resolves a checkpoint reference can catch one class.
 
 

@@ -23,22 +23,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from reforge.data.beir import BeirDataset, load_beir, read_qrels
+from reforge.data.beir import BeirDataset, load_beir, read_qrels, sample_dataset, sample_record
 from reforge.errors import DataError, InvalidOptionError, LayoutMismatchError, short_path
 from reforge.eval.metrics import PairedTest, parse_measures
 from reforge.eval.model import ModelSource, Retriever
 from reforge.eval.pipeline import EvalSettings, evaluate
 from reforge.eval.report import DatasetInfo, EvalReport
+from reforge.io.progress import ProgressFn
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-ProgressFn = Callable[[int, "int | None"], None]
 StageFn = Callable[[str], None]
 
 
@@ -97,24 +96,7 @@ def check_grid(values: Sequence[float], *, option: str = "--alpha") -> tuple[flo
     return grid
 
 
-def select_subset(dataset: BeirDataset, *, max_queries: int | None = None, corpus_sample: int | None = None,
-                  seed: int = 0) -> BeirDataset:
-    """The tuning subset: at most ``max_queries`` judged queries, and a corpus of about ``corpus_sample`` documents
-    that keeps **every document judged** for those queries (so each query's relevant documents can still be found)
-    plus a random sample of the rest. Both draws are seeded; the dataset's order is kept.
-
-    With more judged documents than ``corpus_sample``, all judged documents are kept (the sample is then larger).
-    """
-    if max_queries is not None and max_queries < len(dataset.queries):
-        chosen = set(random.Random(f"{seed}:queries").sample(list(dataset.queries), max_queries))
-        dataset = dataset.subset(query_ids=[q for q in dataset.queries if q in chosen])
-    if corpus_sample is not None and corpus_sample < len(dataset.corpus):
-        judged = {doc for docs in dataset.qrels.values() for doc in docs}
-        others = [d.id for d in dataset.corpus if d.id not in judged]
-        room = max(0, corpus_sample - (len(dataset.corpus) - len(others)))
-        drawn = random.Random(f"{seed}:corpus").sample(others, min(room, len(others)))
-        dataset = dataset.subset(doc_ids=judged | set(drawn))
-    return dataset
+select_subset = sample_dataset  # the name tune has always used
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -366,7 +348,7 @@ def tune(base: str | Path, adapter: str | Path, data: str | Path | BeirDataset, 
             ``test_split`` without ``i_know`` (all before anything is loaded).
         DataError, AdapterError, LayoutMismatchError, ProvenanceMismatchError: from reading the data and inputs.
     """
-    from reforge.ops.merge import open_inputs
+    from reforge.ops.merge import check_base_values, open_inputs
 
     started = time.perf_counter()
     alphas, betas = check_grid(alphas, option="--alpha"), check_grid(betas, option="--beta")
@@ -381,6 +363,8 @@ def tune(base: str | Path, adapter: str | Path, data: str | Path | BeirDataset, 
     warnings = list(full.warnings) + _overlap_warnings(full, split, test_split)
     subset = select_subset(full, max_queries=max_queries, corpus_sample=corpus_sample, seed=seed)
     source = open_inputs(base, retriever, delta, [(adapter, 0.0)], settings.token, settings.allow_pickle)
+    for beta in betas:
+        check_base_values(source, beta)
     merger, template = _merger_and_template(source, retriever, delta, base, settings, stage)
     points = _points(alphas, betas, template, merger, source)
     try:
@@ -394,10 +378,7 @@ def tune(base: str | Path, adapter: str | Path, data: str | Path | BeirDataset, 
     return TuneReport(
         inputs=_inputs(source, base, retriever, delta, adapter), split=split, test_split=test_split,
         i_know=i_know, metric=metric, dataset=report.datasets[0],
-        sample={"max_queries": max_queries, "corpus_sample": corpus_sample, "seed": seed,
-                "queries": len(subset.queries), "documents": len(subset.corpus),
-                "split_queries": len(full.queries), "split_documents": len(full.corpus),
-                "query_ids": list(subset.queries)},
+        sample=sample_record(full, subset, max_queries=max_queries, corpus_sample=corpus_sample, seed=seed),
         points=tuple(grid if scored[0].in_grid else [scored[0], *grid]), baseline=scored[0], best=best,
         warnings=tuple(warnings), merges=merger.merges, tensors_computed=merger.tensors_computed,
         seconds=time.perf_counter() - started, eval=report)
@@ -596,12 +577,13 @@ def write_best(report: TuneReport, output: str | Path, *, token: str | None = No
     Returns:
         The `MergeReport`.
     """
+    from reforge.ops.job import Access, WriteOptions
     from reforge.ops.merge import merge
 
     inputs = report.inputs
     return merge(inputs["base"]["ref"], output,
                  retriever=inputs["retriever"]["ref"] if inputs["retriever"] else None,
                  delta=inputs["delta"]["ref"] if inputs["delta"] else None,
-                 adapters=[(inputs["adapter"]["ref"], report.best.alpha)], beta=report.best.beta, dtype="auto",
-                 max_shard_size=max_shard_size, overwrite=overwrite, token=token, allow_pickle=allow_pickle,
-                 dry_run=dry_run, command=command, progress=progress)
+                 adapters=[(inputs["adapter"]["ref"], report.best.alpha)], beta=report.best.beta,
+                 write=WriteOptions("auto", max_shard_size, overwrite, dry_run=dry_run, command=command),
+                 access=Access(token, allow_pickle), progress=progress)

@@ -106,8 +106,7 @@ class FakeHub:
         handler = type("Handler", (_Handler,), {"hub": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self._thread.start()
         return self
 
@@ -138,8 +137,11 @@ class FakeHub:
                 raise RuntimeError(f"test tried to reach {request.url.host}; only the fake Hub on 127.0.0.1 is allowed")
 
         def factory() -> httpx2.Client:
-            return httpx2.Client(event_hooks={"request": [refuse_other_hosts, _http.hf_request_event_hook]},
-                                 follow_redirects=True, timeout=30)
+            return httpx2.Client(
+                event_hooks={"request": [refuse_other_hosts, _http.hf_request_event_hook]},
+                follow_redirects=True,
+                timeout=30,
+            )
 
         previous = _http._GLOBAL_CLIENT_FACTORY
         _http.set_client_factory(factory)
@@ -154,12 +156,24 @@ class FakeHub:
         with self._lock:
             repo = FakeRepo(repo_id=repo_id, private=private)
             self.repos[repo_id] = repo
-            self._commit(repo, "main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
-                         [], "initial commit")
+            self._commit(
+                repo,
+                "main",
+                {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+                [],
+                "initial commit",
+            )
             return repo
 
-    def commit(self, repo_id: str, files: dict[str, bytes | Path], *, branch: str = "main",
-               deleted: list[str] | tuple[str, ...] = (), message: str = "test commit") -> str:
+    def commit(
+        self,
+        repo_id: str,
+        files: dict[str, bytes | Path],
+        *,
+        branch: str = "main",
+        deleted: list[str] | tuple[str, ...] = (),
+        message: str = "test commit",
+    ) -> str:
         """Commit files (bytes or paths to read) onto a branch, creating the repo and branch as needed."""
         if repo_id not in self.repos:
             self.create_repo(repo_id)
@@ -170,14 +184,22 @@ class FakeHub:
                 repo.refs[branch] = repo.refs["main"]
             return self._commit(repo, branch, data, list(deleted), message)
 
-    def add_folder(self, repo_id: str, folder: str | Path, *, branch: str = "main", private: bool = False,
-                   extra: dict[str, bytes] | None = None) -> str:
+    def add_folder(
+        self,
+        repo_id: str,
+        folder: str | Path,
+        *,
+        branch: str = "main",
+        private: bool = False,
+        extra: dict[str, bytes] | None = None,
+    ) -> str:
         """Commit every file under ``folder`` (plus ``extra``) to ``repo_id``; returns the commit sha."""
         if repo_id not in self.repos:
             self.create_repo(repo_id, private=private)
         folder = Path(folder)
-        files: dict[str, bytes | Path] = {p.relative_to(folder).as_posix(): p
-                                          for p in sorted(folder.rglob("*")) if p.is_file()}
+        files: dict[str, bytes | Path] = {
+            p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()
+        }
         files.update(extra or {})
         return self.commit(repo_id, files, branch=branch)
 
@@ -195,8 +217,11 @@ class FakeHub:
 
     def downloads(self, repo_id: str | None = None) -> list[str]:
         """Filenames fetched with GET on the resolve route (HEAD requests are not downloads), in order."""
-        return [r.filename for r in self.requests if r.method == "GET" and r.filename is not None
-                and (repo_id is None or r.repo_id == repo_id)]
+        return [
+            r.filename
+            for r in self.requests
+            if r.method == "GET" and r.filename is not None and (repo_id is None or r.repo_id == repo_id)
+        ]
 
     def calls(self, method: str, path_regex: str) -> list[LoggedRequest]:
         """Logged requests whose method and path match."""
@@ -218,7 +243,8 @@ class FakeHub:
             tree[path] = content
         self._counter += 1
         seed = f"{repo.repo_id}|{parent}|{self._counter}|{message}|" + "|".join(
-            f"{p}:{git_blob_sha1(c)}" for p, c in sorted(tree.items()))
+            f"{p}:{git_blob_sha1(c)}" for p, c in sorted(tree.items())
+        )
         sha = hashlib.sha1(seed.encode()).hexdigest()
         repo.commits[sha] = tree
         repo.refs[branch] = sha
@@ -235,7 +261,7 @@ class FakeHub:
 
     def _user(self, authorization: str | None) -> str | None:
         if authorization and authorization.startswith("Bearer "):
-            return self.tokens.get(authorization[len("Bearer "):])
+            return self.tokens.get(authorization[len("Bearer ") :])
         return None
 
 
@@ -282,8 +308,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         split = urlsplit(self.path)
         body = self._read_body()
-        log = LoggedRequest(method=method, path=unquote(split.path), query=parse_qs(split.query),
-                            authorization=self.headers.get("Authorization"))
+        log = LoggedRequest(
+            method=method,
+            path=unquote(split.path),
+            query=parse_qs(split.query),
+            authorization=self.headers.get("Authorization"),
+        )
         self.hub.requests.append(log)
         failure = self.hub._take_failure(method, log.path)
         if failure is not None:
@@ -312,8 +342,11 @@ class _Handler(BaseHTTPRequestHandler):
                     self._send(answer.status, json.dumps({"error": answer.message}).encode(), headers)
                 return
         log.status = 404
-        self._send(404, json.dumps({"error": f"fake hub has no route {method} {split.path}"}).encode(),
-                   {"Content-Type": "application/json"})
+        self._send(
+            404,
+            json.dumps({"error": f"fake hub has no route {method} {split.path}"}).encode(),
+            {"Content-Type": "application/json"},
+        )
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -328,8 +361,15 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None, *, head: bool = False,
-              length: int | None = None) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        *,
+        head: bool = False,
+        length: int | None = None,
+    ) -> None:
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -370,11 +410,25 @@ class _Handler(BaseHTTPRequestHandler):
             if blobs:
                 entry.update(size=len(content), blobId=git_blob_sha1(content))
                 if path.endswith(_LFS_SUFFIXES):
-                    entry["lfs"] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest(),
-                                    "pointerSize": 134}
+                    entry["lfs"] = {
+                        "size": len(content),
+                        "sha256": hashlib.sha256(content).hexdigest(),
+                        "pointerSize": 134,
+                    }
             siblings.append(entry)
-        self._json(log, {"id": repo.repo_id, "modelId": repo.repo_id, "sha": sha, "private": repo.private,
-                         "siblings": siblings, "tags": [], "downloads": 0, "likes": 0})
+        self._json(
+            log,
+            {
+                "id": repo.repo_id,
+                "modelId": repo.repo_id,
+                "sha": sha,
+                "private": repo.private,
+                "siblings": siblings,
+                "tags": [],
+                "downloads": 0,
+                "likes": 0,
+            },
+        )
 
     def _tree(self, log: LoggedRequest, groups: dict[str, str], body: bytes) -> None:
         repo = self._repo(log, groups)
@@ -385,7 +439,7 @@ class _Handler(BaseHTTPRequestHandler):
         for path, content in sorted(repo.commits[sha].items()):
             if prefix and not path.startswith(prefix + "/"):
                 continue
-            rest = path[len(prefix) + 1:] if prefix else path
+            rest = path[len(prefix) + 1 :] if prefix else path
             if not recursive and "/" in rest:
                 folders.add((prefix + "/" if prefix else "") + rest.split("/")[0])
                 continue
@@ -414,7 +468,7 @@ class _Handler(BaseHTTPRequestHandler):
         if match and log.method == "GET":
             start = int(match.group(1))
             end = int(match.group(2)) if match.group(2) else len(content) - 1
-            payload = content[start:end + 1]
+            payload = content[start : end + 1]
             status = 206
             headers["Content-Range"] = f"bytes {start}-{start + len(payload) - 1}/{len(content)}"
         log.status = status
@@ -427,8 +481,9 @@ class _Handler(BaseHTTPRequestHandler):
         payload = log.json or {}
         repo_id = f"{payload.get('organization') or user}/{payload['name']}"
         if repo_id in self.hub.repos:  # the real Hub's 409 also carries the url, which create_repo reads
-            return self._json(log, {"error": "You already created this model repo", "url": f"{self.hub.url}/{repo_id}"},
-                              status=409)
+            return self._json(
+                log, {"error": "You already created this model repo", "url": f"{self.hub.url}/{repo_id}"}, status=409
+            )
         self.hub.create_repo(repo_id, private=payload.get("visibility") == "private" or bool(payload.get("private")))
         self._json(log, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
 
@@ -455,8 +510,14 @@ class _Handler(BaseHTTPRequestHandler):
         files = []
         for f in (log.json or {}).get("files", []):
             existing = tree.get(f["path"])
-            files.append({"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                          "oid": git_blob_sha1(existing) if existing is not None else None})
+            files.append(
+                {
+                    "path": f["path"],
+                    "uploadMode": "regular",
+                    "shouldIgnore": False,
+                    "oid": git_blob_sha1(existing) if existing is not None else None,
+                }
+            )
         self._json(log, {"files": files, "commitOid": sha})
 
     def _commit_route(self, log: LoggedRequest, groups: dict[str, str], body: bytes) -> None:
@@ -479,8 +540,15 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Answer(400, f"fake hub does not support commit operation {line['key']!r}")
         with self.hub._lock:
             sha = self.hub._commit(repo, branch, files, deleted, header.get("summary", ""))
-        self._json(log, {"success": True, "commitOid": sha, "commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{sha}",
-                         "hookOutput": ""})
+        self._json(
+            log,
+            {
+                "success": True,
+                "commitOid": sha,
+                "commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{sha}",
+                "hookOutput": "",
+            },
+        )
 
     def _branch(self, log: LoggedRequest, groups: dict[str, str], body: bytes) -> None:
         repo = self._repo(log, groups, write=True)
@@ -528,11 +596,19 @@ def build_tiny_llama(folder: Path, *, max_shard_size: str = "20KB") -> Path:
     vocab = {"[PAD]": 0, "[UNK]": 1, "<s>": 2, "</s>": 3, **{w: i + 4 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                        bos_token="<s>", eos_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>", eos_token="</s>"
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(vocab), pad_token_id=0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(vocab),
+        pad_token_id=0,
+    )
     LlamaModel(config).save_pretrained(folder, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(folder)
     return Path(folder)

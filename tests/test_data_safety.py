@@ -12,32 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from test_train import build_tokenizer, make_base
+from test_tune import one_thread, run  # noqa: F401  (one_thread: autouse fixture)
 
 from conftest import DATA, make_adapter, perturbed_bare, save, save_tokenizer
-from reforge.cli import cli
 from reforge.errors import DiskFullError, OutputLockedError, OutputRefusedError
 from reforge.io.target import check_output
 from reforge.io.writer import CheckpointWriter, TensorSpec
 from reforge.train import TrainConfig, train_adapter
 
 SCIFACT = DATA / "scifact"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=not ok)
-    if ok:
-        assert result.exit_code == 0, result.output + result.stderr
-    return result
 
 
 def failed(result, pattern: str, codes=(1,)) -> None:

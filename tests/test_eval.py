@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
-import time
 from itertools import product
 from pathlib import Path
 
@@ -371,7 +368,7 @@ def test_adapter_whose_keys_match_nothing_fails_loudly(models, tmp_path):
 
 
 def _npy_files(home: Path) -> list[Path]:
-    return sorted((home / "cache" / "embeddings").glob("*.npy"))
+    return sorted((home / "cache" / "embeddings").glob("*/*.npy"))
 
 
 def test_cache_makes_reruns_skip_encoding_and_misses_on_changes(models, tmp_path):
@@ -379,8 +376,8 @@ def test_cache_makes_reruns_skip_encoding_and_misses_on_changes(models, tmp_path
     home = Path(os.environ["REFORGE_HOME"])
     first = evaluate([models["st"]], [data])
     assert not first.results[0].corpus_cached and first.results[0].timings["load"] > 0
-    assert len(_npy_files(home)) == 2  # corpus and queries
-    assert not list((home / "cache" / "embeddings").glob(".*tmp"))
+    assert len(_npy_files(home)) == 2  # one corpus shard, one query shard
+    assert not list((home / "cache" / "embeddings").rglob(".*tmp"))
     again = evaluate([models["st"]], [data])
     assert again.results[0].corpus_cached and again.results[0].timings["load"] == 0  # no model loaded at all
     assert again.results[0].per_query == first.results[0].per_query
@@ -392,7 +389,7 @@ def test_cache_makes_reruns_skip_encoding_and_misses_on_changes(models, tmp_path
     )
     assert not evaluate([models["st"]], [tmp_path / "toy2"]).results[0].corpus_cached
     for path in _npy_files(home):
-        path.write_bytes(path.read_bytes()[:20])  # a damaged cache entry is re-encoded, not trusted
+        path.write_bytes(path.read_bytes()[:140])  # a truncated shard is re-encoded, not trusted
     healed = evaluate([models["st"]], [data])
     assert not healed.results[0].corpus_cached and healed.results[0].per_query == first.results[0].per_query
 
@@ -504,42 +501,6 @@ def test_shard_indices_cover_everything_once_and_balance_length():
         shard_indices(texts, 2, 2)
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_share_the_corpus_encode(models, tmp_path):
-    """torchrun with 2 CPU processes: each encodes half the corpus into the cache, rank 0 merges and scores."""
-    data = toy_dataset(tmp_path / "toy")
-    home = Path(os.environ["REFORGE_HOME"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(29500 + os.getpid() % 1000),
-        "-m",
-        "reforge.cli.eval",
-        str(models["st"]),
-        "--data",
-        str(data),
-        "--json",
-        "--device",
-        "cpu",
-    ]
-    start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert time.perf_counter() - start < 60
-    distributed = json.loads(done.stdout)  # only rank 0 printed
-    assert distributed["settings"]["world_size"] == 2
-    assert not list((home / "cache" / "embeddings").glob("*.shard-*"))  # merged and removed
-    single = evaluate([models["st"]], [data], EvalSettings(cache=False))
-    assert distributed["results"][0]["scores"]["nDCG@10"] == pytest.approx(single.score("st", "toy"), abs=1e-6)
-    rerun = evaluate([models["st"]], [data])
-    assert rerun.results[0].corpus_cached  # the merged shards are an ordinary cache entry
-
-
 def test_e5_mistral_task_prefix_from_cli(tmp_path):
     e5 = save(build_model("mistral-bare"), tmp_path / "tiny-e5-mistral")
     make_tokenizer(e5, "llama")
@@ -553,3 +514,28 @@ def test_e5_mistral_task_prefix_from_cli(tmp_path):
     assert by_task["models"][0]["profile"]["name"] == "e5-mistral"
     by_prefix = json.loads(run_cli(e5, "--data", data, "--query-prefix", r"Instruct: Find\nQuery: ", "--json").stdout)
     assert by_prefix["results"][0]["query_prefix"] == "Instruct: Find\nQuery: "  # '\n' typed in a shell = newline
+
+
+def test_eval_samples_queries_and_corpus_like_tune_and_records_it(models, tmp_path):
+    from reforge.data.beir import sample_dataset
+    from reforge.tune import select_subset
+
+    data = toy_dataset(tmp_path / "toy")
+    result = run_cli(models["st"], "--data", data, "--json", "--max-queries", "2", "--corpus-sample", "4",
+                     "--seed", "3", "--output", tmp_path / "out")
+    summary = json.loads(result.stdout)
+    expected = sample_dataset(load_beir(data), max_queries=2, corpus_sample=4, seed=3)
+    assert select_subset is sample_dataset  # one implementation for eval and tune
+    sample = summary["datasets"][0]["sample"]
+    assert sample == {"max_queries": 2, "corpus_sample": 4, "seed": 3, "queries": 2, "documents": 4,
+                      "split_queries": 4, "split_documents": 6, "query_ids": list(expected.queries)}
+    judged = {d for q in expected.queries for d in expected.qrels[q]}
+    assert judged <= {d.id for d in expected.corpus}  # every judged document of the drawn queries is kept
+    assert summary["datasets"][0]["documents"] == 4 and summary["results"][0]["scored_queries"] == 2
+    run_lines = (tmp_path / "out" / "runs" / "st__toy.trec").read_text().splitlines()
+    assert {line.split()[0] for line in run_lines} == set(expected.queries)
+    assert {line.split()[2] for line in run_lines} == {d.id for d in expected.corpus}
+    stderr = run_cli(models["st"], "-d", data, "--max-queries", "2").stderr
+    assert "toy: sample of 2 of 4 queries and 6 of 6 documents (seed 0)" in stderr
+    whole = json.loads(run_cli(models["st"], "--data", data, "--json").stdout)
+    assert whole["datasets"][0]["sample"] is None

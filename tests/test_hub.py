@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from fakehub import WRITE_TOKEN, FakeHub, build_tiny_llama, fake_hub_fixture
-from reforge import hub
+from reforge import publish
 from reforge.cli import cli, main
 from reforge.errors import (
     CheckpointNotFoundError,
@@ -28,12 +28,20 @@ from reforge.errors import (
     UnsafePathError,
     VerificationError,
 )
+from reforge.io import hub
 
 SECRET = "hf_DoNotPrintMe_5f3a9c"  # a token that must never show up in any message or output
 STRAYS = {  # files a checkpoint does not need: none may be downloaded
-    "model.onnx": b"onnx graph", "onnx/model.onnx": b"onnx graph", "pytorch_model.bin": b"pickled weights",
-    "flax_model.msgpack": b"flax", "tf_model.h5": b"tf", "model-q4_k_m.gguf": b"GGUF", "modeling_custom.py": b"x=1",
-    "openvino/openvino_model.bin": b"ov", "training_args.bin": b"pickle", ".gitattributes": b"*.bin lfs\n",
+    "model.onnx": b"onnx graph",
+    "onnx/model.onnx": b"onnx graph",
+    "pytorch_model.bin": b"pickled weights",
+    "flax_model.msgpack": b"flax",
+    "tf_model.h5": b"tf",
+    "model-q4_k_m.gguf": b"GGUF",
+    "modeling_custom.py": b"x=1",
+    "openvino/openvino_model.bin": b"ov",
+    "training_args.bin": b"pickle",
+    ".gitattributes": b"*.bin lfs\n",
 }
 
 
@@ -72,25 +80,31 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 # ---- references ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ref, expected", [
-    ("castorini/repllama-v1-7b-lora-passage", ("castorini/repllama-v1-7b-lora-passage", None)),
-    ("intfloat/e5-mistral-7b-instruct@main", ("intfloat/e5-mistral-7b-instruct", "main")),
-    ("me/model@refs/pr/1", ("me/model", "refs/pr/1")),
-    ("me/model@0123456789abcdef0123456789abcdef01234567", ("me/model", "0123456789abcdef0123456789abcdef01234567")),
-])
+@pytest.mark.parametrize(
+    "ref, expected",
+    [
+        ("castorini/repllama-v1-7b-lora-passage", ("castorini/repllama-v1-7b-lora-passage", None)),
+        ("intfloat/e5-mistral-7b-instruct@main", ("intfloat/e5-mistral-7b-instruct", "main")),
+        ("me/model@refs/pr/1", ("me/model", "refs/pr/1")),
+        ("me/model@0123456789abcdef0123456789abcdef01234567", ("me/model", "0123456789abcdef0123456789abcdef01234567")),
+    ],
+)
 def test_parse_ref_splits_repo_and_revision(ref, expected):
     assert hub.looks_like_repo_id(ref)
     assert hub.parse_ref(ref) == expected
 
 
-@pytest.mark.parametrize("ref", ["./delta", "/abs/out", "out", "a/b/c", "me/model@", "me--x/y", "me/../x",
-                                 "~/models/x", "me/model.git", ""])
+@pytest.mark.parametrize(
+    "ref", ["./delta", "/abs/out", "out", "a/b/c", "me/model@", "me--x/y", "me/../x", "~/models/x", "me/model.git", ""]
+)
 def test_parse_ref_refuses_what_is_not_a_repo_id(ref):
     assert not hub.looks_like_repo_id(ref)
     with pytest.raises(CheckpointNotFoundError) as info:
         hub.parse_ref(ref)
-    assert str(info.value) == (f"{ref!r} is neither an existing local folder nor a Hub repo id. Write a Hub repo as "
-                               "owner/name or owner/name@revision, or give the path of a local folder.")
+    assert str(info.value) == (
+        f"{ref!r} is neither an existing local folder nor a Hub repo id. Write a Hub repo as "
+        "owner/name or owner/name@revision, or give the path of a local folder."
+    )
     assert info.value.ref == ref
 
 
@@ -104,15 +118,43 @@ def test_docstring_examples_run():
 
 # ---- choosing files --------------------------------------------------------------------------------------------
 def test_select_files_sentence_transformers_layout():
-    listing = ["modules.json", "config.json", "config_sentence_transformers.json", "sentence_bert_config.json",
-               "1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors", "2_Dense/pytorch_model.bin",
-               "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.txt", "special_tokens_map.json",
-               "onnx/model.onnx", "openvino/openvino_model.xml", "rust_model.ot", "tf_model.h5", "README.md",
-               "train_script.py", "data_config.json"]
+    listing = [
+        "modules.json",
+        "config.json",
+        "config_sentence_transformers.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+        "2_Dense/config.json",
+        "2_Dense/model.safetensors",
+        "2_Dense/pytorch_model.bin",
+        "model.safetensors",
+        "pytorch_model.bin",
+        "tokenizer.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+        "onnx/model.onnx",
+        "openvino/openvino_model.xml",
+        "rust_model.ot",
+        "tf_model.h5",
+        "README.md",
+        "train_script.py",
+        "data_config.json",
+    ]
     plan = hub.select_files(listing, where="sentence-transformers/x")
-    assert plan.files == ("1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors", "README.md",
-                          "config.json", "config_sentence_transformers.json", "model.safetensors", "modules.json",
-                          "sentence_bert_config.json", "special_tokens_map.json", "tokenizer.json", "vocab.txt")
+    assert plan.files == (
+        "1_Pooling/config.json",
+        "2_Dense/config.json",
+        "2_Dense/model.safetensors",
+        "README.md",
+        "config.json",
+        "config_sentence_transformers.json",
+        "model.safetensors",
+        "modules.json",
+        "sentence_bert_config.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "vocab.txt",
+    )
     assert plan.indexes == () and plan.pickle is False
 
 
@@ -126,10 +168,12 @@ def test_select_files_refuses_a_pickle_only_module_folder():
 
 
 def test_select_files_prefers_the_index_and_pickle_index_when_allowed():
-    assert hub.select_files(["config.json", "model.safetensors", "model.safetensors.index.json"]).indexes == \
-        ("model.safetensors.index.json",)
-    plan = hub.select_files(["config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin"],
-                            allow_pickle=True)
+    assert hub.select_files(["config.json", "model.safetensors", "model.safetensors.index.json"]).indexes == (
+        "model.safetensors.index.json",
+    )
+    plan = hub.select_files(
+        ["config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin"], allow_pickle=True
+    )
     assert plan.files == ("config.json", "pytorch_model.bin.index.json") and plan.pickle
 
 
@@ -184,8 +228,10 @@ def test_unknown_revision_is_a_clear_error(fake_hub, tiny_model):
     fake_hub.add_folder("org/tiny", tiny_model)
     with pytest.raises(HubRevisionNotFoundError) as info:
         hub.download_checkpoint("org/tiny", revision="no-such-branch")
-    assert str(info.value) == ("Hub repo org/tiny has no revision 'no-such-branch'. Check the branch, tag or commit "
-                               "after '@' (the repo's 'Files' page lists branches).")
+    assert str(info.value) == (
+        "Hub repo org/tiny has no revision 'no-such-branch'. Check the branch, tag or commit "
+        "after '@' (the repo's 'Files' page lists branches)."
+    )
     assert (info.value.repo_id, info.value.revision) == ("org/tiny", "no-such-branch")
 
 
@@ -193,8 +239,10 @@ def test_missing_repo_names_token_and_login_but_never_the_token(fake_hub):
     with pytest.raises(HubRepoNotFoundError) as info:
         hub.download_checkpoint("org/nothing-here", token=SECRET)
     message = str(info.value)
-    assert message == ("Hub repo org/nothing-here was not found, or it is private and no token with access was sent. "
-                       "Check the repo id; for a private repo pass --token or run `hf auth login`.")
+    assert message == (
+        "Hub repo org/nothing-here was not found, or it is private and no token with access was sent. "
+        "Check the repo id; for a private repo pass --token or run `hf auth login`."
+    )
     assert SECRET not in message and SECRET not in repr(info.value.__cause__)
     assert isinstance(info.value, CheckpointNotFoundError)
     assert fake_hub.requests[-1].authorization == f"Bearer {SECRET}"  # the token was sent, not shown
@@ -226,7 +274,8 @@ def test_pickle_only_repo_is_refused_without_allow_pickle(fake_hub, tiny_model):
     assert str(info.value) == (
         "org/pickled has only pickle weights for pytorch_model.bin (no safetensors). Pickle files can run code when "
         "loaded, so reforge does not read them by default. Pass --allow-pickle (allow_pickle=True) to load them with "
-        "torch.load(weights_only=True), or convert the checkpoint to safetensors.")
+        "torch.load(weights_only=True), or convert the checkpoint to safetensors."
+    )
     assert info.value.path == "org/pickled/pytorch_model.bin"
     assert fake_hub.downloads() == []  # refused before anything was fetched
 
@@ -235,12 +284,20 @@ def test_pickle_only_repo_is_refused_without_allow_pickle(fake_hub, tiny_model):
 
 
 def test_lora_adapter_repo_in_pickle_form_is_refused(fake_hub):
-    fake_hub.commit("castorini/repllama-like", {"adapter_config.json": b'{"peft_type": "LORA"}',
-                                                "adapter_model.bin": b"PICKLE", "README.md": b"# r\n"})
+    fake_hub.commit(
+        "castorini/repllama-like",
+        {"adapter_config.json": b'{"peft_type": "LORA"}', "adapter_model.bin": b"PICKLE", "README.md": b"# r\n"},
+    )
     with pytest.raises(PickleRefusedError, match="adapter_model.bin"):
         hub.download_checkpoint("castorini/repllama-like")
-    fake_hub.commit("me/adapter", {"adapter_config.json": b'{"peft_type": "LORA"}',
-                                   "adapter_model.safetensors": b"ST", "adapter_model.bin": b"PICKLE"})
+    fake_hub.commit(
+        "me/adapter",
+        {
+            "adapter_config.json": b'{"peft_type": "LORA"}',
+            "adapter_model.safetensors": b"ST",
+            "adapter_model.bin": b"PICKLE",
+        },
+    )
     snapshot = hub.download_checkpoint("me/adapter", allow_pickle=True)
     assert sorted(_files(snapshot)) == ["adapter_config.json", "adapter_model.safetensors"]
 
@@ -256,9 +313,11 @@ def test_index_naming_a_missing_or_unsafe_shard(fake_hub, tiny_model):
     fake_hub.commit("org/broken", files)
     with pytest.raises(ShardNotFoundError) as info:
         hub.download_checkpoint("org/broken")
-    assert str(info.value) == ("org/broken/model.safetensors.index.json names model-00003-of-00005.safetensors, which "
-                               "is not in the repo. The upload is incomplete: try another revision, or tell the "
-                               "repo's owner.")
+    assert str(info.value) == (
+        "org/broken/model.safetensors.index.json names model-00003-of-00005.safetensors, which "
+        "is not in the repo. The upload is incomplete: try another revision, or tell the "
+        "repo's owner."
+    )
     assert info.value.path == "org/broken/model-00003-of-00005.safetensors"
     assert "model-00001-of-00005.safetensors" not in fake_hub.downloads()  # no shard fetched before the check
 
@@ -280,10 +339,12 @@ def test_offline_reads_the_cache_and_fails_clearly_when_not_cached(fake_hub, tin
     assert len(fake_hub.requests) == n  # not a single request
     with pytest.raises(HubOfflineError) as info:
         hub.download_checkpoint("org/tiny", revision="v2")
-    assert str(info.value).startswith("Cannot read org/tiny@v2: HF_HUB_OFFLINE is set, and it is not in the local "
-                                      "cache (")
-    assert str(info.value).endswith("not downloaded before). Go online once to download it (unset HF_HUB_OFFLINE), "
-                                    "or pass a local folder.")
+    assert str(info.value).startswith(
+        "Cannot read org/tiny@v2: HF_HUB_OFFLINE is set, and it is not in the local cache ("
+    )
+    assert str(info.value).endswith(
+        "not downloaded before). Go online once to download it (unset HF_HUB_OFFLINE), or pass a local folder."
+    )
     (snapshot / "model-00002-of-00005.safetensors").unlink()
     with pytest.raises(HubOfflineError) as info:
         hub.download_checkpoint("org/tiny")
@@ -295,8 +356,11 @@ def test_unreachable_hub_falls_back_to_the_cache(fake_hub, tiny_model):
     snapshot = hub.download_checkpoint("org/tiny")
     dead = "http://127.0.0.1:9"  # discard port: connection refused
     assert hub.download_checkpoint("org/tiny", endpoint=dead) == snapshot
-    with pytest.raises(HubOfflineError, match=r"^Cannot read org/other: the Hub at http://127.0.0.1:9 could not be "
-                                              r"reached \(ConnectError\)"):
+    with pytest.raises(
+        HubOfflineError,
+        match=r"^Cannot read org/other: the Hub at http://127.0.0.1:9 could not be "
+        r"reached \(ConnectError\)",
+    ):
         hub.download_checkpoint("org/other", endpoint=dead)
 
 
@@ -317,28 +381,38 @@ def merged(tiny_model, tmp_path) -> Path:
     from reforge.card import render_model_card
 
     folder = _copy(tiny_model, tmp_path / "scifact-readapted")
-    card = render_model_card({"retriever": {"ref": "org/tiny"}, "adapters": [{"ref": "psi/", "alpha": 0.5}],
-                              "beta": 1.0})
+    card = render_model_card(
+        {"retriever": {"ref": "org/tiny"}, "adapters": [{"ref": "psi/", "alpha": 0.5}], "beta": 1.0}
+    )
     (folder / "README.md").write_text(card)
     return folder
 
 
 def test_push_then_download_is_bit_identical(fake_hub, merged):
-    url = hub.push_folder(merged, "user/readapted", token=WRITE_TOKEN, verify=False)
+    url = publish.push_folder(merged, "user/readapted", token=WRITE_TOKEN, verify=False)
     repo = fake_hub.repos["user/readapted"]
     assert url == f"{fake_hub.url}/user/readapted/commit/{repo.refs['main']}"
     create = fake_hub.calls("POST", r"^/api/repos/create$")[0]
     assert create.json["visibility"] == "private" and repo.private  # private by default
     assert len(fake_hub.calls("POST", r"^/api/validate-yaml$")) >= 1  # the card's YAML was checked
-    assert fake_hub.files("user/readapted") == {**_files(merged), ".gitattributes": fake_hub.files(
-        "user/readapted")[".gitattributes"]}
+    assert fake_hub.files("user/readapted") == {
+        **_files(merged),
+        ".gitattributes": fake_hub.files("user/readapted")[".gitattributes"],
+    }
     snapshot = hub.download_checkpoint("user/readapted", token=WRITE_TOKEN)
     assert _files(snapshot) == _files(merged)
 
 
 def test_push_public_and_to_a_branch(fake_hub, merged):
-    url = hub.push_folder(merged, "user/public-model", private=False, token=WRITE_TOKEN, revision="alpha-0.3",
-                          commit_message="alpha 0.3", verify=False)
+    url = publish.push_folder(
+        merged,
+        "user/public-model",
+        private=False,
+        token=WRITE_TOKEN,
+        revision="alpha-0.3",
+        commit_message="alpha 0.3",
+        verify=False,
+    )
     repo = fake_hub.repos["user/public-model"]
     assert fake_hub.calls("POST", r"^/api/repos/create$")[0].json["visibility"] == "public" and not repo.private
     assert url.endswith(repo.refs["alpha-0.3"]) and repo.history[-1][1] == "alpha 0.3"
@@ -347,20 +421,20 @@ def test_push_public_and_to_a_branch(fake_hub, merged):
 
 
 def test_rerun_of_push_is_safe_and_sends_only_what_changed(fake_hub, merged):
-    first = hub.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False)
+    first = publish.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False)
     commits = len(fake_hub.repos["user/m"].history)
-    assert hub.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False) == first  # no empty commit
+    assert publish.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False) == first  # no empty commit
     assert len(fake_hub.repos["user/m"].history) == commits
 
     (merged / "README.md").write_text((merged / "README.md").read_text() + "\nUpdated.\n")
-    hub.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False)
+    publish.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False)
     sent = [line["value"]["path"] for line in fake_hub.calls("POST", "/commit/")[-1].json if line["key"] == "file"]
     assert sent == ["README.md"] and fake_hub.repos["user/m"].history[-1][2] == ["README.md"]
 
 
 def test_transient_commit_failure_is_retried(fake_hub, merged):
     fake_hub.fail_next("POST", r"/commit/main$", status=500)  # huggingface_hub retries 5xx after 1 s
-    hub.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False)
+    publish.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False)
     assert [r.status for r in fake_hub.calls("POST", "/commit/")] == [500, 200]
     assert len(fake_hub.repos["user/m"].history) == 2  # the initial commit and exactly one upload
 
@@ -368,16 +442,20 @@ def test_transient_commit_failure_is_retried(fake_hub, merged):
 def test_interrupted_push_can_be_rerun(fake_hub, merged):
     fake_hub.fail_next("POST", r"/commit/main$", status=422)  # a failure huggingface_hub does not retry
     with pytest.raises(HubError) as info:
-        hub.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False)
+        publish.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False)
     assert str(info.value).startswith("Hub request for user/m failed: ")
     assert str(info.value).endswith("Rerunning the same command is safe: files already on the Hub are skipped.")
     assert info.value.reason == "HTTP 422"
     assert sorted(fake_hub.files("user/m")) == [".gitattributes"]  # nothing half-committed
     # an earlier attempt may also have left part of the files on the Hub (e.g. by another tool)
-    fake_hub.commit("user/m", {"config.json": (merged / "config.json").read_bytes(),
-                               "model-00001-of-00005.safetensors": (merged / "model-00001-of-00005.safetensors")
-                               .read_bytes()})
-    hub.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False)
+    fake_hub.commit(
+        "user/m",
+        {
+            "config.json": (merged / "config.json").read_bytes(),
+            "model-00001-of-00005.safetensors": (merged / "model-00001-of-00005.safetensors").read_bytes(),
+        },
+    )
+    publish.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False)
     sent = {line["value"]["path"] for line in fake_hub.calls("POST", "/commit/")[-1].json if line["key"] == "file"}
     assert sent == set(_files(merged)) - {"config.json", "model-00001-of-00005.safetensors"}
     assert {k: v for k, v in fake_hub.files("user/m").items() if k != ".gitattributes"} == _files(merged)
@@ -392,7 +470,7 @@ def _truncated(f: Path) -> str:
     shard = f / "model-00002-of-00005.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[:-100])
-    return "model-00002-of-00005.safetensors: truncated or padded: tensors end at byte"
+    return "model-00002-of-00005.safetensors: data ends at byte"
 
 
 def _leftover(f: Path) -> str:
@@ -413,8 +491,10 @@ def _stale_shard(f: Path) -> str:
 def _no_weights(f: Path) -> str:
     for p in f.glob("model*"):
         p.unlink()
-    return "no model weights (model.safetensors, model.safetensors.index.json with its shards, or " \
-           "adapter_model.safetensors)"
+    return (
+        "no model weights (model.safetensors, model.safetensors.index.json with its shards, or "
+        "adapter_model.safetensors)"
+    )
 
 
 def _no_config(f: Path) -> str:
@@ -429,12 +509,13 @@ def _wrong_shard(f: Path) -> str:
     return "model.safetensors.index.json puts norm.weight in model-00001-of-00005.safetensors, which does not hold it"
 
 
-@pytest.mark.parametrize("damage", [_missing_shard, _truncated, _leftover, _lock, _stale_shard, _no_weights,
-                                    _no_config, _wrong_shard])
+@pytest.mark.parametrize(
+    "damage", [_missing_shard, _truncated, _leftover, _lock, _stale_shard, _no_weights, _no_config, _wrong_shard]
+)
 def test_push_refuses_an_incomplete_folder(fake_hub, merged, damage):
     expected = damage(merged)
     with pytest.raises(VerificationError) as info:
-        hub.push_folder(merged, "user/m", token=WRITE_TOKEN)
+        publish.push_folder(merged, "user/m", token=WRITE_TOKEN)
     assert str(info.value).startswith(f"{merged} is not ready to push: {expected}")
     assert str(info.value).endswith("Nothing was uploaded. Rerun the command that wrote it, then `reforge verify` it.")
     assert info.value.failures[0].startswith(expected)
@@ -445,26 +526,32 @@ def test_push_refuses_a_temporary_locked_or_unfinished_folder(fake_hub, tiny_mod
     import fcntl
 
     temp = _copy(tiny_model, tmp_path / "out.tmp-4242")
-    assert hub.check_folder(temp) == ["out.tmp-4242 looks like a temporary output folder (the run that wrote it did "
-                                      "not finish)"]
+    assert publish.check_folder(temp) == [
+        "out.tmp-4242 looks like a temporary output folder (the run that wrote it did not finish)"
+    ]
     done = _copy(tiny_model, tmp_path / "out")
     lock = tmp_path / ".out.reforge-lock"  # what reforge's writer holds (flock) while it writes `out`
     lock.write_text("4242")
-    assert hub.check_folder(done) == []  # a stale lock file left by a crash does not block
+    assert publish.check_folder(done) == []  # a stale lock file left by a crash does not block
     with open(lock) as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(VerificationError, match=r"not ready to push: another run is writing this folder right "
-                                                    r"now \(it holds .*\.out\.reforge-lock\)"):
-            hub.push_folder(done, "user/m", token=WRITE_TOKEN)
+        with pytest.raises(
+            VerificationError,
+            match=r"not ready to push: another run is writing this folder right "
+            r"now \(it holds .*\.out\.reforge-lock\)",
+        ):
+            publish.push_folder(done, "user/m", token=WRITE_TOKEN)
     (tmp_path / ".out.reforge-partial").mkdir()
-    assert hub.check_folder(done) == [f"{tmp_path / '.out.reforge-partial'} holds an unfinished rewrite of this "
-                                      "folder: rerun the command that wrote it to finish, or delete the partial folder"]
+    assert publish.check_folder(done) == [
+        f"{tmp_path / '.out.reforge-partial'} holds an unfinished rewrite of this "
+        "folder: rerun the command that wrote it to finish, or delete the partial folder"
+    ]
     (tmp_path / ".out.reforge-partial").rmdir()
     (done / "reforge.json").write_text(json.dumps({"plan_id": "p", "state": "partial"}))
-    assert hub.check_folder(done) == ["reforge.json says the write is 'partial', not 'complete'"]
+    assert publish.check_folder(done) == ["reforge.json says the write is 'partial', not 'complete'"]
     (done / "reforge.json").write_text(json.dumps({"plan_id": "p", "state": "complete"}))
-    assert hub.check_folder(done) == []
-    assert hub.check_folder(tmp_path / "nope") == [f"{tmp_path / 'nope'} is not a folder"]
+    assert publish.check_folder(done) == []
+    assert publish.check_folder(tmp_path / "nope") == [f"{tmp_path / 'nope'} is not a folder"]
     assert fake_hub.requests == []
 
 
@@ -479,11 +566,14 @@ def test_push_runs_reforge_verify_when_it_exists(fake_hub, merged, monkeypatch):
     module.__spec__ = importlib.machinery.ModuleSpec("reforge.ops.verify", loader=None)
     module.verify_checkpoint = lambda path, **options: calls.append((Path(path), options)) or Report()
     monkeypatch.setitem(sys.modules, "reforge.ops.verify", module)
-    with pytest.raises(VerificationError, match=r"not ready to push: layers.0.self_attn.q_proj.weight: 3 values are "
-                                                r"NaN\."):
-        hub.push_folder(merged, "user/m", token=WRITE_TOKEN)
+    with pytest.raises(
+        VerificationError,
+        match=r"not ready to push: layers.0.self_attn.q_proj.weight: 3 values are "
+        r"NaN\.",
+    ):
+        publish.push_folder(merged, "user/m", token=WRITE_TOKEN)
     assert calls == [(merged, {"embeddings": False})] and fake_hub.requests == []
-    hub.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False)  # --skip-verify
+    publish.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False)  # --skip-verify
     assert "user/m" in fake_hub.repos
 
 
@@ -494,21 +584,21 @@ def test_push_with_the_real_reforge_verify(fake_hub, merged):
     shard = merged / "model-00005-of-00005.safetensors"
     data = bytearray(shard.read_bytes())
     (length,) = struct.unpack("<Q", data[:8])
-    name, tensor = next((k, v) for k, v in json.loads(data[8:8 + length]).items() if k != "__metadata__")
+    name, tensor = next((k, v) for k, v in json.loads(data[8 : 8 + length]).items() if k != "__metadata__")
     assert tensor["dtype"] == "F32"
     start = 8 + length + tensor["data_offsets"][0]
-    original = bytes(data[start:start + 4])
-    data[start:start + 4] = struct.pack("<f", float("nan"))  # headers stay whole: only verify can see this
+    original = bytes(data[start : start + 4])
+    data[start : start + 4] = struct.pack("<f", float("nan"))  # headers stay whole: only verify can see this
     shard.write_bytes(bytes(data))
-    assert hub.check_folder(merged) == []
+    assert publish.check_folder(merged) == []
     with pytest.raises(VerificationError) as info:
-        hub.push_folder(merged, "user/verified", token=WRITE_TOKEN)
+        publish.push_folder(merged, "user/verified", token=WRITE_TOKEN)
     assert info.value.failures == [f"finite: NaN/Inf in 1 tensor(s), e.g. {name!r}"]
     assert fake_hub.requests == []
 
-    data[start:start + 4] = original
+    data[start : start + 4] = original
     shard.write_bytes(bytes(data))
-    url = hub.push_folder(merged, "user/verified", token=WRITE_TOKEN)
+    url = publish.push_folder(merged, "user/verified", token=WRITE_TOKEN)
     assert url == f"{fake_hub.url}/user/verified/commit/{fake_hub.repos['user/verified'].refs['main']}"
 
 
@@ -518,6 +608,7 @@ def test_merge_output_pushes_and_comes_back_whole(fake_hub, tmp_path):
 
     from conftest import build_model, make_adapter, perturbed_bare, save, save_tokenizer
     from reforge.io.checkpoint import open_checkpoint
+    from reforge.ops.job import WriteOptions
     from reforge.ops.merge import merge
 
     base = build_model("llama-causal")
@@ -526,33 +617,45 @@ def test_merge_output_pushes_and_comes_back_whole(fake_hub, tmp_path):
     save_tokenizer(retriever_dir)
     make_adapter(base, tmp_path / "psi", dora=True)
     out = tmp_path / "scifact-readapted"
-    merge(base_dir, out, retriever=retriever_dir, adapters=[(tmp_path / "psi", 0.5)], command="reforge merge ...")
-    assert hub.check_folder(out) == []
-    result = CliRunner().invoke(cli, ["push", str(out), "user/readapted", "--token", WRITE_TOKEN, "--json"],
-                                catch_exceptions=False)
+    merge(
+        base_dir,
+        out,
+        retriever=retriever_dir,
+        adapters=[(tmp_path / "psi", 0.5)],
+        write=WriteOptions(command="reforge merge ..."),
+    )
+    assert publish.check_folder(out) == []
+    result = CliRunner().invoke(
+        cli, ["push", str(out), "user/readapted", "--token", WRITE_TOKEN, "--json"], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["files"] == len(_files(out))
     snapshot = hub.download_checkpoint("user/readapted", token=WRITE_TOKEN)
     written = _files(out)
     assert {"README.md", "reforge.json", "config.json", "tokenizer.json", "model.safetensors"} <= written.keys()
     assert _files(snapshot) == written  # every file merge wrote is one a checkpoint needs, and comes back bit for bit
-    assert open_checkpoint(str(snapshot)).provenance["fingerprint"] == open_checkpoint(str(out)).provenance[
-        "fingerprint"]
+    assert (
+        open_checkpoint(str(snapshot)).provenance["fingerprint"] == open_checkpoint(str(out)).provenance["fingerprint"]
+    )
 
 
 def test_push_without_write_token_is_refused(fake_hub, merged):
     with pytest.raises(HubError) as info:
-        hub.push_folder(merged, "user/m", token=SECRET, verify=False)
-    assert str(info.value) == ("The Hub refused to let this token write to user/m (HTTP 401). Pass a token with "
-                               "write access (--token, HF_TOKEN) or run `hf auth login`.")
+        publish.push_folder(merged, "user/m", token=SECRET, verify=False)
+    assert str(info.value) == (
+        "The Hub refused to let this token write to user/m (HTTP 401). Pass a token with "
+        "write access (--token, HF_TOKEN) or run `hf auth login`."
+    )
     assert "user/m" not in fake_hub.repos
 
 
 def test_push_to_an_unreachable_hub_says_rerun_is_safe(fake_hub, merged):
     with pytest.raises(HubError) as info:
-        hub.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False, endpoint="http://127.0.0.1:9")
-    assert str(info.value) == ("Could not reach the Hub to push user/m (ConnectError). Check the network, then rerun: "
-                               "files already on the Hub are skipped.")
+        publish.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False, endpoint="http://127.0.0.1:9")
+    assert str(info.value) == (
+        "Could not reach the Hub to push user/m (ConnectError). Check the network, then rerun: "
+        "files already on the Hub are skipped."
+    )
 
 
 def test_lost_connection_during_download_is_a_reforge_error():
@@ -561,23 +664,29 @@ def test_lost_connection_during_download_is_a_reforge_error():
     with pytest.raises(HubOfflineError) as info:
         with hub._hub_errors("org/tiny", "v2"):
             raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
-    assert str(info.value) == ("Lost the connection to the Hub while downloading org/tiny@v2 (LocalEntryNotFoundError)."
-                               " Check the network, then rerun: files already downloaded stay in the cache.")
+    assert str(info.value) == (
+        "Lost the connection to the Hub while downloading org/tiny@v2 (LocalEntryNotFoundError)."
+        " Check the network, then rerun: files already downloaded stay in the cache."
+    )
     assert (info.value.repo_id, info.value.revision, info.value.reason) == ("org/tiny", "v2", "unreachable")
 
 
 def test_push_refuses_while_offline(merged):
     with pytest.raises(HubError, match=r"^Cannot push while HF_HUB_OFFLINE is set\."):
-        hub.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False)
+        publish.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False)
 
 
 # ---- reforge push ----------------------------------------------------------------------------------------------
 def test_cli_push_prints_the_commit_url(fake_hub, merged):
-    result = CliRunner().invoke(cli, ["push", str(merged), "user/cli", "--token", SECRET.replace("DoNot", "x"),
-                                      "--skip-verify"], env={"HF_TOKEN": None})
+    result = CliRunner().invoke(
+        cli,
+        ["push", str(merged), "user/cli", "--token", SECRET.replace("DoNot", "x"), "--skip-verify"],
+        env={"HF_TOKEN": None},
+    )
     assert result.exit_code == 1 and "user/cli" not in fake_hub.repos  # unknown token: refused
-    result = CliRunner().invoke(cli, ["push", str(merged), "user/cli", "--token", WRITE_TOKEN, "--skip-verify"],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli, ["push", str(merged), "user/cli", "--token", WRITE_TOKEN, "--skip-verify"], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.stderr
     sha = fake_hub.repos["user/cli"].refs["main"]
     assert result.stdout == f"{fake_hub.url}/user/cli/commit/{sha}\n"
@@ -586,16 +695,23 @@ def test_cli_push_prints_the_commit_url(fake_hub, merged):
 
 
 def test_cli_push_json_public_revision_and_env_token(fake_hub, merged):
-    result = CliRunner().invoke(cli, ["push", str(merged), "user/cli", "--public", "-r", "v1", "-m", "first",
-                                      "--json", "--skip-verify"], env={"HF_TOKEN": WRITE_TOKEN},
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli,
+        ["push", str(merged), "user/cli", "--public", "-r", "v1", "-m", "first", "--json", "--skip-verify"],
+        env={"HF_TOKEN": WRITE_TOKEN},
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.stderr
     files = _files(merged)
     repo = fake_hub.repos["user/cli"]
     assert json.loads(result.stdout) == {
-        "repo_id": "user/cli", "revision": "v1", "private_requested": False,
+        "repo_id": "user/cli",
+        "revision": "v1",
+        "private_requested": False,
         "commit_url": f"{fake_hub.url}/user/cli/commit/{repo.refs['v1']}",
-        "files": len(files), "bytes": sum(len(b) for b in files.values())}
+        "files": len(files),
+        "bytes": sum(len(b) for b in files.values()),
+    }
     assert not repo.private and repo.history[-1][1] == "first"
     assert {r.authorization for r in fake_hub.calls("POST", "/commit/")} == {f"Bearer {WRITE_TOKEN}"}
 
@@ -608,8 +724,10 @@ def test_cli_dry_run_lists_files_and_bytes_and_sends_nothing(fake_hub, merged):
     assert [line.split()[0] for line in lines[:-1]] == sorted(files)
     assert [int(line.split()[1].replace(",", "")) for line in lines[:-1]] == [len(files[k]) for k in sorted(files)]
     total = sum(len(b) for b in files.values())
-    assert lines[-1] == f"{len(files)} files, {total:,} bytes -> user/dry@main (private if created). Nothing was " \
-                        "sent (--dry-run)."
+    assert (
+        lines[-1] == f"{len(files)} files, {total:,} bytes -> user/dry@main (private if created). Nothing was "
+        "sent (--dry-run)."
+    )
     result = CliRunner().invoke(cli, ["push", str(merged), "user/dry@v2", "--dry-run", "--json"])
     data = json.loads(result.stdout)
     assert (data["revision"], data["total_bytes"], len(data["files"])) == ("v2", total, len(files))
@@ -621,8 +739,9 @@ def test_cli_bad_arguments_exit_2(merged):
     assert result.exit_code == 2 and "'not a repo' is not a Hub repo id; write owner/name" in result.stderr
     result = CliRunner().invoke(cli, ["push", str(merged), "me/m@a", "--revision", "b"])
     assert result.exit_code == 2
-    assert "REPO_ID names revision 'a' and --revision names 'b'; give the branch once, with --revision." in \
-        result.stderr
+    assert (
+        "REPO_ID names revision 'a' and --revision names 'b'; give the branch once, with --revision." in result.stderr
+    )
 
 
 def test_cli_errors_are_one_line_without_the_token(fake_hub, merged, capsys):
@@ -630,8 +749,10 @@ def test_cli_errors_are_one_line_without_the_token(fake_hub, merged, capsys):
         main(["push", str(merged), "user/m", "--token", SECRET, "--skip-verify"])
     captured = capsys.readouterr()
     assert exit_info.value.code == 1
-    assert captured.err == ("Error: The Hub refused to let this token write to user/m (HTTP 401). Pass a token with "
-                            "write access (--token, HF_TOKEN) or run `hf auth login`.\n")
+    assert captured.err == (
+        "Error: The Hub refused to let this token write to user/m (HTTP 401). Pass a token with "
+        "write access (--token, HF_TOKEN) or run `hf auth login`.\n"
+    )
     assert SECRET not in captured.out + captured.err
 
     (merged / "model-00005-of-00005.safetensors").write_bytes(b"")
@@ -639,9 +760,11 @@ def test_cli_errors_are_one_line_without_the_token(fake_hub, merged, capsys):
         main(["push", str(merged), "user/m", "--token", SECRET])
     captured = capsys.readouterr()
     assert exit_info.value.code == 1 and captured.out == ""
-    assert captured.err == (f"Error: {merged} is not ready to push: model-00005-of-00005.safetensors: truncated "
-                            "(0 bytes, no header). Nothing was uploaded. Rerun the command that wrote it, then "
-                            "`reforge verify` it.\n")
+    assert captured.err == (
+        f"Error: {merged} is not ready to push: model-00005-of-00005.safetensors: file is 0 "
+        "bytes, too short for a safetensors header. Nothing was uploaded. Rerun the command that wrote it, then "
+        "`reforge verify` it.\n"
+    )
 
 
 def test_fake_hub_guard_refuses_other_hosts(fake_hub):
@@ -656,8 +779,9 @@ def test_repo_id_may_carry_the_revision(fake_hub, tiny_model):
     assert hub.download_checkpoint("org/tiny@v2").name == v2
     with pytest.raises(InvalidOptionError) as info:
         hub.download_checkpoint("org/tiny@v2", revision="main")
-    assert str(info.value) == ("org/tiny@v2 names revision 'v2' but revision='main' was also given. "
-                               "Give the revision once.")
+    assert str(info.value) == (
+        "org/tiny@v2 names revision 'v2' but revision='main' was also given. Give the revision once."
+    )
     with pytest.raises(CheckpointNotFoundError, match=r"^'not a repo' is neither an existing local folder"):
         hub.download_checkpoint("not a repo")
     assert len(fake_hub.calls("GET", r"^/api/models/")) == 1

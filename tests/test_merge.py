@@ -381,6 +381,10 @@ def test_merged_lora_retriever_keeps_its_encoding_convention(setup, tmp_path):
     run("merge", "--base", setup["base_dir"], "--retriever", tmp_path / "repllama", "-o", out)
     profile = detect_profile(out, name=str(out))
     assert (profile.query_prefix, profile.passage_prefix, profile.pooling, profile.append_eos) == (
-        "query: ", "passage: ", "last", True)
+        "query: ",
+        "passage: ",
+        "last",
+        True,
+    )
     card = (out / "README.md").read_text()
     assert "query: " in card

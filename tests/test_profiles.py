@@ -90,6 +90,22 @@ def test_remote_code_is_refused_unless_trusted(tmp_path, bpe):
     ):
         resolve_model(folder)
     assert resolve_model(folder, trust_remote_code=True).profile.name == "gte-qwen2"
+    # the weight commands never need it: diff, merge and verify (its embedding check uses transformers' own class)
+    from click.testing import CliRunner
+
+    from reforge.cli import cli
+
+    base_dir = save(_tiny("qwen2"), tmp_path / "base")
+    bpe.save_pretrained(base_dir)
+    for args in (
+        ["diff", str(base_dir), str(folder), "-o", str(tmp_path / "delta")],
+        ["merge", "--base", str(base_dir), "--retriever", str(folder), "-o", str(tmp_path / "out")],
+        ["verify", str(tmp_path / "out"), "--json"],
+    ):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.stdout + result.stderr
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["embeddings"]["ok"] and checks["embeddings"]["detail"].startswith("cosine(retriever, new)")
 
 
 def test_model_without_tokenizer_is_an_error_unless_given(tmp_path):

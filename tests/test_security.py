@@ -5,50 +5,16 @@ Each test here failed on main at be54a18 (issue 13).
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
-import torch
-from click.testing import CliRunner
-from test_tune import write_dataset
+from test_tune import one_thread, run, setup  # noqa: F401  (fixtures: one_thread is autouse)
 
-from conftest import build_model, make_adapter, perturbed_bare, save, save_tokenizer
 from fakehub import FakeHub, fake_hub_fixture
-from reforge.cli import cli
 from reforge.cli.output import redact_arguments
 
 SECRET = "s3cr3t-token-that-is-not-hf-shaped-4711"  # not hf_...: the --token rule itself must drop it
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def run(*args, ok=True, env=None):
-    result = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=not ok, env=env)
-    if ok:
-        assert result.exit_code == 0, result.output + result.stderr
-    return result
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """bf16 base CausalLM, a sharded bare retriever, a DoRA adapter, and a tiny BEIR set (absolute paths)."""
-    root = tmp_path_factory.mktemp("security").resolve()
-    base = build_model("llama-causal")
-    base_dir = save(copy.deepcopy(base), root / "base", dtype=torch.bfloat16)
-    save_tokenizer(base_dir)
-    retriever_dir = save(perturbed_bare(copy.deepcopy(base)), root / "retriever", dtype=torch.bfloat16,
-                         shard_size="30KB")
-    save_tokenizer(retriever_dir)
-    make_adapter(copy.deepcopy(base).to(torch.bfloat16).float(), root / "psi", dora=True)
-    return dict(root=root, base=base_dir, retriever=retriever_dir, psi=root / "psi", data=write_dataset(root / "data"))
 
 
 @pytest.fixture
@@ -56,9 +22,11 @@ def fake_hub(tmp_path, monkeypatch):
     yield from fake_hub_fixture(tmp_path, monkeypatch)
 
 
-def _token_args(way: str) -> tuple[list[str], dict[str, str]]:
-    return {"flag": (["--token", SECRET], {}), "equals": ([f"--token={SECRET}"], {}),
-            "env": ([], {"HF_TOKEN": SECRET})}[way]
+def _use_token(way: str, monkeypatch) -> list[str]:
+    """The arguments that pass the token ``way``; for ``env``, HF_TOKEN is set instead."""
+    if way == "env":
+        monkeypatch.setenv("HF_TOKEN", SECRET)
+    return {"flag": ["--token", SECRET], "equals": [f"--token={SECRET}"], "env": []}[way]
 
 
 def _leaks(folder: Path, needles: list[str]) -> list[str]:
@@ -71,10 +39,9 @@ def _leaks(folder: Path, needles: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("way", ["flag", "equals", "env"])
-def test_no_output_of_diff_merge_tune_or_push_holds_the_token_or_a_local_path(setup, tmp_path, way, monkeypatch):
-    token_args, env = _token_args(way)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+def test_no_output_of_diff_merge_or_tune_holds_the_token_or_a_local_path(setup, tmp_path, way,  # noqa: F811
+                                                                          monkeypatch):
+    token_args = _use_token(way, monkeypatch)
     out = tmp_path.resolve()
     run("diff", setup["base"], setup["retriever"], "-o", out / "delta", *token_args, "-q")
     run("merge", "--base", setup["base"], "--retriever", setup["retriever"], "--adapter", setup["psi"],
@@ -94,11 +61,11 @@ def test_no_output_of_diff_merge_tune_or_push_holds_the_token_or_a_local_path(se
 
 
 @pytest.mark.parametrize("way", ["flag", "equals", "env"])
-def test_push_publishes_no_token(setup, tmp_path, way, monkeypatch):
-    token_args, env = _token_args(way)
+def test_push_publishes_no_token(setup, tmp_path, way, monkeypatch):  # noqa: F811
+    token_args = _use_token(way, monkeypatch)
     out = tmp_path.resolve()
     run("merge", "--base", setup["base"], "--retriever", setup["retriever"], "--adapter", setup["psi"],
-        "-o", out / "merged", *token_args, "-q", env=env)
+        "-o", out / "merged", *token_args, "-q")
     with FakeHub(tokens={SECRET: "user"}) as hub, hub.guard():
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
@@ -106,8 +73,6 @@ def test_push_publishes_no_token(setup, tmp_path, way, monkeypatch):
 
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
         result = run("push", out / "merged", "user/readapted", *token_args, "--skip-verify")
         files = hub.files("user/readapted")
         assert "reforge.json" in files and "README.md" in files
@@ -131,7 +96,7 @@ def _copy_folder(source: Path, target: Path) -> Path:
     return target
 
 
-def test_a_shard_symlinked_outside_the_folder_is_refused(setup, tmp_path):
+def test_a_shard_symlinked_outside_the_folder_is_refused(setup, tmp_path):  # noqa: F811
     from reforge.errors import UnsafePathError
     from reforge.io.index import ShardIndex
 
@@ -155,7 +120,7 @@ def test_a_shard_symlinked_outside_the_folder_is_refused(setup, tmp_path):
     assert len(ShardIndex.from_dir(inside).tensors) == len(ShardIndex.from_dir(setup["retriever"]).tensors)
 
 
-def test_index_paths_through_a_symlinked_folder_are_refused(setup, tmp_path):
+def test_index_paths_through_a_symlinked_folder_are_refused(setup, tmp_path):  # noqa: F811
     from reforge.errors import UnsafePathError
     from reforge.io.index import ShardIndex
 
@@ -173,7 +138,7 @@ def test_index_paths_through_a_symlinked_folder_are_refused(setup, tmp_path):
         ShardIndex.from_dir(retriever)
 
 
-def test_only_the_companion_files_a_model_needs_are_copied(setup, tmp_path):
+def test_only_the_companion_files_a_model_needs_are_copied(setup, tmp_path):  # noqa: F811
     from reforge.errors import UnsafePathError
 
     secrets = tmp_path / "home" / ".ssh"
@@ -207,7 +172,7 @@ def test_only_the_companion_files_a_model_needs_are_copied(setup, tmp_path):
         companion_files(retriever)
 
 
-def test_a_fifo_named_as_a_shard_is_not_called_missing(setup, tmp_path):
+def test_a_fifo_named_as_a_shard_is_not_called_missing(setup, tmp_path):  # noqa: F811
     import os
 
     from reforge.errors import CorruptCheckpointError
@@ -219,3 +184,84 @@ def test_a_fifo_named_as_a_shard_is_not_called_missing(setup, tmp_path):
     os.mkfifo(shard)
     with pytest.raises(CorruptCheckpointError, match="is a FIFO, not a file"):
         ShardIndex.from_dir(retriever)
+
+
+# ---- a Hub that never answers -------------------------------------------------------------------------------------
+@pytest.fixture
+def silent_hub(monkeypatch, tmp_path):
+    """An endpoint on 127.0.0.1 that accepts connections (the kernel's backlog does) and never answers."""
+    import socket
+
+    from huggingface_hub import constants
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setenv("REFORGE_HUB_CONNECT_TIMEOUT", "0.5")
+    monkeypatch.setenv("REFORGE_HUB_READ_TIMEOUT", "0.3")
+    monkeypatch.setenv("REFORGE_HUB_RETRIES", "2")
+    monkeypatch.setenv("REFORGE_HUB_BACKOFF", "0.05")
+    yield server
+    server.close()
+
+
+def test_a_hub_that_never_answers_fails_fast_with_a_clear_message(silent_hub, setup, tmp_path):  # noqa: F811
+    import time
+
+    cases = [
+        (["inspect", "org/model"], "did not answer within 0.3 s (3 tries"),
+        (["diff", setup["base"], "org/retriever", "-o", tmp_path / "delta"], "did not answer within 0.3 s (3 tries"),
+        (["push", setup["retriever"], "me/model", "--skip-verify", "--token", SECRET],
+         "Could not push me/model: the Hub did not answer within 0.3 s (3 tries"),
+    ]
+    for args, message in cases:
+        started = time.monotonic()
+        result = run(*args, ok=False)
+        took = time.monotonic() - started
+        text = " ".join(result.stderr.split())
+        assert result.exit_code == 1 and message in text and "Traceback" not in result.output, (args, text)
+        assert took < 20, (args, took)  # 280 s on main at be54a18
+        assert SECRET not in text
+
+
+def test_retrying_backs_off_only_on_retryable_errors():
+    import httpx2
+
+    from reforge.io.http import HubLimits, retrying
+
+    waits, calls = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise httpx2.ReadTimeout("slow")
+        return "ok"
+
+    assert retrying(flaky, HubLimits(retries=3, backoff=0.5), sleep=waits.append) == "ok" and waits == [0.5, 1.0]
+    with pytest.raises(ValueError):
+        retrying(lambda: (_ for _ in ()).throw(ValueError("a bug")), HubLimits(retries=3), sleep=waits.append)
+    assert waits == [0.5, 1.0]  # not retried
+
+
+def test_push_refuses_a_folder_with_symlinks_leading_out(setup, tmp_path):  # noqa: F811
+    import shutil
+
+    secret = tmp_path / "home" / ".ssh"
+    secret.mkdir(parents=True)
+    (secret / "id_rsa").write_text("PRIVATE KEY")
+    out = tmp_path / "out"
+    run("merge", "--base", setup["base"], "--retriever", setup["retriever"], "--adapter", setup["psi"], "-o", out,
+        "-q")
+    (out / "extras").symlink_to(secret)
+    (out / "key.txt").symlink_to(secret / "id_rsa")
+    result = run("push", out, "me/model", "--dry-run", ok=False)
+    text = " ".join(result.stdout.split() + result.stderr.split())
+    assert result.exit_code == 1 and "outside the folder" in text, text
+    (out / "key.txt").unlink()
+    (out / "extras").unlink()
+    shutil.copy(secret / "id_rsa", out / "notes.txt")  # a real file inside is the user's choice
+    assert run("push", out, "me/model", "--dry-run").exit_code == 0

@@ -52,7 +52,9 @@ def test_verify_merge_with_recorded_inputs_and_embeddings(setup, tmp_path):  # n
     result = run("verify", out, "--json", "--full")
     report = json.loads(result.stdout)
     assert result.exit_code == 0, result.stdout
-    assert {c["name"] for c in report["checks"]} == {"loads", "finite", "layout", "recompute", "encoding", "embeddings"}
+    names = {c["name"] for c in report["checks"]}
+    assert names == {"loads", "finite", "layout", "recompute", "independent", "encoding", "embeddings"}
+    assert not any(c["skipped"] for c in report["checks"]) and "sound" in run("verify", out, "--no-embeddings").stdout
     assert len(report["cosine"]) == 4 and min(report["cosine"]) > 0.5
     assert len(report["tensors"]) == 20
     # a different alpha than the one used must fail the recomputation
@@ -83,3 +85,49 @@ def test_verify_truncated_shard_fails_loads(setup, tmp_path):  # noqa: F811
     report = json.loads(result.stdout)
     assert result.exit_code == 1 and not report["ok"] and "truncated" in report["failures"][0]
     assert torch is not None
+
+
+def test_independent_check_catches_a_wrong_merge_that_the_merge_path_agrees_with(setup, tmp_path, monkeypatch):  # noqa: F811
+    from reforge.ops import merge as merge_ops
+
+    real, wrong_key = merge_ops.compute_output, "layers.1.mlp.down_proj.weight"
+
+    def wrong(source, loaded, key, beta, dtype, *args, **kwargs):  # a bug in the merge path: one value off
+        value, rounding = real(source, loaded, key, beta, dtype, *args, **kwargs)
+        if key == wrong_key:
+            value = value.clone()
+            value[0, 0] += 0.01
+        return value, rounding
+
+    monkeypatch.setattr(merge_ops, "compute_output", wrong)
+    out = tmp_path / "out"
+    args = ["--base", setup["base_dir"], "--retriever", setup["retriever_dir"], "--adapter", setup["root"] / "dora"]
+    assert run("merge", *args, "-o", out).exit_code == 0
+    result = run("verify", out, "--full", "--json", "--no-embeddings")
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["recompute"]["ok"]  # the merge path recomputes its own bug and agrees
+    assert not checks["independent"]["ok"] and wrong_key in checks["independent"]["detail"]
+    assert result.exit_code == 1
+
+
+def test_verifying_a_lora_retriever_delta_recomputes_it_or_says_what_it_could_not(setup, tmp_path):  # noqa: F811
+    delta = tmp_path / "delta"
+    assert run("diff", setup["base_dir"], setup["root"] / "lora", "-o", delta, "--dtype", "float32").exit_code == 0
+    args = ["--base", setup["base_dir"], "--retriever", setup["root"] / "lora", "--full", "--json"]
+    result = run("verify", delta, *args)
+    recompute = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "recompute")
+    assert result.exit_code == 0 and recompute["ok"] and not recompute["skipped"]
+    assert "plain formula" in recompute["detail"]
+    file = next(delta.glob("*.safetensors"))
+    tensors = load_file(file)
+    key = "layers.0.self_attn.q_proj.weight"
+    tensors[key][1, 1] += 0.01
+    save_file(tensors, file, metadata={"format": "pt"})
+    result = run("verify", delta, *args)
+    assert result.exit_code == 1 and key in result.stdout
+    pickled = tmp_path / "lora_pickle"  # what cannot be recomputed is said, and not called sound
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((setup["root"] / "lora" / "adapter_config.json").read_text())
+    torch.save(load_file(setup["root"] / "lora" / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    result = run("verify", delta, "--base", setup["base_dir"], "--retriever", pickled, "--allow-pickle")
+    assert "not recomputed" in result.stdout and "sound" not in result.stdout.splitlines()[-1].split(":")[-1]

@@ -83,26 +83,21 @@ def diff_cmd(
       reforge diff base/ retriever/ -o delta/ --energy 0.5        # LoRE-Adapt compression
     """
     from reforge.ops.diff import diff
+    from reforge.ops.job import Access, WriteOptions
 
-    command = ui.command_line()
+    write = WriteOptions(dtype, max_shard_size, overwrite, durable, dry_run, ui.command_line())
     with ui.progress_bar("diff", unit="bytes", quiet=quiet or as_json) as progress:
         report = diff(
             base,
             retriever,
             output,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
             low_rank=low_rank,
             rank=rank,
             energy=energy,
             allow_missing=allow_missing,
+            write=write,
+            access=Access(token, allow_pickle),
             keep_lm_head=keep_lm_head,
-            overwrite=overwrite,
-            token=token,
-            allow_pickle=allow_pickle,
-            dry_run=dry_run,
-            command=command,
-            durable=durable,
             progress=progress,
         )
     for warning in report.warnings:

@@ -14,6 +14,7 @@ from reforge.cli.options import (
     hub_options,
     log_file_option,
     output_options,
+    sample_options,
 )
 
 
@@ -53,7 +54,8 @@ from reforge.cli.options import (
     default=None,
     help="Write summary.json, runs/*.trec and per_query/*.tsv here.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomization test.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples and the randomization test.")
+@sample_options
 @encoding_options
 @log_file_option
 @hub_options
@@ -79,6 +81,7 @@ def eval_cmd(
       reforge eval ~/.cache/reforge-models/all-MiniLM-L6-v2 --data ../shared/data/scifact
       reforge eval retriever/ readapted/ -d scifact/ -d nfcorpus/ --metric nDCG@10 --metric R@100
       reforge eval intfloat/e5-mistral-7b-instruct -d scifact/ --output results/ --json
+      reforge eval retriever/ -d msmarco/ --split dev --max-queries 500 --corpus-sample 100000
       torchrun --nproc-per-node 4 -m reforge.cli.eval repllama/ -d trec-covid/
     """
     from reforge.data.beir import load_beir
@@ -92,6 +95,8 @@ def eval_cmd(
         base=options["base"],
         tokenizer=options["tokenizer"],
         seed=options["seed"],
+        max_queries=options["max_queries"],
+        corpus_sample=options["corpus_sample"],
         token=options["token"],
         allow_pickle=options["allow_pickle"],
     )
@@ -108,6 +113,13 @@ def eval_cmd(
     if report is None:  # a rank other than 0 of a distributed run: it only encoded its shards
         return
     if not quiet:
+        for dataset in report.datasets:
+            if dataset.sample:
+                s = dataset.sample
+                output.info(
+                    f"{dataset.name}: sample of {s['queries']} of {s['split_queries']} queries and "
+                    f"{s['documents']} of {s['split_documents']} documents (seed {s['seed']})"
+                )
         for result in report.results:
             rate = result.docs_per_second
             corpus = (
@@ -125,10 +137,11 @@ def eval_cmd(
             output.print_table(table)
             output.out.print(caption, highlight=False)
     if output_dir:  # after the results are shown: a full disk must not cost them
-        from reforge.io.target import write_error
+        from reforge.io.target import OutputLock, write_error
 
         try:
-            written = write_outputs(report, output_dir)
+            with OutputLock(output_dir):  # the lock every command writing a folder takes
+                written = write_outputs(report, output_dir)
         except OSError as e:
             raise write_error(e, output_dir, "The results above are complete; free some space or choose another "
                                              "--output and rerun.") from e

@@ -93,6 +93,7 @@ def merge_cmd(
       reforge merge --base base/ --retriever r/ --adapter a/ --alpha 0.5 --adapter b/ --alpha 0.3 -o out/
       reforge merge --base base/ --retriever r/ --adapter psi/ -o out/ --dry-run
     """
+    from reforge.ops.job import Access, WriteOptions
     from reforge.ops.merge import merge
 
     if (retriever is None) == (delta is None):
@@ -105,7 +106,7 @@ def merge_cmd(
             "--adapter, or none for 0.5 each."
         )
     pairs = list(zip(adapters, alphas or [0.5] * len(adapters)))
-    command = ui.command_line()
+    write = WriteOptions(dtype, max_shard_size, overwrite, durable, dry_run, ui.command_line())
     with ui.progress_bar("merge", unit="bytes", quiet=quiet or as_json) as progress:
         report = merge(
             base,
@@ -114,16 +115,10 @@ def merge_cmd(
             delta=delta,
             adapters=pairs,
             beta=beta,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            token=token,
-            allow_pickle=allow_pickle,
-            dry_run=dry_run,
-            command=command,
             corpus=corpus,
+            write=write,
+            access=Access(token, allow_pickle),
             keep_lm_head=keep_lm_head,
-            durable=durable,
             progress=progress,
         )
     if dry_run and not as_json:

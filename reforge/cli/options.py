@@ -210,6 +210,20 @@ def encoding_options(func: Callable) -> Callable:
             show_default=True,
             help="auto = float32 on CPU, bfloat16 (or float16) on GPU.",
         ),
+        click.option(
+            "--embedding-dtype",
+            type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
+            default="auto",
+            show_default=True,
+            help="How corpus vectors are stored and searched: auto = float16 from 1024 dimensions up, else float32.",
+        ),
+        click.option(
+            "--shard-docs",
+            type=click.IntRange(min=1),
+            default=65_536,
+            show_default=True,
+            help="Documents per embedding shard in the cache (an encode resumes at the first missing shard).",
+        ),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the embedding cache."),
         click.option(
             "--trust-remote-code",
@@ -228,6 +242,28 @@ def encoding_options(func: Callable) -> Callable:
             default=10_000,
             show_default=True,
             help="Sign flips in the randomization test.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def sample_options(func: Callable) -> Callable:
+    """``--max-queries`` and ``--corpus-sample``: score a seeded sample of a dataset
+    (`reforge.data.beir.sample_dataset`), shared by eval and tune."""
+    options = [
+        click.option(
+            "--max-queries",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Score a seeded random sample of N judged queries.",
+        ),
+        click.option(
+            "--corpus-sample",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Search a corpus of about N documents: every judged one plus a seeded random sample.",
         ),
     ]
     for option in reversed(options):
@@ -255,6 +291,8 @@ def encoding_settings(options: dict, **extra: Any) -> Any:
         dtype=None if options["dtype"] == "auto" else options["dtype"],
         cache=not options["no_cache"],
         cache_dir=options["cache_dir"],
+        embedding_dtype=None if options["embedding_dtype"] == "auto" else options["embedding_dtype"],
+        shard_docs=options["shard_docs"],
         permutations=options["permutations"],
         trust_remote_code=options["trust_remote_code"],
         **extra,

@@ -25,10 +25,10 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from reforge.io.progress import ProgressFn
+
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
-
-ProgressFn = Callable[[int, "int | None"], None]
 
 
 def print_json(data: Any) -> None:
@@ -279,9 +279,20 @@ def show_checks(report: Any) -> None:
     from rich.markup import escape
 
     for check in report.checks:
-        mark = "[green]ok[/green]  " if check.ok else "[red]FAIL[/red]"
+        mark = "[green]ok[/green]  "
+        if not check.ok:
+            mark = "[red]FAIL[/red]"
+        elif check.skipped:  # passed as far as it ran; the detail says what it could not check
+            mark = "[yellow]part[/yellow]"
         out.print(f"{mark} {check.name:<11} {escape(check.detail)}")
-    verdict = "[green]sound[/green]" if report.ok else "[red]failed[/red]"
+    skipped = len(getattr(report, "skipped", []))
+    verdict = (
+        "[red]failed[/red]"
+        if not report.ok
+        else f"[yellow]no failure, but {skipped} check(s) not (fully) run[/yellow]"
+        if skipped
+        else "[green]sound[/green]"
+    )
     out.print(f"{escape(str(report.path))} ({report.kind}): {verdict}")
 
 

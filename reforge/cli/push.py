@@ -40,7 +40,7 @@ def push_cmd(folder: str, repo_id: str, public: bool, revision: str | None, mess
       reforge push scifact-repllama/ me/repllama-scifact --revision alpha-0.3 --public
       HF_TOKEN=hf_... reforge push out/ my-org/e5-mistral-nfcorpus --json
     """
-    from reforge import hub
+    from reforge import publish
     from reforge.cli import output
 
     target, at_revision = _split_repo(repo_id)
@@ -53,9 +53,9 @@ def push_cmd(folder: str, repo_id: str, public: bool, revision: str | None, mess
     if not (Path(folder) / "README.md").is_file():
         output.warn("no README.md: the repo will have no model card (reforge merge and train write one).")
     with output.progress_bar("Uploading", unit="bytes", quiet=quiet or as_json) as progress:
-        url = hub.push_folder(folder, target, private=not public, token=token, revision=revision,
-                              commit_message=message, progress=progress, verify=not skip_verify)
-    plan = hub.upload_plan(folder)
+        url = publish.push_folder(folder, target, private=not public, token=token, revision=revision,
+                                  commit_message=message, progress=progress, verify=not skip_verify)
+    plan = publish.upload_plan(folder)
     if as_json:
         output.print_json({"repo_id": target, "revision": revision or "main", "private_requested": not public,
                            "commit_url": url, "files": len(plan), "bytes": sum(size for _, size in plan)})
@@ -64,7 +64,7 @@ def push_cmd(folder: str, repo_id: str, public: bool, revision: str | None, mess
 
 
 def _split_repo(repo_id: str) -> tuple[str, str | None]:
-    from reforge import hub
+    from reforge.io import hub
 
     if not hub.looks_like_repo_id(repo_id):
         raise click.BadParameter(f"{repo_id!r} is not a Hub repo id; write owner/name, e.g. me/repllama-scifact.",
@@ -73,17 +73,17 @@ def _split_repo(repo_id: str) -> tuple[str, str | None]:
 
 
 def _dry_run(folder: str, repo_id: str, revision: str | None, private: bool, as_json: bool, *, verify: bool) -> None:
-    from reforge import hub
+    from reforge import publish
     from reforge.cli import output
     from reforge.errors import VerificationError, short_path
 
-    failures = hub.push_failures(folder, verify=verify)  # what a real push checks, no less
+    failures = publish.push_failures(folder, verify=verify)  # what a real push checks, no less
     if failures:
         raise VerificationError(f"{short_path(folder)} is not ready to push: {failures[0]}"
                                 + (f" (and {len(failures) - 1} more)." if len(failures) > 1 else "."),
                                 hint="Rerun the command that wrote it, then `reforge verify` it.",
                                 path=folder, failures=failures)
-    plan = hub.upload_plan(folder)
+    plan = publish.upload_plan(folder)
     total = sum(size for _, size in plan)
     if as_json:
         output.print_json({"dry_run": True, "repo_id": repo_id, "revision": revision or "main", "private": private,

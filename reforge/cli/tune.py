@@ -15,6 +15,7 @@ from reforge.cli.options import (
     hub_options,
     log_file_option,
     output_options,
+    sample_options,
 )
 
 GRID_CONFIRM = 1000  # points; a bigger grid (e.g. a range typed with one digit too many) is confirmed first
@@ -74,18 +75,7 @@ class GridType(click.ParamType):
     metavar="NAME",
     help="The ir-measures metric to maximize: nDCG@10, R@100, RR@10, AP, ...",
 )
-@click.option(
-    "--max-queries",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Tune on a seeded random sample of N judged queries.",
-)
-@click.option(
-    "--corpus-sample",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Search a corpus of about N documents: every judged one plus a seeded random sample.",
-)
+@sample_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples and the randomization test.")
 @encoding_options
 @click.option(

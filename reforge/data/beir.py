@@ -8,26 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from reforge.data.lazy import Document, LazyCorpus, corpus_index, json_object
 from reforge.errors import DataError, short_path
 from reforge.io.checkpoint import sha256_file
-
-
-@dataclass(frozen=True)
-class Document:
-    """One corpus entry."""
-
-    id: str
-    title: str
-    text: str
-
-    def passage(self, separator: str = " ") -> str:
-        """Title and text joined the way retrievers see passages (BEIR: ``title + " " + text``)."""
-        return f"{self.title}{separator}{self.text}".strip() if self.title else self.text.strip()
 
 
 def iter_jsonl(path: str | Path, *, skip_bad_lines: bool = False,
@@ -47,21 +36,14 @@ def iter_jsonl(path: str | Path, *, skip_bad_lines: bool = False,
         raise DataError(f"{short_path(path)} does not exist.", path=path, line=None)
     with path.open("rb") as handle:  # decoded per line, so one bad byte names its line instead of a traceback
         for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
             try:
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                value = json.loads(line)
-                if not isinstance(value, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as e:  # UnicodeDecodeError is a ValueError
+                value = json_object(raw, path, number, skip_option)
+            except DataError:
                 if skip_bad_lines:
                     continue
-                what = (f"not UTF-8 text ({e.reason} at byte {e.start})" if isinstance(e, UnicodeDecodeError)
-                        else f"not a valid JSON object ({e})")
-                skip = f", or pass {skip_option} to skip such lines" if skip_option else ""
-                raise DataError(f"{short_path(path)}, line {number}: {what}.", hint=f"Fix the line{skip}.",
-                                path=path, line=number) from e
+                raise
             yield number, value
 
 
@@ -145,16 +127,18 @@ _EXAMPLES = 3  # ids quoted in messages
 class BeirDataset:
     """A BEIR folder read for one split, checked for the mistakes that silently skew scores.
 
-    ``corpus`` is in file order; ``queries`` holds only the queries judged in ``qrels`` (BEIR does the same);
-    ``qrels`` is ``{query_id: {doc_id: grade}}`` with rows for unknown queries removed. ``warnings`` lists what was
-    odd but usable (judged documents missing from the corpus, empty documents, ...), for the caller to show.
+    ``corpus`` is in file order (read from disk on demand, `reforge.data.lazy.LazyCorpus`, for datasets loaded by
+    `load_beir`; any sequence of `Document` for datasets built in memory); ``queries`` holds only the queries
+    judged in ``qrels`` (BEIR does the same); ``qrels`` is ``{query_id: {doc_id: grade}}`` with rows for unknown
+    queries removed. ``warnings`` lists what was odd but usable (judged documents missing from the corpus, empty
+    documents, ...), for the caller to show.
     ``files_sha256`` maps ``corpus``, ``queries`` and ``qrels`` to the SHA-256 of the files read (empty for
     datasets built in memory).
     """
 
     name: str
     split: str
-    corpus: tuple[Document, ...]
+    corpus: Sequence[Document]
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
     path: Path | None = None
@@ -164,6 +148,9 @@ class BeirDataset:
     @cached_property
     def corpus_hash(self) -> str:
         """SHA-256 over the documents' ids, titles and texts in order: the corpus part of embedding cache keys."""
+        known = getattr(self.corpus, "content_hash", None)  # a whole lazy corpus: hashed when it was indexed
+        if known is not None:
+            return known
         digest = hashlib.sha256()
         for doc in self.corpus:
             for part in (doc.id, doc.title, doc.text):
@@ -209,12 +196,51 @@ class BeirDataset:
         corpus = self.corpus
         if doc_ids is not None:
             keep = set(doc_ids)
-            corpus = tuple(d for d in corpus if d.id in keep)
+            corpus = corpus.select(keep) if isinstance(corpus, LazyCorpus) else tuple(d for d in corpus if d.id in keep)
             if not corpus:
                 raise DataError(
                     f"None of the requested document ids is in the corpus of {self.name}.", path=self.path, line=None
                 )
         return BeirDataset(name or self.name, self.split, corpus, queries, qrels, self.path, self.warnings)
+
+
+def sample_dataset(
+    dataset: BeirDataset, *, max_queries: int | None = None, corpus_sample: int | None = None, seed: int = 0
+) -> BeirDataset:
+    """At most ``max_queries`` judged queries, and a corpus of about ``corpus_sample`` documents that keeps **every
+    document judged** for those queries (so each query's relevant documents can still be found) plus a random
+    sample of the rest. Both draws are seeded; the dataset's order is kept. Used by ``reforge eval`` and
+    ``reforge tune`` (``--max-queries``, ``--corpus-sample``).
+
+    With more judged documents than ``corpus_sample``, all judged documents are kept (the sample is then larger).
+    Returns ``dataset`` itself when neither limit applies.
+    """
+    if max_queries is not None and max_queries < len(dataset.queries):
+        chosen = set(random.Random(f"{seed}:queries").sample(list(dataset.queries), max_queries))
+        dataset = dataset.subset(query_ids=[q for q in dataset.queries if q in chosen])
+    if corpus_sample is not None and corpus_sample < len(dataset.corpus):
+        judged = {doc for docs in dataset.qrels.values() for doc in docs}
+        others = [d.id for d in dataset.corpus if d.id not in judged]
+        room = max(0, corpus_sample - (len(dataset.corpus) - len(others)))
+        drawn = random.Random(f"{seed}:corpus").sample(others, min(room, len(others)))
+        dataset = dataset.subset(doc_ids=judged | set(drawn))
+    return dataset
+
+
+def sample_record(
+    full: BeirDataset, sample: BeirDataset, *, max_queries: int | None, corpus_sample: int | None, seed: int
+) -> dict:
+    """What a result records about a sample: the options, the counts before and after, and the query ids drawn."""
+    return {
+        "max_queries": max_queries,
+        "corpus_sample": corpus_sample,
+        "seed": seed,
+        "queries": len(sample.queries),
+        "documents": len(sample.corpus),
+        "split_queries": len(full.queries),
+        "split_documents": len(full.corpus),
+        "query_ids": list(sample.queries),
+    }
 
 
 def load_beir(folder: str | Path, split: str = "test", *, name: str | None = None) -> BeirDataset:
@@ -270,41 +296,19 @@ def load_beir(folder: str | Path, split: str = "test", *, name: str | None = Non
             split=split,
             available=splits,
         )
-    corpus = _read_unique_corpus(paths["corpus"])
+    index = corpus_index(paths["corpus"])  # one pass, cached: documents are read when needed
+    corpus = LazyCorpus(index)
     queries = _read_unique_queries(paths["queries"])
     qrels = read_qrels(paths["qrels"])
     warnings: list[str] = []
     queries, qrels = _match_qrels(paths, corpus, queries, qrels, warnings)
-    empty_docs = [d.id for d in corpus if not d.title.strip() and not d.text.strip()]
-    if empty_docs:
+    if index.empty:
         warnings.append(
-            f"{len(empty_docs)} documents in {short_path(paths['corpus'])} have no title and no text "
-            f"(e.g. {', '.join(empty_docs[:_EXAMPLES])}); they are kept and encoded as empty passages."
+            f"{index.empty} documents in {short_path(paths['corpus'])} have no title and no text "
+            f"(e.g. {', '.join(index.empty_examples)}); they are kept and encoded as empty passages."
         )
-    hashes = {kind: sha256_file(p) for kind, p in paths.items()}
+    hashes = {"corpus": index.sha256, **{kind: sha256_file(paths[kind]) for kind in ("queries", "qrels")}}
     return BeirDataset(name or folder.resolve().name, split, corpus, queries, qrels, folder, tuple(warnings), hashes)
-
-
-def _read_unique_corpus(path: Path) -> tuple[Document, ...]:
-    seen: dict[str, int] = {}
-    docs: list[Document] = []
-    for number, row in iter_jsonl(path):
-        if "_id" not in row:
-            raise DataError(f"{short_path(path)}, line {number}: no '_id' field.", path=path, line=number)
-        doc_id = str(row["_id"])
-        if doc_id in seen:
-            raise DataError(
-                f"{short_path(path)}, line {number}: duplicate document id {doc_id!r} (first at line {seen[doc_id]}).",
-                hint="Document ids must be unique: remove or rename the duplicate.",
-                path=path,
-                line=number,
-                doc_id=doc_id,
-            )
-        seen[doc_id] = number
-        docs.append(Document(doc_id, str(row.get("title") or ""), str(row.get("text") or "")))
-    if not docs:
-        raise DataError(f"{short_path(path)} holds no documents.", path=path, line=None)
-    return tuple(docs)
 
 
 def _read_unique_queries(path: Path) -> dict[str, str]:
@@ -329,7 +333,7 @@ def _read_unique_queries(path: Path) -> dict[str, str]:
 
 def _match_qrels(
     paths: dict[str, Path],
-    corpus: tuple[Document, ...],
+    corpus: LazyCorpus,
     queries: dict[str, str],
     qrels: dict[str, dict[str, int]],
     warnings: list[str],
@@ -355,9 +359,8 @@ def _match_qrels(
             f"they are left out."
         )
     qrels = {q: judged for q, judged in qrels.items() if q in queries}
-    doc_ids = {d.id for d in corpus}
     judged_docs = {d for judged in qrels.values() for d in judged}
-    unknown_docs = sorted(judged_docs - doc_ids)
+    unknown_docs = sorted(judged_docs - corpus.has_ids(judged_docs))
     if len(unknown_docs) == len(judged_docs):
         raise DataError(
             f"None of the {len(judged_docs)} document ids in {qrels_name} matches a document in "

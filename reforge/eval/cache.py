@@ -1,28 +1,43 @@
-"""On-disk cache of embeddings, keyed by model content, text content and encoding settings.
+"""On-disk cache of embeddings in fixed-size shards, keyed by model content, text content and encoding settings.
 
 Layout under ``$REFORGE_HOME/cache/embeddings`` (``REFORGE_HOME`` defaults to ``~/.cache/reforge``)::
 
-    <key>.npy                      float32 (n, dim), rows in text order
-    <key>.json                     what the key stands for (model, dataset, settings), for people and `reforge` itself
-    <key>.shard-<r>-of-<w>.npz     one rank's part of a distributed encode (``indices`` + ``vectors``), merged by rank 0
+    <key>/meta.json            what the key stands for (model, dataset, settings, rows, shard size, dtype)
+    <key>/00000.ids.json       the document ids of shard 0, in row order
+    <key>/00000.npy            shard 0: rows [0, shard_docs) as a plain (rows, dim) array, memory-mappable
 
-Every file is written to a temporary name in the same folder and renamed into place, so a reader never sees half a
-file and an interrupted run leaves no corrupt entry. Delete the folder at any time to clear the cache.
+Shard ``s`` holds rows ``[s * shard_docs, (s + 1) * shard_docs)`` of the text order, whatever the number of ranks
+that wrote it, so an entry written by 8 GPUs is read by 1 and an interrupted encode resumes at the first missing
+shard. float16 and float32 shards are ordinary ``.npy`` files; numpy has no bfloat16, so bfloat16 shards hold the
+upper 16 bits of each float32 (round to nearest even) as ``uint16`` and `Shard.block` widens them back (exact:
+bfloat16 is float32 with the low 16 bits dropped).
+
+Every file is written to a temporary name in the same folder and renamed into place (the vectors last, so a shard
+exists only when whole); a missing, truncated or wrong-shaped shard counts as not there and is encoded again.
+Entries of the first format (``<key>.npy``, one float32 array) are converted on first use. Delete the folder at any
+time to clear the cache.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-CACHE_FORMAT = 1
+from reforge.errors import DiskFullError, InvalidOptionError, ShardNotFoundError
+from reforge.io.atomic import write_atomic
+
+CACHE_FORMAT = 2
+EMBEDDING_DTYPES = ("float16", "bfloat16", "float32")
+DEFAULT_SHARD_DOCS = 65_536  # 512 MiB at 4096 dims in float16, 96 MiB at 768
+FLOAT16_MAX = 65504.0
+_STORED = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 
 
 def reforge_home() -> Path:
@@ -32,15 +47,23 @@ def reforge_home() -> Path:
     return Path(env_home()).expanduser()
 
 
-def embedding_key(*, model_fingerprint: str, texts_hash: str, settings: dict[str, Any]) -> str:
+def default_embedding_dtype(dim: int) -> str:
+    """float16 from 1024 dimensions up (halves disk and the bytes every search scans; nDCG@10 moves by < 0.001,
+    see docs/eval.md), float32 below, where a corpus is small enough that exact vectors cost little."""
+    return "float16" if dim >= 1024 else "float32"
+
+
+def embedding_key(
+    *, model_fingerprint: str, texts_hash: str, settings: dict[str, Any], version: int = CACHE_FORMAT
+) -> str:
     """The cache key: SHA-256 of the model fingerprint, the texts' hash and the settings that change vectors."""
     payload = json.dumps(
-        {"format": CACHE_FORMAT, "model": model_fingerprint, "texts": texts_hash, "settings": settings}, sort_keys=True
+        {"format": version, "model": model_fingerprint, "texts": texts_hash, "settings": settings}, sort_keys=True
     )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def texts_hash(texts: list[str]) -> str:
+def texts_hash(texts: Sequence[str]) -> str:
     """SHA-256 over a list of texts (length-prefixed, so boundaries count)."""
     digest = hashlib.sha256()
     for text in texts:
@@ -50,86 +73,259 @@ def texts_hash(texts: list[str]) -> str:
     return digest.hexdigest()
 
 
+def to_stored(vectors: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 vectors in the on-disk representation of ``dtype`` (bfloat16: uint16 upper halves, rounded).
+
+    Raises:
+        InvalidOptionError: float16 was asked for vectors beyond its range (±65504).
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if dtype == "float32":
+        return vectors
+    if dtype == "float16":
+        if vectors.size and float(np.abs(vectors).max()) > FLOAT16_MAX:
+            raise InvalidOptionError(
+                f"Embeddings reach {float(np.abs(vectors).max()):.3g}, beyond float16's range (±65504).",
+                hint="Pass --embedding-dtype bfloat16 or float32.",
+                option="--embedding-dtype",
+            )
+        return vectors.astype(np.float16)
+    bits = vectors.view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def from_stored(array: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 rows from a stored block (`to_stored`'s inverse, exact for every dtype)."""
+    if dtype == "bfloat16":
+        return (np.asarray(array, dtype=np.uint32) << np.uint32(16)).view(np.float32)
+    if dtype == "float16" and array.size >= 2**20:  # torch widens on every core: ~5x numpy's one-thread cast
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():  # a read-only memory map: torch only reads it here
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(np.ascontiguousarray(array)).float().numpy()
+    return np.asarray(array, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One stored shard: rows ``[start, start + rows)`` of the entry, memory-mapped on demand."""
+
+    path: Path
+    start: int
+    rows: int
+    dtype: str
+    held: np.ndarray | None = field(default=None, repr=False, compare=False)  # a `MemoryEntry`'s shard
+
+    def array(self) -> np.ndarray:
+        """The stored array, memory-mapped read-only (bfloat16 shards come back as uint16)."""
+        return self.held if self.held is not None else np.load(self.path, mmap_mode="r")
+
+    def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, float32 block)`` pieces of at most ``block_rows`` rows: at most one block is in memory."""
+        array = self.array()
+        for at in range(0, self.rows, block_rows):
+            yield self.start + at, from_stored(array[at : at + block_rows], self.dtype)
+
+    def ids(self) -> list[str]:
+        """The document ids of this shard's rows."""
+        return json.loads(self.path.with_name(self.path.name.replace(".npy", ".ids.json")).read_text())
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cache entry: ``rows`` vectors in shards of ``shard_docs`` rows stored as ``dtype``."""
+
+    folder: Path
+    rows: int
+    shard_docs: int
+    dtype: str
+
+    @property
+    def shard_count(self) -> int:
+        """Number of shards the entry has when complete."""
+        return max(1, -(-self.rows // self.shard_docs))
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        """``(first row, row count)`` of shard ``index``."""
+        start = index * self.shard_docs
+        return start, max(0, min(self.shard_docs, self.rows - start))
+
+    def shard_path(self, index: int) -> Path:
+        """Where shard ``index``'s vectors live (its ids are beside it, ``.ids.json``)."""
+        return self.folder / f"{index:05d}.npy"
+
+    def shard(self, index: int, dim: int | None = None) -> Shard | None:
+        """Shard ``index`` if it is on disk and whole (right shape, dtype and file size, ids beside), else None."""
+        path = self.shard_path(index)
+        start, rows = self.bounds(index)
+        if self.dtype not in _STORED:  # "auto": no shard written yet
+            return None
+        try:
+            array = np.load(path, mmap_mode="r")
+            ids_ok = path.with_name(f"{index:05d}.ids.json").is_file()
+        except (OSError, ValueError):
+            return None
+        expected = np.dtype(_STORED[self.dtype])
+        ok = (
+            ids_ok
+            and array.ndim == 2
+            and array.shape[0] == rows
+            and array.dtype == expected
+            and (dim is None or array.shape[1] == dim)
+        )
+        return Shard(path, start, rows, self.dtype) if ok else None
+
+    def shard_ids(self, index: int) -> list[str] | None:
+        """The ids stored beside shard ``index`` (None when they are not here or not the right count)."""
+        try:
+            ids = json.loads((self.folder / f"{index:05d}.ids.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return ids if isinstance(ids, list) and len(ids) == self.bounds(index)[1] else None
+
+    def missing(self, indices: Sequence[int] | None = None) -> list[int]:
+        """The shards among ``indices`` (default: all) that are not on disk whole, in order."""
+        wanted = range(self.shard_count) if indices is None else indices
+        dim = self.dim()
+        return [i for i in wanted if self.shard(i, dim) is None]
+
+    def dim(self) -> int | None:
+        """Vector width, from the first whole shard on disk (None when there is none)."""
+        for index in range(self.shard_count):
+            try:
+                array = np.load(self.shard_path(index), mmap_mode="r")
+            except (OSError, ValueError):
+                continue
+            if array.ndim == 2:
+                return int(array.shape[1])
+        return None
+
+    def shards(self, indices: Sequence[int] | None = None) -> list[Shard]:
+        """The shards among ``indices`` (default: all), each checked whole.
+
+        Raises:
+            ShardNotFoundError: one is missing or damaged (encode them first; `missing` lists them).
+        """
+        wanted = range(self.shard_count) if indices is None else indices
+        dim = self.dim()
+        found = []
+        for index in wanted:
+            shard = self.shard(index, dim)
+            if shard is None:
+                raise ShardNotFoundError(
+                    f"Embedding shard {self.shard_path(index)} is missing or damaged.",
+                    hint="Run the evaluation again: missing shards are re-encoded.",
+                    path=self.shard_path(index),
+                    index=self.folder / "meta.json",
+                )
+            found.append(shard)
+        return found
+
+    def write_shard(self, index: int, vectors: np.ndarray, ids: Sequence[str]) -> Path:
+        """Store shard ``index`` (float32 ``vectors`` converted to the entry's dtype, and its ids) atomically.
+
+        Raises:
+            DiskFullError: the disk filled up (nothing is left under a final name; earlier shards stay).
+        """
+        start, rows = self.bounds(index)
+        if vectors.shape[0] != rows or len(ids) != rows:
+            raise ValueError(f"shard {index} needs {rows} rows, got {vectors.shape[0]} vectors and {len(ids)} ids")
+        stored = to_stored(vectors, self.dtype)
+        path = self.shard_path(index)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(path.with_name(f"{index:05d}.ids.json"), lambda f: f.write(json.dumps(list(ids)).encode()))
+            write_atomic(path, lambda f: np.save(f, stored))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise DiskFullError(
+                f"The disk filled up while writing embedding shard {path} ({stored.nbytes} bytes).",
+                hint="Free space, or point --cache-dir at a larger disk; finished shards are kept and reused.",
+                path=path,
+                needed=stored.nbytes,
+                free=None,
+            ) from e
+        return path
+
+
+@dataclass(frozen=True)
+class MemoryEntry(Entry):
+    """An entry whose shards stay in memory (``--no-cache``, in-memory models): the same interface, nothing is
+    written, and memory grows with the corpus (use the cache for large corpora)."""
+
+    held: dict[int, tuple[np.ndarray, list[str]]] = field(default_factory=dict, repr=False, compare=False)
+
+    def shard(self, index: int, dim: int | None = None) -> Shard | None:
+        """Shard ``index`` if it was written in this process."""
+        if index not in self.held:
+            return None
+        start, rows = self.bounds(index)
+        return Shard(self.folder / f"{index:05d}", start, rows, self.dtype, self.held[index][0])
+
+    def dim(self) -> int | None:
+        """Vector width, from the first shard held."""
+        return next((int(array.shape[1]) for array, _ in self.held.values()), None)
+
+    def shard_ids(self, index: int) -> list[str] | None:
+        """The ids of shard ``index`` (None when it is not held)."""
+        return self.held[index][1] if index in self.held else None
+
+    def write_shard(self, index: int, vectors: np.ndarray, ids: Sequence[str]) -> Path:
+        """Keep shard ``index`` (converted to the entry's dtype) in memory."""
+        rows = self.bounds(index)[1]
+        if vectors.shape[0] != rows or len(ids) != rows:
+            raise ValueError(f"shard {index} needs {rows} rows, got {vectors.shape[0]} vectors and {len(ids)} ids")
+        self.held[index] = (to_stored(vectors, self.dtype), list(ids))
+        return self.folder / f"{index:05d}"
+
+
 class EmbeddingCache:
-    """Embedding arrays in one folder (default: ``reforge_home() / "cache" / "embeddings"``)."""
+    """Sharded embedding entries in one folder (default: ``reforge_home() / "cache" / "embeddings"``)."""
 
     def __init__(self, folder: str | Path | None = None) -> None:
         self.folder = Path(folder) if folder is not None else reforge_home() / "cache" / "embeddings"
 
-    def path(self, key: str) -> Path:
-        """Where the array for ``key`` lives."""
-        return self.folder / f"{key}.npy"
+    def entry(self, key: str, rows: int, *, shard_docs: int = DEFAULT_SHARD_DOCS, dtype: str = "float32") -> Entry:
+        """The entry for ``key`` (its shards may or may not be on disk yet)."""
+        if dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"embedding dtype {dtype!r} is not one of {', '.join(EMBEDDING_DTYPES)}")
+        return Entry(self.folder / key, rows, max(1, shard_docs), dtype)
 
-    def load(self, key: str, rows: int) -> np.ndarray | None:
-        """The cached array, memory-mapped read-only, or None when absent, damaged or not ``rows`` long (then the
-        caller re-encodes and replaces it). Only the header is read here."""
-        path = self.path(key)
-        if not path.is_file():
-            return None
+    def describe(self, entry: Entry, meta: dict[str, Any]) -> None:
+        """Write ``meta.json`` beside the shards (what the key stands for, for people)."""
+        entry.folder.mkdir(parents=True, exist_ok=True)
+        facts = {
+            **meta,
+            "rows": entry.rows,
+            "shard_docs": entry.shard_docs,
+            "dtype": entry.dtype,
+            "format": CACHE_FORMAT,
+        }
+        write_atomic(entry.folder / "meta.json", lambda f: f.write(json.dumps(facts, indent=2).encode()))
+
+    def legacy(self, key: str, rows: int) -> np.ndarray | None:
+        """A first-format entry (``<key>.npy``, float32), memory-mapped, or None when absent or not ``rows`` long."""
+        path = self.folder / f"{key}.npy"
         try:
             array = np.load(path, mmap_mode="r")
         except (OSError, ValueError):
             return None
-        ok = array.ndim == 2 and array.shape[0] == rows and array.dtype == np.float32
-        return array if ok else None
+        return array if array.ndim == 2 and array.shape[0] == rows and array.dtype == np.float32 else None
 
-    def save(self, key: str, array: np.ndarray, meta: dict[str, Any]) -> Path:
-        """Store ``array`` (and ``meta`` as JSON) atomically; returns the array's path."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.folder / f"{key}.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
-        _atomic_write(self.path(key), lambda f: np.save(f, np.ascontiguousarray(array, dtype=np.float32)))
-        return self.path(key)
+    def load(self, entry: Entry) -> np.ndarray | None:
+        """Every row of a complete entry as one float32 array (for small entries such as queries), else None."""
+        if entry.missing():
+            return None
+        return np.concatenate([from_stored(s.array(), s.dtype) for s in entry.shards()])
 
-    def shard_path(self, key: str, rank: int, world_size: int) -> Path:
-        """Where rank ``rank`` of ``world_size`` leaves its part of a distributed encode."""
-        return self.folder / f"{key}.shard-{rank}-of-{world_size}.npz"
-
-    def save_shard(self, key: str, rank: int, world_size: int, indices: list[int], vectors: np.ndarray) -> Path:
-        """Store one rank's rows (with their indices) atomically."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.shard_path(key, rank, world_size)
-        _atomic_write(
-            path,
-            lambda f: np.savez(
-                f, indices=np.asarray(indices, dtype=np.int64), vectors=np.asarray(vectors, dtype=np.float32)
-            ),
-        )
-        return path
-
-    def merge_shards(self, key: str, world_size: int, rows: int, meta: dict[str, Any]) -> np.ndarray:
-        """Assemble the shards of all ranks into the full array, save it, and delete the shards.
-
-        Raises:
-            FileNotFoundError: a rank's shard is missing.
-            ValueError: the shards do not cover every row exactly once.
-        """
-        parts = [np.load(self.shard_path(key, r, world_size)) for r in range(world_size)]
-        dim = next((p["vectors"].shape[1] for p in parts if p["vectors"].size), 0)
-        array = np.empty((rows, dim), dtype=np.float32)
-        seen = np.zeros(rows, dtype=bool)
-        for part in parts:
-            indices = part["indices"]
-            if seen[indices].any():
-                raise ValueError(f"shards of {key} overlap")
-            seen[indices] = True
-            array[indices] = part["vectors"]
-        if not seen.all():
-            raise ValueError(f"shards of {key} miss {int((~seen).sum())} rows")
-        self.save(key, array, meta)
-        for r in range(world_size):
-            self.shard_path(key, r, world_size).unlink(missing_ok=True)
-        return array
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    def save(self, entry: Entry, vectors: np.ndarray, ids: Sequence[str], meta: dict[str, Any]) -> None:
+        """Store all rows of ``entry`` (shard by shard) and its ``meta.json``."""
+        self.describe(entry, meta)
+        for index in range(entry.shard_count):
+            start, rows = entry.bounds(index)
+            entry.write_shard(index, vectors[start : start + rows], ids[start : start + rows])

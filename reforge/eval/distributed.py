@@ -1,14 +1,20 @@
 """Ranks for a corpus encode split across processes started by ``torchrun`` or ``accelerate launch``.
 
-Both launchers set ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; with ``WORLD_SIZE`` > 1 every rank encodes a shard
-of each corpus into the cache (see `reforge.eval.encode.shard_indices`), and rank 0 merges the shards, encodes the
-queries, searches and scores. Ranks meet at a barrier after each corpus.
+Both launchers set ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``. With ``WORLD_SIZE`` > 1, rank ``r`` owns the cache
+shards ``r, r + WORLD_SIZE, ...`` of each corpus (`owned_shards`): it encodes the missing ones, searches them for every
+query, and only each query's top-k (row numbers and scores, `all_gather_topk`) crosses ranks. Rank 0 scores and
+reports. Before encoding, the ranks compare what they read (`agree`) and stop if they differ.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from reforge.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -62,3 +68,45 @@ class Ranks:
         import torch.distributed as dist
 
         dist.barrier()
+
+    def owned_shards(self, shard_count: int) -> list[int]:
+        """The cache shards this rank encodes and searches: every ``world_size``-th, starting at ``rank``."""
+        return list(range(self.rank, shard_count, self.world_size))
+
+    def agree(self, what: str, value: Any) -> None:
+        """Stop unless every rank holds the same ``value`` (e.g. a corpus hash), before any work starts.
+
+        Raises:
+            DataError: on every rank, naming the ranks that differ from rank 0.
+        """
+        if self.world_size <= 1:
+            return
+        import torch.distributed as dist
+
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        differ = [r for r, v in enumerate(values) if v != values[0]]
+        if differ:
+            raise DataError(
+                f"Ranks disagree on {what}: rank 0 has {values[0]!r}, rank {differ[0]} has {values[differ[0]]!r} "
+                f"({len(differ)} of {self.world_size} ranks differ).",
+                hint="Give every rank the same files (a shared folder, or identical copies).",
+                path=None,
+                line=None,
+            )
+
+    def all_gather_topk(self, scores: np.ndarray, rows: np.ndarray, device: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every rank's ``(scores, rows)`` top-k table (same shape on all ranks), in rank order."""
+        if self.world_size <= 1:
+            return [(scores, rows)]
+        import torch
+        import torch.distributed as dist
+
+        where = device if device.startswith("cuda") else "cpu"  # NCCL gathers GPU tensors, gloo CPU ones
+        mine = [torch.from_numpy(np.ascontiguousarray(a)).to(where) for a in (scores, rows)]
+        gathered = []
+        for tensor in mine:
+            parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+            dist.all_gather(parts, tensor)
+            gathered.append([p.cpu().numpy() for p in parts])
+        return list(zip(gathered[0], gathered[1]))

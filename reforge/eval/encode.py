@@ -7,18 +7,18 @@ across ranks so every rank gets a similar amount of work.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from reforge.data.clip import clip_texts, token_counter
 from reforge.eval.model import Retriever
 from reforge.eval.pooling import pool
+from reforge.io.progress import ProgressFn
 from reforge.profiles import EncodingProfile
 
 __all__ = ["encode", "length_order", "passages", "pool", "shard_indices"]
-
-ProgressFn = Callable[[int, "int | None"], None]
 
 
 def passages(documents: Sequence[Any], profile: EncodingProfile) -> list[str]:
@@ -52,6 +52,7 @@ def encode(
     profile: EncodingProfile,
     *,
     batch_size: int = 32,
+    max_batch_tokens: int | None = None,
     device: str | None = None,
     progress: ProgressFn | None = None,
 ) -> np.ndarray:
@@ -61,7 +62,10 @@ def encode(
         retriever: the loaded model and tokenizer.
         texts: full texts to encode, in the order wanted back.
         profile: pooling, max length, EOS, lower-casing and normalization.
-        batch_size: texts per forward pass.
+        batch_size: texts per forward pass, when batches are not sized by tokens.
+        max_batch_tokens: size batches by tokens instead: as many texts (in length order, at least one) as fit
+            this many padded positions. Default: ``batch_size * 512`` on a GPU, where short texts then go many
+            to a batch; None on CPU (``batch_size`` texts).
         device: where the inputs go (default: the model's device).
         progress: called as ``progress(done, total)`` after each batch.
     """
@@ -71,37 +75,64 @@ def encode(
     device = device or str(next(model.parameters()).device)
     if not texts:
         return np.zeros((0, _hidden_size(model)), dtype=np.float32)
+    cuda = torch.device(device).type == "cuda"
+    if max_batch_tokens is None and cuda:
+        max_batch_tokens = batch_size * 512
     order = length_order(texts)
     out: np.ndarray | None = None
-    total = len(texts)
+    total, done = len(texts), 0
     if progress:
         progress(0, total)
+    window = batch_size * 32  # texts tokenized at a time, ahead of the batches cut from them
     with torch.inference_mode():
-        for start in range(0, total, batch_size):
-            batch = order[start : start + batch_size]
-            inputs = _tokenize(tokenizer, [texts[i] for i in batch], profile, model)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            hidden = model(**inputs).last_hidden_state
-            vectors = retriever.finish(pool(hidden, inputs["attention_mask"], profile.pooling, False), profile)
-            if out is None:
-                out = np.empty((total, vectors.shape[1]), dtype=np.float32)
-            out[batch] = vectors.cpu().numpy()
-            if progress:
-                progress(min(start + batch_size, total), total)
+        for start in range(0, total, window):
+            chosen = order[start : start + window]
+            ids, token_types = _token_ids(tokenizer, [texts[i] for i in chosen], profile, model)
+            for batch in _cut(len(chosen), [len(row) for row in ids], batch_size, max_batch_tokens):
+                inputs = _pad([ids[j] for j in batch], tokenizer, profile, token_types)
+                inputs = {
+                    k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device))
+                    for k, v in inputs.items()
+                }
+                hidden = model(**inputs).last_hidden_state
+                vectors = retriever.finish(pool(hidden, inputs["attention_mask"], profile.pooling, False), profile)
+                if out is None:
+                    out = np.empty((total, vectors.shape[1]), dtype=np.float32)
+                out[[chosen[j] for j in batch]] = vectors.float().cpu().numpy()
+                done += len(batch)
+                if progress:
+                    progress(done, total)
     assert out is not None
     return out
 
 
-def _tokenize(tokenizer: Any, texts: list[str], profile: EncodingProfile, model: Any) -> dict[str, Any]:
-    """Token ids truncated to ``max_length`` (EOS appended after truncation if the profile says so), padded on the
-    profile's side."""
-    import torch
+def _cut(count: int, lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
+    """Consecutive batches of ``range(count)``: ``batch_size`` each, or as many as fit ``max_batch_tokens`` padded
+    positions (texts x the longest, at least one text)."""
+    if max_batch_tokens is None:
+        return [list(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
+    batches: list[list[int]] = []
+    longest = 0
+    for j in range(count):
+        width = max(1, lengths[j])
+        if batches and max(longest, width) * (len(batches[-1]) + 1) <= max_batch_tokens:
+            batches[-1].append(j)
+            longest = max(longest, width)
+        else:
+            batches.append([j])
+            longest = width
+    return batches
 
+
+def _token_ids(tokenizer: Any, texts: list[str], profile: EncodingProfile, model: Any) -> tuple[list[list[int]], bool]:
+    """Token ids truncated to ``max_length`` (EOS appended after truncation if the profile says so), unpadded; and
+    whether the model takes (all-zero) token type ids."""
     if profile.lowercase:
         texts = [t.lower() for t in texts]
     # max_length counts the EOS: room for it, unless the tokenizer appends it itself (its post-processor, as
     # Qwen3-Embedding's and a merged folder's sentence-transformers tokenizer do; truncation then leaves room)
     limit = profile.max_length - 1 if profile.append_eos and not _appends_eos(tokenizer) else profile.max_length
+    texts = clip_texts(texts, limit, token_counter(tokenizer))  # a huge document costs what is kept
     encoded = tokenizer(texts, truncation=True, max_length=limit, padding=False, add_special_tokens=True)
     ids = [list(row) for row in encoded["input_ids"]]
     eos = tokenizer.eos_token_id
@@ -109,6 +140,14 @@ def _tokenize(tokenizer: Any, texts: list[str], profile: EncodingProfile, model:
         if eos is None:
             raise ValueError("the profile appends EOS but the tokenizer has no eos_token_id")
         ids = [row if row and row[-1] == eos else row + [eos] for row in ids]
+    return ids, "token_type_ids" in encoded and _accepts_token_types(model)
+
+
+def _pad(ids: list[list[int]], tokenizer: Any, profile: EncodingProfile, token_types: bool) -> dict[str, Any]:
+    """Rows padded on the profile's side, with their attention mask."""
+    import torch
+
+    eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     width = max(1, max(len(row) for row in ids))
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -120,9 +159,16 @@ def _tokenize(tokenizer: Any, texts: list[str], profile: EncodingProfile, model:
         input_ids[i, span] = torch.tensor(row, dtype=torch.long)
         mask[i, span] = 1
     inputs = {"input_ids": input_ids, "attention_mask": mask}
-    if "token_type_ids" in encoded and _accepts_token_types(model):
+    if token_types:
         inputs["token_type_ids"] = torch.zeros_like(input_ids)
     return inputs
+
+
+def _tokenize(tokenizer: Any, texts: list[str], profile: EncodingProfile, model: Any) -> dict[str, Any]:
+    """Token ids truncated to ``max_length`` (EOS appended after truncation if the profile says so), padded on the
+    profile's side."""
+    ids, token_types = _token_ids(tokenizer, texts, profile, model)
+    return _pad(ids, tokenizer, profile, token_types)
 
 
 def _appends_eos(tokenizer: Any) -> bool:

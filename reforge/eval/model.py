@@ -100,7 +100,8 @@ class ModelSource:
 
         from reforge.eval.pooling import load_modules
 
-        remote = {"trust_remote_code": True} if self.trust_remote_code else {}
+        # without trust, transformers' own class is used explicitly (a config's auto_map is then ignored)
+        remote = {"trust_remote_code": bool(self.trust_remote_code)}
         if self.base_path is not None:
             model = _load_adapter_merged(
                 self.path, self.base_path, dtype=dtype, allow_pickle=allow_pickle, remote=remote
@@ -138,6 +139,7 @@ def resolve_model(
     pooling: str | None = None,
     tokenizer: str | Path | None = None,
     trust_remote_code: bool = False,
+    builtin_class: bool = False,
 ) -> ModelSource:
     """Find a model (local folder or Hub id), fingerprint it and pick its encoding profile; load no weights.
 
@@ -150,6 +152,8 @@ def resolve_model(
         profile, pooling: see `detect_profile`.
         tokenizer: a folder with the tokenizer files, for a model folder that has none.
         trust_remote_code: allow a model whose config asks for its own code (``auto_map``); refused otherwise.
+        builtin_class: load such a model with transformers' own class instead, running no code of the model's (for
+            `verify`, which compares two models' weights and never needs the model's code).
 
     Raises:
         CheckpointNotFoundError: the folder does not exist (or the Hub id cannot be fetched).
@@ -175,7 +179,7 @@ def resolve_model(
         fingerprint = hashlib.sha256(f"{fingerprint}+{_fingerprint(base_path)}".encode()).hexdigest()
     weights_dir = base_path or transformer_dir(path)
     _check_pickle(weights_dir, allow_pickle)
-    _check_remote_code(weights_dir, trust_remote_code)
+    _check_remote_code(weights_dir, trust_remote_code or builtin_class)
     shown = name or (Path(str(ref)).name if Path(str(ref)).exists() else str(ref))
     chosen = detect_profile(path, name=str(ref), base_dir=base_path, profile=profile, pooling=pooling)
     tokenizer_dir = Path(tokenizer) if tokenizer is not None else _tokenizer_dir(path, base_path, str(ref))
@@ -316,9 +320,9 @@ def _load_adapter_merged(adapter: Path, base: Path, *, dtype: Any, allow_pickle:
 def _adapter_state(adapter: Path, *, allow_pickle: bool) -> dict[str, Any]:
     safetensors_file = adapter / "adapter_model.safetensors"
     if safetensors_file.is_file():
-        from safetensors.torch import load_file
+        from reforge.io.tensors import load_tensors
 
-        return load_file(str(safetensors_file))
+        return load_tensors(safetensors_file)
     pickle_file = adapter / "adapter_model.bin"
     if pickle_file.is_file():
         if not allow_pickle:
@@ -327,9 +331,9 @@ def _adapter_state(adapter: Path, *, allow_pickle: bool) -> dict[str, Any]:
                 hint="Pass --allow-pickle to load it with torch.load(weights_only=True).",
                 path=pickle_file,
             )
-        import torch
+        from reforge.io.tensors import load_tensors
 
-        return torch.load(pickle_file, map_location="cpu", weights_only=True)
+        return load_tensors(pickle_file)  # weights_only=True
     raise AdapterError(
         f"{short_path(adapter)} has adapter_config.json but no adapter_model.safetensors or .bin.",
         hint="Copy the adapter weights next to its config.",

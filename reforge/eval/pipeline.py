@@ -7,23 +7,33 @@ import gc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from reforge import __version__
-from reforge.data.beir import BeirDataset, load_beir
+from reforge.data.beir import BeirDataset, load_beir, sample_dataset, sample_record
 from reforge.errors import InvalidOptionError
-from reforge.eval.cache import EmbeddingCache, embedding_key, texts_hash
+from reforge.eval.cache import (
+    DEFAULT_SHARD_DOCS,
+    EMBEDDING_DTYPES,
+    EmbeddingCache,
+    Entry,
+    MemoryEntry,
+    default_embedding_dtype,
+    embedding_key,
+    texts_hash,
+)
 from reforge.eval.distributed import Ranks
-from reforge.eval.encode import encode, passages, shard_indices
+from reforge.eval.encode import encode, passages
 from reforge.eval.metrics import AVERAGING, paired_test, parse_measures, score_run
 from reforge.eval.model import ModelSource, Retriever, resolve_model
-from reforge.profiles import EncodingProfile, apply_overrides
 from reforge.eval.report import Comparison, DatasetInfo, EvalReport, ModelInfo, Result
-from reforge.eval.search import search
+from reforge.eval.search import block_rows_for, search_blocks, to_run
+from reforge.io.progress import ProgressFn
+from reforge.profiles import EncodingProfile, apply_overrides
 
-ProgressFn = Callable[[int, "int | None"], None]
 StageFn = Callable[[str], None]
 
 
@@ -34,6 +44,10 @@ class EvalSettings:
     Profile overrides (``profile``, ``pooling``, ``query_prefix``, ``passage_prefix``, ``task``, ``max_length``,
     ``normalize``) apply to every model. ``batch_size`` None = 32 on CPU, 64 on GPU. ``dtype`` None = float32 on
     CPU, bfloat16 on a GPU that supports it (else float16). ``cache_dir`` None = ``$REFORGE_HOME/cache/embeddings``.
+    ``embedding_dtype`` is how corpus vectors are stored and searched (None = float16 from 1024 dimensions up, else
+    float32, `reforge.eval.cache.default_embedding_dtype`); ``shard_docs`` documents per cache shard.
+    ``max_queries`` / ``corpus_sample``: score a sample of each dataset drawn with ``seed``
+    (`reforge.data.beir.sample_dataset`); the report's datasets record it.
     """
 
     split: str = "test"
@@ -54,6 +68,10 @@ class EvalSettings:
     base: str | None = None
     cache: bool = True
     cache_dir: str | None = None
+    embedding_dtype: str | None = None
+    shard_docs: int = DEFAULT_SHARD_DOCS
+    max_queries: int | None = None
+    corpus_sample: int | None = None
     query_chunk_size: int = 1024
     permutations: int = 10_000
     seed: int = 0
@@ -83,9 +101,17 @@ class EvalSettings:
             ("--top-k", self.top_k),
             ("--batch-size", self.batch_size or 1),
             ("--permutations", self.permutations),
+            ("--shard-docs", self.shard_docs),
+            ("--max-queries", self.max_queries or 1),
+            ("--corpus-sample", self.corpus_sample or 1),
         ):
             if value < 1:
                 raise InvalidOptionError(f"{option} must be at least 1, got {value}.", option=option)
+        if self.embedding_dtype not in (None, "auto", *EMBEDDING_DTYPES):
+            raise InvalidOptionError(
+                f"--embedding-dtype {self.embedding_dtype!r} is not one of {', '.join(EMBEDDING_DTYPES)}.",
+                option="--embedding-dtype",
+            )
         if not self.measures:
             raise InvalidOptionError("No metric given.", hint="Pass --metric nDCG@10.", option="--metric")
 
@@ -108,27 +134,28 @@ def evaluate(
         stage: called with a short description whenever a new step starts ("Encoding scifact corpus ...").
 
     Returns:
-        An `EvalReport`; None on ranks other than 0 of a distributed run (they only encode corpus shards).
+        An `EvalReport`; None on ranks other than 0 of a distributed run (they encode and search their shards).
 
     Raises:
         DataError, CheckpointNotFoundError, AdapterError, PoolingUndeterminedError, InvalidOptionError: before any
-            encoding starts, for bad data, models or options.
+            encoding starts, for bad data, models or options (and when ranks read different corpora).
 
     Example:
         >>> report = evaluate(["all-MiniLM-L6-v2"], ["scifact"])  # doctest: +SKIP
         >>> round(report.score("all-MiniLM-L6-v2", "scifact"), 3)  # doctest: +SKIP
         0.645
     """
-    import torch
-
     settings = settings or EvalSettings()
     settings.check()
     ranks = Ranks.from_env()
     device = ranks.device(settings.device)
     ranks.start(device)
     measures = parse_measures(settings.measures)
-    data = [d if isinstance(d, BeirDataset) else load_beir(d, settings.split) for d in datasets]
+    full = [d if isinstance(d, BeirDataset) else load_beir(d, settings.split) for d in datasets]
+    data = [_sample(d, settings) for d in full]
     _check_unique([d.name for d in data], "dataset")
+    for dataset in data:  # every rank must read the same corpus: shard s means the same rows everywhere
+        ranks.agree(f"the corpus of {dataset.name}", (len(dataset.corpus), dataset.corpus_hash))
     sources = _distinct_names([_source(m, settings) for m in models])
     profiles = [apply_overrides(_profile(s), **settings.overrides()) for s in sources]
     for profile in profiles:
@@ -136,28 +163,28 @@ def evaluate(
             profile.query_prefix_for(dataset.name)  # fail now, not after an hour of encoding
     dtype = _dtype(settings.dtype, device)
     batch_size = settings.batch_size or (32 if device == "cpu" else 64)
-    cache = EmbeddingCache(settings.cache_dir) if settings.cache else None
     results = []
+    cache = EmbeddingCache(settings.cache_dir) if settings.cache else None
     for source, profile in zip(sources, profiles):
         loader = _Loader(source, device=device, dtype=dtype, allow_pickle=settings.allow_pickle)
-        for dataset in data:
-            run_context = _Context(
-                loader, profile, dataset, cache, batch_size, device, str(dtype), ranks, progress, stage
+        contexts = [
+            _Context(loader, profile, d, cache, settings, batch_size, device, str(dtype), ranks, progress, stage)
+            for d in data
+        ]
+        encoded = [(ctx, *_corpus_entry(ctx), *_query_vectors(ctx)) for ctx in contexts]
+        _free(loader)  # the search needs no model: the GPU holds one or the other
+        for ctx, entry, encode_seconds, cached, query_ids, query_vectors, query_seconds in encoded:
+            result = _search_and_score(
+                ctx, entry, query_ids, query_vectors, (encode_seconds, query_seconds), cached, measures
             )
-            doc_vectors, encode_seconds, cached = _corpus_vectors(run_context)
-            if not ranks.is_main:
-                continue
-            results.append(_search_and_score(run_context, doc_vectors, encode_seconds, cached, measures, settings))
-        loader.release()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            if result is not None:
+                results.append(result)
     if not ranks.is_main:
         return None
     names = tuple(str(m) for m in measures)
     return EvalReport(
         models=tuple(_model_info(s, p) for s, p in zip(sources, profiles)),
-        datasets=tuple(_dataset_info(d) for d in data),
+        datasets=tuple(_dataset_info(d, f, settings) for d, f in zip(data, full)),
         measures=names,
         averaging=settings.averaging,
         settings={
@@ -171,6 +198,15 @@ def evaluate(
         comparisons=tuple(_compare(results, data, sources, names, settings)),
         version=__version__,
     )
+
+
+def _free(loader: "_Loader") -> None:
+    import torch
+
+    loader.release()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -191,12 +227,11 @@ class _Loader:
                 self.retriever = self.source
             else:
                 self.retriever = self.source.load(device=self.device, dtype=self.dtype, allow_pickle=self.allow_pickle)
-            self.seconds = time.perf_counter() - start
+            self.seconds += time.perf_counter() - start
         return self.retriever
 
     def release(self) -> None:
-        if not isinstance(self.source, Retriever):
-            self.retriever = None
+        self.retriever = None
 
     @property
     def fingerprint(self) -> str | None:
@@ -211,6 +246,7 @@ class _Context:
     profile: EncodingProfile
     dataset: BeirDataset
     cache: EmbeddingCache | None
+    settings: EvalSettings
     batch_size: int
     device: str
     dtype: str
@@ -222,106 +258,171 @@ class _Context:
         if self.stage:
             self.stage(message)
 
+    def vector_settings(self, kind: str) -> dict[str, Any]:
+        return {"kind": kind, "dtype": self.dtype, **self.profile.passage_settings()}
+
     def key(self, kind: str, texts_digest: str) -> str | None:
         if self.cache is None or self.loader.fingerprint is None:
             return None
-        settings = {"kind": kind, "dtype": self.dtype, **self.profile.passage_settings()}
+        settings = self.vector_settings(kind)
+        if kind == "corpus":
+            settings["embedding_dtype"] = self.settings.embedding_dtype or "auto"
         return embedding_key(model_fingerprint=self.loader.fingerprint, texts_hash=texts_digest, settings=settings)
 
 
-def _corpus_vectors(ctx: _Context) -> tuple[np.ndarray | None, float, bool]:
-    """The corpus vectors from the cache, or encoded (this rank's shard, merged on rank 0). Returns
-    ``(vectors or None on other ranks, encode seconds, came from cache)``."""
-    dataset, ranks = ctx.dataset, ctx.ranks
+def _corpus_entry(ctx: _Context) -> tuple[Entry, float, bool]:
+    """This rank's corpus shards, encoded where missing. Returns ``(entry, encode seconds, all from cache)``."""
+    dataset, ranks, cache = ctx.dataset, ctx.ranks, ctx.cache
     key = ctx.key("corpus", dataset.corpus_hash)
-    if key is not None and ctx.cache is not None:
-        cached = ctx.cache.load(key, len(dataset.corpus))  # memory-mapped: ranks other than 0 read nothing
-        if cached is not None:
-            return (cached if ranks.is_main else None), 0.0, True
-    texts = passages(dataset.corpus, ctx.profile)
+    rows = len(dataset.corpus)
+    if key is None or cache is None:  # --no-cache, or an in-memory model without a fingerprint
+        entry: Entry = MemoryEntry(Path("<memory>"), rows, max(1, ctx.settings.shard_docs), _requested_dtype(ctx))
+    else:
+        entry = _existing_entry(cache, key, rows) or Entry(
+            cache.folder / key, rows, max(1, ctx.settings.shard_docs), _requested_dtype(ctx)
+        )
+    mine = ranks.owned_shards(entry.shard_count)
+    missing = entry.missing(mine)
+    if not missing:
+        return entry, 0.0, True
     meta = {
+        "key": key,
         "model": ctx.loader.source.name,
         "dataset": dataset.name,
-        "documents": len(texts),
+        "documents": rows,
         "profile": ctx.profile.to_dict(),
         "dtype": ctx.dtype,
     }
-    retriever = ctx.loader.get()
-    ctx.say(f"Encoding {dataset.name} corpus with {retriever.name}")
+    legacy = _legacy_vectors(ctx, rows)
     start = time.perf_counter()
-    if ranks.world_size == 1:
-        vectors = encode(retriever, texts, ctx.profile, batch_size=ctx.batch_size, progress=ctx.progress)
-        seconds = time.perf_counter() - start
-        if key is not None and ctx.cache is not None:
-            ctx.cache.save(key, vectors, meta)
-        return vectors, seconds, False
-    if key is None or ctx.cache is None:
-        raise InvalidOptionError(
-            "A distributed encode passes its shards through the cache.",
-            hint="Drop --no-cache (and give in-memory models a fingerprint).",
-            option="--no-cache",
-        )
-    mine = shard_indices(texts, ranks.rank, ranks.world_size)
-    shard = encode(retriever, [texts[i] for i in mine], ctx.profile, batch_size=ctx.batch_size, progress=ctx.progress)
-    ctx.cache.save_shard(key, ranks.rank, ranks.world_size, mine, shard)
-    ranks.barrier()
-    vectors = ctx.cache.merge_shards(key, ranks.world_size, len(texts), meta) if ranks.is_main else None
-    seconds = time.perf_counter() - start
-    ranks.barrier()
-    return vectors, seconds, False
+    if legacy is None:
+        retriever = ctx.loader.get()
+        ctx.say(f"Encoding {dataset.name} corpus with {retriever.name}")
+    else:
+        ctx.say(f"Converting cached {dataset.name} vectors from the old single-file cache format to shards")
+    total = sum(entry.bounds(i)[1] for i in missing)
+    done = 0
+    if ctx.progress:
+        ctx.progress(0, total)
+    for index in missing:
+        first, count = entry.bounds(index)
+        docs = dataset.corpus[first : first + count]
+        if legacy is not None:
+            vectors = np.asarray(legacy[first : first + count], dtype=np.float32)
+        else:
+            vectors = encode(ctx.loader.get(), passages(docs, ctx.profile), ctx.profile, batch_size=ctx.batch_size)
+        entry = _settle_dtype(cache, entry, vectors, meta)
+        entry.write_shard(index, vectors, [d.id for d in docs])
+        done += count
+        if ctx.progress:
+            ctx.progress(done, total)
+    return entry, time.perf_counter() - start, False
 
 
-def _search_and_score(
-    ctx: _Context,
-    doc_vectors: np.ndarray | None,
-    encode_seconds: float,
-    cached: bool,
-    measures: list[Any],
-    settings: EvalSettings,
-) -> Result:
+def _existing_entry(cache: EmbeddingCache, key: str, rows: int) -> Entry | None:
+    """The entry whose ``meta.json`` fixes its layout (shard size, dtype), if one was started for ``key``."""
+    import json
+
+    try:
+        meta = json.loads((cache.folder / key / "meta.json").read_text())
+        entry = cache.entry(key, rows, shard_docs=int(meta["shard_docs"]), dtype=str(meta["dtype"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return entry if int(meta.get("rows", -1)) == rows else None
+
+
+def _requested_dtype(ctx: _Context) -> str:
+    """The stored dtype asked for; ``auto`` is settled by the first shard's width (`_settle_dtype`)."""
+    requested = ctx.settings.embedding_dtype
+    return requested if requested not in (None, "auto") else "auto"
+
+
+def _settle_dtype(cache: EmbeddingCache | None, entry: Entry, vectors: np.ndarray, meta: dict) -> Entry:
+    """Fix the entry's dtype from the vector width (if still ``auto``) and write its ``meta.json`` once."""
+    if entry.dtype == "auto":
+        entry = replace(entry, dtype=default_embedding_dtype(vectors.shape[1]))
+    if cache is not None and not (entry.folder / "meta.json").is_file():
+        cache.describe(entry, meta)
+    return entry
+
+
+def _legacy_vectors(ctx: _Context, rows: int) -> np.ndarray | None:
+    """An entry of the first cache format (one float32 ``.npy``) for the same model, corpus and settings."""
+    if ctx.cache is None or ctx.loader.fingerprint is None:
+        return None
+    key = embedding_key(
+        model_fingerprint=ctx.loader.fingerprint,
+        texts_hash=ctx.dataset.corpus_hash,
+        settings=ctx.vector_settings("corpus"),
+        version=1,
+    )
+    return ctx.cache.legacy(key, rows)
+
+
+def _query_vectors(ctx: _Context) -> tuple[list[str], np.ndarray, float]:
+    """The dataset's query ids and float32 vectors (every rank needs them all), from the cache or encoded."""
     dataset = ctx.dataset
     prefix = ctx.profile.query_prefix_for(dataset.name)
     query_ids = list(dataset.queries)
     texts = [prefix + dataset.queries[q] for q in query_ids]
     start = time.perf_counter()
-    key = ctx.key("queries", texts_hash(texts))
-    query_vectors = ctx.cache.load(key, len(texts)) if key is not None and ctx.cache is not None else None
-    if query_vectors is None:
+    cache, key = ctx.cache, ctx.key("queries", texts_hash(texts))
+    entry = cache.entry(key, len(texts), shard_docs=max(1, len(texts))) if cache and key else None
+    vectors = cache.load(entry) if cache and entry else None
+    if vectors is None:
         retriever = ctx.loader.get()
         ctx.say(f"Encoding {dataset.name} queries with {retriever.name}")
-        query_vectors = encode(retriever, texts, ctx.profile, batch_size=ctx.batch_size, progress=ctx.progress)
-        if key is not None and ctx.cache is not None:
-            ctx.cache.save(
-                key,
-                query_vectors,
-                {
-                    "model": ctx.loader.source.name,
-                    "dataset": dataset.name,
-                    "queries": len(texts),
-                    "query_prefix": prefix,
-                },
-            )
-    query_seconds = time.perf_counter() - start
+        vectors = encode(retriever, texts, ctx.profile, batch_size=ctx.batch_size, progress=ctx.progress)
+        if cache and entry:
+            meta = {
+                "model": ctx.loader.source.name,
+                "dataset": dataset.name,
+                "queries": len(texts),
+                "query_prefix": prefix,
+            }
+            cache.save(entry, vectors, query_ids, meta)
+    return query_ids, vectors, time.perf_counter() - start
+
+
+def _search_and_score(
+    ctx: _Context,
+    entry: Entry,
+    query_ids: list[str],
+    query_vectors: np.ndarray,
+    seconds: tuple[float, float],
+    cached: bool,
+    measures: list[Any],
+) -> Result | None:
+    """Search this rank's shards, merge every rank's top-k, and (rank 0) score. None on other ranks."""
+    dataset, settings, ranks = ctx.dataset, ctx.settings, ctx.ranks
     ctx.say(f"Searching {dataset.name}")
     start = time.perf_counter()
-    assert doc_vectors is not None
-    run = search(
-        query_vectors,
-        doc_vectors,
+    k = min(settings.top_k + int(not settings.keep_identical_ids), len(dataset.corpus))
+    shards = entry.shards(ranks.owned_shards(entry.shard_count))
+    block = block_rows_for(query_vectors.shape[1])
+    blocks = (b for shard in shards for b in shard.blocks(block))
+    search_device = ctx.device if ctx.device.startswith("cuda") else "cpu"
+    table = search_blocks(query_vectors, blocks, k, device=search_device, chunk_size=settings.query_chunk_size)
+    gathered = ranks.all_gather_topk(table.scores, table.rows, ctx.device)  # k ids + scores per query and rank
+    if not ranks.is_main:
+        return None
+    for scores, rows in gathered[1:]:
+        table = table.merge(scores, rows)
+    run = to_run(
+        table,
         query_ids,
-        [d.id for d in dataset.corpus],
+        lambda rows: _ids_of(rows, entry, dataset),
         top_k=settings.top_k,
         drop_identical_ids=not settings.keep_identical_ids,
-        chunk_size=settings.query_chunk_size,
     )
     search_seconds = time.perf_counter() - start
     start = time.perf_counter()
     scores = score_run(dataset.qrels, run, measures, settings.averaging)
     timings = {
         "load": round(ctx.loader.seconds, 3),
-        "encode_corpus": round(encode_seconds, 3),
+        "encode_corpus": round(seconds[0], 3),
         "documents": float(len(dataset.corpus)),
-        "encode_queries": round(query_seconds, 3),
+        "encode_queries": round(seconds[1], 3),
         "search": round(search_seconds, 3),
         "score": round(time.perf_counter() - start, 3),
     }
@@ -334,8 +435,23 @@ def _search_and_score(
         run,
         timings,
         cached,
-        prefix,
+        ctx.profile.query_prefix_for(dataset.name),
     )
+
+
+def _ids_of(rows: np.ndarray, entry: Entry, dataset: BeirDataset) -> dict[int, str]:
+    """Document ids of ``rows``, shard by shard: from the ids stored beside each shard (another machine's shard:
+    from the corpus)."""
+    names: dict[int, str] = {}
+    shard_of = rows // entry.shard_docs
+    for index in np.unique(shard_of).tolist():
+        first, count = entry.bounds(index)
+        ids = entry.shard_ids(index)
+        if ids is None:
+            ids = [d.id for d in dataset.corpus[first : first + count]]
+        for row in rows[shard_of == index].tolist():
+            names[row] = ids[row - first]
+    return names
 
 
 def _compare(
@@ -443,7 +559,17 @@ def _model_info(source: ModelSource | Retriever, profile: EncodingProfile) -> Mo
     return ModelInfo(source.name, source.ref, str(source.path), source.fingerprint, profile.to_dict(), source.base_ref)
 
 
-def _dataset_info(dataset: BeirDataset) -> DatasetInfo:
+def _sample(dataset: BeirDataset, settings: EvalSettings) -> BeirDataset:
+    return sample_dataset(
+        dataset, max_queries=settings.max_queries, corpus_sample=settings.corpus_sample, seed=settings.seed
+    )
+
+
+def _dataset_info(dataset: BeirDataset, full: BeirDataset, settings: EvalSettings) -> DatasetInfo:
+    sampled = settings.max_queries is not None or settings.corpus_sample is not None
+    sample = sample_record(
+        full, dataset, max_queries=settings.max_queries, corpus_sample=settings.corpus_sample, seed=settings.seed
+    )
     return DatasetInfo(
         dataset.name,
         str(dataset.path) if dataset.path else None,
@@ -454,4 +580,5 @@ def _dataset_info(dataset: BeirDataset) -> DatasetInfo:
         dataset.content_hash,
         dict(dataset.files_sha256),
         dataset.warnings,
+        sample if sampled else None,
     )

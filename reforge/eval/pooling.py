@@ -106,7 +106,7 @@ def load_modules(model_dir: Path, steps: tuple[str, ...], device: Any = "cpu") -
 
 
 def _load_dense(folder: Path, device: Any) -> Dense:
-    from safetensors.torch import load_file
+    from reforge.io.tensors import load_tensors
 
     config_file, weights_file = folder / "config.json", folder / "model.safetensors"
     if not config_file.is_file() or not weights_file.is_file():
@@ -131,7 +131,7 @@ def _load_dense(folder: Path, device: Any) -> Dense:
             path=folder,
             reason="dense option",
         )
-    state = load_file(str(weights_file))
+    state = load_tensors(weights_file)
     weight = state.get("linear.weight")
     if weight is None:
         raise UnsupportedModelError(

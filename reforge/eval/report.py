@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reforge.eval.metrics import AVERAGING, PairedTest
+from reforge.io.atomic import write_atomic
 
 
 @dataclass(frozen=True)
@@ -26,6 +25,7 @@ class DatasetInfo:
     content_hash: str
     files_sha256: dict[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    sample: dict[str, Any] | None = None  # how a --max-queries / --corpus-sample sample was drawn (None: whole)
 
 
 @dataclass(frozen=True)
@@ -207,13 +207,4 @@ def _slug(text: str) -> str:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda f: f.write(text.encode("utf-8")))

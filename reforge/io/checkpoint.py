@@ -98,7 +98,7 @@ def resolve_local(ref: str | Path, *, token: str | None = None, allow_pickle: bo
         return path
     if path.exists():
         raise CheckpointNotFoundError(f"{short_path(path)} is a file; give the folder that holds it.", ref=str(ref))
-    from reforge import hub
+    from reforge.io import hub
 
     if not hub.looks_like_repo_id(str(ref)):
         raise CheckpointNotFoundError(
@@ -122,7 +122,9 @@ def _local_typo(ref: str | Path, path: Path, error: Exception) -> CheckpointNotF
         f"{ref} is not a folder here: {short_path(path.parent)}/ has no {path.name!r}"
         + (f" (it holds {', '.join(near)})" if near else "")
         + f"; nor could it be read as a Hub repo ({error}).",
-        hint="Check the path for a typo.", ref=str(ref))
+        hint="Check the path for a typo.",
+        ref=str(ref),
+    )
 
 
 def open_checkpoint(
@@ -139,8 +141,7 @@ def open_checkpoint(
     config_file = path / "config.json"
     config = _read_json(config_file) if config_file.is_file() else None
     index = ShardIndex.from_dir(path, allow_pickle=allow_pickle)
-    keys = index.tensors or ShardReader(index)._infos()
-    return Checkpoint(str(ref), path, config, index, detect_layout(keys, config), provenance)
+    return Checkpoint(str(ref), path, config, index, detect_layout(index.tensors, config), provenance)
 
 
 def open_model(ref: str | Path, **kwargs) -> Checkpoint:
@@ -206,7 +207,7 @@ def _is_content_file(name: str) -> bool:
 def _provenance(ref: str, path: Path) -> dict:
     record: dict = {"ref": ref}
     if not Path(ref).expanduser().is_dir():
-        from reforge import hub
+        from reforge.io import hub
 
         repo_id, revision = hub.parse_ref(ref)
         record.update(repo_id=repo_id, revision=revision or "main")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from reforge.io.paths import inside_checkpoint
 
-# The files a model needs besides its weights (the set `reforge.hub` downloads): config, tokenizer, and the
+# The files a model needs besides its weights (the set `reforge.io.hub` downloads): config, tokenizer, and the
 # sentence-transformers description. Nothing else is copied: no custom code (*.py), no arbitrary folders.
 COMPANION_NAMES = frozenset({
     "config.json", "generation_config.json",

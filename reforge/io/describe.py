@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 from reforge.io.checkpoint import AdapterCheckpoint, open_checkpoint
+from reforge.io.manifest import read_manifest
 
 
 def describe(ref: str | Path, *, token: str | None = None, allow_pickle: bool = False) -> dict:
@@ -18,7 +18,7 @@ def describe(ref: str | Path, *, token: str | None = None, allow_pickle: bool = 
         ``files``, and for adapters ``adapter`` (type, r, alpha, targets), for reforge outputs ``reforge``.
     """
     checkpoint = open_checkpoint(ref, token=token, allow_pickle=allow_pickle)
-    infos = checkpoint.index.tensors or checkpoint.reader()._infos()
+    infos = checkpoint.index.tensors
     summary = {
         "ref": str(ref),
         "path": str(checkpoint.path),
@@ -48,9 +48,8 @@ def describe(ref: str | Path, *, token: str | None = None, allow_pickle: bool = 
             "bare": checkpoint.layout.is_bare,
             "tied_embeddings": bool(config.get("tie_word_embeddings", False)),
         }
-    manifest_file = checkpoint.path / "reforge.json"
-    if manifest_file.is_file():
-        manifest = json.loads(manifest_file.read_text())
+    manifest = read_manifest(checkpoint.path)
+    if manifest is not None:
         summary["kind"] = manifest.get("kind", summary["kind"])
         summary["reforge"] = {
             k: manifest.get(k)

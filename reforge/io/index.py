@@ -31,8 +31,8 @@ PICKLE_NAMES = {"model": "pytorch_model.bin", "adapter_model": "adapter_model.bi
 class ShardIndex:
     """The tensors of one checkpoint folder: name -> TensorInfo, plus the index metadata.
 
-    ``pickle_files`` is non-empty only for a pickle checkpoint opened with ``allow_pickle``; then ``tensors``
-    is empty until `reforge.io.reader.ShardReader` loads them.
+    ``pickle_files`` is non-empty only for a pickle checkpoint opened with ``allow_pickle``; its ``tensors`` are
+    real (names, dtypes, shapes) but their offsets are not byte ranges: `reforge.io.reader.ShardReader` loads them.
     """
 
     directory: Path
@@ -74,51 +74,17 @@ class ShardIndex:
         tensors: dict[str, TensorInfo] = {}
         for file in files:
             inside_checkpoint(directory, file, what="shard")
-            found, _ = read_header(file)
-            for name, info in found.items():
-                if name in tensors:
-                    raise CorruptCheckpointError(
-                        f"{short_path(file)}: tensor {name!r} also appears in {short_path(tensors[name].file)}.",
-                        path=file,
-                        tensor=name,
-                        reason="duplicate tensor",
-                    )
-                tensors[name] = info
+            _add_tensors(tensors, read_header(file)[0], file)
         return cls(directory, tensors, metadata or {}, tuple(files))
 
     @classmethod
     def _from_index_file(cls, index_file: Path) -> "ShardIndex":
         directory = index_file.parent
         inside_checkpoint(directory, index_file, what="index")
-        try:
-            index = json.loads(index_file.read_text())
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptCheckpointError(
-                f"{short_path(index_file)} is not a valid index ({e}).", path=index_file, tensor=None, reason=str(e)
-            ) from e
-        files = [safe_child(directory, name, index_file) for name in dict.fromkeys(weight_map.values())]
-        for file in files:
-            if not file.exists():
-                raise ShardNotFoundError(
-                    f"{short_path(file)} is named by {short_path(index_file)} but missing.",
-                    hint="Download or copy the missing shard, then rerun.",
-                    path=file,
-                    index=index_file,
-                )
-        result = cls.from_files(directory, files, index.get("metadata") or {})
-        for name, filename in weight_map.items():
-            info = result.tensors.get(name)
-            if info is None or info.file != safe_child(directory, filename, index_file):
-                raise CorruptCheckpointError(
-                    f"{short_path(index_file)} says tensor {name!r} is in {filename}, but that file's header "
-                    "does not hold it.",
-                    path=index_file,
-                    tensor=name,
-                    reason="index and shard disagree",
-                )
+        weight_map, metadata = read_weight_map(index_file)
+        files = _named_files(directory, weight_map, index_file)
+        result = cls.from_files(directory, files, metadata)
+        _check_weight_map(result.tensors, weight_map, directory, index_file)
         return result
 
     @classmethod
@@ -129,10 +95,10 @@ class ShardIndex:
                 continue
             index_file = directory / f"{pickle_name}.index.json"
             if index_file.is_file():
-                weight_map = json.loads(index_file.read_text()).get("weight_map", {})
-                files = [safe_child(directory, f, index_file) for f in dict.fromkeys(weight_map.values())]
+                weight_map, metadata = read_weight_map(index_file)
+                files = _named_files(directory, weight_map, index_file)
             elif (directory / pickle_name).is_file():
-                files = [directory / pickle_name]
+                weight_map, metadata, files = None, {}, [directory / pickle_name]
             else:
                 continue
             if not allow_pickle:
@@ -142,11 +108,99 @@ class ShardIndex:
                     "or convert it to safetensors.",
                     path=files[0],
                 )
-            return cls(directory, {}, {}, tuple(files), tuple(files))
+            return cls._from_pickles(directory, files, metadata, weight_map, index_file)
         wanted = " or ".join(f"{n}.safetensors" for n in names)
         raise CheckpointNotFoundError(
             f"{short_path(directory)} holds no {wanted} (nor an index of shards).", ref=str(directory)
         )
+
+    @classmethod
+    def _from_pickles(
+        cls, directory: Path, files: list[Path], metadata: dict, weight_map: dict | None, index_file: Path
+    ) -> "ShardIndex":
+        """A pickle checkpoint's real tensor map, so every rule that holds for safetensors holds for it too."""
+        from reforge.io.pickled import tensor_infos
+
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            inside_checkpoint(directory, file, what="pickle file")
+            _add_tensors(tensors, tensor_infos(file), file)
+        if weight_map is not None:
+            _check_weight_map(tensors, weight_map, directory, index_file)
+        return cls(directory, tensors, metadata, tuple(files), tuple(files))
+
+
+def _add_tensors(tensors: dict[str, TensorInfo], found: dict[str, TensorInfo], file: Path) -> None:
+    """Add one file's tensors to ``tensors``; a name held by two files is a corrupt checkpoint."""
+    for name, info in found.items():
+        if name in tensors:
+            raise CorruptCheckpointError(
+                f"{short_path(file)}: tensor {name!r} also appears in {short_path(tensors[name].file)}.",
+                path=file,
+                tensor=name,
+                reason="duplicate tensor",
+            )
+        tensors[name] = info
+
+
+def read_weight_map(index_file: Path) -> tuple[dict[str, str], dict]:
+    """``(weight_map, metadata)`` of a ``*.index.json`` file: a non-empty map of tensor name -> file name.
+
+    Raises:
+        CorruptCheckpointError: not JSON, no ``weight_map`` object, an empty one, or names/values that are not
+            strings.
+    """
+    try:
+        index = json.loads(index_file.read_text())
+        if not isinstance(index, dict):
+            raise TypeError("the file is not a JSON object")
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+        if not weight_map:
+            raise ValueError("weight_map names no tensors")
+        bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+        if bad is not None:
+            raise TypeError(f"weight_map entry {bad!r} is {weight_map[bad]!r}, not a file name")
+        metadata = index.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise TypeError("metadata is not an object")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        reason = f"no {e}" if isinstance(e, KeyError) else str(e)
+        raise CorruptCheckpointError(
+            f"{short_path(index_file)} is not a valid index ({reason}).",
+            path=index_file,
+            tensor=None,
+            reason=reason,
+        ) from e
+    return weight_map, metadata
+
+
+def _named_files(directory: Path, weight_map: dict[str, str], index_file: Path) -> list[Path]:
+    files = [safe_child(directory, name, index_file) for name in dict.fromkeys(weight_map.values())]
+    for file in files:
+        if not file.exists():  # a FIFO or a folder by that name is refused by inside_checkpoint, not called missing
+            raise ShardNotFoundError(
+                f"{short_path(file)} is named by {short_path(index_file)} but missing.",
+                hint="Download or copy the missing shard, then rerun.",
+                path=file,
+                index=index_file,
+            )
+    return files
+
+
+def _check_weight_map(
+    tensors: dict[str, TensorInfo], weight_map: dict[str, str], directory: Path, index_file: Path
+) -> None:
+    for name, filename in weight_map.items():
+        info = tensors.get(name)
+        if info is None or info.file != safe_child(directory, filename, index_file):
+            raise CorruptCheckpointError(
+                f"{short_path(index_file)} says tensor {name!r} is in {filename}, but that file does not hold it.",
+                path=index_file,
+                tensor=name,
+                reason="index and shard disagree",
+            )
 
 
 def safe_child(directory: Path, name: str, index_file: Path) -> Path:

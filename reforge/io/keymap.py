@@ -16,6 +16,9 @@ from reforge.errors import LayoutMismatchError
 
 PEFT_PREFIX = "base_model.model."
 HEAD_MODULES = frozenset({"lm_head", "cls", "score", "classifier", "qa_outputs", "output_layer"})
+# canonical names of tensors with one row per vocabulary entry (token/position embeddings, and a kept lm_head):
+# the only tensors that may have more rows than the base's
+EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "lm_head")
 # head modules with generic names, recognized only for their model_type (ModernBertForMaskedLM: head.*, decoder.*)
 MODEL_TYPE_HEADS = {"modernbert": frozenset({"head", "decoder"})}
 # first components that wrap the body of a head model (transformers' base_model_prefix values)
@@ -134,3 +137,20 @@ def match_keys(
         tensor=(missing_left or missing_right)[0],
         details={"only_in_left": missing_right[:20], "only_in_right": missing_left[:20]},
     )
+
+
+def is_embedding(key: str) -> bool:
+    """True for a token or position embedding (by canonical name)."""
+    return any(hint in key for hint in EMBEDDING_HINTS)
+
+
+def extra_rows(key: str, base_shape: tuple[int, ...], shape: tuple[int, ...]) -> int | None:
+    """The vocabulary rule, shared by diff, merge and verify: how many rows ``key`` has beyond the base's.
+
+    0 when the shapes are equal; the count of added rows for an embedding whose vocabulary grew (same width,
+    more rows: tokens added to the retriever); None when the shapes do not line up, which is an error.
+    """
+    if tuple(base_shape) == tuple(shape):
+        return 0
+    grown = len(shape) == 2 and len(base_shape) == 2 and base_shape[1] == shape[1] and shape[0] > base_shape[0]
+    return shape[0] - base_shape[0] if grown and is_embedding(key) else None

@@ -20,14 +20,21 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from reforge.errors import DiskFullError, OutputExistsError, OutputLockedError, OutputRefusedError, short_path
+from reforge.io.manifest import MANIFEST, TRAINING_RECORD
 
-MANIFESTS = ("reforge.json", "training_record.json")  # what diff/merge/tune --write and train leave in their output
+MANIFESTS = (MANIFEST, TRAINING_RECORD)  # what diff/merge/tune --write and train leave in their output
 
 
 def lock_path(output: str | Path) -> Path:
     """The lock file of a run writing ``output``."""
     output = absolute(output)
     return output.parent / f".{output.name}.reforge-lock"
+
+
+def staging_path(output: str | Path) -> Path:
+    """The folder a run writes ``output`` into before renaming it into place (``.NAME.reforge-partial``)."""
+    output = absolute(output)
+    return output.parent / f".{output.name}.reforge-partial"
 
 
 def absolute(output: str | Path) -> Path:
@@ -49,8 +56,9 @@ def written_by_reforge(folder: Path) -> bool:
     return False
 
 
-def check_output(output: str | Path, *, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
-                 option: str = "--output") -> Path:
+def check_output(
+    output: str | Path, *, inputs: Iterable[str | Path | None] = (), overwrite: bool = False, option: str = "--output"
+) -> Path:
     """Refuse, before any work, an output this command must not write; return it as an absolute path.
 
     Args:
@@ -67,26 +75,43 @@ def check_output(output: str | Path, *, inputs: Iterable[str | Path | None] = ()
     path = absolute(output)
     shown = short_path(output)
     if str(output).rstrip("/").rsplit("/", 1)[-1] in ("", ".", ".."):
-        raise _refused(path, f"{option} {output!r} names the current folder or one above it ({path}); reforge "
-                             "replaces its output folder as a whole.", f"Name a new folder, e.g. {option} out/.")
+        raise _refused(
+            path,
+            f"{option} {output!r} names the current folder or one above it ({path}); reforge "
+            "replaces its output folder as a whole.",
+            f"Name a new folder, e.g. {option} out/.",
+        )
     if path.is_symlink():
-        raise _refused(path, f"{option} {shown} is a symbolic link (to {os.path.realpath(path)}).",
-                       "Pass the folder it points to, or another folder.")
+        raise _refused(
+            path,
+            f"{option} {shown} is a symbolic link (to {os.path.realpath(path)}).",
+            "Pass the folder it points to, or another folder.",
+        )
     for source in _local_inputs(inputs):
         reason = _overlap(path, source)
         if reason:
-            raise _refused(path, f"{option} {shown} {reason} {short_path(source)}, an input of this command; "
-                                 "writing there could delete it.", f"Choose an {option} folder apart from the inputs.")
+            raise _refused(
+                path,
+                f"{option} {shown} {reason} {short_path(source)}, an input of this command; "
+                "writing there could delete it.",
+                f"Choose an {option} folder apart from the inputs.",
+            )
     if path.exists() and not path.is_dir():
         raise _refused(path, f"{option} {shown} is a file, not a folder.", f"Choose another {option}.")
     if path.is_dir() and os.path.ismount(path):
-        raise _refused(path, f"{option} {shown} is a mount point; reforge writes beside the output and renames "
-                             "it into place, which a mount point cannot take.", f"Use {option} {shown}/NAME instead.")
+        raise _refused(
+            path,
+            f"{option} {shown} is a mount point; reforge writes beside the output and renames "
+            "it into place, which a mount point cannot take.",
+            f"Use {option} {shown}/NAME instead.",
+        )
     if path.is_dir() and any(path.iterdir()) and not written_by_reforge(path):
         raise OutputExistsError(
             f"{option} {shown} holds files reforge did not write; they are never replaced"
             + (", --overwrite or not." if overwrite else "."),
-            hint=f"Choose an empty or new {option} folder.", path=path)
+            hint=f"Choose an empty or new {option} folder.",
+            path=path,
+        )
     check_writable(path, option)
     return path
 
@@ -125,14 +150,20 @@ def check_writable(path: str | Path, option: str = "--output") -> None:
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise _refused(path, f"{option} {short_path(path)} cannot be created: {short_path(ancestor)} is a file.",
-                       f"Choose another {option}.")
+        raise _refused(
+            path,
+            f"{option} {short_path(path)} cannot be created: {short_path(ancestor)} is a file.",
+            f"Choose another {option}.",
+        )
     try:
         probe = tempfile.mkdtemp(prefix=".reforge-probe-", dir=ancestor)
     except OSError as e:
-        raise _refused(path, f"{option} {short_path(path)} cannot be written: creating a folder in "
-                             f"{short_path(ancestor)} fails ({e.strerror}).",
-                       f"Choose an {option} on a writable disk.") from e
+        raise _refused(
+            path,
+            f"{option} {short_path(path)} cannot be written: creating a folder in "
+            f"{short_path(ancestor)} fails ({e.strerror}).",
+            f"Choose an {option} on a writable disk.",
+        ) from e
     os.rmdir(probe)
 
 
@@ -140,10 +171,12 @@ def write_error(error: OSError, path: str | Path, hint: str) -> Exception:
     """A failed write as a reforge error: `DiskFullError` when the disk or a quota is full, `OutputRefusedError`
     otherwise (permissions, a read-only disk); ``hint`` says where the finished work is."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return DiskFullError(f"the disk filled up while writing {short_path(path)}.", hint=hint, path=Path(path),
-                             needed=None, free=None)
-    return OutputRefusedError(f"writing {short_path(path)} failed: {error.strerror or error}.", hint=hint,
-                              path=Path(path))
+        return DiskFullError(
+            f"the disk filled up while writing {short_path(path)}.", hint=hint, path=Path(path), needed=None, free=None
+        )
+    return OutputRefusedError(
+        f"writing {short_path(path)} failed: {error.strerror or error}.", hint=hint, path=Path(path)
+    )
 
 
 def _refused(path: Path, message: str, hint: str) -> OutputRefusedError:

@@ -38,12 +38,12 @@ from reforge import __version__
 from reforge.errors import DiskFullError, InvalidOptionError, OutputExistsError, short_path
 from reforge.io.buffers import ALIGNMENT
 from reforge.io.format import DTYPES, encode_header, open_direct, safetensors_dtype
-from reforge.io.target import OutputLock, absolute, check_output
+from reforge.io.manifest import MANIFEST
+from reforge.io.target import OutputLock, absolute, check_output, staging_path
 
 if TYPE_CHECKING:
     import torch
 
-MANIFEST = "reforge.json"
 JOURNAL = "journal.jsonl"
 
 
@@ -242,7 +242,7 @@ class CheckpointWriter:
         self.progress = progress
         self.inputs = list(inputs)
         self._target = absolute(output)  # for the file system: "-o ." has a name here
-        self.staging = self._target.parent / f".{self._target.name}.reforge-partial"
+        self.staging = staging_path(self._target)
         self._lock = OutputLock(self._target)
         self.lock_path = self._lock.path
         self.already_complete = False
@@ -358,10 +358,6 @@ class CheckpointWriter:
     def add_file(self, name: str, content: str | bytes) -> None:
         """Add a small file (config.json, README.md, tokenizer files) to the output."""
         self._files[name] = content.encode() if isinstance(content, str) else content
-
-    def copy_file(self, source: Path, name: str | None = None) -> None:
-        """Copy a small file from another folder into the output."""
-        self.add_file(name or source.name, Path(source).read_bytes())
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _prepare(self) -> None:

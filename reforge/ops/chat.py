@@ -42,14 +42,13 @@ def apply_head_rule(base: Checkpoint, retriever: Checkpoint | AdapterCheckpoint,
         retriever.layout = replace(retriever.layout, keep_head=True)
         return
     same = retriever.provenance.get("fingerprint") == base.provenance.get("fingerprint")
-    if has_lm_head(retriever) and not same:  # the base against itself (diff(x, x)) is no chat model
-        swapped = base.layout.is_bare  # a bare model as the base and a causal LM as the retriever: given the wrong way
+    # the base against itself (diff(x, x)) is no chat model; a bare "base" means the two were swapped, which
+    # `diff` warns about (`swapped_roles`)
+    if has_lm_head(retriever) and not same and not base.layout.is_bare:
         raise UnsupportedModelError(
             f"{retriever.ref} is a causal LM with an lm_head ({retriever.architecture or 'lm_head.weight'}), e.g. an "
             f"instruction-tuned chat model, not a retriever: writing it as a retriever would drop its head.",
-            hint=f"The base {base.ref} is a bare model: the two look swapped. The base is the pretrained causal LM, "
-            f"the retriever the bare model made from it (`reforge diff BASE RETRIEVER`)." if swapped else
-            f"To readapt a chat model (RE-Adapt: Delta = instruct - base keeping lm_head, output a CausalLM), "
+            hint=f"To readapt a chat model (RE-Adapt: Delta = instruct - base keeping lm_head, output a CausalLM), "
             f"pass {OPTION} to diff and merge.",
             path=retriever.path,
             reason="causal LM as retriever",

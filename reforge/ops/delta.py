@@ -11,7 +11,6 @@ The retriever's config, tokenizer and sentence-transformers files are kept under
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 from reforge.errors import CorruptCheckpointError, ProvenanceMismatchError, short_path
 from reforge.io.buffers import BufferPool
 from reforge.io.index import ShardIndex
+from reforge.io.manifest import read_manifest
 from reforge.io.reader import ShardReader
 
 if TYPE_CHECKING:
@@ -52,16 +52,16 @@ class DeltaCheckpoint:
             CorruptCheckpointError: no ``reforge.json`` of kind ``delta``, or it disagrees with the tensors.
         """
         path = Path(path)
-        try:
-            manifest = json.loads((path / "reforge.json").read_text())
-        except (OSError, ValueError) as e:
+        record = read_manifest(path)
+        if record is None:
             raise CorruptCheckpointError(
-                f"{short_path(path)} has no readable reforge.json, so it is not a delta written by `reforge diff`.",
+                f"{short_path(path)} has no reforge.json, so it is not a delta written by `reforge diff`.",
                 path=path,
                 tensor=None,
-                reason=str(e),
-            ) from e
-        if manifest.get("kind") != "delta" or manifest.get("state") != "complete":
+                reason="no reforge.json",
+            )
+        manifest = record.data
+        if record.kind != "delta" or not record.complete:
             raise CorruptCheckpointError(
                 f"{short_path(path)}/reforge.json is not a complete delta (kind={manifest.get('kind')!r}).",
                 path=path,

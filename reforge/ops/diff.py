@@ -9,7 +9,6 @@ reproduces the retriever bit for bit. Stored in bf16/fp16 it rounds; the roundin
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,19 +18,23 @@ from reforge.io.buffers import BufferPool
 from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
 from reforge.io.companions import output_companions
 from reforge.io.format import torch_dtype
-from reforge.io.keymap import match_keys
-from reforge.io.target import check_output
+from reforge.io.keymap import extra_rows, is_embedding, match_keys
+from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.chat import apply_head_rule
 from reforge.ops.delta import RETRIEVER_FILES, factor_keys
 from reforge.ops.fold import Factors, LoraAdapter
-from reforge.ops.stream import Accumulator, import_torch_in_background, prefetch, row_blocks, torch_threads
+from reforge.ops.job import Access, WriteOptions, check_target, dominant_dtype, max_rounding, streamed, writing
+from reforge.ops.stream import (
+    Accumulator,
+    check_finite,
+    import_torch_in_background,
+    prefetch,
+    row_blocks,
+)
 
 if TYPE_CHECKING:
     import torch
-
-DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
 
 
 @dataclass
@@ -59,9 +62,11 @@ def swapped_roles(base: Checkpoint, retriever: Checkpoint | AdapterCheckpoint) -
     and a causal LM (with its LM head) given as the retriever. The diff still runs; its sign would be flipped."""
     if isinstance(retriever, AdapterCheckpoint) or not base.layout.is_bare or retriever.layout.is_bare:
         return []
-    return [f"BASE {base.ref} is a bare model and RETRIEVER {retriever.ref} is a causal LM with an LM head: the "
-            f"two look swapped, and Delta would then be base - retriever. The order is `reforge diff BASE "
-            f"RETRIEVER`."]
+    return [
+        f"BASE {base.ref} is a bare model and RETRIEVER {retriever.ref} is a causal LM with an LM head: the "
+        f"two look swapped, and Delta would then be base - retriever. The order is `reforge diff BASE "
+        f"RETRIEVER`."
+    ]
 
 
 @dataclass(frozen=True)
@@ -79,27 +84,20 @@ def diff(
     retriever: str | Path,
     output: str | Path,
     *,
-    dtype: str = "auto",
-    max_shard_size: int = 5 * 10**9,
     low_rank: bool = False,
     rank: int | None = None,
     energy: float | None = None,
     allow_missing: bool = False,
     keep_lm_head: bool = False,
-    overwrite: bool = False,
-    token: str | None = None,
-    allow_pickle: bool = False,
-    dry_run: bool = False,
-    command: str | None = None,
-    durable: bool = False,
-    progress: Callable[[int, int | None], None] | None = None,
+    write: WriteOptions = WriteOptions(),
+    access: Access = Access(),
+    progress: ProgressFn | None = None,
 ) -> DiffReport:
     """Write Delta = retriever - base into ``output``.
 
     Args:
         base: the pretrained LM (folder or Hub id); its ``lm_head`` is ignored.
         retriever: a full retriever checkpoint, or a peft LoRA/DoRA adapter over ``base`` (RepLLaMA form).
-        dtype: stored dtype: ``auto`` (the retriever's), ``float32``, ``bfloat16`` or ``float16``.
         low_rank: keep an adapter retriever's LoRA Delta as factors (exact up to fp32 rounding, far smaller).
         rank / energy: compress each dense 2-D layer Delta by SVD to ``rank`` or to the smallest rank holding
             ``energy`` of its squared singular values (LoRE-Adapt); 1-D tensors and embeddings stay dense.
@@ -107,17 +105,88 @@ def diff(
             of failing.
         keep_lm_head: RE-Adapt of a chat model: ``retriever`` is the instruction-tuned CausalLM and Delta keeps
             ``lm_head`` (see `reforge.ops.chat`). Without it a CausalLM with an lm_head is refused.
+        write: dtype (``auto``: the retriever's dominant dtype), shard size, overwrite, dry run, the command.
+        access: Hub token and pickle permission for the inputs.
 
     Raises:
         LayoutMismatchError: the two do not line up (names or shapes). InvalidOptionError: options that conflict.
     """
     started = time.perf_counter()
     import_torch_in_background()
-    _check_options(low_rank, rank, energy, dtype)
-    if not dry_run:
-        check_output(output, inputs=[base, retriever], overwrite=overwrite)
-    base_ckpt = open_model(base, token=token, allow_pickle=allow_pickle)
-    retriever_ckpt = open_checkpoint(retriever, token=token, allow_pickle=allow_pickle)
+    _check_options(low_rank, rank, energy)
+    write.check()
+    check_target(output, [base, retriever], write)
+    job = _open(base, retriever, access, low_rank, allow_missing, write, keep_lm_head)
+    factor = _factor_rule(low_rank, rank, energy)
+    if energy is not None and not write.dry_run:
+        factor["ranks"] = _energy_ranks(job.entries, job.base, job.retriever, job.adapter, energy)
+    specs, factored = _specs(job.entries, job.dtype, factor, job.adapter)
+    plan = ShardPlan.build(specs, write.max_shard_size)
+    report = DiffReport(
+        Path(output),
+        len(job.entries),
+        plan.total_size,
+        plan.shard_sizes(),
+        job.dtype,
+        write.dry_run,
+        factored=len(factored),
+        extra_vocab_rows={e.key: e.shape[0] - e.base_rows for e in job.entries if e.base_rows},
+        warnings=swapped_roles(job.base, job.retriever),
+    )
+    if write.dry_run:
+        return report
+    manifest = _manifest(job, factored, factor, write.command)
+    if keep_lm_head:
+        manifest["keep_lm_head"] = True
+    plan_id = plan_id_for(
+        {
+            "op": "diff",
+            "base": job.base.provenance["fingerprint"],
+            "retriever": job.retriever.provenance["fingerprint"],
+            "dtype": job.dtype,
+            "specs": [(s.name, s.dtype, s.shape) for s in specs],
+            "rank": rank,
+            "energy": energy,
+            "shard": write.max_shard_size,
+        }
+    )
+    inputs = [job.base.path, job.retriever.path]
+    with writing(
+        output, specs, plan_id=plan_id, manifest=manifest, options=write, inputs=inputs, progress=progress
+    ) as writer:
+        report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
+        for name, content in _retriever_companions(job.base, job.retriever, keep_lm_head).items():
+            writer.add_file(f"{RETRIEVER_FILES}/{name}", content)
+        if not writer.already_complete:
+            todo = [e for e in job.entries if any(writer.pending(n) for n in _stored_names(e, factored))]
+            loader = _EntryLoader(job.base, job.retriever, job.adapter, low_rank)
+            with streamed(todo, loader) as stream:
+                for entry, loaded in stream:
+                    writer.record(entry.key, _store(writer, entry, loaded, job.dtype, factored, loader.pool))
+    report.max_abs_rounding = max_rounding(writer.records)
+    relative = [e["relative_error"] for e in writer.records.values() if "relative_error" in e]
+    report.low_rank_relative_error = max(relative) if relative else None
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+@dataclass(frozen=True)
+class _Job:
+    """The opened inputs of a diff, what to compute for each tensor, and the stored dtype."""
+
+    base: Checkpoint
+    retriever: Checkpoint | AdapterCheckpoint
+    adapter: LoraAdapter | None
+    entries: list[_Entry]
+    dtype: str
+
+
+def _open(
+    base, retriever, access: Access, low_rank: bool, allow_missing: bool, write: WriteOptions, keep_lm_head: bool
+) -> _Job:
+    """Open both inputs and plan every entry; nothing but headers is read."""
+    base_ckpt = open_model(base, token=access.token, allow_pickle=access.allow_pickle)
+    retriever_ckpt = open_checkpoint(retriever, token=access.token, allow_pickle=access.allow_pickle)
     apply_head_rule(base_ckpt, retriever_ckpt, keep_lm_head)
     if isinstance(retriever_ckpt, AdapterCheckpoint):
         adapter = LoraAdapter(retriever_ckpt)
@@ -127,80 +196,16 @@ def diff(
                 "SVD approximation, or store it dense.",
                 option="--low-rank",
             )
-        entries = _adapter_entries(base_ckpt, adapter)
-        stored_dtype = _choose_dtype(dtype, base_ckpt, None)
-    else:
-        if low_rank:
-            raise InvalidOptionError(
-                "--low-rank needs a peft LoRA retriever; for a full retriever use --rank or --energy (SVD).",
-                option="--low-rank",
-            )
-        adapter = None
-        entries = _dense_entries(base_ckpt, retriever_ckpt, allow_missing)
-        stored_dtype = _choose_dtype(dtype, base_ckpt, retriever_ckpt)
-    factor = _factor_rule(low_rank, rank, energy)
-    if energy is not None and not dry_run:
-        factor["ranks"] = _energy_ranks(entries, base_ckpt, retriever_ckpt, adapter, energy)
-    specs, factored = _specs(entries, stored_dtype, factor, adapter)
-    manifest = _manifest(base_ckpt, retriever_ckpt, entries, stored_dtype, factored, factor, command)
-    if keep_lm_head:
-        manifest["keep_lm_head"] = True
-    plan_id = plan_id_for(
-        {
-            "op": "diff",
-            "base": base_ckpt.provenance["fingerprint"],
-            "retriever": retriever_ckpt.provenance["fingerprint"],
-            "dtype": stored_dtype,
-            "specs": [(s.name, s.dtype, s.shape) for s in specs],
-            "rank": rank,
-            "energy": energy,
-            "shard": max_shard_size,
-        }
-    )
-    plan = ShardPlan.build(specs, max_shard_size)
-    report = DiffReport(
-        Path(output),
-        len(entries),
-        plan.total_size,
-        plan.shard_sizes(),
-        stored_dtype,
-        dry_run,
-        factored=len(factored),
-        extra_vocab_rows={e.key: e.shape[0] - e.base_rows for e in entries if e.base_rows},
-        warnings=swapped_roles(base_ckpt, retriever_ckpt),
-    )
-    if dry_run:
-        return report
-    with CheckpointWriter(
-        output,
-        specs,
-        plan_id=plan_id,
-        max_shard_size=max_shard_size,
-        manifest=manifest,
-        overwrite=overwrite,
-        progress=progress,
-        durable=durable,
-        inputs=[base_ckpt.path, retriever_ckpt.path],
-    ) as writer:
-        report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
-        for name, content in _retriever_companions(base_ckpt, retriever_ckpt, keep_lm_head).items():
-            writer.add_file(f"{RETRIEVER_FILES}/{name}", content)
-        if not writer.already_complete:
-            todo = [e for e in entries if any(writer.pending(n) for n in _stored_names(e, factored))]
-            with (
-                _EntryLoader(base_ckpt, retriever_ckpt, adapter, low_rank) as loader,
-                prefetch(todo, loader.load) as stream,
-                torch_threads(1),
-            ):
-                for entry, loaded in stream:
-                    writer.record(entry.key, _store(writer, entry, loaded, stored_dtype, factored, loader.pool))
-        errors = writer.records
-        writer.manifest["max_abs_rounding"] = max((e["max_abs_rounding"] for e in errors.values()), default=0.0)
-    report.max_abs_rounding = max((e["max_abs_rounding"] for e in errors.values()), default=0.0)
-    relative = [e["relative_error"] for e in errors.values() if "relative_error" in e]
-    report.low_rank_relative_error = max(relative) if relative else None
-    report.seconds = time.perf_counter() - started
-    return report
+        entries, dtypes = _adapter_entries(base_ckpt, adapter), base_ckpt.index.tensors.values()
+        return _Job(base_ckpt, retriever_ckpt, adapter, entries, write.stored(dominant_dtype(i.dtype for i in dtypes)))
+    if low_rank:
+        raise InvalidOptionError(
+            "--low-rank needs a peft LoRA retriever; for a full retriever use --rank or --energy (SVD).",
+            option="--low-rank",
+        )
+    entries = _dense_entries(base_ckpt, retriever_ckpt, allow_missing)
+    dtype = write.stored(dominant_dtype(i.dtype for i in retriever_ckpt.index.tensors.values()))
+    return _Job(base_ckpt, retriever_ckpt, None, entries, dtype)
 
 
 def _retriever_companions(base: Checkpoint, retriever, keep_head: bool = False) -> dict[str, bytes]:
@@ -215,25 +220,13 @@ def _retriever_dtypes(base: Checkpoint, retriever, entries: list[_Entry]) -> dic
     return {e.key: source.index.tensors[source.layout.stored(e.key)].dtype for e in entries}
 
 
-def _check_options(low_rank: bool, rank: int | None, energy: float | None, dtype: str) -> None:
+def _check_options(low_rank: bool, rank: int | None, energy: float | None) -> None:
     if sum(bool(x) for x in (low_rank, rank is not None, energy is not None)) > 1:
         raise InvalidOptionError("--low-rank, --rank and --energy are alternatives; pass one of them.", option="--rank")
     if rank is not None and rank < 1:
         raise InvalidOptionError(f"--rank must be at least 1, got {rank}.", option="--rank")
     if energy is not None and not 0 < energy <= 1:
         raise InvalidOptionError(f"--energy must be in (0, 1], got {energy}.", option="--energy")
-    if dtype != "auto" and dtype not in DTYPE_NAMES:
-        raise InvalidOptionError(
-            f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}.", option="--dtype"
-        )
-
-
-def _choose_dtype(dtype: str, base: Checkpoint, retriever: Checkpoint | None) -> str:
-    if dtype != "auto":
-        return DTYPE_NAMES[dtype]
-    source = retriever or base
-    floats = [i.dtype for i in source.index.tensors.values() if i.dtype in ("F32", "BF16", "F16", "F64")]
-    return max(set(floats), key=floats.count) if floats else "F32"
 
 
 def _dense_entries(base: Checkpoint, retriever: Checkpoint, allow_missing: bool) -> list[_Entry]:
@@ -259,15 +252,10 @@ def _dense_entries(base: Checkpoint, retriever: Checkpoint, allow_missing: bool)
 
 
 def _entry_for_shapes(key: str, base_shape: tuple, retriever_shape: tuple, base_ref: str, retriever_ref: str) -> _Entry:
-    if base_shape == retriever_shape:
+    added = extra_rows(key, base_shape, retriever_shape)
+    if added == 0:
         return _Entry(key, retriever_shape, "dense")
-    grown_vocab = (
-        len(base_shape) == 2
-        and base_shape[1:] == retriever_shape[1:]
-        and retriever_shape[0] > base_shape[0]
-        and _is_embedding(key)
-    )
-    if grown_vocab:  # added tokens: the extra rows have no base value; Delta holds the retriever's rows there
+    if added:  # added tokens: the extra rows have no base value; Delta holds the retriever's rows there
         return _Entry(key, retriever_shape, "dense", base_rows=base_shape[0])
     raise LayoutMismatchError(
         f"tensor {key!r} is {list(base_shape)} in base {base_ref} but {list(retriever_shape)} in retriever "
@@ -292,10 +280,6 @@ def _adapter_entries(base: Checkpoint, adapter: LoraAdapter) -> list[_Entry]:
 def _file_order(checkpoint: Checkpoint, keys: dict[str, str]) -> list[str]:
     tensors = checkpoint.index.tensors
     return sorted(keys, key=lambda k: (str(tensors[keys[k]].file), tensors[keys[k]].start))
-
-
-def _is_embedding(key: str) -> bool:
-    return any(hint in key for hint in EMBEDDING_HINTS)
 
 
 def _factor_rule(low_rank: bool, rank: int | None, energy: float | None):
@@ -327,7 +311,7 @@ def _specs(
 
 def _factor_rank(entry: _Entry, factor, adapter: LoraAdapter | None) -> int | None:
     """The stored rank of a factored tensor, or None to store it dense."""
-    if factor is None or len(entry.shape) != 2 or _is_embedding(entry.key) or entry.source == "retriever-only":
+    if factor is None or len(entry.shape) != 2 or is_embedding(entry.key) or entry.source == "retriever-only":
         return None
     if factor["low_rank"]:
         if entry.source != "adapter" or adapter is None or adapter.modules[entry.key].embedding:
@@ -418,6 +402,7 @@ def _delta_tensor(
         block = accumulator.block(rows)
         _delta_rows(block, rows, entry, loaded)
         accumulator.commit(rows)
+    check_finite(accumulator.finite, entry.key, "retriever - base is")
     return accumulator.output, accumulator.max_abs_rounding
 
 
@@ -487,26 +472,22 @@ def _factors(exact: "torch.Tensor", rank: int) -> tuple["torch.Tensor", "torch.T
     return root[:, None] * vh[:rank], u[:, :rank] * root[None, :], rank
 
 
-def _manifest(
-    base: Checkpoint,
-    retriever,
-    entries: list[_Entry],
-    dtype: str,
-    factored: dict[str, int],
-    factor,
-    command: str | None,
-) -> dict:
+def _manifest(job: _Job, factored: dict[str, int], factor, command: str | None) -> dict:
+    entries, retriever = job.entries, job.retriever
     return {
         "kind": "delta",
-        "base": base.provenance,
+        "base": job.base.provenance,
         "retriever": {
             **retriever.provenance,
             "kind": retriever.kind,
             "architecture": getattr(retriever, "architecture", None),
         },
-        "dtype": dtype,
+        # the retriever's own key prefix ("model." for a body saved through a *ForCausalLM class), so that
+        # `merge --delta` writes the names the retriever has
+        "retriever_prefix": retriever.layout.prefix if isinstance(retriever, Checkpoint) else "",
+        "dtype": job.dtype,
         "shapes": {e.key: list(e.shape) for e in entries},
-        "retriever_dtypes": _retriever_dtypes(base, retriever, entries),
+        "retriever_dtypes": _retriever_dtypes(job.base, retriever, entries),
         "zero": [e.key for e in entries if e.source == "zero" and factor is not None],
         "factored": sorted(factored),
         "retriever_only": [e.key for e in entries if e.source == "retriever-only"],

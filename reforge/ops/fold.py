@@ -119,10 +119,43 @@ class LoraAdapter:
                 path=self.checkpoint.path,
                 tensor=module,
             )
-        rank = self.checkpoint.index.tensors[a_key].shape[0]
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
+        rank = self._rank(module, a_key, b_key)
+        alpha = self._number(module, "lora_alpha", config.get("alpha_pattern"), rank)
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         return LoraModule(target, a_key, b_key, magnitude, scale, bool(config.get("fan_in_fan_out")), embedding)
+
+    def _rank(self, module: str, a_key: str, b_key: str) -> int:
+        """The rank the factors have, checked against each other and against the rank the config declares."""
+        tensors = self.checkpoint.index.tensors
+        a_shape, b_shape = tensors[a_key].shape, tensors[b_key].shape
+        rank = a_shape[0] if a_shape else 0
+        declared = self._number(module, "r", self.checkpoint.adapter_config.get("rank_pattern"), rank)
+        if len(a_shape) != 2 or len(b_shape) != 2 or rank < 1 or b_shape[1] != rank or declared != rank:
+            raise AdapterError(
+                f"{short_path(self.checkpoint.path)}: module {module!r} has lora_A {list(a_shape)} and lora_B "
+                f"{list(b_shape)}, but adapter_config.json declares rank {declared:g}.",
+                hint="The adapter's config and tensors disagree; save the adapter again.",
+                path=self.checkpoint.path,
+                tensor=module,
+            )
+        return rank
+
+    def _number(self, module: str, field: str, patterns, default: float) -> float:
+        """A finite number from adapter_config.json (``r`` or ``lora_alpha``, per-module pattern first)."""
+        value = self.checkpoint.adapter_config.get(field, default)
+        if isinstance(patterns, dict):
+            value = _pattern_value(patterns, module, value)
+        elif patterns is not None:  # a pattern table that is not a table: report it as the value
+            value = patterns
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise AdapterError(
+                f"{short_path(self.checkpoint.path)}/adapter_config.json: {field} for module {module!r} is "
+                f"{value!r}, not a finite number.",
+                hint="Fix adapter_config.json, or save the adapter again.",
+                path=self.checkpoint.path,
+                tensor=module,
+            )
+        return float(value)
 
     def factors(self, target: str, read: Callable[[str], "torch.Tensor"]) -> "Factors":
         """Read the factors of the module that changes ``target`` (fp32), ready to add Psi block by block."""
@@ -249,8 +282,9 @@ class Factors:
         return self._whole
 
 
-def torch_addmm(base: "torch.Tensor", b: "torch.Tensor", a: "torch.Tensor", scale: float,
-                out: "torch.Tensor | None" = None) -> "torch.Tensor":
+def torch_addmm(
+    base: "torch.Tensor", b: "torch.Tensor", a: "torch.Tensor", scale: float, out: "torch.Tensor | None" = None
+) -> "torch.Tensor":
     """``base + scale * (b @ a)`` in fp32 (into ``out`` when given)."""
     import torch
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,19 +23,31 @@ from reforge.io.buffers import ALIGNMENT, BufferPool
 from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
 from reforge.io.companions import companion_files, output_companions
 from reforge.io.format import torch_dtype
-from reforge.io.target import check_output
+from reforge.io.keymap import extra_rows
+from reforge.io.manifest import read_training_record
+from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.chat import apply_head_rule, chat_card
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
-from reforge.ops.diff import DTYPE_NAMES, overlap
+from reforge.ops.diff import overlap
 from reforge.ops.fold import Factors, LoraAdapter
+from reforge.ops.job import (
+    Access,
+    WriteOptions,
+    check_source,
+    check_target,
+    dominant_dtype,
+    max_rounding,
+    streamed,
+    writing,
+)
 from reforge.ops.stream import (
     Accumulator,
+    all_finite,
+    check_finite,
     empty,
     import_torch_in_background,
-    prefetch,
     row_blocks,
-    torch_threads,
 )
 
 if TYPE_CHECKING:
@@ -86,17 +97,11 @@ def merge(
     delta: str | Path | None = None,
     adapters: list[tuple[str | Path, float]] = (),
     beta: float = 1.0,
-    dtype: str = "auto",
-    max_shard_size: int = 5 * 10**9,
-    overwrite: bool = False,
-    token: str | None = None,
-    allow_pickle: bool = False,
-    dry_run: bool = False,
-    command: str | None = None,
     corpus: str | None = None,
-    durable: bool = False,
     keep_lm_head: bool = False,
-    progress: Callable[[int, int | None], None] | None = None,
+    write: WriteOptions = WriteOptions(),
+    access: Access = Access(),
+    progress: ProgressFn | None = None,
 ) -> MergeReport:
     """Write the readapted retriever into ``output``.
 
@@ -105,7 +110,10 @@ def merge(
         retriever / delta: exactly one: the retriever (full or peft LoRA), or a delta folder from `diff`.
         adapters: ``[(adapter folder, alpha), ...]`` knowledge adapters (peft LoRA/DoRA trained on ``base``).
         beta: weight of Delta.
-        dtype: ``auto`` keeps each tensor's dtype as the retriever stores it; or float32/bfloat16/float16.
+        corpus: what the adapters were trained on, for the card (default: from their training records).
+        write: dtype (``auto`` keeps each tensor's dtype as the retriever stores it), shard size, overwrite, dry
+            run, the command.
+        access: Hub token and pickle permission for the inputs.
         keep_lm_head: RE-Adapt of a chat model: the "retriever" (or the delta's) is an instruction-tuned CausalLM
             and the output is a CausalLM with its lm_head (see `reforge.ops.chat`).
 
@@ -115,23 +123,54 @@ def merge(
     """
     started = time.perf_counter()
     import_torch_in_background()
-    _check_options(retriever, delta, adapters, beta, dtype)
-    if not dry_run:
-        check_output(output, inputs=[base, retriever, delta, *(ref for ref, _ in adapters)], overwrite=overwrite)
-    source = open_inputs(base, retriever, delta, adapters, token, allow_pickle, keep_lm_head)
+    _check_options(retriever, delta, adapters, beta)
+    write.check()
+    check_target(output, [base, retriever, delta, *(ref for ref, _ in adapters)], write)
+    source = open_inputs(base, retriever, delta, adapters, access.token, access.allow_pickle, keep_lm_head)
+    check_base_values(source, beta)
     plan = {key: _terms(source, key, beta) for key in source.shapes}
     specs = [
-        TensorSpec(source.stored_names[k], DTYPE_NAMES.get(dtype, source.dtypes[k]), source.shapes[k])
-        for k in source.shapes
+        TensorSpec(source.stored_names[k], write.stored(source.dtypes[k]), source.shapes[k]) for k in source.shapes
     ]
-    plan_id = plan_id_for(
+    shard_plan = ShardPlan.build(specs, write.max_shard_size)
+    report = MergeReport(
+        Path(output),
+        len(specs),
+        shard_plan.total_size,
+        shard_plan.shard_sizes(),
+        write.stored(dominant_dtype(source.dtypes.values())),
+        sum(1 for t in plan.values() if t != ["retriever"]),
+        dry_run=write.dry_run,
+        plan=plan,
+    )
+    if write.dry_run:
+        return report
+    manifest = _manifest(source, beta, write.dtype, write.command, corpus)
+    if keep_lm_head:
+        manifest["keep_lm_head"] = True
+    plan_id = _plan_id(source, beta, specs, write.max_shard_size)
+    inputs = _input_paths(source)
+    with writing(
+        output, specs, plan_id=plan_id, manifest=manifest, options=write, inputs=inputs, progress=progress
+    ) as writer:
+        report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
+        _add_companions(writer, source, manifest, keep_lm_head)
+        if not writer.already_complete:
+            _write_tensors(writer, source, beta, specs)
+    report.max_abs_rounding = max_rounding(writer.records)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _plan_id(source: "MergeInputs", beta: float, specs: list[TensorSpec], max_shard_size: int) -> str:
+    """What the output depends on: a rerun with the same plan id resumes or is a no-op."""
+    adapter = source.retriever_adapter
+    return plan_id_for(
         {
             "op": "merge",
             "base": source.base.provenance["fingerprint"],
             "retriever": source.retriever.provenance["fingerprint"] if source.retriever else None,
-            "retriever_adapter": (
-                source.retriever_adapter.checkpoint.provenance["fingerprint"] if source.retriever_adapter else None
-            ),
+            "retriever_adapter": adapter.checkpoint.provenance["fingerprint"] if adapter else None,
             "delta": source.delta.manifest.get("plan_id") if source.delta else None,
             "adapters": [(a.checkpoint.provenance["fingerprint"], alpha) for a, alpha in source.adapters],
             "beta": beta,
@@ -139,44 +178,9 @@ def merge(
             "shard": max_shard_size,
         }
     )
-    shard_plan = ShardPlan.build(specs, max_shard_size)
-    report = MergeReport(
-        Path(output),
-        len(specs),
-        shard_plan.total_size,
-        shard_plan.shard_sizes(),
-        dtype if dtype != "auto" else _dominant(source.dtypes),
-        sum(1 for t in plan.values() if t != ["retriever"]),
-        dry_run=dry_run,
-        plan={k: v for k, v in plan.items()},
-    )
-    if dry_run:
-        return report
-    manifest = _manifest(source, beta, dtype, command, corpus)
-    if keep_lm_head:
-        manifest["keep_lm_head"] = True
-    with CheckpointWriter(
-        output,
-        specs,
-        plan_id=plan_id,
-        max_shard_size=max_shard_size,
-        manifest=manifest,
-        overwrite=overwrite,
-        progress=progress,
-        durable=durable,
-        inputs=_input_paths(source),
-    ) as writer:
-        report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
-        _add_companions(writer, source, manifest, keep_lm_head)
-        if not writer.already_complete:
-            _write_tensors(writer, source, beta, specs)
-        writer.manifest["max_abs_rounding"] = max((r["max_abs_rounding"] for r in writer.records.values()), default=0.0)
-        report.max_abs_rounding = writer.manifest["max_abs_rounding"]
-    report.seconds = time.perf_counter() - started
-    return report
 
 
-def _input_paths(source: MergeInputs) -> list[Path]:
+def _input_paths(source: "MergeInputs") -> list[Path]:
     """The folders a merge reads, which its output must stay apart from."""
     adapters = [source.retriever_adapter, *(adapter for adapter, _ in source.adapters)]
     return [c.path for c in (source.base, source.retriever, source.delta) if c is not None] + [
@@ -184,12 +188,8 @@ def _input_paths(source: MergeInputs) -> list[Path]:
     ]
 
 
-def _check_options(retriever, delta, adapters, beta: float, dtype: str) -> None:
-    if (retriever is None) == (delta is None):
-        raise InvalidOptionError(
-            "give exactly one of --retriever (Delta computed on the fly) and --delta (a folder from `reforge diff`).",
-            option="--retriever",
-        )
+def _check_options(retriever, delta, adapters, beta: float) -> None:
+    check_source(retriever, delta)
     for ref, alpha in adapters:
         if not math.isfinite(alpha):
             raise InvalidOptionError(
@@ -197,10 +197,6 @@ def _check_options(retriever, delta, adapters, beta: float, dtype: str) -> None:
             )
     if not math.isfinite(beta):
         raise InvalidOptionError(f"--beta is {beta}; it must be a finite number.", option="--beta")
-    if dtype != "auto" and dtype not in DTYPE_NAMES:
-        raise InvalidOptionError(
-            f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}.", option="--dtype"
-        )
 
 
 def open_inputs(
@@ -227,8 +223,9 @@ def open_inputs(
         shapes = delta.shapes
         dtypes = {k: delta.manifest.get("retriever_dtypes", {}).get(k, delta.manifest["dtype"]) for k in shapes}
         _check_delta_files(delta)
-        # a chat model's delta is written back in the CausalLM layout the base has
-        stored = {k: base.layout.stored(k) if keep_lm_head else k for k in shapes}
+        # the retriever's own names: its key prefix, or (a chat model's delta) the CausalLM layout the base has
+        prefix = delta.manifest.get("retriever_prefix") or ""
+        stored = {k: base.layout.stored(k) if keep_lm_head else prefix + k for k in shapes}
     else:
         if isinstance(opened, AdapterCheckpoint):
             retriever_adapter = LoraAdapter(opened)
@@ -282,11 +279,7 @@ def _check_retriever_against_base(
 ) -> None:
     for key, stored in retriever_keys.items():
         shape = retriever.index.tensors[stored].shape
-        if (
-            key in base_shapes
-            and base_shapes[key] != shape
-            and not (len(shape) == 2 and base_shapes[key][1:] == shape[1:] and shape[0] > base_shapes[key][0])
-        ):
+        if key in base_shapes and extra_rows(key, base_shapes[key], shape) is None:
             raise LayoutMismatchError(
                 f"tensor {key!r} is {list(base_shapes[key])} in base {base.ref} but "
                 f"{list(shape)} in retriever {retriever.ref}.",
@@ -296,6 +289,40 @@ def _check_retriever_against_base(
                 tensor=key,
                 details={},
             )
+
+
+def check_base_values(source: MergeInputs, beta: float) -> None:
+    """The missing-key rule: every value the formula needs from the base must be there.
+
+    Where the base has no value (a tensor only the retriever has, such as a BERT pooler, or embedding rows of
+    tokens added to the retriever), Delta is the retriever's own value (the base is taken as zero; see `diff`).
+    That reproduces the retriever at beta = 1. At any other beta it would write beta times a trained tensor, a
+    number no formula of the method asks for, so it is refused rather than written silently.
+
+    Raises:
+        LayoutMismatchError: naming the first such tensor.
+    """
+    retriever_only = set(source.delta.manifest.get("retriever_only") or []) if source.delta else None
+    for key, shape in source.shapes.items():
+        stored = source.base_keys.get(key)
+        base_shape = source.base.index.tensors[stored].shape if stored is not None else None
+        if base_shape is None:
+            if beta == 1 and (retriever_only is None or key in retriever_only):
+                continue
+            lacks = "the base has no such tensor"
+        elif beta != 1 and base_shape[0] < shape[0]:
+            lacks = f"the base has only {base_shape[0]} of its {shape[0]} rows (tokens added to the retriever)"
+        else:
+            continue
+        raise LayoutMismatchError(
+            f"tensor {key!r}: {lacks}, so base + {beta:g} * Delta has no base value there.",
+            hint="Use --beta 1 (the retriever's values are kept there), or a base with the same tensors and "
+            "vocabulary.",
+            left=source.base.ref,
+            right=None,
+            tensor=key,
+            details={"beta": beta},
+        )
 
 
 def _open_adapter(ref, base: Checkpoint, output_shapes: dict[str, tuple], token, allow_pickle) -> LoraAdapter:
@@ -325,15 +352,8 @@ def _open_adapter(ref, base: Checkpoint, output_shapes: dict[str, tuple], token,
 
 def _check_adapter_base(checkpoint: AdapterCheckpoint, base: Checkpoint) -> None:
     """Refuse an adapter whose training record names a different base (by content fingerprint)."""
-    import json
-
-    record_file = checkpoint.path / "training_record.json"
-    if not record_file.is_file():
-        return
-    try:
-        recorded = (json.loads(record_file.read_text()).get("base") or {}).get("fingerprint")
-    except ValueError:
-        return
+    record = read_training_record(checkpoint.path)
+    recorded = record.base_fingerprint if record is not None else None
     found = base.provenance.get("fingerprint")
     if recorded and found and recorded != found:
         raise ProvenanceMismatchError(
@@ -363,13 +383,12 @@ def _terms(source: MergeInputs, key: str, beta: float) -> list[str]:
 
 
 def _write_tensors(writer: CheckpointWriter, source: MergeInputs, beta: float, specs: list[TensorSpec]) -> None:
-    todo = [(spec, key) for spec, key in zip(specs, source.shapes) if writer.pending(spec.name)]
-    with (
-        InputLoader(source, beta) as loader,
-        prefetch(todo, lambda item: loader.load(item[1])) as stream,
-        torch_threads(1),
-    ):
-        for (spec, key), loaded in stream:
+    todo = [key for spec, key in zip(specs, source.shapes) if writer.pending(spec.name)]
+    spec_of = {key: spec for spec, key in zip(specs, source.shapes)}
+    loader = InputLoader(source, beta)
+    with streamed(todo, loader) as stream:
+        for key, loaded in stream:
+            spec = spec_of[key]
             stored, rounding = compute_output(
                 source, loaded, key, beta, torch_dtype(spec.dtype), loader.pool, writer.alignment(spec.name)
             )
@@ -452,6 +471,7 @@ def compute_output(
 
     A tensor nothing changes (retriever, beta = 1, no adapter) is the retriever's tensor itself, bit for bit."""
     if loaded.retriever is not None and beta == 1 and not loaded.adapters and loaded.retriever.dtype == dtype:
+        check_finite(all_finite(loaded.retriever), key, "the retriever's tensor holds")
         return _placed(loaded.retriever, pool, skew), 0.0
     shape = source.shapes[key]
     base_rows = loaded.base.shape[0] if loaded.base is not None and loaded.base.dim() else None
@@ -474,6 +494,7 @@ def compute_output(
         for factors, alpha in loaded.adapters:
             factors.add_to(block, rows, base, alpha)
         accumulator.commit(rows)
+    check_finite(accumulator.finite, key, "base + alpha * Psi + beta * Delta is")
     return accumulator.output, accumulator.max_abs_rounding
 
 
@@ -513,11 +534,6 @@ def _add(block: "torch.Tensor", base: "torch.Tensor | None", covered: int | None
         (block if covered is None else block[:covered]).add_(base)
 
 
-def _dominant(dtypes: dict[str, str]) -> str:
-    values = list(dtypes.values())
-    return max(set(values), key=values.count) if values else "F32"
-
-
 def _manifest(source: MergeInputs, beta: float, dtype: str, command: str | None, corpus: str | None) -> dict:
     retriever = (
         source.retriever.provenance
@@ -548,18 +564,8 @@ def _manifest(source: MergeInputs, beta: float, dtype: str, command: str | None,
 
 
 def _adapter_corpus(adapter: LoraAdapter) -> str | None:
-    """The corpus `reforge train` recorded (``corpus.paths`` in training_record.json), several joined by ", "."""
-    import json
-
-    record = adapter.checkpoint.path / "training_record.json"
-    try:
-        corpus = json.loads(record.read_text()).get("corpus") if record.is_file() else None
-    except ValueError:
-        return None
-    if isinstance(corpus, dict):
-        paths = corpus.get("paths") or []
-        return ", ".join(str(p) for p in paths) if isinstance(paths, list) and paths else None
-    return corpus if isinstance(corpus, str) else None
+    record = read_training_record(adapter.checkpoint.path)
+    return record.corpus if record is not None else None
 
 
 def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dict, keep_head: bool = False) -> None:
@@ -585,8 +591,10 @@ def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dic
     for name, content in files.items():
         writer.add_file(name, content)
     prompts = json.loads(files.get("config_sentence_transformers.json", b"{}")).get("prompts") or {}
-    writer.add_file("README.md", _model_card({**manifest, "encoding": encoding, "prompt_names": sorted(prompts)},
-                                             "modules.json" in files))
+    writer.add_file(
+        "README.md",
+        _model_card({**manifest, "encoding": encoding, "prompt_names": sorted(prompts)}, "modules.json" in files),
+    )
 
 
 def _sentence_transformers_files(files: dict[str, bytes], encoding: dict) -> dict[str, bytes]:

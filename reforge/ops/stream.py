@@ -7,12 +7,14 @@ the whole tensor at once (every operation is elementwise or per row).
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
 
+from reforge.errors import NonFiniteError
 from reforge.io.buffers import BufferPool
 
 if TYPE_CHECKING:
@@ -42,7 +44,8 @@ class Accumulator:
     """A reusable fp32 buffer for one row block, and the output tensor it is rounded into.
 
     Use: ``for rows in row_blocks(shape): x = acc.block(rows); ...fill x...; acc.commit(rows)``; then
-    ``acc.output`` is the tensor in the output dtype and ``acc.max_abs_rounding`` the largest |stored - exact|.
+    ``acc.output`` is the tensor in the output dtype, ``acc.max_abs_rounding`` the largest |stored - exact| and
+    ``acc.finite`` False when a NaN or Inf was computed or produced by rounding (the caller names the tensor).
     With a ``pool`` (`reforge.io.buffers.BufferPool`) a large output takes its memory from it, starting ``skew``
     bytes into a page: `CheckpointWriter.alignment` of its name, so that the writer can write it with O_DIRECT.
     """
@@ -54,6 +57,7 @@ class Accumulator:
 
         self.output = empty(shape, dtype, pool, skew)
         self.max_abs_rounding = 0.0
+        self.finite = True
         self._exact = dtype == torch.float32
         size = min(_numel(shape), max(CHUNK_ELEMENTS, _row_size(shape)))
         self._buffer = torch.empty(size, dtype=torch.float32)
@@ -71,14 +75,23 @@ class Accumulator:
         exact = self.block(rows)
         target = self.output[rows]
         target.copy_(exact)
-        if self._exact or exact.numel() == 0:
+        if exact.numel() == 0:
+            return
+        if self._exact:  # no rounding to measure; one pass over the block (in cache) still sees NaN and Inf
+            low, high = torch.aminmax(exact)
+            self.finite = self.finite and math.isfinite(float(low)) and math.isfinite(float(high))
             return
         error = self._scratch[: exact.numel()].view(exact.shape)
         error.copy_(target)
         error.sub_(exact)
-        # max |error| as max(-min, max): one pass instead of abs_ then max (same value; NaN propagates the same)
+        # max |error| as max(-min, max): one pass instead of abs_ then max. A NaN or Inf in the exact value, or
+        # one produced by rounding (overflow to fp16's Inf), makes the error NaN or Inf: no extra pass needed.
         low, high = torch.aminmax(error)
-        self.max_abs_rounding = max(self.max_abs_rounding, -float(low), float(high))
+        low, high = float(low), float(high)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            self.finite = False
+            return
+        self.max_abs_rounding = max(self.max_abs_rounding, -low, high)
 
 
 def empty(
@@ -222,3 +235,24 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _row_size(shape: tuple[int, ...]) -> int:
     return _numel(shape[1:]) if shape else 1
+
+
+def all_finite(tensor: "torch.Tensor") -> bool:
+    """True when a floating tensor holds no NaN or Inf (one pass: min and max propagate both)."""
+    import torch
+
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+def check_finite(ok: bool, key: str, what: str) -> None:
+    """Raise `NonFiniteError` for output tensor ``key`` unless ``ok``; ``what`` says where the NaN/Inf came from."""
+    if not ok:
+        raise NonFiniteError(
+            f"tensor {key!r}: {what} NaN or Inf.",
+            hint="An input holds NaN/Inf (find it with `reforge verify` or `reforge inspect`), or the result "
+            "overflows the output dtype (try --dtype float32). Nothing was written under the final name.",
+            tensor=key,
+        )

@@ -14,16 +14,17 @@ Checks, each reported by name:
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from reforge.errors import ReforgeError, short_path
+from reforge.errors import CorruptCheckpointError, ReforgeError
 from reforge.io.checkpoint import AdapterCheckpoint, open_checkpoint
 from reforge.io.index import ShardIndex
+from reforge.io.manifest import read_manifest
+from reforge.io.progress import ProgressFn
 from reforge.io.reader import ShardReader
+from reforge.io.target import staging_path
 from reforge.ops.chat import apply_head_rule
 
 PROFILE_FILE_NAME = "reforge_encoding.json"
@@ -42,6 +43,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    skipped: bool = False
 
 
 @dataclass
@@ -62,8 +64,13 @@ class VerifyReport:
     def failures(self) -> list[str]:
         return [f"{c.name}: {c.detail}" for c in self.checks if not c.ok]
 
-    def add(self, name: str, ok: bool, detail: str) -> None:
-        self.checks.append(Check(name, ok, detail))
+    @property
+    def skipped(self) -> list[str]:
+        """Checks that could not run, with why: the folder is sound only as far as it was checked."""
+        return [f"{c.name}: {c.detail}" for c in self.checks if c.skipped]
+
+    def add(self, name: str, ok: bool, detail: str, *, skipped: bool = False) -> None:
+        self.checks.append(Check(name, ok, detail, skipped))
 
 
 def verify_checkpoint(
@@ -80,14 +87,20 @@ def verify_checkpoint(
     token: str | None = None,
     allow_pickle: bool = False,
     seed: int = 0,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> VerifyReport:
     """Verify a delta or merged checkpoint folder; see the module docstring for the checks.
 
     Inputs not given are taken from the folder's ``reforge.json`` when the paths it records still exist.
     """
     path = Path(path)
-    manifest = _manifest(path)
+    try:
+        record = read_manifest(path)
+    except CorruptCheckpointError as e:  # not "no inputs recorded": a damaged record fails the folder
+        report = VerifyReport(path, "model")
+        report.add("loads", False, str(e))
+        return report
+    manifest = record.data if record is not None else {}
     report = VerifyReport(path, manifest.get("kind", "model"))
     index = _check_loads(path, manifest, report)
     if index is None:
@@ -99,6 +112,7 @@ def verify_checkpoint(
     elif inputs.get("base") and (inputs.get("retriever") or inputs.get("delta")):
         _check_layout(index, inputs, report, token, allow_pickle)
         _check_merge(path, index, inputs, full, samples, seed, report, token, allow_pickle)
+        _check_independent(path, index, inputs, full, samples, seed, report, token, allow_pickle)
         if inputs["keep_lm_head"]:
             report.add(
                 "embeddings", True, "not applicable: a chat model readapted with --keep-lm-head, not a retriever"
@@ -106,23 +120,14 @@ def verify_checkpoint(
         elif embeddings and inputs.get("retriever"):
             _check_embeddings(path, inputs, report, token, allow_pickle)
     else:
-        report.add("recompute", True, "skipped: no inputs given and none recorded (pass --base and --retriever)")
+        report.add(
+            "recompute", True, "skipped: no inputs given and none recorded (pass --base and --retriever)", skipped=True
+        )
     return report
 
 
-def _manifest(path: Path) -> dict:
-    """The folder's reforge.json, or {} (absent, unreadable or not an object: `_check_loads` reports the last two)."""
-    try:
-        manifest = json.loads((path / "reforge.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return manifest if isinstance(manifest, dict) else {}
-
-
 def _check_loads(path: Path, manifest: dict, report: VerifyReport) -> ShardIndex | None:
-    leftovers = [p.name for p in path.glob("*.incomplete")] + [
-        p.name for p in path.parent.glob(f".{path.name}.reforge-partial")
-    ]
+    leftovers = [p.name for p in path.glob("*.incomplete")] + [p.name for p in [staging_path(path)] if p.exists()]
     try:
         index = ShardIndex.from_dir(path)
     except ReforgeError as e:
@@ -196,18 +201,15 @@ def _check_delta(path, index, manifest, inputs, full, samples, seed, report, tok
     from reforge.ops.delta import DeltaCheckpoint
 
     if not (inputs["base"] and inputs["retriever"]):
-        report.add("recompute", True, "skipped: pass --base and --retriever to check base + Delta = retriever")
+        report.add(
+            "recompute", True, "skipped: pass --base and --retriever to check base + Delta = retriever", skipped=True
+        )
         return
     delta = DeltaCheckpoint.open(path)
     base = open_checkpoint(inputs["base"], token=token, allow_pickle=allow_pickle)
     retriever = open_checkpoint(inputs["retriever"], token=token, allow_pickle=allow_pickle)
     if isinstance(retriever, AdapterCheckpoint):
-        report.add(
-            "recompute",
-            True,
-            "skipped: the retriever is a peft adapter; its Delta is checked by "
-            "`reforge merge` tests, not against a stored model",
-        )
+        _check_adapter_delta(path, delta, manifest, inputs, base.path, retriever.path, full, samples, seed, report)
         return
     if inputs["keep_lm_head"]:
         apply_head_rule(base, retriever, True)
@@ -313,6 +315,52 @@ def _check_merge(path, index, inputs, full, samples, seed, report, token, allow_
     )
 
 
+def _check_independent(path, index, inputs, full, samples, seed, report, token, allow_pickle) -> None:
+    """Recompute a sample (all with ``full``) by `reforge.ops.recheck`'s plain formula, sharing no code with merge."""
+    from reforge.ops.recheck import recheck_merge
+
+    names = _sample(sorted(index.tensors), full, samples, seed + 1)
+    result = recheck_merge(path, names, inputs, _resolver(token, allow_pickle))
+    _report_recheck("independent", result, report, "recomputed by the plain formula from the input files")
+
+
+def _check_adapter_delta(path, delta, manifest, inputs, base_dir, adapter_dir, full, samples, seed, report) -> None:
+    """A delta from a LoRA retriever: Delta against the adapter folded by the plain formula (`reforge.ops.recheck`)."""
+    from reforge.ops.recheck import recheck_adapter_delta
+
+    names = _sample(list(delta.shapes), full, samples, seed)
+    result = recheck_adapter_delta(path, names, base_dir, adapter_dir, manifest)
+    _report_recheck("recompute", result, report, "of Delta equal the LoRA retriever folded by the plain formula")
+
+
+def _report_recheck(check: str, result, report: VerifyReport, what: str) -> None:
+    failures = result.failures
+    missing = result.not_recomputed
+    for name, (error, tolerance) in result.checked.items():
+        report.tensors.setdefault(name, {}).update({f"{check}_error": error, f"{check}_tolerance": tolerance})
+    if failures:
+        report.add(check, False, "; ".join(failures[:3]))
+    elif missing and not result.checked:
+        reason = next(iter(missing.values()))
+        report.add(check, True, f"skipped: {len(missing)} tensor(s) not recomputed ({reason})", skipped=True)
+    elif missing:
+        name, reason = next(iter(missing.items()))
+        report.add(
+            check,
+            True,
+            f"{len(result.checked)} tensor(s) {what}; {len(missing)} not recomputed (e.g. {name!r}: {reason})",
+            skipped=True,
+        )
+    else:
+        report.add(check, True, f"{len(result.checked)} tensor(s) {what}, within one rounding of their dtype")
+
+
+def _resolver(token, allow_pickle):
+    from reforge.io.checkpoint import resolve_local
+
+    return lambda ref: resolve_local(ref, token=token, allow_pickle=allow_pickle)
+
+
 def _check_embeddings(path: Path, inputs: dict, report: VerifyReport, token, allow_pickle) -> None:
     """``encoding``: the new model is encoded like the retriever (its reforge_encoding.json); ``embeddings``: the
     two embed a few sentences alike. A check that cannot run fails (``--no-embeddings`` skips it on purpose)."""
@@ -324,14 +372,23 @@ def _check_embeddings(path: Path, inputs: dict, report: VerifyReport, token, all
 
     try:
         try:
-            old = resolve_model(inputs["retriever"], base=inputs["base"], token=token, allow_pickle=allow_pickle)
+            old = resolve_model(
+                inputs["retriever"], base=inputs["base"], token=token, allow_pickle=allow_pickle, builtin_class=True
+            )
             known = True
         except PoolingUndeterminedError:  # no profile to carry; agreement is still measured, with mean pooling
             old = resolve_model(
-                inputs["retriever"], base=inputs["base"], token=token, allow_pickle=allow_pickle, pooling="mean"
+                inputs["retriever"],
+                base=inputs["base"],
+                token=token,
+                allow_pickle=allow_pickle,
+                pooling="mean",
+                builtin_class=True,
             )
             known = False
-        new = resolve_model(path, token=token, allow_pickle=allow_pickle, pooling=None if known else "mean")
+        new = resolve_model(
+            path, token=token, allow_pickle=allow_pickle, pooling=None if known else "mean", builtin_class=True
+        )
         if known:
             same = new.profile == old.profile
             report.add(
@@ -382,16 +439,3 @@ def _fp32_slack(reference) -> float:
     import torch
 
     return 4 * float(torch.finfo(torch.float32).eps) * float(reference.abs().max()) if reference.numel() else 0.0
-
-
-def require_ok(report: VerifyReport) -> None:
-    """Raise if the report failed (used by `push` to refuse an unsound folder)."""
-    if not report.ok:
-        from reforge.errors import VerificationError
-
-        raise VerificationError(
-            f"{short_path(report.path)} failed verification: {'; '.join(report.failures)}",
-            hint="Rerun the command that produced it.",
-            path=report.path,
-            failures=report.failures,
-        )

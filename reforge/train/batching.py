@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from reforge.data.clip import clip_texts, token_counter
+
 if TYPE_CHECKING:
     import torch
 
@@ -40,7 +42,8 @@ def make_encoder(tokenizer, max_length: int) -> Encoder:
     room = max_length - 1 if eos is not None else max_length
 
     def encode(texts: Sequence[str]) -> list[list[int]]:
-        ids = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=room)["input_ids"]
+        texts = clip_texts(texts, room, token_counter(tokenizer))  # a huge document costs what is kept
+        ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=room)["input_ids"]
         return [list(row) + [eos] for row in ids] if eos is not None else [list(row) for row in ids]
 
     return encode

@@ -80,14 +80,3 @@ def gather_strided(local: np.ndarray, total: int, ranks: Ranks) -> np.ndarray:
     for r, part in enumerate(parts):
         full[r::ranks.world] = part
     return full
-
-
-def broadcast(value: Any, ranks: Ranks) -> Any:
-    """Rank 0's ``value`` on every rank (a picklable object)."""
-    if ranks.world == 1:
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

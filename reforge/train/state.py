@@ -84,7 +84,8 @@ def save_checkpoint(work: Path, step: int, *, model, optimizer, scheduler, meta:
     """Write a checkpoint after ``step`` optimizer steps: trainable tensors, optimizer, scheduler, every rank's
     RNG and ``meta``; keep only this one."""
     import torch
-    from safetensors.torch import save
+
+    from reforge.io.tensors import save_tensors
 
     final = work / CHECKPOINTS / f"step-{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -95,7 +96,7 @@ def save_checkpoint(work: Path, step: int, *, model, optimizer, scheduler, meta:
     torch.save(_rng_state(), tmp / f"rng-rank{ranks.rank}.pt")
     if ranks.main:
         tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-        (tmp / "adapter.safetensors").write_bytes(save(tensors))
+        save_tensors(tmp / "adapter.safetensors", tensors)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1), encoding="utf-8")
     barrier(ranks)
@@ -117,7 +118,8 @@ def load_checkpoint(checkpoint: Path, config: TrainConfig, *, model, optimizer, 
         InvalidOptionError: the checkpoint was made with different training options or a different world size.
     """
     import torch
-    from safetensors.torch import load_file
+
+    from reforge.io.tensors import load_tensors
 
     meta = json.loads((checkpoint / "meta.json").read_text(encoding="utf-8"))
     saved, now = resume_options(meta["config"]), resume_options(config.to_dict())
@@ -132,7 +134,7 @@ def load_checkpoint(checkpoint: Path, config: TrainConfig, *, model, optimizer, 
                                  f"{meta['world_size']} processes and this run has {ranks.world}.",
                                  hint="Launch the same number of processes, or --overwrite to start over.",
                                  option="world_size")
-    tensors = load_file(checkpoint / "adapter.safetensors")
+    tensors = load_tensors(checkpoint / "adapter.safetensors")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
