@@ -31,6 +31,8 @@ def test_token_budget_batches_give_the_same_vectors(tmp_path):
     shapes.clear()
     by_tokens = encode(retriever, texts, retriever.profile, batch_size=8, max_batch_tokens=96)
     hook.remove()
+    ahead = encode(retriever, texts, retriever.profile, batch_size=1, tokenize_ahead=True)  # windows of 32: 2
+    np.testing.assert_allclose(ahead, by_count, rtol=0, atol=1e-5)
     np.testing.assert_allclose(by_tokens, by_count, rtol=0, atol=1e-5)
     assert [s[0] for s in counted] == [8, 8, 8, 8, 5]
     assert sum(s[0] for s in shapes) == len(texts)

@@ -7,7 +7,8 @@ across ranks so every rank gets a similar amount of work.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,7 @@ def encode(
     *,
     batch_size: int = 32,
     max_batch_tokens: int | None = None,
+    tokenize_ahead: bool | None = None,
     device: str | None = None,
     progress: ProgressFn | None = None,
 ) -> np.ndarray:
@@ -66,6 +68,8 @@ def encode(
         max_batch_tokens: size batches by tokens instead: as many texts (in length order, at least one) as fit
             this many padded positions. Default: ``batch_size * 512`` on a GPU, where short texts then go many
             to a batch; None on CPU (``batch_size`` texts).
+        tokenize_ahead: tokenize the next window of texts in a worker thread while the model encodes this one
+            (fast tokenizers release the GIL). Default: on a GPU only; on CPU the two would share the cores.
         device: where the inputs go (default: the model's device).
         progress: called as ``progress(done, total)`` after each batch.
     """
@@ -84,10 +88,14 @@ def encode(
     if progress:
         progress(0, total)
     window = batch_size * 32  # texts tokenized at a time, ahead of the batches cut from them
-    with torch.inference_mode():
-        for start in range(0, total, window):
-            chosen = order[start : start + window]
-            ids, token_types = _token_ids(tokenizer, [texts[i] for i in chosen], profile, model)
+    windows = [order[start : start + window] for start in range(0, total, window)]
+
+    def tokenize(chosen: list[int]) -> tuple[list[list[int]], bool]:
+        return _token_ids(tokenizer, [texts[i] for i in chosen], profile, model)
+
+    ahead = cuda if tokenize_ahead is None else tokenize_ahead
+    with torch.inference_mode(), _in_order(tokenize, windows, background=ahead) as tokenized:
+        for chosen, (ids, token_types) in zip(windows, tokenized):
             for batch in _cut(len(chosen), [len(row) for row in ids], batch_size, max_batch_tokens):
                 inputs = _pad([ids[j] for j in batch], tokenizer, profile, token_types)
                 inputs = {
@@ -104,6 +112,27 @@ def encode(
                     progress(done, total)
     assert out is not None
     return out
+
+
+@contextmanager
+def _in_order(fn: Callable[[Any], Any], items: list[Any], *, background: bool) -> Iterator[Iterator[Any]]:
+    """``fn(item)`` for each item, in order; with ``background``, the next one is computed in a worker thread
+    while the caller uses the current one."""
+    if not background:
+        yield (fn(item) for item in items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as worker:
+
+        def results() -> Iterator[Any]:
+            pending = worker.submit(fn, items[0]) if items else None
+            for i in range(len(items)):
+                current = pending.result()
+                pending = worker.submit(fn, items[i + 1]) if i + 1 < len(items) else None
+                yield current
+
+        yield results()
 
 
 def _cut(count: int, lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
