@@ -246,3 +246,12 @@ def test_ranks_reading_different_corpora_stop_before_encoding(models, tmp_path):
     done = _torchrun([str(script)], tmp_path)
     assert done.returncode != 0 and "Ranks disagree on the corpus of toy" in done.stdout, done.stderr[-2000:]
     assert not list(_cache_folder().glob("*/*.npy"))  # nothing was encoded
+
+
+def test_merge_breaks_score_ties_by_row_whatever_the_order_hits_arrive_in():
+    scores = np.array([[0.5, 0.75, 0.5, 0.5]], dtype=np.float32)
+    for rows in ([[7, 3, 2, 9]], [[9, 3, 7, 2]]):
+        table = TopK.empty(1, 3).merge(scores, np.array(rows))
+        assert table.rows.tolist() == [[3, 2, 7]] and table.scores.tolist() == [[0.75, 0.5, 0.5]]
+    big = np.random.default_rng(3).standard_normal((2, 2**20 // 2 + 5)).astype(np.float16)  # the torch widening
+    assert (from_stored(big, "float16") == big.astype(np.float32)).all()
