@@ -298,7 +298,7 @@ def test_cli_trains_every_family_and_warns_once_on_a_fallback(family, tmp_path):
     assert result.exit_code == 0, result.stderr
     record = json.loads(result.stdout)["record"]
     assert record["attention"]["path"] == ("split" if family == "gemma2" else "fallback")
-    assert record["steps"] == 3 and math.isfinite(record["loss"]["final"])   # 12 documents, 4 a step
+    assert record["steps"] == 3 and math.isfinite(record["loss"]["final"])  # 12 documents, 4 a step
     assert result.stderr.count("packed attention is implemented for") == (family == "olmo2")
     trained = load_file(out / "adapter_model.safetensors")
     assert any(name.endswith("lora_B.weight") and float(t.abs().max()) > 0 for name, t in trained.items())
