@@ -14,7 +14,7 @@ characters per token SmolLM2's tokenizer gives on SciFact, + 1 EOS, cut at max l
 What is timed, after ``--warmup`` steps (compilation, allocator warm-up):
 - ``reforge train``: `reforge.train.dora.train_loop` (tokenize each step's rows, forward, backward, clip, AdamW)
   with the model `setup_model` builds: DoRA r 32, alpha 64, dropout 0.05 on q,k,v,up,down, batch 4, max length
-  1024, bf16 on a GPU, packed rows or the paper's batching (one document per row).
+  1024, bf16 on a GPU, packed rows (--batching rows) or the paper's batching (4 documents a step, packed per step).
 - HF Trainer + peft DoRA: the same adapter, documents and batch size, `DataCollatorForLanguageModeling` (random
   batches padded to their longest), bf16, sdpa; steps timed inside `Trainer.training_step`.
 - ``reforge eval``'s encoder (`reforge.eval.encode`) and sentence-transformers ``encode`` over the same bare model
@@ -45,9 +45,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT_CANDIDATES = (ROOT.parent / "shared" / "data" / "scifact", ROOT / "shared" / "data" / "scifact")
-CHARS_PER_TOKEN = 4.60   # SmolLM2-135M's tokenizer on SciFact title + text (1.50M tokens, 6.90M characters)
-PAPER = dict(r=32, lora_alpha=64.0, lora_dropout=0.05, batch_size=4, lr=2e-4,
-             target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+CHARS_PER_TOKEN = 4.60  # SmolLM2-135M's tokenizer on SciFact title + text (1.50M tokens, 6.90M characters)
+PAPER = dict(
+    r=32,
+    lora_alpha=64.0,
+    lora_dropout=0.05,
+    batch_size=4,
+    lr=2e-4,
+    target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+)
 # dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name()
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
@@ -77,8 +83,13 @@ class Shape:
     def adapter_weights(self, r: int) -> int:
         """A: r (in + out) for each of q, k, v, up, down in every layer."""
         kv = self.kv_heads * self.head_dim
-        pairs = [(self.hidden, self.hidden), (self.hidden, kv), (self.hidden, kv), (self.hidden, self.mlp),
-                 (self.mlp, self.hidden)]
+        pairs = [
+            (self.hidden, self.hidden),
+            (self.hidden, kv),
+            (self.hidden, kv),
+            (self.hidden, self.mlp),
+            (self.mlp, self.hidden),
+        ]
         return self.layers * sum(r * (i + o) for i, o in pairs)
 
     def attention_forward(self, n: int) -> int:
@@ -96,10 +107,19 @@ class Shape:
     def config(self):
         from transformers import LlamaConfig
 
-        return LlamaConfig(hidden_size=self.hidden, intermediate_size=self.mlp, num_hidden_layers=self.layers,
-                           num_attention_heads=self.heads, num_key_value_heads=self.kv_heads, vocab_size=self.vocab,
-                           max_position_embeddings=4096, tie_word_embeddings=self.tie, bos_token_id=2,
-                           eos_token_id=3, pad_token_id=0)
+        return LlamaConfig(
+            hidden_size=self.hidden,
+            intermediate_size=self.mlp,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            vocab_size=self.vocab,
+            max_position_embeddings=4096,
+            tie_word_embeddings=self.tie,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+        )
 
 
 SHAPES = {
@@ -111,6 +131,7 @@ SHAPES = {
 
 
 # ---- data -----------------------------------------------------------------------------------------------------------
+
 
 def scifact_lengths(max_length: int, corpus: Path | None = None) -> list[int]:
     """Token length of every SciFact passage as reforge train cuts it (estimated from characters, + EOS)."""
@@ -146,12 +167,14 @@ def save_base(folder: Path, shape: Shape, dtype) -> Path:
     vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(shape.vocab - len(specials))])}
     words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=words, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(folder)
     return folder
 
 
 # ---- device ---------------------------------------------------------------------------------------------------------
+
 
 def sync(device) -> None:
     import torch
@@ -186,15 +209,26 @@ def peak_flops(device, override_tflops: float | None) -> float | None:
 
 def result(name: str, seconds: float, tokens: int, docs: int, flops: int, peak: float | None, device, **extra):
     """One row of the report."""
-    return {"name": name, "seconds": round(seconds, 4), "tokens": tokens, "documents": docs,
-            "tokens_per_s": tokens / seconds, "docs_per_s": docs / seconds, "tflops": flops / seconds / 1e12,
-            "mfu": flops / seconds / peak if peak else None, "peak_gib": peak_gib(device), **extra}
+    return {
+        "name": name,
+        "seconds": round(seconds, 4),
+        "tokens": tokens,
+        "documents": docs,
+        "tokens_per_s": tokens / seconds,
+        "docs_per_s": docs / seconds,
+        "tflops": flops / seconds / 1e12,
+        "mfu": flops / seconds / peak if peak else None,
+        "peak_gib": peak_gib(device),
+        **extra,
+    }
 
 
 # ---- training -------------------------------------------------------------------------------------------------------
 
-def bench_reforge_train(base: Path, corpus: Path, shape: Shape, args, device, peak, pack: bool,
-                        before_timed=None, **overrides) -> dict:
+
+def bench_reforge_train(
+    base: Path, corpus: Path, shape: Shape, args, device, peak, batching: str, before_timed=None, **overrides
+) -> dict:
     """`train_loop` as `reforge train` runs it, ``args.warmup`` steps untimed, then ``args.steps`` timed
     (``before_timed()`` is called in between; ``overrides`` replace the paper's adapter options)."""
     from transformers import AutoTokenizer
@@ -203,9 +237,17 @@ def bench_reforge_train(base: Path, corpus: Path, shape: Shape, args, device, pe
     from reforge.train.dist import Ranks
     from reforge.train.dora import LoopState, setup_data, setup_model, train_loop
 
-    config = TrainConfig(base=str(base), corpus=[str(corpus)], output=str(base.parent / "unused"), pack=pack,
-                         max_length=args.max_length, precision="bf16" if device.type == "cuda" else "fp32",
-                         device=str(device), save_every=0, **{**PAPER, **overrides})
+    config = TrainConfig(
+        base=str(base),
+        corpus=[str(corpus)],
+        output=str(base.parent / "unused"),
+        batching=batching,
+        max_length=args.max_length,
+        precision="bf16" if device.type == "cuda" else "fp32",
+        device=str(device),
+        save_every=0,
+        **{**PAPER, **overrides},
+    )
     data = setup_data(config, AutoTokenizer.from_pretrained(base))
     total = args.warmup + args.steps
     if data.plan.steps_per_epoch < total:
@@ -222,15 +264,26 @@ def bench_reforge_train(base: Path, corpus: Path, shape: Shape, args, device, pe
     state = train_loop(run, data, state)
     sync(device)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    timed = [row for step in data.plan.epoch_steps(0)[args.warmup:total] for row in step]
+    timed = [row for step in data.plan.epoch_steps(0)[args.warmup : total] for row in step]
     lengths = [int(data.plan.lengths[d]) for row in timed for d in row]
     assert sum(lengths) == state.real - before, "the plan and the loop disagree on the tokens trained"
-    name = f"reforge train ({'packed rows' if pack else 'paper batching'}, {run.attention.path} attention)"
+    name = (
+        f"reforge train ({'packed rows' if batching == 'rows' else 'paper batching'}, {run.attention.path} attention)"
+    )
     if overrides:
         name += " " + ", ".join(f"{k} {v}" for k, v in overrides.items())
-    return result(name, seconds, sum(lengths), len(lengths), shape.train_flops(lengths, PAPER["r"]), peak, device,
-                  padding_share=(state.pad / max(state.pad + state.real, 1)), steps=args.steps,
-                  cpu_seconds=round(cpu_seconds, 4))
+    return result(
+        name,
+        seconds,
+        sum(lengths),
+        len(lengths),
+        shape.train_flops(lengths, PAPER["r"]),
+        peak,
+        device,
+        padding_share=(state.pad / max(state.pad + state.real, 1)),
+        steps=args.steps,
+        cpu_seconds=round(cpu_seconds, 4),
+    )
 
 
 def bench_hf_train(base: Path, texts: list[str], shape: Shape, args, device, peak) -> dict:
@@ -251,9 +304,17 @@ def bench_hf_train(base: Path, texts: list[str], shape: Shape, args, device, pea
     bf16 = device.type == "cuda"
     torch.manual_seed(42)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if bf16 else torch.float32)
-    model = get_peft_model(model, LoraConfig(r=PAPER["r"], lora_alpha=PAPER["lora_alpha"], use_dora=True,
-                                             lora_dropout=PAPER["lora_dropout"],
-                                             target_modules=PAPER["target_modules"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=PAPER["r"],
+            lora_alpha=PAPER["lora_alpha"],
+            use_dora=True,
+            lora_dropout=PAPER["lora_dropout"],
+            target_modules=PAPER["target_modules"],
+            task_type="CAUSAL_LM",
+        ),
+    )
     marks: list[tuple[float, list[int]]] = []
 
     class Timed(Trainer):
@@ -264,21 +325,41 @@ def bench_hf_train(base: Path, texts: list[str], shape: Shape, args, device, pea
             return loss
 
     total = args.warmup + args.steps
-    targs = TrainingArguments(output_dir=str(base.parent / "hf"), per_device_train_batch_size=PAPER["batch_size"],
-                              learning_rate=PAPER["lr"], max_steps=total, bf16=bf16, use_cpu=device.type == "cpu",
-                              max_grad_norm=1.0, save_strategy="no", report_to=[], disable_tqdm=True,
-                              logging_steps=10**9, seed=42, dataloader_num_workers=0)
-    trainer = Timed(model=model, args=targs, train_dataset=rows,
-                    data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    targs = TrainingArguments(
+        output_dir=str(base.parent / "hf"),
+        per_device_train_batch_size=PAPER["batch_size"],
+        learning_rate=PAPER["lr"],
+        max_steps=total,
+        bf16=bf16,
+        use_cpu=device.type == "cpu",
+        max_grad_norm=1.0,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        logging_steps=10**9,
+        seed=42,
+        dataloader_num_workers=0,
+    )
+    trainer = Timed(
+        model=model, args=targs, train_dataset=rows, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    )
     reset_peak(device)
     trainer.train()
-    timed = marks[args.warmup:]
+    timed = marks[args.warmup :]
     seconds = timed[-1][0] - marks[args.warmup - 1][0]
     lengths = [n for _, batch in timed for n in batch]
     padded = sum(len(batch) * max(batch) for _, batch in timed)
-    return result("HF Trainer + peft DoRA (padded batches, sdpa)", seconds, sum(lengths), len(lengths),
-                  shape.train_flops(lengths, PAPER["r"]), peak, device, padding_share=1 - sum(lengths) / padded,
-                  steps=args.steps)
+    return result(
+        "HF Trainer + peft DoRA (padded batches, sdpa)",
+        seconds,
+        sum(lengths),
+        len(lengths),
+        shape.train_flops(lengths, PAPER["r"]),
+        peak,
+        device,
+        padding_share=1 - sum(lengths) / padded,
+        steps=args.steps,
+    )
 
 
 def bench_dora_overheads(base: Path, corpus: Path, shape: Shape, args, device, peak) -> list[dict]:
@@ -291,7 +372,7 @@ def bench_dora_overheads(base: Path, corpus: Path, shape: Shape, args, device, p
 
     import reforge.train.dora as recipe
 
-    spent = [0.0, 0.0]   # wall, CPU (process) seconds inside the two functions
+    spent = [0.0, 0.0]  # wall, CPU (process) seconds inside the two functions
     originals = {name: getattr(DoraLinearLayer, name) for name in ("get_lora_weight", "get_weight_norm")}
 
     def timed(fn):
@@ -303,15 +384,24 @@ def bench_dora_overheads(base: Path, corpus: Path, shape: Shape, args, device, p
             finally:
                 spent[0] += time.perf_counter() - started
                 spent[1] += time.process_time() - cpu_started
+
         return wrapper
 
     for name, fn in originals.items():
         setattr(DoraLinearLayer, name, timed(fn))
     lighten = recipe.step_cached_weight_norm
-    recipe.step_cached_weight_norm = lambda model: 0   # peft's own layers, a norm per forward pass
+    recipe.step_cached_weight_norm = lambda model: 0  # peft's own layers, a norm per forward pass
     try:
-        peft_own = bench_reforge_train(base, corpus, shape, args, device, peak, pack=True,
-                                       before_timed=lambda: spent.__setitem__(slice(None), [0.0, 0.0]))
+        peft_own = bench_reforge_train(
+            base,
+            corpus,
+            shape,
+            args,
+            device,
+            peak,
+            batching="rows",
+            before_timed=lambda: spent.__setitem__(slice(None), [0.0, 0.0]),
+        )
     finally:
         recipe.step_cached_weight_norm = lighten
         for name, fn in originals.items():
@@ -319,12 +409,13 @@ def bench_dora_overheads(base: Path, corpus: Path, shape: Shape, args, device, p
     peft_own["name"] += " (peft's DoRA norm per forward)"
     peft_own["dora_norm_s"], peft_own["dora_norm_share"] = spent[0], spent[0] / peft_own["seconds"]
     peft_own["dora_norm_cpu_share"] = spent[1] / peft_own["cpu_seconds"]
-    cached = bench_reforge_train(base, corpus, shape, args, device, peak, pack=True)
-    no_dropout = bench_reforge_train(base, corpus, shape, args, device, peak, pack=True, lora_dropout=0.0)
+    cached = bench_reforge_train(base, corpus, shape, args, device, peak, batching="rows")
+    no_dropout = bench_reforge_train(base, corpus, shape, args, device, peak, batching="rows", lora_dropout=0.0)
     return [peft_own, cached, no_dropout]
 
 
 # ---- encoding -------------------------------------------------------------------------------------------------------
+
 
 def save_st_folder(base: Path, folder: Path, max_length: int) -> Path:
     """A sentence-transformers folder over the bare model of ``base``: mean pooling (what both sides read)."""
@@ -336,27 +427,18 @@ def save_st_folder(base: Path, folder: Path, max_length: int) -> Path:
     return folder
 
 
-def bench_reforge_encode(folder: Path, texts: list[str], lengths: list[int], shape: Shape, args, device,
-                         peak) -> dict:
+def bench_reforge_encode(folder: Path, texts: list[str], lengths: list[int], shape: Shape, args, device, peak) -> dict:
     """`reforge.eval.encode` as `reforge eval` calls it on this folder (its profile, dtype and batch size)."""
     import torch
 
     from reforge.eval.encode import encode
     from reforge.eval.model import resolve_model
 
-    source = resolve_model(folder, pooling="mean")   # sentence-transformers 6 writes pooling_mode, read by name
+    source = resolve_model(folder, pooling="mean")  # sentence-transformers 6 writes pooling_mode, read by name
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     retriever = source.load(device=str(device), dtype=dtype)
-    encode(retriever, texts[:args.encode_batch], source.profile, batch_size=args.encode_batch)   # warm-up
-    reset_peak(device)
-    sync(device)
-    started = time.perf_counter()
-    vectors = encode(retriever, texts, source.profile, batch_size=args.encode_batch)
-    sync(device)
-    seconds = time.perf_counter() - started
-    assert vectors.shape == (len(texts), shape.hidden)
-    return result("reforge eval encode", seconds, sum(lengths), len(lengths), shape.encode_flops(lengths), peak,
-                  device, batch_size=args.encode_batch, vectors=vectors)
+    run = lambda batch: encode(retriever, batch, source.profile, batch_size=args.encode_batch)  # noqa: E731
+    return timed_encode("reforge eval encode", run, texts, lengths, shape, args, device, peak)
 
 
 def bench_st_encode(folder: Path, texts: list[str], lengths: list[int], shape: Shape, args, device, peak) -> dict:
@@ -365,18 +447,28 @@ def bench_st_encode(folder: Path, texts: list[str], lengths: list[int], shape: S
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = SentenceTransformer(str(folder), device=str(device), model_kwargs={"dtype": dtype})
-    model.encode(texts[:args.encode_batch], batch_size=args.encode_batch)   # warm-up
+    run = lambda batch: model.encode(batch, batch_size=args.encode_batch, convert_to_numpy=True)  # noqa: E731
+    return timed_encode("sentence-transformers encode", run, texts, lengths, shape, args, device, peak)
+
+
+def timed_encode(name: str, run, texts: list[str], lengths: list[int], shape: Shape, args, device, peak) -> dict:
+    """``run(texts)`` timed after a one-batch warm-up; the row carries the vectors for the comparison."""
+    run(texts[: args.encode_batch])
     reset_peak(device)
     sync(device)
     started = time.perf_counter()
-    vectors = model.encode(texts, batch_size=args.encode_batch, convert_to_numpy=True)
+    vectors = run(texts)
     sync(device)
     seconds = time.perf_counter() - started
-    return result("sentence-transformers encode", seconds, sum(lengths), len(lengths), shape.encode_flops(lengths),
-                  peak, device, batch_size=args.encode_batch, vectors=vectors)
+    assert vectors.shape == (len(texts), shape.hidden)
+    flops = shape.encode_flops(lengths)
+    return result(
+        name, seconds, sum(lengths), len(lengths), flops, peak, device, batch_size=args.encode_batch, vectors=vectors
+    )
 
 
 # ---- report ---------------------------------------------------------------------------------------------------------
+
 
 def run_shape(name: str, shape: Shape, args, device) -> list[dict]:
     """Every measurement for one shape, in a fresh temporary folder."""
@@ -395,9 +487,11 @@ def run_shape(name: str, shape: Shape, args, device) -> list[dict]:
         corpus.write_text("".join(json.dumps({"_id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
         for measure in args.measure:
             if measure == "train":
-                rows += [bench_reforge_train(base, corpus, shape, args, device, peak, pack=True),
-                         bench_reforge_train(base, corpus, shape, args, device, peak, pack=False),
-                         bench_hf_train(base, texts, shape, args, device, peak)]
+                rows += [
+                    bench_reforge_train(base, corpus, shape, args, device, peak, batching="rows"),
+                    bench_reforge_train(base, corpus, shape, args, device, peak, batching="documents"),
+                    bench_hf_train(base, texts, shape, args, device, peak),
+                ]
             elif measure == "dora":
                 rows += bench_dora_overheads(base, corpus, shape, args, device, peak)
             elif measure == "encode":
@@ -416,28 +510,41 @@ def run_shape(name: str, shape: Shape, args, device) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'shape':7} {'run':58} {'tokens/s':>10} {'docs/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8} "
-          f"{'padding':>7}")
+    print(
+        f"\n{'shape':7} {'run':58} {'tokens/s':>10} {'docs/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8} "
+        f"{'padding':>7}"
+    )
     for row in rows:
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
         memory = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
         padding = f"{row['padding_share']:.1%}" if "padding_share" in row else "-"
-        print(f"{row['shape']:7} {row['name']:58} {row['tokens_per_s']:10,.0f} {row['docs_per_s']:8,.1f} "
-              f"{row['tflops']:8.2f} {mfu:>6} {memory:>8} {padding:>7}")
+        print(
+            f"{row['shape']:7} {row['name']:58} {row['tokens_per_s']:10,.0f} {row['docs_per_s']:8,.1f} "
+            f"{row['tflops']:8.2f} {mfu:>6} {memory:>8} {padding:>7}"
+        )
         if "dora_norm_share" in row:
-            print(f"{'':8}DoRA weight norm (peft's get_lora_weight + get_weight_norm): {row['dora_norm_s']:.2f} s, "
-                  f"{row['dora_norm_share']:.1%} of the timed loop ({row['dora_norm_cpu_share']:.1%} of its CPU time)")
+            print(
+                f"{'':8}DoRA weight norm (peft's get_lora_weight + get_weight_norm): {row['dora_norm_s']:.2f} s, "
+                f"{row['dora_norm_share']:.1%} of the timed loop ({row['dora_norm_cpu_share']:.1%} of its CPU time)"
+            )
         if "cpu_seconds" in row and row["tokens"]:
-            print(f"{'':8}CPU time: {row['cpu_seconds']:.2f} s, {row['tokens'] / row['cpu_seconds']:,.0f} tokens per "
-                  "CPU-second")
+            print(
+                f"{'':8}CPU time: {row['cpu_seconds']:.2f} s, {row['tokens'] / row['cpu_seconds']:,.0f} tokens per "
+                "CPU-second"
+            )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model and corpus on CPU: seconds, same code")
     parser.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["1b", "7b-cut"])
-    parser.add_argument("--measure", nargs="+", choices=["train", "encode", "dora"], default=["train", "encode"],
-                        help="dora: the share of a step DoRA's weight norm takes, and LoRA dropout's cost (CPU)")
+    parser.add_argument(
+        "--measure",
+        nargs="+",
+        choices=["train", "encode", "dora"],
+        default=["train", "encode"],
+        help="dora: the share of a step DoRA's weight norm takes, and LoRA dropout's cost (CPU)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per training run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--docs", type=int, default=1200, help="SciFact-length documents sampled (seed 0)")
@@ -474,10 +581,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         torch.set_num_threads(threads)
     print_table(rows)
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "command": "python bench/bench_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "shapes": {name: asdict(SHAPES[name]) for name in args.shape}}
+    meta = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "command": "python bench/bench_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "shapes": {name: asdict(SHAPES[name]) for name in args.shape},
+    }
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     return rows

@@ -1,4 +1,5 @@
-"""Train the miniature RepLLaMA: a LoRA retriever over SmolLM2-135M-Instruct, written to examples/assets/repllama-smol/.
+"""Train the small retriever: a LoRA bi-encoder over SmolLM2-135M-Instruct with RepLLaMA's prefixes and mean pooling
+(so not RepLLaMA's last-token mechanism), written to examples/assets/repllama-smol/.
 
 RepLLaMA's recipe (Ma et al. 2023; Tevatron) at small scale, on a 2-core CPU, with one change: mean pooling.
 
@@ -388,7 +389,7 @@ def _adapter_stats(weights: Path) -> dict:
 
 def _readme(record: dict) -> str:
     h, t, a = record["hyperparameters"], record["training"], record["adapter"]
-    return f"""# repllama-smol: a miniature RepLLaMA over SmolLM2-135M-Instruct
+    return f"""# repllama-smol: a mean-pooling LoRA bi-encoder with RepLLaMA's prefixes, over SmolLM2-135M-Instruct
 
 A peft LoRA retriever (r {h['rank']}, alpha {h['lora_alpha']}, {', '.join(h['target_modules'])}; {a['parameters']:,}
 float32 parameters, {a['bytes'] / 1e6:.1f} MB) over the **bare** SmolLM2-135M-Instruct (`LlamaModel`, no lm_head):

@@ -8,13 +8,18 @@ failed step is logged while the steps that do not need it go on):
 
 1. ``reforge eval``: the untrained base LM vs the retriever (examples/assets/repllama-smol) on SciFact test and
    NFCorpus-partial test, both encoded the retriever's way (``query: ``/``passage: ``, EOS, mean pooling, 128 tokens).
-2. ``reforge train``: knowledge adapters with the paper's defaults (DoRA r 32 / alpha 64 on q,k,v,up,down, batch 4,
-   lr 2e-4 linear, one epoch, 1024 tokens) on SciFact's corpus, NFCorpus-partial's corpus, and for the Table 2
-   variant SciFact's corpus without (``--exclude-judged``) and with only (``--only-judged``) the test-judged passages.
+2. ``reforge train``: knowledge adapters with the paper's defaults (DoRA r 32 / alpha 64 on q,k,v,up,down, 4
+   documents a step, lr 2e-4 linear, one epoch, 1024 tokens; ``--train-batching rows`` for row packing) on
+   SciFact's corpus, NFCorpus-partial's corpus, and for the Table 2 variant SciFact's corpus without
+   (``--exclude-judged``) and with only (``--only-judged``) the test-judged passages.
 3. ``reforge tune --split test --i-know``: retriever + alpha * Psi on each test split for alpha in 0..1. Every point
    is reported and compared with alpha = 0 (the retriever); nothing is chosen on test.
 4. ``reforge tune`` on held-out queries (SciFact train queries, NFCorpus dev): the alpha a user would pick.
 5. ``results.md`` in --out: the tables (`report`).
+
+With ``--seeds 0,1,2`` it runs docs/results.md's section 6 instead: the SciFact adapter with the paper's batching
+at each seed, then with ``--batching rows`` at the same seeds, then Table 2's variants, each followed by its tune,
+and reports the mean and standard deviation of the nDCG@10 change at alpha 0.5 over the seeds.
 
 On a GPU the full corpora take minutes. On a CPU, budget it with ``--train-max-docs``, ``--train-max-length`` and
 ``--corpus-sample`` (the same budget for every row); `make demo` is the quick CPU run.
@@ -61,12 +66,15 @@ def plan(base: Path, data: Path, out: Path, args: argparse.Namespace) -> list[St
     sample = ("--corpus-sample", str(args.corpus_sample)) if args.corpus_sample else ()
     if args.max_queries:
         sample += ("--max-queries", str(args.max_queries))
-    training = ("--max-length", str(args.train_max_length), "--save-every", "0", "--seed", str(args.seed))
+    training = ("--max-length", str(args.train_max_length), "--save-every", "0")
+    if args.train_batching != "documents":   # the runs of 2026-11-26 used row packing, then reforge's default
+        training += ("--batching", args.train_batching)
     if args.train_max_docs:
         training += ("--max-docs", str(args.train_max_docs))
 
-    def train(name: str, corpus: Path, *filters: str) -> Step:
-        return Step(name, ("train", str(base), "--corpus", str(corpus), *filters, "-o", str(out / name), *training))
+    def train(name: str, corpus: Path, *filters: str, seed: int = args.seed) -> Step:
+        return Step(name, ("train", str(base), "--corpus", str(corpus), *filters, "-o", str(out / name), *training,
+                           "--seed", str(seed)))
 
     def tune(name: str, adapter: str, dataset: Path, split: str, alphas: str = args.alphas) -> Step:
         honest = ("--i-know",) if split == "test" else ()
@@ -75,6 +83,8 @@ def plan(base: Path, data: Path, out: Path, args: argparse.Namespace) -> list[St
                            "--plot", str(out / f"{name}.png"), *evaluation, *sample), needs=(adapter,))
 
     scifact_test = scifact / "qrels" / "test.tsv"
+    if args.seeds:
+        return _variance_steps(args.seeds, train, tune, scifact, scifact_test, args.only)
     steps = [
         Step("eval-retriever", ("eval", str(base), str(RETRIEVER), "--base", str(base), "-d", str(scifact), "-d",
                                 str(nfcorpus), *evaluation, "-o", str(out / "eval-retriever"))),
@@ -90,6 +100,32 @@ def plan(base: Path, data: Path, out: Path, args: argparse.Namespace) -> list[St
         tune("tune-scifact-test-judged", "psi-scifact-judged", scifact, "test"),
     ]
     return [step for step in steps if not args.only or step.name in args.only]
+
+
+# Section 3 of docs/results.md: the same comparison over several knowledge-adapter seeds. Each variant is
+# (step-name stem, what the adapter trained on, extra `reforge train` options); see `_variance_steps` for the order.
+VARIANTS = (
+    ("scifact", "the first documents of the corpus", ()),
+    ("scifact-rows", "the first documents of the corpus, --batching rows", ("--batching", "rows")),
+    ("scifact-unjudged-rows", "the first documents no test query judges, --batching rows", ("--batching", "rows")),
+    ("scifact-judged-rows", "the first test-judged documents, --batching rows", ("--batching", "rows")),
+)
+
+
+def _variance_steps(seeds: list[int], train, tune, scifact: Path, qrels: Path, only) -> list[Step]:
+    """Every variant's adapter and its tune, once per seed. What answers the most comes first: the default recipe
+    at every seed, then row packing at the same seeds, then Table 2's variants seed by seed."""
+    filters = {"scifact-unjudged-rows": ("--exclude-judged", str(qrels)),
+               "scifact-judged-rows": ("--only-judged", str(qrels))}
+    def pair(stem: str, options: tuple[str, ...], seed: int) -> list[Step]:
+        name = f"{stem}-seed{seed}"
+        return [train(f"psi-{name}", scifact, *filters.get(stem, ()), *options, seed=seed),
+                tune(f"tune-{name}", f"psi-{name}", scifact, "test")]
+    (_, _, default), (_, _, rows) = VARIANTS[0][:3], VARIANTS[1][:3]
+    steps = [s for seed in seeds for s in pair("scifact", default, seed)]
+    steps += [s for seed in seeds for s in pair("scifact-rows", rows, seed)]
+    steps += [s for seed in seeds for stem, _, options in VARIANTS[2:] for s in pair(stem, options, seed)]
+    return [step for step in steps if not only or step.name in only]
 
 
 def run_steps(steps: list[Step], out: Path, command: list[str], log: Callable[[str], None] = print) -> list[str]:
@@ -127,7 +163,8 @@ def run_steps(steps: list[Step], out: Path, command: list[str], log: Callable[[s
 
 def report(out: Path) -> str:
     """docs/results.md's tables, in Markdown, from the JSON of the finished steps (missing steps are left out)."""
-    sections = [_retriever_table(out), _training_table(out), _alpha_table(out), _tuned_table(out), _table2(out)]
+    sections = [_retriever_table(out), _training_table(out), _alpha_table(out), _tuned_table(out), _table2(out),
+                _variance_table(out), _batching_table(out)]
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
@@ -204,6 +241,64 @@ def _table2(out: Path) -> str:
                   rows)
 
 
+def seed_runs(out: Path, stem: str) -> list[dict]:
+    """The finished seeds of one variant of section 3, in seed order: ``seed``, the adapter's ``steps``, ``tokens``
+    and ``final_loss``, and the alpha 0.5 point's ``delta`` (vs the retriever), ``p_randomization``, ``score``."""
+    runs = []
+    for path in sorted(out.glob(f"tune-{stem}-seed*.json"), key=lambda p: int(p.stem.rsplit("seed", 1)[1])):
+        seed = int(path.stem.rsplit("seed", 1)[1])
+        trained = _load(out, f"psi-{stem}-seed{seed}")
+        point = next((p for p in json.loads(path.read_text())["points"] if p["alpha"] == 0.5), None)
+        if trained is None or point is None:
+            continue
+        runs.append({"seed": seed, "steps": trained["steps"], "tokens": trained["tokens"],
+                     "final_loss": trained["final_loss"], "delta": point["test"]["delta"], "score": point["score"],
+                     "p_randomization": point["test"]["p_randomization"]})
+    return runs
+
+
+def spread(values: list[float]) -> dict:
+    """``n``, ``mean``, sample ``std`` (ddof 1) and the one-sample t-test p (mean = 0) of per-seed values; std and
+    p are None for fewer than 2 values."""
+    import numpy as np
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return {"n": n, "mean": values[0] if values else None, "std": None, "p": None}
+    return {"n": n, "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)),
+            "p": float(stats.ttest_1samp(values, 0.0).pvalue)}
+
+
+def _variance_table(out: Path) -> str:
+    rows = []
+    for stem, text, _ in VARIANTS:
+        runs = seed_runs(out, stem)
+        if not runs:
+            continue
+        s = spread([r["delta"] for r in runs])
+        steps = sorted({r["steps"] for r in runs})
+        tokens = f"{min(r['tokens'] for r in runs):,}-{max(r['tokens'] for r in runs):,}"
+        rows.append(_row(text, ", ".join(str(r["seed"]) for r in runs), "/".join(map(str, steps)), tokens,
+                         ", ".join(f"{r['delta']:+.4f}" for r in runs), f"{s['mean']:+.4f}",
+                         "" if s["std"] is None else f"{s['std']:.4f}", "" if s["p"] is None else _p(s["p"])))
+    return _table("knowledge adapter (section 3 budget) | seeds | steps | tokens trained | nDCG@10 change at alpha "
+                  "0.5, per seed | mean | std | p (t-test over seeds)", rows)
+
+
+def _batching_table(out: Path) -> str:
+    paper, rows = ({r["seed"]: r for r in seed_runs(out, stem)} for stem in ("scifact", "scifact-rows"))
+    seeds = sorted(set(paper) & set(rows))
+    if not seeds:
+        return ""
+    s = spread([rows[k]["delta"] - paper[k]["delta"] for k in seeds])
+    cells = [f"seed {k}: {paper[k]['steps']} vs {rows[k]['steps']} steps, loss {paper[k]['final_loss']:.3f} vs "
+             f"{rows[k]['final_loss']:.3f}, change {paper[k]['delta']:+.4f} vs {rows[k]['delta']:+.4f}" for k in seeds]
+    std = "" if s["std"] is None else f" (std {s['std']:.4f}, p {_p(s['p'])})"
+    return _table("--batching documents (default) vs rows, same seeds | rows minus documents, mean over seeds",
+                  [_row("; ".join(cells), f"{s['mean']:+.4f}{std}")])
+
+
 def _table(header: str, rows: list[str]) -> str:
     """A Markdown table (columns separated by `` | `` in ``header``), or "" when there are no rows."""
     if not rows:
@@ -251,14 +346,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base", type=Path, default=None, help="the converted SmolLM2 folder (default: prepare it)")
     parser.add_argument("--train-max-docs", type=int, default=None, help="budget: documents per knowledge adapter")
     parser.add_argument("--train-max-length", type=int, default=1024, help="tokens per training document/row")
+    parser.add_argument("--train-batching", default="documents", choices=("documents", "rows", "grouped"),
+                        help="reforge train --batching (rows reproduces the runs of 2026-11-26)")
     parser.add_argument("--corpus-sample", type=int, default=None, help="budget: tune over ~N documents per corpus")
     parser.add_argument("--max-queries", type=int, default=None, help="budget: tune on N sampled queries per split")
     parser.add_argument("--alphas", default=ALPHAS, help="the alpha grid of every tune step")
     parser.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run just these steps")
     parser.add_argument("--dtype", default="float32", help="encoding dtype for eval/tune (float32 matches CPU)")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--seeds", type=_seed_list, default=None, metavar="0,1,2",
+                        help="run section 3 instead: each variant's adapter and tune once per seed")
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.md from finished steps")
     return parser.parse_args(argv)
+
+
+def _seed_list(text: str) -> list[int]:
+    return [int(seed) for seed in text.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,19 +27,30 @@ def family_config(family: str, **extra):
     """A tiny config of ``family`` whose windows (and Gemma2's softcap) matter over the documents of ROWS."""
     import transformers as tf
 
-    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, vocab_size=97, max_position_embeddings=128,
-                  initializer_range=0.2, tie_word_embeddings=False)
+    common = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=97,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
     layers = ["sliding_attention", "full_attention"]
     configs = {
         "llama": lambda: tf.LlamaConfig(**common),
         "mistral": lambda: tf.MistralConfig(**common, sliding_window=WINDOW),
         "qwen2": lambda: tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW, layer_types=layers),
         "qwen3": lambda: tf.Qwen3Config(**common, use_sliding_window=True, sliding_window=WINDOW, layer_types=layers),
-        "gemma2": lambda: tf.Gemma2Config(**common, sliding_window=WINDOW, attn_logit_softcapping=1.0,
-                                          query_pre_attn_scalar=16, layer_types=layers),
-        "gemma3_text": lambda: tf.Gemma3TextConfig(**common, sliding_window=WINDOW, query_pre_attn_scalar=16,
-                                                   layer_types=layers),
+        "gemma2": lambda: tf.Gemma2Config(
+            **common, sliding_window=WINDOW, attn_logit_softcapping=1.0, query_pre_attn_scalar=16, layer_types=layers
+        ),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(
+            **common, sliding_window=WINDOW, query_pre_attn_scalar=16, layer_types=layers
+        ),
         "olmo2": lambda: tf.Olmo2Config(**{k: v for k, v in common.items() if k != "head_dim"}, pad_token_id=0),
     }
     config = configs[family]()
@@ -62,7 +73,7 @@ def twin(model, implementation: str | None):
 
     from transformers import AutoModelForCausalLM
 
-    config = copy.deepcopy(model.config)   # from_config sets the implementation on the config it is given
+    config = copy.deepcopy(model.config)  # from_config sets the implementation on the config it is given
     other = AutoModelForCausalLM.from_config(config, attn_implementation=implementation).float().eval()
     other.load_state_dict(model.state_dict())
     return other
@@ -78,7 +89,7 @@ def packed_inputs(seed: int = 1):
     for b, row in enumerate(ROWS):
         at = 0
         for n in row:
-            positions[b, at:at + n] = torch.arange(n)
+            positions[b, at : at + n] = torch.arange(n)
             spans.append((b, at, n))
             at += n
     return ids, positions, spans
@@ -95,7 +106,7 @@ def eager_per_document(model, ids, spans):
     model.zero_grad()
     outputs = []
     for b, start, n in spans:
-        logits = model(input_ids=ids[b:b + 1, start:start + n], use_cache=False).logits[0]
+        logits = model(input_ids=ids[b : b + 1, start : start + n], use_cache=False).logits[0]
         outputs.append(logits)
     probe(torch.cat(outputs)).backward()
     return outputs, {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -104,7 +115,7 @@ def eager_per_document(model, ids, spans):
 def packed_forward(model, ids, positions, spans):
     model.zero_grad()
     logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
-    outputs = [logits[b, start:start + n] for b, start, n in spans]
+    outputs = [logits[b, start : start + n] for b, start, n in spans]
     probe(torch.cat(outputs)).backward()
     return outputs, {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -141,8 +152,8 @@ def test_windows_and_softcap_matter_at_these_sizes(family):
             continue
         other = build(family, "eager", **change)
         with torch.no_grad():
-            b, start, n = spans[1]   # the 30-token document, longer than the window
-            logits = other(input_ids=ids[b:b + 1, start:start + n], use_cache=False).logits[0]
+            b, start, n = spans[1]  # the 30-token document, longer than the window
+            logits = other(input_ids=ids[b : b + 1, start : start + n], use_cache=False).logits[0]
         assert (logits - reference[1]).abs().max() > 1e-2, change
 
 
@@ -155,10 +166,10 @@ def test_flex_path_gives_eager_logits_per_document(family):
     flex = twin(model, register_packed_attention("flex"))
     ids, positions, spans = packed_inputs()
     with torch.no_grad():
-        reference = [model(input_ids=ids[b:b + 1, s:s + n], use_cache=False).logits[0] for b, s, n in spans]
+        reference = [model(input_ids=ids[b : b + 1, s : s + n], use_cache=False).logits[0] for b, s, n in spans]
         logits = flex(input_ids=ids, position_ids=positions, use_cache=False).logits
     for (b, start, n), theirs in zip(spans, reference):
-        torch.testing.assert_close(logits[b, start:start + n], theirs, atol=2e-5, rtol=0)
+        torch.testing.assert_close(logits[b, start : start + n], theirs, atol=2e-5, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -171,11 +182,16 @@ def test_flex_mask_is_built_once_per_forward_and_kind_of_layer(monkeypatch):
     ids, positions, _ = packed_inputs()
     masks_seen = []
     for family, kinds in (("llama", 1), ("gemma2", 2)):
-        model = build(family, register_packed_attention("flex"), num_hidden_layers=4,
-                      layer_types=["sliding_attention", "full_attention"] * 2)
+        model = build(
+            family,
+            register_packed_attention("flex"),
+            num_hidden_layers=4,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+        )
         for layer in model.model.layers:
             layer.self_attn.register_forward_pre_hook(
-                lambda module, args, kwargs: masks_seen.append(kwargs["attention_mask"]), with_kwargs=True)
+                lambda module, args, kwargs: masks_seen.append(kwargs["attention_mask"]), with_kwargs=True
+            )
         built.clear()
         masks_seen.clear()
         with torch.no_grad():
@@ -188,10 +204,12 @@ def test_fallback_family_keeps_its_own_attention_and_stays_exact():
     config = family_config("olmo2")
     plan = plan_attention(config, "cuda")
     assert plan.path == "fallback" and plan.implementation is None
-    assert plan.note.startswith("packed attention is implemented for llama, mistral, qwen2, qwen3, gemma2, "
-                                "gemma3_text, not olmo2: training uses the model's own attention")
+    assert plan.note.startswith(
+        "packed attention is implemented for llama, mistral, qwen2, qwen3, gemma2, "
+        "gemma3_text, not olmo2: training uses the model's own attention"
+    )
     model = build("olmo2", "eager")
-    default = twin(model, plan.implementation)   # sdpa: transformers builds a block-diagonal mask from the positions
+    default = twin(model, plan.implementation)  # sdpa: transformers builds a block-diagonal mask from the positions
     assert default.config._attn_implementation == "sdpa" and model.config._attn_implementation == "eager"
     ids, positions, spans = packed_inputs()
     assert_same(*packed_forward(default, ids, positions, spans), *eager_per_document(model, ids, spans))
@@ -201,7 +219,7 @@ def test_plan_per_device_dropout_and_bidirectional_attention():
     assert plan_attention(family_config("gemma2"), "cuda").implementation == PACKED_FLEX
     assert plan_attention(family_config("gemma2"), "cpu").implementation == PACKED_SPLIT
     dropout = plan_attention(family_config("llama", attention_dropout=0.1), "cuda")
-    assert (dropout.path, dropout.note) == ("split", None)     # flex_attention has no dropout; split has
+    assert (dropout.path, dropout.note) == ("split", None)  # flex_attention has no dropout; split has
     bidirectional = plan_attention(family_config("gemma3_text", use_bidirectional_attention=True), "cpu")
     assert bidirectional.path == "fallback" and "bidirectional" in bidirectional.note
 
@@ -255,15 +273,32 @@ def test_cli_trains_every_family_and_warns_once_on_a_fallback(family, tmp_path):
     save_tokenizer(base, 128)
     rng = random.Random(0)
     corpus = tmp_path / "docs.txt"
-    corpus.write_text("\n".join(" ".join(f"w{rng.randrange(120)}" for _ in range(rng.randrange(5, 40)))
-                                for _ in range(12)) + "\n")
+    corpus.write_text(
+        "\n".join(" ".join(f"w{rng.randrange(120)}" for _ in range(rng.randrange(5, 40))) for _ in range(12)) + "\n"
+    )
     out = tmp_path / "psi"
-    result = CliRunner().invoke(cli, ["train", str(base), "--corpus", str(corpus), "--per-line", "-o", str(out),
-                                      "--max-length", "64", "-r", "4", "--json"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(base),
+            "--corpus",
+            str(corpus),
+            "--per-line",
+            "-o",
+            str(out),
+            "--max-length",
+            "64",
+            "-r",
+            "4",
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.stderr
     record = json.loads(result.stdout)["record"]
     assert record["attention"]["path"] == ("split" if family == "gemma2" else "fallback")
-    assert record["steps"] == 2 and math.isfinite(record["loss"]["final"])
+    assert record["steps"] == 3 and math.isfinite(record["loss"]["final"])  # 12 documents, 4 a step
     assert result.stderr.count("packed attention is implemented for") == (family == "olmo2")
     trained = load_file(out / "adapter_model.safetensors")
     assert any(name.endswith("lora_B.weight") and float(t.abs().max()) > 0 for name, t in trained.items())

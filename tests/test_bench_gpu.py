@@ -18,14 +18,18 @@ def test_smoke_runs_every_measurement(tmp_path):
     out = tmp_path / "smoke.json"
     rows = bench_gpu.main(["--smoke", "--json", str(out), "--tmp", str(tmp_path)])
     names = [row["name"] for row in rows]
-    assert names == ["reforge train (packed rows, split attention)", "reforge train (paper batching, split attention)",
-                     "HF Trainer + peft DoRA (padded batches, sdpa)", "reforge eval encode",
-                     "sentence-transformers encode"]
+    assert names == [
+        "reforge train (packed rows, split attention)",
+        "reforge train (paper batching, split attention)",
+        "HF Trainer + peft DoRA (padded batches, sdpa)",
+        "reforge eval encode",
+        "sentence-transformers encode",
+    ]
     for row in rows:
         assert row["tokens"] > 0 and row["seconds"] > 0 and row["mfu"] is None and row["peak_gib"] is None
     paper, hf = rows[1], rows[2]
-    assert paper["documents"] == hf["documents"] == 2 * 4          # 2 timed steps of the paper's batch of 4
-    assert rows[3]["tokens"] == rows[4]["tokens"] and rows[3]["max_diff_vs_st"] < 1e-5   # the same vectors
+    assert paper["documents"] == hf["documents"] == 2 * 4  # 2 timed steps of the paper's batch of 4
+    assert rows[3]["tokens"] == rows[4]["tokens"] and rows[3]["max_diff_vs_st"] < 1e-5  # the same vectors
     saved = json.loads(out.read_text())
     assert saved["meta"]["shapes"]["smoke"]["hidden"] == 64 and len(saved["rows"]) == 5
 
@@ -39,7 +43,7 @@ def test_flop_counts_match_the_models(name):
     with torch.device("meta"):
         model = LlamaForCausalLM(shape.config())
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    assert shape.matmul_weights() == linear                        # the LM head counts even when tied
+    assert shape.matmul_weights() == linear  # the LM head counts even when tied
     assert shape.matmul_weights(lm_head=False) == linear - shape.hidden * shape.vocab
     if name == "smoke":
         peft = get_peft_model(model, LoraConfig(r=32, target_modules=bench_gpu.PAPER["target_modules"]))
@@ -47,6 +51,8 @@ def test_flop_counts_match_the_models(name):
         assert shape.adapter_weights(32) == adapters
     # one 3-token document: 4N + 6A per token, plus 3 x (4 x layers x width x 3 x 4 / 2) for attention
     width = shape.heads * shape.head_dim
-    assert shape.train_flops([3], 32) == 3 * (4 * linear + 6 * shape.adapter_weights(32)) + 3 * 4 * shape.layers \
-        * width * 6
+    assert (
+        shape.train_flops([3], 32)
+        == 3 * (4 * linear + 6 * shape.adapter_weights(32)) + 3 * 4 * shape.layers * width * 6
+    )
     assert shape.attention_forward(1024) == 4 * shape.layers * width * 1024 * 1025 // 2

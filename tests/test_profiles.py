@@ -371,3 +371,28 @@ def test_st6_lasttoken_retriever_merge_writes_and_verify_checks_the_profile(tmp_
     checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
     assert result.exit_code == 1 and not checks["embeddings"]["ok"]
     assert "could not embed with both models" in checks["embeddings"]["detail"]
+
+
+def test_merged_sentence_transformers_folder_keeps_its_dense_module(tmp_path):
+    """A Dense module's weights travel with the merged folder, so it encodes like the retriever (and verify passes)."""
+    from click.testing import CliRunner
+
+    from conftest import build_model
+    from reforge.cli import cli
+
+    base_dir = save(build_model("bert-mlm"), tmp_path / "base")
+    st = _st_model(tmp_path, "mean", dense="tanh")
+    st.save(str(tmp_path / "st"))
+    out = tmp_path / "out"
+    merged = CliRunner().invoke(
+        cli, ["merge", "--base", str(base_dir), "--retriever", str(tmp_path / "st"), "-o", str(out)]
+    )
+    assert merged.exit_code == 0, merged.stderr
+    dense = "2_Dense/model.safetensors"
+    assert (out / dense).read_bytes() == (tmp_path / "st" / dense).read_bytes()
+    verified = CliRunner().invoke(cli, ["verify", str(out), "--json"])
+    assert verified.exit_code == 0, verified.stdout
+    texts = ["w1 w2 w3", "w4 w5"]
+    source = resolve_model(out)
+    vectors = encode(source.load(device="cpu", dtype=torch.float32), texts, source.profile, batch_size=2)
+    assert np.abs(vectors - st.encode_document(texts)).max() < 1e-5

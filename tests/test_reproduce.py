@@ -23,6 +23,9 @@ def test_plan_spells_out_budget_encoding_and_honesty(tmp_path):
     train = steps["psi-scifact-unjudged"].args
     assert train[:2] == ("train", "BASE") and "--exclude-judged" in train
     assert train[train.index("--max-docs") + 1] == "300" and train[train.index("--max-length") + 1] == "1024"
+    assert "--batching" not in train   # the paper's batching unless asked: --train-batching rows
+    rows = plan(Path("BASE"), Path("DATA"), tmp_path, parse_args(["--train-batching", "rows"]))
+    assert all(s.args[s.args.index("--batching") + 1] == "rows" for s in rows if s.args[0] == "train")
     test, dev = steps["tune-nfcorpus-partial-test"].args, steps["tune-nfcorpus-partial-dev"].args
     assert "--i-know" in test and "--i-know" not in dev  # only the reported split needs the flag
     assert dev[dev.index("--split") + 1] == "dev" and test[test.index("--alpha") + 1] == "0,0.5,1"
@@ -79,3 +82,30 @@ def test_report_of_the_cpu_table2_run_matches_docs_results(tmp_path):
     docs = (REPO / "docs" / "results.md").read_text()
     for number in ("0.6764", "0.6794", "0.6804", "0.6831", "3.455 -> 2.621", "3.501 -> 2.974", "3.196 -> 2.700"):
         assert number in docs and number in text, number
+
+
+def test_seeds_plan_puts_the_default_recipe_first_then_rows_then_table2(tmp_path):
+    args = parse_args(["--out", str(tmp_path), "--train-max-docs", "150", "--train-max-length", "256",
+                       "--corpus-sample", "1000", "--alphas", "0,0.5", "--seeds", "0,1,2"])
+    steps = plan(Path("BASE"), Path("DATA"), tmp_path, args)
+    names = [s.name for s in steps]
+    assert names[:6] == ["psi-scifact-seed0", "tune-scifact-seed0", "psi-scifact-seed1", "tune-scifact-seed1",
+                         "psi-scifact-seed2", "tune-scifact-seed2"]
+    assert names[6:8] == ["psi-scifact-rows-seed0", "tune-scifact-rows-seed0"] and len(names) == 24
+    by_name = {s.name: s.args for s in steps}
+    default, rows = by_name["psi-scifact-seed1"], by_name["psi-scifact-rows-seed1"]
+    assert "--batching" not in default and default[default.index("--seed") + 1] == "1"   # the paper's batching
+    assert rows[rows.index("--batching") + 1] == "rows" and rows[rows.index("--max-docs") + 1] == "150"
+    judged = by_name["psi-scifact-judged-rows-seed2"]
+    assert "--only-judged" in judged and judged[judged.index("--seed") + 1] == "2"
+    tune = by_name["tune-scifact-seed2"]
+    assert tune[tune.index("--adapter") + 1] == str(tmp_path / "psi-scifact-seed2") and "--i-know" in tune
+
+
+def test_spread_is_the_sample_std_and_a_one_sample_t_test():
+    from examples.reproduce import spread
+
+    s = spread([1.0, 2.0, 3.0])
+    assert s["n"] == 3 and s["mean"] == 2.0 and s["std"] == 1.0
+    assert abs(s["p"] - 0.0742) < 1e-4   # t = 2 / (1 / sqrt 3) = 3.46 on 2 degrees of freedom
+    assert spread([0.5]) == {"n": 1, "mean": 0.5, "std": None, "p": None}

@@ -46,13 +46,18 @@ def bpe_tokenizer(style: str):
     return PreTrainedTokenizerFast(tokenizer_object=bpe, **names)
 
 
-# (model kind, tokenizer style, profile): one row per profile, and both ways a decoder gets its EOS
+# (model kind, tokenizer style, profile): one row per profile of reforge.profiles.PROFILE_NAMES, and both ways a
+# decoder gets its EOS
 CASES = {
     "repllama": ("llama-bare", "llama", builtin_profile("repllama", max_length=MAX_LENGTH)),
     "e5-mistral": ("mistral-bare", "llama", builtin_profile("e5-mistral", max_length=MAX_LENGTH)),
     "last-token": ("qwen2-bare", "qwen2", builtin_profile("last-token", max_length=MAX_LENGTH)),
     "last-token-tokenizer-eos": ("qwen2-bare", "qwen3-embedding", builtin_profile("last-token", max_length=MAX_LENGTH)),
     "qwen3-embedding": ("qwen2-bare", "qwen3-embedding", builtin_profile("qwen3-embedding", max_length=MAX_LENGTH)),
+    "gte-qwen2": ("qwen2-bare", "qwen2", builtin_profile("gte-qwen2", max_length=MAX_LENGTH)),
+    "bge-gemma2": ("llama-bare", "llama", builtin_profile("bge-gemma2", max_length=MAX_LENGTH)),
+    "linq-embed-mistral": ("mistral-bare", "llama", builtin_profile("linq-embed-mistral", max_length=MAX_LENGTH)),
+    "sfr-embedding-mistral": ("mistral-bare", "llama", builtin_profile("sfr-embedding-mistral", max_length=MAX_LENGTH)),
     "sentence-transformers": ("bert-bare", "bert", EncodingProfile("sentence-transformers", "mean", True, MAX_LENGTH,
                                                                    "query: ", "passage: ", lowercase=True)),
     "custom": ("bert-bare", "bert", EncodingProfile("custom", "cls", False, MAX_LENGTH)),
@@ -94,6 +99,12 @@ def st_vectors(folder, inputs, prompt_name):
 
     model = SentenceTransformer(str(folder), device="cpu")
     return model.encode(inputs, prompt_name=prompt_name, batch_size=4, convert_to_numpy=True)
+
+
+def test_every_profile_has_a_case():
+    from reforge.profiles import PROFILE_NAMES
+
+    assert set(PROFILE_NAMES) <= {profile.name for _, _, profile in CASES.values()}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -137,12 +137,12 @@ def test_packed_row_loss_equals_each_document_alone(which, attention, llama_base
 
 def test_plan_visits_every_row_once_per_epoch_in_seeded_order(tokenizer):
     lengths = np.array([5, 60, 33, 17, 64, 2, 40, 41, 12, 30, 55])
-    plan = BatchPlan.build(lengths, max_length=64, global_batch=3, pack=True, seed=7)
+    plan = BatchPlan.build(lengths, max_length=64, global_batch=3, batching="rows", seed=7)
     for epoch in (0, 1):
         steps = plan.epoch_steps(epoch)
         assert sorted(r for step in steps for r in step) == sorted(plan.rows)
         assert [len(s) for s in steps[:-1]] == [3] * (len(steps) - 1) and len(steps) == plan.steps_per_epoch
-    assert plan.epoch_steps(0) == BatchPlan.build(lengths, max_length=64, global_batch=3, pack=True,
+    assert plan.epoch_steps(0) == BatchPlan.build(lengths, max_length=64, global_batch=3, batching="rows",
                                                   seed=7).epoch_steps(0)
     assert plan.epoch_steps(0) != plan.epoch_steps(1)
 
@@ -154,10 +154,10 @@ def test_packing_and_length_grouping_leave_little_padding(tokenizer):
     random_pad = sum(int(lengths[order[i:i + 4]].max()) * 4 - int(lengths[order[i:i + 4]].sum())
                      for i in range(0, 400, 4))
     assert random_pad / (random_pad + lengths.sum()) > 0.2
-    grouped = BatchPlan.build(lengths, max_length=2048, global_batch=4, pack=False, seed=0)
+    grouped = BatchPlan.build(lengths, max_length=2048, global_batch=4, batching="grouped", seed=0)
     real, pad = grouped.padding(batch_size=4, world_size=1, grad_accum=1)
     assert real == lengths.sum() and pad < 0.25 * random_pad, (pad, random_pad)
-    packed = BatchPlan.build(lengths, max_length=2048, global_batch=4, pack=True, seed=0)
+    packed = BatchPlan.build(lengths, max_length=2048, global_batch=4, batching="rows", seed=0)
     real_p, pad_p = packed.padding(batch_size=4, world_size=1, grad_accum=1)
     assert real_p == real and pad_p / (real_p + pad_p) < 0.04, pad_p / (real_p + pad_p)
 
@@ -312,12 +312,14 @@ def test_packed_and_padded_runs_train_on_the_same_tokens(llama_base, tmp_path):
     titles.write_text("".join(json.dumps({"_id": d.id, "t": d.text.split(". ")[0]}) + "\n"
                               for d in load_corpus(SCIFACT, selection=DocSelection(max_docs=16)).docs))
     common = dict(corpus=[str(titles)], text_field="t", max_docs=None, max_length=128)
-    packed = train_adapter(config(llama_base, tmp_path / "a", **common))
-    padded = train_adapter(config(llama_base, tmp_path / "b", pack=False, **common))
-    assert packed.tokens == padded.tokens == packed.record["corpus"]["tokens"] - 16
-    assert padded.steps == 8 and packed.steps == -(-packed.record["corpus"]["rows"] // 2) < 8
-    for result, pack in ((packed, True), (padded, False)):   # the loop counts what the plan predicts
-        plan = train_adapter(config(llama_base, tmp_path / "plan", pack=pack, **common), dry_run=True)
+    paper = train_adapter(config(llama_base, tmp_path / "d", **common))
+    packed = train_adapter(config(llama_base, tmp_path / "a", batching="rows", **common))
+    padded = train_adapter(config(llama_base, tmp_path / "b", batching="grouped", **common))
+    assert paper.tokens == packed.tokens == padded.tokens == packed.record["corpus"]["tokens"] - 16
+    assert paper.steps == padded.steps == 8 and packed.steps == -(-packed.record["corpus"]["rows"] // 2) < 8
+    assert paper.padding_share == 0.0 and paper.record["batching"] == "documents"
+    for result, batching in ((paper, "documents"), (packed, "rows"), (padded, "grouped")):   # the plan predicts it
+        plan = train_adapter(config(llama_base, tmp_path / "plan", batching=batching, **common), dry_run=True)
         assert plan.record["tokens"]["padding"] == result.record["tokens"]["padding"]
         assert plan.padding_share == pytest.approx(result.padding_share) and plan.steps == result.steps
 
@@ -433,8 +435,8 @@ def test_cli_errors_are_one_line(llama_base, tmp_path):
 
 
 def test_forward_groups_fit_the_token_budget():
-    plan = BatchPlan.build(np.array([500, 300, 300, 200, 900, 100]), max_length=1024, global_batch=6, pack=False,
-                           seed=0)
+    plan = BatchPlan.build(np.array([500, 300, 300, 200, 900, 100]), max_length=1024, global_batch=6,
+                           batching="grouped", seed=0)
     rows = [(0,), (1,), (2,), (3,), (4,), (5,)]
     assert plan.forward_groups(rows, 1024) == [[(0,), (1,)], [(2,), (3,)], [(4,)], [(5,)]]
     assert plan.forward_groups(rows, None) == [rows] and plan.forward_groups([], 1024) == [[]]

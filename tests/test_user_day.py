@@ -95,7 +95,8 @@ def test_diff_with_base_and_retriever_swapped_warns(tmp_path):
     base = build_model("llama-causal")
     base_dir, retriever_dir = save(base, tmp_path / "base"), save(perturbed_bare(copy.deepcopy(base)), tmp_path / "r")
     swapped = run("diff", retriever_dir, base_dir, "-o", tmp_path / "d1", "--dry-run")
-    assert "look swapped" in swapped.stderr and "reforge diff BASE RETRIEVER" in swapped.stderr
+    assert "the two look swapped" in swapped.stderr and "reforge diff BASE RETRIEVER" in swapped.stderr
+    assert "--keep-lm-head" not in swapped.stderr
     right = run("diff", base_dir, retriever_dir, "-o", tmp_path / "d2", "--dry-run", "--json")
     assert "Warning" not in right.stderr and json.loads(right.stdout)["warnings"] == []
 

@@ -8,7 +8,8 @@ import click
 
 from reforge.cli import output as ui
 from reforge.cli.options import DeviceType, hub_options, log_file_option, output_options
-from reforge.train.config import PAPER_TARGETS, PRECISIONS, SCHEDULES, TrainConfig
+from reforge.errors import InvalidOptionError
+from reforge.train.config import BATCHINGS, PAPER_TARGETS, PRECISIONS, SCHEDULES, TrainConfig
 from reforge.train.tracking import REPORT_TO
 
 _D = TrainConfig(base="", corpus=[""], output="")  # the defaults, shown in --help
@@ -76,7 +77,7 @@ def _targets(value: str) -> list[str]:
     type=click.IntRange(min=1),
     default=_D.batch_size,
     show_default=True,
-    help="Sequences per process and micro-step (packed rows, or documents with --no-pack).",
+    help="Documents per process and micro-step (packed rows with --batching rows).",
 )
 @click.option(
     "--grad-accum",
@@ -113,13 +114,15 @@ def _targets(value: str) -> list[str]:
     type=click.IntRange(min=2),
     default=_D.max_length,
     show_default=True,
-    help="Tokens per document (longer ones are cut) and per packed row.",
+    help="Tokens per document (longer ones are cut, as in the paper) and per packed row.",
 )
 @click.option(
-    "--pack/--no-pack",
-    default=_D.pack,
+    "--batching",
+    type=click.Choice(BATCHINGS),
+    default=_D.batching,
     show_default=True,
-    help="Pack whole documents into full rows (each attends only to itself), or pad per batch of similar lengths.",
+    help="documents: the paper's --batch-size documents per step, packed with no padding; rows: --batch-size full "
+    "rows per step (more documents, fewer steps: a deviation); grouped: documents of similar length, padded.",
 )
 @click.option("--seed", type=int, default=_D.seed, show_default=True, help="Adapter init, data order and dropout.")
 @click.option(
@@ -183,8 +186,9 @@ def train_cmd(
     BASE is the causal LM the retriever was made from (a folder or a Hub id), not the retriever. The adapter
     learns the target domain by next-token prediction; `reforge merge` then adds 0.5 of it to the retriever.
     Defaults are the paper's (DoRA r 32, alpha 64 on q,k,v,up,down; batch 4; lr 2e-4 linear; one epoch; 1024
-    tokens). Documents are packed into full rows; the run is checkpointed with --save-every and continued with
-    --resume. Launch it with `torchrun` or `accelerate launch` to use several GPUs.
+    tokens): each optimizer step sees 4 documents, packed so that no compute goes to padding. The run is
+    checkpointed with --save-every and continued with --resume. Launch it with `torchrun` or `accelerate launch`
+    to use several GPUs.
 
     \b
     Examples:
@@ -208,6 +212,10 @@ def train_cmd(
         target_modules=_targets(target_modules),
         **{**options, **lists},
     )
+    try:  # out-of-range or non-finite numbers (--lr nan, --lora-alpha inf) are usage errors, caught before any work
+        config.validate()
+    except InvalidOptionError as e:
+        raise click.UsageError(str(e)) from e
     run_name = f"{Path(output).name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     try:
         with (
@@ -280,7 +288,7 @@ def _report(result, config: TrainConfig, as_json: bool) -> None:
         f"{','.join(config.target_modules)}" + ("" if result.dry_run else f" -> {result.output}"),
         f"  documents {result.documents:,} of {corpus['documents_read']:,} read | tokens {result.tokens:,} "
         f"trained | padding {result.padding_share:.1%} | steps {result.steps:,} "
-        f"({record['global_batch']} {'rows' if config.pack else 'documents'} each)",
+        f"({record['global_batch']} {'rows' if config.batching == 'rows' else 'documents'} each)",
     ]
     if not result.dry_run:
         resumed = f" | resumed at step {result.resumed_from}" if result.resumed_from else ""

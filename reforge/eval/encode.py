@@ -7,7 +7,8 @@ across ranks so every rank gets a similar amount of work.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,8 @@ def encode(
     profile: EncodingProfile,
     *,
     batch_size: int = 32,
+    max_batch_tokens: int | None = None,
+    tokenize_ahead: bool | None = None,
     device: str | None = None,
     progress: ProgressFn | None = None,
 ) -> np.ndarray:
@@ -61,7 +64,12 @@ def encode(
         retriever: the loaded model and tokenizer.
         texts: full texts to encode, in the order wanted back.
         profile: pooling, max length, EOS, lower-casing and normalization.
-        batch_size: texts per forward pass.
+        batch_size: texts per forward pass, when batches are not sized by tokens.
+        max_batch_tokens: size batches by tokens instead: as many texts (in length order, at least one) as fit
+            this many padded positions. Default: ``batch_size * 512`` on a GPU, where short texts then go many
+            to a batch; None on CPU (``batch_size`` texts).
+        tokenize_ahead: tokenize the next window of texts in a worker thread while the model encodes this one
+            (fast tokenizers release the GIL). Default: on a GPU only; on CPU the two would share the cores.
         device: where the inputs go (default: the model's device).
         progress: called as ``progress(done, total)`` after each batch.
     """
@@ -71,32 +79,83 @@ def encode(
     device = device or str(next(model.parameters()).device)
     if not texts:
         return np.zeros((0, _hidden_size(model)), dtype=np.float32)
+    cuda = torch.device(device).type == "cuda"
+    if max_batch_tokens is None and cuda:
+        max_batch_tokens = batch_size * 512
     order = length_order(texts)
     out: np.ndarray | None = None
-    total = len(texts)
+    total, done = len(texts), 0
     if progress:
         progress(0, total)
-    with torch.inference_mode():
-        for start in range(0, total, batch_size):
-            batch = order[start : start + batch_size]
-            inputs = _tokenize(tokenizer, [texts[i] for i in batch], profile, model)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            hidden = model(**inputs).last_hidden_state
-            vectors = retriever.finish(pool(hidden, inputs["attention_mask"], profile.pooling, False), profile)
-            if out is None:
-                out = np.empty((total, vectors.shape[1]), dtype=np.float32)
-            out[batch] = vectors.cpu().numpy()
-            if progress:
-                progress(min(start + batch_size, total), total)
+    window = batch_size * 32  # texts tokenized at a time, ahead of the batches cut from them
+    windows = [order[start : start + window] for start in range(0, total, window)]
+
+    def tokenize(chosen: list[int]) -> tuple[list[list[int]], bool]:
+        return _token_ids(tokenizer, [texts[i] for i in chosen], profile, model)
+
+    ahead = cuda if tokenize_ahead is None else tokenize_ahead
+    with torch.inference_mode(), _in_order(tokenize, windows, background=ahead) as tokenized:
+        for chosen, (ids, token_types) in zip(windows, tokenized):
+            for batch in _cut(len(chosen), [len(row) for row in ids], batch_size, max_batch_tokens):
+                inputs = _pad([ids[j] for j in batch], tokenizer, profile, token_types)
+                inputs = {
+                    k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device))
+                    for k, v in inputs.items()
+                }
+                hidden = model(**inputs).last_hidden_state
+                vectors = retriever.finish(pool(hidden, inputs["attention_mask"], profile.pooling, False), profile)
+                if out is None:
+                    out = np.empty((total, vectors.shape[1]), dtype=np.float32)
+                out[[chosen[j] for j in batch]] = vectors.float().cpu().numpy()
+                done += len(batch)
+                if progress:
+                    progress(done, total)
     assert out is not None
     return out
 
 
-def _tokenize(tokenizer: Any, texts: list[str], profile: EncodingProfile, model: Any) -> dict[str, Any]:
-    """Token ids truncated to ``max_length`` (EOS appended after truncation if the profile says so), padded on the
-    profile's side."""
-    import torch
+@contextmanager
+def _in_order(fn: Callable[[Any], Any], items: list[Any], *, background: bool) -> Iterator[Iterator[Any]]:
+    """``fn(item)`` for each item, in order; with ``background``, the next one is computed in a worker thread
+    while the caller uses the current one."""
+    if not background:
+        yield (fn(item) for item in items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
 
+    with ThreadPoolExecutor(max_workers=1) as worker:
+
+        def results() -> Iterator[Any]:
+            pending = worker.submit(fn, items[0]) if items else None
+            for i in range(len(items)):
+                current = pending.result()
+                pending = worker.submit(fn, items[i + 1]) if i + 1 < len(items) else None
+                yield current
+
+        yield results()
+
+
+def _cut(count: int, lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
+    """Consecutive batches of ``range(count)``: ``batch_size`` each, or as many as fit ``max_batch_tokens`` padded
+    positions (texts x the longest, at least one text)."""
+    if max_batch_tokens is None:
+        return [list(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
+    batches: list[list[int]] = []
+    longest = 0
+    for j in range(count):
+        width = max(1, lengths[j])
+        if batches and max(longest, width) * (len(batches[-1]) + 1) <= max_batch_tokens:
+            batches[-1].append(j)
+            longest = max(longest, width)
+        else:
+            batches.append([j])
+            longest = width
+    return batches
+
+
+def _token_ids(tokenizer: Any, texts: list[str], profile: EncodingProfile, model: Any) -> tuple[list[list[int]], bool]:
+    """Token ids truncated to ``max_length`` (EOS appended after truncation if the profile says so), unpadded; and
+    whether the model takes (all-zero) token type ids."""
     if profile.lowercase:
         texts = [t.lower() for t in texts]
     # max_length counts the EOS: room for it, unless the tokenizer appends it itself (its post-processor, as
@@ -110,6 +169,14 @@ def _tokenize(tokenizer: Any, texts: list[str], profile: EncodingProfile, model:
         if eos is None:
             raise ValueError("the profile appends EOS but the tokenizer has no eos_token_id")
         ids = [row if row and row[-1] == eos else row + [eos] for row in ids]
+    return ids, "token_type_ids" in encoded and _accepts_token_types(model)
+
+
+def _pad(ids: list[list[int]], tokenizer: Any, profile: EncodingProfile, token_types: bool) -> dict[str, Any]:
+    """Rows padded on the profile's side, with their attention mask."""
+    import torch
+
+    eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     width = max(1, max(len(row) for row in ids))
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -121,9 +188,16 @@ def _tokenize(tokenizer: Any, texts: list[str], profile: EncodingProfile, model:
         input_ids[i, span] = torch.tensor(row, dtype=torch.long)
         mask[i, span] = 1
     inputs = {"input_ids": input_ids, "attention_mask": mask}
-    if "token_type_ids" in encoded and _accepts_token_types(model):
+    if token_types:
         inputs["token_type_ids"] = torch.zeros_like(input_ids)
     return inputs
+
+
+def _tokenize(tokenizer: Any, texts: list[str], profile: EncodingProfile, model: Any) -> dict[str, Any]:
+    """Token ids truncated to ``max_length`` (EOS appended after truncation if the profile says so), padded on the
+    profile's side."""
+    ids, token_types = _token_ids(tokenizer, texts, profile, model)
+    return _pad(ids, tokenizer, profile, token_types)
 
 
 def _appends_eos(tokenizer: Any) -> bool:

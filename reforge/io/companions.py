@@ -20,8 +20,9 @@ COMPANION_NAMES = frozenset({
     "chat_template.jinja", "chat_template.json",
     "modules.json", "config_sentence_transformers.json", "sentence_bert_config.json",
 })
-# sentence-transformers module folders (1_Pooling/, 2_Normalize/, 2_Dense/): their configs and vocabularies.
-MODULE_FILE = re.compile(r"^\d+_[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+\.(json|txt|model)$")
+# sentence-transformers module folders (1_Pooling/, 2_Normalize/, 2_Dense/): their configs and vocabularies, and a
+# Dense module's weights (safetensors only: a projection after pooling, never part of Delta or of a merge).
+MODULE_FILE = re.compile(r"^\d+_[A-Za-z0-9_.-]+/([A-Za-z0-9_.-]+\.(json|txt|model)|model\.safetensors)$")
 MAX_COMPANION_BYTES = 64 * 2**20
 
 

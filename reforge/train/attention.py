@@ -35,8 +35,9 @@ PACKED_FLEX = "reforge_packed_flex"
 # model_type values whose attention both packed paths reproduce exactly (tests/test_attention.py, one test each)
 PACKED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 # attention kwargs that carry no attention feature (bookkeeping transformers passes down to every layer)
-_INERT_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "output_attentions", "return_dict",
-                           "output_hidden_states"})
+_INERT_KWARGS = frozenset(
+    {"position_ids", "use_cache", "cache_position", "output_attentions", "return_dict", "output_hidden_states"}
+)
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,11 @@ def plan_attention(model_config, device_type: str) -> AttentionPlan:
     elif getattr(model_config, "use_bidirectional_attention", False) or not getattr(model_config, "is_causal", True):
         reason = f"this {model_type} config uses bidirectional attention"
     if reason:
-        return AttentionPlan("fallback", None, f"{reason}: training uses the model's own attention with a "
-                                               f"row x row block-diagonal mask (exact, slower).")
+        return AttentionPlan(
+            "fallback",
+            None,
+            f"{reason}: training uses the model's own attention with a row x row block-diagonal mask (exact, slower).",
+        )
     register_packed_attention()
     if device_type == "cuda" and not getattr(model_config, "attention_dropout", 0.0) and _has_flex():
         return AttentionPlan("flex", PACKED_FLEX)
@@ -103,8 +107,19 @@ def register_packed_attention(path: str = "split") -> str:
 
 # ---- split: one call per document ---------------------------------------------------------------------------------
 
-def split_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                    sliding_window: int | None = None, softcap: float | None = None, **kwargs):
+
+def split_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+):
     """transformers' attention signature: ``query`` (batch, heads, L, dim), ``key``/``value`` (batch, kv heads,
     L, dim); returns ``(output (batch, L, heads, dim), None)``. A document starts wherever a position id is not
     the previous one plus 1."""
@@ -121,11 +136,12 @@ def split_attention(module, query, key, value, attention_mask, dropout: float = 
     batch, heads, length, dim = query.shape
     positions = position_ids.expand(batch, length)
     starts = positions[:, 1:] != positions[:, :-1] + 1
-    scale = dim ** -0.5 if scaling is None else scaling
+    scale = dim**-0.5 if scaling is None else scaling
 
     def attend(q, k, v):
-        return _attend_document(q, k, v, scale=scale, window=sliding_window, softcap=softcap,
-                                dropout=dropout if module.training else 0.0)
+        return _attend_document(
+            q, k, v, scale=scale, window=sliding_window, softcap=softcap, dropout=dropout if module.training else 0.0
+        )
 
     if not bool(starts.any()):
         return attend(query, key, value).transpose(1, 2).contiguous(), None
@@ -133,8 +149,7 @@ def split_attention(module, query, key, value, attention_mask, dropout: float = 
     # `cat` (slicing each document out instead would zero-fill a full-size gradient per document).
     cuts = [b * length + c for b in range(batch) for c in (0, *(starts[b].nonzero().flatten() + 1).tolist())]
     sizes = [end - begin for begin, end in zip(cuts, [*cuts[1:], batch * length])]
-    pieces = [t.transpose(0, 1).reshape(1, heads, batch * length, dim).split(sizes, dim=2)
-              for t in (query, key, value)]
+    pieces = [t.transpose(0, 1).reshape(1, heads, batch * length, dim).split(sizes, dim=2) for t in (query, key, value)]
     out = torch.cat([attend(q, k, v) for q, k, v in zip(*pieces)], dim=2)
     return out.reshape(heads, batch, length, dim).permute(1, 2, 0, 3).contiguous(), None
 
@@ -173,15 +188,27 @@ def document_mask(n: int, window: int | None, device=None):
 def _no_padding_mask(batch_size: int, q_length: int, kv_length: int, attention_mask=None, **kwargs):
     """The split path's mask function: it needs no mask, and refuses a padding mask it would otherwise drop."""
     if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("packed attention takes no padding mask: pad with a document of its own (as "
-                         "reforge.train.batching.collate does) and pass position_ids")
+        raise ValueError(
+            "packed attention takes no padding mask: pad with a document of its own (as "
+            "reforge.train.batching.collate does) and pass position_ids"
+        )
     return None
 
 
 # ---- flex: one masked kernel per layer ----------------------------------------------------------------------------
 
-def flex_block_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                    mask_function: Callable | None = None, attention_mask=None, device="cpu", **kwargs):
+
+def flex_block_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Callable | None = None,
+    attention_mask=None,
+    device="cpu",
+    **kwargs,
+):
     """transformers' mask-function signature: the ``BlockMask`` of ``mask_function`` (causal, sliding window and
     packed documents, as composed by transformers for this kind of layer). Called once per forward pass and kind of
     layer; compiled on CUDA, built eagerly elsewhere (the CPU tests)."""
@@ -200,12 +227,29 @@ def flex_block_mask(batch_size: int, q_length: int, kv_length: int, q_offset: in
         padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
         mask_function = and_masks(mask_function, padding_mask_function(padding))
     mask_function = add_offsets_to_mask_function(mask_function, q_offset, kv_offset)
-    return create_block_mask(mask_function, batch_size, None, q_length, kv_length, device=device,
-                             _compile=torch.device(device).type == "cuda")
+    return create_block_mask(
+        mask_function,
+        batch_size,
+        None,
+        q_length,
+        kv_length,
+        device=device,
+        _compile=torch.device(device).type == "cuda",
+    )
 
 
-def flex_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                   sliding_window: int | None = None, softcap: float | None = None, **kwargs):
+def flex_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+):
     """transformers' attention signature over ``attention_mask``, the layer's ``BlockMask`` from `flex_block_mask`
     (which already holds the sliding window). Compiled on CUDA; eager elsewhere, where it has no backward."""
     from torch.nn.attention.flex_attention import BlockMask
@@ -213,8 +257,9 @@ def flex_attention(module, query, key, value, attention_mask, dropout: float = 0
 
     _refuse_unknown(module, query, key, kwargs)
     if not isinstance(attention_mask, BlockMask):
-        raise RuntimeError(f"flex packed attention needs the BlockMask of its mask function, got "
-                           f"{type(attention_mask).__name__}")
+        raise RuntimeError(
+            f"flex packed attention needs the BlockMask of its mask function, got {type(attention_mask).__name__}"
+        )
     if dropout and module.training:
         raise RuntimeError("flex_attention has no dropout: plan_attention sends such models to the split path")
     heads, kv_heads = query.shape[1], key.shape[1]
@@ -225,10 +270,12 @@ def flex_attention(module, query, key, value, attention_mask, dropout: float = 0
         gqa = False
     score_mod = None
     if softcap is not None:
+
         def score_mod(score, batch, head, q_idx, kv_idx):
             import torch
 
             return torch.tanh(score / softcap) * softcap
+
     options = {"score_mod": score_mod, "block_mask": attention_mask, "enable_gqa": gqa, "scale": scaling}
     if query.device.type == "cuda":
         from transformers.integrations.flex_attention import compile_friendly_flex_attention
@@ -241,11 +288,14 @@ def flex_attention(module, query, key, value, attention_mask, dropout: float = 0
 
 def _refuse_unknown(module, query, key, kwargs: dict) -> None:
     """Fail on what neither packed path implements, rather than attend differently from the model."""
-    extra = sorted(k for k, v in kwargs.items()
-                   if k not in _INERT_KWARGS and k != "is_causal" and v is not None and v is not False)
+    extra = sorted(
+        k for k, v in kwargs.items() if k not in _INERT_KWARGS and k != "is_causal" and v is not None and v is not False
+    )
     if extra:
-        raise RuntimeError(f"packed attention does not implement the attention argument(s) {', '.join(extra)} "
-                           f"of {type(module).__name__}; add the family to the fallback in plan_attention")
+        raise RuntimeError(
+            f"packed attention does not implement the attention argument(s) {', '.join(extra)} "
+            f"of {type(module).__name__}; add the family to the fallback in plan_attention"
+        )
     if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
         raise RuntimeError(f"{type(module).__name__} attends bidirectionally; packed attention is causal only")
     if query.shape[2] != key.shape[2]:

@@ -1,13 +1,21 @@
-"""From documents to training batches: tokenize, pack (or group by length), order, and collate.
+"""From documents to training batches: tokenize, lay out the steps, pack, order, and collate.
 
 Each document becomes ``tokens(text)[: max_length - 1] + [EOS]`` (the tokenizer's own BOS, if it adds one, stays
-first), so every document is truncated exactly as if it were trained alone, as in the paper.
+first), so every document is truncated exactly as if it were trained alone: the paper's "max length of 1024 for
+any example".
 
-Packing puts whole documents into rows of at most ``max_length`` tokens (best fit, longest first) and never splits
-one. Position ids restart at 0 for every document and no attention mask is passed, so transformers builds a
-block-diagonal causal mask: a document attends only to itself, and each token's loss equals its loss in an
-unpacked run (checked in the tests). Without packing, a row is one document and a step's documents have similar
-lengths, so little padding is left either way.
+Three ways to fill an optimizer step (``TrainConfig.batching``):
+
+- ``documents`` (default, the paper's): a step is ``global_batch`` documents in random order, exactly what a padded
+  batch of them would be, and its loss is the mean over their predicted tokens, as a padded batch's is. The step's
+  documents are then packed into rows of at most ``max_length`` tokens, so no compute goes to padding.
+- ``rows``: whole documents are first packed into rows, and a step is ``global_batch`` rows: more documents per
+  step, so fewer optimizer steps than the paper's recipe (a deviation, kept as a speed option).
+- ``grouped``: one document per row, a step's documents of similar length, padded.
+
+Packing (best fit, longest first) never splits a document. Position ids restart at 0 for every document and the
+attention (`reforge.train.attention`) stays inside each document, so every token's loss equals its loss in an
+unpacked run (checked in the tests).
 
 The order depends only on the token lengths and the seed, so a resumed run and every rank see the same steps.
 """
@@ -93,21 +101,24 @@ def pack_rows(lengths: np.ndarray, max_length: int) -> list[Row]:
 class BatchPlan:
     """Which rows each optimizer step trains on.
 
-    Fields: ``rows`` (tuples of document indices), ``lengths`` (tokens per document), ``global_batch`` (rows per
-    optimizer step, over all micro-steps and ranks), ``pack``, ``seed``.
+    Fields: ``rows`` (tuples of document indices: one document each, except with ``batching="rows"``),
+    ``lengths`` (tokens per document), ``global_batch`` (rows per optimizer step, over all micro-steps and ranks),
+    ``batching``, ``seed``, ``max_length`` (the most tokens `forward_groups` packs into one row).
     """
 
     rows: list[Row]
     lengths: np.ndarray
     global_batch: int
-    pack: bool
+    batching: str
     seed: int
+    max_length: int
 
     @classmethod
-    def build(cls, lengths: np.ndarray, *, max_length: int, global_batch: int, pack: bool, seed: int) -> "BatchPlan":
-        """Pack (or not) the documents whose token counts are ``lengths``."""
-        rows = pack_rows(lengths, max_length) if pack else [(i,) for i in range(len(lengths))]
-        return cls(rows, lengths, global_batch, pack, seed)
+    def build(cls, lengths: np.ndarray, *, max_length: int, global_batch: int, batching: str,
+              seed: int) -> "BatchPlan":
+        """The rows of the documents whose token counts are ``lengths``: packed up front only for "rows"."""
+        rows = pack_rows(lengths, max_length) if batching == "rows" else [(i,) for i in range(len(lengths))]
+        return cls(rows, lengths, global_batch, batching, seed, max_length)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -118,14 +129,14 @@ class BatchPlan:
         """The rows of each optimizer step of ``epoch``, in training order (seeded by ``seed + epoch``)."""
         rng = np.random.default_rng(self.seed + epoch)
         order = rng.permutation(len(self.rows))
-        if not self.pack:
+        if self.batching == "grouped":
             window = self.global_batch * SORT_WINDOW_BATCHES
             row_len = np.array([int(self.lengths[row[0]]) for row in self.rows])
             order = np.concatenate([sorted(order[i:i + window], key=lambda r: -row_len[r])
                                     for i in range(0, len(order), window)]).astype(np.int64)
         steps = [[self.rows[r] for r in order[i:i + self.global_batch]]
                  for i in range(0, len(order), self.global_batch)]
-        if not self.pack:  # keep each step's similar lengths together, but visit the steps in random order
+        if self.batching == "grouped":  # keep each step's similar lengths together, visit the steps at random
             steps = [steps[i] for i in rng.permutation(len(steps))]
         return steps
 
@@ -133,9 +144,20 @@ class BatchPlan:
         """Tokens in a row (before padding)."""
         return sum(int(self.lengths[d]) for d in row)
 
+    def pack_micro(self, rows: list[Row]) -> list[Row]:
+        """The rows a micro-batch is fed as. With "documents", its documents packed into rows of at most
+        ``max_length`` tokens (the step's content and loss do not change, only where each document sits);
+        otherwise ``rows`` as they are."""
+        if self.batching != "documents" or not rows:
+            return rows
+        docs = [d for row in rows for d in row]
+        return [tuple(docs[i] for i in row) for row in pack_rows(self.lengths[docs], self.max_length)]
+
     def forward_groups(self, rows: list[Row], budget: int | None) -> list[list[Row]]:
-        """Cut a micro-batch into the groups of consecutive rows that go through the model together: as many as
-        fit ``budget`` padded tokens (at least one row each); all of them when ``budget`` is None."""
+        """Pack a micro-batch (`pack_micro`) and cut it into the groups of consecutive rows that go through the
+        model together: as many as fit ``budget`` padded tokens (at least one row each); all of them when
+        ``budget`` is None."""
+        rows = self.pack_micro(rows)
         if budget is None or not rows:
             return [rows]
         groups: list[list[Row]] = []

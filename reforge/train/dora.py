@@ -1,8 +1,8 @@
 """The knowledge-adapter recipe: a DoRA (or LoRA) adapter on the base causal LM, trained by next-token prediction
-over unlabeled documents (RE-AdaptIR section 3). Reads top to bottom, one function per phase:
+over unlabeled documents (RE-AdaptIR; hyperparameters in its Appendix A). Reads top to bottom, one function per phase:
 
     train_adapter(config)
-      setup_data   read and filter the corpus, count tokens, pack rows, lay out the steps
+      setup_data   read and filter the corpus, count tokens, lay out the steps (4 documents each, by default)
       setup_model  load the base LM, check it, add the adapter, optimizer and schedule
       train_loop   a plain loop: micro-batches -> loss -> backward -> clip -> step, checkpoints every N steps
       save         adapter_config.json + adapter_model.safetensors + training_record.json, renamed into place
@@ -28,7 +28,7 @@ import numpy as np
 
 from reforge import __version__
 from reforge.data.corpus import Corpus, DocSelection, load_corpus
-from reforge.errors import CheckpointNotFoundError, InvalidOptionError
+from reforge.errors import CheckpointNotFoundError, DataError, InvalidOptionError
 from reforge.io.manifest import TRAINING_RECORD
 from reforge.io.target import OutputLock, write_error
 from reforge.train.attention import AttentionPlan, plan_attention
@@ -215,8 +215,9 @@ def setup_data(config: TrainConfig, tokenizer, ranks: Ranks = Ranks(),
     key = lengths_key(corpus.sha256, tokenizer, config.max_length)  # cached: --dry-run and --resume reuse them
     lengths, _ = cached_token_lengths(texts, lambda share: token_lengths(encode, share), key, ranks)
     global_batch = config.batch_size * config.grad_accum * ranks.world
-    plan = BatchPlan.build(lengths, max_length=config.max_length, global_batch=global_batch, pack=config.pack,
-                           seed=config.seed)
+    _refuse_nothing_to_learn(corpus, lengths)
+    plan = BatchPlan.build(lengths, max_length=config.max_length, global_batch=global_batch,
+                           batching=config.batching, seed=config.seed)
     total = plan.steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
@@ -366,6 +367,16 @@ def _forward_budget(config: TrainConfig, device) -> int | None:
     return config.max_length if device.type == "cpu" else None
 
 
+def _refuse_nothing_to_learn(corpus: Corpus, lengths: np.ndarray) -> None:
+    """A corpus whose documents tokenize to nothing (or to the end marker alone) has no token to predict: training
+    would "finish" with loss 0 and write an untrained adapter."""
+    if int(np.maximum(lengths - 1, 0).sum()) == 0:
+        where = ", ".join(str(p) for p in corpus.paths)
+        raise DataError(f"No tokens to train on: the tokenizer gives the {len(lengths):,} documents of {where} no "
+                        f"token to predict.", hint="Check --text-field and that the corpus holds text the base's "
+                        "tokenizer reads.", path=where, line=None)
+
+
 def _tokenized_batch(data: Data, rows) -> Batch:
     docs = [d for row in rows for d in row]
     ids = iter(data.encode([data.texts[d] for d in docs]) if docs else [])
@@ -477,7 +488,8 @@ def _record(run: Run, data: Data, state: LoopState, base, wall_time_s: float) ->
         "corpus": _corpus_facts(config, data),
         "tokens": {"trained": state.predicted, "input": state.real, "padding": state.pad,
                    "padding_share": state.pad / max(state.real + state.pad, 1)},
-        "steps": state.step, "global_batch": data.plan.global_batch, "world_size": run.ranks.world,
+        "steps": state.step, "global_batch": data.plan.global_batch, "batching": config.batching,
+        "world_size": run.ranks.world,
         "device": run.device.type, "precision": "bf16" if run.bf16 else "fp32",
         "attention": run.attention.to_dict() if run.attention else None,
         "loss": {"first": state.losses[0] if state.losses else None,
@@ -513,7 +525,7 @@ def _plan_result(config: TrainConfig, data: Data, ranks: Ranks, device, wall_tim
     real, pad = data.plan.padding(config.batch_size, ranks.world, config.grad_accum, _forward_budget(config, device))
     epochs_done = data.total_steps / data.plan.steps_per_epoch
     record = {"corpus": _corpus_facts(config, data), "steps": data.total_steps,
-              "global_batch": data.plan.global_batch,
+              "global_batch": data.plan.global_batch, "batching": config.batching,
               "tokens": {"trained": int(np.maximum(data.plan.lengths - 1, 0).sum() * epochs_done),
                          "input": real, "padding": pad, "padding_share": pad / max(real + pad, 1)},
               "wall_time_s": round(wall_time_s, 3), "config": config.to_dict()}
