@@ -223,6 +223,27 @@ def test_tied_qwen2_trains_and_its_adapter_loads(qwen_base, tmp_path):
         assert not torch.allclose(base(input_ids=ids).logits, tuned(input_ids=ids).logits)
 
 
+def test_adapter_is_written_through_reforge_io_and_equals_peft_save(qwen_base, tmp_path):
+    """The adapter goes through reforge's own writer (temporary name, provenance header), yet is exactly the folder
+    peft's own save_pretrained writes for the same weights: same config, same tensors bit for bit."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "psi"
+    train_adapter(config(qwen_base, out, max_steps=2))
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        metadata = f.metadata()
+    assert metadata["format"] == "pt" and metadata["reforge_base"] == str(qwen_base) and metadata["reforge_version"]
+    resaved = tmp_path / "peft-saved"
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(qwen_base), out).save_pretrained(resaved)
+    ours, peft_own = load_file(out / "adapter_model.safetensors"), load_file(resaved / "adapter_model.safetensors")
+    assert ours.keys() == peft_own.keys() and all(torch.equal(ours[k], peft_own[k]) for k in ours)
+    config_of = lambda folder: json.loads((folder / "adapter_config.json").read_text())  # noqa: E731
+    assert config_of(out) == config_of(resaved)
+    assert not list(out.glob(".*"))  # no temporary file left behind
+
+
 def test_two_dora_steps_change_only_adapter_tensors(llama_base, tokenizer, tmp_path):
     cfg = config(llama_base, tmp_path / "psi", max_steps=2)
     data = setup_data(cfg, tokenizer)

@@ -38,3 +38,24 @@ def save_tensors(file: str | Path, tensors: dict[str, "torch.Tensor"], metadata:
     contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     temporary.write_bytes(save(contiguous, metadata=metadata or {"format": "pt"}))
     os.replace(temporary, file)
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def save_peft_adapter(folder: str | Path, peft_config, tensors: dict[str, "torch.Tensor"],
+                      provenance: dict[str, str] | None = None) -> None:
+    """Write a normal peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) through reforge's
+    own tensor writer, so the weights get the same temporary-name-then-rename and a provenance header.
+
+    ``tensors`` is peft's saved form (``get_peft_model_state_dict``); ``provenance`` lands in the safetensors
+    ``__metadata__`` beside peft's ``format: pt``, which peft reads back unchanged.
+    """
+    import copy
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(peft_config)
+    config.inference_mode = True  # what PeftModel.save_pretrained records: the saved adapter is for inference
+    config.save_pretrained(str(folder))
+    save_tensors(folder / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt", **(provenance or {})})

@@ -15,7 +15,6 @@ their global count, so one step's gradient does not depend on how its rows are s
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -29,8 +28,9 @@ import numpy as np
 from reforge import __version__
 from reforge.data.corpus import Corpus, DocSelection, load_corpus
 from reforge.errors import CheckpointNotFoundError, DataError, InvalidOptionError
-from reforge.io.manifest import TRAINING_RECORD
+from reforge.io.manifest import TRAINING_RECORD, write_record
 from reforge.io.target import OutputLock, write_error
+from reforge.io.tensors import save_peft_adapter
 from reforge.train.attention import AttentionPlan, plan_attention
 from reforge.train.batching import IGNORE, Batch, BatchPlan, Encoder, collate, make_encoder, split_step, token_lengths
 from reforge.train.config import TrainConfig
@@ -328,6 +328,8 @@ def save(run: Run, data: Data, state: LoopState, *, base, work: Path, wall_time_
     """Write the peft adapter and the training record under ``work/final`` and rename it to the output (rank 0)."""
     import shutil
 
+    from peft import get_peft_model_state_dict
+
     config, ranks = run.config, run.ranks
     record = _record(run, data, state, base, wall_time_s)
     output = Path(config.output)
@@ -338,11 +340,11 @@ def save(run: Run, data: Data, state: LoopState, *, base, work: Path, wall_time_
         adapter.base_model_name_or_path = config.base
         adapter.revision = record["base"].get("commit") or record["base"].get("revision")
         try:
-            run.model.save_pretrained(final)
-            (final / "README.md").unlink(missing_ok=True)  # peft's blank model card
+            save_peft_adapter(final, adapter, get_peft_model_state_dict(run.model),
+                              provenance={"reforge_version": __version__, "reforge_base": str(config.base)})
             if readme is not None:
                 (final / "README.md").write_text(readme(record), encoding="utf-8")
-            (final / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            write_record(final / RECORD_NAME, record)
         except OSError as e:
             raise write_error(e, final, _unsaved_hint(config, work)) from e
         publish(final, output, work)
