@@ -233,8 +233,8 @@ def bench_reforge_train(
     (``before_timed()`` is called in between; ``overrides`` replace the paper's adapter options)."""
     from transformers import AutoTokenizer
 
+    from reforge.dist import Ranks
     from reforge.train.config import TrainConfig
-    from reforge.train.dist import Ranks
     from reforge.train.dora import LoopState, setup_data, setup_model, train_loop
 
     config = TrainConfig(

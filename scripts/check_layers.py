@@ -6,7 +6,7 @@ The layers (shared/docs/STYLE.md), highest first; a module may import its own la
     publish        reforge.publish
     tune           reforge.tune
     ops train eval reforge.ops, reforge.train, reforge.eval
-    profiles data  reforge.profiles, reforge.data, reforge.card
+    profiles data  reforge.profiles, reforge.data, reforge.dist, reforge.card
     io             reforge.io
     errors         reforge.errors
 
@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "reforge.io": 1,
     "reforge.profiles": 2,
     "reforge.data": 2,
+    "reforge.dist": 2,
     "reforge.ops": 3,
     "reforge.train": 3,
     "reforge.eval": 3,

@@ -247,7 +247,7 @@ def test_adapter_is_written_through_reforge_io_and_equals_peft_save(qwen_base, t
 def test_two_dora_steps_change_only_adapter_tensors(llama_base, tokenizer, tmp_path):
     cfg = config(llama_base, tmp_path / "psi", max_steps=2)
     data = setup_data(cfg, tokenizer)
-    from reforge.train.dist import Ranks
+    from reforge.dist import Ranks
 
     run = setup_model(cfg, llama_base, Ranks(), torch.device("cpu"), data.total_steps)
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}

@@ -15,10 +15,10 @@ from test_train import build_tokenizer, make_base
 from conftest import DATA
 from reforge.cli import cli
 from reforge.data.corpus import DocSelection, load_corpus
+from reforge.dist import Ranks
 from reforge.errors import DataError, InvalidOptionError
 from reforge.train import TrainConfig, train_adapter
 from reforge.train.batching import BatchPlan
-from reforge.train.dist import Ranks
 from reforge.train.dora import _forward_backward, _tokenized_batch, setup_data, setup_model
 
 SCIFACT = DATA / "scifact"

@@ -5,7 +5,7 @@
     >>> report = evaluate(["all-MiniLM-L6-v2"], ["scifact"], settings)  # doctest: +SKIP
 
 Modules: ``model`` (finding and loading models), ``encode``, ``cache``,
-``search``, ``metrics`` (scores and significance), ``distributed`` (ranks), ``report``, ``pipeline`` (`evaluate`).
+``search``, ``metrics`` (scores and significance), ``report``, ``pipeline`` (`evaluate`).
 """
 
 from reforge.eval.model import ModelSource, Retriever, resolve_model

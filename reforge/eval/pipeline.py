@@ -25,7 +25,7 @@ from reforge.eval.cache import (
     embedding_key,
     texts_hash,
 )
-from reforge.eval.distributed import Ranks
+from reforge.dist import Ranks, join
 from reforge.eval.encode import encode, passages
 from reforge.eval.metrics import AVERAGING, paired_test, parse_measures, score_run
 from reforge.eval.model import ModelSource, Retriever, resolve_model
@@ -147,9 +147,8 @@ def evaluate(
     """
     settings = settings or EvalSettings()
     settings.check()
-    ranks = Ranks.from_env()
-    device = ranks.device(settings.device)
-    ranks.start(device)
+    device = Ranks.from_env().device(settings.device)
+    ranks = join(device)
     measures = parse_measures(settings.measures)
     full = [d if isinstance(d, BeirDataset) else load_beir(d, settings.split) for d in datasets]
     data = [_sample(d, settings) for d in full]
@@ -179,7 +178,7 @@ def evaluate(
             )
             if result is not None:
                 results.append(result)
-    if not ranks.is_main:
+    if not ranks.main:
         return None
     names = tuple(str(m) for m in measures)
     return EvalReport(
@@ -192,7 +191,7 @@ def evaluate(
             "device": device,
             "dtype": str(dtype).replace("torch.", ""),
             "batch_size": batch_size,
-            "world_size": ranks.world_size,
+            "world_size": ranks.world,
         },
         results=tuple(results),
         comparisons=tuple(_compare(results, data, sources, names, settings)),
@@ -404,7 +403,7 @@ def _search_and_score(
     search_device = ctx.device if ctx.device.startswith("cuda") else "cpu"
     table = search_blocks(query_vectors, blocks, k, device=search_device, chunk_size=settings.query_chunk_size)
     gathered = ranks.all_gather_topk(table.scores, table.rows, ctx.device)  # k ids + scores per query and rank
-    if not ranks.is_main:
+    if not ranks.main:
         return None
     for scores, rows in gathered[1:]:
         table = table.merge(scores, rows)

@@ -27,6 +27,7 @@ import numpy as np
 
 from reforge import __version__
 from reforge.data.corpus import Corpus, DocSelection, load_corpus
+from reforge.dist import Ranks, all_sum, barrier, join, shutdown
 from reforge.errors import CheckpointNotFoundError, DataError, InvalidOptionError
 from reforge.io.manifest import TRAINING_RECORD, write_record
 from reforge.io.target import OutputLock, write_error
@@ -34,7 +35,6 @@ from reforge.io.tensors import save_peft_adapter
 from reforge.train.attention import AttentionPlan, plan_attention
 from reforge.train.batching import IGNORE, Batch, BatchPlan, Encoder, collate, make_encoder, split_step, token_lengths
 from reforge.train.config import TrainConfig
-from reforge.train.dist import Ranks, all_sum, barrier, init_ranks, shutdown
 from reforge.train.lengths import cached_token_lengths, lengths_key
 from reforge.train.state import (
     check_output,
@@ -166,7 +166,7 @@ def train_adapter(config: TrainConfig, progress: ProgressFn | None = None, *, to
     resume_from = check_output(config)
     device_type = torch.device(config.device).type if config.device else "cuda" if torch.cuda.is_available() \
         else "cpu"
-    ranks = init_ranks(device_type)
+    ranks = join(device_type)
     lock = OutputLock(config.output) if ranks.main and not dry_run else None  # the lock every writer takes
     try:
         if lock is not None:

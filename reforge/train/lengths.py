@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from reforge.dist import Ranks, gather_strided
 from reforge.io.atomic import write_atomic
-from reforge.train.dist import Ranks, gather_strided
 
 CACHE_VERSION = 1
 

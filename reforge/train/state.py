@@ -19,10 +19,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from reforge.dist import Ranks, barrier
 from reforge.errors import InvalidOptionError, OutputExistsError, short_path
 from reforge.io import target
 from reforge.train.config import RESUME_KEYS, TrainConfig
-from reforge.train.dist import Ranks, barrier
 
 CHECKPOINTS = "checkpoints"
 
