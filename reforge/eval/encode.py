@@ -94,6 +94,17 @@ def encode(
         return _token_ids(tokenizer, [texts[i] for i in chosen], profile, model)
 
     ahead = cuda if tokenize_ahead is None else tokenize_ahead
+    # Each batch's vectors leave the device while the next batch computes: the copy is queued (pinned, non-blocking
+    # on CUDA) and only waited for, and stored, after the next forward pass has been queued behind it.
+    in_flight: list[tuple[list[int], Any, Any]] = []
+
+    def store_in_flight() -> None:
+        for rows, host, copied in in_flight:
+            if copied is not None:
+                copied.synchronize()
+            out[rows] = host.numpy()
+        in_flight.clear()
+
     with torch.inference_mode(), _in_order(tokenize, windows, background=ahead) as tokenized:
         for chosen, (ids, token_types) in zip(windows, tokenized):
             for batch in _cut(len(chosen), [len(row) for row in ids], batch_size, max_batch_tokens):
@@ -106,12 +117,29 @@ def encode(
                 vectors = retriever.finish(pool(hidden, inputs["attention_mask"], profile.pooling, False), profile)
                 if out is None:
                     out = np.empty((total, vectors.shape[1]), dtype=np.float32)
-                out[[chosen[j] for j in batch]] = vectors.float().cpu().numpy()
+                host, copied = _to_host(vectors.float(), cuda)
+                store_in_flight()
+                in_flight.append(([chosen[j] for j in batch], host, copied))
                 done += len(batch)
                 if progress:
                     progress(done, total)
+        store_in_flight()
     assert out is not None
     return out
+
+
+def _to_host(vectors: Any, cuda: bool) -> tuple[Any, Any]:
+    """``(host tensor, event)``: on CUDA a non-blocking copy into pinned memory and the event that marks it done
+    (torch caches pinned blocks, so this allocates once per batch shape); elsewhere a plain copy and None."""
+    import torch
+
+    if not cuda:
+        return vectors.cpu(), None
+    host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
+    host.copy_(vectors, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
 
 
 @contextmanager
