@@ -150,5 +150,5 @@ def gather_strided(local: np.ndarray, total: int, ranks: Ranks) -> np.ndarray:
     dist.all_gather_object(parts, local)
     full = np.zeros(total, dtype=local.dtype)
     for r, part in enumerate(parts):
-        full[r::ranks.world] = part
+        full[r :: ranks.world] = part
     return full

@@ -136,4 +136,3 @@ def save_tokenizer(path: Path, vocab_size: int = 128, *, bert: bool = False) -> 
         else dict(pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     )
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, **names).save_pretrained(path)
-

@@ -43,8 +43,9 @@ def save_tensors(file: str | Path, tensors: dict[str, "torch.Tensor"], metadata:
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def save_peft_adapter(folder: str | Path, peft_config, tensors: dict[str, "torch.Tensor"],
-                      provenance: dict[str, str] | None = None) -> None:
+def save_peft_adapter(
+    folder: str | Path, peft_config, tensors: dict[str, "torch.Tensor"], provenance: dict[str, str] | None = None
+) -> None:
     """Write a normal peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) through reforge's
     own tensor writer, so the weights get the same temporary-name-then-rename and a provenance header.
 
