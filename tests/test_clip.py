@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -63,9 +62,9 @@ def test_a_huge_document_costs_what_max_length_keeps():
     class Bare:  # what _tokenize asks of a model: the arguments of its forward
         def forward(self, input_ids, attention_mask): ...
 
-    start = time.perf_counter()
+    # what reaches the tokenizer is a few thousand characters, not 12 MB (whole: about 30 s and several GB)
+    assert len(clip_texts([huge], 128, token_counter(tokenizer))[0]) < 16 * 128 + 64
     inputs = _tokenize(tokenizer, [huge, "short text"], profile, Bare())
-    assert time.perf_counter() - start < 5  # whole: about 30 s and several GB
     assert inputs["input_ids"].shape == (2, 128)
 
 
@@ -78,8 +77,7 @@ def test_training_encoder_cuts_huge_documents_to_the_same_tokens():
         pytest.skip("needs SmolLM2-135M-Instruct")
     tokenizer = AutoTokenizer.from_pretrained(MODELS / "SmolLM2-135M-Instruct")
     huge = "the adapter reads every passage of the corpus once. " * 200_000  # 10 MB
-    start = time.perf_counter()
+    assert len(clip_texts([huge], 63, token_counter(tokenizer))[0]) < 16 * 63 + 64
     (ids,) = make_encoder(tokenizer, 64)([huge])
-    assert time.perf_counter() - start < 5
     whole = tokenizer([huge[:20_000]], truncation=True, max_length=63)["input_ids"][0]
     assert ids == list(whole) + [tokenizer.eos_token_id]
