@@ -95,12 +95,15 @@ class RecipeConfig:
             if getattr(self, name) < 1:
                 raise InvalidOptionError(f"{name} must be at least 1, got {getattr(self, name)}.", option=name)
         if self.hard_negatives < 0 or self.temperature <= 0 or self.max_length < 2:
-            raise InvalidOptionError("hard_negatives must be >= 0, temperature > 0 and max_length >= 2; got "
-                                     f"{self.hard_negatives}, {self.temperature}, {self.max_length}.",
-                                     option="hard_negatives/temperature/max_length")
+            raise InvalidOptionError(
+                "hard_negatives must be >= 0, temperature > 0 and max_length >= 2; got "
+                f"{self.hard_negatives}, {self.temperature}, {self.max_length}.",
+                option="hard_negatives/temperature/max_length",
+            )
         if self.pooling not in encoding.POOLINGS:
-            raise InvalidOptionError(f"pooling must be one of {', '.join(encoding.POOLINGS)}, got {self.pooling!r}.",
-                                     option="pooling")
+            raise InvalidOptionError(
+                f"pooling must be one of {', '.join(encoding.POOLINGS)}, got {self.pooling!r}.", option="pooling"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise InvalidOptionError(f"max_steps must be at least 1, got {self.max_steps}.", option="max_steps")
 
@@ -109,11 +112,11 @@ class RecipeConfig:
 class TrainingData:
     """What training reads: the corpus, the split's queries and qrels, and each query's BM25 hard negatives."""
 
-    passages: dict[str, str]               # doc id -> formatted passage text
-    queries: dict[str, str]                # query id -> formatted query text
-    qrels: dict[str, set[str]]             # query id -> positive doc ids (grade > 0)
-    pairs: list[tuple[str, str]]           # (query id, positive doc id), qrels file order
-    negatives: dict[str, list[str]]        # query id -> BM25 top-depth doc ids that are not positives
+    passages: dict[str, str]  # doc id -> formatted passage text
+    queries: dict[str, str]  # query id -> formatted query text
+    qrels: dict[str, set[str]]  # query id -> positive doc ids (grade > 0)
+    pairs: list[tuple[str, str]]  # (query id, positive doc id), qrels file order
+    negatives: dict[str, list[str]]  # query id -> BM25 top-depth doc ids that are not positives
     files_sha256: dict[str, str] = field(default_factory=dict)
 
 
@@ -131,22 +134,39 @@ def setup_data(data_dir: str | Path, config: RecipeConfig) -> TrainingData:
     raw_queries = read_queries(data_dir / "queries.jsonl")
     judged = read_qrels(qrels_path)
     doc_ids = {d.id for d in documents}
-    pairs = [(q, d) for q, docs in judged.items() for d, grade in docs.items()
-             if grade > 0 and d in doc_ids and q in raw_queries]
+    pairs = [
+        (q, d)
+        for q, docs in judged.items()
+        for d, grade in docs.items()
+        if grade > 0 and d in doc_ids and q in raw_queries
+    ]
     if not pairs:
-        raise DataError(f"{short_path(qrels_path)} has no positive pair whose query and document exist.",
-                        hint="Check that the qrels match corpus.jsonl and queries.jsonl.", path=qrels_path, line=None)
+        raise DataError(
+            f"{short_path(qrels_path)} has no positive pair whose query and document exist.",
+            hint="Check that the qrels match corpus.jsonl and queries.jsonl.",
+            path=qrels_path,
+            line=None,
+        )
     qrels: dict[str, set[str]] = {}
     for q, d in pairs:
         qrels.setdefault(q, set()).add(d)
     index = BM25([d.passage() for d in documents], [d.id for d in documents])
-    negatives = {q: [d for d, _ in index.search(raw_queries[q], config.negative_depth + len(qrels[q]))
-                     if d not in qrels[q]][: config.negative_depth] for q in qrels}
+    negatives = {
+        q: [d for d, _ in index.search(raw_queries[q], config.negative_depth + len(qrels[q])) if d not in qrels[q]][
+            : config.negative_depth
+        ]
+        for q in qrels
+    }
     files = {name: sha256_file(data_dir / name) for name in ("corpus.jsonl", "queries.jsonl")}
     files[f"qrels/{config.split}.tsv"] = sha256_file(qrels_path)
-    return TrainingData(passages={d.id: encoding.format_passage(d.title, d.text) for d in documents},
-                        queries={q: encoding.format_query(raw_queries[q]) for q in qrels},
-                        qrels=qrels, pairs=pairs, negatives=negatives, files_sha256=files)
+    return TrainingData(
+        passages={d.id: encoding.format_passage(d.title, d.text) for d in documents},
+        queries={q: encoding.format_query(raw_queries[q]) for q in qrels},
+        qrels=qrels,
+        pairs=pairs,
+        negatives=negatives,
+        files_sha256=files,
+    )
 
 
 def make_batches(data: TrainingData, config: RecipeConfig) -> list[list[tuple[str, str, list[str]]]]:
@@ -162,7 +182,7 @@ def make_batches(data: TrainingData, config: RecipeConfig) -> list[list[tuple[st
         rng.shuffle(order)
         for start in range(0, len(order) - config.batch_queries + 1, config.batch_queries):
             batch = []
-            for query_id, positive in order[start: start + config.batch_queries]:
+            for query_id, positive in order[start : start + config.batch_queries]:
                 pool = data.negatives.get(query_id) or [d for d in all_ids if d not in data.qrels[query_id]]
                 batch.append((query_id, positive, rng.sample(pool, min(config.hard_negatives, len(pool)))))
             batches.append(batch)
@@ -197,22 +217,38 @@ def setup_model(base_dir: str | Path, config: RecipeConfig):
 
     base_dir = Path(base_dir)
     if not (base_dir / "config.json").is_file():
-        raise CheckpointNotFoundError(f"{short_path(base_dir)} is not a model folder (no config.json).",
-                                      hint="Run python -m examples.prepare_base first.", ref=str(base_dir))
+        raise CheckpointNotFoundError(
+            f"{short_path(base_dir)} is not a model folder (no config.json).",
+            hint="Run python -m examples.prepare_base first.",
+            ref=str(base_dir),
+        )
     torch.manual_seed(config.seed)
     model, info = AutoModel.from_pretrained(base_dir, dtype=torch.float32, output_loading_info=True)
     if info.get("missing_keys"):
-        raise CheckpointNotFoundError(f"{short_path(base_dir)} lacks tensors of the bare model: "
-                                      f"{sorted(info['missing_keys'])[:3]}.", hint="Rebuild it with "
-                                      "python -m examples.prepare_base --force.", ref=str(base_dir))
+        raise CheckpointNotFoundError(
+            f"{short_path(base_dir)} lacks tensors of the bare model: {sorted(info['missing_keys'])[:3]}.",
+            hint="Rebuild it with python -m examples.prepare_base --force.",
+            ref=str(base_dir),
+        )
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.target_modules), task_type=TaskType.FEATURE_EXTRACTION)
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        task_type=TaskType.FEATURE_EXTRACTION,
+    )
     return get_peft_model(model, lora), tokenizer
 
 
-def train_loop(model, tokenizer, data: TrainingData, batches, config: RecipeConfig,
-               progress: Callable[[int, int, float], None] | None = None) -> list[float]:
+def train_loop(
+    model,
+    tokenizer,
+    data: TrainingData,
+    batches,
+    config: RecipeConfig,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[float]:
     """Train the LoRA with the contrastive loss over ``batches``; returns the loss of every step.
 
     ``progress(step, total, loss)`` is called after each step.
@@ -224,19 +260,27 @@ def train_loop(model, tokenizer, data: TrainingData, batches, config: RecipeConf
     total = len(batches)
     warmup = min(config.warmup_steps, max(total - 1, 0))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
     model.train()
     losses = []
     for step, batch in enumerate(batches, start=1):
         query_ids = [q for q, _, _ in batch]
         doc_ids = [p for _, p, _ in batch] + [n for _, _, negs in batch for n in negs]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
-            q_vec = encoding.embed(model, encoding.tokenize(tokenizer, [data.queries[q] for q in query_ids],
-                                                            config.max_length), config.pooling)
-            p_vec = encoding.embed(model, encoding.tokenize(tokenizer, [data.passages[d] for d in doc_ids],
-                                                            config.max_length), config.pooling)
-        mask = torch.tensor([[j != i and d in data.qrels[q] for j, d in enumerate(doc_ids)]
-                             for i, q in enumerate(query_ids)])
+            q_vec = encoding.embed(
+                model,
+                encoding.tokenize(tokenizer, [data.queries[q] for q in query_ids], config.max_length),
+                config.pooling,
+            )
+            p_vec = encoding.embed(
+                model,
+                encoding.tokenize(tokenizer, [data.passages[d] for d in doc_ids], config.max_length),
+                config.pooling,
+            )
+        mask = torch.tensor(
+            [[j != i and d in data.qrels[q] for j, d in enumerate(doc_ids)] for i, q in enumerate(query_ids)]
+        )
         loss = contrastive_loss(q_vec, p_vec, torch.arange(len(batch)), mask, config.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -266,8 +310,12 @@ def save(model, out: str | Path, record: dict, config: RecipeConfig) -> Path:
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
         save_profile(tmp, encoding_profile(config))
         weights = tmp / "adapter_model.safetensors"
-        record["adapter"] = {"file": weights.name, "bytes": weights.stat().st_size, "sha256": sha256_file(weights),
-                             **_adapter_stats(weights)}
+        record["adapter"] = {
+            "file": weights.name,
+            "bytes": weights.stat().st_size,
+            "sha256": sha256_file(weights),
+            **_adapter_stats(weights),
+        }
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(_readme(record))
         for path in tmp.iterdir():
@@ -294,8 +342,13 @@ def encoding_profile(config: RecipeConfig):
     return profile if config.pooling == "last" else replace(profile, name="custom", pooling=config.pooling)
 
 
-def make_retriever(base_dir: str | Path | None = None, data_dir: str | Path = DEFAULT_DATA,
-                   out: str | Path = ASSETS, config: RecipeConfig | None = None, log=print) -> dict:
+def make_retriever(
+    base_dir: str | Path | None = None,
+    data_dir: str | Path = DEFAULT_DATA,
+    out: str | Path = ASSETS,
+    config: RecipeConfig | None = None,
+    log=print,
+) -> dict:
     """Train the retriever and write its adapter folder; returns the training record.
 
     Args:
@@ -320,8 +373,10 @@ def make_retriever(base_dir: str | Path | None = None, data_dir: str | Path = DE
     started = time.perf_counter()
     data = setup_data(data_dir, config)
     batches = make_batches(data, config)
-    log(f"{len(data.pairs)} pairs from {len(data.qrels)} queries; {len(batches)} steps of {config.batch_queries} "
-        f"queries x (1 positive + {config.hard_negatives} BM25 negatives).")
+    log(
+        f"{len(data.pairs)} pairs from {len(data.qrels)} queries; {len(batches)} steps of {config.batch_queries} "
+        f"queries x (1 positive + {config.hard_negatives} BM25 negatives)."
+    )
     model, tokenizer = setup_model(base_dir, config)
     step_times: list[float] = []
 
@@ -335,47 +390,77 @@ def make_retriever(base_dir: str | Path | None = None, data_dir: str | Path = DE
     train_seconds = time.perf_counter() - train_started
     record = {
         "recipe": f"RepLLaMA in miniature: LoRA over the bare LlamaModel, {config.pooling} pooling, InfoNCE with "
-                  "in-batch and BM25 hard negatives (examples/make_retriever.py)",
+        "in-batch and BM25 hard negatives (examples/make_retriever.py)",
         "base": _base_record(base_dir),
-        "data": {"folder": Path(data_dir).name, "split": config.split, "queries": len(data.qrels),
-                 "pairs": len(data.pairs), "corpus_documents": len(data.passages), "files_sha256": data.files_sha256},
-        "negatives": {"method": "BM25 (k1 0.9, b 0.4, lowercased \\w+ tokens, examples/bm25.py), top "
-                                f"{config.negative_depth} minus the query's positives, sampled per example",
-                      "queries_without_negatives": sum(1 for q in data.qrels if not data.negatives.get(q))},
-        "encoding": {"query": "query: {q}", "passage": "passage: {title} {text}", "eos_appended": True,
-                     "pooling": config.pooling, "normalized": True, "max_length": config.max_length},
+        "data": {
+            "folder": Path(data_dir).name,
+            "split": config.split,
+            "queries": len(data.qrels),
+            "pairs": len(data.pairs),
+            "corpus_documents": len(data.passages),
+            "files_sha256": data.files_sha256,
+        },
+        "negatives": {
+            "method": "BM25 (k1 0.9, b 0.4, lowercased \\w+ tokens, examples/bm25.py), top "
+            f"{config.negative_depth} minus the query's positives, sampled per example",
+            "queries_without_negatives": sum(1 for q in data.qrels if not data.negatives.get(q)),
+        },
+        "encoding": {
+            "query": "query: {q}",
+            "passage": "passage: {title} {text}",
+            "eos_appended": True,
+            "pooling": config.pooling,
+            "normalized": True,
+            "max_length": config.max_length,
+        },
         "hyperparameters": asdict(config),
-        "training": {"steps": len(losses), "examples": len(losses) * config.batch_queries,
-                     "train_seconds": round(train_seconds, 1),
-                     "seconds_per_step": round(train_seconds / max(1, len(losses)), 2),
-                     "total_seconds": round(time.perf_counter() - started, 1),
-                     "loss": _loss_summary(losses)},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__, "python": sys.version.split()[0]},
+        "training": {
+            "steps": len(losses),
+            "examples": len(losses) * config.batch_queries,
+            "train_seconds": round(train_seconds, 1),
+            "seconds_per_step": round(train_seconds / max(1, len(losses)), 2),
+            "total_seconds": round(time.perf_counter() - started, 1),
+            "loss": _loss_summary(losses),
+        },
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "python": sys.version.split()[0],
+        },
     }
     save(model, out, record, config)
-    log(f"Wrote {short_path(out)} ({record['adapter']['bytes'] / 1e6:.1f} MB) in {train_seconds / 60:.1f} min "
+    log(
+        f"Wrote {short_path(out)} ({record['adapter']['bytes'] / 1e6:.1f} MB) in {train_seconds / 60:.1f} min "
         f"of training; loss {record['training']['loss']['first_10_mean']:.3f} -> "
-        f"{record['training']['loss']['last_10_mean']:.3f}.")
+        f"{record['training']['loss']['last_10_mean']:.3f}."
+    )
     return json.loads((Path(out) / RECORD).read_text())
 
 
 def _loss_summary(losses: list[float]) -> dict:
-    chunks = [losses[i: i + 10] for i in range(0, len(losses), 10)]
-    return {"first": round(losses[0], 4), "last": round(losses[-1], 4),
-            "first_10_mean": round(sum(losses[:10]) / len(losses[:10]), 4),
-            "last_10_mean": round(sum(losses[-10:]) / len(losses[-10:]), 4),
-            "mean_per_10_steps": [round(sum(c) / len(c), 4) for c in chunks],
-            "all": [round(x, 4) for x in losses]}
+    chunks = [losses[i : i + 10] for i in range(0, len(losses), 10)]
+    return {
+        "first": round(losses[0], 4),
+        "last": round(losses[-1], 4),
+        "first_10_mean": round(sum(losses[:10]) / len(losses[:10]), 4),
+        "last_10_mean": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+        "mean_per_10_steps": [round(sum(c) / len(c), 4) for c in chunks],
+        "all": [round(x, 4) for x in losses],
+    }
 
 
 def _base_record(base_dir: Path) -> dict:
     marker = base_dir / MARKER
     source = json.loads(marker.read_text()) if marker.is_file() else {}
     weights = base_dir / "model.safetensors"
-    return {"name": BASE_NAME, "model_safetensors_sha256": sha256_file(weights) if weights.is_file() else None,
-            "converted_from": source.get("source"), "converted_from_sha256": source.get("source_sha256"),
-            "dtype": source.get("dtype", "float32")}
+    return {
+        "name": BASE_NAME,
+        "model_safetensors_sha256": sha256_file(weights) if weights.is_file() else None,
+        "converted_from": source.get("source"),
+        "converted_from_sha256": source.get("source_sha256"),
+        "dtype": source.get("dtype", "float32"),
+    }
 
 
 def _adapter_stats(weights: Path) -> dict:
@@ -391,11 +476,11 @@ def _readme(record: dict) -> str:
     h, t, a = record["hyperparameters"], record["training"], record["adapter"]
     return f"""# repllama-smol: a mean-pooling LoRA bi-encoder with RepLLaMA's prefixes, over SmolLM2-135M-Instruct
 
-A peft LoRA retriever (r {h['rank']}, alpha {h['lora_alpha']}, {', '.join(h['target_modules'])}; {a['parameters']:,}
-float32 parameters, {a['bytes'] / 1e6:.1f} MB) over the **bare** SmolLM2-135M-Instruct (`LlamaModel`, no lm_head):
+A peft LoRA retriever (r {h["rank"]}, alpha {h["lora_alpha"]}, {", ".join(h["target_modules"])}; {a["parameters"]:,}
+float32 parameters, {a["bytes"] / 1e6:.1f} MB) over the **bare** SmolLM2-135M-Instruct (`LlamaModel`, no lm_head):
 keys are `base_model.model.layers.N.<module>.lora_A.weight` / `lora_B.weight`, as in castorini's RepLLaMA.
-Made by `python -m examples.make_retriever`: {t['steps']} steps, {t['train_seconds'] / 60:.0f} min on
-{h['threads']} thread(s) of a shared 2-core CPU. `training.json` records data, hyperparameters, losses, versions and
+Made by `python -m examples.make_retriever`: {t["steps"]} steps, {t["train_seconds"] / 60:.0f} min on
+{h["threads"]} thread(s) of a shared 2-core CPU. `training.json` records data, hyperparameters, losses, versions and
 the SHA-256 of the base it was trained on.
 
 ## Base
@@ -408,15 +493,15 @@ HuggingFaceTB/SmolLM2-135M-Instruct (those are the unquantized weights). Pass th
 
 ## Encoding convention (also in `reforge_encoding.json`, read by `reforge eval`)
 - query: `query: {{q}}`; passage: `passage: {{title}} {{text}}` (just `passage: {{text}}` without a title)
-- no BOS (SmolLM2's tokenizer adds none); truncate to {h['max_length'] - 1} tokens, then append EOS `<|im_end|>` (id 2)
-- {_POOLING_TEXT[h['pooling']]}
-- L2-normalized, inner product; at most {h['max_length']} tokens for queries and passages
+- no BOS (SmolLM2's tokenizer adds none); truncate to {h["max_length"] - 1} tokens, then append EOS `<|im_end|>` (id 2)
+- {_POOLING_TEXT[h["pooling"]]}
+- L2-normalized, inner product; at most {h["max_length"]} tokens for queries and passages
 """
 
 
 _POOLING_TEXT = {
     "mean": "**mean** pooling over the real tokens, EOS included (RepLLaMA pools the last token, the EOS; on this\n"
-            "  135M model last-token training collapsed: see docs/results.md)",
+    "  135M model last-token training collapsed: see docs/results.md)",
     "last": "last-token pooling (the hidden state of that EOS; pad = EOS, so find it from the attention mask)",
 }
 
@@ -424,27 +509,46 @@ _POOLING_TEXT = {
 def main(argv: list[str] | None = None) -> int:
     """``python -m examples.make_retriever [--base DIR] [--data DIR] [--out DIR] [--max-steps N] ...``"""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", type=Path, default=None, help="converted base folder "
-                        "(default $REFORGE_MODELS/SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--base", type=Path, default=None, help="converted base folder (default $REFORGE_MODELS/SmolLM2-135M-Instruct)"
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="BEIR folder with qrels/train.tsv")
     parser.add_argument("--out", type=Path, default=ASSETS, help="adapter folder to write")
     defaults = RecipeConfig()
-    names = ("max_steps", "epochs", "batch_queries", "hard_negatives", "learning_rate", "temperature", "rank", "seed",
-             "threads")
+    names = (
+        "max_steps",
+        "epochs",
+        "batch_queries",
+        "hard_negatives",
+        "learning_rate",
+        "temperature",
+        "rank",
+        "seed",
+        "threads",
+    )
     for name in names:
         kind = float if isinstance(getattr(defaults, name), float) else int
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
     parser.add_argument("--pooling", choices=encoding.POOLINGS, default=defaults.pooling)
-    parser.add_argument("--autocast-bf16", action=argparse.BooleanOptionalAction, default=defaults.autocast_bf16,
-                        help="bfloat16 matmuls under CPU autocast (default on)")
+    parser.add_argument(
+        "--autocast-bf16",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.autocast_bf16,
+        help="bfloat16 matmuls under CPU autocast (default on)",
+    )
     args = parser.parse_args(argv)
     from reforge.errors import ReforgeError
 
-    config = RecipeConfig(**{k: getattr(args, k) for k in names}, autocast_bf16=args.autocast_bf16,
-                          pooling=args.pooling, lora_alpha=2 * args.rank)
+    config = RecipeConfig(
+        **{k: getattr(args, k) for k in names},
+        autocast_bf16=args.autocast_bf16,
+        pooling=args.pooling,
+        lora_alpha=2 * args.rank,
+    )
     try:
-        make_retriever(args.base, args.data, args.out, config, log=lambda line: print(line, file=sys.stderr,
-                                                                                      flush=True))
+        make_retriever(
+            args.base, args.data, args.out, config, log=lambda line: print(line, file=sys.stderr, flush=True)
+        )
     except ReforgeError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1

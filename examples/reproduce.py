@@ -67,27 +67,76 @@ def plan(base: Path, data: Path, out: Path, args: argparse.Namespace) -> list[St
     if args.max_queries:
         sample += ("--max-queries", str(args.max_queries))
     training = ("--max-length", str(args.train_max_length), "--save-every", "0")
-    if args.train_batching != "documents":   # the runs of 2026-11-26 used row packing, then reforge's default
+    if args.train_batching != "documents":  # the runs of 2026-11-26 used row packing, then reforge's default
         training += ("--batching", args.train_batching)
     if args.train_max_docs:
         training += ("--max-docs", str(args.train_max_docs))
 
     def train(name: str, corpus: Path, *filters: str, seed: int = args.seed) -> Step:
-        return Step(name, ("train", str(base), "--corpus", str(corpus), *filters, "-o", str(out / name), *training,
-                           "--seed", str(seed)))
+        return Step(
+            name,
+            (
+                "train",
+                str(base),
+                "--corpus",
+                str(corpus),
+                *filters,
+                "-o",
+                str(out / name),
+                *training,
+                "--seed",
+                str(seed),
+            ),
+        )
 
     def tune(name: str, adapter: str, dataset: Path, split: str, alphas: str = args.alphas) -> Step:
         honest = ("--i-know",) if split == "test" else ()
-        return Step(name, ("tune", "--base", str(base), "--retriever", str(RETRIEVER), "--adapter",
-                           str(out / adapter), "-d", str(dataset), "--split", split, *honest, "--alpha", alphas,
-                           "--plot", str(out / f"{name}.png"), *evaluation, *sample), needs=(adapter,))
+        return Step(
+            name,
+            (
+                "tune",
+                "--base",
+                str(base),
+                "--retriever",
+                str(RETRIEVER),
+                "--adapter",
+                str(out / adapter),
+                "-d",
+                str(dataset),
+                "--split",
+                split,
+                *honest,
+                "--alpha",
+                alphas,
+                "--plot",
+                str(out / f"{name}.png"),
+                *evaluation,
+                *sample,
+            ),
+            needs=(adapter,),
+        )
 
     scifact_test = scifact / "qrels" / "test.tsv"
     if args.seeds:
         return _variance_steps(args.seeds, train, tune, scifact, scifact_test, args.only)
     steps = [
-        Step("eval-retriever", ("eval", str(base), str(RETRIEVER), "--base", str(base), "-d", str(scifact), "-d",
-                                str(nfcorpus), *evaluation, "-o", str(out / "eval-retriever"))),
+        Step(
+            "eval-retriever",
+            (
+                "eval",
+                str(base),
+                str(RETRIEVER),
+                "--base",
+                str(base),
+                "-d",
+                str(scifact),
+                "-d",
+                str(nfcorpus),
+                *evaluation,
+                "-o",
+                str(out / "eval-retriever"),
+            ),
+        ),
         train("psi-scifact", scifact),
         tune("tune-scifact-test", "psi-scifact", scifact, "test"),
         train("psi-nfcorpus-partial", nfcorpus),
@@ -115,12 +164,18 @@ VARIANTS = (
 def _variance_steps(seeds: list[int], train, tune, scifact: Path, qrels: Path, only) -> list[Step]:
     """Every variant's adapter and its tune, once per seed. What answers the most comes first: the default recipe
     at every seed, then row packing at the same seeds, then Table 2's variants seed by seed."""
-    filters = {"scifact-unjudged-rows": ("--exclude-judged", str(qrels)),
-               "scifact-judged-rows": ("--only-judged", str(qrels))}
+    filters = {
+        "scifact-unjudged-rows": ("--exclude-judged", str(qrels)),
+        "scifact-judged-rows": ("--only-judged", str(qrels)),
+    }
+
     def pair(stem: str, options: tuple[str, ...], seed: int) -> list[Step]:
         name = f"{stem}-seed{seed}"
-        return [train(f"psi-{name}", scifact, *filters.get(stem, ()), *options, seed=seed),
-                tune(f"tune-{name}", f"psi-{name}", scifact, "test")]
+        return [
+            train(f"psi-{name}", scifact, *filters.get(stem, ()), *options, seed=seed),
+            tune(f"tune-{name}", f"psi-{name}", scifact, "test"),
+        ]
+
     (_, _, default), (_, _, rows) = VARIANTS[0][:3], VARIANTS[1][:3]
     steps = [s for seed in seeds for s in pair("scifact", default, seed)]
     steps += [s for seed in seeds for s in pair("scifact-rows", rows, seed)]
@@ -163,8 +218,15 @@ def run_steps(steps: list[Step], out: Path, command: list[str], log: Callable[[s
 
 def report(out: Path) -> str:
     """docs/results.md's tables, in Markdown, from the JSON of the finished steps (missing steps are left out)."""
-    sections = [_retriever_table(out), _training_table(out), _alpha_table(out), _tuned_table(out), _table2(out),
-                _variance_table(out), _batching_table(out)]
+    sections = [
+        _retriever_table(out),
+        _training_table(out),
+        _alpha_table(out),
+        _tuned_table(out),
+        _table2(out),
+        _variance_table(out),
+        _batching_table(out),
+    ]
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
@@ -183,10 +245,22 @@ def _retriever_table(out: Path) -> str:
         return ""
     rows = []
     for c in data["comparisons"]:
-        rows.append(_row(_dataset_name(c["dataset"]), f"{c['baseline_score']:.4f}", f"{c['score']:.4f}",
-                         f"{c['delta']:+.4f}", _p(c["p_ttest"]), _p(c["p_randomization"]), _wtl(c)))
-    return _table("dataset | base LM (untrained) | retriever | difference | p (t-test) | p (randomization) | "
-                  "wins / ties / losses", rows)
+        rows.append(
+            _row(
+                _dataset_name(c["dataset"]),
+                f"{c['baseline_score']:.4f}",
+                f"{c['score']:.4f}",
+                f"{c['delta']:+.4f}",
+                _p(c["p_ttest"]),
+                _p(c["p_randomization"]),
+                _wtl(c),
+            )
+        )
+    return _table(
+        "dataset | base LM (untrained) | retriever | difference | p (t-test) | p (randomization) | "
+        "wins / ties / losses",
+        rows,
+    )
 
 
 def _training_table(out: Path) -> str:
@@ -196,9 +270,18 @@ def _training_table(out: Path) -> str:
         if not data:
             continue
         loss = data["record"]["loss"]
-        rows.append(_row(name, _corpus_text(name), f"{data['documents']:,}", f"{data['tokens']:,}",
-                         f"{data['steps']:,}", f"{loss['first']:.3f} -> {data['final_loss']:.3f}",
-                         f"{data['tokens_per_s']:,.0f}", f"{data['wall_time_s']:.0f} s"))
+        rows.append(
+            _row(
+                name,
+                _corpus_text(name),
+                f"{data['documents']:,}",
+                f"{data['tokens']:,}",
+                f"{data['steps']:,}",
+                f"{loss['first']:.3f} -> {data['final_loss']:.3f}",
+                f"{data['tokens_per_s']:,.0f}",
+                f"{data['wall_time_s']:.0f} s",
+            )
+        )
     return _table("adapter | corpus | documents | tokens trained | steps | loss first -> last | tokens/s | time", rows)
 
 
@@ -208,8 +291,11 @@ def _alpha_table(out: Path) -> str:
         data = _load(out, f"tune-{dataset}-test")
         for point in data["points"] if data else ():
             rows.append(_point_row(DATASETS[dataset], point))
-    return _table("dataset (test) | alpha | nDCG@10 | vs retriever (alpha 0) | p (t-test) | p (randomization) | "
-                  "wins / ties / losses", rows)
+    return _table(
+        "dataset (test) | alpha | nDCG@10 | vs retriever (alpha 0) | p (t-test) | p (randomization) | "
+        "wins / ties / losses",
+        rows,
+    )
 
 
 def _tuned_table(out: Path) -> str:
@@ -219,26 +305,41 @@ def _tuned_table(out: Path) -> str:
         if not tuned or not test:
             continue
         alpha = tuned["best"]["alpha"]
-        rows.append(_row(DATASETS[dataset], f"{split} ({tuned['dataset']['queries']} queries)", f"{alpha:g}",
-                         f"{tuned['best']['score']:.4f}", _score_at(test, alpha), _score_at(test, 0.5),
-                         _score_at(test, 0.0)))
-    return _table("dataset | tuned on | alpha chosen | its score there | test nDCG@10 at that alpha | "
-                  "test nDCG@10 at alpha 0.5 | test, retriever", rows)
+        rows.append(
+            _row(
+                DATASETS[dataset],
+                f"{split} ({tuned['dataset']['queries']} queries)",
+                f"{alpha:g}",
+                f"{tuned['best']['score']:.4f}",
+                _score_at(test, alpha),
+                _score_at(test, 0.5),
+                _score_at(test, 0.0),
+            )
+        )
+    return _table(
+        "dataset | tuned on | alpha chosen | its score there | test nDCG@10 at that alpha | "
+        "test nDCG@10 at alpha 0.5 | test, retriever",
+        rows,
+    )
 
 
 def _table2(out: Path) -> str:
     rows = []
-    for name, text in (("tune-scifact-test", "the whole corpus"),
-                       ("tune-scifact-test-unjudged", "the corpus without the test-judged passages"),
-                       ("tune-scifact-test-judged", "only the test-judged passages")):
+    for name, text in (
+        ("tune-scifact-test", "the whole corpus"),
+        ("tune-scifact-test-unjudged", "the corpus without the test-judged passages"),
+        ("tune-scifact-test-judged", "only the test-judged passages"),
+    ):
         data = _load(out, name)
         for point in data["points"] if data else ():
             if point["alpha"] == 0.5:
                 test = point["test"]
-                rows.append(_row(text, "0.5", f"{point['score']:.4f}", f"{test['delta']:+.4f}",
-                                 _p(test["p_randomization"])))
-    return _table("knowledge adapter trained on | alpha | SciFact test nDCG@10 | vs retriever | p (randomization)",
-                  rows)
+                rows.append(
+                    _row(text, "0.5", f"{point['score']:.4f}", f"{test['delta']:+.4f}", _p(test["p_randomization"]))
+                )
+    return _table(
+        "knowledge adapter trained on | alpha | SciFact test nDCG@10 | vs retriever | p (randomization)", rows
+    )
 
 
 def seed_runs(out: Path, stem: str) -> list[dict]:
@@ -251,9 +352,17 @@ def seed_runs(out: Path, stem: str) -> list[dict]:
         point = next((p for p in json.loads(path.read_text())["points"] if p["alpha"] == 0.5), None)
         if trained is None or point is None:
             continue
-        runs.append({"seed": seed, "steps": trained["steps"], "tokens": trained["tokens"],
-                     "final_loss": trained["final_loss"], "delta": point["test"]["delta"], "score": point["score"],
-                     "p_randomization": point["test"]["p_randomization"]})
+        runs.append(
+            {
+                "seed": seed,
+                "steps": trained["steps"],
+                "tokens": trained["tokens"],
+                "final_loss": trained["final_loss"],
+                "delta": point["test"]["delta"],
+                "score": point["score"],
+                "p_randomization": point["test"]["p_randomization"],
+            }
+        )
     return runs
 
 
@@ -266,8 +375,12 @@ def spread(values: list[float]) -> dict:
     n = len(values)
     if n < 2:
         return {"n": n, "mean": values[0] if values else None, "std": None, "p": None}
-    return {"n": n, "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)),
-            "p": float(stats.ttest_1samp(values, 0.0).pvalue)}
+    return {
+        "n": n,
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)),
+        "p": float(stats.ttest_1samp(values, 0.0).pvalue),
+    }
 
 
 def _variance_table(out: Path) -> str:
@@ -279,11 +392,23 @@ def _variance_table(out: Path) -> str:
         s = spread([r["delta"] for r in runs])
         steps = sorted({r["steps"] for r in runs})
         tokens = f"{min(r['tokens'] for r in runs):,}-{max(r['tokens'] for r in runs):,}"
-        rows.append(_row(text, ", ".join(str(r["seed"]) for r in runs), "/".join(map(str, steps)), tokens,
-                         ", ".join(f"{r['delta']:+.4f}" for r in runs), f"{s['mean']:+.4f}",
-                         "" if s["std"] is None else f"{s['std']:.4f}", "" if s["p"] is None else _p(s["p"])))
-    return _table("knowledge adapter (section 3 budget) | seeds | steps | tokens trained | nDCG@10 change at alpha "
-                  "0.5, per seed | mean | std | p (t-test over seeds)", rows)
+        rows.append(
+            _row(
+                text,
+                ", ".join(str(r["seed"]) for r in runs),
+                "/".join(map(str, steps)),
+                tokens,
+                ", ".join(f"{r['delta']:+.4f}" for r in runs),
+                f"{s['mean']:+.4f}",
+                "" if s["std"] is None else f"{s['std']:.4f}",
+                "" if s["p"] is None else _p(s["p"]),
+            )
+        )
+    return _table(
+        "knowledge adapter (section 3 budget) | seeds | steps | tokens trained | nDCG@10 change at alpha "
+        "0.5, per seed | mean | std | p (t-test over seeds)",
+        rows,
+    )
 
 
 def _batching_table(out: Path) -> str:
@@ -292,11 +417,16 @@ def _batching_table(out: Path) -> str:
     if not seeds:
         return ""
     s = spread([rows[k]["delta"] - paper[k]["delta"] for k in seeds])
-    cells = [f"seed {k}: {paper[k]['steps']} vs {rows[k]['steps']} steps, loss {paper[k]['final_loss']:.3f} vs "
-             f"{rows[k]['final_loss']:.3f}, change {paper[k]['delta']:+.4f} vs {rows[k]['delta']:+.4f}" for k in seeds]
+    cells = [
+        f"seed {k}: {paper[k]['steps']} vs {rows[k]['steps']} steps, loss {paper[k]['final_loss']:.3f} vs "
+        f"{rows[k]['final_loss']:.3f}, change {paper[k]['delta']:+.4f} vs {rows[k]['delta']:+.4f}"
+        for k in seeds
+    ]
     std = "" if s["std"] is None else f" (std {s['std']:.4f}, p {_p(s['p'])})"
-    return _table("--batching documents (default) vs rows, same seeds | rows minus documents, mean over seeds",
-                  [_row("; ".join(cells), f"{s['mean']:+.4f}{std}")])
+    return _table(
+        "--batching documents (default) vs rows, same seeds | rows minus documents, mean over seeds",
+        [_row("; ".join(cells), f"{s['mean']:+.4f}{std}")],
+    )
 
 
 def _table(header: str, rows: list[str]) -> str:
@@ -318,8 +448,15 @@ def _point_row(dataset: str, point: dict) -> str:
     test = point["test"]
     if test is None:
         return _row(dataset, f"{point['alpha']:g} (retriever)", f"{point['score']:.4f}", "", "", "", "")
-    return _row(dataset, f"{point['alpha']:g}", f"{point['score']:.4f}", f"{test['delta']:+.4f}",
-                _p(test["p_ttest"]), _p(test["p_randomization"]), _wtl(test))
+    return _row(
+        dataset,
+        f"{point['alpha']:g}",
+        f"{point['score']:.4f}",
+        f"{test['delta']:+.4f}",
+        _p(test["p_ttest"]),
+        _p(test["p_randomization"]),
+        _wtl(test),
+    )
 
 
 def _score_at(tune_report: dict, alpha: float) -> str:
@@ -334,8 +471,12 @@ def _dataset_name(name: str) -> str:
 
 
 def _corpus_text(name: str) -> str:
-    return {"psi-scifact": "SciFact", "psi-nfcorpus-partial": "NFCorpus-partial",
-            "psi-scifact-unjudged": "SciFact minus test-judged", "psi-scifact-judged": "SciFact test-judged only"}[name]
+    return {
+        "psi-scifact": "SciFact",
+        "psi-nfcorpus-partial": "NFCorpus-partial",
+        "psi-scifact-unjudged": "SciFact minus test-judged",
+        "psi-scifact-judged": "SciFact test-judged only",
+    }[name]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -346,16 +487,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base", type=Path, default=None, help="the converted SmolLM2 folder (default: prepare it)")
     parser.add_argument("--train-max-docs", type=int, default=None, help="budget: documents per knowledge adapter")
     parser.add_argument("--train-max-length", type=int, default=1024, help="tokens per training document/row")
-    parser.add_argument("--train-batching", default="documents", choices=("documents", "rows", "grouped"),
-                        help="reforge train --batching (rows reproduces the runs of 2026-11-26)")
+    parser.add_argument(
+        "--train-batching",
+        default="documents",
+        choices=("documents", "rows", "grouped"),
+        help="reforge train --batching (rows reproduces the runs of 2026-11-26)",
+    )
     parser.add_argument("--corpus-sample", type=int, default=None, help="budget: tune over ~N documents per corpus")
     parser.add_argument("--max-queries", type=int, default=None, help="budget: tune on N sampled queries per split")
     parser.add_argument("--alphas", default=ALPHAS, help="the alpha grid of every tune step")
     parser.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run just these steps")
     parser.add_argument("--dtype", default="float32", help="encoding dtype for eval/tune (float32 matches CPU)")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
-    parser.add_argument("--seeds", type=_seed_list, default=None, metavar="0,1,2",
-                        help="run section 3 instead: each variant's adapter and tune once per seed")
+    parser.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=None,
+        metavar="0,1,2",
+        help="run section 3 instead: each variant's adapter and tune once per seed",
+    )
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.md from finished steps")
     return parser.parse_args(argv)
 

@@ -65,16 +65,22 @@ def render_model_card(info: dict[str, Any]) -> str:
 
     retriever = _entry(info.get("retriever"))
     if not retriever.get("ref"):
-        raise InvalidOptionError("A model card needs the retriever it was made from (info['retriever']['ref']).",
-                                 hint="Pass the retriever's Hub id or local path.", option="retriever")
+        raise InvalidOptionError(
+            "A model card needs the retriever it was made from (info['retriever']['ref']).",
+            hint="Pass the retriever's Hub id or local path.",
+            option="retriever",
+        )
     base = _entry(info.get("base"))
     adapters = [_entry(a) for a in info.get("adapters") or [] if a]
     beta = info.get("beta")
     numbers = [("beta", beta)] + [(f"alpha of adapter {i + 1}", a.get("alpha")) for i, a in enumerate(adapters)]
     for name, value in numbers:
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
-            raise InvalidOptionError(f"The model card's {name} is {value!r}, not a finite number.",
-                                     hint="Pass the values the merge used.", option=name)
+            raise InvalidOptionError(
+                f"The model card's {name} is {value!r}, not a finite number.",
+                hint="Pass the values the merge used.",
+                option=name,
+            )
     library = info.get("library_name") or "transformers"
     base_models = [r["repo_id"] for r in (retriever, base) if r.get("repo_id")]
     tags = list(_TAGS)
@@ -90,14 +96,18 @@ def render_model_card(info: dict[str, Any]) -> str:
         datasets=info.get("datasets"),
         base_model_relation="merge" if base_models else None,
     )
-    body = "\n\n".join(section for section in (
-        _intro(info, retriever, base, adapters, beta),
-        _provenance(retriever, base, _entry(info.get("delta")), adapters),
-        _recipe(adapters, beta, info),
-        _evaluation(info.get("evaluation") or []),
-        _usage(info, library),
-        _encoding(info.get("encoding") or {}),
-    ) if section)
+    body = "\n\n".join(
+        section
+        for section in (
+            _intro(info, retriever, base, adapters, beta),
+            _provenance(retriever, base, _entry(info.get("delta")), adapters),
+            _recipe(adapters, beta, info),
+            _evaluation(info.get("evaluation") or []),
+            _usage(info, library),
+            _encoding(info.get("encoding") or {}),
+        )
+        if section
+    )
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n"))
 
 
@@ -122,26 +132,41 @@ def render_adapter_card(record: dict[str, Any]) -> str:
     base = _entry(record.get("base"))
     config = record.get("config") or {}
     kind = _KINDS.get(str(record.get("adapter") or "dora"), "DoRA")
-    data = ModelCardData(base_model=base.get("repo_id"), library_name="peft",
-                         tags=["reforge", "re-adaptir", "knowledge-adapter", kind.lower()])
+    data = ModelCardData(
+        base_model=base.get("repo_id"),
+        library_name="peft",
+        tags=["reforge", "re-adaptir", "knowledge-adapter", kind.lower()],
+    )
     corpus = record.get("corpus") or {}
     corpora = ", ".join(f"`{_corpus(p)}`" for p in corpus.get("paths") or []) or "unlabeled text"
-    facts = [f"{corpus['documents']:,} documents" if corpus.get("documents") is not None else None,
-             f"{record['tokens']['trained']:,} tokens" if (record.get("tokens") or {}).get("trained") else None,
-             f"{record['steps']:,} step{'s' if record['steps'] != 1 else ''}" if record.get("steps") else None,
-             f"final loss {record['loss']['final']:.4f}" if (record.get("loss") or {}).get("final") else None]
+    facts = [
+        f"{corpus['documents']:,} documents" if corpus.get("documents") is not None else None,
+        f"{record['tokens']['trained']:,} tokens" if (record.get("tokens") or {}).get("trained") else None,
+        f"{record['steps']:,} step{'s' if record['steps'] != 1 else ''}" if record.get("steps") else None,
+        f"final loss {record['loss']['final']:.4f}" if (record.get("loss") or {}).get("final") else None,
+    ]
     base_name = _name(base) if base.get("ref") else "its base LM"
     numbers = f" ({', '.join(f for f in facts if f)})" if any(facts) else ""
     ref = base.get("repo_id") or "BASE"
-    body = "\n".join([
-        f"# {kind} knowledge adapter for {PurePath(str(base.get('ref', 'base')).rstrip('/')).name}", "",
-        f"A RE-AdaptIR knowledge adapter (Fleshman & Van Durme): {kind} r {config.get('r')}, alpha "
-        f"{config.get('lora_alpha', 0):g} on {', '.join(config.get('target_modules') or [])} of {base_name}, "
-        f"trained by next-token prediction on {corpora}{numbers}.",
-        "", "It is not a retriever by itself: add it to a dense retriever made from the same base LM.", "",
-        "```bash", f"reforge merge --base {ref} --retriever RETRIEVER --adapter THIS_ADAPTER --alpha 0.5 -o readapted/",
-        "```", "", "`training_record.json` holds every option, the data hashes and the loss history.", "",
-        f"Made with reforge {record.get('reforge_version') or ''}".rstrip() + "."])
+    body = "\n".join(
+        [
+            f"# {kind} knowledge adapter for {PurePath(str(base.get('ref', 'base')).rstrip('/')).name}",
+            "",
+            f"A RE-AdaptIR knowledge adapter (Fleshman & Van Durme): {kind} r {config.get('r')}, alpha "
+            f"{config.get('lora_alpha', 0):g} on {', '.join(config.get('target_modules') or [])} of {base_name}, "
+            f"trained by next-token prediction on {corpora}{numbers}.",
+            "",
+            "It is not a retriever by itself: add it to a dense retriever made from the same base LM.",
+            "",
+            "```bash",
+            f"reforge merge --base {ref} --retriever RETRIEVER --adapter THIS_ADAPTER --alpha 0.5 -o readapted/",
+            "```",
+            "",
+            "`training_record.json` holds every option, the data hashes and the loss history.",
+            "",
+            f"Made with reforge {record.get('reforge_version') or ''}".rstrip() + ".",
+        ]
+    )
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n"))
 
 
@@ -158,8 +183,12 @@ def _entry(raw: dict[str, Any] | None) -> dict[str, Any]:
     if not ref:
         return entry
     entry["ref"] = str(ref)
-    if not entry.get("repo_id") and not entry.get("path") and looks_like_repo_id(entry["ref"]) \
-            and not entry["ref"].startswith((".", "/", "~")):
+    if (
+        not entry.get("repo_id")
+        and not entry.get("path")
+        and looks_like_repo_id(entry["ref"])
+        and not entry["ref"].startswith((".", "/", "~"))
+    ):
         entry["repo_id"], _, at = entry["ref"].partition("@")
         entry["revision"] = entry.get("revision") or at or None
     return entry
@@ -198,10 +227,13 @@ def _number(value: float) -> str:
 
 def _intro(info: dict, retriever: dict, base: dict, adapters: list, beta: Any) -> str:
     title = info.get("model_name") or f"{PurePath(retriever['ref'].split('@')[0].rstrip('/')).name} (readapted)"
-    lines = [f"# {title}", "",
-             f"A dense retriever made from {_name(retriever)} by RE-AdaptIR (Fleshman & Van Durme): the retriever's "
-             "fine-tuning, Delta = retriever - base, is kept, and a knowledge adapter Psi trained on unlabeled text "
-             "with next-token prediction on the base LM is added: `merged = base + alpha * Psi + beta * Delta`."]
+    lines = [
+        f"# {title}",
+        "",
+        f"A dense retriever made from {_name(retriever)} by RE-AdaptIR (Fleshman & Van Durme): the retriever's "
+        "fine-tuning, Delta = retriever - base, is kept, and a knowledge adapter Psi trained on unlabeled text "
+        "with next-token prediction on the base LM is added: `merged = base + alpha * Psi + beta * Delta`.",
+    ]
     if base.get("ref"):
         lines[-1] += f" The base LM is {_name(base)}."
     corpora = [_corpus(c) for a in adapters if a.get("corpus") for c in str(a["corpus"]).split(", ")]
@@ -228,19 +260,28 @@ def _provenance(retriever: dict, base: dict, delta: dict, adapters: list) -> str
 
 def _recipe(adapters: list, beta: Any, info: dict) -> str:
     lines = ["## How it was made"]
-    terms = ["base"] + [f"{_number(a['alpha'])} * Psi{i + 1 if len(adapters) > 1 else ''}"
-                        for i, a in enumerate(adapters) if a.get("alpha") is not None]
+    terms = ["base"] + [
+        f"{_number(a['alpha'])} * Psi{i + 1 if len(adapters) > 1 else ''}"
+        for i, a in enumerate(adapters)
+        if a.get("alpha") is not None
+    ]
     if beta is not None:
         terms.append(f"{_number(beta)} * Delta")
     if len(terms) > 1:
-        lines += ["", f"`merged = {' + '.join(terms)}`, computed in float32 tensor by tensor"
-                  + (f" and stored as {info['dtype']}." if info.get("dtype") else ".")]
+        lines += [
+            "",
+            f"`merged = {' + '.join(terms)}`, computed in float32 tensor by tensor"
+            + (f" and stored as {info['dtype']}." if info.get("dtype") else "."),
+        ]
     details = []
     for i, a in enumerate(adapters):
-        facts = [f"alpha {_number(a['alpha'])}" if a.get("alpha") is not None else None,
-                 _kind(a),
-                 a.get("rank") and f"rank {a['rank']}", a.get("steps") and f"{a['steps']} steps",
-                 a.get("corpus") and "trained on " + ", ".join(f"`{_corpus(c)}`" for c in str(a["corpus"]).split(", "))]
+        facts = [
+            f"alpha {_number(a['alpha'])}" if a.get("alpha") is not None else None,
+            _kind(a),
+            a.get("rank") and f"rank {a['rank']}",
+            a.get("steps") and f"{a['steps']} steps",
+            a.get("corpus") and "trained on " + ", ".join(f"`{_corpus(c)}`" for c in str(a["corpus"]).split(", ")),
+        ]
         label = f"Psi{i + 1}" if len(adapters) > 1 else "Psi"
         details.append(f"- {label}: {_name(a)}" + (f" ({', '.join(f for f in facts if f)})" if any(facts) else ""))
     if details:
@@ -258,8 +299,12 @@ def _evaluation(rows: list) -> str:
     if not rows:
         return ""
     with_base = any(r.get("retriever_value") is not None for r in rows)
-    lines = ["## Evaluation", "", "| dataset | metric | this model |" + (" retriever |" if with_base else ""),
-             "|---|---|---|" + ("---|" if with_base else "")]
+    lines = [
+        "## Evaluation",
+        "",
+        "| dataset | metric | this model |" + (" retriever |" if with_base else ""),
+        "|---|---|---|" + ("---|" if with_base else ""),
+    ]
     for r in rows:
         extra = ""
         if with_base:
@@ -275,49 +320,72 @@ def _usage(info: dict, library: str) -> str:
     prompt_names = info.get("prompt_names") or []
     if library == "sentence-transformers" and {"query", "document"} <= set(prompt_names):
         # the folder's own prompts, pooling, max length and EOS: encodes exactly as `reforge eval` does
-        code = ["from sentence_transformers import SentenceTransformer", "",
-                f'model = SentenceTransformer("{repo}")',
-                'queries = model.encode(["how do vaccines work?"], prompt_name="query")',
-                'passages = model.encode(["Vaccines train the immune system."], prompt_name="document")',
-                "scores = model.similarity(queries, passages)"]
+        code = [
+            "from sentence_transformers import SentenceTransformer",
+            "",
+            f'model = SentenceTransformer("{repo}")',
+            'queries = model.encode(["how do vaccines work?"], prompt_name="query")',
+            'passages = model.encode(["Vaccines train the immune system."], prompt_name="document")',
+            "scores = model.similarity(queries, passages)",
+        ]
         tasks = sorted(set(prompt_names) - {"query", "document"})
         if tasks:
             code.append(f'# per-task instructions: prompt_name="{tasks[0]}" (also: {", ".join(tasks[1:])})')
     elif library == "sentence-transformers":
-        code = ["from sentence_transformers import SentenceTransformer", "",
-                f'model = SentenceTransformer("{repo}")',
-                f'queries = model.encode(["how do vaccines work?"]{", prompt=" + repr(q) if q else ""})',
-                f'passages = model.encode(["Vaccines train the immune system."]{", prompt=" + repr(p) if p else ""})',
-                "scores = model.similarity(queries, passages)"]
+        code = [
+            "from sentence_transformers import SentenceTransformer",
+            "",
+            f'model = SentenceTransformer("{repo}")',
+            f'queries = model.encode(["how do vaccines work?"]{", prompt=" + repr(q) if q else ""})',
+            f'passages = model.encode(["Vaccines train the immune system."]{", prompt=" + repr(p) if p else ""})',
+            "scores = model.similarity(queries, passages)",
+        ]
     else:
         pooling = enc.get("pooling", "last")
-        pool = {"mean": "(h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)",
-                "cls": "h[:, 0]"}.get(pooling, "h[torch.arange(len(h)), mask.sum(1) - 1]  # last token (right padding)")
+        pool = {"mean": "(h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)", "cls": "h[:, 0]"}.get(
+            pooling, "h[torch.arange(len(h)), mask.sum(1) - 1]  # last token (right padding)"
+        )
         length = int(enc.get("max_length") or 512)
         norm = ["e = torch.nn.functional.normalize(e, dim=-1)"] if enc.get("normalize", True) else []
-        code = ["import torch", "from transformers import AutoModel, AutoTokenizer", "",
+        code = (
+            [
+                "import torch",
+                "from transformers import AutoModel, AutoTokenizer",
+                "",
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
-                f'model = AutoModel.from_pretrained("{repo}", torch_dtype="auto").eval()', "",
+                f'model = AutoModel.from_pretrained("{repo}", torch_dtype="auto").eval()',
+                "",
                 "def embed(texts):",
                 *_tokenize_lines(length, bool(enc.get("append_eos"))),
                 "    with torch.no_grad():",
                 "        h = model(**batch).last_hidden_state",
-                "    mask = batch[\"attention_mask\"]",
-                f"    e = {pool}"] + [f"    {line}" for line in norm] + ["    return e", "",
-                f'queries = embed([{repr(q + "how do vaccines work?")}])',
-                f'passages = embed([{repr(p + "Vaccines train the immune system.")}])',
-                "scores = queries @ passages.T"]
+                '    mask = batch["attention_mask"]',
+                f"    e = {pool}",
+            ]
+            + [f"    {line}" for line in norm]
+            + [
+                "    return e",
+                "",
+                f"queries = embed([{repr(q + 'how do vaccines work?')}])",
+                f"passages = embed([{repr(p + 'Vaccines train the immune system.')}])",
+                "scores = queries @ passages.T",
+            ]
+        )
     return "\n".join(["## Usage", "", "```python", *code, "```"])
 
 
 def _tokenize_lines(length: int, append_eos: bool) -> list[str]:
     """The snippet's tokenization: cut at the profile's max length, the EOS (if any) appended after the cut."""
     if not append_eos:
-        return [f"    batch = tokenizer(texts, padding=True, truncation=True, max_length={length}, "
-                'padding_side="right", return_tensors="pt")']
-    return [f"    ids = tokenizer(texts, truncation=True, max_length={length - 1})[\"input_ids\"]",
-            '    batch = tokenizer.pad({"input_ids": [i + [tokenizer.eos_token_id] for i in ids]}, '
-            'padding_side="right", return_tensors="pt")']
+        return [
+            f"    batch = tokenizer(texts, padding=True, truncation=True, max_length={length}, "
+            'padding_side="right", return_tensors="pt")'
+        ]
+    return [
+        f'    ids = tokenizer(texts, truncation=True, max_length={length - 1})["input_ids"]',
+        '    batch = tokenizer.pad({"input_ids": [i + [tokenizer.eos_token_id] for i in ids]}, '
+        'padding_side="right", return_tensors="pt")',
+    ]
 
 
 def _encoding(enc: dict) -> str:
@@ -331,8 +399,11 @@ def _encoding(enc: dict) -> str:
     if enc.get("append_eos"):
         facts.append("- an EOS token is appended to every text")
     if "normalize" in enc:
-        facts.append("- embeddings are L2-normalized; score with the dot product (cosine)" if enc["normalize"]
-                     else "- embeddings are not normalized; score with the dot product")
+        facts.append(
+            "- embeddings are L2-normalized; score with the dot product (cosine)"
+            if enc["normalize"]
+            else "- embeddings are not normalized; score with the dot product"
+        )
     if enc.get("max_length"):
         facts.append(f"- texts are truncated to {enc['max_length']} tokens")
     if not facts:

@@ -409,8 +409,10 @@ def st_folder_prompts(profile: EncodingProfile) -> dict[str, str]:
     template = profile.query_prefix
     if "{task}" not in template:
         return {"query": template, "document": profile.passage_prefix}
-    prompts = {"query": template.replace("{task}", profile.task or E5_TASKS["msmarco"]),
-               "document": profile.passage_prefix}
+    prompts = {
+        "query": template.replace("{task}", profile.task or E5_TASKS["msmarco"]),
+        "document": profile.passage_prefix,
+    }
     if profile.task is None:
         prompts.update({name: template.replace("{task}", task) for name, task in E5_TASKS.items()})
     return prompts
@@ -418,9 +420,16 @@ def st_folder_prompts(profile: EncodingProfile) -> dict[str, str]:
 
 def st_encoding(profile: EncodingProfile) -> Encoding:
     """``profile`` as the plain values `reforge.io.st_folder` writes into a sentence-transformers folder."""
-    return Encoding(profile.pooling, profile.normalize, profile.max_length, append_eos=profile.append_eos,
-                    lowercase=profile.lowercase, prompts=st_folder_prompts(profile),
-                    padding_side=profile.padding_side, modules=tuple(profile.modules))
+    return Encoding(
+        profile.pooling,
+        profile.normalize,
+        profile.max_length,
+        append_eos=profile.append_eos,
+        lowercase=profile.lowercase,
+        prompts=st_folder_prompts(profile),
+        padding_side=profile.padding_side,
+        modules=tuple(profile.modules),
+    )
 
 
 def save_profile(folder: str | Path, profile: EncodingProfile) -> Path:

@@ -58,24 +58,29 @@ def parse_grid(text: str, *, option: str = "--alpha") -> tuple[float, ...]:
     """
     parts = [p.strip() for p in str(text).split(",")]
     if any(parts) and not all(parts):
-        raise InvalidOptionError(f"{option} {text!r} has an empty item.",
-                                 hint=f"Write the values separated by single commas, e.g. {option} 0,0.5,1.",
-                                 option=option)
+        raise InvalidOptionError(
+            f"{option} {text!r} has an empty item.",
+            hint=f"Write the values separated by single commas, e.g. {option} 0,0.5,1.",
+            option=option,
+        )
     parts = [p for p in parts if p]
     values: list[float] = []
     for part in parts:
         try:
             numbers = [float(x) for x in part.split(":")]
         except ValueError as e:
-            raise InvalidOptionError(f"{option} {text!r} is not a list of numbers.",
-                                     hint=f"Write e.g. {option} 0,0.25,0.5 or {option} 0:1:0.25.",
-                                     option=option) from e
+            raise InvalidOptionError(
+                f"{option} {text!r} is not a list of numbers.",
+                hint=f"Write e.g. {option} 0,0.25,0.5 or {option} 0:1:0.25.",
+                option=option,
+            ) from e
         if len(numbers) == 1:
             values.append(numbers[0])
             continue
         if len(numbers) != 3 or not numbers[2] > 0:
-            raise InvalidOptionError(f"{option} range {part!r} must be start:stop:step with a step above 0.",
-                                     option=option)
+            raise InvalidOptionError(
+                f"{option} range {part!r} must be start:stop:step with a step above 0.", option=option
+            )
         start, stop, step = numbers
         count = int(math.floor((stop - start) / step + 1e-9)) + 1
         values += [round(start + i * step, 12) for i in range(max(count, 0))]
@@ -111,8 +116,16 @@ class InMemoryMerge:
     ``tensors_computed``.
     """
 
-    def __init__(self, source: Any, *, retriever_source: ModelSource | None, tokenizer_dir: Path,
-                 config_dir: Path | None, allow_pickle: bool = False, stage: StageFn | None = None) -> None:
+    def __init__(
+        self,
+        source: Any,
+        *,
+        retriever_source: ModelSource | None,
+        tokenizer_dir: Path,
+        config_dir: Path | None,
+        allow_pickle: bool = False,
+        stage: StageFn | None = None,
+    ) -> None:
         self.source = source
         self.allow_pickle = allow_pickle
         self.retriever_source = retriever_source  # a full retriever: loaded as is (state alpha 0, beta 1)
@@ -131,8 +144,9 @@ class InMemoryMerge:
     def adapter(self) -> Any:
         return self.source.adapters[0][0]
 
-    def materialize(self, alpha: float, beta: float, *, device: str, dtype: Any, name: str,
-                    profile: Any, fingerprint: str) -> Retriever:
+    def materialize(
+        self, alpha: float, beta: float, *, device: str, dtype: Any, name: str, profile: Any, fingerprint: str
+    ) -> Retriever:
         """The model with the weights of point (alpha, beta), as an eval `Retriever` (the same model object is
         reused: a Retriever is valid until the next call)."""
         import torch
@@ -212,8 +226,12 @@ def _parameters_by_key(model: Any, shapes: dict[str, tuple[int, ...]]) -> dict[s
             raise LayoutMismatchError(
                 f"The loaded {type(model).__name__} cannot hold merged tensor {key!r} {list(shape)} ({got}).",
                 hint="Tune needs a retriever that transformers' AutoModel loads; use `reforge merge` and "
-                     "`reforge eval` per alpha instead.", left=type(model).__name__, right=None, tensor=key,
-                details={})
+                "`reforge eval` per alpha instead.",
+                left=type(model).__name__,
+                right=None,
+                tensor=key,
+                details={},
+            )
         found[key] = tensor
     return found
 
@@ -237,8 +255,15 @@ class MergePoint(ModelSource):
     def load(self, *, device: str, dtype: Any, allow_pickle: bool = False) -> Retriever:
         """Merge this point into the shared model and return it."""
         self.loads.append((device, str(dtype)))
-        return self.merger.materialize(self.alpha, self.beta, device=device, dtype=dtype, name=self.name,
-                                       profile=self.profile, fingerprint=self.identity)
+        return self.merger.materialize(
+            self.alpha,
+            self.beta,
+            device=device,
+            dtype=dtype,
+            name=self.name,
+            profile=self.profile,
+            fingerprint=self.identity,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -299,17 +324,29 @@ class TuneReport:
     def to_dict(self) -> dict[str, Any]:
         """The JSON summary (the split is recorded at the top level)."""
         return {
-            "split": self.split, "test_split": self.test_split, "tuned_on_test_split": self.split == self.test_split,
-            "i_know": self.i_know, "metric": self.metric, "averaging": self.eval.averaging,
-            "best": {"alpha": self.best.alpha, "beta": self.best.beta, "score": self.best.score,
-                     "baseline_score": self.baseline.score,
-                     "test_against_baseline": asdict(self.best.test) if self.best.test else None},
+            "split": self.split,
+            "test_split": self.test_split,
+            "tuned_on_test_split": self.split == self.test_split,
+            "i_know": self.i_know,
+            "metric": self.metric,
+            "averaging": self.eval.averaging,
+            "best": {
+                "alpha": self.best.alpha,
+                "beta": self.best.beta,
+                "score": self.best.score,
+                "baseline_score": self.baseline.score,
+                "test_against_baseline": asdict(self.best.test) if self.best.test else None,
+            },
             "points": [p.to_dict() for p in self.points],
-            "inputs": self.inputs, "dataset": asdict(self.dataset), "sample": self.sample,
+            "inputs": self.inputs,
+            "dataset": asdict(self.dataset),
+            "sample": self.sample,
             "warnings": list(self.warnings),
-            "in_memory_merges": self.merges, "tensors_computed": self.tensors_computed,
+            "in_memory_merges": self.merges,
+            "tensors_computed": self.tensors_computed,
             "seconds": round(self.seconds, 3),
-            "eval_settings": self.eval.settings, "models": [asdict(m) for m in self.eval.models],
+            "eval_settings": self.eval.settings,
+            "models": [asdict(m) for m in self.eval.models],
             "reforge_version": self.eval.version,
         }
 
@@ -318,12 +355,26 @@ class TuneReport:
 # tune
 
 
-def tune(base: str | Path, adapter: str | Path, data: str | Path | BeirDataset, *,
-         retriever: str | Path | None = None, delta: str | Path | None = None,
-         alphas: Sequence[float] = DEFAULT_ALPHAS, betas: Sequence[float] = (1.0,), metric: str = "nDCG@10",
-         split: str = "dev", test_split: str = "test", i_know: bool = False, max_queries: int | None = None,
-         corpus_sample: int | None = None, seed: int = 0, settings: EvalSettings | None = None,
-         progress: ProgressFn | None = None, stage: StageFn | None = None) -> TuneReport:
+def tune(
+    base: str | Path,
+    adapter: str | Path,
+    data: str | Path | BeirDataset,
+    *,
+    retriever: str | Path | None = None,
+    delta: str | Path | None = None,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    betas: Sequence[float] = (1.0,),
+    metric: str = "nDCG@10",
+    split: str = "dev",
+    test_split: str = "test",
+    i_know: bool = False,
+    max_queries: int | None = None,
+    corpus_sample: int | None = None,
+    seed: int = 0,
+    settings: EvalSettings | None = None,
+    progress: ProgressFn | None = None,
+    stage: StageFn | None = None,
+) -> TuneReport:
     """Score every (alpha, beta) of the grid on held-out queries and pick the best.
 
     Args:
@@ -358,8 +409,9 @@ def tune(base: str | Path, adapter: str | Path, data: str | Path | BeirDataset, 
     settings.check()
     full = data if isinstance(data, BeirDataset) else _load_split(data, split, test_split)
     if full.split != split:
-        raise InvalidOptionError(f"The dataset given was read for split {full.split!r}, not {split!r}.",
-                                 option="--split")
+        raise InvalidOptionError(
+            f"The dataset given was read for split {full.split!r}, not {split!r}.", option="--split"
+        )
     warnings = list(full.warnings) + _overlap_warnings(full, split, test_split)
     subset = select_subset(full, max_queries=max_queries, corpus_sample=corpus_sample, seed=seed)
     source = open_inputs(base, retriever, delta, [(adapter, 0.0)], settings.token, settings.allow_pickle)
@@ -376,12 +428,22 @@ def tune(base: str | Path, adapter: str | Path, data: str | Path | BeirDataset, 
     grid = sorted((p for p in scored if p.in_grid), key=lambda p: (p.beta, p.alpha))
     best = _best(grid)
     return TuneReport(
-        inputs=_inputs(source, base, retriever, delta, adapter), split=split, test_split=test_split,
-        i_know=i_know, metric=metric, dataset=report.datasets[0],
+        inputs=_inputs(source, base, retriever, delta, adapter),
+        split=split,
+        test_split=test_split,
+        i_know=i_know,
+        metric=metric,
+        dataset=report.datasets[0],
         sample=sample_record(full, subset, max_queries=max_queries, corpus_sample=corpus_sample, seed=seed),
-        points=tuple(grid if scored[0].in_grid else [scored[0], *grid]), baseline=scored[0], best=best,
-        warnings=tuple(warnings), merges=merger.merges, tensors_computed=merger.tensors_computed,
-        seconds=time.perf_counter() - started, eval=report)
+        points=tuple(grid if scored[0].in_grid else [scored[0], *grid]),
+        baseline=scored[0],
+        best=best,
+        warnings=tuple(warnings),
+        merges=merger.merges,
+        tensors_computed=merger.tensors_computed,
+        seconds=time.perf_counter() - started,
+        eval=report,
+    )
 
 
 def _best(points: Sequence[TunePoint]) -> TunePoint:
@@ -397,7 +459,8 @@ def _check_options(retriever, delta, split: str, test_split: str, i_know: bool, 
             f"Refusing to tune on split {split!r}: it is the split you report (--test-split {test_split}), so the "
             f"chosen alpha would be fitted to the test queries and its score would be optimistic.",
             hint="Tune on a held-out split (e.g. --split dev, or --split train for SciFact), or pass --i-know.",
-            option="--split")
+            option="--split",
+        )
     for option, value in (("--max-queries", max_queries), ("--corpus-sample", corpus_sample)):
         if value is not None and value < 1:
             raise InvalidOptionError(f"{option} must be at least 1, got {value}.", option=option)
@@ -413,13 +476,17 @@ def _load_split(folder, split: str, test_split: str) -> BeirDataset:
             raise
         held_out = [s for s in available if s != test_split]
         if not held_out:
-            hint = (f"Its only split is --test-split {test_split}: hold out some of its queries in another "
-                    f"qrels/<split>.tsv, or pass --split {test_split} --i-know (the score will be optimistic).")
+            hint = (
+                f"Its only split is --test-split {test_split}: hold out some of its queries in another "
+                f"qrels/<split>.tsv, or pass --split {test_split} --i-know (the score will be optimistic)."
+            )
         else:
             choice = "dev" if "dev" in held_out else held_out[0]
-            hint = (f"Pass --split {choice} (held out from --test-split {test_split}). If the retriever was "
-                    f"trained on those queries (as SciFact's train queries usually are), any alpha > 0 looks "
-                    f"worse on them than it is: see docs/tune.md.")
+            hint = (
+                f"Pass --split {choice} (held out from --test-split {test_split}). If the retriever was "
+                f"trained on those queries (as SciFact's train queries usually are), any alpha > 0 looks "
+                f"worse on them than it is: see docs/tune.md."
+            )
         raise DataError(e.message, hint=hint, path=e.path, line=None, split=split, available=available) from e
 
 
@@ -433,12 +500,15 @@ def _overlap_warnings(dataset: BeirDataset, split: str, test_split: str) -> list
     shared = sorted(set(dataset.queries) & set(read_qrels(test_file)))
     if not shared:
         return []
-    return [f"{len(shared)} of the {len(dataset.queries)} {split} queries are also judged in "
-            f"{short_path(test_file)} (e.g. {', '.join(shared[:3])}); the tuned alpha has seen part of the test set."]
+    return [
+        f"{len(shared)} of the {len(dataset.queries)} {split} queries are also judged in "
+        f"{short_path(test_file)} (e.g. {', '.join(shared[:3])}); the tuned alpha has seen part of the test set."
+    ]
 
 
-def _merger_and_template(source, retriever, delta, base, settings: EvalSettings,
-                         stage: StageFn | None) -> tuple[InMemoryMerge, ModelSource]:
+def _merger_and_template(
+    source, retriever, delta, base, settings: EvalSettings, stage: StageFn | None
+) -> tuple[InMemoryMerge, ModelSource]:
     """The shared in-memory model and a `ModelSource` describing the retriever (profile, tokenizer, paths)."""
     from reforge.eval.model import _tokenizer_hash, resolve_model, transformer_dir
     from reforge.ops.delta import RETRIEVER_FILES
@@ -448,21 +518,53 @@ def _merger_and_template(source, retriever, delta, base, settings: EvalSettings,
         files = source.delta.path / RETRIEVER_FILES
         recorded = (source.delta.manifest.get("retriever") or {}).get("ref") or str(delta)
         profile = detect_profile(files, name=str(recorded), profile=settings.profile, pooling=settings.pooling)
-        template = ModelSource(Path(str(recorded)).name, str(delta), source.delta.path, "", profile, str(base),
-                               None, _tokenizer_hash(files))
+        template = ModelSource(
+            Path(str(recorded)).name,
+            str(delta),
+            source.delta.path,
+            "",
+            profile,
+            str(base),
+            None,
+            _tokenizer_hash(files),
+        )
         tokenizer_dir = files if (files / "tokenizer_config.json").is_file() else source.base.path
-        return InMemoryMerge(source, retriever_source=None, tokenizer_dir=tokenizer_dir, config_dir=files,
-                             allow_pickle=settings.allow_pickle, stage=stage), template
-    resolved = resolve_model(retriever, base=str(base), token=settings.token, allow_pickle=settings.allow_pickle,
-                             profile=settings.profile, pooling=settings.pooling)
+        return InMemoryMerge(
+            source,
+            retriever_source=None,
+            tokenizer_dir=tokenizer_dir,
+            config_dir=files,
+            allow_pickle=settings.allow_pickle,
+            stage=stage,
+        ), template
+    resolved = resolve_model(
+        retriever,
+        base=str(base),
+        token=settings.token,
+        allow_pickle=settings.allow_pickle,
+        profile=settings.profile,
+        pooling=settings.pooling,
+    )
     if source.retriever_adapter is not None:
         has_tokenizer = any((resolved.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
         tokenizer_dir = resolved.path if has_tokenizer else source.base.path
-        merger = InMemoryMerge(source, retriever_source=None, tokenizer_dir=tokenizer_dir, config_dir=None,
-                               allow_pickle=settings.allow_pickle, stage=stage)
+        merger = InMemoryMerge(
+            source,
+            retriever_source=None,
+            tokenizer_dir=tokenizer_dir,
+            config_dir=None,
+            allow_pickle=settings.allow_pickle,
+            stage=stage,
+        )
     else:
-        merger = InMemoryMerge(source, retriever_source=resolved, tokenizer_dir=transformer_dir(resolved.path),
-                               config_dir=None, allow_pickle=settings.allow_pickle, stage=stage)
+        merger = InMemoryMerge(
+            source,
+            retriever_source=resolved,
+            tokenizer_dir=transformer_dir(resolved.path),
+            config_dir=None,
+            allow_pickle=settings.allow_pickle,
+            stage=stage,
+        )
     return merger, resolved
 
 
@@ -477,22 +579,42 @@ def _points(alphas, betas, template: ModelSource, merger: InMemoryMerge, source)
     for alpha, beta, in_grid in ordered:
         name = f"alpha={alpha:g} beta={beta:g}"
         shared = merger.retriever_source is not None and (alpha, beta) == (0.0, 1.0)
-        identity = (merger.retriever_source.cache_identity if shared else
-                    f"{_point_fingerprint(inputs, alpha, beta)}:{template.tokenizer_hash}")
-        points.append(MergePoint(name, f"{template.ref} + {alpha:g}*psi, beta {beta:g}", template.path,
-                                 identity.split(":")[0], template.profile, template.base_ref, None,
-                                 template.tokenizer_hash, alpha=alpha, beta=beta, in_grid=in_grid, identity=identity,
-                                 merger=merger, loads=[]))
+        identity = (
+            merger.retriever_source.cache_identity
+            if shared
+            else f"{_point_fingerprint(inputs, alpha, beta)}:{template.tokenizer_hash}"
+        )
+        points.append(
+            MergePoint(
+                name,
+                f"{template.ref} + {alpha:g}*psi, beta {beta:g}",
+                template.path,
+                identity.split(":")[0],
+                template.profile,
+                template.base_ref,
+                None,
+                template.tokenizer_hash,
+                alpha=alpha,
+                beta=beta,
+                in_grid=in_grid,
+                identity=identity,
+                merger=merger,
+                loads=[],
+            )
+        )
     return points
 
 
 def _input_fingerprints(source) -> dict[str, Any]:
-    return {"base": source.base.provenance.get("fingerprint"),
-            "retriever": source.retriever.provenance.get("fingerprint") if source.retriever else None,
-            "retriever_adapter": (source.retriever_adapter.checkpoint.provenance.get("fingerprint")
-                                  if source.retriever_adapter else None),
-            "delta": source.delta.manifest.get("plan_id") if source.delta else None,
-            "adapter": source.adapters[0][0].checkpoint.provenance.get("fingerprint")}
+    return {
+        "base": source.base.provenance.get("fingerprint"),
+        "retriever": source.retriever.provenance.get("fingerprint") if source.retriever else None,
+        "retriever_adapter": (
+            source.retriever_adapter.checkpoint.provenance.get("fingerprint") if source.retriever_adapter else None
+        ),
+        "delta": source.delta.manifest.get("plan_id") if source.delta else None,
+        "adapter": source.adapters[0][0].checkpoint.provenance.get("fingerprint"),
+    }
 
 
 def _point_fingerprint(inputs: dict[str, Any], alpha: float, beta: float) -> str:
@@ -509,21 +631,38 @@ def _scored_points(report: EvalReport, points: list[MergePoint], dataset: str, m
     for i, point in enumerate(points):
         result = report.result(point.name, dataset)
         test = report.comparison(point.name, dataset, metric).test if i > 0 else None
-        scored.append(TunePoint(point.alpha, point.beta, point.name, result.scores[metric],
-                                point.in_grid, bool(point.loads), result.corpus_cached, test,
-                                dict(result.timings)))
+        scored.append(
+            TunePoint(
+                point.alpha,
+                point.beta,
+                point.name,
+                result.scores[metric],
+                point.in_grid,
+                bool(point.loads),
+                result.corpus_cached,
+                test,
+                dict(result.timings),
+            )
+        )
     return scored
 
 
 def _inputs(source, base, retriever, delta, adapter) -> dict[str, Any]:
     fingerprints = _input_fingerprints(source)
-    return {"base": {"ref": str(base), "fingerprint": fingerprints["base"]},
-            "retriever": ({"ref": str(retriever), "fingerprint": fingerprints["retriever"]
-                           or fingerprints["retriever_adapter"], "lora": source.retriever_adapter is not None}
-                          if retriever is not None else None),
-            "delta": {"ref": str(delta), "plan_id": fingerprints["delta"]} if delta is not None else None,
-            "adapter": {"ref": str(adapter), "fingerprint": fingerprints["adapter"],
-                        "dora": source.adapters[0][0].is_dora}}
+    return {
+        "base": {"ref": str(base), "fingerprint": fingerprints["base"]},
+        "retriever": (
+            {
+                "ref": str(retriever),
+                "fingerprint": fingerprints["retriever"] or fingerprints["retriever_adapter"],
+                "lora": source.retriever_adapter is not None,
+            }
+            if retriever is not None
+            else None
+        ),
+        "delta": {"ref": str(delta), "plan_id": fingerprints["delta"]} if delta is not None else None,
+        "adapter": {"ref": str(adapter), "fingerprint": fingerprints["adapter"], "dora": source.adapters[0][0].is_dora},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -541,9 +680,11 @@ def plot_tuning(report: TuneReport, path: str | Path) -> Path:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise InvalidOptionError("The plot needs matplotlib, which is not installed.",
-                                 hint="pip install matplotlib (or 'reforge[plot]'), or pass --no-plot.",
-                                 option="--plot") from e
+        raise InvalidOptionError(
+            "The plot needs matplotlib, which is not installed.",
+            hint="pip install matplotlib (or 'reforge[plot]'), or pass --no-plot.",
+            option="--plot",
+        ) from e
     figure = Figure(figsize=(6.4, 4.0), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
@@ -551,15 +692,26 @@ def plot_tuning(report: TuneReport, path: str | Path) -> Path:
     for beta in sorted({p.beta for p in grid}):
         line = sorted((p for p in grid if p.beta == beta), key=lambda p: p.alpha)
         axes.plot([p.alpha for p in line], [p.score for p in line], marker="o", label=f"beta = {beta:g}")
-    axes.axhline(report.baseline.score, color="grey", linestyle=":",
-                 label=f"retriever (alpha 0): {report.baseline.score:.4f}")
+    axes.axhline(
+        report.baseline.score, color="grey", linestyle=":", label=f"retriever (alpha 0): {report.baseline.score:.4f}"
+    )
     best = report.best
-    axes.plot([best.alpha], [best.score], marker="*", markersize=16, color="crimson", linestyle="none",
-              label=f"best: alpha {best.alpha:g}, beta {best.beta:g} ({best.score:.4f})")
+    axes.plot(
+        [best.alpha],
+        [best.score],
+        marker="*",
+        markersize=16,
+        color="crimson",
+        linestyle="none",
+        label=f"best: alpha {best.alpha:g}, beta {best.beta:g} ({best.score:.4f})",
+    )
     axes.set_xlabel("alpha (weight of the knowledge adapter)")
     axes.set_ylabel(report.metric)
-    axes.set_title(f"{report.dataset.name}, split {report.split}: {report.sample['queries']} queries, "
-                   f"{report.sample['documents']} documents", fontsize=10)
+    axes.set_title(
+        f"{report.dataset.name}, split {report.split}: {report.sample['queries']} queries, "
+        f"{report.sample['documents']} documents",
+        fontsize=10,
+    )
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -569,9 +721,18 @@ def plot_tuning(report: TuneReport, path: str | Path) -> Path:
     return path
 
 
-def write_best(report: TuneReport, output: str | Path, *, token: str | None = None, allow_pickle: bool = False,
-               max_shard_size: int = 5 * 10**9, overwrite: bool = False, dry_run: bool = False,
-               command: str | None = None, progress: ProgressFn | None = None) -> Any:
+def write_best(
+    report: TuneReport,
+    output: str | Path,
+    *,
+    token: str | None = None,
+    allow_pickle: bool = False,
+    max_shard_size: int = 5 * 10**9,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    command: str | None = None,
+    progress: ProgressFn | None = None,
+) -> Any:
     """Write the merged model of the best point with `reforge.ops.merge.merge` (what ``reforge merge`` runs).
 
     Returns:
@@ -581,9 +742,14 @@ def write_best(report: TuneReport, output: str | Path, *, token: str | None = No
     from reforge.ops.merge import merge
 
     inputs = report.inputs
-    return merge(inputs["base"]["ref"], output,
-                 retriever=inputs["retriever"]["ref"] if inputs["retriever"] else None,
-                 delta=inputs["delta"]["ref"] if inputs["delta"] else None,
-                 adapters=[(inputs["adapter"]["ref"], report.best.alpha)], beta=report.best.beta,
-                 write=WriteOptions("auto", max_shard_size, overwrite, dry_run=dry_run, command=command),
-                 access=Access(token, allow_pickle), progress=progress)
+    return merge(
+        inputs["base"]["ref"],
+        output,
+        retriever=inputs["retriever"]["ref"] if inputs["retriever"] else None,
+        delta=inputs["delta"]["ref"] if inputs["delta"] else None,
+        adapters=[(inputs["adapter"]["ref"], report.best.alpha)],
+        beta=report.best.beta,
+        write=WriteOptions("auto", max_shard_size, overwrite, dry_run=dry_run, command=command),
+        access=Access(token, allow_pickle),
+        progress=progress,
+    )

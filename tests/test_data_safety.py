@@ -45,13 +45,27 @@ def inputs(tmp_path_factory):
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def merge_args(root: Path, output, *extra):
-    return ["merge", "--base", root / "base", "--retriever", root / "retriever", "--adapter", root / "psi",
-            "-o", output, "-q", *extra]
+    return [
+        "merge",
+        "--base",
+        root / "base",
+        "--retriever",
+        root / "retriever",
+        "--adapter",
+        root / "psi",
+        "-o",
+        output,
+        "-q",
+        *extra,
+    ]
 
 
 def train_config(base, output, **options) -> TrainConfig:
@@ -70,9 +84,20 @@ def test_merge_into_the_folder_holding_its_inputs_deletes_nothing(inputs, overwr
 
 def test_train_onto_its_own_base_deletes_nothing(inputs):
     before = snapshot(inputs / "base")
-    result = run("train", inputs / "base", "--corpus", SCIFACT, "--max-docs", 2, "--max-length", 32,
-                 "-o", inputs / "base",
-                 "--overwrite", ok=False)
+    result = run(
+        "train",
+        inputs / "base",
+        "--corpus",
+        SCIFACT,
+        "--max-docs",
+        2,
+        "--max-length",
+        32,
+        "-o",
+        inputs / "base",
+        "--overwrite",
+        ok=False,
+    )
     failed(result, r"base is \S*base, an input of this command")
     assert snapshot(inputs / "base") == before
 
@@ -82,8 +107,21 @@ def test_outputs_inside_or_equal_to_an_input_are_refused_even_when_reforge_wrote
     first = tmp_path / "merged"
     run(*merge_args(inputs, first))
     before = snapshot(first)
-    result = run("merge", "--base", inputs / "base", "--retriever", first, "--adapter", inputs / "psi",
-                 "--alpha", "0.25", "-o", first, "--overwrite", ok=False)
+    result = run(
+        "merge",
+        "--base",
+        inputs / "base",
+        "--retriever",
+        first,
+        "--adapter",
+        inputs / "psi",
+        "--alpha",
+        "0.25",
+        "-o",
+        first,
+        "--overwrite",
+        ok=False,
+    )
     failed(result, r"merged is \S*merged, an input of this command")
     assert snapshot(first) == before
 
@@ -184,8 +222,21 @@ def test_tune_write_onto_a_foreign_folder_fails_before_tuning(inputs, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "keep.txt").write_text("x")
-    result = run("tune", "--base", inputs / "base", "--retriever", inputs / "retriever", "--adapter",
-                 inputs / "psi", "-d", tmp_path / "no-such-data", "--no-plot", "--write", mine, ok=False)
+    result = run(
+        "tune",
+        "--base",
+        inputs / "base",
+        "--retriever",
+        inputs / "retriever",
+        "--adapter",
+        inputs / "psi",
+        "-d",
+        tmp_path / "no-such-data",
+        "--no-plot",
+        "--write",
+        mine,
+        ok=False,
+    )
     failed(result, r"--write \S*mine holds files reforge did not write")  # the output is checked first
 
 
@@ -198,10 +249,23 @@ def test_free_space_refusal_leaves_no_partial_folder(tmp_path):
 
 def test_a_mistyped_local_path_is_not_reported_as_a_hub_repo(inputs, tmp_path, monkeypatch):
     monkeypatch.chdir(inputs.parent)
-    result = run("merge", "--base", "work/base", "--retriever", "work/retriver", "--adapter", "work/psi",
-                 "-o", tmp_path / "out", ok=False)
-    failed(result, r"work/retriver is not a folder here: work/ has no 'retriver' \(it holds base/, psi/, "
-                   r"retriever/\)")
+    result = run(
+        "merge",
+        "--base",
+        "work/base",
+        "--retriever",
+        "work/retriver",
+        "--adapter",
+        "work/psi",
+        "-o",
+        tmp_path / "out",
+        ok=False,
+    )
+    failed(
+        result,
+        r"work/retriver is not a folder here: work/ has no 'retriver' \(it holds base/, psi/, "
+        r"retriever/\)",
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -224,8 +288,13 @@ def full_disk_run(args: list, limit: int) -> dict:
     import sys
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONDONTWRITEBYTECODE": "1"}
-    done = subprocess.run([sys.executable, "-c", FULL_DISK.replace("BYTES", str(limit)),
-                           json.dumps([str(a) for a in args])], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK.replace("BYTES", str(limit)), json.dumps([str(a) for a in args])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -234,19 +303,41 @@ def test_a_full_disk_in_eval_output_keeps_the_table(tmp_path):
     from test_eval import llama_folder, toy_dataset
 
     model, data = llama_folder(tmp_path / "llama"), toy_dataset(tmp_path / "toy")
-    result = full_disk_run(["eval", model, "--data", data, "--profile", "repllama", "--no-cache",
-                            "-o", tmp_path / "results"], limit=200)
+    result = full_disk_run(
+        ["eval", model, "--data", data, "--profile", "repllama", "--no-cache", "-o", tmp_path / "results"], limit=200
+    )
     assert result["code"] == 1, result
     assert "nDCG@10" in result["stdout"] and "llama" in result["stdout"]  # the results were shown first
-    assert "the disk filled up while writing" in result["stderr"] and "The results above are complete" in \
-        " ".join(result["stderr"].split()), result["stderr"]
+    assert "the disk filled up while writing" in result["stderr"] and "The results above are complete" in " ".join(
+        result["stderr"].split()
+    ), result["stderr"]
 
 
 def test_a_full_disk_when_train_saves_is_a_clear_error(inputs, tmp_path):
     out = tmp_path / "psi"
-    result = full_disk_run(["train", inputs / "base", "--corpus", SCIFACT, "--max-docs", 4, "--max-length", 32,
-                            "-r", 2, "--lora-alpha", 4, "--batch-size", 2, "--max-steps", 2, "-o", out,
-                            ], limit=4096)
+    result = full_disk_run(
+        [
+            "train",
+            inputs / "base",
+            "--corpus",
+            SCIFACT,
+            "--max-docs",
+            4,
+            "--max-length",
+            32,
+            "-r",
+            2,
+            "--lora-alpha",
+            4,
+            "--batch-size",
+            2,
+            "--max-steps",
+            2,
+            "-o",
+            out,
+        ],
+        limit=4096,
+    )
     text = " ".join(result["stderr"].split())
     assert result["code"] == 1 and "Traceback" not in result["stdout"], result
     assert "the disk filled up while writing" in text and "nothing could be saved" in text, result

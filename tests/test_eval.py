@@ -22,6 +22,7 @@ from reforge.errors import AdapterError, InvalidOptionError, PoolingUndetermined
 from reforge.eval import EvalSettings, Retriever, evaluate, resolve_model
 from reforge.eval.encode import _tokenize, encode, pool, shard_indices
 from reforge.eval.metrics import paired_test, parse_measures, randomization_pvalue, score_run
+from reforge.eval.search import search
 from reforge.profiles import (
     EncodingProfile,
     apply_overrides,
@@ -30,7 +31,6 @@ from reforge.profiles import (
     e5_task,
     save_profile,
 )
-from reforge.eval.search import search
 
 WORDS = (
     "cats purr and sleep dogs bark loudly fish swim in water which animals do the a of query passage : "
@@ -521,14 +521,34 @@ def test_eval_samples_queries_and_corpus_like_tune_and_records_it(models, tmp_pa
     from reforge.tune import select_subset
 
     data = toy_dataset(tmp_path / "toy")
-    result = run_cli(models["st"], "--data", data, "--json", "--max-queries", "2", "--corpus-sample", "4",
-                     "--seed", "3", "--output", tmp_path / "out")
+    result = run_cli(
+        models["st"],
+        "--data",
+        data,
+        "--json",
+        "--max-queries",
+        "2",
+        "--corpus-sample",
+        "4",
+        "--seed",
+        "3",
+        "--output",
+        tmp_path / "out",
+    )
     summary = json.loads(result.stdout)
     expected = sample_dataset(load_beir(data), max_queries=2, corpus_sample=4, seed=3)
     assert select_subset is sample_dataset  # one implementation for eval and tune
     sample = summary["datasets"][0]["sample"]
-    assert sample == {"max_queries": 2, "corpus_sample": 4, "seed": 3, "queries": 2, "documents": 4,
-                      "split_queries": 4, "split_documents": 6, "query_ids": list(expected.queries)}
+    assert sample == {
+        "max_queries": 2,
+        "corpus_sample": 4,
+        "seed": 3,
+        "queries": 2,
+        "documents": 4,
+        "split_queries": 4,
+        "split_documents": 6,
+        "query_ids": list(expected.queries),
+    }
     judged = {d for q in expected.queries for d in expected.qrels[q]}
     assert judged <= {d.id for d in expected.corpus}  # every judged document of the drawn queries is kept
     assert summary["datasets"][0]["documents"] == 4 and summary["results"][0]["scored_queries"] == 2

@@ -30,11 +30,19 @@ from examples.prepare_base import BASE_NAME, GGUF_NAME, MARKER, is_complete, pre
 from reforge.errors import CheckpointNotFoundError, DataError, InvalidOptionError, OutputExistsError  # noqa: E402
 
 # SmolLM2-135M: hidden 576, k/v 192 (3 of 9 heads), MLP 1536, 30 layers.
-SMOL_SHAPES = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
-               "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}
+SMOL_SHAPES = {
+    "q_proj": (576, 576),
+    "k_proj": (576, 192),
+    "v_proj": (576, 192),
+    "o_proj": (576, 576),
+    "gate_proj": (576, 1536),
+    "up_proj": (576, 1536),
+    "down_proj": (1536, 576),
+}
 
 
 # ---------------------------------------------------------------- BM25
+
 
 def test_bm25_scores_match_the_formula_by_hand():
     # N 3, lengths 2, 3, 4 (avgdl 3); "a" and "c" are in 2 docs: idf = ln(1 + 1.5 / 2.5) = ln 1.6.
@@ -60,6 +68,7 @@ def test_bm25_rejects_ids_of_another_length():
 
 
 # ---------------------------------------------------------------- encoding
+
 
 def test_last_token_pool_right_and_left_padding():
     import torch
@@ -100,11 +109,15 @@ def test_formats_and_tokenize_append_eos_after_truncation(tiny_tokenizer):
     tok, vocab = tiny_tokenizer
     batch = encoding.tokenize(tok, ["query: alpha beta gamma delta", "query: alpha"], max_length=4)
     eos = vocab["</s>"]
-    assert batch["input_ids"].tolist() == [[vocab["query"], vocab[":"], vocab["alpha"], eos],
-                                           [vocab["query"], vocab[":"], vocab["alpha"], eos]]
+    assert batch["input_ids"].tolist() == [
+        [vocab["query"], vocab[":"], vocab["alpha"], eos],
+        [vocab["query"], vocab[":"], vocab["alpha"], eos],
+    ]
     batch = encoding.tokenize(tok, ["query: alpha beta", "passage: beta"], max_length=8)
-    assert batch["input_ids"].tolist() == [[vocab["query"], vocab[":"], vocab["alpha"], vocab["beta"], eos],
-                                           [vocab["passage"], vocab[":"], vocab["beta"], eos, eos]]  # pad == eos
+    assert batch["input_ids"].tolist() == [
+        [vocab["query"], vocab[":"], vocab["alpha"], vocab["beta"], eos],
+        [vocab["passage"], vocab[":"], vocab["beta"], eos, eos],
+    ]  # pad == eos
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     with pytest.raises(ValueError, match=r"^max_length must be at least 2 \(one token and the EOS\), got 1\.$"):
         encoding.tokenize(tok, ["query: alpha"], max_length=1)
@@ -134,6 +147,7 @@ def test_encoding_gives_the_same_vectors_as_reforge_eval(tiny_base, pooling):
 
 
 # ---------------------------------------------------------------- training pieces
+
 
 def test_contrastive_loss_exact_values_and_mask():
     import torch
@@ -170,8 +184,11 @@ def test_setup_data_pairs_negatives_and_batches(tiny_beir):
 
 def test_setup_data_without_positive_pairs_fails_with_the_file(tiny_beir):
     (tiny_beir / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t0\n")
-    with pytest.raises(DataError, match=r"qrels/dev\.tsv has no positive pair whose query and document exist\. "
-                                        r"Check that the qrels match corpus\.jsonl and queries\.jsonl\.$"):
+    with pytest.raises(
+        DataError,
+        match=r"qrels/dev\.tsv has no positive pair whose query and document exist\. "
+        r"Check that the qrels match corpus\.jsonl and queries\.jsonl\.$",
+    ):
         setup_data(tiny_beir, RecipeConfig(split="dev"))
 
 
@@ -191,18 +208,26 @@ def test_make_retriever_on_a_tiny_model_writes_a_deterministic_peft_adapter(tiny
 
     from reforge.profiles import load_profile
 
-    config = RecipeConfig(rank=2, lora_alpha=4, batch_queries=2, max_steps=2, negative_depth=3, warmup_steps=1,
-                          learning_rate=1e-2)
+    config = RecipeConfig(
+        rank=2, lora_alpha=4, batch_queries=2, max_steps=2, negative_depth=3, warmup_steps=1, learning_rate=1e-2
+    )
     record = make_retriever(tiny_base, tiny_beir, tmp_path / "a", config, log=None)
     folder = tmp_path / "a"
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json",
-                                                        "adapter_model.safetensors", "reforge_encoding.json",
-                                                        "training.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "reforge_encoding.json",
+        "training.json",
+    ]
     adapter_config = json.loads((folder / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == BASE_NAME
     assert adapter_config["target_modules"] == sorted(SMOL_SHAPES)
-    assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["task_type"]) == (2, 4,
-                                                                                                "FEATURE_EXTRACTION")
+    assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["task_type"]) == (
+        2,
+        4,
+        "FEATURE_EXTRACTION",
+    )
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as handle:
         keys = sorted(handle.keys())
         assert len(keys) == 2 * 7 * 2 and all(k.startswith("base_model.model.layers.") for k in keys)
@@ -218,16 +243,23 @@ def test_make_retriever_on_a_tiny_model_writes_a_deterministic_peft_adapter(tiny
 
 
 def test_make_retriever_without_a_base_says_to_prepare_it(tiny_beir, tmp_path):
-    with pytest.raises(CheckpointNotFoundError, match=r"nowhere is not a model folder \(no config\.json\)\. "
-                                                      r"Run python -m examples\.prepare_base first\.$"):
+    with pytest.raises(
+        CheckpointNotFoundError,
+        match=r"nowhere is not a model folder \(no config\.json\)\. "
+        r"Run python -m examples\.prepare_base first\.$",
+    ):
         make_retriever(tmp_path / "nowhere", tiny_beir, tmp_path / "out", RecipeConfig(max_steps=1), log=None)
 
 
 # ---------------------------------------------------------------- prepare_base guards
 
+
 def test_prepare_base_without_the_gguf_says_to_fetch(tmp_path):
-    with pytest.raises(CheckpointNotFoundError, match=rf"{GGUF_NAME} does not exist\. Run "
-                                                      r"\.\./shared/scripts/fetch-models\.sh .*try again\.$"):
+    with pytest.raises(
+        CheckpointNotFoundError,
+        match=rf"{GGUF_NAME} does not exist\. Run "
+        r"\.\./shared/scripts/fetch-models\.sh .*try again\.$",
+    ):
         prepare_base(tmp_path, log=None)
 
 
@@ -236,8 +268,11 @@ def test_prepare_base_never_deletes_a_folder_it_did_not_finish(tmp_path):
     out = tmp_path / BASE_NAME
     out.mkdir()
     (out / "config.json").write_text("{}")
-    with pytest.raises(OutputExistsError, match=rf"{BASE_NAME} exists but is not a complete conversion \(no valid "
-                                                rf"{MARKER}\)\. Delete it, or pass --force to rebuild it\.$"):
+    with pytest.raises(
+        OutputExistsError,
+        match=rf"{BASE_NAME} exists but is not a complete conversion \(no valid "
+        rf"{MARKER}\)\. Delete it, or pass --force to rebuild it\.$",
+    ):
         prepare_base(tmp_path, log=None)
     assert (out / "config.json").read_text() == "{}"
 
@@ -256,6 +291,7 @@ def test_is_complete_checks_every_recorded_file_and_size(tmp_path):
 
 # ---------------------------------------------------------------- the committed adapter
 
+
 def test_committed_adapter_has_the_expected_keys_ranks_and_record():
     from safetensors import safe_open
 
@@ -265,16 +301,23 @@ def test_committed_adapter_has_the_expected_keys_ranks_and_record():
     adapter_config = json.loads((ASSETS / "adapter_config.json").read_text())
     h = record["hyperparameters"]
     assert adapter_config["base_model_name_or_path"] == BASE_NAME == record["base"]["name"]
-    assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["lora_dropout"]) == (
-        h["rank"], h["lora_alpha"], h["lora_dropout"]) == (8, 16, 0.1)
+    assert (
+        (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["lora_dropout"])
+        == (h["rank"], h["lora_alpha"], h["lora_dropout"])
+        == (8, 16, 0.1)
+    )
     assert adapter_config["target_modules"] == sorted(h["target_modules"]) == sorted(SMOL_SHAPES)
     assert adapter_config["peft_type"] == "LORA" and not adapter_config["use_dora"]
     weights = ASSETS / "adapter_model.safetensors"
     with safe_open(str(weights), "pt") as handle:
         keys = set(handle.keys())
         mlp = ("gate_proj", "up_proj", "down_proj")
-        expected = {f"base_model.model.layers.{n}.{'mlp' if m in mlp else 'self_attn'}.{m}.lora_{ab}.weight"
-                    for n in range(30) for m in SMOL_SHAPES for ab in "AB"}
+        expected = {
+            f"base_model.model.layers.{n}.{'mlp' if m in mlp else 'self_attn'}.{m}.lora_{ab}.weight"
+            for n in range(30)
+            for m in SMOL_SHAPES
+            for ab in "AB"
+        }
         assert keys == expected
         for key in keys:
             module = key.split(".")[-3]
@@ -283,8 +326,13 @@ def test_committed_adapter_has_the_expected_keys_ranks_and_record():
             assert shape == ((8, fan_in) if ".lora_A." in key else (fan_out, 8)), key
         assert handle.get_tensor("base_model.model.layers.29.mlp.up_proj.lora_B.weight").abs().max() > 0
     params = sum(8 * (i + o) for i, o in SMOL_SHAPES.values()) * 30
-    assert record["adapter"] == {"file": weights.name, "bytes": weights.stat().st_size, "sha256": _sha256(weights),
-                                 "tensors": 420, "parameters": params}
+    assert record["adapter"] == {
+        "file": weights.name,
+        "bytes": weights.stat().st_size,
+        "sha256": _sha256(weights),
+        "tensors": 420,
+        "parameters": params,
+    }
     assert params == 2_442_240 and weights.stat().st_size < 10 * 10**6
     t = record["training"]
     assert record["data"]["pairs"] == 919 and record["data"]["queries"] == 809
@@ -294,7 +342,12 @@ def test_committed_adapter_has_the_expected_keys_ranks_and_record():
     profile = load_profile(ASSETS / "reforge_encoding.json")
     assert profile == encoding_profile(RecipeConfig(**{**h, "target_modules": tuple(h["target_modules"])}))
     assert (profile.name, profile.pooling, profile.normalize, profile.append_eos, profile.max_length) == (
-        "custom", record["encoding"]["pooling"], True, True, record["encoding"]["max_length"])
+        "custom",
+        record["encoding"]["pooling"],
+        True,
+        True,
+        record["encoding"]["max_length"],
+    )
     assert (profile.query_prefix, profile.passage_prefix) == (encoding.QUERY_PREFIX, encoding.PASSAGE_PREFIX)
 
 
@@ -308,8 +361,10 @@ def test_committed_adapter_loads_onto_the_real_base():
 
     base = default_base_dir()
     if not is_complete(base):
-        pytest.skip(f"the converted base is not at {base}: run ../shared/scripts/fetch-models.sh, then "
-                    "python -m examples.prepare_base")
+        pytest.skip(
+            f"the converted base is not at {base}: run ../shared/scripts/fetch-models.sh, then "
+            "python -m examples.prepare_base"
+        )
     record = json.loads((ASSETS / "training.json").read_text())
     assert _sha256(base / "model.safetensors") == record["base"]["model_safetensors_sha256"]
     model = AutoModel.from_pretrained(base, dtype=torch.float32)
@@ -364,9 +419,19 @@ def tiny_base(tmp_path_factory, tiny_tokenizer):
 
     torch.manual_seed(0)
     tok, vocab = tiny_tokenizer
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=256,
-                         tie_word_embeddings=True, eos_token_id=1, pad_token_id=1, bos_token_id=None)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(vocab),
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=1,
+        pad_token_id=1,
+        bos_token_id=None,
+    )
     folder = tmp_path_factory.mktemp("tiny-base")
     LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -377,14 +442,22 @@ def tiny_base(tmp_path_factory, tiny_tokenizer):
 def tiny_beir(tmp_path):
     folder = tmp_path / "tiny-beir"
     (folder / "qrels").mkdir(parents=True)
-    docs = [("d1", "Alpha", "alpha beta"), ("d2", "", "gamma delta"), ("d3", "Theta", "eta theta ."),
-            ("d4", "", "beta zeta"), ("d5", "Gamma", "gamma epsilon"), ("d6", "", "delta eta")]
-    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": t, "text": x}) + "\n"
-                                                 for i, t, x in docs))
+    docs = [
+        ("d1", "Alpha", "alpha beta"),
+        ("d2", "", "gamma delta"),
+        ("d3", "Theta", "eta theta ."),
+        ("d4", "", "beta zeta"),
+        ("d5", "Gamma", "gamma epsilon"),
+        ("d6", "", "delta eta"),
+    ]
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": i, "title": t, "text": x}) + "\n" for i, t, x in docs)
+    )
     queries = [("q1", "alpha beta"), ("q2", "gamma delta"), ("q3", "theta eta"), ("q4", "zeta")]
     (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in queries))
-    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\nq2\td5\t2\n"
-                                                "q3\td3\t1\nq4\td4\t0\nq4\tmissing\t1\n")
+    (folder / "qrels" / "train.tsv").write_text(
+        "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\nq2\td5\t2\nq3\td3\t1\nq4\td4\t0\nq4\tmissing\t1\n"
+    )
     return folder
 
 

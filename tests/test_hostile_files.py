@@ -43,8 +43,11 @@ CASES = [
     ("metadata is a list", lambda h: h.__setitem__("__metadata__", ["pt"]), "__metadata__ is not a map"),
     ("metadata is a string", lambda h: h.__setitem__("__metadata__", "pt"), "__metadata__ is not a map"),
     ("metadata value not a string", lambda h: h["__metadata__"].__setitem__("n", 3), "__metadata__ is not a map"),
-    ("overlapping offsets", lambda h: (h["a"].__setitem__("data_offsets", [0, 24]),
-                                       h["b"].update(shape=[4], data_offsets=[16, 32])), "overlaps"),
+    (
+        "overlapping offsets",
+        lambda h: (h["a"].__setitem__("data_offsets", [0, 24]), h["b"].update(shape=[4], data_offsets=[16, 32])),
+        "overlaps",
+    ),
     ("gap between tensors", lambda h: h["a"].update(shape=[2, 2], data_offsets=[0, 16]), "leaves a gap"),
     ("negative dimension", lambda h: h["a"].__setitem__("shape", [-2, -3]), "not a list of non-negative"),
     ("float dimension", lambda h: h["a"].__setitem__("shape", [2.0, 3]), "not a list of non-negative"),
@@ -68,14 +71,21 @@ def test_malformed_header_fields(tmp_path, mutate, message):
     assert message in str(caught.value) and "model.safetensors" in str(caught.value)
 
 
-@pytest.mark.parametrize("raw, message", [
-    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
-     b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', "names 'a' twice"),
-    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-    (b'{"a": ' * 50_000 + b"1" + b"}" * 50_000, "nested too deeply"),
-    (b"\xff\xfe not json", "not valid JSON"),
-    (b"[1, 2]", "not a JSON object"),
-], ids=["duplicate name", "deep list", "deep object", "not utf-8", "a list"])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (
+            b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+            b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}',
+            "names 'a' twice",
+        ),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"a": ' * 50_000 + b"1" + b"}" * 50_000, "nested too deeply"),
+        (b"\xff\xfe not json", "not valid JSON"),
+        (b"[1, 2]", "not a JSON object"),
+    ],
+    ids=["duplicate name", "deep list", "deep object", "not utf-8", "a list"],
+)
 def test_malformed_header_text(tmp_path, raw, message):
     path = write_raw(tmp_path / "model.safetensors", None, bytes(8), raw=raw)
     with pytest.raises(CorruptCheckpointError, match=message):
@@ -94,8 +104,30 @@ def test_cli_reports_a_hostile_header_in_one_line(tmp_path):
     assert "unknown dtype ['F32']" in result.stderr
 
 
-HOSTILE_VALUES = [None, True, -1, 0, 1, 2**64, 1.5, float("inf"), "", "F32", "x" * 1000, [], [0], [-1, 2],
-                  [0, 2**63], [[0]], {}, {"a": 1}, ["F32"], [1e308], "\u0000", [True, 1]]
+HOSTILE_VALUES = [
+    None,
+    True,
+    -1,
+    0,
+    1,
+    2**64,
+    1.5,
+    float("inf"),
+    "",
+    "F32",
+    "x" * 1000,
+    [],
+    [0],
+    [-1, 2],
+    [0, 2**63],
+    [[0]],
+    {},
+    {"a": 1},
+    ["F32"],
+    [1e308],
+    "\u0000",
+    [True, 1],
+]
 
 
 def test_fuzzed_headers_fail_only_with_corrupt_checkpoint_error(tmp_path):
@@ -148,8 +180,9 @@ def test_non_utf8_jsonl_names_its_line_and_is_skipped_with_skip_bad_lines(tmp_pa
     from reforge.errors import DataError
 
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_bytes(b'{"_id": "d1", "text": "fine"}\n{"_id": "d2", "text": "caf\xe9 latin-1"}\n'
-                       b'{"_id": "d3", "text": "also fine"}\n')
+    corpus.write_bytes(
+        b'{"_id": "d1", "text": "fine"}\n{"_id": "d2", "text": "caf\xe9 latin-1"}\n{"_id": "d3", "text": "also fine"}\n'
+    )
     with pytest.raises(DataError, match=r"corpus.jsonl, line 2: not UTF-8 text \(invalid continuation byte") as e:
         load_corpus(corpus)
     assert "--skip-bad-lines" in str(e.value)  # train has it
@@ -182,20 +215,25 @@ def test_eval_never_suggests_an_option_it_lacks(tmp_path):
 # ---- options -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_device_that_does_not_exist_is_refused_at_parse_time(tmp_path, command):
-    args = {"train": ["train", "base", "--corpus", str(tmp_path), "-o", str(tmp_path / "o")],
-            "eval": ["eval", "model", "-d", str(tmp_path)]}[command]
+    args = {
+        "train": ["train", "base", "--corpus", str(tmp_path), "-o", str(tmp_path / "o")],
+        "eval": ["eval", "model", "-d", str(tmp_path)],
+    }[command]
     no_gpu = "cuda:99" if torch.cuda.is_available() else "cuda"
-    for device, message in (("nonsense", "'nonsense' is not a torch device"),
-                            (no_gpu, "no CUDA support" if torch.version.cuda is None else "CUDA device(s) visible"),
-                            ("fpga", "reforge runs on cpu, cuda or mps")):
+    for device, message in (
+        ("nonsense", "'nonsense' is not a torch device"),
+        (no_gpu, "no CUDA support" if torch.version.cuda is None else "CUDA device(s) visible"),
+        ("fpga", "reforge runs on cpu, cuda or mps"),
+    ):
         result = CliRunner().invoke(cli, [*args, "--device", device])
         assert result.exit_code == 2 and message in result.stderr, (device, result.stderr)
         assert "Traceback" not in result.output
 
 
 # ---- reforge.json ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("manifest", [b'{"kind": "delta", "state": "compl', b"[1, 2]", b"\xff\xfe"],
-                         ids=["truncated", "a list", "not utf-8"])
+@pytest.mark.parametrize(
+    "manifest", [b'{"kind": "delta", "state": "compl', b"[1, 2]", b"\xff\xfe"], ids=["truncated", "a list", "not utf-8"]
+)
 def test_verify_never_calls_a_malformed_manifest_sound(llama_pair, tmp_path, manifest):
     base_dir, retriever_dir = llama_pair
     delta = tmp_path / "delta"

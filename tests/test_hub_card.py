@@ -13,17 +13,30 @@ from reforge.errors import InvalidOptionError
 FULL = {
     "retriever": {"ref": "castorini/repllama-v1-7b-lora-passage", "revision": "6097554", "fingerprint": "fp-ret-1"},
     "base": {"ref": "meta-llama/Llama-2-7b-hf", "fingerprint": "fp-base-2"},
-    "adapters": [{"ref": "/home/alice/private-project/psi-scifact/", "alpha": 0.5, "corpus": "scifact",
-                  "kind": "dora", "rank": 16, "steps": 200}],
+    "adapters": [
+        {
+            "ref": "/home/alice/private-project/psi-scifact/",
+            "alpha": 0.5,
+            "corpus": "scifact",
+            "kind": "dora",
+            "rank": 16,
+            "steps": 200,
+        }
+    ],
     "beta": 1.0,
     "dtype": "bfloat16",
     "reforge_version": "0.1.0",
     "command": "reforge merge --base meta-llama/Llama-2-7b-hf --retriever castorini/repllama-v1-7b-lora-passage "
-               "--adapter psi-scifact/ --alpha 0.5 -o scifact-repllama/",
+    "--adapter psi-scifact/ --alpha 0.5 -o scifact-repllama/",
     "library_name": "transformers",
     "pipeline_tag": "feature-extraction",
-    "encoding": {"query_prefix": "query: ", "passage_prefix": "passage: ", "pooling": "last", "normalize": True,
-                 "append_eos": True},
+    "encoding": {
+        "query_prefix": "query: ",
+        "passage_prefix": "passage: ",
+        "pooling": "last",
+        "normalize": True,
+        "append_eos": True,
+    },
     "evaluation": [{"dataset": "scifact", "metric": "nDCG@10", "value": 0.7523, "retriever_value": 0.7311}],
 }
 
@@ -44,12 +57,16 @@ def test_full_card_metadata():
 
 def test_full_card_records_provenance_recipe_and_encoding():
     card = render_model_card(FULL)
-    assert "| retriever | [castorini/repllama-v1-7b-lora-passage](https://huggingface.co/castorini/repllama-v1-7b-" \
-           "lora-passage) @ `6097554` | `fp-ret-1` |" in card
-    assert ("| base | [meta-llama/Llama-2-7b-hf](https://huggingface.co/meta-llama/Llama-2-7b-hf) | `fp-base-2` |"
-            in card)
-    assert "`merged = base + 0.5 * Psi + 1 * Delta`, computed in float32 tensor by tensor and stored as bfloat16." \
-        in card
+    assert (
+        "| retriever | [castorini/repllama-v1-7b-lora-passage](https://huggingface.co/castorini/repllama-v1-7b-"
+        "lora-passage) @ `6097554` | `fp-ret-1` |" in card
+    )
+    assert (
+        "| base | [meta-llama/Llama-2-7b-hf](https://huggingface.co/meta-llama/Llama-2-7b-hf) | `fp-base-2` |" in card
+    )
+    assert (
+        "`merged = base + 0.5 * Psi + 1 * Delta`, computed in float32 tensor by tensor and stored as bfloat16." in card
+    )
     assert "- Psi: local folder `psi-scifact` (alpha 0.5, DoRA, rank 16, 200 steps, trained on `scifact`)" in card
     assert f"```bash\n{FULL['command']}\n```" in card
     assert "Made with reforge 0.1.0." in card and "Adapted to: `scifact`." in card
@@ -69,8 +86,13 @@ def test_minimal_card_leaves_missing_fields_out():
 
 
 def test_several_adapters_each_with_alpha():
-    card = render_model_card({**FULL, "adapters": [{"ref": "org/psi-a", "alpha": 0.5, "corpus": "scifact"},
-                                                   {"ref": "org/psi-b", "alpha": 0.3}], "beta": 0.9})
+    card = render_model_card(
+        {
+            **FULL,
+            "adapters": [{"ref": "org/psi-a", "alpha": 0.5, "corpus": "scifact"}, {"ref": "org/psi-b", "alpha": 0.3}],
+            "beta": 0.9,
+        }
+    )
     assert "`merged = base + 0.5 * Psi1 + 0.3 * Psi2 + 0.9 * Delta`" in card
     assert "| adapter 2 | [org/psi-b](https://huggingface.co/org/psi-b) | |" in card
     assert "- Psi2: [org/psi-b](https://huggingface.co/org/psi-b) (alpha 0.3)" in card
@@ -85,25 +107,43 @@ def test_sentence_transformers_card():
     assert "queries = model.encode([\"how do vaccines work?\"], prompt='query: ')" in card
 
 
-@pytest.mark.parametrize("info, message", [
-    ({}, "A model card needs the retriever it was made from (info['retriever']['ref']). Pass the retriever's Hub id "
-         "or local path."),
-    ({"retriever": {"ref": "a/b"}, "beta": float("nan")},
-     "The model card's beta is nan, not a finite number. Pass the values the merge used."),
-    ({"retriever": {"ref": "a/b"}, "adapters": [{"ref": "p", "alpha": "0.5"}]},
-     "The model card's alpha of adapter 1 is '0.5', not a finite number. Pass the values the merge used."),
-])
+@pytest.mark.parametrize(
+    "info, message",
+    [
+        (
+            {},
+            "A model card needs the retriever it was made from (info['retriever']['ref']). Pass the retriever's Hub id "
+            "or local path.",
+        ),
+        (
+            {"retriever": {"ref": "a/b"}, "beta": float("nan")},
+            "The model card's beta is nan, not a finite number. Pass the values the merge used.",
+        ),
+        (
+            {"retriever": {"ref": "a/b"}, "adapters": [{"ref": "p", "alpha": "0.5"}]},
+            "The model card's alpha of adapter 1 is '0.5', not a finite number. Pass the values the merge used.",
+        ),
+    ],
+)
 def test_bad_info_is_refused(info, message):
     with pytest.raises(InvalidOptionError) as error:
         render_model_card(info)
     assert str(error.value) == message
 
 
-@pytest.mark.parametrize("encoding", [
-    {"pooling": "last", "append_eos": True, "normalize": True, "query_prefix": "query: ",
-     "passage_prefix": "passage: "},
-    {"pooling": "mean", "normalize": False},
-])
+@pytest.mark.parametrize(
+    "encoding",
+    [
+        {
+            "pooling": "last",
+            "append_eos": True,
+            "normalize": True,
+            "query_prefix": "query: ",
+            "passage_prefix": "passage: ",
+        },
+        {"pooling": "mean", "normalize": False},
+    ],
+)
 def test_transformers_usage_snippet_runs(tmp_path, encoding):
     import torch
 
@@ -127,20 +167,41 @@ def test_card_from_a_merge_manifest():
     sha = "0123456789abcdef0123456789abcdef01234567"
     manifest = {
         "kind": "merge",
-        "base": {"ref": "meta-llama/Llama-2-7b-hf", "repo_id": "meta-llama/Llama-2-7b-hf", "revision": "main",
-                 "commit": sha, "fingerprint": "f-base"},
+        "base": {
+            "ref": "meta-llama/Llama-2-7b-hf",
+            "repo_id": "meta-llama/Llama-2-7b-hf",
+            "revision": "main",
+            "commit": sha,
+            "fingerprint": "f-base",
+        },
         "retriever": {"ref": "castorini/repllama-v1-7b-lora-passage@v1", "fingerprint": "f-ret"},
         "delta": {"path": "/home/alice/runs/repllama-delta", "plan_id": "p1", "max_abs_rounding": 0.000123},
-        "adapters": [{"ref": "psi/", "path": "/home/alice/runs/psi", "fingerprint": "f-psi", "alpha": 0.5,
-                      "dora": True, "corpus": "/home/alice/data/scifact/corpus.jsonl"}],
-        "beta": 1.0, "dtype": "float16", "command": None, "reforge_version": "0.1.0", "library_name": "transformers",
+        "adapters": [
+            {
+                "ref": "psi/",
+                "path": "/home/alice/runs/psi",
+                "fingerprint": "f-psi",
+                "alpha": 0.5,
+                "dora": True,
+                "corpus": "/home/alice/data/scifact/corpus.jsonl",
+            }
+        ],
+        "beta": 1.0,
+        "dtype": "float16",
+        "command": None,
+        "reforge_version": "0.1.0",
+        "library_name": "transformers",
     }
     card = render_model_card(manifest)
     assert _metadata(card)["base_model"] == ["castorini/repllama-v1-7b-lora-passage", "meta-llama/Llama-2-7b-hf"]
-    assert "| base | [meta-llama/Llama-2-7b-hf](https://huggingface.co/meta-llama/Llama-2-7b-hf) @ `main` (commit " \
-           "`0123456789ab`) | `f-base` |" in card
-    assert "| retriever | [castorini/repllama-v1-7b-lora-passage](https://huggingface.co/castorini/repllama-v1-7b-" \
-           "lora-passage) @ `v1` | `f-ret` |" in card
+    assert (
+        "| base | [meta-llama/Llama-2-7b-hf](https://huggingface.co/meta-llama/Llama-2-7b-hf) @ `main` (commit "
+        "`0123456789ab`) | `f-base` |" in card
+    )
+    assert (
+        "| retriever | [castorini/repllama-v1-7b-lora-passage](https://huggingface.co/castorini/repllama-v1-7b-"
+        "lora-passage) @ `v1` | `f-ret` |" in card
+    )
     assert "| delta | local folder `repllama-delta` | |" in card
     assert "Delta was read from a stored delta checkpoint (largest rounding error 0.000123)." in card
     assert "- Psi: local folder `psi` (alpha 0.5, DoRA, trained on `scifact/corpus.jsonl`)" in card

@@ -16,14 +16,26 @@ CPU_TABLE2 = REPO / "docs" / "results" / "cpu-table2-2026-11-26"  # Table 2's th
 
 
 def test_plan_spells_out_budget_encoding_and_honesty(tmp_path):
-    args = parse_args(["--out", str(tmp_path), "--train-max-docs", "300", "--max-queries", "50", "--corpus-sample",
-                  "1000", "--alphas", "0,0.5,1"])
+    args = parse_args(
+        [
+            "--out",
+            str(tmp_path),
+            "--train-max-docs",
+            "300",
+            "--max-queries",
+            "50",
+            "--corpus-sample",
+            "1000",
+            "--alphas",
+            "0,0.5,1",
+        ]
+    )
     steps = {s.name: s for s in plan(Path("BASE"), Path("DATA"), tmp_path, args)}
     assert list(steps)[:3] == ["eval-retriever", "psi-scifact", "tune-scifact-test"]
     train = steps["psi-scifact-unjudged"].args
     assert train[:2] == ("train", "BASE") and "--exclude-judged" in train
     assert train[train.index("--max-docs") + 1] == "300" and train[train.index("--max-length") + 1] == "1024"
-    assert "--batching" not in train   # the paper's batching unless asked: --train-batching rows
+    assert "--batching" not in train  # the paper's batching unless asked: --train-batching rows
     rows = plan(Path("BASE"), Path("DATA"), tmp_path, parse_args(["--train-batching", "rows"]))
     assert all(s.args[s.args.index("--batching") + 1] == "rows" for s in rows if s.args[0] == "train")
     test, dev = steps["tune-nfcorpus-partial-test"].args, steps["tune-nfcorpus-partial-dev"].args
@@ -42,8 +54,9 @@ def test_run_steps_saves_json_skips_finished_and_dependents_of_failures(tmp_path
     from examples.reproduce import Step
 
     script = tmp_path / "fake.py"  # stands in for `python -m reforge`: echoes JSON, fails on "boom"
-    script.write_text("import json, sys\nargs = sys.argv[1:]\nif 'boom' in args: sys.exit(3)\n"
-                      "print(json.dumps({'args': args}))\n")
+    script.write_text(
+        "import json, sys\nargs = sys.argv[1:]\nif 'boom' in args: sys.exit(3)\nprint(json.dumps({'args': args}))\n"
+    )
     steps = [Step("a", ("train", "x")), Step("b", ("tune", "boom"), needs=("a",)), Step("c", ("tune",), needs=("b",))]
     lines: list[str] = []
     failed = run_steps(steps, tmp_path, [sys.executable, str(script)], log=lines.append)
@@ -67,8 +80,22 @@ def test_report_from_the_committed_runs_matches_docs_results(tmp_path):
     assert "| only the test-judged passages | 0.5 | 0.4789 | +0.0084 | 0.077 |" in text
     assert "| NFCorpus-partial | 0.5 | 0.1901 | -0.0013 | 0.783 | 0.790 | 10 / 30 / 10 |" in text
     assert "| NFCorpus-partial | dev (50 queries) | 0.5 | 0.1932 | 0.1901 | 0.1901 | 0.1914 |" in text
-    for number in ("0.1914", "0.1901", "0.1906", "0.1932", "0.1833",
-                   "0.1056", "0.4705", "0.4848", "0.4710", "0.4764", "0.4501", "0.5053", "0.4789", "0.4751"):
+    for number in (
+        "0.1914",
+        "0.1901",
+        "0.1906",
+        "0.1932",
+        "0.1833",
+        "0.1056",
+        "0.4705",
+        "0.4848",
+        "0.4710",
+        "0.4764",
+        "0.4501",
+        "0.5053",
+        "0.4789",
+        "0.4751",
+    ):
         assert number in docs, number  # every number quoted in docs/results.md comes from these files
 
 
@@ -85,16 +112,36 @@ def test_report_of_the_cpu_table2_run_matches_docs_results(tmp_path):
 
 
 def test_seeds_plan_puts_the_default_recipe_first_then_rows_then_table2(tmp_path):
-    args = parse_args(["--out", str(tmp_path), "--train-max-docs", "150", "--train-max-length", "256",
-                       "--corpus-sample", "1000", "--alphas", "0,0.5", "--seeds", "0,1,2"])
+    args = parse_args(
+        [
+            "--out",
+            str(tmp_path),
+            "--train-max-docs",
+            "150",
+            "--train-max-length",
+            "256",
+            "--corpus-sample",
+            "1000",
+            "--alphas",
+            "0,0.5",
+            "--seeds",
+            "0,1,2",
+        ]
+    )
     steps = plan(Path("BASE"), Path("DATA"), tmp_path, args)
     names = [s.name for s in steps]
-    assert names[:6] == ["psi-scifact-seed0", "tune-scifact-seed0", "psi-scifact-seed1", "tune-scifact-seed1",
-                         "psi-scifact-seed2", "tune-scifact-seed2"]
+    assert names[:6] == [
+        "psi-scifact-seed0",
+        "tune-scifact-seed0",
+        "psi-scifact-seed1",
+        "tune-scifact-seed1",
+        "psi-scifact-seed2",
+        "tune-scifact-seed2",
+    ]
     assert names[6:8] == ["psi-scifact-rows-seed0", "tune-scifact-rows-seed0"] and len(names) == 24
     by_name = {s.name: s.args for s in steps}
     default, rows = by_name["psi-scifact-seed1"], by_name["psi-scifact-rows-seed1"]
-    assert "--batching" not in default and default[default.index("--seed") + 1] == "1"   # the paper's batching
+    assert "--batching" not in default and default[default.index("--seed") + 1] == "1"  # the paper's batching
     assert rows[rows.index("--batching") + 1] == "rows" and rows[rows.index("--max-docs") + 1] == "150"
     judged = by_name["psi-scifact-judged-rows-seed2"]
     assert "--only-judged" in judged and judged[judged.index("--seed") + 1] == "2"
@@ -107,5 +154,5 @@ def test_spread_is_the_sample_std_and_a_one_sample_t_test():
 
     s = spread([1.0, 2.0, 3.0])
     assert s["n"] == 3 and s["mean"] == 2.0 and s["std"] == 1.0
-    assert abs(s["p"] - 0.0742) < 1e-4   # t = 2 / (1 / sqrt 3) = 3.46 on 2 degrees of freedom
+    assert abs(s["p"] - 0.0742) < 1e-4  # t = 2 / (1 / sqrt 3) = 3.46 on 2 degrees of freedom
     assert spread([0.5]) == {"n": 1, "mean": 0.5, "std": None, "p": None}

@@ -39,15 +39,46 @@ def _leaks(folder: Path, needles: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("way", ["flag", "equals", "env"])
-def test_no_output_of_diff_merge_or_tune_holds_the_token_or_a_local_path(setup, tmp_path, way,  # noqa: F811
-                                                                          monkeypatch):
+def test_no_output_of_diff_merge_or_tune_holds_the_token_or_a_local_path(
+    setup,  # noqa: F811
+    tmp_path,
+    way,
+    monkeypatch,
+):
     token_args = _use_token(way, monkeypatch)
     out = tmp_path.resolve()
     run("diff", setup["base"], setup["retriever"], "-o", out / "delta", *token_args, "-q")
-    run("merge", "--base", setup["base"], "--retriever", setup["retriever"], "--adapter", setup["psi"],
-        "-o", out / "merged", *token_args, "-q")
-    run("tune", "--base", setup["base"], "--retriever", setup["retriever"], "--adapter", setup["psi"],
-        "-d", setup["data"], "--alpha", "0.5", "--no-plot", "--write", out / "tuned", *token_args, "-q")
+    run(
+        "merge",
+        "--base",
+        setup["base"],
+        "--retriever",
+        setup["retriever"],
+        "--adapter",
+        setup["psi"],
+        "-o",
+        out / "merged",
+        *token_args,
+        "-q",
+    )
+    run(
+        "tune",
+        "--base",
+        setup["base"],
+        "--retriever",
+        setup["retriever"],
+        "--adapter",
+        setup["psi"],
+        "-d",
+        setup["data"],
+        "--alpha",
+        "0.5",
+        "--no-plot",
+        "--write",
+        out / "tuned",
+        *token_args,
+        "-q",
+    )
     for name in ("delta", "merged", "tuned"):
         manifest = json.loads((out / name / "reforge.json").read_text())
         command = manifest.get("command") or manifest.get("provenance", {}).get("command")
@@ -64,8 +95,19 @@ def test_no_output_of_diff_merge_or_tune_holds_the_token_or_a_local_path(setup, 
 def test_push_publishes_no_token(setup, tmp_path, way, monkeypatch):  # noqa: F811
     token_args = _use_token(way, monkeypatch)
     out = tmp_path.resolve()
-    run("merge", "--base", setup["base"], "--retriever", setup["retriever"], "--adapter", setup["psi"],
-        "-o", out / "merged", *token_args, "-q")
+    run(
+        "merge",
+        "--base",
+        setup["base"],
+        "--retriever",
+        setup["retriever"],
+        "--adapter",
+        setup["psi"],
+        "-o",
+        out / "merged",
+        *token_args,
+        "-q",
+    )
     with FakeHub(tokens={SECRET: "user"}) as hub, hub.guard():
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
@@ -82,10 +124,33 @@ def test_push_publishes_no_token(setup, tmp_path, way, monkeypatch):  # noqa: F8
 
 
 def test_redaction_rules():
-    argv = ["merge", "--base", "/home/me/models/base/", "--token", "abc", "--token=def", "-o", "/srv/out",
-            "--adapter=/a/b/psi", "rel/psi", "--message", "uses hf_abcdefghijklmnopqrstu1234", "~/data/scifact"]
-    assert redact_arguments(argv) == ["merge", "--base", "base", "-o", "out", "--adapter=psi", "rel/psi",
-                                      "--message", "uses ***", "scifact"]
+    argv = [
+        "merge",
+        "--base",
+        "/home/me/models/base/",
+        "--token",
+        "abc",
+        "--token=def",
+        "-o",
+        "/srv/out",
+        "--adapter=/a/b/psi",
+        "rel/psi",
+        "--message",
+        "uses hf_abcdefghijklmnopqrstu1234",
+        "~/data/scifact",
+    ]
+    assert redact_arguments(argv) == [
+        "merge",
+        "--base",
+        "base",
+        "-o",
+        "out",
+        "--adapter=psi",
+        "rel/psi",
+        "--message",
+        "uses ***",
+        "scifact",
+    ]
 
 
 # ---- symlinks and companion files ------------------------------------------------------------------------------
@@ -108,8 +173,18 @@ def test_a_shard_symlinked_outside_the_folder_is_refused(setup, tmp_path):  # no
     shard.symlink_to(outside / shard.name)
     with pytest.raises(UnsafePathError, match="outside the checkpoint folder"):
         ShardIndex.from_dir(retriever)
-    result = run("merge", "--base", setup["base"], "--retriever", retriever, "--adapter", setup["psi"],
-                 "-o", tmp_path / "out", ok=False)
+    result = run(
+        "merge",
+        "--base",
+        setup["base"],
+        "--retriever",
+        retriever,
+        "--adapter",
+        setup["psi"],
+        "-o",
+        tmp_path / "out",
+        ok=False,
+    )
     assert result.exit_code == 1 and "outside the checkpoint folder" in " ".join(result.stderr.split())
     assert not (tmp_path / "out").exists()
     inside = tmp_path / "inside"  # a symlink within the folder is fine
@@ -163,8 +238,18 @@ def test_only_the_companion_files_a_model_needs_are_copied(setup, tmp_path):  # 
 
     (retriever / "tokenizer.json").rename(tmp_path / "tokenizer.json")  # a companion that leaves the folder
     (retriever / "tokenizer.json").symlink_to(tmp_path / "tokenizer.json")
-    result = run("merge", "--base", setup["base"], "--retriever", retriever, "--adapter", setup["psi"],
-                 "-o", tmp_path / "out2", ok=False)
+    result = run(
+        "merge",
+        "--base",
+        setup["base"],
+        "--retriever",
+        retriever,
+        "--adapter",
+        setup["psi"],
+        "-o",
+        tmp_path / "out2",
+        ok=False,
+    )
     assert result.exit_code == 1 and "tokenizer.json" in result.stderr and "outside the checkpoint" in result.stderr
     with pytest.raises(UnsafePathError):
         from reforge.io.companions import companion_files
@@ -215,8 +300,10 @@ def test_a_hub_that_never_answers_fails_fast_with_a_clear_message(silent_hub, se
     cases = [
         (["inspect", "org/model"], "did not answer within 0.3 s (3 tries"),
         (["diff", setup["base"], "org/retriever", "-o", tmp_path / "delta"], "did not answer within 0.3 s (3 tries"),
-        (["push", setup["retriever"], "me/model", "--skip-verify", "--token", SECRET],
-         "Could not push me/model: the Hub did not answer within 0.3 s (3 tries"),
+        (
+            ["push", setup["retriever"], "me/model", "--skip-verify", "--token", SECRET],
+            "Could not push me/model: the Hub did not answer within 0.3 s (3 tries",
+        ),
     ]
     for args, message in cases:
         started = time.monotonic()
@@ -254,8 +341,7 @@ def test_push_refuses_a_folder_with_symlinks_leading_out(setup, tmp_path):  # no
     secret.mkdir(parents=True)
     (secret / "id_rsa").write_text("PRIVATE KEY")
     out = tmp_path / "out"
-    run("merge", "--base", setup["base"], "--retriever", setup["retriever"], "--adapter", setup["psi"], "-o", out,
-        "-q")
+    run("merge", "--base", setup["base"], "--retriever", setup["retriever"], "--adapter", setup["psi"], "-o", out, "-q")
     (out / "extras").symlink_to(secret)
     (out / "key.txt").symlink_to(secret / "id_rsa")
     result = run("push", out, "me/model", "--dry-run", ok=False)

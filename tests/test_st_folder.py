@@ -58,8 +58,11 @@ CASES = {
     "bge-gemma2": ("llama-bare", "llama", builtin_profile("bge-gemma2", max_length=MAX_LENGTH)),
     "linq-embed-mistral": ("mistral-bare", "llama", builtin_profile("linq-embed-mistral", max_length=MAX_LENGTH)),
     "sfr-embedding-mistral": ("mistral-bare", "llama", builtin_profile("sfr-embedding-mistral", max_length=MAX_LENGTH)),
-    "sentence-transformers": ("bert-bare", "bert", EncodingProfile("sentence-transformers", "mean", True, MAX_LENGTH,
-                                                                   "query: ", "passage: ", lowercase=True)),
+    "sentence-transformers": (
+        "bert-bare",
+        "bert",
+        EncodingProfile("sentence-transformers", "mean", True, MAX_LENGTH, "query: ", "passage: ", lowercase=True),
+    ),
     "custom": ("bert-bare", "bert", EncodingProfile("custom", "cls", False, MAX_LENGTH)),
 }
 
@@ -78,8 +81,16 @@ def original(case, tmp_path):
         from transformers import BertConfig, BertModel
 
         torch.manual_seed(0)
-        model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                     vocab_size=len(tokenizer), pad_token_id=0)).eval()
+        model = BertModel(
+            BertConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                vocab_size=len(tokenizer),
+                pad_token_id=0,
+            )
+        ).eval()
     else:
         model = build_model(kind, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0)
     folder = save(model, tmp_path / "original")
@@ -119,8 +130,11 @@ def test_sentence_transformers_encodes_like_reforge(case, tmp_path):
         (out / name).write_bytes(content)
     inputs = texts()
     dataset = "scifact"
-    for prompt_name, prefix in (("query", profile.query_prefix_for("msmarco")), ("document", profile.passage_prefix),
-                                (dataset, profile.query_prefix_for(dataset))):
+    for prompt_name, prefix in (
+        ("query", profile.query_prefix_for("msmarco")),
+        ("document", profile.passage_prefix),
+        (dataset, profile.query_prefix_for(dataset)),
+    ):
         if prompt_name == dataset and "{task}" not in profile.query_prefix:
             continue
         expected = reforge_vectors(folder, profile, inputs, prefix)
@@ -138,9 +152,12 @@ def test_sentence_transformers_encodes_like_reforge(case, tmp_path):
 
 
 def test_eos_goes_after_what_the_post_processor_did():
-    bos = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                                                    {"Sequence": {"id": "A", "type_id": 0}}],
-           "pair": [], "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    bos = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
+    }
     single = with_eos(bos, "</s>", 2)["single"]
     assert [next(iter(p.values()))["id"] for p in single] == ["<s>", "A", "</s>"]
     assert with_eos(with_eos(bos, "</s>", 2), "</s>", 2)["single"] == single  # never twice
@@ -157,8 +174,21 @@ def test_merge_writes_a_folder_that_sentence_transformers_encodes_like_reforge_e
         tokenizer.save_pretrained(folder)
     make_adapter(base, tmp_path / "psi", dora=True)
     out = tmp_path / "merged"
-    result = CliRunner().invoke(cli, ["merge", "--base", str(base_dir), "--retriever", str(retriever_dir),
-                                      "--adapter", str(tmp_path / "psi"), "-o", str(out), "-q"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "merge",
+            "--base",
+            str(base_dir),
+            "--retriever",
+            str(retriever_dir),
+            "--adapter",
+            str(tmp_path / "psi"),
+            "-o",
+            str(out),
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output + result.stderr
     assert json.loads((out / "modules.json").read_text())[1]["path"] == "1_Pooling"
     card = (out / "README.md").read_text()

@@ -36,11 +36,18 @@ def build_tokenizer():
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=600,
+            special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def make_base(kind, folder, tokenizer, **overrides):
@@ -85,6 +92,7 @@ def doc_loss(model, encode, texts):
 
 # ---- batching --------------------------------------------------------------------------------------------------
 
+
 def test_pack_rows_places_every_document_once_and_fills_rows(tokenizer):
     texts = [d.text for d in load_corpus(SCIFACT, selection=DocSelection(max_docs=400)).docs]
     lengths = token_lengths(make_encoder(tokenizer, 256), texts)
@@ -93,7 +101,7 @@ def test_pack_rows_places_every_document_once_and_fills_rows(tokenizer):
     sums = [int(lengths[list(row)].sum()) for row in rows]
     assert max(sums) <= 256
     fill = lengths.sum() / (256 * len(rows))
-    assert fill > 0.97, fill     # SciFact passages: 124..256 tokens here, best fit leaves under 3% empty
+    assert fill > 0.97, fill  # SciFact passages: 124..256 tokens here, best fit leaves under 3% empty
     assert rows == pack_rows(lengths, 256), "deterministic"
 
 
@@ -114,7 +122,7 @@ def test_packed_row_loss_equals_each_document_alone(which, attention, llama_base
 
     base = llama_base if which == "llama" else qwen_base
     alone_model = AutoModelForCausalLM.from_pretrained(base).eval()
-    impl = register_packed_attention() if attention == "packed" else "sdpa"   # sdpa: transformers' own block mask
+    impl = register_packed_attention() if attention == "packed" else "sdpa"  # sdpa: transformers' own block mask
     model = AutoModelForCausalLM.from_pretrained(base, attn_implementation=impl).eval()
     encode = make_encoder(tokenizer, 40)
     texts = [d.text for d in load_corpus(SCIFACT, selection=DocSelection(max_docs=4)).docs]
@@ -122,14 +130,15 @@ def test_packed_row_loss_equals_each_document_alone(which, attention, llama_base
     batch = collate([[docs[0], docs[2]], [docs[1], docs[3]]], tokenizer.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
-        packed = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(),
-                                                   ignore_index=IGNORE, reduction="none").view(batch.targets.shape)
+        packed = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="none"
+        ).view(batch.targets.shape)
     # doc 2 sits after doc 0 in row 0: its per-token losses must not see doc 0
     alone = doc_loss(alone_model, lambda t: [docs[2]], [None]) * (len(docs[2]) - 1)
-    assert packed[0, len(docs[0]):len(docs[0]) + len(docs[2])].sum().item() == pytest.approx(alone, rel=1e-5)
+    assert packed[0, len(docs[0]) : len(docs[0]) + len(docs[2])].sum().item() == pytest.approx(alone, rel=1e-5)
     per_doc = sum(doc_loss(alone_model, lambda t, d=d: [d], [None]) * (len(d) - 1) for d in docs)
     assert packed.sum().item() == pytest.approx(per_doc, rel=1e-5)
-    if attention == "packed":   # and a plain forward (no packing) is untouched
+    if attention == "packed":  # and a plain forward (no packing) is untouched
         ids = torch.tensor([docs[0]])
         with torch.no_grad():
             assert torch.allclose(model(input_ids=ids).logits, alone_model(input_ids=ids).logits, atol=1e-6)
@@ -142,17 +151,19 @@ def test_plan_visits_every_row_once_per_epoch_in_seeded_order(tokenizer):
         steps = plan.epoch_steps(epoch)
         assert sorted(r for step in steps for r in step) == sorted(plan.rows)
         assert [len(s) for s in steps[:-1]] == [3] * (len(steps) - 1) and len(steps) == plan.steps_per_epoch
-    assert plan.epoch_steps(0) == BatchPlan.build(lengths, max_length=64, global_batch=3, batching="rows",
-                                                  seed=7).epoch_steps(0)
+    assert plan.epoch_steps(0) == BatchPlan.build(
+        lengths, max_length=64, global_batch=3, batching="rows", seed=7
+    ).epoch_steps(0)
     assert plan.epoch_steps(0) != plan.epoch_steps(1)
 
 
 def test_packing_and_length_grouping_leave_little_padding(tokenizer):
     texts = [d.text for d in load_corpus(SCIFACT, selection=DocSelection(max_docs=400)).docs]
-    lengths = token_lengths(make_encoder(tokenizer, 2048), texts)   # this small BPE: 200..1900 tokens a passage
-    order = np.random.default_rng(0).permutation(400)   # what a random-order padded run (the paper's) pays
-    random_pad = sum(int(lengths[order[i:i + 4]].max()) * 4 - int(lengths[order[i:i + 4]].sum())
-                     for i in range(0, 400, 4))
+    lengths = token_lengths(make_encoder(tokenizer, 2048), texts)  # this small BPE: 200..1900 tokens a passage
+    order = np.random.default_rng(0).permutation(400)  # what a random-order padded run (the paper's) pays
+    random_pad = sum(
+        int(lengths[order[i : i + 4]].max()) * 4 - int(lengths[order[i : i + 4]].sum()) for i in range(0, 400, 4)
+    )
     assert random_pad / (random_pad + lengths.sum()) > 0.2
     grouped = BatchPlan.build(lengths, max_length=2048, global_batch=4, batching="grouped", seed=0)
     real, pad = grouped.padding(batch_size=4, world_size=1, grad_accum=1)
@@ -164,16 +175,22 @@ def test_packing_and_length_grouping_leave_little_padding(tokenizer):
 
 # ---- training --------------------------------------------------------------------------------------------------
 
+
 def test_train_writes_a_peft_dora_adapter_that_loads_and_learned(llama_base, tokenizer, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "psi"
     seen = []
-    result = train_adapter(config(llama_base, out, lr=1e-1, epochs=4, lora_dropout=0.0),
-                           progress=lambda step, total, stats: seen.append((step, total, stats.loss)))
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                     "training_record.json"]
+    result = train_adapter(
+        config(llama_base, out, lr=1e-1, epochs=4, lora_dropout=0.0),
+        progress=lambda step, total, stats: seen.append((step, total, stats.loss)),
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training_record.json",
+    ]
     assert not work_dir(out).exists()
     assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o644 for p in out.iterdir())
     adapter_config = json.loads((out / "adapter_config.json").read_text())
@@ -181,9 +198,13 @@ def test_train_writes_a_peft_dora_adapter_that_loads_and_learned(llama_base, tok
     assert sorted(adapter_config["target_modules"]) == sorted(TARGETS)
     assert adapter_config["base_model_name_or_path"] == str(llama_base)
     keys = set(load_file(out / "adapter_model.safetensors"))
-    expected = {f"base_model.model.model.layers.{i}.{part}.{t}.{kind}"
-                for i in range(2) for part, names in (("self_attn", TARGETS[:3]), ("mlp", TARGETS[3:]))
-                for t in names for kind in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")}
+    expected = {
+        f"base_model.model.model.layers.{i}.{part}.{t}.{kind}"
+        for i in range(2)
+        for part, names in (("self_attn", TARGETS[:3]), ("mlp", TARGETS[3:]))
+        for t in names
+        for kind in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    }
     assert keys == expected
     # progress: every step, in order
     assert [s for s, _, _ in seen] == list(range(1, result.steps + 1)) and seen[-1][1] == result.steps == 16
@@ -193,7 +214,7 @@ def test_train_writes_a_peft_dora_adapter_that_loads_and_learned(llama_base, tok
     assert record["corpus"]["sha256"] == corpus.sha256 and record["corpus"]["documents"] == 8
     assert record["base"]["ref"] == str(llama_base) and record["base"]["fingerprint"]
     assert record["config"]["lr"] == 1e-1 and record["config"]["target_modules"] == TARGETS
-    assert record["tokens"]["trained"] == 4 * (8 * 64 - 8) == result.tokens   # 8 docs cut at 64, 4 epochs
+    assert record["tokens"]["trained"] == 4 * (8 * 64 - 8) == result.tokens  # 8 docs cut at 64, 4 epochs
     assert record["loss"]["final"] == result.final_loss and len(record["loss"]["history"]) == 16
     assert record["reforge_version"] and record["wall_time_s"] > 0
     # loads with peft, changes the output, and lowered the loss on the documents it read
@@ -203,7 +224,7 @@ def test_train_writes_a_peft_dora_adapter_that_loads_and_learned(llama_base, tok
     before = doc_loss(base, encode, texts)
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_base), out).eval()
     after = doc_loss(tuned, encode, texts)
-    assert after < before - 0.05, (before, after)   # measured: 6.406 -> 6.301 (a random tiny model learns slowly)
+    assert after < before - 0.05, (before, after)  # measured: 6.406 -> 6.301 (a random tiny model learns slowly)
     losses = [loss for _, loss in record["loss"]["history"]]
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.05, losses
 
@@ -262,19 +283,25 @@ def test_two_dora_steps_change_only_adapter_tensors(llama_base, tokenizer, tmp_p
 
 
 def test_same_seed_gives_the_same_adapter_bit_for_bit(llama_base, tmp_path):
-    runs = [train_adapter(config(llama_base, tmp_path / name, seed=seed, max_steps=3))
-            for name, seed in (("a", 1), ("b", 1), ("c", 2))]
+    runs = [
+        train_adapter(config(llama_base, tmp_path / name, seed=seed, max_steps=3))
+        for name, seed in (("a", 1), ("b", 1), ("c", 2))
+    ]
     a, b, c = (load_file(r.output / "adapter_model.safetensors") for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_gradient_checkpointing_gives_the_same_adapter(llama_base, tmp_path):
-    plain, saved = (train_adapter(config(llama_base, tmp_path / name, max_steps=2, lora_dropout=0.0,
-                                         gradient_checkpointing=name == "ckpt")) for name in ("plain", "ckpt"))
+    plain, saved = (
+        train_adapter(
+            config(llama_base, tmp_path / name, max_steps=2, lora_dropout=0.0, gradient_checkpointing=name == "ckpt")
+        )
+        for name in ("plain", "ckpt")
+    )
     a, b = (load_file(r.output / "adapter_model.safetensors") for r in (plain, saved))
     assert saved.record["config"]["gradient_checkpointing"] is True
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6   # recomputation, same math
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6  # recomputation, same math
 
 
 class Crash(Exception):
@@ -285,6 +312,7 @@ def _crash_at(step):
     def progress(done, total, stats):
         if done == step:
             raise Crash()
+
     return progress
 
 
@@ -323,15 +351,18 @@ def test_resume_refuses_changed_options(llama_base, tmp_path):
 def test_plain_lora_has_no_magnitude(llama_base, tmp_path):
     train_adapter(config(llama_base, tmp_path / "psi", use_dora=False, max_steps=1, target_modules=["q_proj"]))
     keys = set(load_file(tmp_path / "psi" / "adapter_model.safetensors"))
-    assert keys == {f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{x}.weight" for i in (0, 1)
-                    for x in "AB"}
+    assert keys == {f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{x}.weight" for i in (0, 1) for x in "AB"}
     assert json.loads((tmp_path / "psi" / "adapter_config.json").read_text())["use_dora"] is False
 
 
 def test_packed_and_padded_runs_train_on_the_same_tokens(llama_base, tmp_path):
-    titles = tmp_path / "titles.jsonl"   # short documents of varied length, so rows hold several
-    titles.write_text("".join(json.dumps({"_id": d.id, "t": d.text.split(". ")[0]}) + "\n"
-                              for d in load_corpus(SCIFACT, selection=DocSelection(max_docs=16)).docs))
+    titles = tmp_path / "titles.jsonl"  # short documents of varied length, so rows hold several
+    titles.write_text(
+        "".join(
+            json.dumps({"_id": d.id, "t": d.text.split(". ")[0]}) + "\n"
+            for d in load_corpus(SCIFACT, selection=DocSelection(max_docs=16)).docs
+        )
+    )
     common = dict(corpus=[str(titles)], text_field="t", max_docs=None, max_length=128)
     paper = train_adapter(config(llama_base, tmp_path / "d", **common))
     packed = train_adapter(config(llama_base, tmp_path / "a", batching="rows", **common))
@@ -339,7 +370,7 @@ def test_packed_and_padded_runs_train_on_the_same_tokens(llama_base, tmp_path):
     assert paper.tokens == packed.tokens == padded.tokens == packed.record["corpus"]["tokens"] - 16
     assert paper.steps == padded.steps == 8 and packed.steps == -(-packed.record["corpus"]["rows"] // 2) < 8
     assert paper.padding_share == 0.0 and paper.record["batching"] == "documents"
-    for result, batching in ((paper, "documents"), (packed, "rows"), (padded, "grouped")):   # the plan predicts it
+    for result, batching in ((paper, "documents"), (packed, "rows"), (padded, "grouped")):  # the plan predicts it
         plan = train_adapter(config(llama_base, tmp_path / "plan", batching=batching, **common), dry_run=True)
         assert plan.record["tokens"]["padding"] == result.record["tokens"]["padding"]
         assert plan.padding_share == pytest.approx(result.padding_share) and plan.steps == result.steps
@@ -347,14 +378,21 @@ def test_packed_and_padded_runs_train_on_the_same_tokens(llama_base, tmp_path):
 
 # ---- bad input -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("option, value, message", [
-    ("batch_size", 0, "Training option batch_size must be at least 1, got 0."),
-    ("lora_dropout", 1.0, "Training option lora_dropout must be in [0, 1), got 1.0."),
-    ("schedule", "step", "Training option schedule must be one of linear, cosine, constant, got 'step'."),
-    ("save_every", -1, "Training option save_every must not be negative, got -1."),
-    ("target_modules", ["q_proj", "embed_tokens"], "Training option target_modules embed_tokens: the LM head and "
-                                                   "embeddings are never trained"),
-])
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("batch_size", 0, "Training option batch_size must be at least 1, got 0."),
+        ("lora_dropout", 1.0, "Training option lora_dropout must be in [0, 1), got 1.0."),
+        ("schedule", "step", "Training option schedule must be one of linear, cosine, constant, got 'step'."),
+        ("save_every", -1, "Training option save_every must not be negative, got -1."),
+        (
+            "target_modules",
+            ["q_proj", "embed_tokens"],
+            "Training option target_modules embed_tokens: the LM head and embeddings are never trained",
+        ),
+    ],
+)
 def test_config_validation_names_the_option(option, value, message):
     cfg = TrainConfig(base="b", corpus=["c"], output="o", **{option: value})
     with pytest.raises(InvalidOptionError) as e:
@@ -375,15 +413,20 @@ def test_bare_retriever_is_refused(tokenizer, tmp_path):
 def test_target_modules_that_match_nothing_name_the_linear_modules(llama_base, tmp_path):
     with pytest.raises(InvalidOptionError) as e:
         train_adapter(config(llama_base, tmp_path / "psi", target_modules=["q_proj", "qkv_proj"]))
-    assert str(e.value).startswith(f"Target modules qkv_proj match no Linear module of {llama_base}; it has: "
-                                   "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj.")
+    assert str(e.value).startswith(
+        f"Target modules qkv_proj match no Linear module of {llama_base}; it has: "
+        "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj."
+    )
     with pytest.raises(InvalidOptionError, match=r"lm_head: the LM head and embeddings are never trained"):
         train_adapter(config(llama_base, tmp_path / "psi", target_modules=["lm_head"]))
 
 
 def test_max_length_above_the_model_limit(llama_base, tmp_path):
-    with pytest.raises(InvalidOptionError, match=r"--max-length 512 is above .*limit of 256 tokens "
-                                                 r"\(max_position_embeddings\). Pass --max-length 256 or less."):
+    with pytest.raises(
+        InvalidOptionError,
+        match=r"--max-length 512 is above .*limit of 256 tokens "
+        r"\(max_position_embeddings\). Pass --max-length 256 or less.",
+    ):
         train_adapter(config(llama_base, tmp_path / "psi", max_length=512))
 
 
@@ -420,6 +463,7 @@ def test_corpus_errors_stop_before_training(llama_base, tmp_path):
 
 # ---- CLI -------------------------------------------------------------------------------------------------------
 
+
 def run(*args, ok=True):
     result = CliRunner().invoke(cli, ["train", *map(str, args)], catch_exceptions=not ok)
     if ok:
@@ -429,8 +473,24 @@ def run(*args, ok=True):
 
 def test_cli_trains_and_reports_json(llama_base, tmp_path):
     out = tmp_path / "psi"
-    result = run(llama_base, "--corpus", SCIFACT, "-o", out, "--max-docs", 6, "--max-length", 64, "-r", 8,
-                 "--lora-alpha", 16, "--target-modules", "q_proj,v_proj", "--json")
+    result = run(
+        llama_base,
+        "--corpus",
+        SCIFACT,
+        "-o",
+        out,
+        "--max-docs",
+        6,
+        "--max-length",
+        64,
+        "-r",
+        8,
+        "--lora-alpha",
+        16,
+        "--target-modules",
+        "q_proj,v_proj",
+        "--json",
+    )
     report = json.loads(result.stdout)
     assert report["documents"] == 6 and report["steps"] == 2 and report["output"] == str(out)
     assert report["record"]["config"]["r"] == 8 and report["record"]["config"]["batch_size"] == 4
@@ -439,16 +499,27 @@ def test_cli_trains_and_reports_json(llama_base, tmp_path):
 
 
 def test_cli_dry_run_writes_nothing(llama_base, tmp_path):
-    result = run(llama_base, "--corpus", SCIFACT, "-o", tmp_path / "psi", "--max-docs", 40, "--max-length", 256,
-                 "--dry-run")
+    result = run(
+        llama_base, "--corpus", SCIFACT, "-o", tmp_path / "psi", "--max-docs", 40, "--max-length", 256, "--dry-run"
+    )
     assert "Plan: DoRA r 32, alpha 64 on q_proj,k_proj,v_proj,up_proj,down_proj" in result.stdout
     assert "documents 40 of 5,183 read" in result.stdout
     assert not (tmp_path / "psi").exists() and not work_dir(tmp_path / "psi").exists()
 
 
 def test_cli_errors_are_one_line(llama_base, tmp_path):
-    result = run(llama_base, "--corpus", SCIFACT, "-o", tmp_path / "psi", "--target-modules", "nope",
-                 "--max-length", 64, ok=False)
+    result = run(
+        llama_base,
+        "--corpus",
+        SCIFACT,
+        "-o",
+        tmp_path / "psi",
+        "--target-modules",
+        "nope",
+        "--max-length",
+        64,
+        ok=False,
+    )
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: Target modules nope match no Linear module")
     result = run(llama_base, "--corpus", SCIFACT, "-o", tmp_path / "psi", "--lora-dropout", 1.5, ok=False)
@@ -456,8 +527,9 @@ def test_cli_errors_are_one_line(llama_base, tmp_path):
 
 
 def test_forward_groups_fit_the_token_budget():
-    plan = BatchPlan.build(np.array([500, 300, 300, 200, 900, 100]), max_length=1024, global_batch=6,
-                           batching="grouped", seed=0)
+    plan = BatchPlan.build(
+        np.array([500, 300, 300, 200, 900, 100]), max_length=1024, global_batch=6, batching="grouped", seed=0
+    )
     rows = [(0,), (1,), (2,), (3,), (4,), (5,)]
     assert plan.forward_groups(rows, 1024) == [[(0,), (1,)], [(2,), (3,)], [(4,)], [(5,)]]
     assert plan.forward_groups(rows, None) == [rows] and plan.forward_groups([], 1024) == [[]]

@@ -83,11 +83,17 @@ def test_text_files_per_file_and_per_line(tmp_path):
     per_file = load_corpus(tmp_path)
     assert per_file.kinds == ("text",)
     assert [(d.id, d.text) for d in per_file.docs] == [
-        ("a.txt", "First file."), ("b.txt", "Second file.\nIts second line."), ("sub/c.txt", "Third.")]
+        ("a.txt", "First file."),
+        ("b.txt", "Second file.\nIts second line."),
+        ("sub/c.txt", "Third."),
+    ]
     per_line = load_corpus(tmp_path, per_line=True)
     assert [(d.id, d.text) for d in per_line.docs] == [
-        ("a.txt:1", "First file."), ("b.txt:1", "Second file."), ("b.txt:2", "Its second line."),
-        ("sub/c.txt:3", "Third.")]
+        ("a.txt:1", "First file."),
+        ("b.txt:1", "Second file."),
+        ("b.txt:2", "Its second line."),
+        ("sub/c.txt:3", "Third."),
+    ]
     single = load_corpus(tmp_path / "b.txt", per_line=True)
     assert [d.id for d in single.docs] == ["b.txt:1", "b.txt:2"]
 
@@ -95,7 +101,7 @@ def test_text_files_per_file_and_per_line(tmp_path):
 def test_several_sources_in_order(tmp_path):
     (tmp_path / "x.txt").write_text("extra text", encoding="utf-8")
     corpus = load_corpus([SCIFACT, tmp_path / "x.txt"], selection=DocSelection(max_docs=3))
-    assert corpus.kinds == ("beir", "text") and len(corpus.docs) == 3   # max_docs counts over all sources
+    assert corpus.kinds == ("beir", "text") and len(corpus.docs) == 3  # max_docs counts over all sources
     both = load_corpus([tmp_path / "x.txt", SCIFACT], selection=DocSelection(max_docs=2))
     assert both.docs[0].text == "extra text" and both.docs[1].id == _scifact_rows(1)[0]["_id"]
 

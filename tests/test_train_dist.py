@@ -27,14 +27,41 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     single = train_adapter(config(base, tmp_path / "single", batch_size=4, **common))
     script = tmp_path / "reforge_main.py"
     script.write_text("from reforge.cli import main\nmain()\n")
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-            "train", str(base), "--corpus", str(SCIFACT), "-o", str(tmp_path / "ddp"), "--max-docs", "16",
-            "--max-length", "64", "-r", "4", "--lora-alpha", "8", "--lr", "1e-3", "--lora-dropout", "0",
-            "--batch-size", "2", "--json", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+        "train",
+        str(base),
+        "--corpus",
+        str(SCIFACT),
+        "-o",
+        str(tmp_path / "ddp"),
+        "--max-docs",
+        "16",
+        "--max-length",
+        "64",
+        "-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lr",
+        "1e-3",
+        "--lora-dropout",
+        "0",
+        "--batch-size",
+        "2",
+        "--json",
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)   # only rank 0 prints
+    report = json.loads(done.stdout)  # only rank 0 prints
     record = report["record"]
     assert record["world_size"] == 2 and record["global_batch"] == 4 and report["steps"] == single.steps == 4
     assert record["tokens"] == single.record["tokens"]
@@ -43,7 +70,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     b = load_file(tmp_path / "ddp" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    moved = max(a[k].abs().max().item() for k in a if "lora_B" in k)   # lora_B starts at 0
+    moved = max(a[k].abs().max().item() for k in a if "lora_B" in k)  # lora_B starts at 0
     assert worst <= ATOL and moved > 100 * ATOL, (worst, moved)
 
 
@@ -55,5 +82,5 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert whole.steps == accumulated.steps == 2 and whole.tokens == accumulated.tokens
     a, b = (load_file(r.output / "adapter_model.safetensors") for r in (whole, accumulated))
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    moved = max(a[k].abs().max().item() for k in a if "lora_B" in k)   # lora_B starts at 0
+    moved = max(a[k].abs().max().item() for k in a if "lora_B" in k)  # lora_B starts at 0
     assert worst <= ATOL and moved > 100 * ATOL, (worst, moved)

@@ -24,18 +24,44 @@ ROOT = Path(__file__).resolve().parents[1]
 def _options(base, out):
     # 60 documents cut to 24 tokens, one row per step: 60 steps, a checkpoint every 3; dropout on, so the resumed run
     # must restore the RNG as well as the optimizer. --exclude-judged is a multiple=True option (a tuple in the CLI).
-    return [str(base), "--corpus", str(SCIFACT), "-o", str(out), "--max-docs", "60", "--max-length", "24",
-            "--batch-size", "1", "-r", "4", "--lora-alpha", "8", "--target-modules", "q_proj,v_proj",
-            "--exclude-judged", str(SCIFACT / "qrels" / "test.tsv"), "--save-every", "3"]
+    return [
+        str(base),
+        "--corpus",
+        str(SCIFACT),
+        "-o",
+        str(out),
+        "--max-docs",
+        "60",
+        "--max-length",
+        "24",
+        "--batch-size",
+        "1",
+        "-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--exclude-judged",
+        str(SCIFACT / "qrels" / "test.tsv"),
+        "--save-every",
+        "3",
+    ]
 
 
 def _interrupt_after_a_checkpoint(options, out) -> subprocess.CompletedProcess:
     checkpoints = work_dir(out) / "checkpoints"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     # SIGINT back to its default: a shell's background job (nohup, `&`) would otherwise pass it on ignored
-    process = subprocess.Popen([sys.executable, "-m", "reforge", "train", *options], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "reforge", "train", *options],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 300
     while not any(checkpoints.glob("step-*[0-9]")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -55,15 +55,17 @@ def write_dataset(folder: Path) -> Path:
     docs = [(f"d{i}", "", " ".join(f"w{rng.randrange(4, 60)}" for _ in range(8))) for i in range(16)]
     queries = [(f"q{i}", " ".join(f"w{rng.randrange(4, 60)}" for _ in range(4))) for i in range(10)]
     folder.mkdir(parents=True)
-    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": t, "text": x}) + "\n"
-                                                 for i, t, x in docs))
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": i, "title": t, "text": x}) + "\n" for i, t, x in docs)
+    )
     (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": x}) + "\n" for i, x in queries))
     (folder / "qrels").mkdir()
     dev = [(f"q{i}", f"d{(2 * i) % 16}", 1) for i in range(6)] + [("q0", "d7", 2), ("q3", "d9", 1)]
     test = [(f"q{i}", f"d{(3 * i) % 16}", 1) for i in range(5, 10)]
     for split, rows in (("dev", dev), ("test", test)):
         (folder / "qrels" / f"{split}.tsv").write_text(
-            "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for q, d, g in rows))
+            "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for q, d, g in rows)
+        )
     return folder
 
 
@@ -75,20 +77,40 @@ def setup(tmp_path_factory):
     base = build_model("llama-causal")
     base_dir = save(copy.deepcopy(base), root / "base", dtype=torch.bfloat16)
     save_tokenizer(base_dir)
-    retriever_dir = save(perturbed_bare(copy.deepcopy(base)), root / "retriever", dtype=torch.bfloat16,
-                         shard_size="30KB")
+    retriever_dir = save(
+        perturbed_bare(copy.deepcopy(base)), root / "retriever", dtype=torch.bfloat16, shard_size="30KB"
+    )
     save_tokenizer(retriever_dir)
     base_bf16 = copy.deepcopy(base).to(torch.bfloat16).float()
     make_adapter(base_bf16, root / "psi", dora=True, targets=("q_proj", "v_proj", "up_proj", "down_proj"))
     make_adapter(base_bf16.model, root / "lora-retriever", seed=11, targets=("q_proj", "k_proj", "o_proj"))
     run("diff", base_dir, retriever_dir, "-o", root / "delta", "-q")
-    return dict(root=root, base=base_dir, retriever=retriever_dir, psi=root / "psi",
-                lora_retriever=root / "lora-retriever", delta=root / "delta", data=write_dataset(root / "data"))
+    return dict(
+        root=root,
+        base=base_dir,
+        retriever=retriever_dir,
+        psi=root / "psi",
+        lora_retriever=root / "lora-retriever",
+        delta=root / "delta",
+        data=write_dataset(root / "data"),
+    )
 
 
 def tune_args(setup, *extra):
-    return ["tune", "--base", setup["base"], "--retriever", setup["retriever"], "--adapter", setup["psi"],
-            "-d", setup["data"], "--alpha", "0,0.5,1,2", *extra]
+    return [
+        "tune",
+        "--base",
+        setup["base"],
+        "--retriever",
+        setup["retriever"],
+        "--adapter",
+        setup["psi"],
+        "-d",
+        setup["data"],
+        "--alpha",
+        "0,0.5,1,2",
+        *extra,
+    ]
 
 
 def test_cli_chooses_the_best_point_records_the_split_plots_and_writes_what_merge_writes(setup, tmp_path):
@@ -112,8 +134,20 @@ def test_cli_chooses_the_best_point_records_the_split_plots_and_writes_what_merg
     assert any("q5" in w and "qrels/test.tsv" in w for w in summary["warnings"])  # q5 is judged in both splits
 
     reference = tmp_path / "merged"  # --write is exactly `reforge merge` with the chosen alpha
-    run("merge", "--base", setup["base"], "--retriever", setup["retriever"], "--adapter", setup["psi"],
-        "--alpha", best["alpha"], "-o", reference, "-q")
+    run(
+        "merge",
+        "--base",
+        setup["base"],
+        "--retriever",
+        setup["retriever"],
+        "--adapter",
+        setup["psi"],
+        "--alpha",
+        best["alpha"],
+        "-o",
+        reference,
+        "-q",
+    )
     got, expected = tensors(out), tensors(reference)
     assert set(got) == set(expected) and len(got) == 20 and summary["written"]["tensors"] == 20
     assert all(torch.equal(got[k], expected[k]) and got[k].dtype == expected[k].dtype for k in expected)
@@ -142,8 +176,9 @@ def test_in_memory_merge_equals_on_disk_merge_through_a_sequence_of_points(setup
     assert isinstance(merger, InMemoryMerge)
     computed = []
     for alpha, beta in [(0.0, 1.0), (0.5, 1.0), (0.75, 0.5), (0.75, 1.0), (0.0, 1.0)]:
-        model = merger.materialize(alpha, beta, device="cpu", dtype=torch.float32, name="p", profile=None,
-                                   fingerprint="x").model
+        model = merger.materialize(
+            alpha, beta, device="cpu", dtype=torch.float32, name="p", profile=None, fingerprint="x"
+        ).model
         computed.append(merger.tensors_computed)
         out = tmp_path / f"{alpha}-{beta}"
         merge(setup["base"], out, adapters=[(setup["psi"], alpha)], beta=beta, **inputs)
@@ -166,8 +201,9 @@ def test_the_test_split_is_refused_unless_i_know(setup):
     assert result.exit_code == 1 and result.stdout == ""
     assert result.stderr.startswith("Error: Refusing to tune on split 'test': it is the split you report")
     assert "--i-know" in result.stderr
-    summary = json.loads(run(*tune_args(setup, "--split", "test", "--i-know", "--no-plot", "--json", "--alpha",
-                                        "0,1")).stdout)
+    summary = json.loads(
+        run(*tune_args(setup, "--split", "test", "--i-know", "--no-plot", "--json", "--alpha", "0,1")).stdout
+    )
     assert summary["split"] == "test" and summary["tuned_on_test_split"] and summary["i_know"]
     assert summary["sample"]["queries"] == 5
 
@@ -175,8 +211,11 @@ def test_the_test_split_is_refused_unless_i_know(setup):
 def test_a_repeated_run_merges_nothing_and_the_baseline_shares_the_retrievers_cache(setup):
     run("eval", setup["retriever"], "-d", setup["data"], "--split", "dev", "-q")  # fills the retriever's entry
     first = tune(setup["base"], setup["psi"], setup["data"], retriever=setup["retriever"], alphas=(0.25, 0.5))
-    assert [(p.alpha, p.in_grid, p.merged) for p in first.points] == [(0.0, False, False), (0.25, True, True),
-                                                                       (0.5, True, True)]
+    assert [(p.alpha, p.in_grid, p.merged) for p in first.points] == [
+        (0.0, False, False),
+        (0.25, True, True),
+        (0.5, True, True),
+    ]
     assert first.merges == 2 and first.best.in_grid and first.best.alpha in (0.25, 0.5)
     second = tune(setup["base"], setup["psi"], setup["data"], retriever=setup["retriever"], alphas=(0.5, 0.25))
     assert second.merges == 0 and second.tensors_computed == 0
@@ -212,9 +251,14 @@ def test_grid_parsing():
     assert parse_grid("0:1:0.25") == (0.0, 0.25, 0.5, 0.75, 1.0)
     assert parse_grid("0, 0.5,2") == (0.0, 0.5, 2.0)
     assert parse_grid("0:0.3:0.1,1") == (0.0, 0.1, 0.2, 0.3, 1.0)
-    for text, message in (("a,b", "is not a list of numbers"), ("0,0.5,0", "gives 0 twice"),
-                          ("0:1:0", "must be start:stop:step with a step above 0"), ("0:1", "must be start:stop"),
-                          ("nan", "must be a finite number"), (",", "no value")):
+    for text, message in (
+        ("a,b", "is not a list of numbers"),
+        ("0,0.5,0", "gives 0 twice"),
+        ("0:1:0", "must be start:stop:step with a step above 0"),
+        ("0:1", "must be start:stop"),
+        ("nan", "must be a finite number"),
+        (",", "no value"),
+    ):
         with pytest.raises(InvalidOptionError, match=message):
             parse_grid(text)
 
@@ -229,11 +273,20 @@ def test_bad_inputs_are_refused_with_a_message(setup, tmp_path):
         ([*base, "--retriever", setup["retriever"], "--plot", tmp_path / "p.png"], 2, "--plot and --no-plot"),
         ([*base, "--retriever", setup["retriever"], "--max-queries", "0"], 2, "0 is not in the range x>=1"),
         ([*base, "--retriever", setup["retriever"], "--metric", "nope@3"], 2, "Unknown metric 'nope@3'"),
-        ([*base, "--retriever", setup["retriever"], "--split", "train"], 1,
-         "Split 'train' does not exist in"),
+        ([*base, "--retriever", setup["retriever"], "--split", "train"], 1, "Split 'train' does not exist in"),
     ]
-    not_adapter = ["tune", "--base", setup["base"], "--retriever", setup["retriever"], "--adapter",
-                   setup["retriever"], "-d", setup["data"], "--no-plot"]
+    not_adapter = [
+        "tune",
+        "--base",
+        setup["base"],
+        "--retriever",
+        setup["retriever"],
+        "--adapter",
+        setup["retriever"],
+        "-d",
+        setup["data"],
+        "--no-plot",
+    ]
     cases.append((not_adapter, 1, "retriever is not a peft adapter folder (no adapter_config.json)."))
     for args, code, message in cases:
         result = run(*args, ok=False)
@@ -246,10 +299,26 @@ def test_bad_inputs_are_refused_with_a_message(setup, tmp_path):
 
 
 def test_delta_and_beta_grid_through_the_cli(setup, tmp_path):
-    summary = json.loads(run("tune", "--base", setup["base"], "--delta", setup["delta"], "--adapter", setup["psi"],
-                             "-d", setup["data"], "--alpha", "0,1", "--beta", "0.5,1", "--json",
-                             "--plot", tmp_path / "p.png").stdout)
+    summary = json.loads(
+        run(
+            "tune",
+            "--base",
+            setup["base"],
+            "--delta",
+            setup["delta"],
+            "--adapter",
+            setup["psi"],
+            "-d",
+            setup["data"],
+            "--alpha",
+            "0,1",
+            "--beta",
+            "0.5,1",
+            "--json",
+            "--plot",
+            tmp_path / "p.png",
+        ).stdout
+    )
     assert [(p["alpha"], p["beta"]) for p in summary["points"]] == [(0.0, 0.5), (1.0, 0.5), (0.0, 1.0), (1.0, 1.0)]
     assert summary["inputs"]["delta"]["ref"] == str(setup["delta"]) and summary["inputs"]["retriever"] is None
     assert (tmp_path / "p.png").stat().st_size > 1000
-

@@ -29,8 +29,23 @@ def test_the_training_corpus_reaches_the_manifest_and_the_card(llama_base, tmp_p
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     psi, retriever, out = tmp_path / "psi", tmp_path / "retriever", tmp_path / "merged"
-    run("train", llama_base, "--corpus", SCIFACT, "-o", psi, "--max-docs", 4, "--max-length", 32, "-r", 2,
-        "--max-steps", 1, "-q")
+    run(
+        "train",
+        llama_base,
+        "--corpus",
+        SCIFACT,
+        "-o",
+        psi,
+        "--max-docs",
+        4,
+        "--max-length",
+        32,
+        "-r",
+        2,
+        "--max-steps",
+        1,
+        "-q",
+    )
     save(perturbed_bare(copy.deepcopy(AutoModelForCausalLM.from_pretrained(llama_base))), retriever)
     AutoTokenizer.from_pretrained(llama_base).save_pretrained(retriever)
     run("merge", "--base", llama_base, "--retriever", retriever, "--adapter", psi, "-o", out, "-q")
@@ -60,17 +75,28 @@ def _poison_one_value(shard):
 
     data = bytearray(shard.read_bytes())
     (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + length])
+    header = json.loads(data[8 : 8 + length])
     tensor = next(v for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
     start = 8 + length + tensor["data_offsets"][0]
-    data[start:start + 4] = struct.pack("<f", float("nan"))
+    data[start : start + 4] = struct.pack("<f", float("nan"))
     shard.write_bytes(bytes(data))
 
 
 def test_tune_points_at_a_split_it_accepts(tmp_path):
     # SciFact has train and test only; tune's default --split dev is missing and test is refused: the hint says train
-    result = run("tune", "--base", tmp_path / "unused", "--retriever", tmp_path / "unused", "--adapter",
-                 tmp_path / "unused", "-d", SCIFACT, "--no-plot", ok=False)
+    result = run(
+        "tune",
+        "--base",
+        tmp_path / "unused",
+        "--retriever",
+        tmp_path / "unused",
+        "--adapter",
+        tmp_path / "unused",
+        "-d",
+        SCIFACT,
+        "--no-plot",
+        ok=False,
+    )
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: Split 'dev' does not exist in ")
     assert "(it has: test, train). Pass --split train (held out from --test-split test)." in result.stderr
@@ -123,7 +149,8 @@ def test_plain_progress_lines_stages_throttle_and_eta():
     assert [line.split("] ", 1)[1] for line in lines] == [
         "Training: Reading the corpus | elapsed 50s",
         "Training: 2/10 (20%) | loss 2.900 | 510 tok/s | elapsed 1m25s | ETA 1m40s",
-        "Training: 10/10 (100%) | loss 2.000 | 530 tok/s | elapsed 3m00s"]
+        "Training: 10/10 (100%) | loss 2.000 | 530 tok/s | elapsed 3m00s",
+    ]
     quiet: list[str] = []
     short = PlainProgress("diff", "bytes", [quiet.append], every=30, clock=lambda: 0.0)
     short.update(0, 100)
@@ -133,21 +160,51 @@ def test_plain_progress_lines_stages_throttle_and_eta():
 
 
 def test_train_without_a_terminal_prints_stages_and_steps_keeps_a_log_and_reports_to_tensorboard(
-        llama_base, tmp_path, monkeypatch):  # noqa: F811
+    llama_base,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setenv("REFORGE_PROGRESS_EVERY", "0")
     log, runs = tmp_path / "train.log", tmp_path / "runs"
-    result = run("train", llama_base, "--corpus", SCIFACT, "-o", tmp_path / "psi", "--max-docs", 6, "--max-length",
-                 32, "--batch-size", 1, "-r", 2, "--max-steps", 3, "--log-file", log, "--report-to", "tensorboard",
-                 "--logging-dir", runs)
+    result = run(
+        "train",
+        llama_base,
+        "--corpus",
+        SCIFACT,
+        "-o",
+        tmp_path / "psi",
+        "--max-docs",
+        6,
+        "--max-length",
+        32,
+        "--batch-size",
+        1,
+        "-r",
+        2,
+        "--max-steps",
+        3,
+        "--log-file",
+        log,
+        "--report-to",
+        "tensorboard",
+        "--logging-dir",
+        runs,
+    )
     lines = [line.split("] ", 1)[1] for line in result.stderr.splitlines() if line.startswith("[")]
     assert [line.split(" | ")[0] for line in lines[:4]] == [
-        "Training: Reading the corpus", "Training: Counting the tokens of 6 documents",
-        "Training: Loading llama and adding the adapter", "Training: Starting step 1 of 3"]
-    assert [line.split(" | ")[0] for line in lines[4:]] == ["Training: 1/3 (33%)", "Training: 2/3 (67%)",
-                                                            "Training: 3/3 (100%)"]
+        "Training: Reading the corpus",
+        "Training: Counting the tokens of 6 documents",
+        "Training: Loading llama and adding the adapter",
+        "Training: Starting step 1 of 3",
+    ]
+    assert [line.split(" | ")[0] for line in lines[4:]] == [
+        "Training: 1/3 (33%)",
+        "Training: 2/3 (67%)",
+        "Training: 3/3 (100%)",
+    ]
     assert all(" tok/s | elapsed " in line for line in lines[4:])  # tokens per second from the first step
     assert [line.split("] ", 1)[1] for line in log.read_text().splitlines()] == lines
     history = json.loads((tmp_path / "psi" / "training_record.json").read_text())["loss"]["history"]

@@ -143,8 +143,9 @@ def eval_cmd(
             with OutputLock(output_dir):  # the lock every command writing a folder takes
                 written = write_outputs(report, output_dir)
         except OSError as e:
-            raise write_error(e, output_dir, "The results above are complete; free some space or choose another "
-                                             "--output and rerun.") from e
+            raise write_error(
+                e, output_dir, "The results above are complete; free some space or choose another --output and rerun."
+            ) from e
         output.info(f"Wrote {len(written)} files to {output_dir}")
 
 

@@ -65,8 +65,12 @@ class DeviceType(click.ParamType):
             self.fail(f"{value!r} is not a torch device; use cpu, cuda, cuda:N or mps.", param, ctx)
         if device.type == "cuda":
             if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
-                self.fail(f"{value!r}: this torch build has no CUDA support (a CPU build); use cpu, or install a "
-                          "CUDA build of torch.", param, ctx)
+                self.fail(
+                    f"{value!r}: this torch build has no CUDA support (a CPU build); use cpu, or install a "
+                    "CUDA build of torch.",
+                    param,
+                    ctx,
+                )
             count = torch.cuda.device_count()
             if count == 0 or (device.index is not None and device.index >= count):
                 self.fail(f"{value!r}: {count} CUDA device(s) visible here.", param, ctx)

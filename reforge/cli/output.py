@@ -87,8 +87,14 @@ class PlainProgress:
     one at the end of a command that printed any. The ETA is the time per unit since counting began times the units
     left."""
 
-    def __init__(self, label: str, unit: str, sinks: list[Callable[[str], None]], every: float,
-                 clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        label: str,
+        unit: str,
+        sinks: list[Callable[[str], None]],
+        every: float,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         import time
 
         self.label, self.unit, self.sinks, self.every = label, unit, sinks, every

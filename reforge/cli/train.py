@@ -228,8 +228,14 @@ def train_cmd(
                 if log is not None:
                     log(step, stats)
 
-            result = train_adapter(config, progress, token=token, dry_run=dry_run, readme=render_adapter_card,
-                                   stage=lambda text: bar(0, None, description=text))
+            result = train_adapter(
+                config,
+                progress,
+                token=token,
+                dry_run=dry_run,
+                readme=render_adapter_card,
+                stage=lambda text: bar(0, None, description=text),
+            )
     except KeyboardInterrupt:
         _interrupted(config)
     if not result.is_main:

@@ -187,8 +187,9 @@ def tune_cmd(
         summary["plot"] = str(plot_tuning(report, plot_path or f"tune-{report.dataset.name}-{report.split}.png"))
     if write_dir:
         try:
-            written = _write(report, write_dir, token, allow_pickle, max_shard_size, overwrite, quiet or as_json,
-                             log_file)
+            written = _write(
+                report, write_dir, token, allow_pickle, max_shard_size, overwrite, quiet or as_json, log_file
+            )
         except Exception:
             _show_or_print(report, summary, as_json)  # the table is the result of the work: never lose it
             raise
@@ -209,13 +210,29 @@ def _show_or_print(report: Any, summary: dict, as_json: bool) -> None:
         _show(report, summary)
 
 
-def _write(report: Any, write_dir: str, token: str | None, allow_pickle: bool, max_shard_size: int,
-           overwrite: bool, quiet: bool, log_file: str | None) -> Any:
+def _write(
+    report: Any,
+    write_dir: str,
+    token: str | None,
+    allow_pickle: bool,
+    max_shard_size: int,
+    overwrite: bool,
+    quiet: bool,
+    log_file: str | None,
+) -> Any:
     from reforge.tune import write_best
 
     with ui.progress_bar("merge", unit="bytes", quiet=quiet, log_file=log_file) as progress:
-        return write_best(report, write_dir, token=token, allow_pickle=allow_pickle, max_shard_size=max_shard_size,
-                          overwrite=overwrite, command=ui.command_line(), progress=progress)
+        return write_best(
+            report,
+            write_dir,
+            token=token,
+            allow_pickle=allow_pickle,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            command=ui.command_line(),
+            progress=progress,
+        )
 
 
 def _show(report: Any, summary: dict) -> None:

@@ -19,8 +19,9 @@ from reforge.errors import DataError, short_path
 from reforge.io.checkpoint import sha256_file
 
 
-def iter_jsonl(path: str | Path, *, skip_bad_lines: bool = False,
-               skip_option: str | None = None) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(
+    path: str | Path, *, skip_bad_lines: bool = False, skip_option: str | None = None
+) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for each non-empty line of a JSONL file (1-based line numbers).
 
     Args:
@@ -51,12 +52,17 @@ def _utf8_line(path: Path, number: int, raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{short_path(path)}, line {number}: not UTF-8 text ({e.reason} at byte {e.start}).",
-                        hint="Convert the file to UTF-8.", path=path, line=number) from e
+        raise DataError(
+            f"{short_path(path)}, line {number}: not UTF-8 text ({e.reason} at byte {e.start}).",
+            hint="Convert the file to UTF-8.",
+            path=path,
+            line=number,
+        ) from e
 
 
-def iter_corpus(path: str | Path, *, skip_bad_lines: bool = False,
-                skip_option: str | None = None) -> Iterator[Document]:
+def iter_corpus(
+    path: str | Path, *, skip_bad_lines: bool = False, skip_option: str | None = None
+) -> Iterator[Document]:
     """Yield the documents of a BEIR ``corpus.jsonl`` (or of the folder holding it), in file order."""
     path = Path(path)
     if path.is_dir():

@@ -45,9 +45,15 @@ class DocSelection:
     max_docs: int | None = None
 
     @classmethod
-    def from_files(cls, *, only_ids: str | Path | None = None, exclude_ids: str | Path | None = None,
-                   only_judged: Sequence[str | Path] = (), exclude_judged: Sequence[str | Path] = (),
-                   max_docs: int | None = None) -> "DocSelection":
+    def from_files(
+        cls,
+        *,
+        only_ids: str | Path | None = None,
+        exclude_ids: str | Path | None = None,
+        only_judged: Sequence[str | Path] = (),
+        exclude_judged: Sequence[str | Path] = (),
+        max_docs: int | None = None,
+    ) -> "DocSelection":
         """Build a selection from id-list files (one id per line) and qrels files (their judged doc ids).
 
         ``only_ids`` and ``only_judged`` together keep the documents in both. A judged document is any doc id in
@@ -103,9 +109,12 @@ def judged_ids(qrels_paths: Iterable[str | Path]) -> set[str]:
     for qrels_path in qrels_paths:
         qrels_path = Path(qrels_path)
         if qrels_path.is_dir():
-            raise DataError(f"{short_path(qrels_path)} is a folder; the judged-document filters need a qrels file.",
-                            hint=f"Pass e.g. {short_path(qrels_path / 'qrels' / 'test.tsv')}.",
-                            path=qrels_path, line=None)
+            raise DataError(
+                f"{short_path(qrels_path)} is a folder; the judged-document filters need a qrels file.",
+                hint=f"Pass e.g. {short_path(qrels_path / 'qrels' / 'test.tsv')}.",
+                path=qrels_path,
+                line=None,
+            )
         for docs in read_qrels(qrels_path).values():
             ids.update(docs)
     return ids
@@ -125,21 +134,34 @@ def detect_kind(path: str | Path) -> str:
             return "datasets"
         if next(iter(sorted(path.rglob("*.txt"))), None) is not None:
             return "text"
-        raise DataError(f"{short_path(path)} holds no corpus.jsonl, no .txt files and no saved HF dataset.",
-                        hint="Pass a BEIR folder, a .jsonl file, .txt files or a datasets.save_to_disk folder.",
-                        path=path, line=None)
+        raise DataError(
+            f"{short_path(path)} holds no corpus.jsonl, no .txt files and no saved HF dataset.",
+            hint="Pass a BEIR folder, a .jsonl file, .txt files or a datasets.save_to_disk folder.",
+            path=path,
+            line=None,
+        )
     if path.is_file():
         if path.suffix.lower() == ".txt":
             return "text"
         if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
             return "jsonl"
-        raise DataError(f"{short_path(path)}: unknown corpus file type {path.suffix or '(no suffix)'!r}.",
-                        hint="Use a .jsonl file (one JSON object per line) or a .txt file.", path=path, line=None)
+        raise DataError(
+            f"{short_path(path)}: unknown corpus file type {path.suffix or '(no suffix)'!r}.",
+            hint="Use a .jsonl file (one JSON object per line) or a .txt file.",
+            path=path,
+            line=None,
+        )
     raise DataError(f"Corpus {short_path(path)} does not exist.", path=path, line=None)
 
 
-def load_corpus(paths: str | Path | Sequence[str | Path], *, text_field: str | None = None, per_line: bool = False,
-                skip_bad_lines: bool = False, selection: DocSelection | None = None) -> Corpus:
+def load_corpus(
+    paths: str | Path | Sequence[str | Path],
+    *,
+    text_field: str | None = None,
+    per_line: bool = False,
+    skip_bad_lines: bool = False,
+    selection: DocSelection | None = None,
+) -> Corpus:
     """Read every source in ``paths`` (in order), drop empty and filtered documents, and hash what is kept.
 
     Args:
@@ -183,14 +205,18 @@ def load_corpus(paths: str | Path | Sequence[str | Path], *, text_field: str | N
     only_missing = len(selection.only - seen_ids) if selection.only is not None else 0
     if not docs:
         names = ", ".join(short_path(p) for p in sources)
-        raise DataError(f"{names}: no usable text: {read} documents read, {empty} empty, {filtered} removed by the "
-                        f"filters.", hint="Check the corpus path, --text-field and the id filters.",
-                        path=sources[0], line=None)
+        raise DataError(
+            f"{names}: no usable text: {read} documents read, {empty} empty, {filtered} removed by the filters.",
+            hint="Check the corpus path, --text-field and the id filters.",
+            path=sources[0],
+            line=None,
+        )
     return Corpus(docs, tuple(sources), kinds, read, empty, filtered, only_missing, digest.hexdigest())
 
 
-def _iter_source(path: Path, kind: str, *, text_field: str | None, per_line: bool,
-                 skip_bad_lines: bool) -> Iterator[TextDoc]:
+def _iter_source(
+    path: Path, kind: str, *, text_field: str | None, per_line: bool, skip_bad_lines: bool
+) -> Iterator[TextDoc]:
     if kind == "beir" and text_field is None:
         for doc in iter_corpus(path, skip_bad_lines=skip_bad_lines, skip_option="--skip-bad-lines"):
             yield TextDoc(doc.id, doc.passage())
@@ -211,9 +237,12 @@ def _iter_jsonl_docs(path: Path, text_field: str | None, skip_bad_lines: bool) -
                 continue
             what = "has no field" if field_name not in row else "has a non-string field"
             fields = ", ".join(row) or "none"
-            raise DataError(f"{short_path(path)}, line {number} {what} {field_name!r} (fields there: {fields}).",
-                            hint="Pass --text-field with the field that holds the text, or --skip-bad-lines.",
-                            path=path, line=number)
+            raise DataError(
+                f"{short_path(path)}, line {number} {what} {field_name!r} (fields there: {fields}).",
+                hint="Pass --text-field with the field that holds the text, or --skip-bad-lines.",
+                path=path,
+                line=number,
+            )
         doc_id = str(row.get("_id", row.get("id", number)))
         if text_field is None:
             value = Document(doc_id, str(row.get("title") or ""), value).passage()
@@ -227,8 +256,12 @@ def _iter_text_docs(path: Path, per_line: bool) -> Iterator[TextDoc]:
         try:
             text = file.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{short_path(file)} is not UTF-8 text ({e.reason} at byte {e.start}).",
-                            hint="Convert it to UTF-8 or leave it out of the corpus.", path=file, line=None) from e
+            raise DataError(
+                f"{short_path(file)} is not UTF-8 text ({e.reason} at byte {e.start}).",
+                hint="Convert it to UTF-8 or leave it out of the corpus.",
+                path=file,
+                line=None,
+            ) from e
         if per_line:
             for number, line in enumerate(text.splitlines(), start=1):
                 if line.strip():
@@ -245,14 +278,21 @@ def _iter_dataset_docs(path: Path, text_field: str | None) -> Iterator[TextDoc]:
         splits = list(loaded)
         split = splits[0] if len(splits) == 1 else "train" if "train" in loaded else None
         if split is None:
-            raise DataError(f"{short_path(path)} is a DatasetDict with splits {', '.join(splits)} and no 'train'.",
-                            hint="Save the split to train on by itself (dataset['name'].save_to_disk(...)).",
-                            path=path, line=None)
+            raise DataError(
+                f"{short_path(path)} is a DatasetDict with splits {', '.join(splits)} and no 'train'.",
+                hint="Save the split to train on by itself (dataset['name'].save_to_disk(...)).",
+                path=path,
+                line=None,
+            )
         loaded = loaded[split]
     field_name = text_field or "text"
     if field_name not in loaded.column_names:
-        raise DataError(f"{short_path(path)} has no column {field_name!r} (columns: {', '.join(loaded.column_names)}).",
-                        hint="Pass --text-field with the column that holds the text.", path=path, line=None)
+        raise DataError(
+            f"{short_path(path)} has no column {field_name!r} (columns: {', '.join(loaded.column_names)}).",
+            hint="Pass --text-field with the column that holds the text.",
+            path=path,
+            line=None,
+        )
     id_column = next((c for c in ("_id", "id") if c in loaded.column_names), None)
     join_title = text_field is None and "title" in loaded.column_names
     for index, row in enumerate(loaded):

@@ -10,8 +10,8 @@ Modules: ``model`` (finding and loading models), ``encode``, ``cache``,
 
 from reforge.eval.model import ModelSource, Retriever, resolve_model
 from reforge.eval.pipeline import EvalSettings, evaluate
-from reforge.profiles import EncodingProfile
 from reforge.eval.report import EvalReport, write_outputs
+from reforge.profiles import EncodingProfile
 
 __all__ = [
     "EncodingProfile",

@@ -14,6 +14,7 @@ import numpy as np
 
 from reforge import __version__
 from reforge.data.beir import BeirDataset, load_beir, sample_dataset, sample_record
+from reforge.dist import Ranks, join
 from reforge.errors import InvalidOptionError
 from reforge.eval.cache import (
     DEFAULT_SHARD_DOCS,
@@ -25,7 +26,6 @@ from reforge.eval.cache import (
     embedding_key,
     texts_hash,
 )
-from reforge.dist import Ranks, join
 from reforge.eval.encode import encode, passages
 from reforge.eval.metrics import AVERAGING, paired_test, parse_measures, score_run
 from reforge.eval.model import ModelSource, Retriever, resolve_model

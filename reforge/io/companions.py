@@ -13,13 +13,27 @@ from reforge.io.paths import inside_checkpoint
 
 # The files a model needs besides its weights (the set `reforge.io.hub` downloads): config, tokenizer, and the
 # sentence-transformers description. Nothing else is copied: no custom code (*.py), no arbitrary folders.
-COMPANION_NAMES = frozenset({
-    "config.json", "generation_config.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
-    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
-    "chat_template.jinja", "chat_template.json",
-    "modules.json", "config_sentence_transformers.json", "sentence_bert_config.json",
-})
+COMPANION_NAMES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "tokenizer.model",
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "chat_template.jinja",
+        "chat_template.json",
+        "modules.json",
+        "config_sentence_transformers.json",
+        "sentence_bert_config.json",
+    }
+)
 # sentence-transformers module folders (1_Pooling/, 2_Normalize/, 2_Dense/): their configs and vocabularies, and a
 # Dense module's weights (safetensors only: a projection after pooling, never part of Delta or of a merge).
 MODULE_FILE = re.compile(r"^\d+_[A-Za-z0-9_.-]+/([A-Za-z0-9_.-]+\.(json|txt|model)|model\.safetensors)$")

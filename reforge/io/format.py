@@ -128,8 +128,12 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_start: int) -
     for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
         if info.start != position:
             reason = "overlaps the previous tensor" if info.start < position else "leaves a gap before it"
-            raise _corrupt(path, info.name, f"data_offsets {[info.start - data_start, info.end - data_start]} "
-                                            f"{reason} (it should start at {position - data_start})")
+            raise _corrupt(
+                path,
+                info.name,
+                f"data_offsets {[info.start - data_start, info.end - data_start]} "
+                f"{reason} (it should start at {position - data_start})",
+            )
         position = info.end
 
 

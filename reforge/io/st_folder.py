@@ -18,13 +18,32 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "last": "pooling_mode_lasttoken",
-                "max": "pooling_mode_max_tokens", "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
-                "weightedmean": "pooling_mode_weightedmean_tokens"}
-_ALL_POOLING_KEYS = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
-                     "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
+POOLING_KEYS = {
+    "mean": "pooling_mode_mean_tokens",
+    "cls": "pooling_mode_cls_token",
+    "last": "pooling_mode_lasttoken",
+    "max": "pooling_mode_max_tokens",
+    "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
+    "weightedmean": "pooling_mode_weightedmean_tokens",
+}
+_ALL_POOLING_KEYS = (
+    "pooling_mode_cls_token",
+    "pooling_mode_mean_tokens",
+    "pooling_mode_max_tokens",
+    "pooling_mode_mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens",
+    "pooling_mode_lasttoken",
+)
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 
 @dataclass(frozen=True)
@@ -74,19 +93,30 @@ def sentence_transformers_files(companions: dict[str, bytes], encoding: Encoding
     if problem:
         return StFiles(skipped=problem)
     files = dict(tokenizer)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
     if encoding.normalize or "normalize" in encoding.modules:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-    pooling = {"word_embedding_dimension": int(hidden), **{k: False for k in _ALL_POOLING_KEYS},
-               POOLING_KEYS[encoding.pooling]: True, "include_prompt": True}
+    pooling = {
+        "word_embedding_dimension": int(hidden),
+        **{k: False for k in _ALL_POOLING_KEYS},
+        POOLING_KEYS[encoding.pooling]: True,
+        "include_prompt": True,
+    }
     files["modules.json"] = _json(modules)
-    files["sentence_bert_config.json"] = _json({"max_seq_length": encoding.max_length,
-                                                "do_lower_case": encoding.lowercase})
+    files["sentence_bert_config.json"] = _json(
+        {"max_seq_length": encoding.max_length, "do_lower_case": encoding.lowercase}
+    )
     files["1_Pooling/config.json"] = _json(pooling)
-    files["config_sentence_transformers.json"] = _json({
-        "prompts": dict(encoding.prompts), "default_prompt_name": None,
-        "similarity_fn_name": "cosine" if encoding.normalize else "dot"})
+    files["config_sentence_transformers.json"] = _json(
+        {
+            "prompts": dict(encoding.prompts),
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine" if encoding.normalize else "dot",
+        }
+    )
     return StFiles(files)
 
 
@@ -125,11 +155,17 @@ def with_eos(post_processor: dict | None, eos: str, eos_id: int) -> dict:
     piece = {"SpecialToken": {"id": eos, "type_id": 0}}
     special = {eos: {"id": eos, "ids": [eos_id], "tokens": [eos]}}
     if post_processor is None:
-        return {"type": "TemplateProcessing",
-                "single": [{"Sequence": {"id": "A", "type_id": 0}}, piece],
-                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, piece, {"Sequence": {"id": "B", "type_id": 1}},
-                         {"SpecialToken": {"id": eos, "type_id": 1}}],
-                "special_tokens": special}
+        return {
+            "type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}, piece],
+            "pair": [
+                {"Sequence": {"id": "A", "type_id": 0}},
+                piece,
+                {"Sequence": {"id": "B", "type_id": 1}},
+                {"SpecialToken": {"id": eos, "type_id": 1}},
+            ],
+            "special_tokens": special,
+        }
     kind = post_processor.get("type")
     if kind == "TemplateProcessing":
         updated = dict(post_processor)
@@ -169,8 +205,13 @@ def _check_tokenizer(files: dict[str, bytes], encoding: Encoding, eos: str | Non
     plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
     full = tokenizer("a b")["input_ids"]
     cut = tokenizer("a b " * encoding.max_length, truncation=True, max_length=encoding.max_length)["input_ids"]
-    if full[-1:] != [eos_id] or full[-2:-1] == [eos_id] or plain[-1:] == [eos_id] or cut[-1:] != [eos_id] \
-            or len(cut) != encoding.max_length:
+    if (
+        full[-1:] != [eos_id]
+        or full[-2:-1] == [eos_id]
+        or plain[-1:] == [eos_id]
+        or cut[-1:] != [eos_id]
+        or len(cut) != encoding.max_length
+    ):
         return "the tokenizer could not be made to append EOS exactly once"
     return None
 

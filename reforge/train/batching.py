@@ -61,7 +61,7 @@ def token_lengths(encode: Encoder, texts: Sequence[str], *, chunk: int = 1024) -
     """Token count of each text as `make_encoder` cuts it, tokenizing ``chunk`` texts at a time."""
     lengths = np.zeros(len(texts), dtype=np.int64)
     for start in range(0, len(texts), chunk):
-        lengths[start:start + chunk] = [len(ids) for ids in encode(texts[start:start + chunk])]
+        lengths[start : start + chunk] = [len(ids) for ids in encode(texts[start : start + chunk])]
     return lengths
 
 
@@ -73,8 +73,8 @@ def pack_rows(lengths: np.ndarray, max_length: int) -> list[Row]:
     """
     order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
     rows: list[list[int]] = []
-    by_room: dict[int, list[int]] = {}   # free room -> rows with exactly that much room left
-    rooms: list[int] = []                # sorted distinct free rooms that have rows
+    by_room: dict[int, list[int]] = {}  # free room -> rows with exactly that much room left
+    rooms: list[int] = []  # sorted distinct free rooms that have rows
     for doc in order:
         need = int(lengths[doc])
         at = bisect.bisect_left(rooms, need)
@@ -114,8 +114,7 @@ class BatchPlan:
     max_length: int
 
     @classmethod
-    def build(cls, lengths: np.ndarray, *, max_length: int, global_batch: int, batching: str,
-              seed: int) -> "BatchPlan":
+    def build(cls, lengths: np.ndarray, *, max_length: int, global_batch: int, batching: str, seed: int) -> "BatchPlan":
         """The rows of the documents whose token counts are ``lengths``: packed up front only for "rows"."""
         rows = pack_rows(lengths, max_length) if batching == "rows" else [(i,) for i in range(len(lengths))]
         return cls(rows, lengths, global_batch, batching, seed, max_length)
@@ -132,10 +131,12 @@ class BatchPlan:
         if self.batching == "grouped":
             window = self.global_batch * SORT_WINDOW_BATCHES
             row_len = np.array([int(self.lengths[row[0]]) for row in self.rows])
-            order = np.concatenate([sorted(order[i:i + window], key=lambda r: -row_len[r])
-                                    for i in range(0, len(order), window)]).astype(np.int64)
-        steps = [[self.rows[r] for r in order[i:i + self.global_batch]]
-                 for i in range(0, len(order), self.global_batch)]
+            order = np.concatenate(
+                [sorted(order[i : i + window], key=lambda r: -row_len[r]) for i in range(0, len(order), window)]
+            ).astype(np.int64)
+        steps = [
+            [self.rows[r] for r in order[i : i + self.global_batch]] for i in range(0, len(order), self.global_batch)
+        ]
         if self.batching == "grouped":  # keep each step's similar lengths together, visit the steps at random
             steps = [steps[i] for i in rng.permutation(len(steps))]
         return steps
@@ -172,13 +173,13 @@ class BatchPlan:
                 widest = width
         return groups
 
-    def padding(self, batch_size: int, world_size: int, grad_accum: int,
-                budget: int | None = None) -> tuple[int, int]:
+    def padding(self, batch_size: int, world_size: int, grad_accum: int, budget: int | None = None) -> tuple[int, int]:
         """``(real tokens, pad tokens)`` of one epoch as `collate` pads each forward group to its longest row."""
         real = pad = 0
         for step in self.epoch_steps(0):
-            for micro in split_step(step, rank_count=world_size, batch_size=batch_size, grad_accum=grad_accum,
-                                    flat=True):
+            for micro in split_step(
+                step, rank_count=world_size, batch_size=batch_size, grad_accum=grad_accum, flat=True
+            ):
                 for group in self.forward_groups(micro, budget):
                     sizes = [self.row_tokens(row) for row in group]
                     if sizes:
@@ -187,13 +188,17 @@ class BatchPlan:
         return real, pad
 
 
-def split_step(step: list[Row], *, rank: int = 0, rank_count: int = 1, batch_size: int, grad_accum: int,
-               flat: bool = False) -> list[list[Row]]:
+def split_step(
+    step: list[Row], *, rank: int = 0, rank_count: int = 1, batch_size: int, grad_accum: int, flat: bool = False
+) -> list[list[Row]]:
     """The micro-batches of one optimizer step for ``rank``: micro-step ``a`` gets rows
     ``[(a * rank_count + rank) * batch_size, ... + batch_size)``. With ``flat``, every rank's micro-batches."""
     ranks = range(rank_count) if flat else (rank,)
-    return [step[(a * rank_count + r) * batch_size:(a * rank_count + r + 1) * batch_size]
-            for a in range(grad_accum) for r in ranks]
+    return [
+        step[(a * rank_count + r) * batch_size : (a * rank_count + r + 1) * batch_size]
+        for a in range(grad_accum)
+        for r in ranks
+    ]
 
 
 @dataclass(frozen=True)
@@ -234,9 +239,9 @@ def collate(rows: list[list[list[int]]], pad_id: int) -> Batch:
         for doc in row:
             n = len(doc)
             ids = torch.tensor(doc, dtype=torch.long)
-            input_ids[b, at:at + n] = ids
-            position_ids[b, at:at + n] = torch.arange(n)
-            targets[b, at:at + n - 1] = ids[1:]
+            input_ids[b, at : at + n] = ids
+            position_ids[b, at : at + n] = torch.arange(n)
+            targets[b, at : at + n - 1] = ids[1:]
             at += n
         position_ids[b, at:] = torch.arange(width - at)  # padding: one more pseudo-document, no loss
         real += at

@@ -25,10 +25,36 @@ PRECISIONS = ("auto", "bf16", "fp32")
 BATCHINGS = ("documents", "rows", "grouped")
 
 # Options that change what is trained; `--resume` refuses a checkpoint made with different values.
-RESUME_KEYS = ("base", "corpus", "text_field", "per_line", "skip_bad_lines", "max_docs", "exclude_ids", "only_ids",
-               "exclude_judged", "only_judged", "use_dora", "target_modules", "r", "lora_alpha", "lora_dropout",
-               "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm",
-               "epochs", "max_steps", "max_length", "batching", "seed", "precision")
+RESUME_KEYS = (
+    "base",
+    "corpus",
+    "text_field",
+    "per_line",
+    "skip_bad_lines",
+    "max_docs",
+    "exclude_ids",
+    "only_ids",
+    "exclude_judged",
+    "only_judged",
+    "use_dora",
+    "target_modules",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "schedule",
+    "max_grad_norm",
+    "epochs",
+    "max_steps",
+    "max_length",
+    "batching",
+    "seed",
+    "precision",
+)
 
 
 @dataclass
@@ -89,8 +115,13 @@ class TrainConfig:
             InvalidOptionError: naming the option and the allowed values.
         """
         _check_numbers(self)
-        positive = {"r": self.r, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "epochs": self.epochs, "max_length": self.max_length}
+        positive = {
+            "r": self.r,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "epochs": self.epochs,
+            "max_length": self.max_length,
+        }
         for name, value in positive.items():
             if value < 1:
                 _bad(name, f"must be at least 1, got {value}")
@@ -117,8 +148,11 @@ class TrainConfig:
             _bad("target_modules", "needs at least one module name")
         never = [t for t in self.target_modules if "lm_head" in t or "embed" in t]
         if never:
-            _bad("target_modules", f"{', '.join(never)}: the LM head and embeddings are never trained "
-                                   "(the knowledge adapter must fold into a retriever that has neither)")
+            _bad(
+                "target_modules",
+                f"{', '.join(never)}: the LM head and embeddings are never trained "
+                "(the knowledge adapter must fold into a retriever that has neither)",
+            )
         if not self.corpus:
             _bad("corpus", "needs at least one path")
 

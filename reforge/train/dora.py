@@ -128,9 +128,15 @@ class LoopState:
     resumed_from: int | None = None
 
 
-def train_adapter(config: TrainConfig, progress: ProgressFn | None = None, *, token: str | None = None,
-                  dry_run: bool = False, readme: Callable[[dict[str, Any]], str] | None = None,
-                  stage: Callable[[str], None] | None = None) -> TrainResult:
+def train_adapter(
+    config: TrainConfig,
+    progress: ProgressFn | None = None,
+    *,
+    token: str | None = None,
+    dry_run: bool = False,
+    readme: Callable[[dict[str, Any]], str] | None = None,
+    stage: Callable[[str], None] | None = None,
+) -> TrainResult:
     """Train a knowledge adapter on ``config.base`` over ``config.corpus`` and write it to ``config.output``.
 
     Args:
@@ -164,8 +170,7 @@ def train_adapter(config: TrainConfig, progress: ProgressFn | None = None, *, to
     checkpoint = _open_base(config, token)
     base = checkpoint.path
     resume_from = check_output(config)
-    device_type = torch.device(config.device).type if config.device else "cuda" if torch.cuda.is_available() \
-        else "cpu"
+    device_type = torch.device(config.device).type if config.device else "cuda" if torch.cuda.is_available() else "cpu"
     ranks = join(device_type)
     lock = OutputLock(config.output) if ranks.main and not dry_run else None  # the lock every writer takes
     try:
@@ -186,29 +191,41 @@ def train_adapter(config: TrainConfig, progress: ProgressFn | None = None, *, to
         run = setup_model(config, base, ranks, device, data.total_steps)
         state = LoopState()
         if resume_from is not None:
-            meta = load_checkpoint(resume_from, config, model=run.model, optimizer=run.optimizer,
-                                   scheduler=run.scheduler, ranks=ranks)
+            meta = load_checkpoint(
+                resume_from, config, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, ranks=ranks
+            )
             state = LoopState(**{k: meta[k] for k in asdict(state) if k != "resumed_from"}, resumed_from=meta["step"])
         say(f"Starting step {state.step + 1} of {data.total_steps:,}")
         state = train_loop(run, data, state, progress, work=work)
-        return save(run, data, state, base=checkpoint, work=work, wall_time_s=time.perf_counter() - started,
-                    readme=readme)
+        return save(
+            run, data, state, base=checkpoint, work=work, wall_time_s=time.perf_counter() - started, readme=readme
+        )
     finally:
         if lock is not None:
             lock.release()
         shutdown(ranks)
 
 
-def setup_data(config: TrainConfig, tokenizer, ranks: Ranks = Ranks(),
-               stage: Callable[[str], None] = lambda text: None) -> Data:
+def setup_data(
+    config: TrainConfig, tokenizer, ranks: Ranks = Ranks(), stage: Callable[[str], None] = lambda text: None
+) -> Data:
     """Read and filter the corpus, measure each document's tokens (each rank its share), and plan the steps.
     ``stage`` hears when each of the two begins."""
     stage("Reading the corpus")
-    selection = DocSelection.from_files(only_ids=config.only_ids, exclude_ids=config.exclude_ids,
-                                        only_judged=config.only_judged, exclude_judged=config.exclude_judged,
-                                        max_docs=config.max_docs)
-    corpus = load_corpus(config.corpus, text_field=config.text_field, per_line=config.per_line,
-                         skip_bad_lines=config.skip_bad_lines, selection=selection)
+    selection = DocSelection.from_files(
+        only_ids=config.only_ids,
+        exclude_ids=config.exclude_ids,
+        only_judged=config.only_judged,
+        exclude_judged=config.exclude_judged,
+        max_docs=config.max_docs,
+    )
+    corpus = load_corpus(
+        config.corpus,
+        text_field=config.text_field,
+        per_line=config.per_line,
+        skip_bad_lines=config.skip_bad_lines,
+        selection=selection,
+    )
     texts = [doc.text for doc in corpus.docs]
     stage(f"Counting the tokens of {len(texts):,} documents")
     encode = make_encoder(tokenizer, config.max_length)
@@ -216,8 +233,9 @@ def setup_data(config: TrainConfig, tokenizer, ranks: Ranks = Ranks(),
     lengths, _ = cached_token_lengths(texts, lambda share: token_lengths(encode, share), key, ranks)
     global_batch = config.batch_size * config.grad_accum * ranks.world
     _refuse_nothing_to_learn(corpus, lengths)
-    plan = BatchPlan.build(lengths, max_length=config.max_length, global_batch=global_batch,
-                           batching=config.batching, seed=config.seed)
+    plan = BatchPlan.build(
+        lengths, max_length=config.max_length, global_batch=global_batch, batching=config.batching, seed=config.seed
+    )
     total = plan.steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
@@ -234,30 +252,42 @@ def setup_model(config: TrainConfig, base: Path, ranks: Ranks, device, total_ste
     from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
     attention = plan_attention(AutoConfig.from_pretrained(base), device.type)
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda"
-                                          and torch.cuda.is_bf16_supported())
+    bf16 = config.precision == "bf16" or (
+        config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
     with _quiet_transformers():
         model, info = AutoModelForCausalLM.from_pretrained(
-            base, dtype=torch.bfloat16 if bf16 else torch.float32, output_loading_info=True,
+            base,
+            dtype=torch.bfloat16 if bf16 else torch.float32,
+            output_loading_info=True,
             attn_implementation=attention.implementation,
             use_safetensors=None if config.allow_pickle else True,
-            device_map={"": device} if device.type == "cuda" else None)
+            device_map={"": device} if device.type == "cuda" else None,
+        )
     if info["missing_keys"]:
         raise CheckpointNotFoundError(
             f"{config.base} lacks {len(info['missing_keys'])} tensors a {type(model).__name__} needs "
             f"(e.g. {sorted(info['missing_keys'])[0]}): it is not a causal LM with its LM head, maybe a retriever.",
-            hint="Train on the base causal LM the retriever was made from.", ref=config.base)
+            hint="Train on the base causal LM the retriever was made from.",
+            ref=config.base,
+        )
     _check_targets(model, config)
     model.config.use_cache = False
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(config.seed)
-    peft_config = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                             target_modules=list(config.target_modules), use_dora=config.use_dora, bias="none",
-                             task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        use_dora=config.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     with _quiet_transformers():
         model = get_peft_model(model, peft_config).to(device)
-    step_cached_weight_norm(model)   # DoRA's norm once per optimizer step, not per forward pass
+    step_cached_weight_norm(model)  # DoRA's norm once per optimizer step, not per forward pass
     not_adapter = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
     if not_adapter:  # a bug, not a user error: peft must leave the base (LM head, embeddings) frozen
         raise RuntimeError(f"non-adapter tensors are trainable: {not_adapter[:3]}")
@@ -268,17 +298,17 @@ def setup_model(config: TrainConfig, base: Path, ranks: Ranks, device, total_ste
 
         engine = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
     schedule = "constant_with_warmup" if config.schedule == "constant" else config.schedule
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=config.warmup_steps,
-                              num_training_steps=total_steps)
-    return Run(config, ranks, device, bf16, model, engine, optimizer, scheduler, _forward_budget(config, device),
-               attention)
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
+    return Run(
+        config, ranks, device, bf16, model, engine, optimizer, scheduler, _forward_budget(config, device), attention
+    )
 
 
-def train_loop(run: Run, data: Data, state: LoopState, progress: ProgressFn | None = None, *,
-               work: Path | None = None) -> LoopState:
+def train_loop(
+    run: Run, data: Data, state: LoopState, progress: ProgressFn | None = None, *, work: Path | None = None
+) -> LoopState:
     """Run the optimizer steps from ``state.step`` to ``data.total_steps``; checkpoint every ``save_every`` steps
     into ``work``. The same steps, in the same order, whether or not the run was resumed."""
     import torch
@@ -292,12 +322,23 @@ def train_loop(run: Run, data: Data, state: LoopState, progress: ProgressFn | No
         if step // data.plan.steps_per_epoch != epoch:
             epoch = step // data.plan.steps_per_epoch
             steps = data.plan.epoch_steps(epoch)
-        micro = split_step(steps[step % data.plan.steps_per_epoch], rank=ranks.rank, rank_count=ranks.world,
-                           batch_size=config.batch_size, grad_accum=config.grad_accum)
-        batches = [_tokenized_batch(data, group) for rows in micro
-                   for group in data.plan.forward_groups(rows, run.forward_budget)]
-        predicted, real, pad = all_sum([sum(b.predicted for b in batches), sum(b.real for b in batches),
-                                        sum(b.pad for b in batches)], ranks, run.device)
+        micro = split_step(
+            steps[step % data.plan.steps_per_epoch],
+            rank=ranks.rank,
+            rank_count=ranks.world,
+            batch_size=config.batch_size,
+            grad_accum=config.grad_accum,
+        )
+        batches = [
+            _tokenized_batch(data, group)
+            for rows in micro
+            for group in data.plan.forward_groups(rows, run.forward_budget)
+        ]
+        predicted, real, pad = all_sum(
+            [sum(b.predicted for b in batches), sum(b.real for b in batches), sum(b.pad for b in batches)],
+            ranks,
+            run.device,
+        )
         loss_sum = _forward_backward(run, batches, predicted)
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -308,23 +349,49 @@ def train_loop(run: Run, data: Data, state: LoopState, progress: ProgressFn | No
         loss = all_sum([loss_sum], ranks, run.device)[0] / max(predicted, 1)
         session_real += int(real)
         seconds = time.perf_counter() - session_start
-        state.step, state.predicted, state.real, state.pad = step + 1, state.predicted + int(predicted), \
-            state.real + int(real), state.pad + int(pad)
+        state.step, state.predicted, state.real, state.pad = (
+            step + 1,
+            state.predicted + int(predicted),
+            state.real + int(real),
+            state.pad + int(pad),
+        )
         state.losses.append(loss)
         if progress is not None and ranks.main:
-            progress(step + 1, data.total_steps,
-                     StepStats(loss, lr, session_real / max(seconds, 1e-9), state.train_time_s + seconds))
+            progress(
+                step + 1,
+                data.total_steps,
+                StepStats(loss, lr, session_real / max(seconds, 1e-9), state.train_time_s + seconds),
+            )
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < data.total_steps and work:
-            meta = {**asdict(state), "train_time_s": state.train_time_s + seconds, "config": config.to_dict(),
-                    "world_size": ranks.world}
-            save_checkpoint(work, step + 1, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
-                            meta=meta, ranks=ranks)
+            meta = {
+                **asdict(state),
+                "train_time_s": state.train_time_s + seconds,
+                "config": config.to_dict(),
+                "world_size": ranks.world,
+            }
+            save_checkpoint(
+                work,
+                step + 1,
+                model=run.model,
+                optimizer=run.optimizer,
+                scheduler=run.scheduler,
+                meta=meta,
+                ranks=ranks,
+            )
     state.train_time_s += time.perf_counter() - session_start
     return state
 
 
-def save(run: Run, data: Data, state: LoopState, *, base, work: Path, wall_time_s: float,
-         readme: Callable[[dict[str, Any]], str] | None = None) -> TrainResult:
+def save(
+    run: Run,
+    data: Data,
+    state: LoopState,
+    *,
+    base,
+    work: Path,
+    wall_time_s: float,
+    readme: Callable[[dict[str, Any]], str] | None = None,
+) -> TrainResult:
     """Write the peft adapter and the training record under ``work/final`` and rename it to the output (rank 0)."""
     import shutil
 
@@ -340,8 +407,12 @@ def save(run: Run, data: Data, state: LoopState, *, base, work: Path, wall_time_
         adapter.base_model_name_or_path = config.base
         adapter.revision = record["base"].get("commit") or record["base"].get("revision")
         try:
-            save_peft_adapter(final, adapter, get_peft_model_state_dict(run.model),
-                              provenance={"reforge_version": __version__, "reforge_base": str(config.base)})
+            save_peft_adapter(
+                final,
+                adapter,
+                get_peft_model_state_dict(run.model),
+                provenance={"reforge_version": __version__, "reforge_base": str(config.base)},
+            )
             if readme is not None:
                 (final / "README.md").write_text(readme(record), encoding="utf-8")
             write_record(final / RECORD_NAME, record)
@@ -356,10 +427,11 @@ def save(run: Run, data: Data, state: LoopState, *, base, work: Path, wall_time_
 def _unsaved_hint(config: TrainConfig, work: Path) -> str:
     checkpoint = latest_checkpoint(work)
     if checkpoint is not None:
-        return (f"Training finished; its last checkpoint is {checkpoint}: free some space and rerun with --resume "
-                "to save the adapter from there.")
+        return (
+            f"Training finished; its last checkpoint is {checkpoint}: free some space and rerun with --resume "
+            "to save the adapter from there."
+        )
     return "Training finished but nothing could be saved; free some space (--save-every N keeps checkpoints)."
-
 
 
 def _forward_budget(config: TrainConfig, device) -> int | None:
@@ -374,9 +446,13 @@ def _refuse_nothing_to_learn(corpus: Corpus, lengths: np.ndarray) -> None:
     would "finish" with loss 0 and write an untrained adapter."""
     if int(np.maximum(lengths - 1, 0).sum()) == 0:
         where = ", ".join(str(p) for p in corpus.paths)
-        raise DataError(f"No tokens to train on: the tokenizer gives the {len(lengths):,} documents of {where} no "
-                        f"token to predict.", hint="Check --text-field and that the corpus holds text the base's "
-                        "tokenizer reads.", path=where, line=None)
+        raise DataError(
+            f"No tokens to train on: the tokenizer gives the {len(lengths):,} documents of {where} no "
+            f"token to predict.",
+            hint="Check --text-field and that the corpus holds text the base's tokenizer reads.",
+            path=where,
+            line=None,
+        )
 
 
 def _tokenized_batch(data: Data, rows) -> Batch:
@@ -399,10 +475,17 @@ def _forward_backward(run: Run, batches: list[Batch], predicted: float) -> float
         autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if run.bf16 else nullcontext()
         with sync:
             with autocast:
-                logits = run.engine(input_ids=batch.input_ids.to(run.device),
-                                    position_ids=batch.position_ids.to(run.device), use_cache=False).logits
-            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.to(run.device).flatten(),
-                                       ignore_index=IGNORE, reduction="sum")
+                logits = run.engine(
+                    input_ids=batch.input_ids.to(run.device),
+                    position_ids=batch.position_ids.to(run.device),
+                    use_cache=False,
+                ).logits
+            loss_sum = F.cross_entropy(
+                logits.float().flatten(0, 1),
+                batch.targets.to(run.device).flatten(),
+                ignore_index=IGNORE,
+                reduction="sum",
+            )
             (loss_sum * scale).backward()
         total += float(loss_sum.detach())
     return total
@@ -440,12 +523,16 @@ def _open_base(config: TrainConfig, token: str | None):
             f"{config.base} is {kind}, not a causal LM with an LM head (a retriever?). The knowledge adapter is "
             f"trained by next-token prediction on the base LM.",
             hint="Pass the base causal LM the retriever was made from (e.g. meta-llama/Llama-2-7b-hf for RepLLaMA).",
-            ref=config.base)
+            ref=config.base,
+        )
     limit = (checkpoint.config or {}).get("max_position_embeddings")
     if limit is not None and config.max_length > limit:
-        raise InvalidOptionError(f"--max-length {config.max_length} is above {config.base}'s limit of {limit} "
-                                 f"tokens (max_position_embeddings).", hint=f"Pass --max-length {limit} or less.",
-                                 option="max_length")
+        raise InvalidOptionError(
+            f"--max-length {config.max_length} is above {config.base}'s limit of {limit} "
+            f"tokens (max_position_embeddings).",
+            hint=f"Pass --max-length {limit} or less.",
+            option="max_length",
+        )
     return checkpoint
 
 
@@ -456,9 +543,12 @@ def _check_targets(model, config: TrainConfig) -> None:
     missing = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-        raise InvalidOptionError(f"Target modules {', '.join(missing)} match no Linear module of {config.base}; "
-                                 f"it has: {', '.join(leaves)}.", hint="Pass --target-modules with names from "
-                                 "that list.", option="target_modules")
+        raise InvalidOptionError(
+            f"Target modules {', '.join(missing)} match no Linear module of {config.base}; "
+            f"it has: {', '.join(leaves)}.",
+            hint="Pass --target-modules with names from that list.",
+            option="target_modules",
+        )
 
 
 def _load_tokenizer(ref: str, base: Path):
@@ -467,9 +557,11 @@ def _load_tokenizer(ref: str, base: Path):
     try:
         return AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError) as e:
-        raise CheckpointNotFoundError(f"{ref} has no usable tokenizer ({e}).",
-                                      hint="Save the base model's tokenizer into its folder "
-                                           "(tokenizer.save_pretrained).", ref=ref) from e
+        raise CheckpointNotFoundError(
+            f"{ref} has no usable tokenizer ({e}).",
+            hint="Save the base model's tokenizer into its folder (tokenizer.save_pretrained).",
+            ref=ref,
+        ) from e
 
 
 def _record(run: Run, data: Data, state: LoopState, base, wall_time_s: float) -> dict[str, Any]:
@@ -485,18 +577,32 @@ def _record(run: Run, data: Data, state: LoopState, base, wall_time_s: float) ->
         "reforge_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "adapter": "dora" if config.use_dora else "lora",
-        "base": {**base.provenance, "architectures": (base.config or {}).get("architectures"),
-                 "tie_word_embeddings": (base.config or {}).get("tie_word_embeddings")},
+        "base": {
+            **base.provenance,
+            "architectures": (base.config or {}).get("architectures"),
+            "tie_word_embeddings": (base.config or {}).get("tie_word_embeddings"),
+        },
         "corpus": _corpus_facts(config, data),
-        "tokens": {"trained": state.predicted, "input": state.real, "padding": state.pad,
-                   "padding_share": state.pad / max(state.real + state.pad, 1)},
-        "steps": state.step, "global_batch": data.plan.global_batch, "batching": config.batching,
+        "tokens": {
+            "trained": state.predicted,
+            "input": state.real,
+            "padding": state.pad,
+            "padding_share": state.pad / max(state.real + state.pad, 1),
+        },
+        "steps": state.step,
+        "global_batch": data.plan.global_batch,
+        "batching": config.batching,
         "world_size": run.ranks.world,
-        "device": run.device.type, "precision": "bf16" if run.bf16 else "fp32",
+        "device": run.device.type,
+        "precision": "bf16" if run.bf16 else "fp32",
         "attention": run.attention.to_dict() if run.attention else None,
-        "loss": {"first": state.losses[0] if state.losses else None,
-                 "final": state.losses[-1] if state.losses else None, "history": history},
-        "train_time_s": round(state.train_time_s, 3), "wall_time_s": round(wall_time_s, 3),
+        "loss": {
+            "first": state.losses[0] if state.losses else None,
+            "final": state.losses[-1] if state.losses else None,
+            "history": history,
+        },
+        "train_time_s": round(state.train_time_s, 3),
+        "wall_time_s": round(wall_time_s, 3),
         "tokens_per_s": state.real / max(state.train_time_s, 1e-9),
         "resumed_from_step": state.resumed_from,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
@@ -506,29 +612,56 @@ def _record(run: Run, data: Data, state: LoopState, base, wall_time_s: float) ->
 
 def _corpus_facts(config: TrainConfig, data: Data) -> dict[str, Any]:
     corpus, lengths = data.corpus, data.plan.lengths
-    return {"paths": [str(p.resolve()) for p in corpus.paths], "kinds": list(corpus.kinds), "sha256": corpus.sha256,
-            "documents": len(corpus.docs), "documents_read": corpus.read, "documents_empty": corpus.empty,
-            "documents_filtered": corpus.filtered, "only_ids_missing": corpus.only_missing,
-            "documents_at_max_length": int((lengths >= config.max_length).sum()),
-            "tokens": int(lengths.sum()), "rows": len(data.plan.rows)}
+    return {
+        "paths": [str(p.resolve()) for p in corpus.paths],
+        "kinds": list(corpus.kinds),
+        "sha256": corpus.sha256,
+        "documents": len(corpus.docs),
+        "documents_read": corpus.read,
+        "documents_empty": corpus.empty,
+        "documents_filtered": corpus.filtered,
+        "only_ids_missing": corpus.only_missing,
+        "documents_at_max_length": int((lengths >= config.max_length).sum()),
+        "tokens": int(lengths.sum()),
+        "rows": len(data.plan.rows),
+    }
 
 
-def _result(record: dict[str, Any], output: Path | None, state: LoopState, data: Data, ranks: Ranks,
-            dry_run: bool = False) -> TrainResult:
+def _result(
+    record: dict[str, Any], output: Path | None, state: LoopState, data: Data, ranks: Ranks, dry_run: bool = False
+) -> TrainResult:
     tokens = record["tokens"]
-    return TrainResult(output=output, record=record, steps=record["steps"], documents=len(data.corpus.docs),
-                       tokens=tokens["trained"], padding_share=tokens["padding_share"],
-                       final_loss=record.get("loss", {}).get("final"), wall_time_s=record["wall_time_s"],
-                       tokens_per_s=record.get("tokens_per_s", 0.0), resumed_from=state.resumed_from,
-                       is_main=ranks.main, dry_run=dry_run)
+    return TrainResult(
+        output=output,
+        record=record,
+        steps=record["steps"],
+        documents=len(data.corpus.docs),
+        tokens=tokens["trained"],
+        padding_share=tokens["padding_share"],
+        final_loss=record.get("loss", {}).get("final"),
+        wall_time_s=record["wall_time_s"],
+        tokens_per_s=record.get("tokens_per_s", 0.0),
+        resumed_from=state.resumed_from,
+        is_main=ranks.main,
+        dry_run=dry_run,
+    )
 
 
 def _plan_result(config: TrainConfig, data: Data, ranks: Ranks, device, wall_time_s: float) -> TrainResult:
     real, pad = data.plan.padding(config.batch_size, ranks.world, config.grad_accum, _forward_budget(config, device))
     epochs_done = data.total_steps / data.plan.steps_per_epoch
-    record = {"corpus": _corpus_facts(config, data), "steps": data.total_steps,
-              "global_batch": data.plan.global_batch, "batching": config.batching,
-              "tokens": {"trained": int(np.maximum(data.plan.lengths - 1, 0).sum() * epochs_done),
-                         "input": real, "padding": pad, "padding_share": pad / max(real + pad, 1)},
-              "wall_time_s": round(wall_time_s, 3), "config": config.to_dict()}
+    record = {
+        "corpus": _corpus_facts(config, data),
+        "steps": data.total_steps,
+        "global_batch": data.plan.global_batch,
+        "batching": config.batching,
+        "tokens": {
+            "trained": int(np.maximum(data.plan.lengths - 1, 0).sum() * epochs_done),
+            "input": real,
+            "padding": pad,
+            "padding_share": pad / max(real + pad, 1),
+        },
+        "wall_time_s": round(wall_time_s, 3),
+        "config": config.to_dict(),
+    }
     return _result(record, None, LoopState(), data, ranks, dry_run=True)

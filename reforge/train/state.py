@@ -36,8 +36,11 @@ def work_dir(output: str | Path) -> Path:
 def latest_checkpoint(work: Path) -> Path | None:
     """The newest complete checkpoint folder under ``work``, or None."""
     folder = work / CHECKPOINTS
-    found = sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) \
-        if folder.is_dir() else []
+    found = (
+        sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        if folder.is_dir()
+        else []
+    )
     return found[-1] if found else None
 
 
@@ -50,19 +53,30 @@ def check_output(config: TrainConfig) -> Path | None:
             neither ``resume`` nor ``overwrite`` says what to do with them.
     """
     output = Path(config.output)
-    inputs = [config.base, *config.corpus, config.only_ids, config.exclude_ids, *config.only_judged,
-              *config.exclude_judged]
+    inputs = [
+        config.base,
+        *config.corpus,
+        config.only_ids,
+        config.exclude_ids,
+        *config.only_judged,
+        *config.exclude_judged,
+    ]
     target.check_output(output, inputs=inputs, overwrite=config.overwrite)  # never an input, nor others' files
     busy = output.exists() and (not output.is_dir() or any(output.iterdir()))
     if busy and not config.overwrite:
-        raise OutputExistsError(f"Output {short_path(output)} already exists and is not empty.",
-                                hint="Pass --overwrite to replace it, or choose another -o folder.", path=output)
+        raise OutputExistsError(
+            f"Output {short_path(output)} already exists and is not empty.",
+            hint="Pass --overwrite to replace it, or choose another -o folder.",
+            path=output,
+        )
     checkpoint = latest_checkpoint(work_dir(output))
     if checkpoint is not None and not config.resume and not config.overwrite:
-        raise OutputExistsError(f"An earlier run writing {short_path(output)} stopped at {checkpoint.name} "
-                                f"(checkpoints in {short_path(checkpoint.parent.parent)}).",
-                                hint="Pass --resume to continue it, or --overwrite to start over.",
-                                path=checkpoint.parent.parent)
+        raise OutputExistsError(
+            f"An earlier run writing {short_path(output)} stopped at {checkpoint.name} "
+            f"(checkpoints in {short_path(checkpoint.parent.parent)}).",
+            hint="Pass --resume to continue it, or --overwrite to start over.",
+            path=checkpoint.parent.parent,
+        )
     return checkpoint if config.resume else None
 
 
@@ -79,8 +93,7 @@ def start_fresh(work: Path, ranks: Ranks) -> None:
     barrier(ranks)
 
 
-def save_checkpoint(work: Path, step: int, *, model, optimizer, scheduler, meta: dict[str, Any],
-                    ranks: Ranks) -> Path:
+def save_checkpoint(work: Path, step: int, *, model, optimizer, scheduler, meta: dict[str, Any], ranks: Ranks) -> Path:
     """Write a checkpoint after ``step`` optimizer steps: trainable tensors, optimizer, scheduler, every rank's
     RNG and ``meta``; keep only this one."""
     import torch
@@ -109,8 +122,9 @@ def save_checkpoint(work: Path, step: int, *, model, optimizer, scheduler, meta:
     return final
 
 
-def load_checkpoint(checkpoint: Path, config: TrainConfig, *, model, optimizer, scheduler,
-                    ranks: Ranks) -> dict[str, Any]:
+def load_checkpoint(
+    checkpoint: Path, config: TrainConfig, *, model, optimizer, scheduler, ranks: Ranks
+) -> dict[str, Any]:
     """Restore a checkpoint written by `save_checkpoint` into ``model``, ``optimizer``, ``scheduler`` and this
     rank's RNG; return its meta.
 
@@ -126,14 +140,18 @@ def load_checkpoint(checkpoint: Path, config: TrainConfig, *, model, optimizer, 
     changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
     if changed:
         pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise InvalidOptionError(f"Cannot resume from {short_path(checkpoint)}: options changed ({pairs}).",
-                                 hint="Resume with the original options, or pass --overwrite to start over.",
-                                 option=changed[0])
+        raise InvalidOptionError(
+            f"Cannot resume from {short_path(checkpoint)}: options changed ({pairs}).",
+            hint="Resume with the original options, or pass --overwrite to start over.",
+            option=changed[0],
+        )
     if meta["world_size"] != ranks.world:
-        raise InvalidOptionError(f"Cannot resume from {short_path(checkpoint)}: it was written by "
-                                 f"{meta['world_size']} processes and this run has {ranks.world}.",
-                                 hint="Launch the same number of processes, or --overwrite to start over.",
-                                 option="world_size")
+        raise InvalidOptionError(
+            f"Cannot resume from {short_path(checkpoint)}: it was written by "
+            f"{meta['world_size']} processes and this run has {ranks.world}.",
+            hint="Launch the same number of processes, or --overwrite to start over.",
+            option="world_size",
+        )
     tensors = load_tensors(checkpoint / "adapter.safetensors")
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -161,8 +179,11 @@ def publish(final: Path, output: Path, work: Path) -> None:
             os.replace(output, trash)
         os.replace(final, output)
     except OSError as e:
-        raise target.write_error(e, output, f"The trained adapter is whole in {short_path(final)}: move that "
-                                            f"folder to {short_path(output)} yourself.") from e
+        raise target.write_error(
+            e,
+            output,
+            f"The trained adapter is whole in {short_path(final)}: move that folder to {short_path(output)} yourself.",
+        ) from e
     shutil.rmtree(work, ignore_errors=True)
 
 

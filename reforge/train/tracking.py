@@ -18,8 +18,9 @@ REPORT_TO = ("none", "tensorboard")
 
 
 @contextmanager
-def step_logger(report_to: str, logging_dir: str | Path, run_name: str,
-                config: dict[str, Any]) -> Iterator[Callable[[int, Any], None] | None]:
+def step_logger(
+    report_to: str, logging_dir: str | Path, run_name: str, config: dict[str, Any]
+) -> Iterator[Callable[[int, Any], None] | None]:
     """A ``log(step, stats)`` callable writing loss, learning rate and tokens/s per optimizer step to
     ``logging_dir/run_name``, with ``config`` as the run's hyperparameters; None for ``report_to="none"``.
 
@@ -30,8 +31,9 @@ def step_logger(report_to: str, logging_dir: str | Path, run_name: str,
         yield None
         return
     if report_to != "tensorboard":
-        raise InvalidOptionError(f"--report-to {report_to!r} is not supported (choose from {', '.join(REPORT_TO)}).",
-                                 option="--report-to")
+        raise InvalidOptionError(
+            f"--report-to {report_to!r} is not supported (choose from {', '.join(REPORT_TO)}).", option="--report-to"
+        )
     _check_tensorboard()
     tracker = None
 
@@ -46,8 +48,10 @@ def step_logger(report_to: str, logging_dir: str | Path, run_name: str,
             tracker.main_process_only = False  # only rank 0 reports steps; no accelerate state to set up
             tracker.start()
             tracker.store_init_configuration(_hparams(config))
-        tracker.log({"train/loss": stats.loss, "train/learning_rate": stats.lr,
-                     "train/tokens_per_s": stats.tokens_per_s}, step=step)
+        tracker.log(
+            {"train/loss": stats.loss, "train/learning_rate": stats.lr, "train/tokens_per_s": stats.tokens_per_s},
+            step=step,
+        )
 
     try:
         yield log
@@ -60,8 +64,11 @@ def _check_tensorboard() -> None:
     from importlib.util import find_spec
 
     if find_spec("tensorboard") is None:
-        raise InvalidOptionError("--report-to tensorboard needs the tensorboard package.",
-                                 hint="pip install tensorboard (or reforge[tensorboard]).", option="--report-to")
+        raise InvalidOptionError(
+            "--report-to tensorboard needs the tensorboard package.",
+            hint="pip install tensorboard (or reforge[tensorboard]).",
+            option="--report-to",
+        )
 
 
 def _hparams(config: dict[str, Any]) -> dict[str, Any]:
