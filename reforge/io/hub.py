@@ -35,6 +35,7 @@ from reforge.errors import (
     UnsafePathError,
     short_path,
 )
+from reforge.io.companions import COMPANION_NAMES
 from reforge.io.http import HubLimits, bounded, is_timeout, retrying
 from reforge.io.index import read_weight_map
 from reforge.io.progress import ProgressFn
@@ -42,30 +43,9 @@ from reforge.io.progress import ProgressFn
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}"
 _REPO_ID_RE = re.compile(rf"^{_NAME}/{_NAME}$")
 
-# Files a checkpoint needs besides its weights (exact names at the repo root).
-_META_FILES = frozenset(
-    {
-        "config.json",
-        "generation_config.json",
-        "README.md",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "tokenizer.model",
-        "vocab.txt",
-        "vocab.json",
-        "merges.txt",
-        "spiece.model",
-        "sentencepiece.bpe.model",
-        "chat_template.jinja",
-        "chat_template.json",
-        "modules.json",
-        "config_sentence_transformers.json",
-        "sentence_bert_config.json",
-        "adapter_config.json",
-    }
-)
+# Files a checkpoint needs besides its weights (exact names at the repo root): the companions a merged output
+# carries, plus the card and an adapter's config.
+_META_FILES = COMPANION_NAMES | {"README.md", "adapter_config.json"}
 _META_PATTERNS = ("reforge*.json",)  # reforge provenance records
 # sentence-transformers module folders (1_Pooling, 2_Dense, 2_Normalize ...): their configs and weights.
 _ST_MODULE_RE = re.compile(r"^\d+_[^/]+/[^/]+\.(json|txt|model)$")
