@@ -35,6 +35,7 @@ from reforge.errors import (
     UnsafePathError,
     short_path,
 )
+from reforge.io.atomic import write_atomic
 from reforge.io.companions import COMPANION_NAMES
 from reforge.io.http import HubLimits, bounded, is_timeout, retrying
 from reforge.io.index import read_weight_map
@@ -391,9 +392,7 @@ def _write_ref(cache: Path, repo_id: str, revision: str, commit: str) -> None:
     ref = cache / _repo_folder(repo_id) / "refs" / revision
     ref.parent.mkdir(parents=True, exist_ok=True)
     if not ref.is_file() or ref.read_text() != commit:
-        tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
-        tmp.write_text(commit)
-        os.replace(tmp, ref)
+        write_atomic(ref, lambda f: f.write(commit.encode()))
 
 
 def _from_cache(

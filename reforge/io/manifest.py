@@ -13,12 +13,12 @@ A record that is missing is None; one that cannot be parsed is an error naming t
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reforge.errors import CorruptCheckpointError, short_path
+from reforge.io.atomic import write_atomic
 
 MANIFEST = "reforge.json"
 TRAINING_RECORD = "training_record.json"
@@ -104,10 +104,8 @@ def read_training_record(folder: str | Path) -> TrainingRecord | None:
 
 def write_record(path: str | Path, data: dict[str, Any]) -> None:
     """Write a record as indented JSON through a temporary name, renamed when whole."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    text = json.dumps(data, indent=2) + "\n"
+    write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
 
 
 def _read(path: Path) -> dict[str, Any] | None:

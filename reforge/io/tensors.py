@@ -3,9 +3,10 @@ through reforge's own readers: safetensors through `ShardReader`, pickle only we
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from reforge.io.atomic import write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -33,11 +34,9 @@ def save_tensors(file: str | Path, tensors: dict[str, "torch.Tensor"], metadata:
     """Write ``tensors`` as one safetensors file: through a temporary name, renamed when whole, readable by all."""
     from safetensors.torch import save
 
-    file = Path(file)
-    temporary = file.with_name(f".{file.name}.tmp-{os.getpid()}")
     contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-    temporary.write_bytes(save(contiguous, metadata=metadata or {"format": "pt"}))
-    os.replace(temporary, file)
+    data = save(contiguous, metadata=metadata or {"format": "pt"})
+    write_atomic(Path(file), lambda f: f.write(data))
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
