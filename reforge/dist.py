@@ -140,6 +140,17 @@ def all_sum(values: list[float], ranks: Ranks, device: Any) -> list[float]:
     return tensor.tolist()
 
 
+def all_true(flag: bool, ranks: Ranks) -> bool:
+    """True when ``flag`` holds on every rank (each rank gets the same answer)."""
+    if ranks.world == 1:
+        return flag
+    import torch.distributed as dist
+
+    flags: list[bool] = [False] * ranks.world
+    dist.all_gather_object(flags, flag)
+    return all(flags)
+
+
 def gather_strided(local: np.ndarray, total: int, ranks: Ranks) -> np.ndarray:
     """Rebuild an array of ``total`` items when rank r holds items ``r, r + world, ...``."""
     if ranks.world == 1:

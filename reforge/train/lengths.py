@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reforge.dist import Ranks, gather_strided
+from reforge.dist import Ranks, all_true, gather_strided
 from reforge.io.atomic import write_atomic
 
 CACHE_VERSION = 1
@@ -68,7 +68,7 @@ def cached_token_lengths(
     ``world``-th text) and stored by rank 0. Returns ``(lengths as int64, came from the cache)``."""
     path = (folder or default_folder()) / f"{key}.npy"
     found = _read(path, len(texts))
-    if _everywhere(found is not None, ranks):
+    if all_true(found is not None, ranks):
         assert found is not None
         return found.astype(np.int64), True
     lengths = gather_strided(count(texts[ranks.rank :: ranks.world]), len(texts), ranks)
@@ -83,16 +83,6 @@ def _read(path: Path, rows: int) -> np.ndarray | None:
     except (OSError, ValueError):
         return None
     return np.asarray(array) if array.shape == (rows,) and array.dtype == np.uint32 else None
-
-
-def _everywhere(flag: bool, ranks: Ranks) -> bool:
-    if ranks.world == 1:
-        return flag
-    import torch.distributed as dist
-
-    flags: list[bool] = [False] * ranks.world
-    dist.all_gather_object(flags, flag)
-    return all(flags)
 
 
 def _write(path: Path, array: np.ndarray) -> None:
