@@ -45,9 +45,13 @@ from reforge.ops.stream import (
     Accumulator,
     all_finite,
     check_finite,
+    clipped,
     empty,
     import_torch_in_background,
+    piece_shape,
+    pieces,
     row_blocks,
+    shifted,
 )
 
 if TYPE_CHECKING:
@@ -383,17 +387,29 @@ def _terms(source: MergeInputs, key: str, beta: float) -> list[str]:
 
 
 def _write_tensors(writer: CheckpointWriter, source: MergeInputs, beta: float, specs: list[TensorSpec]) -> None:
+    """Stream every pending tensor piece by piece (`reforge.ops.stream.pieces`) from the inputs to the output."""
     todo = [key for spec, key in zip(specs, source.shapes) if writer.pending(spec.name)]
     spec_of = {key: spec for spec, key in zip(specs, source.shapes)}
+    items = [(key, rows) for key in todo for rows in _pieces(source, key)]
     loader = InputLoader(source, beta)
-    with streamed(todo, loader) as stream:
-        for key, loaded in stream:
+    rounding: dict[str, float] = {}
+    with streamed(items, loader, load=lambda item: loader.load(*item)) as stream:
+        for (key, rows), loaded in stream:
             spec = spec_of[key]
-            stored, rounding = compute_output(
-                source, loaded, key, beta, torch_dtype(spec.dtype), loader.pool, writer.alignment(spec.name)
+            stored, error = compute_output(
+                source, loaded, key, beta, torch_dtype(spec.dtype), loader.pool, writer.alignment(spec.name, rows), rows
             )
-            writer.write(spec.name, stored)
-            writer.record(spec.name, {"max_abs_rounding": rounding})
+            writer.write(spec.name, stored, rows)
+            rounding[key] = max(rounding.get(key, 0.0), error)
+            if rows is None or rows.stop >= source.shapes[key][0]:  # the last piece
+                writer.record(spec.name, {"max_abs_rounding": rounding.pop(key)})
+
+
+def _pieces(source: MergeInputs, key: str) -> list[slice | None]:
+    """A tensor made from a factored Delta (B @ A, computed whole) is streamed whole; any other in pieces."""
+    if source.delta is not None and key in source.delta.factored:
+        return [None]
+    return pieces(source.shapes[key])
 
 
 @dataclass
@@ -414,6 +430,7 @@ class InputLoader:
     def __init__(self, source: MergeInputs, beta: float) -> None:
         self.source, self.beta = source, beta
         self.pool = BufferPool()
+        self._factors: tuple[str | None, list, Factors | None] = (None, [], None)  # the last key's, for its pieces
 
     def __enter__(self) -> "InputLoader":
         source, pool = self.source, self.pool
@@ -429,28 +446,39 @@ class InputLoader:
             if reader is not None:
                 reader.close()
 
-    def load(self, key: str) -> Loaded:
+    def load(self, key: str, rows: slice | None = None) -> Loaded:
+        """The inputs of output tensor ``key``, or of its rows ``rows`` (a piece; the adapters' factors are read
+        once per tensor and shared by its pieces)."""
         source, loaded = self.source, Loaded()
-        loaded.adapters = [
-            (adapter.factors(key, reader.get), alpha)
-            for (adapter, alpha), reader in zip(source.adapters, self.adapters)
-            if alpha != 0 and key in adapter.modules
-        ]
+        loaded.adapters, loaded.retriever_factors = self._factors_of(key)
         if source.retriever is not None:
-            loaded.retriever = self.retriever.get(source.retriever.layout.stored(key))
+            loaded.retriever = self.retriever.get(source.retriever.layout.stored(key), rows)
         elif source.delta is not None:
             loaded.delta = (
                 None
                 if key in source.delta.zero
                 else source.delta.get(self.delta, key)
                 if key in source.delta.factored
-                else self.delta.get(key)
+                else self.delta.get(key, rows)
             )
-        elif key in source.retriever_adapter.modules:
-            loaded.retriever_factors = source.retriever_adapter.factors(key, self.retriever_adapter.get)
         if self._needs_base(loaded) and key in source.base_keys:
-            loaded.base = self.base.get(source.base_keys[key])
+            stored = source.base_keys[key]
+            loaded.base = self.base.get(stored, clipped(rows, source.base.index.tensors[stored].shape[0]))
         return loaded
+
+    def _factors_of(self, key: str) -> tuple[list[tuple[Factors, float]], Factors | None]:
+        source = self.source
+        if self._factors[0] != key:
+            adapters = [
+                (adapter.factors(key, reader.get), alpha)
+                for (adapter, alpha), reader in zip(source.adapters, self.adapters)
+                if alpha != 0 and key in adapter.modules
+            ]
+            retriever_factors = None
+            if source.retriever is None and source.delta is None and key in source.retriever_adapter.modules:
+                retriever_factors = source.retriever_adapter.factors(key, self.retriever_adapter.get)
+            self._factors = (key, adapters, retriever_factors)
+        return self._factors[1], self._factors[2]
 
     def _needs_base(self, loaded: Loaded) -> bool:
         dora = any(f.magnitude is not None for f, _ in loaded.adapters)
@@ -465,15 +493,17 @@ def compute_output(
     dtype: "torch.dtype",
     pool: BufferPool | None = None,
     skew: int = 0,
+    piece: slice | None = None,
 ) -> tuple["torch.Tensor", float]:
-    """One output tensor (in ``dtype``) and its largest rounding |stored - exact fp32|. With ``pool`` and ``skew``
-    its memory is placed for an O_DIRECT write (see `Accumulator`).
+    """One output tensor (in ``dtype``), or its rows ``piece`` (``loaded`` then holds the inputs' same rows), and
+    its largest rounding |stored - exact fp32|. With ``pool`` and ``skew`` its memory is placed for an O_DIRECT
+    write (see `Accumulator`).
 
     A tensor nothing changes (retriever, beta = 1, no adapter) is the retriever's tensor itself, bit for bit."""
     if loaded.retriever is not None and beta == 1 and not loaded.adapters and loaded.retriever.dtype == dtype:
         check_finite(all_finite(loaded.retriever), key, "the retriever's tensor holds")
         return _placed(loaded.retriever, pool, skew), 0.0
-    shape = source.shapes[key]
+    shape = piece_shape(source.shapes[key], piece)
     base_rows = loaded.base.shape[0] if loaded.base is not None and loaded.base.dim() else None
     accumulator = Accumulator(shape, dtype, pool, skew)
     for rows in row_blocks(shape):
@@ -487,12 +517,12 @@ def compute_output(
                 block.mul_(beta)
                 _add(block, base, covered)
         else:
-            _delta_rows_into(block, rows, loaded, base)
+            _delta_rows_into(block, rows, shifted(rows, piece), loaded, base)
             if beta != 1:
                 block.mul_(beta)
             _add(block, base, covered)
         for factors, alpha in loaded.adapters:
-            factors.add_to(block, rows, base, alpha)
+            factors.add_to(block, shifted(rows, piece), base, alpha)
         accumulator.commit(rows)
     check_finite(accumulator.finite, key, "base + alpha * Psi + beta * Delta is")
     return accumulator.output, accumulator.max_abs_rounding
@@ -507,13 +537,14 @@ def _placed(tensor: "torch.Tensor", pool: BufferPool | None, skew: int) -> "torc
     return placed.copy_(tensor) if placed.data_ptr() % ALIGNMENT == skew else tensor
 
 
-def _delta_rows_into(block: "torch.Tensor", rows: slice, loaded: Loaded, base) -> None:
+def _delta_rows_into(block: "torch.Tensor", rows: slice, whole_rows: slice, loaded: Loaded, base) -> None:
+    """Delta's rows into ``block``: ``rows`` of the loaded piece, ``whole_rows`` the same rows of the tensor."""
     if loaded.delta is not None:
         block.copy_(loaded.delta[rows])
     else:
         block.zero_()
         if loaded.retriever_factors is not None:
-            loaded.retriever_factors.add_to(block, rows, base, 1.0)
+            loaded.retriever_factors.add_to(block, whole_rows, base, 1.0)
 
 
 def _rows(tensor: "torch.Tensor | None", rows: slice, covered: int | None) -> "torch.Tensor | None":

@@ -1,0 +1,149 @@
+"""Streaming tensors in pieces: reading rows, writing rows, and diff/merge outputs that do not depend on it."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import build_model, make_adapter, perturbed_bare, save
+from reforge.io.buffers import BufferPool
+from reforge.io.checkpoint import open_model
+from reforge.io.index import ShardIndex
+from reforge.io.reader import ShardReader
+from reforge.io.writer import CheckpointWriter, TensorSpec
+from reforge.ops import stream
+from reforge.ops.diff import diff
+from reforge.ops.job import WriteOptions
+from reforge.ops.merge import merge
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """bf16 base CausalLM; a bare retriever; one with 2 tokens added; a DoRA adapter; a LoRA retriever."""
+    root = tmp_path_factory.mktemp("pieces")
+    base = build_model("llama-causal")
+    retriever = perturbed_bare(copy.deepcopy(base))
+    grown = perturbed_bare(copy.deepcopy(base), seed=3)
+    grown.resize_token_embeddings(130)
+    grown.config.vocab_size = 130
+    make_adapter(base, root / "dora", dora=True, targets=("q_proj", "v_proj", "up_proj", "down_proj"))
+    make_adapter(base, root / "lora-retriever", seed=9, targets=("q_proj", "o_proj", "down_proj"))
+    return dict(
+        root=root,
+        base=save(base, root / "base", dtype=torch.bfloat16),
+        retriever=save(retriever, root / "retriever", dtype=torch.bfloat16, shard_size="40KB"),
+        grown=save(grown, root / "grown", dtype=torch.bfloat16),
+        dora=root / "dora",
+        lora=root / "lora-retriever",
+    )
+
+
+def _outputs(folder):
+    """Every weight file's bytes, and the recorded rounding of every tensor."""
+    files = {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+    return files, json.loads((folder / "reforge.json").read_text())["records"]
+
+
+def _both_ways(monkeypatch, tmp_path, job):
+    """Run ``job(output)`` with tensors streamed whole, then in pieces of 2 blocks of 2-4 rows each."""
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 64)  # 32-wide rows: blocks of 2 rows
+    results = []
+    for name, blocks in (("whole", 10**9), ("pieces", 2)):
+        monkeypatch.setattr(stream, "PIECE_BLOCKS", blocks)
+        job(tmp_path / name)
+        results.append(_outputs(tmp_path / name))
+    assert len(stream.pieces((130, 32))) == 33  # the embedding really went in pieces (the last one of 2 rows)
+    return results
+
+
+CASES = {
+    "retriever + DoRA": lambda m, out: merge(m["base"], out, retriever=m["retriever"], adapters=[(m["dora"], 0.5)]),
+    "beta 0.5 + DoRA": lambda m, out: merge(
+        m["base"], out, retriever=m["retriever"], adapters=[(m["dora"], -1.25)], beta=0.5
+    ),
+    "LoRA retriever + DoRA": lambda m, out: merge(m["base"], out, retriever=m["lora"], adapters=[(m["dora"], 0.5)]),
+    "dtype float32": lambda m, out: merge(
+        m["base"], out, retriever=m["retriever"], adapters=[(m["dora"], 0.5)], write=WriteOptions(dtype="float32")
+    ),
+    "diff, tokens added": lambda m, out: diff(m["base"], m["grown"], out),
+    "diff, LoRA retriever": lambda m, out: diff(m["base"], m["lora"], out),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pieces_write_the_same_bytes_as_whole_tensors(models, tmp_path, monkeypatch, case):
+    (whole_files, whole_records), (piece_files, piece_records) = _both_ways(
+        monkeypatch, tmp_path, lambda out: CASES[case](models, out)
+    )
+    assert piece_files == whole_files and piece_records == whole_records
+    assert any(r["max_abs_rounding"] > 0 for r in whole_records.values()) or case == "dtype float32"
+
+
+def test_merge_of_a_delta_with_added_tokens_in_pieces(models, tmp_path, monkeypatch):
+    """base + Delta where the base lacks the added rows: pieces past the base's rows hold Delta alone."""
+    delta = tmp_path / "delta"
+    diff(models["base"], models["grown"], delta)
+    whole, pieces = _both_ways(
+        monkeypatch, tmp_path, lambda out: merge(models["base"], out, delta=delta, adapters=[(models["dora"], 0.5)])
+    )
+    assert pieces == whole
+    embedding = open_model(tmp_path / "pieces").reader().get("embed_tokens.weight")
+    grown = open_model(models["grown"]).reader().get("embed_tokens.weight")
+    assert embedding.shape == (130, 32) and torch.equal(embedding[128:], grown[128:])
+
+
+def test_pieces_are_whole_row_blocks(monkeypatch):
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(stream, "PIECE_BLOCKS", 3)
+    assert stream.pieces((10, 30)) == [slice(0, 9), slice(9, 10)]  # blocks of 3 rows, pieces of 3 blocks
+    assert stream.pieces((9, 30)) == [None] and stream.pieces(()) == [None]
+    assert stream.pieces((1000,)) == [slice(0, 300), slice(300, 600), slice(600, 900), slice(900, 1000)]
+    assert stream.piece_shape((10, 30), slice(9, 10)) == (1, 30)
+    assert stream.shifted(slice(3, 6), slice(9, 18)) == slice(12, 15)
+    assert stream.clipped(slice(8, 12), 10) == slice(8, 10) and stream.clipped(None, 10) is None
+
+
+def test_reader_reads_rows_alone(tmp_path):
+    """Rows of a large tensor (read with O_DIRECT where the filesystem has it) and of a small one."""
+    from safetensors.torch import save_file
+
+    large = torch.arange(600 * 1024, dtype=torch.float32).reshape(600, 1024)  # 2.4 MB: the direct-read path
+    small = torch.arange(40, dtype=torch.bfloat16).reshape(10, 4)
+    save_file({"small": small, "large": large}, str(tmp_path / "model.safetensors"))
+    with ShardReader(ShardIndex.from_dir(tmp_path), BufferPool()) as reader:
+        assert torch.equal(reader.get("large", slice(37, 411)), large[37:411])
+        assert torch.equal(reader.get("large", slice(599, 600)), large[599:])
+        assert torch.equal(reader.get("small", slice(3, 7)), small[3:7])
+        assert reader.get("small", slice(10, 10)).shape == (0, 4)
+
+
+def test_writer_takes_rows_in_any_order(tmp_path):
+    value = torch.randn(300, 1024)
+    specs = [TensorSpec("a", "F32", (300, 1024)), TensorSpec("empty", "F32", (0,)), TensorSpec("c", "BF16", (3,))]
+    with CheckpointWriter(tmp_path / "whole", specs, plan_id="p") as writer:
+        writer.write("a", value)
+        writer.write("empty", torch.zeros(0))
+        writer.write("c", torch.ones(3, dtype=torch.bfloat16))
+    with CheckpointWriter(tmp_path / "rows", specs, plan_id="p") as writer:
+        writer.write("c", torch.ones(3, dtype=torch.bfloat16))
+        for rows in (slice(100, 300), slice(0, 7), slice(7, 100)):
+            assert writer.pending("a")
+            writer.write("a", value[rows], rows)
+        assert not writer.pending("a") and writer.pending("empty")
+        writer.write("empty", torch.zeros(0))
+        with pytest.raises(ValueError, match="planned F32"):
+            CheckpointWriter(tmp_path / "x", specs, plan_id="q").write("a", value[:5], slice(0, 6))
+    assert (tmp_path / "rows" / "model.safetensors").read_bytes() == (
+        tmp_path / "whole" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_writer_refuses_a_tensor_left_unfinished(tmp_path):
+    specs = [TensorSpec("a", "F32", (10, 4))]
+    with pytest.raises(RuntimeError, match="never written"):
+        with CheckpointWriter(tmp_path / "out", specs, plan_id="p") as writer:
+            writer.write("a", torch.zeros(6, 4), slice(0, 6))
+    assert not (tmp_path / "out").exists()
