@@ -55,7 +55,7 @@ def _both_ways(monkeypatch, tmp_path, job):
         monkeypatch.setattr(stream, "PIECE_BLOCKS", blocks)
         job(tmp_path / name)
         results.append(_outputs(tmp_path / name))
-    assert len(stream.pieces((130, 32))) == 33  # the embedding really went in pieces (the last one of 2 rows)
+    assert len(stream.pieces((130, 32))) == 32  # the embedding really went in pieces (the last one of 6 rows)
     return results
 
 
@@ -95,15 +95,31 @@ def test_merge_of_a_delta_with_added_tokens_in_pieces(models, tmp_path, monkeypa
     assert embedding.shape == (130, 32) and torch.equal(embedding[128:], grown[128:])
 
 
-def test_pieces_are_whole_row_blocks(monkeypatch):
+def test_pieces_are_whole_row_blocks_and_short_tails_join(monkeypatch):
     monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)
     monkeypatch.setattr(stream, "PIECE_BLOCKS", 3)
-    assert stream.pieces((10, 30)) == [slice(0, 9), slice(9, 10)]  # blocks of 3 rows, pieces of 3 blocks
-    assert stream.pieces((9, 30)) == [None] and stream.pieces(()) == [None]
+    assert stream.pieces((20, 30)) == [slice(0, 9), slice(9, 20)]  # blocks of 3 rows, pieces of 3 blocks + tail
+    assert list(stream.row_blocks((20, 30)))[-2:] == [slice(12, 15), slice(15, 20)]  # a tail of 2 rows joins
+    assert stream.pieces((12, 30)) == [None] and stream.pieces(()) == [None]
     assert stream.pieces((1000,)) == [slice(0, 300), slice(300, 600), slice(600, 900), slice(900, 1000)]
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 64 * 30)  # blocks of 64 rows: a tail of 5 joins the last block
+    assert list(stream.row_blocks((133, 30))) == [slice(0, 64), slice(64, 133)]
+    assert list(stream.row_blocks((5, 30))) == [slice(0, 5)] and list(stream.row_blocks((0, 30))) == []
     assert stream.piece_shape((10, 30), slice(9, 10)) == (1, 30)
     assert stream.shifted(slice(3, 6), slice(9, 18)) == slice(12, 15)
     assert stream.clipped(slice(8, 12), 10) == slice(8, 10) and stream.clipped(None, 10) is None
+
+
+def test_blocks_never_change_a_product_row():
+    """Why short tails join (MIN_BLOCK_ROWS): B[rows] @ A for blocks of 8 rows and more is the whole product's rows
+    bit for bit; for fewer rows MKL may round differently (checked here on DoRA's shapes: rank 32)."""
+    generator = torch.Generator().manual_seed(0)
+    weight, b, a = (torch.randn(shape, generator=generator) for shape in ((300, 512), (300, 32), (32, 512)))
+    whole = torch.addmm(weight, b, a, alpha=0.37)
+    for rows in (stream.MIN_BLOCK_ROWS, 12, 64, 256):
+        starts = [*range(0, 300 - stream.MIN_BLOCK_ROWS, rows), 300]  # a short tail joins, as in row_blocks
+        blocks = [torch.addmm(weight[i:j], b[i:j], a, alpha=0.37) for i, j in zip(starts, starts[1:])]
+        assert torch.equal(torch.cat(blocks), whole)
 
 
 def test_reader_reads_rows_alone(tmp_path):

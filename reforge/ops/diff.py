@@ -29,7 +29,9 @@ from reforge.ops.stream import (
     Accumulator,
     check_finite,
     clipped,
+    compute_workers,
     import_torch_in_background,
+    in_parallel,
     piece_shape,
     pieces,
     prefetch,
@@ -177,12 +179,18 @@ def _write_entries(writer: CheckpointWriter, todo: list[_Entry], loader: "_Entry
     """Stream the entries piece by piece (`reforge.ops.stream.pieces`; a factored one whole: its SVD needs it all)."""
     items = [(e, rows) for e in todo for rows in ([None] if e.key in factored else pieces(e.shape))]
     rounding: dict[str, float] = {}
+
+    def compute(item, loaded, scratch):
+        entry, rows = item
+        if entry.key in factored:
+            return loaded, 0.0  # factored below, in order: it writes two tensors
+        return _delta_tensor(entry, loaded, dtype, loader.pool, writer.alignment(entry.key, rows), rows, scratch)
+
     with streamed(items, loader, load=lambda item: loader.load(*item)) as stream:
-        for (entry, rows), loaded in stream:
+        for (entry, rows), (stored, error) in in_parallel(stream, compute, compute_workers()):
             if entry.key in factored:
-                writer.record(entry.key, _store_factored(writer, entry, loaded, dtype, factored))
+                writer.record(entry.key, _store_factored(writer, entry, stored, dtype, factored))
                 continue
-            stored, error = _delta_tensor(entry, loaded, dtype, loader.pool, writer.alignment(entry.key, rows), rows)
             writer.write(entry.key, stored, rows)
             rounding[entry.key] = max(rounding.get(entry.key, 0.0), error)
             if rows is None or rows.stop >= entry.shape[0]:  # the last piece
@@ -417,24 +425,36 @@ class _EntryLoader:
 
 
 def _delta_tensor(
-    entry: _Entry, loaded: _Loaded, dtype: str, pool: BufferPool | None = None, skew: int = 0, piece=None
+    entry: _Entry,
+    loaded: _Loaded,
+    dtype: str,
+    pool: BufferPool | None = None,
+    skew: int = 0,
+    piece=None,
+    scratch=None,
 ) -> tuple["torch.Tensor", float]:
     """Delta of one entry (or of its rows ``piece``, ``loaded`` holding the inputs' same rows) computed in fp32
     block by block, rounded to ``dtype``; and the largest rounding."""
     shape = piece_shape(entry.shape, piece)
     # the base's rows end at entry.base_rows (tokens added to the retriever): counted from the piece's start
     base_rows = None if entry.base_rows is None else entry.base_rows - (piece.start if piece is not None else 0)
-    accumulator = Accumulator(shape, torch_dtype(dtype), pool, skew)
+    accumulator = Accumulator(shape, torch_dtype(dtype), pool, skew, scratch)
     for rows in row_blocks(shape):
         block = accumulator.block(rows)
-        _delta_rows(block, rows, shifted(rows, piece), entry, loaded, base_rows)
+        _delta_rows(block, rows, shifted(rows, piece), entry, loaded, base_rows, scratch)
         accumulator.commit(rows)
     check_finite(accumulator.finite, entry.key, "retriever - base is")
     return accumulator.output, accumulator.max_abs_rounding
 
 
 def _delta_rows(
-    block: "torch.Tensor", rows: slice, whole_rows: slice, entry: _Entry, loaded: _Loaded, base_rows: int | None
+    block: "torch.Tensor",
+    rows: slice,
+    whole_rows: slice,
+    entry: _Entry,
+    loaded: _Loaded,
+    base_rows: int | None,
+    scratch=None,
 ) -> None:
     """Delta's rows ``rows`` of the loaded piece (``whole_rows`` of the tensor); the base has ``base_rows`` rows
     of the piece (None: all of them)."""
@@ -442,7 +462,8 @@ def _delta_rows(
         block.zero_()
     elif entry.source == "adapter":
         block.zero_()
-        loaded.factors.add_to(block, whole_rows, loaded.base[rows] if loaded.base is not None else None, 1.0)
+        base = loaded.base[rows] if loaded.base is not None else None
+        loaded.factors.add_to(block, whole_rows, base, 1.0, scratch)
     else:
         block.copy_(loaded.retriever[rows])
         if entry.source == "dense":

@@ -43,11 +43,14 @@ from reforge.ops.job import (
 )
 from reforge.ops.stream import (
     Accumulator,
+    Scratch,
     all_finite,
     check_finite,
     clipped,
+    compute_workers,
     empty,
     import_torch_in_background,
+    in_parallel,
     piece_shape,
     pieces,
     row_blocks,
@@ -393,12 +396,15 @@ def _write_tensors(writer: CheckpointWriter, source: MergeInputs, beta: float, s
     items = [(key, rows) for key in todo for rows in _pieces(source, key)]
     loader = InputLoader(source, beta)
     rounding: dict[str, float] = {}
+
+    def compute(item, loaded, scratch):
+        (key, rows), spec = item, spec_of[item[0]]
+        dtype, skew = torch_dtype(spec.dtype), writer.alignment(spec.name, rows)
+        return compute_output(source, loaded, key, beta, dtype, loader.pool, skew, rows, scratch)
+
     with streamed(items, loader, load=lambda item: loader.load(*item)) as stream:
-        for (key, rows), loaded in stream:
+        for (key, rows), (stored, error) in in_parallel(stream, compute, compute_workers()):
             spec = spec_of[key]
-            stored, error = compute_output(
-                source, loaded, key, beta, torch_dtype(spec.dtype), loader.pool, writer.alignment(spec.name, rows), rows
-            )
             writer.write(spec.name, stored, rows)
             rounding[key] = max(rounding.get(key, 0.0), error)
             if rows is None or rows.stop >= source.shapes[key][0]:  # the last piece
@@ -494,10 +500,11 @@ def compute_output(
     pool: BufferPool | None = None,
     skew: int = 0,
     piece: slice | None = None,
+    scratch: Scratch | None = None,
 ) -> tuple["torch.Tensor", float]:
     """One output tensor (in ``dtype``), or its rows ``piece`` (``loaded`` then holds the inputs' same rows), and
     its largest rounding |stored - exact fp32|. With ``pool`` and ``skew`` its memory is placed for an O_DIRECT
-    write (see `Accumulator`).
+    write (see `Accumulator`). ``scratch``: the calling thread's fp32 buffers.
 
     A tensor nothing changes (retriever, beta = 1, no adapter) is the retriever's tensor itself, bit for bit."""
     if loaded.retriever is not None and beta == 1 and not loaded.adapters and loaded.retriever.dtype == dtype:
@@ -505,7 +512,7 @@ def compute_output(
         return _placed(loaded.retriever, pool, skew), 0.0
     shape = piece_shape(source.shapes[key], piece)
     base_rows = loaded.base.shape[0] if loaded.base is not None and loaded.base.dim() else None
-    accumulator = Accumulator(shape, dtype, pool, skew)
+    accumulator = Accumulator(shape, dtype, pool, skew, scratch)
     for rows in row_blocks(shape):
         block = accumulator.block(rows)
         covered = overlap(rows, base_rows) if base_rows is not None and base_rows != shape[0] else None
@@ -517,12 +524,12 @@ def compute_output(
                 block.mul_(beta)
                 _add(block, base, covered)
         else:
-            _delta_rows_into(block, rows, shifted(rows, piece), loaded, base)
+            _delta_rows_into(block, rows, shifted(rows, piece), loaded, base, scratch)
             if beta != 1:
                 block.mul_(beta)
             _add(block, base, covered)
         for factors, alpha in loaded.adapters:
-            factors.add_to(block, shifted(rows, piece), base, alpha)
+            factors.add_to(block, shifted(rows, piece), base, alpha, scratch)
         accumulator.commit(rows)
     check_finite(accumulator.finite, key, "base + alpha * Psi + beta * Delta is")
     return accumulator.output, accumulator.max_abs_rounding
@@ -537,14 +544,14 @@ def _placed(tensor: "torch.Tensor", pool: BufferPool | None, skew: int) -> "torc
     return placed.copy_(tensor) if placed.data_ptr() % ALIGNMENT == skew else tensor
 
 
-def _delta_rows_into(block: "torch.Tensor", rows: slice, whole_rows: slice, loaded: Loaded, base) -> None:
+def _delta_rows_into(block: "torch.Tensor", rows: slice, whole_rows: slice, loaded: Loaded, base, scratch) -> None:
     """Delta's rows into ``block``: ``rows`` of the loaded piece, ``whole_rows`` the same rows of the tensor."""
     if loaded.delta is not None:
         block.copy_(loaded.delta[rows])
     else:
         block.zero_()
         if loaded.retriever_factors is not None:
-            loaded.retriever_factors.add_to(block, whole_rows, base, 1.0)
+            loaded.retriever_factors.add_to(block, whole_rows, base, 1.0, scratch)
 
 
 def _rows(tensor: "torch.Tensor | None", rows: slice, covered: int | None) -> "torch.Tensor | None":
