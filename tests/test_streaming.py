@@ -163,3 +163,108 @@ def test_writer_refuses_a_tensor_left_unfinished(tmp_path):
         with CheckpointWriter(tmp_path / "out", specs, plan_id="p") as writer:
             writer.write("a", torch.zeros(6, 4), slice(0, 6))
     assert not (tmp_path / "out").exists()
+
+
+# --- --device -------------------------------------------------------------------------------------------------
+def _staged(monkeypatch):
+    """Route every computed piece through `reforge.ops.device.Transfer` on the CPU (buffers, copies there and
+    back: the GPU path's steps without a GPU) and count the pieces that took it."""
+    from reforge.ops import device as device_ops
+    from reforge.ops import diff as diff_ops
+    from reforge.ops import merge as merge_ops
+    from reforge.ops import verify as verify_ops  # noqa: F401 - verify imports scratch_for from stream
+
+    runs = []
+    real_run = device_ops.Transfer.run
+
+    def counted(self, *args, **kwargs):
+        runs.append(self.device.type)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(device_ops.Transfer, "run", counted)
+    original = stream.scratch_for
+    staged = lambda device: original(torch.device("cpu"), staged=True)  # noqa: E731
+    for module in (merge_ops, diff_ops, stream):
+        monkeypatch.setattr(module, "scratch_for", staged)
+    return runs
+
+
+@pytest.mark.parametrize("case", ["retriever + DoRA", "beta 0.5 + DoRA", "LoRA retriever + DoRA", "diff, tokens added"])
+def test_device_path_computes_the_same_bytes(models, tmp_path, monkeypatch, case):
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(stream, "PIECE_BLOCKS", 2)
+    CASES[case](models, tmp_path / "plain")
+    runs = _staged(monkeypatch)
+    CASES[case](models, tmp_path / "device")
+    assert _outputs(tmp_path / "device") == _outputs(tmp_path / "plain")
+    assert runs and set(runs) == {"cpu"}
+    if case == "retriever + DoRA":  # copied tensors (norms, o_proj, gate_proj, the embedding) never travel
+        from reforge.io.checkpoint import open_checkpoint
+        from reforge.ops.fold import LoraAdapter
+
+        base = open_model(models["base"])
+        shapes = {k: base.index.tensors[v].shape for k, v in base.canonical_keys().items()}
+        adapted = LoraAdapter(open_checkpoint(models["dora"])).modules
+        assert len(runs) == sum(len(stream.pieces(shapes[key])) for key in adapted) > len(adapted)
+
+
+def test_verify_recomputes_on_the_device_path(models, tmp_path, monkeypatch):
+    from reforge.ops.verify import verify_checkpoint
+
+    out = tmp_path / "out"
+    merge(models["base"], out, retriever=models["retriever"], adapters=[(models["dora"], 0.5)], device="cpu")
+    runs = _staged(monkeypatch)
+    report = verify_checkpoint(out, embeddings=False, full=True, device="cpu")
+    assert report.ok, report.failures
+    assert runs, "recompute did not go through the device path"
+
+
+def test_device_auto_is_the_cpu_here_and_cuda_is_refused_without_one():
+    from reforge.errors import InvalidOptionError
+    from reforge.ops.device import resolve_device
+
+    assert resolve_device("cpu").type == "cpu" and resolve_device(None).type == ("cuda" if _cuda() else "cpu")
+    with pytest.raises(InvalidOptionError, match="--device 'tpu'") as error:
+        resolve_device("tpu")
+    assert error.value.option == "--device"
+    if not _cuda():
+        with pytest.raises(InvalidOptionError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize(
+    "command", [["merge", "--base", "b", "--retriever", "r", "-o", "o"], ["diff", "b", "r", "-o", "o"], ["verify", "f"]]
+)
+def test_cli_device_cuda_without_cuda_is_a_usage_error(command):
+    from click.testing import CliRunner
+
+    from reforge.cli import cli
+
+    result = CliRunner().invoke(cli, [*command, "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--device'" in result.stderr and "no CUDA support" in result.stderr
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_diff_is_the_cpu_bytes_and_dora_merge_within_a_rounding(models, tmp_path):
+    diff(models["base"], models["grown"], tmp_path / "cpu-diff", device="cpu")
+    diff(models["base"], models["grown"], tmp_path / "gpu-diff", device="cuda")
+    assert _outputs(tmp_path / "gpu-diff") == _outputs(tmp_path / "cpu-diff")
+    for where in ("cpu", "cuda"):
+        merge(
+            models["base"],
+            tmp_path / where,
+            retriever=models["retriever"],
+            adapters=[(models["dora"], 0.5)],
+            device=where,
+        )
+    cpu, gpu = (open_model(tmp_path / where).reader() for where in ("cpu", "cuda"))
+    for name in cpu.keys():
+        a, b = cpu.get(name).float(), gpu.get(name).float()
+        assert torch.allclose(a, b, rtol=2**-7, atol=0), name  # at most one bf16 rounding apart

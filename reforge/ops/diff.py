@@ -23,6 +23,7 @@ from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.chat import apply_head_rule
 from reforge.ops.delta import RETRIEVER_FILES, factor_keys
+from reforge.ops.device import exact_matmul, resolve_device
 from reforge.ops.fold import Factors, LoraAdapter
 from reforge.ops.job import Access, WriteOptions, check_target, dominant_dtype, max_rounding, streamed, writing
 from reforge.ops.stream import (
@@ -30,12 +31,14 @@ from reforge.ops.stream import (
     check_finite,
     clipped,
     compute_workers,
+    empty,
     import_torch_in_background,
     in_parallel,
     piece_shape,
     pieces,
     prefetch,
     row_blocks,
+    scratch_for,
     shifted,
 )
 
@@ -98,6 +101,7 @@ def diff(
     write: WriteOptions = WriteOptions(),
     access: Access = Access(),
     progress: ProgressFn | None = None,
+    device: str | None = "auto",
 ) -> DiffReport:
     """Write Delta = retriever - base into ``output``.
 
@@ -113,6 +117,8 @@ def diff(
             ``lm_head`` (see `reforge.ops.chat`). Without it a CausalLM with an lm_head is refused.
         write: dtype (``auto``: the retriever's dominant dtype), shard size, overwrite, dry run, the command.
         access: Hub token and pickle permission for the inputs.
+        device: where the arithmetic runs: ``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (a GPU when there is one);
+            see `reforge.ops.device`. SVD factoring (--rank, --energy) runs on the CPU.
 
     Raises:
         LayoutMismatchError: the two do not line up (names or shapes). InvalidOptionError: options that conflict.
@@ -157,6 +163,7 @@ def diff(
         }
     )
     inputs = [job.base.path, job.retriever.path]
+    where = resolve_device(device)
     with writing(
         output, specs, plan_id=plan_id, manifest=manifest, options=write, inputs=inputs, progress=progress
     ) as writer:
@@ -165,9 +172,8 @@ def diff(
             writer.add_file(f"{RETRIEVER_FILES}/{name}", content)
         if not writer.already_complete:
             todo = [e for e in job.entries if any(writer.pending(n) for n in _stored_names(e, factored))]
-            _write_entries(
-                writer, todo, _EntryLoader(job.base, job.retriever, job.adapter, low_rank), job.dtype, factored
-            )
+            loader = _EntryLoader(job.base, job.retriever, job.adapter, low_rank)
+            _write_entries(writer, todo, loader, job.dtype, factored, where)
     report.max_abs_rounding = max_rounding(writer.records)
     relative = [e["relative_error"] for e in writer.records.values() if "relative_error" in e]
     report.low_rank_relative_error = max(relative) if relative else None
@@ -175,19 +181,28 @@ def diff(
     return report
 
 
-def _write_entries(writer: CheckpointWriter, todo: list[_Entry], loader: "_EntryLoader", dtype: str, factored) -> None:
-    """Stream the entries piece by piece (`reforge.ops.stream.pieces`; a factored one whole: its SVD needs it all)."""
+def _write_entries(
+    writer: CheckpointWriter, todo: list[_Entry], loader: "_EntryLoader", dtype: str, factored, device
+) -> None:
+    """Stream the entries piece by piece (`reforge.ops.stream.pieces`; a factored one whole: its SVD needs it all),
+    computed on ``device``."""
     items = [(e, rows) for e in todo for rows in ([None] if e.key in factored else pieces(e.shape))]
     rounding: dict[str, float] = {}
 
     def compute(item, loaded, scratch):
         entry, rows = item
         if entry.key in factored:
-            return loaded, 0.0  # factored below, in order: it writes two tensors
-        return _delta_tensor(entry, loaded, dtype, loader.pool, writer.alignment(entry.key, rows), rows, scratch)
+            return loaded, 0.0  # factored below, in order, on the CPU: it writes two tensors
+        skew = writer.alignment(entry.key, rows)
+        return scratch.compute(
+            lambda here: _delta_tensor(entry, here, dtype, loader.pool, skew, rows, scratch),
+            loaded,
+            lambda shape: empty(shape, torch_dtype(dtype), loader.pool, skew),
+        )
 
+    exact_matmul()
     with streamed(items, loader, load=lambda item: loader.load(*item)) as stream:
-        for (entry, rows), (stored, error) in in_parallel(stream, compute, compute_workers()):
+        for (entry, rows), (stored, error) in in_parallel(stream, compute, compute_workers(), scratch_for(device)):
             if entry.key in factored:
                 writer.record(entry.key, _store_factored(writer, entry, stored, dtype, factored))
                 continue

@@ -29,6 +29,7 @@ from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.chat import apply_head_rule, chat_card
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
+from reforge.ops.device import exact_matmul, resolve_device
 from reforge.ops.diff import overlap
 from reforge.ops.fold import Factors, LoraAdapter
 from reforge.ops.job import (
@@ -54,6 +55,7 @@ from reforge.ops.stream import (
     piece_shape,
     pieces,
     row_blocks,
+    scratch_for,
     shifted,
 )
 
@@ -109,6 +111,7 @@ def merge(
     write: WriteOptions = WriteOptions(),
     access: Access = Access(),
     progress: ProgressFn | None = None,
+    device: str | None = "auto",
 ) -> MergeReport:
     """Write the readapted retriever into ``output``.
 
@@ -123,6 +126,8 @@ def merge(
         access: Hub token and pickle permission for the inputs.
         keep_lm_head: RE-Adapt of a chat model: the "retriever" (or the delta's) is an instruction-tuned CausalLM
             and the output is a CausalLM with its lm_head (see `reforge.ops.chat`).
+        device: where the arithmetic runs: ``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (a GPU when there is one);
+            see `reforge.ops.device`.
 
     Raises:
         InvalidOptionError, AdapterError, LayoutMismatchError, ProvenanceMismatchError: checked before any tensor
@@ -157,13 +162,14 @@ def merge(
         manifest["keep_lm_head"] = True
     plan_id = _plan_id(source, beta, specs, write.max_shard_size)
     inputs = _input_paths(source)
+    where = resolve_device(device)
     with writing(
         output, specs, plan_id=plan_id, manifest=manifest, options=write, inputs=inputs, progress=progress
     ) as writer:
         report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
         _add_companions(writer, source, manifest, keep_lm_head)
         if not writer.already_complete:
-            _write_tensors(writer, source, beta, specs)
+            _write_tensors(writer, source, beta, specs, where)
     report.max_abs_rounding = max_rounding(writer.records)
     report.seconds = time.perf_counter() - started
     return report
@@ -389,8 +395,11 @@ def _terms(source: MergeInputs, key: str, beta: float) -> list[str]:
     return terms + adapters
 
 
-def _write_tensors(writer: CheckpointWriter, source: MergeInputs, beta: float, specs: list[TensorSpec]) -> None:
-    """Stream every pending tensor piece by piece (`reforge.ops.stream.pieces`) from the inputs to the output."""
+def _write_tensors(
+    writer: CheckpointWriter, source: MergeInputs, beta: float, specs: list[TensorSpec], device: "torch.device"
+) -> None:
+    """Stream every pending tensor piece by piece (`reforge.ops.stream.pieces`) from the inputs to the output,
+    computed on ``device`` (a tensor only copied stays on the CPU)."""
     todo = [key for spec, key in zip(specs, source.shapes) if writer.pending(spec.name)]
     spec_of = {key: spec for spec, key in zip(specs, source.shapes)}
     items = [(key, rows) for key in todo for rows in _pieces(source, key)]
@@ -400,10 +409,17 @@ def _write_tensors(writer: CheckpointWriter, source: MergeInputs, beta: float, s
     def compute(item, loaded, scratch):
         (key, rows), spec = item, spec_of[item[0]]
         dtype, skew = torch_dtype(spec.dtype), writer.alignment(spec.name, rows)
-        return compute_output(source, loaded, key, beta, dtype, loader.pool, skew, rows, scratch)
+        if copied(loaded, beta, dtype):
+            return compute_output(source, loaded, key, beta, dtype, loader.pool, skew, rows)
+        return scratch.compute(
+            lambda here: compute_output(source, here, key, beta, dtype, loader.pool, skew, rows, scratch),
+            loaded,
+            lambda shape: empty(shape, dtype, loader.pool, skew),
+        )
 
+    exact_matmul()
     with streamed(items, loader, load=lambda item: loader.load(*item)) as stream:
-        for (key, rows), (stored, error) in in_parallel(stream, compute, compute_workers()):
+        for (key, rows), (stored, error) in in_parallel(stream, compute, compute_workers(), scratch_for(device)):
             spec = spec_of[key]
             writer.write(spec.name, stored, rows)
             rounding[key] = max(rounding.get(key, 0.0), error)
@@ -507,7 +523,7 @@ def compute_output(
     write (see `Accumulator`). ``scratch``: the calling thread's fp32 buffers.
 
     A tensor nothing changes (retriever, beta = 1, no adapter) is the retriever's tensor itself, bit for bit."""
-    if loaded.retriever is not None and beta == 1 and not loaded.adapters and loaded.retriever.dtype == dtype:
+    if copied(loaded, beta, dtype):
         check_finite(all_finite(loaded.retriever), key, "the retriever's tensor holds")
         return _placed(loaded.retriever, pool, skew), 0.0
     shape = piece_shape(source.shapes[key], piece)
@@ -533,6 +549,13 @@ def compute_output(
         accumulator.commit(rows)
     check_finite(accumulator.finite, key, "base + alpha * Psi + beta * Delta is")
     return accumulator.output, accumulator.max_abs_rounding
+
+
+def copied(loaded: Loaded, beta: float, dtype: "torch.dtype") -> bool:
+    """Whether an output (piece) is the retriever's own bytes: beta 1, no adapter, the same dtype. It costs no
+    arithmetic but one NaN/Inf check (`all_finite`: one pass at memory speed) and, for an O_DIRECT write, a copy
+    to the output's place in a page."""
+    return loaded.retriever is not None and beta == 1 and not loaded.adapters and loaded.retriever.dtype == dtype
 
 
 def _placed(tensor: "torch.Tensor", pool: BufferPool | None, skew: int) -> "torch.Tensor":
