@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 # Row blocks of 256K fp32 elements (1 MiB) stay in a core's L2 cache through the dozen passes of a DoRA merge: on
 # 7B-width tensors 1.9 ns per element against 2.5 ns with blocks of 1M (measured, one thread).
 CHUNK_ELEMENTS = 1 << 18
-PIECE_BLOCKS = 32  # a piece, the unit streamed from disk through the arithmetic to disk, is this many row blocks
+PIECE_BLOCKS = 16  # a piece, the unit streamed from disk through the arithmetic to disk, is this many row blocks
 # MKL multiplies fewer than 8 rows (B[rows] @ A) by another kernel whose roundings differ from those of the whole
 # product (measured: 1, 2, 3 and 5 rows differ, 8 to 256 rows are bit-identical to it). So that the result does not
 # depend on the blocking, a block never has fewer rows than this unless the tensor has.
