@@ -6,7 +6,7 @@
 The vectors are random (uniform, variance 1/d), written once as float16 cache shards of 65,536 rows
 (`reforge.eval.cache.Entry.write_shard`); smaller corpora hard-link the larger one's full shards. Each measurement
 is a fresh process (`nice -n 10`) that reports its own peak RSS (``ru_maxrss``): the streamed search
-(`reforge.eval.search.search_blocks`, as `reforge eval` runs it) at every size, and at ``--flat-at`` documents the
+(`reforge.eval.search.search_shards`, as `reforge eval` runs it) at every size, and at ``--flat-at`` documents the
 reference: every shard widened to float32 in RAM, one `IndexFlatIP`, one search. Printed as JSON; docs/eval.md
 records the numbers. Shards are read through the page cache, so GB/s is memory bandwidth + compute, not the disk.
 """
@@ -62,8 +62,10 @@ def write_corpora(folder: Path, sizes: list[int], dim: int) -> dict[int, Path]:
 
 def child(mode: str, folder: Path, rows: int, queries_path: Path, k: int, out: Path) -> dict:
     """Run one measurement in this process; returns timings and peak RSS."""
+    import torch  # noqa: F401  (loaded before the clock starts, as in `reforge eval`: it widens float16 shards)
+
     from reforge.eval.cache import Entry
-    from reforge.eval.search import block_rows_for, search_blocks
+    from reforge.eval.search import search_shards
 
     queries = np.load(queries_path)
     entry = Entry(folder, rows, DEFAULT_SHARD_DOCS, "float16")
@@ -71,8 +73,7 @@ def child(mode: str, folder: Path, rows: int, queries_path: Path, k: int, out: P
     scanned = sum(s.path.stat().st_size for s in shards)
     start = time.perf_counter()
     if mode == "streamed":
-        blocks = (b for s in shards for b in s.blocks(block_rows_for(queries.shape[1])))
-        table = search_blocks(queries, blocks, k)
+        table = search_shards(queries, shards, k)
         scores, found = table.scores, table.rows
         seconds = {"search": time.perf_counter() - start}
     else:
