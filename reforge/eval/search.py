@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 
-# faiss multiplies queries by 1,024 documents at a time (``distance_compute_blas_database_bs``), and a different
-# split can change a score's last bit (OpenBLAS picks kernels by size): blocks of whole tiles keep the scores of one
-# flat index, and fewer than `BLAS_QUERIES` queries (faiss's ``distance_compute_blas_threshold``) are padded
+# faiss multiplies the queries by 1,024 documents at a time (``distance_compute_blas_database_bs``), and another
+# split can change a score's last bit (OpenBLAS picks kernels by shape): blocks of whole tiles keep the scores of one
+# flat index
 TILE_ROWS = 1024
-BLAS_QUERIES = 20
 BLOCK_BYTES = 64 * 2**20  # float32 bytes of one searched block (3 of them per GPU, which reads ahead; 1 on the CPU)
 
 
@@ -80,10 +79,10 @@ def search_blocks(
     """The top ``k`` rows per query over ``blocks`` of ``(rows, float32 vectors)``, searched one at a time.
 
     The running top-k lives in a faiss heap (`faiss.ResultHeap`, merged in C++). Once it is full, a block is asked
-    only for the hits each query can expect from it (``k * block / rows seen`` plus 3 standard deviations), not
+    only for the hits each query can expect from it (``k * block / rows seen`` plus 5 standard deviations), not
     ``k``: selecting and merging 1,000 hits per query per block cost more than the matmul at 16k rows. A query whose
-    last hit still beats its running k-th score is searched again with the full ``k``, so the table is the one ``k``
-    per block gives: hits no better than the k-th score so far never enter (a later row loses a tie).
+    last hit still beats its running k-th score makes the block be searched again with the full ``k``, so the table is
+    the one ``k`` per block gives: hits no better than the k-th score so far never enter (a later row loses a tie).
 
     Args:
         query_vectors: float32 (queries, dim).
@@ -109,7 +108,7 @@ def search_blocks(
     return TopK(np.take_along_axis(-keys, order, 1).astype(np.float32), np.take_along_axis(heap.I, order, 1))
 
 
-Kernel = Callable[[np.ndarray, int, np.ndarray | None], tuple[np.ndarray, np.ndarray]]
+Kernel = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 def _add_block(heap: Any, kernel: Kernel, block: np.ndarray, rows: np.ndarray, seen: int) -> None:
@@ -117,16 +116,12 @@ def _add_block(heap: Any, kernel: Kernel, block: np.ndarray, rows: np.ndarray, s
     k = heap.k
     full = min(k, block.shape[0])
     expected = k * block.shape[0] / max(1, seen)  # rows that beat the k-th of ``seen`` random ones, on average
-    width = full if seen < k else min(full, int(expected + 3 * expected**0.5) + 16)  # + 3 standard deviations
+    width = full if seen < k else min(full, int(expected + 5 * expected**0.5) + 16)  # + 5 standard deviations
     kth = heap.D[:, 0].copy()  # a min-heap: its top is each query's k-th best score so far
-    scores, found = kernel(block, width, None)
-    every = np.arange(heap.nq)
-    again = every[scores[:, width - 1] > kth] if width < full else every[:0]
-    keep = np.setdiff1d(every, again, assume_unique=True)
-    heap.add_result_subset(keep, scores[keep], rows[found[keep]])
-    if again.size:
-        scores, found = kernel(block, full, again)
-        heap.add_result_subset(again, scores, rows[found])
+    scores, found = kernel(block, width)
+    if width < full and (scores[:, width - 1] > kth).any():  # a query may have more hits here: take the full k
+        scores, found = kernel(block, full)  # for every query: a smaller product can round a last bit otherwise
+    heap.add_result(scores, rows[found])
 
 
 def _row_numbers(rows: Rows, count: int) -> np.ndarray:
@@ -138,16 +133,9 @@ def _row_numbers(rows: Rows, count: int) -> np.ndarray:
 def _faiss_kernel(queries: np.ndarray) -> Kernel:
     import faiss
 
-    def kernel(block: np.ndarray, k: int, subset: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        if subset is None:
-            subset = np.arange(len(queries))
-        count = len(subset)
-        if count < min(BLAS_QUERIES, len(queries)):  # the same (BLAS) kernel as for all queries: same scores
-            others = np.setdiff1d(np.arange(len(queries)), subset)
-            subset = np.concatenate([subset, others[: BLAS_QUERIES - count]])
+    def kernel(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         block = np.ascontiguousarray(block, dtype=np.float32)
-        scores, found = faiss.knn(queries[subset], block, k, metric=faiss.METRIC_INNER_PRODUCT)
-        return scores[:count], found[:count]
+        return faiss.knn(queries, block, k, metric=faiss.METRIC_INNER_PRODUCT)
 
     return kernel
 
@@ -157,12 +145,10 @@ def _torch_kernel(queries: np.ndarray, device: str, chunk_size: int) -> Kernel:
 
     on_device = torch.from_numpy(queries).to(device)
 
-    def kernel(block: np.ndarray, k: int, subset: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def kernel(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         vectors = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(device)
-        chosen = on_device if subset is None else on_device[torch.from_numpy(subset).to(device)]
-        parts = [
-            torch.topk(chosen[at : at + chunk_size] @ vectors.T, k, dim=1) for at in range(0, len(chosen), chunk_size)
-        ]
+        chunks = range(0, len(on_device), chunk_size)
+        parts = [torch.topk(on_device[at : at + chunk_size] @ vectors.T, k, dim=1) for at in chunks]
         scores = torch.cat([p.values for p in parts]).cpu().numpy()
         return scores, torch.cat([p.indices for p in parts]).cpu().numpy().astype(np.int64)
 
