@@ -34,9 +34,8 @@ from typing import Any, overload
 import numpy as np
 
 from reforge.data.beir import Document, iter_jsonl_at, read_qrels
-from reforge.data.lazy import json_object
+from reforge.data.lazy import json_object, load_npz, save_npz
 from reforge.errors import DataError, short_path
-from reforge.io.atomic import write_atomic
 
 CORPUS_KINDS = ("beir", "jsonl", "text", "datasets")
 LAYOUT_VERSION = 1
@@ -452,36 +451,23 @@ def _layout_path(key: str) -> Path:
 
 def _read_layout(key: str, sources: list[Path], kinds: tuple[str, ...], readers: tuple[_Source, ...]) -> Corpus | None:
     """The cached pass of `_scan` for ``key`` (None when absent or unreadable)."""
-    try:
-        with np.load(_layout_path(key)) as data:
-            facts = json.loads(bytes(data["facts"]).decode())
-            docs = CorpusDocs(readers, data["source"], data["where"], data["line"], [])
-            counts = [int(facts[name]) for name in ("read", "empty", "filtered", "only_missing")]
-    except (OSError, ValueError, KeyError):
+    found = load_npz(_layout_path(key))
+    if found is None:
         return None
-    return Corpus(docs, tuple(sources), kinds, *counts, sha256=str(facts["sha256"]))
+    facts, data = found
+    try:
+        docs = CorpusDocs(readers, data["source"], data["where"], data["line"], [])
+        counts = [int(facts[name]) for name in ("read", "empty", "filtered", "only_missing")]
+        return Corpus(docs, tuple(sources), kinds, *counts, sha256=str(facts["sha256"]))
+    except (KeyError, ValueError):
+        return None
 
 
 def _write_layout(key: str, corpus: Corpus) -> None:
-    """Atomically; a layout that cannot be cached (read-only home, full disk) is only scanned again next time."""
     docs = corpus.docs
-    if not isinstance(docs, CorpusDocs):
-        return
-    facts = {
-        "read": corpus.read,
-        "empty": corpus.empty,
-        "filtered": corpus.filtered,
-        "only_missing": corpus.only_missing,
-        "sha256": corpus.sha256,
-    }
-    arrays = {"source": docs.source, "where": docs.where, "line": docs.line}
-    path = _layout_path(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        facts_bytes = np.frombuffer(json.dumps(facts).encode(), dtype=np.uint8)
-        write_atomic(path, lambda f: np.savez(f, facts=facts_bytes, **arrays))
-    except OSError:
-        return
+    if isinstance(docs, CorpusDocs):
+        facts = {name: getattr(corpus, name) for name in ("read", "empty", "filtered", "only_missing", "sha256")}
+        save_npz(_layout_path(key), facts, {"source": docs.source, "where": docs.where, "line": docs.line})
 
 
 def _iter_text_docs(path: Path, per_line: bool) -> Iterator[TextDoc]:
