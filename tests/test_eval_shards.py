@@ -310,3 +310,14 @@ def test_merge_breaks_score_ties_by_row_whatever_the_order_hits_arrive_in():
         assert table.rows.tolist() == [[3, 2, 7]] and table.scores.tolist() == [[0.75, 0.5, 0.5]]
     big = np.random.default_rng(3).standard_normal((2, 2**20 // 2 + 5)).astype(np.float16)  # the torch widening
     assert (from_stored(big, "float16") == big.astype(np.float32)).all()
+
+
+def test_one_process_searches_on_every_gpu_it_sees_unless_one_is_named_or_ranks_split_them(monkeypatch):
+    from reforge.dist import Ranks
+    from reforge.eval.pipeline import _search_devices
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert _search_devices("cpu", Ranks()) == ["cpu"]
+    assert _search_devices("cuda", Ranks()) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert _search_devices("cuda:1", Ranks()) == ["cuda:1"]
+    assert _search_devices("cuda:1", Ranks(rank=1, world=2, local=1)) == ["cuda:1"]
