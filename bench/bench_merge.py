@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     ROOT,
     Run,
     cold_cat_seconds,
+    cpu_seconds,
     evict,
     llama_config,
     make_checkpoint,
@@ -49,6 +50,7 @@ from common import (  # noqa: E402
 
 MERGEKIT_VENV = Path(os.environ.get("REFORGE_MERGEKIT_VENV", ROOT / ".cache" / "mergekit-venv"))
 MERGEKIT = MERGEKIT_VENV / "bin" / "mergekit-yaml"
+DEVICE: list[str] = []  # ["--device", X] when given on the command line
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 RANK, LORA_ALPHA, ALPHA = 32, 64, 0.5
 
@@ -199,6 +201,7 @@ def reforge_command(inputs: Inputs, out: Path, retriever: Path | None = None) ->
         "-o",
         str(out),
         "-q",
+        *DEVICE,
     ]
 
 
@@ -226,16 +229,6 @@ def remove_output(out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     for leftover in out.parent.glob(f".{out.name}.*"):
         shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-
-
-def cpu_seconds(run: Run) -> float:
-    """User + system CPU time of the command (from /usr/bin/time -v): unlike wall time, it hardly depends on what
-    else the shared machine runs."""
-    total = 0.0
-    for line in run.stderr.splitlines():
-        if "User time (seconds)" in line or "System time (seconds)" in line:
-            total += float(line.split()[-1])
-    return total
 
 
 def checked(run: Run, what: str) -> Run:
@@ -547,7 +540,9 @@ def bench_layers(
         "cold_cat_reforge_inputs_s": median(cat_r),
         "reforge_s": median([r.seconds for r in reforge_runs]),
         "reforge_runs_s": [r.seconds for r in reforge_runs],
+        "cold_cat_reforge_inputs_runs_s": cat_r,
         "reforge_cpu_s": median([cpu_seconds(r) for r in reforge_runs]),
+        "reforge_cpu_runs_s": [cpu_seconds(r) for r in reforge_runs],
         "reforge_max_rss_gib": max(r.max_rss_gib for r in reforge_runs),
         "reforge_peak_anon_gib": max(r.peak_anon_gib for r in reforge_runs),
     }
@@ -659,10 +654,13 @@ def verdict(rows: list[dict]) -> list[str]:
         ref = r["reference"]["reforge"]
         ties = sum(t["differing_where_reforge_matches_fp64"] for t in ref["tensors"] if t["adapted"])
         one_ulp = sum(t["one_ulp_apart"] for t in ref["tensors"] if t["adapted"])
+        target = 1.25 if r["layers"] >= 8 else 2.0  # issue 16's targets: 8 layers, and 2 layers (fixed costs)
+        cpu_ratio = r["reforge_cpu_s"] / r["cold_cat_reforge_inputs_s"]
         lines.append(
-            f"{r['layers']} layers: reforge {r['reforge_over_cat']:.2f}x its cold cat (target <= 1.5x): "
-            f"{'met' if r['reforge_over_cat'] <= 1.5 else 'NOT met'} (its CPU time alone is "
-            f"{r['reforge_cpu_s'] / r['cold_cat_reforge_inputs_s']:.2f}x the cat); max RSS "
+            f"{r['layers']} layers: reforge {r['reforge_over_cat']:.2f}x its cold cat (target <= {target}x): "
+            f"{'met' if r['reforge_over_cat'] <= target else 'NOT met'}; its CPU time is {cpu_ratio:.2f}x the cat"
+            + (f" (target <= 1x: {'met' if cpu_ratio <= 1 else 'NOT met'})" if r["layers"] >= 8 else "")
+            + "; max RSS "
             f"{r['reforge_max_rss_gib']:.2f} GiB (target <= 2): "
             f"{'met' if r['reforge_max_rss_gib'] <= 2 else 'NOT met'}"
             + (
@@ -736,6 +734,7 @@ def environment() -> dict:
         "machine": platform.machine(),
         "python": platform.python_version(),
         "reforge": md.version("reforge"),
+        "reforge_path": str(Path(__import__("reforge").__file__).parent),
         "torch": md.version("torch"),
         "peft": md.version("peft"),
         "transformers": md.version("transformers"),
@@ -771,9 +770,15 @@ def main() -> None:
         help="layer counts to run the mergekit bare-layout check on (default: the smallest)",
     )
     parser.add_argument("--no-mergekit", action="store_true", help="time reforge (and peft) only")
+    parser.add_argument("--device", default=None, help="passed to reforge merge --device (default: its own, auto)")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the merged outputs in .cache/bench")
     parser.add_argument("--json", type=Path, default=BENCH_DIR / "merge-results.json")
     args = parser.parse_args()
+    if args.device:
+        DEVICE[:] = ["--device", args.device]
+    import reforge
+
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} reforge from {reforge.__file__}", flush=True)
     finding_layers = args.finding_layers if args.finding_layers is not None else [min(args.layers)]
     rows = []
     for layers in args.layers:

@@ -6,9 +6,11 @@
 The vectors are random (uniform, variance 1/d), written once as float16 cache shards of 65,536 rows
 (`reforge.eval.cache.Entry.write_shard`); smaller corpora hard-link the larger one's full shards. Each measurement
 is a fresh process (`nice -n 10`) that reports its own peak RSS (``ru_maxrss``): the streamed search
-(`reforge.eval.search.search_blocks`, as `reforge eval` runs it) at every size, and at ``--flat-at`` documents the
-reference: every shard widened to float32 in RAM, one `IndexFlatIP`, one search. Printed as JSON; docs/eval.md
-records the numbers. Shards are read through the page cache, so GB/s is memory bandwidth + compute, not the disk.
+(`reforge.eval.search.search_shards`, as `reforge eval` runs it) at every size, and at ``--flat-at`` documents the
+reference: every shard widened to float32 in RAM, one `IndexFlatIP`, one search; then one more process alternates
+the two searches 3 times (pairs under the same machine state: the fairer ratio on a shared machine). Printed as
+JSON; docs/eval.md records the numbers. Shards are read through the page cache, so GB/s is memory bandwidth +
+compute, not the disk.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from reforge.eval.cache import DEFAULT_SHARD_DOCS, EmbeddingCache  # noqa: E402
 
 SEED = 0
+PAIRS = 3
 
 
 def _shard_vectors(index: int, rows: int, dim: int) -> np.ndarray:
@@ -62,8 +65,10 @@ def write_corpora(folder: Path, sizes: list[int], dim: int) -> dict[int, Path]:
 
 def child(mode: str, folder: Path, rows: int, queries_path: Path, k: int, out: Path) -> dict:
     """Run one measurement in this process; returns timings and peak RSS."""
+    import torch  # noqa: F401  (loaded before the clock starts, as in `reforge eval`: it widens float16 shards)
+
     from reforge.eval.cache import Entry
-    from reforge.eval.search import block_rows_for, search_blocks
+    from reforge.eval.search import search_shards
 
     queries = np.load(queries_path)
     entry = Entry(folder, rows, DEFAULT_SHARD_DOCS, "float16")
@@ -71,8 +76,7 @@ def child(mode: str, folder: Path, rows: int, queries_path: Path, k: int, out: P
     scanned = sum(s.path.stat().st_size for s in shards)
     start = time.perf_counter()
     if mode == "streamed":
-        blocks = (b for s in shards for b in s.blocks(block_rows_for(queries.shape[1])))
-        table = search_blocks(queries, blocks, k)
+        table = search_shards(queries, shards, k)
         scores, found = table.scores, table.rows
         seconds = {"search": time.perf_counter() - start}
     else:
@@ -82,8 +86,11 @@ def child(mode: str, folder: Path, rows: int, queries_path: Path, k: int, out: P
         index = faiss.IndexFlatIP(vectors.shape[1])
         index.add(vectors)
         loaded = time.perf_counter()
+        seconds = {"load_and_add": loaded - start}
+        if mode == "paired":
+            return _paired(queries, shards, vectors, index, k)
         scores, found = index.search(queries, k)
-        seconds = {"load_and_add": loaded - start, "search": time.perf_counter() - loaded}
+        seconds["search"] = time.perf_counter() - loaded
     np.save(out, found)
     np.save(out.with_name(out.stem + "-scores.npy"), scores)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
@@ -95,6 +102,25 @@ def child(mode: str, folder: Path, rows: int, queries_path: Path, k: int, out: P
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "gb_per_s": round(scanned / 1e9 / seconds["search"], 3) if mode == "streamed" else None,
     }
+
+
+def _paired(queries: np.ndarray, shards: list, vectors: np.ndarray, index, k: int) -> dict:
+    """Flat and streamed searches alternated in one process, so each pair shares the machine's state."""
+    from reforge.eval.search import search_shards
+
+    pairs = []
+    for _ in range(PAIRS):
+        start = time.perf_counter()
+        scores, rows = index.search(queries, k)
+        flat = time.perf_counter() - start
+        start = time.perf_counter()
+        table = search_shards(queries, shards, k)
+        streamed = time.perf_counter() - start
+        same = bool((table.scores == scores).all())
+        pairs.append({"flat": round(flat, 2), "streamed": round(streamed, 2), "ratio": round(streamed / flat, 3)})
+        pairs[-1]["same_scores"] = same
+    ratios = sorted(p["ratio"] for p in pairs)
+    return {"mode": "paired", "documents": len(vectors), "pairs": pairs, "median_ratio": ratios[len(ratios) // 2]}
 
 
 def _run_child(args: argparse.Namespace, mode: str, folder: Path, rows: int, out: Path) -> dict:
@@ -131,7 +157,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=1000)
     parser.add_argument("--flat-at", type=int, default=1_000_000, help="Size compared with one IndexFlatIP.")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/reforge-bench-search"))
-    parser.add_argument("--child", choices=["streamed", "flat"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["streamed", "flat", "paired"], help=argparse.SUPPRESS)
     parser.add_argument("--entry", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--queries-file", type=Path, help=argparse.SUPPRESS)
@@ -168,6 +194,7 @@ def main() -> None:
         report["same_topk_sets"] = float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(rows_a, rows_b)]))
         report["max_score_difference"] = float(np.abs(scores_a - scores_b).max())
         report["streamed_over_flat_search_time"] = round(mine["seconds"]["search"] / flat["seconds"]["search"], 3)
+        report["paired"] = _run_child(args, "paired", entries[args.flat_at], args.flat_at, args.folder / "paired.npy")
     sizes = sorted(results, key=lambda r: r["documents"])
     report["rss_largest_over_smallest"] = round(sizes[-1]["peak_rss_gib"] / sizes[0]["peak_rss_gib"], 3)
     print(json.dumps(report, indent=2))

@@ -174,5 +174,15 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def cpu_seconds(run: Run) -> float:
+    """User + system CPU time of the command (from /usr/bin/time -v): unlike wall time, it hardly depends on what
+    else the shared machine runs or on the disk."""
+    total = 0.0
+    for line in run.stderr.splitlines():
+        if "User time (seconds)" in line or "System time (seconds)" in line:
+            total += float(line.split()[-1])
+    return total
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)

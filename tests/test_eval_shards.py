@@ -20,7 +20,7 @@ from reforge.data.beir import load_beir
 from reforge.errors import DiskFullError, InvalidOptionError
 from reforge.eval import EvalSettings, evaluate, resolve_model
 from reforge.eval.cache import EmbeddingCache, embedding_key, from_stored, to_stored
-from reforge.eval.search import TopK, search, search_blocks
+from reforge.eval.search import TopK, read_blocks, search, search_blocks, search_shards
 
 
 def _cache_folder() -> Path:
@@ -57,6 +57,61 @@ def test_streamed_search_equals_one_flat_index_and_merges_across_ranks():
     # the torch kernel (used on GPUs) finds the same rows
     on_torch = search_blocks(queries, iter([(0, docs)]), 50, device="cuda:0") if torch.cuda.is_available() else None
     assert on_torch is None or (on_torch.rows == want_rows).all()
+
+
+def test_a_block_holding_every_best_hit_late_is_searched_with_the_full_k():
+    import faiss
+
+    rng = np.random.default_rng(4)
+    queries = rng.standard_normal((25, 32)).astype(np.float32)
+    docs = rng.standard_normal((3000, 32)).astype(np.float32)
+    docs[2900:] = queries[3] * 4 + rng.standard_normal((100, 32)).astype(np.float32)  # query 3's best, all last
+    index = faiss.IndexFlatIP(32)
+    index.add(docs)
+    want_scores, want_rows = index.search(queries, 60)
+    # blocks of 100: by the last one a query expects ~2 of its 60 hits there, query 3 finds 60
+    table = search_blocks(queries, ((at, docs[at : at + 100]) for at in range(0, 3000, 100)), 60)
+    assert (table.rows == want_rows).all() and (table.scores == want_scores).all()
+    assert (table.rows[3] >= 2900).all()  # all 60 from the last block
+
+
+def _random_entry(folder: Path, rows: int, dim: int, shard_docs: int, dtype: str, seed: int = 5):
+    vectors = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+    entry = EmbeddingCache(folder).entry("k", rows, shard_docs=shard_docs, dtype=dtype)
+    for index in range(entry.shard_count):
+        first, count = entry.bounds(index)
+        entry.write_shard(index, vectors[first : first + count], [str(first + i) for i in range(count)])
+    return entry, from_stored(to_stored(vectors, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_several_devices_and_the_read_ahead_give_the_run_of_one_flat_index(tmp_path, monkeypatch, dtype):
+    import faiss
+
+    from reforge.eval import search as search_module
+
+    entry, stored = _random_entry(tmp_path, 5000, 24, 700, dtype)
+    queries = np.random.default_rng(6).standard_normal((40, 24)).astype(np.float32)
+    index = faiss.IndexFlatIP(24)
+    index.add(stored)
+    want_scores, want_rows = index.search(queries, 100)
+    monkeypatch.setattr(search_module, "BLOCK_BYTES", 4 * 24 * 1024)  # blocks of 1024 rows span shards
+    one = search_shards(queries, entry.shards(), 100, devices=["cpu"])
+    three = search_shards(queries, entry.shards(), 100, devices=["cpu", "cpu", "cpu"])  # GPUs' code path
+    assert (one.rows == want_rows).all() and (one.scores == want_scores).all()
+    assert (three.rows == one.rows).all() and (three.scores == one.scores).all()
+    ahead = search_blocks(queries, read_blocks(entry.shards(), 1024, buffers=3), 100)  # a GPU's reader thread
+    assert (ahead.rows == one.rows).all() and (ahead.scores == one.scores).all()
+
+
+def test_a_shard_cut_short_after_it_was_listed_fails_the_search_clearly(tmp_path):
+    entry, _ = _random_entry(tmp_path, 300, 8, 100, "float16")
+    shards = entry.shards()
+    path = entry.shard_path(2)
+    path.write_bytes(path.read_bytes()[:-160])
+    for buffers in (1, 3):
+        with pytest.raises(FileNotFoundError, match="00002.npy ended early"):
+            list(read_blocks(shards, 64, buffers=buffers))
 
 
 def test_fewer_documents_than_k_and_ties_by_row():
@@ -255,3 +310,14 @@ def test_merge_breaks_score_ties_by_row_whatever_the_order_hits_arrive_in():
         assert table.rows.tolist() == [[3, 2, 7]] and table.scores.tolist() == [[0.75, 0.5, 0.5]]
     big = np.random.default_rng(3).standard_normal((2, 2**20 // 2 + 5)).astype(np.float16)  # the torch widening
     assert (from_stored(big, "float16") == big.astype(np.float32)).all()
+
+
+def test_one_process_searches_on_every_gpu_it_sees_unless_one_is_named_or_ranks_split_them(monkeypatch):
+    from reforge.dist import Ranks
+    from reforge.eval.pipeline import _search_devices
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert _search_devices("cpu", Ranks()) == ["cpu"]
+    assert _search_devices("cuda", Ranks()) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert _search_devices("cuda:1", Ranks()) == ["cuda:1"]
+    assert _search_devices("cuda:1", Ranks(rank=1, world=2, local=1)) == ["cuda:1"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
+from test_train import config, llama_base, tokenizer  # noqa: F401  (fixtures)
 
 from conftest import DATA
 from reforge.data.beir import iter_corpus
@@ -181,3 +183,52 @@ def test_docstring_example_runs(monkeypatch):
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the example's ../shared is relative to the repo
     assert doctest.testmod(module).failed == 0
+
+
+def test_lazy_corpus_is_read_on_demand_and_cached(tmp_path):
+    from reforge.data.corpus import CorpusDocs, corpus_texts
+
+    selection = DocSelection(exclude=frozenset({_scifact_rows(1)[0]["_id"]}), max_docs=300)
+    held = load_corpus(SCIFACT, selection=selection, lazy=False)
+    lazy = load_corpus(SCIFACT, selection=selection)
+    assert isinstance(held.docs, list) and isinstance(lazy.docs, CorpusDocs)
+    assert list(lazy.docs) == held.docs and lazy.sha256 == held.sha256
+    assert (lazy.read, lazy.empty, lazy.filtered) == (held.read, held.empty, held.filtered) == (5183, 0, 4883)
+    texts = corpus_texts(lazy)
+    assert list(texts[1::3]) == [d.text for d in held.docs[1::3]] and texts[-1] == held.docs[-1].text
+    assert lazy.docs.take([5, 2]) == [held.docs[5], held.docs[2]]
+    (layout,) = (Path(os.environ["REFORGE_HOME"]) / "cache" / "corpus-index").glob("train-*.npz")
+    again = load_corpus(SCIFACT, selection=selection)  # from the cached pass: the file is not scanned
+    assert list(again.docs) == held.docs and again.sha256 == held.sha256 and again.filtered == held.filtered
+    other = load_corpus(SCIFACT, selection=DocSelection(max_docs=300))  # other options: another pass
+    assert other.docs[0].id == _scifact_rows(1)[0]["_id"]
+
+
+def test_training_on_the_lazy_corpus_equals_training_on_the_held_one(llama_base, tmp_path, monkeypatch):  # noqa: F811
+    from functools import partial
+
+    from safetensors.torch import load_file
+
+    from reforge.train import dora
+
+    options = dict(max_docs=40, max_steps=3, batching="rows", batch_size=2, seed=3)
+    seen: dict = {}
+    for name in ("held", "lazy"):
+        with monkeypatch.context() as patch:
+            if name == "held":  # the behaviour before: every document's text in a list on every rank
+                patch.setattr(dora, "load_corpus", partial(dora.load_corpus, lazy=False))
+            losses = seen[name] = []
+            dora.train_adapter(
+                config(llama_base, tmp_path / name, **options),
+                progress=lambda s, t, x, into=losses: into.append(x.loss),
+            )
+            data = dora.setup_data(
+                config(llama_base, tmp_path / "x", **options), dora._load_tokenizer(str(llama_base), llama_base)
+            )
+            seen[f"{name} steps"] = [[data.texts[d] for row in step for d in row] for step in data.plan.epoch_steps(0)]
+            seen[f"{name} list"] = isinstance(data.texts, list)
+    assert seen["held list"] and not seen["lazy list"]  # the held run kept a list, the lazy one reads on demand
+    assert seen["lazy steps"] == seen["held steps"] and len(seen["lazy"]) == 3
+    assert seen["lazy"] == seen["held"]  # the same loss at every step, bit for bit
+    a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("held", "lazy"))
+    assert all((a[k] == b[k]).all() for k in a)

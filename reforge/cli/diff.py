@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from reforge.cli import output as ui
-from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, write_options
+from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, stream_device_option, write_options
 
 
 @click.command("diff")
@@ -46,6 +46,7 @@ from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, writ
     help="RE-Adapt a chat model: the retriever is an instruction-tuned CausalLM; keep its lm_head and write a "
     "CausalLM (diff and merge both need it).",
 )
+@stream_device_option
 @hub_options
 @output_options
 def diff_cmd(
@@ -62,6 +63,7 @@ def diff_cmd(
     energy: float | None,
     allow_missing: bool,
     keep_lm_head: bool,
+    device: str,
     token: str | None,
     allow_pickle: bool,
     quiet: bool,
@@ -99,6 +101,7 @@ def diff_cmd(
             access=Access(token, allow_pickle),
             keep_lm_head=keep_lm_head,
             progress=progress,
+            device=device,
         )
     for warning in report.warnings:
         ui.warn(warning)

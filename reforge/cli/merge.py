@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from reforge.cli import output as ui
-from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, write_options
+from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, stream_device_option, write_options
 
 
 @click.command("merge")
@@ -56,6 +56,7 @@ from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, writ
     help="RE-Adapt a chat model: the retriever is an instruction-tuned CausalLM; keep its lm_head and write a "
     "CausalLM (diff and merge both need it).",
 )
+@stream_device_option
 @hub_options
 @output_options
 def merge_cmd(
@@ -73,6 +74,7 @@ def merge_cmd(
     dry_run: bool,
     durable: bool,
     keep_lm_head: bool,
+    device: str,
     token: str | None,
     allow_pickle: bool,
     quiet: bool,
@@ -120,6 +122,7 @@ def merge_cmd(
             access=Access(token, allow_pickle),
             keep_lm_head=keep_lm_head,
             progress=progress,
+            device=device,
         )
     if dry_run and not as_json:
         ui.show_plan(report.plan)

@@ -81,6 +81,31 @@ class DeviceType(click.ParamType):
         return str(value)
 
 
+class StreamDeviceType(DeviceType):
+    """``auto`` (a GPU when there is one, decided when the command runs) or a cpu/cuda device this machine has."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if str(value) == "auto":
+            return "auto"
+        device = super().convert(value, param, ctx)
+        if device.split(":")[0] not in ("cpu", "cuda"):
+            self.fail(f"{value!r}: diff, merge and verify run on cpu or cuda (or auto).", param, ctx)
+        return device
+
+
+def stream_device_option(func: Callable) -> Callable:
+    """``--device`` of diff, merge and verify: where the arithmetic runs (`reforge.ops.device`)."""
+    return click.option(
+        "--device",
+        type=StreamDeviceType(),
+        default="auto",
+        show_default=True,
+        help="Where the arithmetic runs: cpu, cuda (cuda:N), or auto = cuda when available. Pieces stream "
+        "through the GPU; diff and merges without a DoRA adapter give the CPU's bytes, a DoRA product or row norm "
+        "may round differently on a GPU.",
+    )(func)
+
+
 DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import click
 
 from reforge.cli import output as ui
-from reforge.cli.options import hub_options, output_options
+from reforge.cli.options import hub_options, output_options, stream_device_option
 
 
 @click.command("verify")
@@ -27,6 +27,7 @@ from reforge.cli.options import hub_options, output_options
     help="How many adapted tensors to recompute without --full.",
 )
 @click.option("--no-embeddings", is_flag=True, help="Skip embedding sentences with the retriever and the new model.")
+@stream_device_option
 @hub_options
 @output_options
 def verify_cmd(
@@ -40,6 +41,7 @@ def verify_cmd(
     full: bool,
     samples: int,
     no_embeddings: bool,
+    device: str,
     token: str | None,
     allow_pickle: bool,
     quiet: bool,
@@ -78,6 +80,7 @@ def verify_cmd(
             token=token,
             allow_pickle=allow_pickle,
             progress=progress,
+            device=device,
         )
     if as_json:
         ui.print_json({**dataclasses.asdict(report), "ok": report.ok, "failures": report.failures})

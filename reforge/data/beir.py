@@ -32,11 +32,21 @@ def iter_jsonl(
     Raises:
         DataError: the file is missing, or a line is not UTF-8 or not a JSON object (unless ``skip_bad_lines``).
     """
+    for number, _, value in iter_jsonl_at(path, skip_bad_lines=skip_bad_lines, skip_option=skip_option):
+        yield number, value
+
+
+def iter_jsonl_at(
+    path: str | Path, *, skip_bad_lines: bool = False, skip_option: str | None = None
+) -> Iterator[tuple[int, int, dict]]:
+    """`iter_jsonl` with each line's byte offset: ``(line_number, offset, object)``, so it can be read again alone."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{short_path(path)} does not exist.", path=path, line=None)
+    at = 0
     with path.open("rb") as handle:  # decoded per line, so one bad byte names its line instead of a traceback
         for number, raw in enumerate(handle, start=1):
+            start, at = at, at + len(raw)
             if not raw.strip():
                 continue
             try:
@@ -45,7 +55,7 @@ def iter_jsonl(
                 if skip_bad_lines:
                     continue
                 raise
-            yield number, value
+            yield number, start, value
 
 
 def _utf8_line(path: Path, number: int, raw: bytes) -> str:

@@ -13,19 +13,33 @@ Sources, chosen from what the path holds:
   line with ``per_line``. Ids are the file's path relative to the folder (``name.txt`` or ``name.txt:LINE``).
 - a folder written by ``datasets``' ``save_to_disk``: column ``text_field`` (default ``text``, joined with
   ``title`` when there is one). A DatasetDict uses its only split, else ``train``.
+
+JSONL and BEIR documents are not held: `Corpus.docs` keeps each kept document's byte offset and line number (12
+bytes a document) and reads its line again when asked (`CorpusDocs`), so memory does not grow with the text. The
+pass that finds them (filters, empty documents, the hash) is cached under ``$REFORGE_HOME/cache/corpus-index/``,
+keyed by the files (path, size, modification time) and the options, so a second run opens a corpus without reading
+it. ``.txt`` and saved-dataset documents are held in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, overload
 
-from reforge.data.beir import Document, iter_corpus, iter_jsonl, read_qrels
+import numpy as np
+
+from reforge.data.beir import Document, iter_jsonl_at, read_qrels
+from reforge.data.lazy import json_object, load_npz, save_npz
 from reforge.errors import DataError, short_path
 
 CORPUS_KINDS = ("beir", "jsonl", "text", "datasets")
+LAYOUT_VERSION = 1
+_READ_AGAIN = ("beir", "jsonl")  # kinds whose documents are re-read on demand from a byte offset
 
 
 @dataclass(frozen=True)
@@ -79,12 +93,13 @@ class DocSelection:
 class Corpus:
     """Documents ready to train on, with what it took to get them.
 
-    Fields: ``docs``; ``paths`` and ``kinds`` (one per source); ``read`` (documents read), ``empty`` (dropped for
-    having no text), ``filtered`` (dropped by the id filters or ``max_docs``); ``only_missing`` (ids asked for with
-    an ``only`` filter that no source has); ``sha256`` (hash of the kept ids and texts, in order).
+    Fields: ``docs`` (a `CorpusDocs`, read on demand, or a list); ``paths`` and ``kinds`` (one per source);
+    ``read`` (documents read), ``empty`` (dropped for having no text), ``filtered`` (dropped by the id filters or
+    ``max_docs``); ``only_missing`` (ids asked for with an ``only`` filter that no source has); ``sha256`` (hash of
+    the kept ids and texts, in order).
     """
 
-    docs: list[TextDoc]
+    docs: Sequence[TextDoc]
     paths: tuple[Path, ...]
     kinds: tuple[str, ...]
     read: int
@@ -161,6 +176,7 @@ def load_corpus(
     per_line: bool = False,
     skip_bad_lines: bool = False,
     selection: DocSelection | None = None,
+    lazy: bool = True,
 ) -> Corpus:
     """Read every source in ``paths`` (in order), drop empty and filtered documents, and hash what is kept.
 
@@ -170,6 +186,8 @@ def load_corpus(
         per_line: for ``.txt`` sources, one document per non-empty line instead of per file.
         skip_bad_lines: skip JSONL lines that are not JSON objects or lack the text field, instead of failing.
         selection: id filters and ``max_docs``.
+        lazy: keep only where each JSONL/BEIR document is and read it on demand (`CorpusDocs`), reusing a cached
+            pass; False holds every document in a list.
 
     Returns:
         A `Corpus` with at least one document.
@@ -187,66 +205,269 @@ def load_corpus(
         raise DataError("No corpus given.", hint="Pass --corpus PATH.", path=None, line=None)
     selection = selection or DocSelection()
     kinds = tuple(detect_kind(p) for p in sources)
-    docs: list[TextDoc] = []
-    seen_ids: set[str] = set()
-    read = empty = filtered = 0
-    digest = hashlib.sha256()
-    for path, kind in zip(sources, kinds):
-        for doc in _iter_source(path, kind, text_field=text_field, per_line=per_line, skip_bad_lines=skip_bad_lines):
-            read += 1
-            seen_ids.add(doc.id)
-            if not doc.text.strip():
-                empty += 1
-            elif not selection.keeps(doc.id) or (selection.max_docs is not None and len(docs) >= selection.max_docs):
-                filtered += 1
-            else:
-                docs.append(doc)
-                digest.update(f"{doc.id}\x1f{doc.text}\x1e".encode())
-    only_missing = len(selection.only - seen_ids) if selection.only is not None else 0
-    if not docs:
+    readers = tuple(_Source(_file_of(p, k), k, text_field) for p, k in zip(sources, kinds))
+    options = [text_field, per_line, skip_bad_lines, _selection_digest(selection)]
+    key = _layout_key(readers, options) if lazy and all(k in _READ_AGAIN for k in kinds) else None
+    corpus = _read_layout(key, sources, kinds, readers) if key else None
+    if corpus is None:
+        corpus = _scan(sources, kinds, readers, selection, lazy=lazy, per_line=per_line, skip_bad_lines=skip_bad_lines)
+        if key:
+            _write_layout(key, corpus)
+    if not len(corpus.docs):
         names = ", ".join(short_path(p) for p in sources)
         raise DataError(
-            f"{names}: no usable text: {read} documents read, {empty} empty, {filtered} removed by the filters.",
+            f"{names}: no usable text: {corpus.read} documents read, {corpus.empty} empty, {corpus.filtered} removed "
+            "by the filters.",
             hint="Check the corpus path, --text-field and the id filters.",
             path=sources[0],
             line=None,
         )
+    return corpus
+
+
+def _scan(
+    sources: list[Path],
+    kinds: tuple[str, ...],
+    readers: tuple["_Source", ...],
+    selection: DocSelection,
+    *,
+    lazy: bool,
+    per_line: bool,
+    skip_bad_lines: bool,
+) -> Corpus:
+    """One pass over every source: filters, empty documents, the hash, and where each kept document is."""
+    held: list[TextDoc] = []
+    source, where, line = array("H"), array("Q"), array("I")
+    found: set[str] = set()
+    read = empty = filtered = kept = 0
+    digest = hashlib.sha256()
+    for number, (path, kind, reader) in enumerate(zip(sources, kinds, readers)):
+        for doc, offset, line_number in _iter_source(path, kind, reader, per_line=per_line, skip=skip_bad_lines):
+            read += 1
+            if selection.only is not None and doc.id in selection.only:
+                found.add(doc.id)
+            if not doc.text.strip():
+                empty += 1
+            elif not selection.keeps(doc.id) or (selection.max_docs is not None and kept >= selection.max_docs):
+                filtered += 1
+            else:
+                kept += 1
+                digest.update(f"{doc.id}\x1f{doc.text}\x1e".encode())
+                source.append(number)
+                line.append(line_number)
+                if lazy and offset is not None:
+                    where.append(offset)
+                else:
+                    where.append(len(held))
+                    held.append(doc)
+    only_missing = len(selection.only - found) if selection.only is not None else 0
+    docs: Sequence[TextDoc] = held
+    if len(held) < kept:
+        arrays = (np.frombuffer(a, dtype) for a, dtype in ((source, np.uint16), (where, np.uint64), (line, np.uint32)))
+        docs = CorpusDocs(readers, *arrays, held)
     return Corpus(docs, tuple(sources), kinds, read, empty, filtered, only_missing, digest.hexdigest())
 
 
-def _iter_source(
-    path: Path, kind: str, *, text_field: str | None, per_line: bool, skip_bad_lines: bool
-) -> Iterator[TextDoc]:
-    if kind == "beir" and text_field is None:
-        for doc in iter_corpus(path, skip_bad_lines=skip_bad_lines, skip_option="--skip-bad-lines"):
-            yield TextDoc(doc.id, doc.passage())
-    elif kind in ("beir", "jsonl"):
-        yield from _iter_jsonl_docs(path / "corpus.jsonl" if kind == "beir" else path, text_field, skip_bad_lines)
-    elif kind == "text":
-        yield from _iter_text_docs(path, per_line)
-    else:
-        yield from _iter_dataset_docs(path, text_field)
+@dataclass(frozen=True)
+class _Source:
+    """How to turn one line of a JSONL source back into its document (``file``: the JSONL file itself)."""
 
+    file: Path
+    kind: str
+    text_field: str | None
 
-def _iter_jsonl_docs(path: Path, text_field: str | None, skip_bad_lines: bool) -> Iterator[TextDoc]:
-    field_name = text_field or "text"
-    for number, row in iter_jsonl(path, skip_bad_lines=skip_bad_lines, skip_option="--skip-bad-lines"):
+    def doc(self, row: dict, number: int, skip: bool) -> TextDoc | None:
+        """The document of a parsed line (None when ``skip`` and the line lacks what it needs)."""
+        if self.kind == "beir" and self.text_field is None:
+            if "_id" not in row:
+                if skip:
+                    return None
+                raise DataError(f"{short_path(self.file)}, line {number}: no '_id' field.", path=self.file, line=number)
+            return TextDoc(
+                str(row["_id"]),
+                Document(str(row["_id"]), str(row.get("title") or ""), str(row.get("text") or "")).passage(),
+            )
+        field_name = self.text_field or "text"
         value = row.get(field_name)
         if not isinstance(value, str):
-            if skip_bad_lines:
-                continue
+            if skip:
+                return None
             what = "has no field" if field_name not in row else "has a non-string field"
             fields = ", ".join(row) or "none"
             raise DataError(
-                f"{short_path(path)}, line {number} {what} {field_name!r} (fields there: {fields}).",
+                f"{short_path(self.file)}, line {number} {what} {field_name!r} (fields there: {fields}).",
                 hint="Pass --text-field with the field that holds the text, or --skip-bad-lines.",
-                path=path,
+                path=self.file,
                 line=number,
             )
         doc_id = str(row.get("_id", row.get("id", number)))
-        if text_field is None:
+        if self.text_field is None:
             value = Document(doc_id, str(row.get("title") or ""), value).passage()
-        yield TextDoc(doc_id, value)
+        return TextDoc(doc_id, value)
+
+
+class CorpusDocs(Sequence):
+    """The kept documents of a `Corpus`, in order, read on demand: per document the source it comes from, its line's
+    byte offset and line number (documents of ``.txt`` and dataset sources are held, ``where`` indexing ``held``).
+    Slices are views; `take` reads many documents with one open file per source."""
+
+    def __init__(
+        self,
+        sources: tuple[_Source, ...],
+        source: np.ndarray,
+        where: np.ndarray,
+        line: np.ndarray,
+        held: list[TextDoc],
+    ) -> None:
+        self.sources, self.source, self.where, self.line, self.held = sources, source, where, line, held
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @overload
+    def __getitem__(self, item: int) -> TextDoc: ...
+
+    @overload
+    def __getitem__(self, item: slice) -> "CorpusDocs": ...
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return CorpusDocs(self.sources, self.source[item], self.where[item], self.line[item], self.held)
+        if item < 0:
+            item += len(self)
+        if not 0 <= item < len(self):
+            raise IndexError(item)
+        return self.take([item])[0]
+
+    def take(self, rows: Iterable[int]) -> list[TextDoc]:
+        """The documents at ``rows`` (positions in this sequence), in that order."""
+        handles: dict[int, Any] = {}
+        out: list[TextDoc] = []
+        try:
+            for row in rows:
+                number, where = int(self.source[row]), int(self.where[row])
+                reader = self.sources[number]
+                if reader.kind not in _READ_AGAIN:
+                    out.append(self.held[where])
+                    continue
+                if number not in handles:
+                    handles[number] = reader.file.open("rb")
+                handles[number].seek(where)
+                line = int(self.line[row])
+                doc = reader.doc(json_object(handles[number].readline(), reader.file, line), line, skip=False)
+                assert doc is not None  # the line gave a document when the corpus was first read
+                out.append(doc)
+        finally:
+            for handle in handles.values():
+                handle.close()
+        return out
+
+    def __iter__(self) -> Iterator[TextDoc]:
+        for start in range(0, len(self), 4096):
+            yield from self.take(range(start, min(len(self), start + 4096)))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def texts(self) -> "DocTexts":
+        """The documents' texts, read on demand too."""
+        return DocTexts(self)
+
+
+class DocTexts(Sequence):
+    """The texts of a `CorpusDocs` (a ``Sequence[str]``): items, slices (views) and iteration read on demand."""
+
+    def __init__(self, docs: CorpusDocs) -> None:
+        self.docs = docs
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    @overload
+    def __getitem__(self, item: int) -> str: ...
+
+    @overload
+    def __getitem__(self, item: slice) -> "DocTexts": ...
+
+    def __getitem__(self, item):
+        return DocTexts(self.docs[item]) if isinstance(item, slice) else self.docs[item].text
+
+    def take(self, rows: Iterable[int]) -> list[str]:
+        """The texts at ``rows``, read with one open file per source."""
+        return [doc.text for doc in self.docs.take(rows)]
+
+    def __iter__(self) -> Iterator[str]:
+        return (doc.text for doc in self.docs)
+
+
+def corpus_texts(corpus: Corpus) -> Sequence[str]:
+    """The texts of ``corpus.docs`` in order, without reading them all (`DocTexts`) when the corpus is read lazily."""
+    docs = corpus.docs
+    return docs.texts if isinstance(docs, CorpusDocs) else [doc.text for doc in docs]
+
+
+def _file_of(path: Path, kind: str) -> Path:
+    return path / "corpus.jsonl" if kind == "beir" and path.is_dir() else path
+
+
+def _iter_source(
+    path: Path, kind: str, reader: _Source, *, per_line: bool, skip: bool
+) -> Iterator[tuple[TextDoc, int | None, int]]:
+    """``(document, byte offset of its line or None, line number or 0)`` for each document of one source."""
+    if kind in _READ_AGAIN:
+        for number, offset, row in iter_jsonl_at(reader.file, skip_bad_lines=skip, skip_option="--skip-bad-lines"):
+            doc = reader.doc(row, number, skip)
+            if doc is not None:
+                yield doc, offset, number
+    elif kind == "text":
+        yield from ((doc, None, 0) for doc in _iter_text_docs(path, per_line))
+    else:
+        yield from ((doc, None, 0) for doc in _iter_dataset_docs(path, reader.text_field))
+
+
+def _selection_digest(selection: DocSelection) -> str:
+    digest = hashlib.sha256(json.dumps([selection.max_docs, selection.only is None]).encode())
+    for ids in (sorted(selection.only or ()), sorted(selection.exclude)):
+        digest.update(b"\x1d" + "\x1f".join(ids).encode())
+    return digest.hexdigest()
+
+
+def _layout_key(readers: tuple[_Source, ...], options: list[Any]) -> str:
+    files = []
+    for reader in readers:
+        stat = reader.file.stat()
+        files.append([str(reader.file.resolve()), reader.kind, stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps([LAYOUT_VERSION, files, options]).encode()).hexdigest()
+
+
+def _layout_path(key: str) -> Path:
+    from reforge.io.checkpoint import env_home
+
+    return Path(env_home()).expanduser() / "cache" / "corpus-index" / f"train-{key}.npz"
+
+
+def _read_layout(key: str, sources: list[Path], kinds: tuple[str, ...], readers: tuple[_Source, ...]) -> Corpus | None:
+    """The cached pass of `_scan` for ``key`` (None when absent or unreadable)."""
+    found = load_npz(_layout_path(key))
+    if found is None:
+        return None
+    facts, data = found
+    try:
+        docs = CorpusDocs(readers, data["source"], data["where"], data["line"], [])
+        counts = [int(facts[name]) for name in ("read", "empty", "filtered", "only_missing")]
+        return Corpus(docs, tuple(sources), kinds, *counts, sha256=str(facts["sha256"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _write_layout(key: str, corpus: Corpus) -> None:
+    docs = corpus.docs
+    if isinstance(docs, CorpusDocs):
+        facts = {name: getattr(corpus, name) for name in ("read", "empty", "filtered", "only_missing", "sha256")}
+        save_npz(_layout_path(key), facts, {"source": docs.source, "where": docs.where, "line": docs.line})
 
 
 def _iter_text_docs(path: Path, per_line: bool) -> Iterator[TextDoc]:

@@ -258,34 +258,49 @@ def _default_folder() -> Path:
 
 
 def _read_cached(path: Path, corpus: Path) -> CorpusIndex | None:
+    found = load_npz(path)
+    if found is None:
+        return None
+    facts, data = found
     try:
-        with np.load(path) as data:
-            facts = json.loads(bytes(data["facts"]).decode())
-            return CorpusIndex(
-                corpus,
-                data["offsets"],
-                data["id_hashes"],
-                facts["corpus_hash"],
-                facts["sha256"],
-                int(facts["empty"]),
-                tuple(facts["empty_examples"]),
-            )
-    except (OSError, ValueError, KeyError):
+        return CorpusIndex(
+            corpus,
+            data["offsets"],
+            data["id_hashes"],
+            facts["corpus_hash"],
+            facts["sha256"],
+            int(facts["empty"]),
+            tuple(facts["empty_examples"]),
+        )
+    except (KeyError, ValueError):
         return None
 
 
 def _write_cached(path: Path, index: CorpusIndex) -> None:
-    """Atomically; an index that cannot be cached (read-only home, full disk) is only rebuilt next time."""
     facts = {
         "corpus_hash": index.corpus_hash,
         "sha256": index.sha256,
         "empty": index.empty,
         "empty_examples": list(index.empty_examples),
     }
-    arrays = {"offsets": index.offsets, "id_hashes": index.id_hashes}
+    save_npz(path, facts, {"offsets": index.offsets, "id_hashes": index.id_hashes})
+
+
+def save_npz(path: Path, facts: dict, arrays: dict[str, np.ndarray]) -> None:
+    """``facts`` (JSON) and ``arrays`` as one ``.npz``, atomically; a cache that cannot be written (read-only home,
+    full disk) is only rebuilt next time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         facts_bytes = np.frombuffer(json.dumps(facts).encode(), dtype=np.uint8)
         write_atomic(path, lambda f: np.savez(f, facts=facts_bytes, **arrays))
     except OSError:
         return
+
+
+def load_npz(path: Path) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """What `save_npz` wrote: ``(facts, arrays)``, or None when absent or unreadable."""
+    try:
+        with np.load(path) as data:
+            return json.loads(bytes(data["facts"]).decode()), {k: data[k] for k in data.files if k != "facts"}
+    except (OSError, ValueError, KeyError):
+        return None

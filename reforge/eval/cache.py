@@ -20,10 +20,11 @@ time to clear the cache.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from reforge.io.atomic import write_atomic
 CACHE_FORMAT = 2
 EMBEDDING_DTYPES = ("float16", "bfloat16", "float32")
 DEFAULT_SHARD_DOCS = 65_536  # 512 MiB at 4096 dims in float16, 96 MiB at 768
+READ_BYTES = 4 * 2**20  # stored bytes read and widened at a time: the scratch stays in the CPU cache
 FLOAT16_MAX = 65504.0
 _STORED = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 
@@ -95,6 +97,18 @@ def to_stored(vectors: np.ndarray, dtype: str) -> np.ndarray:
     return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
+def widen(raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
+    """Write stored rows ``raw`` (`to_stored`'s representation of ``dtype``) into float32 ``out``, exactly."""
+    if dtype == "bfloat16":
+        np.left_shift(raw, np.uint32(16), out=out.view(np.uint32), dtype=np.uint32)
+    elif dtype == "float16":  # torch widens with F16C: ~7x numpy's cast
+        import torch
+
+        torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(raw)))
+    else:
+        np.copyto(out, raw)
+
+
 def from_stored(array: np.ndarray, dtype: str) -> np.ndarray:
     """float32 rows from a stored block (`to_stored`'s inverse, exact for every dtype)."""
     if dtype == "bfloat16":
@@ -112,23 +126,46 @@ def from_stored(array: np.ndarray, dtype: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Shard:
-    """One stored shard: rows ``[start, start + rows)`` of the entry, memory-mapped on demand."""
+    """One stored shard: rows ``[start, start + rows)`` of the entry, its vectors ``offset`` bytes into ``path``."""
 
     path: Path
     start: int
     rows: int
     dtype: str
     held: np.ndarray | None = field(default=None, repr=False, compare=False)  # a `MemoryEntry`'s shard
+    offset: int = 0
 
     def array(self) -> np.ndarray:
         """The stored array, memory-mapped read-only (bfloat16 shards come back as uint16)."""
         return self.held if self.held is not None else np.load(self.path, mmap_mode="r")
 
-    def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        """``(first row, float32 block)`` pieces of at most ``block_rows`` rows: at most one block is in memory."""
-        array = self.array()
-        for at in range(0, self.rows, block_rows):
-            yield self.start + at, from_stored(array[at : at + block_rows], self.dtype)
+    def read_into(self, at: int, stop: int, out: np.ndarray) -> None:
+        """Rows ``[at, stop)`` of this shard, widened to float32, into ``out`` (``(stop - at, dim)`` float32).
+
+        The bytes are read (``readinto``, no memory map to fault in) and widened in pieces of `READ_BYTES` through
+        one small scratch buffer that stays in the CPU cache, so nothing the size of the shard is allocated.
+        """
+        stored = np.dtype(_STORED[self.dtype])
+        dim = out.shape[1]
+        step = max(1, READ_BYTES // (stored.itemsize * dim))
+        scratch = np.empty((min(step, stop - at), dim), dtype=stored)
+        with contextlib.ExitStack() as stack:
+            file = None if self.held is not None else stack.enter_context(open(self.path, "rb", buffering=0))
+            for row in range(at, stop, step):
+                count = min(step, stop - row)
+                if file is None:
+                    raw = self.held[row : row + count]
+                else:
+                    raw = scratch[:count]
+                    file.seek(self.offset + row * dim * stored.itemsize)
+                    if file.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+                        raise ShardNotFoundError(
+                            f"Embedding shard {self.path} ended early (row {row + count} of {self.rows}).",
+                            hint="Run the evaluation again: damaged shards are re-encoded.",
+                            path=self.path,
+                            index=self.path.parent / "meta.json",
+                        )
+                widen(raw, self.dtype, out[row - at : row - at + count])
 
     def ids(self) -> list[str]:
         """The document ids of this shard's rows."""
@@ -175,9 +212,10 @@ class Entry:
             and array.ndim == 2
             and array.shape[0] == rows
             and array.dtype == expected
+            and array.flags.c_contiguous  # rows are read by byte offset
             and (dim is None or array.shape[1] == dim)
         )
-        return Shard(path, start, rows, self.dtype) if ok else None
+        return Shard(path, start, rows, self.dtype, offset=int(array.offset)) if ok else None
 
     def shard_ids(self, index: int) -> list[str] | None:
         """The ids stored beside shard ``index`` (None when they are not here or not the right count)."""

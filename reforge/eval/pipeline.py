@@ -30,7 +30,7 @@ from reforge.eval.encode import encode, passages
 from reforge.eval.metrics import AVERAGING, paired_test, parse_measures, score_run
 from reforge.eval.model import ModelSource, Retriever, resolve_model
 from reforge.eval.report import Comparison, DatasetInfo, EvalReport, ModelInfo, Result
-from reforge.eval.search import block_rows_for, search_blocks, to_run
+from reforge.eval.search import search_shards, to_run
 from reforge.io.progress import ProgressFn
 from reforge.profiles import EncodingProfile, apply_overrides
 
@@ -398,10 +398,8 @@ def _search_and_score(
     start = time.perf_counter()
     k = min(settings.top_k + int(not settings.keep_identical_ids), len(dataset.corpus))
     shards = entry.shards(ranks.owned_shards(entry.shard_count))
-    block = block_rows_for(query_vectors.shape[1])
-    blocks = (b for shard in shards for b in shard.blocks(block))
-    search_device = ctx.device if ctx.device.startswith("cuda") else "cpu"
-    table = search_blocks(query_vectors, blocks, k, device=search_device, chunk_size=settings.query_chunk_size)
+    devices = _search_devices(ctx.device, ranks)
+    table = search_shards(query_vectors, shards, k, devices=devices, chunk_size=settings.query_chunk_size)
     gathered = ranks.all_gather_topk(table.scores, table.rows, ctx.device)  # k ids + scores per query and rank
     if not ranks.main:
         return None
@@ -436,6 +434,18 @@ def _search_and_score(
         cached,
         ctx.profile.query_prefix_for(dataset.name),
     )
+
+
+def _search_devices(device: str, ranks: Ranks) -> list[str]:
+    """Where this process searches: its one device under torchrun or when one was named (``cuda:1``), every GPU
+    it sees for a plain ``cuda`` in a single process, else the CPU."""
+    if not device.startswith("cuda"):
+        return ["cpu"]
+    if ranks.world > 1 or ":" in device:
+        return [device]
+    import torch
+
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or [device]
 
 
 def _ids_of(rows: np.ndarray, entry: Entry, dataset: BeirDataset) -> dict[int, str]:

@@ -59,6 +59,21 @@ class TensorInfo:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    def rows(self, rows: slice) -> "TensorInfo":
+        """The rows ``rows`` (a slice of the first dimension, step 1) as a tensor of their own: a contiguous byte
+        range of this one, so it can be read like a whole tensor (`read_tensor`)."""
+        start, stop, _ = rows.indices(self.shape[0])
+        row_bytes = (self.end - self.start) // self.shape[0] if self.shape[0] else 0
+        stop = max(start, stop)
+        return TensorInfo(
+            self.name,
+            self.file,
+            self.dtype,
+            (stop - start, *self.shape[1:]),
+            self.start + start * row_bytes,
+            self.start + stop * row_bytes,
+        )
+
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate the header of a safetensors file.

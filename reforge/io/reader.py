@@ -59,11 +59,15 @@ class ShardReader:
         """Dtype, shape and location of a tensor, without reading it."""
         return self.index.tensors[name]
 
-    def get(self, name: str) -> "torch.Tensor":
-        """The tensor ``name``, read now, in its stored dtype."""
+    def get(self, name: str, rows: slice | None = None) -> "torch.Tensor":
+        """The tensor ``name``, read now, in its stored dtype; with ``rows`` (a slice of its first dimension) only
+        those rows, read alone: streaming a large tensor piece by piece keeps its memory to a piece."""
         info = self.info(name)
         if self.index.pickle_files:
-            return self._pickle_tensor(info)
+            tensor = self._pickle_tensor(info)
+            return tensor if rows is None else tensor[rows].clone()
+        if rows is not None and info.shape:
+            info = info.rows(rows)
         fd = self._open(info.file)
         return read_tensor(fd, info, direct_fd=self._direct_fd, pool=self.pool)
 

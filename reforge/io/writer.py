@@ -118,6 +118,7 @@ class _ShardFile:
         self.offsets = {s.name: o for s, o in zip(specs, offsets)}
         self.size = len(self.header) + sum(s.nbytes for s in specs)
         self.pending = {s.name for s in specs}
+        self.remaining = {s.name: s.nbytes for s in specs}  # bytes not yet written (tensors come in pieces)
         self.fd: int | None = None
         self.direct_fd: int | None = None
 
@@ -138,13 +139,16 @@ class _ShardFile:
         _pwrite_all(self.fd, self.header, 0)
         self.direct_fd = open_direct(self.partial, os.O_WRONLY)
 
-    def write(self, name: str, data: memoryview, address: int) -> None:
-        """Write one tensor's bytes (``data``, at memory ``address``) at its offset."""
+    def write(self, name: str, data: memoryview, address: int, at: int = 0) -> None:
+        """Write bytes of one tensor (``data``, at memory ``address``) ``at`` bytes into its place; the tensor is
+        done when all its bytes are written."""
         if self.fd is None:
             self.open()
         assert self.fd is not None
-        _pwrite_tensor(self.fd, self.direct_fd, data, self.offsets[name], address)
-        self.pending.discard(name)
+        _pwrite_tensor(self.fd, self.direct_fd, data, self.offsets[name] + at, address)
+        self.remaining[name] -= len(data.cast("B"))
+        if self.remaining[name] <= 0:
+            self.pending.discard(name)
         if not self.pending:
             self.finish()
 
@@ -254,7 +258,7 @@ class CheckpointWriter:
         self._shards: list[_ShardFile] = []
         self._done_bytes = 0
         self._queue: queue.Queue = queue.Queue(maxsize=1)
-        self._queued: set[str] = set()
+        self._queued: dict[str, int] = {}  # bytes handed to the writer thread, per tensor
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -287,30 +291,34 @@ class CheckpointWriter:
         return (
             not self.already_complete
             and name in self._shard_of
-            and name not in self._queued
+            and self._queued.get(name, -1) < self._specs[name].nbytes  # -1: nothing queued yet (0-byte tensors)
             and name in self._shard_of[name].pending
         )
 
-    def write(self, name: str, tensor: "torch.Tensor") -> None:
-        """Write one tensor; it must have the planned dtype and shape."""
+    def write(self, name: str, tensor: "torch.Tensor", rows: slice | None = None) -> None:
+        """Write one tensor, which must have the planned dtype and shape; or, with ``rows`` (a slice of its first
+        dimension), those rows of it: a large tensor can be written piece by piece, in any order, each piece once."""
         spec = self._specs.get(name)
         if spec is None:
             raise KeyError(f"tensor {name!r} is not in the plan")
-        if safetensors_dtype(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise ValueError(
-                f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} {spec.shape}"
-            )
+        shape, at = spec.shape, 0
+        if rows is not None and spec.shape:
+            start, stop, _ = rows.indices(spec.shape[0])
+            shape = (max(stop - start, 0), *spec.shape[1:])
+            at = start * (spec.nbytes // spec.shape[0] if spec.shape[0] else 0)
+        if safetensors_dtype(tensor.dtype) != spec.dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} {shape}")
         if not self.pending(name):
             return
         import torch
 
         self._raise_background_error()
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._queued.add(name)
+        self._queued[name] = self._queued.get(name, 0) + data.nbytes
         if self._thread is None:
             self._thread = threading.Thread(target=self._write_queued, name="reforge-writer", daemon=True)
             self._thread.start()
-        self._queue.put((name, data, spec.nbytes))
+        self._queue.put((name, data, at))
 
     def _write_queued(self) -> None:
         """The writer thread: pwrite releases the GIL, so writing overlaps with computing the next tensor."""
@@ -320,10 +328,10 @@ class CheckpointWriter:
                 return
             if self._error is not None:
                 continue  # drain after a failure; the error is raised in the caller's thread
-            name, data, nbytes = item
+            name, data, at = item
             try:
-                self._shard_of[name].write(name, memoryview(data), data.ctypes.data)
-                self._advance(nbytes)
+                self._shard_of[name].write(name, memoryview(data), data.ctypes.data, at)
+                self._advance(data.nbytes)
             except OSError as e:
                 self._error = self._disk_error(e, self._shard_of[name].partial)
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
@@ -341,12 +349,17 @@ class CheckpointWriter:
             error, self._error = self._error, None
             raise error
 
-    def alignment(self, name: str) -> int:
-        """Where tensor ``name`` starts within a 4 KiB block of its file. A tensor whose memory starts at the same
-        position within a page (``reforge.ops.stream.Accumulator`` places its output so) is written with O_DIRECT,
-        without copying it into the page cache."""
+    def alignment(self, name: str, rows: slice | None = None) -> int:
+        """Where tensor ``name`` (or its rows ``rows``) starts within a 4 KiB block of its file. A tensor whose
+        memory starts at the same position within a page (``reforge.ops.stream.Accumulator`` places its output so)
+        is written with O_DIRECT, without copying it into the page cache."""
         shard = self._shard_of.get(name)
-        return shard.offsets[name] % ALIGNMENT if shard is not None else 0
+        if shard is None:
+            return 0
+        spec = self._specs[name]
+        start = rows.indices(spec.shape[0])[0] if rows is not None and spec.shape else 0
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else 0
+        return (shard.offsets[name] + start * row_bytes) % ALIGNMENT
 
     def record(self, name: str, facts: dict) -> None:
         """Keep JSON-able facts about a written tensor (e.g. its rounding error). They are journaled in the

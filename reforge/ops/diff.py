@@ -23,14 +23,23 @@ from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.chat import apply_head_rule
 from reforge.ops.delta import RETRIEVER_FILES, factor_keys
+from reforge.ops.device import exact_matmul, resolve_device
 from reforge.ops.fold import Factors, LoraAdapter
 from reforge.ops.job import Access, WriteOptions, check_target, dominant_dtype, max_rounding, streamed, writing
 from reforge.ops.stream import (
     Accumulator,
     check_finite,
+    clipped,
+    compute_workers,
+    empty,
     import_torch_in_background,
+    in_parallel,
+    piece_shape,
+    pieces,
     prefetch,
     row_blocks,
+    scratch_for,
+    shifted,
 )
 
 if TYPE_CHECKING:
@@ -92,6 +101,7 @@ def diff(
     write: WriteOptions = WriteOptions(),
     access: Access = Access(),
     progress: ProgressFn | None = None,
+    device: str | None = "auto",
 ) -> DiffReport:
     """Write Delta = retriever - base into ``output``.
 
@@ -107,6 +117,8 @@ def diff(
             ``lm_head`` (see `reforge.ops.chat`). Without it a CausalLM with an lm_head is refused.
         write: dtype (``auto``: the retriever's dominant dtype), shard size, overwrite, dry run, the command.
         access: Hub token and pickle permission for the inputs.
+        device: where the arithmetic runs: ``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (a GPU when there is one);
+            see `reforge.ops.device`. SVD factoring (--rank, --energy) runs on the CPU.
 
     Raises:
         LayoutMismatchError: the two do not line up (names or shapes). InvalidOptionError: options that conflict.
@@ -151,6 +163,7 @@ def diff(
         }
     )
     inputs = [job.base.path, job.retriever.path]
+    where = resolve_device(device)
     with writing(
         output, specs, plan_id=plan_id, manifest=manifest, options=write, inputs=inputs, progress=progress
     ) as writer:
@@ -160,14 +173,43 @@ def diff(
         if not writer.already_complete:
             todo = [e for e in job.entries if any(writer.pending(n) for n in _stored_names(e, factored))]
             loader = _EntryLoader(job.base, job.retriever, job.adapter, low_rank)
-            with streamed(todo, loader) as stream:
-                for entry, loaded in stream:
-                    writer.record(entry.key, _store(writer, entry, loaded, job.dtype, factored, loader.pool))
+            _write_entries(writer, todo, loader, job.dtype, factored, where)
     report.max_abs_rounding = max_rounding(writer.records)
     relative = [e["relative_error"] for e in writer.records.values() if "relative_error" in e]
     report.low_rank_relative_error = max(relative) if relative else None
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _write_entries(
+    writer: CheckpointWriter, todo: list[_Entry], loader: "_EntryLoader", dtype: str, factored, device
+) -> None:
+    """Stream the entries piece by piece (`reforge.ops.stream.pieces`; a factored one whole: its SVD needs it all),
+    computed on ``device``."""
+    items = [(e, rows) for e in todo for rows in ([None] if e.key in factored else pieces(e.shape))]
+    rounding: dict[str, float] = {}
+
+    def compute(item, loaded, scratch):
+        entry, rows = item
+        if entry.key in factored:
+            return loaded, 0.0  # factored below, in order, on the CPU: it writes two tensors
+        skew = writer.alignment(entry.key, rows)
+        return scratch.compute(
+            lambda here: _delta_tensor(entry, here, dtype, loader.pool, skew, rows, scratch),
+            loaded,
+            lambda shape: empty(shape, torch_dtype(dtype), loader.pool, skew),
+        )
+
+    exact_matmul()
+    with streamed(items, loader, load=lambda item: loader.load(*item)) as stream:
+        for (entry, rows), (stored, error) in in_parallel(stream, compute, compute_workers(), scratch_for(device)):
+            if entry.key in factored:
+                writer.record(entry.key, _store_factored(writer, entry, stored, dtype, factored))
+                continue
+            writer.write(entry.key, stored, rows)
+            rounding[entry.key] = max(rounding.get(entry.key, 0.0), error)
+            if rows is None or rows.stop >= entry.shape[0]:  # the last piece
+                writer.record(entry.key, {"max_abs_rounding": rounding.pop(entry.key)})
 
 
 @dataclass(frozen=True)
@@ -371,6 +413,7 @@ class _EntryLoader:
     def __init__(self, base: Checkpoint, retriever, adapter: LoraAdapter | None, low_rank: bool) -> None:
         self.base, self.retriever, self.adapter, self.low_rank = base, retriever, adapter, low_rank
         self.pool = BufferPool()
+        self._factors: tuple[str | None, Factors | None, tuple | None] = (None, None, None)  # the last entry's
 
     def __enter__(self) -> "_EntryLoader":
         self.base_reader, self.retriever_reader = self.base.reader(self.pool), self.retriever.reader(self.pool)
@@ -380,42 +423,66 @@ class _EntryLoader:
         self.base_reader.close()
         self.retriever_reader.close()
 
-    def load(self, entry: _Entry) -> _Loaded:
+    def load(self, entry: _Entry, rows: slice | None = None) -> _Loaded:
+        """The inputs of ``entry``, or of its rows ``rows`` (a piece; an adapter's factors are read once per entry)."""
         loaded = _Loaded()
         if entry.source in ("dense", "retriever-only"):
-            loaded.retriever = self.retriever_reader.get(self.retriever.layout.stored(entry.key))
+            loaded.retriever = self.retriever_reader.get(self.retriever.layout.stored(entry.key), rows)
         if entry.source == "dense" or (entry.source == "adapter" and self.adapter.modules[entry.key].magnitude_key):
-            loaded.base = self.base_reader.get(self.base.layout.stored(entry.key))
+            base_rows = rows if entry.base_rows is None else clipped(rows, entry.base_rows)
+            loaded.base = self.base_reader.get(self.base.layout.stored(entry.key), base_rows)
         if entry.source == "adapter":
-            loaded.factors = self.adapter.factors(entry.key, self.retriever_reader.get)
-            if self.low_rank:
-                loaded.given = _adapter_factors(self.adapter, entry.key, self.retriever_reader.get)
+            if self._factors[0] != entry.key:
+                given = _adapter_factors(self.adapter, entry.key, self.retriever_reader.get) if self.low_rank else None
+                self._factors = (entry.key, self.adapter.factors(entry.key, self.retriever_reader.get), given)
+            loaded.factors, loaded.given = self._factors[1], self._factors[2]
         return loaded
 
 
 def _delta_tensor(
-    entry: _Entry, loaded: _Loaded, dtype: str, pool: BufferPool | None = None, skew: int = 0
+    entry: _Entry,
+    loaded: _Loaded,
+    dtype: str,
+    pool: BufferPool | None = None,
+    skew: int = 0,
+    piece=None,
+    scratch=None,
 ) -> tuple["torch.Tensor", float]:
-    """Delta of one entry computed in fp32 block by block, rounded to ``dtype``; and the largest rounding."""
-    accumulator = Accumulator(entry.shape, torch_dtype(dtype), pool, skew)
-    for rows in row_blocks(entry.shape):
+    """Delta of one entry (or of its rows ``piece``, ``loaded`` holding the inputs' same rows) computed in fp32
+    block by block, rounded to ``dtype``; and the largest rounding."""
+    shape = piece_shape(entry.shape, piece)
+    # the base's rows end at entry.base_rows (tokens added to the retriever): counted from the piece's start
+    base_rows = None if entry.base_rows is None else entry.base_rows - (piece.start if piece is not None else 0)
+    accumulator = Accumulator(shape, torch_dtype(dtype), pool, skew, scratch)
+    for rows in row_blocks(shape):
         block = accumulator.block(rows)
-        _delta_rows(block, rows, entry, loaded)
+        _delta_rows(block, rows, shifted(rows, piece), entry, loaded, base_rows, scratch)
         accumulator.commit(rows)
     check_finite(accumulator.finite, entry.key, "retriever - base is")
     return accumulator.output, accumulator.max_abs_rounding
 
 
-def _delta_rows(block: "torch.Tensor", rows: slice, entry: _Entry, loaded: _Loaded) -> None:
+def _delta_rows(
+    block: "torch.Tensor",
+    rows: slice,
+    whole_rows: slice,
+    entry: _Entry,
+    loaded: _Loaded,
+    base_rows: int | None,
+    scratch=None,
+) -> None:
+    """Delta's rows ``rows`` of the loaded piece (``whole_rows`` of the tensor); the base has ``base_rows`` rows
+    of the piece (None: all of them)."""
     if entry.source == "zero":
         block.zero_()
     elif entry.source == "adapter":
         block.zero_()
-        loaded.factors.add_to(block, rows, loaded.base[rows] if loaded.base is not None else None, 1.0)
+        base = loaded.base[rows] if loaded.base is not None else None
+        loaded.factors.add_to(block, whole_rows, base, 1.0, scratch)
     else:
         block.copy_(loaded.retriever[rows])
         if entry.source == "dense":
-            covered = overlap(rows, entry.base_rows)
+            covered = overlap(rows, base_rows)
             if covered is None:
                 block.sub_(loaded.base[rows])
             elif covered > 0:
@@ -436,14 +503,10 @@ def _adapter_factors(adapter: LoraAdapter, key: str, read) -> tuple["torch.Tenso
     return (b.T.contiguous(), a.T.contiguous()) if module.fan_in_fan_out else (a, b)
 
 
-def _store(
-    writer: CheckpointWriter, entry: _Entry, loaded: _Loaded, dtype: str, factored: dict[str, int], pool: BufferPool
+def _store_factored(
+    writer: CheckpointWriter, entry: _Entry, loaded: _Loaded, dtype: str, factored: dict[str, int]
 ) -> dict:
-    """Write one entry (dense, or factored) and return its measured errors."""
-    if entry.key not in factored:
-        stored, rounding = _delta_tensor(entry, loaded, dtype, pool, writer.alignment(entry.key))
-        writer.write(entry.key, stored)
-        return {"max_abs_rounding": rounding}
+    """Write one factored entry and return its measured errors."""
     exact, _ = _delta_tensor(entry, loaded, "F32")
     if loaded.given is not None:
         (a, b), rank_used = loaded.given, factored[entry.key]

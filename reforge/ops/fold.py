@@ -245,9 +245,11 @@ class Factors:
             return (in_dim, out_dim)
         return (in_dim, out_dim) if self.module.fan_in_fan_out else (out_dim, in_dim)
 
-    def add_to(self, out: "torch.Tensor", rows: slice, base_rows: "torch.Tensor | None", alpha: float) -> None:
+    def add_to(
+        self, out: "torch.Tensor", rows: slice, base_rows: "torch.Tensor | None", alpha: float, scratch=None
+    ) -> None:
         """``out += alpha * Psi[rows]``; ``out`` is the fp32 block for ``rows``, ``base_rows`` the base weight's
-        same rows (any dtype; needed for DoRA)."""
+        same rows (any dtype; needed for DoRA). ``scratch``: the calling thread's buffers (see `_scratch`)."""
         if self.module.embedding or self.module.fan_in_fan_out:
             out += alpha * self._transposed_psi()[rows]
             return
@@ -256,17 +258,20 @@ class Factors:
             out.addmm_(self.b[rows], self.a, alpha=alpha * scale)
             return
         assert base_rows is not None, "DoRA needs the base weight"
-        weight, updated = self._scratch(base_rows.shape)
+        weight, updated = self._scratch(base_rows.shape, scratch)
         weight.copy_(base_rows)
         torch_addmm(weight, self.b[rows], self.a, scale, out=updated)
         factor = self.magnitude[rows] / torch_norm_rows(updated)
         updated.mul_(factor[:, None]).sub_(weight)
         out.add_(updated, alpha=alpha)
 
-    def _scratch(self, shape) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """Two fp32 buffers for a block, reused across blocks (fresh memory per block costs page faults)."""
+    def _scratch(self, shape, scratch) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Two fp32 buffers for a block: the caller's (``scratch``, a `reforge.ops.stream.Scratch` of the thread
+        computing it), or this object's own, reused across blocks (fresh memory per block costs page faults)."""
         import torch
 
+        if scratch is not None:
+            return scratch.get("weight", tuple(shape)), scratch.get("updated", tuple(shape))
         count = shape[0] * shape[1]
         if self._buffers is None or self._buffers[0].numel() < count:
             self._buffers = (torch.empty(count), torch.empty(count))

@@ -126,8 +126,9 @@ def max_rounding(records: dict[str, dict]) -> float:
 
 
 @contextmanager
-def streamed(items: list, loader: Any) -> Iterator[Iterator[tuple[Any, Any]]]:
-    """``(item, loader.load(item))`` in order: read ahead on another thread, computed on one torch thread (see
-    `reforge.ops.stream.torch_threads` for why one). ``loader`` is a context manager that owns its readers."""
-    with loader, prefetch(items, loader.load) as stream, torch_threads(1):
+def streamed(items: list, loader: Any, load: Any = None) -> Iterator[Iterator[tuple[Any, Any]]]:
+    """``(item, load(item))`` in order (``load`` defaults to ``loader.load``): read ahead on another thread,
+    computed on one torch thread (see `reforge.ops.stream.torch_threads` for why one). ``loader`` is a context
+    manager that owns its readers."""
+    with loader, prefetch(items, load or loader.load) as stream, torch_threads(1):
         yield stream

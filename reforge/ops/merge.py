@@ -29,6 +29,7 @@ from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.chat import apply_head_rule, chat_card
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
+from reforge.ops.device import exact_matmul, resolve_device
 from reforge.ops.diff import overlap
 from reforge.ops.fold import Factors, LoraAdapter
 from reforge.ops.job import (
@@ -43,11 +44,19 @@ from reforge.ops.job import (
 )
 from reforge.ops.stream import (
     Accumulator,
+    Scratch,
     all_finite,
     check_finite,
+    clipped,
+    compute_workers,
     empty,
     import_torch_in_background,
+    in_parallel,
+    piece_shape,
+    pieces,
     row_blocks,
+    scratch_for,
+    shifted,
 )
 
 if TYPE_CHECKING:
@@ -102,6 +111,7 @@ def merge(
     write: WriteOptions = WriteOptions(),
     access: Access = Access(),
     progress: ProgressFn | None = None,
+    device: str | None = "auto",
 ) -> MergeReport:
     """Write the readapted retriever into ``output``.
 
@@ -116,6 +126,8 @@ def merge(
         access: Hub token and pickle permission for the inputs.
         keep_lm_head: RE-Adapt of a chat model: the "retriever" (or the delta's) is an instruction-tuned CausalLM
             and the output is a CausalLM with its lm_head (see `reforge.ops.chat`).
+        device: where the arithmetic runs: ``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (a GPU when there is one);
+            see `reforge.ops.device`.
 
     Raises:
         InvalidOptionError, AdapterError, LayoutMismatchError, ProvenanceMismatchError: checked before any tensor
@@ -150,13 +162,14 @@ def merge(
         manifest["keep_lm_head"] = True
     plan_id = _plan_id(source, beta, specs, write.max_shard_size)
     inputs = _input_paths(source)
+    where = resolve_device(device)
     with writing(
         output, specs, plan_id=plan_id, manifest=manifest, options=write, inputs=inputs, progress=progress
     ) as writer:
         report.already_complete, report.resumed_shards = writer.already_complete, writer.resumed_shards
         _add_companions(writer, source, manifest, keep_lm_head)
         if not writer.already_complete:
-            _write_tensors(writer, source, beta, specs)
+            _write_tensors(writer, source, beta, specs, where)
     report.max_abs_rounding = max_rounding(writer.records)
     report.seconds = time.perf_counter() - started
     return report
@@ -382,18 +395,43 @@ def _terms(source: MergeInputs, key: str, beta: float) -> list[str]:
     return terms + adapters
 
 
-def _write_tensors(writer: CheckpointWriter, source: MergeInputs, beta: float, specs: list[TensorSpec]) -> None:
+def _write_tensors(
+    writer: CheckpointWriter, source: MergeInputs, beta: float, specs: list[TensorSpec], device: "torch.device"
+) -> None:
+    """Stream every pending tensor piece by piece (`reforge.ops.stream.pieces`) from the inputs to the output,
+    computed on ``device`` (a tensor only copied stays on the CPU)."""
     todo = [key for spec, key in zip(specs, source.shapes) if writer.pending(spec.name)]
     spec_of = {key: spec for spec, key in zip(specs, source.shapes)}
+    items = [(key, rows) for key in todo for rows in _pieces(source, key)]
     loader = InputLoader(source, beta)
-    with streamed(todo, loader) as stream:
-        for key, loaded in stream:
+    rounding: dict[str, float] = {}
+
+    def compute(item, loaded, scratch):
+        (key, rows), spec = item, spec_of[item[0]]
+        dtype, skew = torch_dtype(spec.dtype), writer.alignment(spec.name, rows)
+        if copied(loaded, beta, dtype):
+            return compute_output(source, loaded, key, beta, dtype, loader.pool, skew, rows)
+        return scratch.compute(
+            lambda here: compute_output(source, here, key, beta, dtype, loader.pool, skew, rows, scratch),
+            loaded,
+            lambda shape: empty(shape, dtype, loader.pool, skew),
+        )
+
+    exact_matmul()
+    with streamed(items, loader, load=lambda item: loader.load(*item)) as stream:
+        for (key, rows), (stored, error) in in_parallel(stream, compute, compute_workers(), scratch_for(device)):
             spec = spec_of[key]
-            stored, rounding = compute_output(
-                source, loaded, key, beta, torch_dtype(spec.dtype), loader.pool, writer.alignment(spec.name)
-            )
-            writer.write(spec.name, stored)
-            writer.record(spec.name, {"max_abs_rounding": rounding})
+            writer.write(spec.name, stored, rows)
+            rounding[key] = max(rounding.get(key, 0.0), error)
+            if rows is None or rows.stop >= source.shapes[key][0]:  # the last piece
+                writer.record(spec.name, {"max_abs_rounding": rounding.pop(key)})
+
+
+def _pieces(source: MergeInputs, key: str) -> list[slice | None]:
+    """A tensor made from a factored Delta (B @ A, computed whole) is streamed whole; any other in pieces."""
+    if source.delta is not None and key in source.delta.factored:
+        return [None]
+    return pieces(source.shapes[key])
 
 
 @dataclass
@@ -414,6 +452,7 @@ class InputLoader:
     def __init__(self, source: MergeInputs, beta: float) -> None:
         self.source, self.beta = source, beta
         self.pool = BufferPool()
+        self._factors: tuple[str | None, list, Factors | None] = (None, [], None)  # the last key's, for its pieces
 
     def __enter__(self) -> "InputLoader":
         source, pool = self.source, self.pool
@@ -429,28 +468,39 @@ class InputLoader:
             if reader is not None:
                 reader.close()
 
-    def load(self, key: str) -> Loaded:
+    def load(self, key: str, rows: slice | None = None) -> Loaded:
+        """The inputs of output tensor ``key``, or of its rows ``rows`` (a piece; the adapters' factors are read
+        once per tensor and shared by its pieces)."""
         source, loaded = self.source, Loaded()
-        loaded.adapters = [
-            (adapter.factors(key, reader.get), alpha)
-            for (adapter, alpha), reader in zip(source.adapters, self.adapters)
-            if alpha != 0 and key in adapter.modules
-        ]
+        loaded.adapters, loaded.retriever_factors = self._factors_of(key)
         if source.retriever is not None:
-            loaded.retriever = self.retriever.get(source.retriever.layout.stored(key))
+            loaded.retriever = self.retriever.get(source.retriever.layout.stored(key), rows)
         elif source.delta is not None:
             loaded.delta = (
                 None
                 if key in source.delta.zero
                 else source.delta.get(self.delta, key)
                 if key in source.delta.factored
-                else self.delta.get(key)
+                else self.delta.get(key, rows)
             )
-        elif key in source.retriever_adapter.modules:
-            loaded.retriever_factors = source.retriever_adapter.factors(key, self.retriever_adapter.get)
         if self._needs_base(loaded) and key in source.base_keys:
-            loaded.base = self.base.get(source.base_keys[key])
+            stored = source.base_keys[key]
+            loaded.base = self.base.get(stored, clipped(rows, source.base.index.tensors[stored].shape[0]))
         return loaded
+
+    def _factors_of(self, key: str) -> tuple[list[tuple[Factors, float]], Factors | None]:
+        source = self.source
+        if self._factors[0] != key:
+            adapters = [
+                (adapter.factors(key, reader.get), alpha)
+                for (adapter, alpha), reader in zip(source.adapters, self.adapters)
+                if alpha != 0 and key in adapter.modules
+            ]
+            retriever_factors = None
+            if source.retriever is None and source.delta is None and key in source.retriever_adapter.modules:
+                retriever_factors = source.retriever_adapter.factors(key, self.retriever_adapter.get)
+            self._factors = (key, adapters, retriever_factors)
+        return self._factors[1], self._factors[2]
 
     def _needs_base(self, loaded: Loaded) -> bool:
         dora = any(f.magnitude is not None for f, _ in loaded.adapters)
@@ -465,17 +515,20 @@ def compute_output(
     dtype: "torch.dtype",
     pool: BufferPool | None = None,
     skew: int = 0,
+    piece: slice | None = None,
+    scratch: Scratch | None = None,
 ) -> tuple["torch.Tensor", float]:
-    """One output tensor (in ``dtype``) and its largest rounding |stored - exact fp32|. With ``pool`` and ``skew``
-    its memory is placed for an O_DIRECT write (see `Accumulator`).
+    """One output tensor (in ``dtype``), or its rows ``piece`` (``loaded`` then holds the inputs' same rows), and
+    its largest rounding |stored - exact fp32|. With ``pool`` and ``skew`` its memory is placed for an O_DIRECT
+    write (see `Accumulator`). ``scratch``: the calling thread's fp32 buffers.
 
     A tensor nothing changes (retriever, beta = 1, no adapter) is the retriever's tensor itself, bit for bit."""
-    if loaded.retriever is not None and beta == 1 and not loaded.adapters and loaded.retriever.dtype == dtype:
+    if copied(loaded, beta, dtype):
         check_finite(all_finite(loaded.retriever), key, "the retriever's tensor holds")
         return _placed(loaded.retriever, pool, skew), 0.0
-    shape = source.shapes[key]
+    shape = piece_shape(source.shapes[key], piece)
     base_rows = loaded.base.shape[0] if loaded.base is not None and loaded.base.dim() else None
-    accumulator = Accumulator(shape, dtype, pool, skew)
+    accumulator = Accumulator(shape, dtype, pool, skew, scratch)
     for rows in row_blocks(shape):
         block = accumulator.block(rows)
         covered = overlap(rows, base_rows) if base_rows is not None and base_rows != shape[0] else None
@@ -487,15 +540,22 @@ def compute_output(
                 block.mul_(beta)
                 _add(block, base, covered)
         else:
-            _delta_rows_into(block, rows, loaded, base)
+            _delta_rows_into(block, rows, shifted(rows, piece), loaded, base, scratch)
             if beta != 1:
                 block.mul_(beta)
             _add(block, base, covered)
         for factors, alpha in loaded.adapters:
-            factors.add_to(block, rows, base, alpha)
+            factors.add_to(block, shifted(rows, piece), base, alpha, scratch)
         accumulator.commit(rows)
     check_finite(accumulator.finite, key, "base + alpha * Psi + beta * Delta is")
     return accumulator.output, accumulator.max_abs_rounding
+
+
+def copied(loaded: Loaded, beta: float, dtype: "torch.dtype") -> bool:
+    """Whether an output (piece) is the retriever's own bytes: beta 1, no adapter, the same dtype. It costs no
+    arithmetic but one NaN/Inf check (`all_finite`: one pass at memory speed) and, for an O_DIRECT write, a copy
+    to the output's place in a page."""
+    return loaded.retriever is not None and beta == 1 and not loaded.adapters and loaded.retriever.dtype == dtype
 
 
 def _placed(tensor: "torch.Tensor", pool: BufferPool | None, skew: int) -> "torch.Tensor":
@@ -507,13 +567,14 @@ def _placed(tensor: "torch.Tensor", pool: BufferPool | None, skew: int) -> "torc
     return placed.copy_(tensor) if placed.data_ptr() % ALIGNMENT == skew else tensor
 
 
-def _delta_rows_into(block: "torch.Tensor", rows: slice, loaded: Loaded, base) -> None:
+def _delta_rows_into(block: "torch.Tensor", rows: slice, whole_rows: slice, loaded: Loaded, base, scratch) -> None:
+    """Delta's rows into ``block``: ``rows`` of the loaded piece, ``whole_rows`` the same rows of the tensor."""
     if loaded.delta is not None:
         block.copy_(loaded.delta[rows])
     else:
         block.zero_()
         if loaded.retriever_factors is not None:
-            loaded.retriever_factors.add_to(block, rows, base, 1.0)
+            loaded.retriever_factors.add_to(block, whole_rows, base, 1.0, scratch)
 
 
 def _rows(tensor: "torch.Tensor | None", rows: slice, covered: int | None) -> "torch.Tensor | None":

@@ -61,7 +61,7 @@ def token_lengths(encode: Encoder, texts: Sequence[str], *, chunk: int = 1024) -
     """Token count of each text as `make_encoder` cuts it, tokenizing ``chunk`` texts at a time."""
     lengths = np.zeros(len(texts), dtype=np.int64)
     for start in range(0, len(texts), chunk):
-        lengths[start : start + chunk] = [len(ids) for ids in encode(texts[start : start + chunk])]
+        lengths[start : start + chunk] = [len(ids) for ids in encode(list(texts[start : start + chunk]))]
     return lengths
 
 

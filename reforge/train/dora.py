@@ -16,7 +16,7 @@ their global count, so one step's gradient does not depend on how its rows are s
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from reforge import __version__
-from reforge.data.corpus import Corpus, DocSelection, load_corpus
+from reforge.data.corpus import Corpus, DocSelection, DocTexts, corpus_texts, load_corpus
 from reforge.dist import Ranks, all_sum, barrier, join, shutdown
 from reforge.errors import CheckpointNotFoundError, DataError, InvalidOptionError
 from reforge.io.manifest import TRAINING_RECORD, write_record
@@ -88,10 +88,10 @@ class TrainResult:
 
 @dataclass
 class Data:
-    """Everything `setup_data` derives from the corpus. ``texts[i]`` is document i of ``plan``."""
+    """Everything `setup_data` derives from the corpus. ``texts[i]`` is document i of ``plan`` (read on demand)."""
 
     corpus: Corpus
-    texts: list[str]
+    texts: Sequence[str]
     plan: BatchPlan
     encode: Encoder
     pad_id: int
@@ -226,7 +226,7 @@ def setup_data(
         skip_bad_lines=config.skip_bad_lines,
         selection=selection,
     )
-    texts = [doc.text for doc in corpus.docs]
+    texts = corpus_texts(corpus)  # JSONL text is read on demand: only lengths and offsets are held
     stage(f"Counting the tokens of {len(texts):,} documents")
     encode = make_encoder(tokenizer, config.max_length)
     key = lengths_key(corpus.sha256, tokenizer, config.max_length)  # cached: --dry-run and --resume reuse them
@@ -457,7 +457,8 @@ def _refuse_nothing_to_learn(corpus: Corpus, lengths: np.ndarray) -> None:
 
 def _tokenized_batch(data: Data, rows) -> Batch:
     docs = [d for row in rows for d in row]
-    ids = iter(data.encode([data.texts[d] for d in docs]) if docs else [])
+    texts = data.texts.take(docs) if isinstance(data.texts, DocTexts) else [data.texts[d] for d in docs]
+    ids = iter(data.encode(texts) if docs else [])
     return collate([[next(ids) for _ in row] for row in rows], data.pad_id)
 
 
