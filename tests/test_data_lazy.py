@@ -59,3 +59,31 @@ def test_lazy_corpora_compare_by_documents():
     lazy = load_beir(SCIFACT).corpus
     assert lazy == load_beir(SCIFACT).corpus and lazy.select(["4983", "5836"]) == lazy.select(["5836", "4983"])
     assert lazy.select(["4983"]) == (lazy[0],) and lazy.select(["4983"]) != lazy.select(["5836"])
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut", "flipped"])
+def test_a_damaged_offset_index_is_rebuilt(tmp_path, damage):
+    from test_data_beir import write_beir
+    from test_train_corpus import _damaged
+
+    folder = write_beir(tmp_path / "toy")
+    first = load_beir(folder)
+    (index_file,) = _index_files()
+    index_file.write_bytes(_damaged(index_file.read_bytes(), damage))
+    again = load_beir(folder)
+    assert list(again.corpus) == list(first.corpus) and again.corpus_hash == first.corpus_hash
+
+
+def test_a_corpus_replaced_by_one_of_the_same_size_and_time_is_indexed_again(tmp_path):
+    from test_data_beir import write_beir
+
+    folder = write_beir(tmp_path / "toy")
+    first = load_beir(folder)
+    corpus = folder / "corpus.jsonl"
+    before = corpus.stat()
+    edited = tmp_path / "edited.jsonl"
+    edited.write_bytes(corpus.read_bytes().replace(b'"d1"', b'"e1"'))
+    os.replace(edited, corpus)
+    os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns))
+    again = load_beir(folder)
+    assert again.corpus[0].id == "e1" and again.corpus_hash != first.corpus_hash

@@ -114,6 +114,37 @@ def test_a_shard_cut_short_after_it_was_listed_fails_the_search_clearly(tmp_path
             list(read_blocks(shards, 64, buffers=buffers))
 
 
+def test_tied_scores_keep_the_lowest_rows_whatever_the_block_size():
+    import faiss
+
+    # every document scores the same: one flat index keeps rows 0..149; so must blocks smaller than k, whose hits
+    # come back from faiss in no particular order among equal scores
+    docs, queries = np.ones((3000, 8), dtype=np.float32), np.ones((3, 8), dtype=np.float32)
+    index = faiss.IndexFlatIP(8)
+    index.add(docs)
+    assert (np.sort(index.search(queries, 150)[1], axis=1) == np.arange(150)).all()
+    for block in (100, 120, 1024):
+        table = search_blocks(queries, ((at, docs[at : at + block]) for at in range(0, 3000, block)), 150)
+        assert (table.rows == np.arange(150)).all(), block
+
+
+def test_nan_documents_are_never_hits_on_the_gpu_kernel_either():
+    from reforge.eval.search import _faiss_kernel, _torch_kernel
+
+    rng = np.random.default_rng(8)
+    docs, queries = rng.standard_normal((200, 16)).astype(np.float32), rng.standard_normal((5, 16)).astype(np.float32)
+    docs[[3, 50, 199]] = np.nan  # faiss skips them; torch.topk ranks NaN above every number
+    want_scores, want_rows = _faiss_kernel(queries)(docs, 20)
+    scores, rows = _torch_kernel(queries, "cpu", 1024)(docs, 20)  # the GPU code, run on the CPU
+    assert (rows == want_rows).all() and np.allclose(scores, want_scores, rtol=1e-5)
+
+
+def test_two_read_buffers_are_refused_rather_than_overwritten_while_searched(tmp_path):
+    entry, _ = _random_entry(tmp_path, 300, 8, 100, "float32")
+    with pytest.raises(ValueError, match="1 or at least 3"):
+        list(read_blocks(entry.shards(), 64, buffers=2))
+
+
 def test_fewer_documents_than_k_and_ties_by_row():
     vectors = np.ones((3, 2), dtype=np.float32)
     run = search(np.ones((1, 2), dtype=np.float32), vectors, ["q"], ["a", "b", "c"], top_k=10)

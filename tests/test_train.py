@@ -533,3 +533,19 @@ def test_forward_groups_fit_the_token_budget():
     rows = [(0,), (1,), (2,), (3,), (4,), (5,)]
     assert plan.forward_groups(rows, 1024) == [[(0,), (1,)], [(2,), (3,)], [(4,)], [(5,)]]
     assert plan.forward_groups(rows, None) == [rows] and plan.forward_groups([], 1024) == [[]]
+
+
+def test_resume_refuses_a_corpus_that_changed_since_the_checkpoint(llama_base, tmp_path):
+    with (SCIFACT / "corpus.jsonl").open(encoding="utf-8") as handle:
+        lines = [line for line, _ in zip(handle, range(8))]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(lines))
+    cfg = config(llama_base, tmp_path / "psi", corpus=[str(corpus)], save_every=1)
+    with pytest.raises(Crash):
+        train_adapter(cfg, progress=_crash_at(2))
+    row = json.loads(lines[3])
+    lines[3] = json.dumps({**row, "text": row["text"] + " An added sentence."}) + "\n"
+    corpus.write_text("".join(lines))  # same options, other text: the steps left would not be the planned ones
+    cfg.resume = True
+    with pytest.raises(InvalidOptionError, match=r"Cannot resume .*: the corpus changed \(sha256 [0-9a-f]{12} -> "):
+        train_adapter(cfg)

@@ -232,3 +232,45 @@ def test_training_on_the_lazy_corpus_equals_training_on_the_held_one(llama_base,
     assert seen["lazy"] == seen["held"]  # the same loss at every step, bit for bit
     a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("held", "lazy"))
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def _jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"_id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def _damaged(data: bytes, damage: str) -> bytes:
+    """A cache file as a crash, a full disk or a bad sector leaves it (the flip lands in the first array's bytes)."""
+    if damage == "flipped":
+        return data[:200] + bytes([data[200] ^ 0xFF]) + data[201:]
+    return b"" if damage == "empty" else data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut", "flipped"])
+def test_a_damaged_corpus_layout_cache_is_rebuilt(tmp_path, damage):
+    path = _jsonl(tmp_path / "c.jsonl", ["alpha one", "beta two", "gamma three"])
+    first = load_corpus(path)
+    (layout,) = (Path(os.environ["REFORGE_HOME"]) / "cache" / "corpus-index").glob("train-*.npz")
+    layout.write_bytes(_damaged(layout.read_bytes(), damage))
+    again = load_corpus(path)
+    assert [d.text for d in again.docs] == ["alpha one", "beta two", "gamma three"] and again.sha256 == first.sha256
+
+
+def test_a_corpus_replaced_by_one_of_the_same_size_and_time_is_read_again(tmp_path):
+    path = _jsonl(tmp_path / "c.jsonl", ["alpha one", "beta two"])
+    first = load_corpus(path)
+    before = path.stat()
+    os.replace(_jsonl(tmp_path / "new.jsonl", ["alpha ONE", "beta two"]), path)  # how editors save a file
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # as rsync -t or a copy keeping times leaves it
+    assert path.stat().st_size == before.st_size
+    again = load_corpus(path)
+    assert again.docs[0].text == "alpha ONE" and again.sha256 != first.sha256
+
+
+def test_a_corpus_edited_after_it_was_hashed_is_refused_not_trained_on(tmp_path):
+    path = _jsonl(tmp_path / "c.jsonl", ["alpha one", "beta two"])
+    corpus = load_corpus(path)  # the hash of "beta two" goes into the training record
+    path.write_bytes(path.read_bytes().replace(b"beta two", b"beta TWO"))
+    assert corpus.docs[0].text == "alpha one"
+    with pytest.raises(DataError, match=r"c.jsonl, line 2: document 'd1' changed since the corpus was read"):
+        corpus.docs[1]

@@ -14,11 +14,12 @@ Sources, chosen from what the path holds:
 - a folder written by ``datasets``' ``save_to_disk``: column ``text_field`` (default ``text``, joined with
   ``title`` when there is one). A DatasetDict uses its only split, else ``train``.
 
-JSONL and BEIR documents are not held: `Corpus.docs` keeps each kept document's byte offset and line number (12
-bytes a document) and reads its line again when asked (`CorpusDocs`), so memory does not grow with the text. The
+JSONL and BEIR documents are not held: `Corpus.docs` keeps each kept document's byte offset, line number and a
+64-bit hash of its id and text (20 bytes a document) and reads its line again when asked (`CorpusDocs`), so memory
+does not grow with the text; a line that no longer gives the text hashed is an error, not other training text. The
 pass that finds them (filters, empty documents, the hash) is cached under ``$REFORGE_HOME/cache/corpus-index/``,
-keyed by the files (path, size, modification time) and the options, so a second run opens a corpus without reading
-it. ``.txt`` and saved-dataset documents are held in memory.
+keyed by the files (`file_stamp`: path, size, times, inode) and the options, so a second run opens a corpus without
+reading it. ``.txt`` and saved-dataset documents are held in memory.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from typing import Any, overload
 import numpy as np
 
 from reforge.data.beir import Document, iter_jsonl_at, read_qrels
-from reforge.data.lazy import json_object, load_npz, save_npz
+from reforge.data.lazy import file_stamp, id_hash, json_object, load_npz, save_npz
 from reforge.errors import DataError, short_path
 
 CORPUS_KINDS = ("beir", "jsonl", "text", "datasets")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: per-document text hashes; keyed by inode and change time too
 _READ_AGAIN = ("beir", "jsonl")  # kinds whose documents are re-read on demand from a byte offset
 
 
@@ -237,7 +238,7 @@ def _scan(
 ) -> Corpus:
     """One pass over every source: filters, empty documents, the hash, and where each kept document is."""
     held: list[TextDoc] = []
-    source, where, line = array("H"), array("Q"), array("I")
+    source, where, line, check = array("H"), array("Q"), array("I"), array("Q")
     found: set[str] = set()
     read = empty = filtered = kept = 0
     digest = hashlib.sha256()
@@ -255,6 +256,7 @@ def _scan(
                 digest.update(f"{doc.id}\x1f{doc.text}\x1e".encode())
                 source.append(number)
                 line.append(line_number)
+                check.append(_doc_hash(doc))
                 if lazy and offset is not None:
                     where.append(offset)
                 else:
@@ -263,8 +265,8 @@ def _scan(
     only_missing = len(selection.only - found) if selection.only is not None else 0
     docs: Sequence[TextDoc] = held
     if len(held) < kept:
-        arrays = (np.frombuffer(a, dtype) for a, dtype in ((source, np.uint16), (where, np.uint64), (line, np.uint32)))
-        docs = CorpusDocs(readers, *arrays, held)
+        arrays = ((source, np.uint16), (where, np.uint64), (line, np.uint32), (check, np.uint64))
+        docs = CorpusDocs(readers, *(np.frombuffer(a, dtype) for a, dtype in arrays), held)
     return Corpus(docs, tuple(sources), kinds, read, empty, filtered, only_missing, digest.hexdigest())
 
 
@@ -308,8 +310,9 @@ class _Source:
 
 class CorpusDocs(Sequence):
     """The kept documents of a `Corpus`, in order, read on demand: per document the source it comes from, its line's
-    byte offset and line number (documents of ``.txt`` and dataset sources are held, ``where`` indexing ``held``).
-    Slices are views; `take` reads many documents with one open file per source."""
+    byte offset and line number, and `_doc_hash` of what was read then (documents of ``.txt`` and dataset sources
+    are held, ``where`` indexing ``held``). Slices are views; `take` reads many documents with one open file per
+    source."""
 
     def __init__(
         self,
@@ -317,9 +320,11 @@ class CorpusDocs(Sequence):
         source: np.ndarray,
         where: np.ndarray,
         line: np.ndarray,
+        check: np.ndarray,
         held: list[TextDoc],
     ) -> None:
-        self.sources, self.source, self.where, self.line, self.held = sources, source, where, line, held
+        self.sources, self.source, self.where, self.line, self.check = sources, source, where, line, check
+        self.held = held
 
     def __len__(self) -> int:
         return len(self.source)
@@ -332,7 +337,9 @@ class CorpusDocs(Sequence):
 
     def __getitem__(self, item):
         if isinstance(item, slice):
-            return CorpusDocs(self.sources, self.source[item], self.where[item], self.line[item], self.held)
+            return CorpusDocs(
+                self.sources, self.source[item], self.where[item], self.line[item], self.check[item], self.held
+            )
         if item < 0:
             item += len(self)
         if not 0 <= item < len(self):
@@ -356,6 +363,8 @@ class CorpusDocs(Sequence):
                 line = int(self.line[row])
                 doc = reader.doc(json_object(handles[number].readline(), reader.file, line), line, skip=False)
                 assert doc is not None  # the line gave a document when the corpus was first read
+                if _doc_hash(doc) != int(self.check[row]):
+                    raise _changed(reader.file, line, doc.id)
                 out.append(doc)
         finally:
             for handle in handles.values():
@@ -409,6 +418,21 @@ def corpus_texts(corpus: Corpus) -> Sequence[str]:
     return docs.texts if isinstance(docs, CorpusDocs) else [doc.text for doc in docs]
 
 
+def _doc_hash(doc: TextDoc) -> int:
+    """64 bits of what `Corpus.sha256` hashes for one document, to check a line read again gives the same."""
+    return id_hash(f"{doc.id}\x1f{doc.text}")
+
+
+def _changed(file: Path, line: int, doc_id: str) -> DataError:
+    return DataError(
+        f"{short_path(file)}, line {line}: document {doc_id!r} changed since the corpus was read: the recorded "
+        "corpus hash no longer describes the text.",
+        hint="Leave a corpus unchanged while a run reads it, then run again (a changed file is read anew).",
+        path=file,
+        line=line,
+    )
+
+
 def _file_of(path: Path, kind: str) -> Path:
     return path / "corpus.jsonl" if kind == "beir" and path.is_dir() else path
 
@@ -436,10 +460,7 @@ def _selection_digest(selection: DocSelection) -> str:
 
 
 def _layout_key(readers: tuple[_Source, ...], options: list[Any]) -> str:
-    files = []
-    for reader in readers:
-        stat = reader.file.stat()
-        files.append([str(reader.file.resolve()), reader.kind, stat.st_size, stat.st_mtime_ns])
+    files = [[reader.kind, *file_stamp(reader.file)] for reader in readers]
     return hashlib.sha256(json.dumps([LAYOUT_VERSION, files, options]).encode()).hexdigest()
 
 
@@ -456,7 +477,7 @@ def _read_layout(key: str, sources: list[Path], kinds: tuple[str, ...], readers:
         return None
     facts, data = found
     try:
-        docs = CorpusDocs(readers, data["source"], data["where"], data["line"], [])
+        docs = CorpusDocs(readers, data["source"], data["where"], data["line"], data["check"], [])
         counts = [int(facts[name]) for name in ("read", "empty", "filtered", "only_missing")]
         return Corpus(docs, tuple(sources), kinds, *counts, sha256=str(facts["sha256"]))
     except (KeyError, ValueError):
@@ -467,7 +488,8 @@ def _write_layout(key: str, corpus: Corpus) -> None:
     docs = corpus.docs
     if isinstance(docs, CorpusDocs):
         facts = {name: getattr(corpus, name) for name in ("read", "empty", "filtered", "only_missing", "sha256")}
-        save_npz(_layout_path(key), facts, {"source": docs.source, "where": docs.where, "line": docs.line})
+        arrays = {"source": docs.source, "where": docs.where, "line": docs.line, "check": docs.check}
+        save_npz(_layout_path(key), facts, arrays)
 
 
 def _iter_text_docs(path: Path, per_line: bool) -> Iterator[TextDoc]:

@@ -3,7 +3,7 @@
 `corpus_index` scans the file once (checking every line, as `load_beir` always did) and keeps, per document, the
 byte offset of its line and a 64-bit hash of its id (16 bytes a document: 140 MB for MS MARCO's 8.8M passages,
 against ~10 GB as Python objects), plus the corpus hash, the file's SHA-256 and the empty documents. The index is
-cached under ``$REFORGE_HOME/cache/corpus-index/``, keyed by the file's resolved path, size and modification time,
+cached under ``$REFORGE_HOME/cache/corpus-index/``, keyed by the file's `file_stamp` (path, size, times, inode),
 so a second run (or another rank on the same machine) opens a corpus without reading it. `LazyCorpus` is a
 ``Sequence[Document]`` over those offsets: ``corpus[i]``, slices and iteration read only the lines they need.
 """
@@ -22,7 +22,7 @@ import numpy as np
 from reforge.errors import DataError, short_path
 from reforge.io.atomic import write_atomic
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: keyed by inode and change time too
 _EXAMPLES = 3
 
 
@@ -70,16 +70,21 @@ def corpus_index(path: Path, cache_folder: Path | None = None) -> CorpusIndex:
         DataError: a line is not a JSON object, has no ``_id``, repeats an id, or the file holds no document.
     """
     folder = cache_folder if cache_folder is not None else _default_folder()
-    stat = path.stat()
-    key = hashlib.sha256(
-        json.dumps([INDEX_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns]).encode()
-    ).hexdigest()
+    key = hashlib.sha256(json.dumps([INDEX_VERSION, *file_stamp(path)]).encode()).hexdigest()
     cached = _read_cached(folder / f"{key}.npz", path)
     if cached is not None:
         return cached
     index = _build(path)
     _write_cached(folder / f"{key}.npz", index)
     return index
+
+
+def file_stamp(path: Path) -> list:
+    """What says a file is unchanged without reading it: its resolved path, size, modification time, and the inode
+    and change time, which a rewrite sets even when it keeps the size and the modification time (``rsync -t``,
+    ``cp -p``, an editor saving through a new file)."""
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 
 def _build(path: Path) -> CorpusIndex:
@@ -298,9 +303,15 @@ def save_npz(path: Path, facts: dict, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_npz(path: Path) -> tuple[dict, dict[str, np.ndarray]] | None:
-    """What `save_npz` wrote: ``(facts, arrays)``, or None when absent or unreadable."""
+    """What `save_npz` wrote: ``(facts, arrays)``, or None when absent or unreadable (a damaged cache is rebuilt)."""
+    import zipfile
+
     try:
         with np.load(path) as data:
-            return json.loads(bytes(data["facts"]).decode()), {k: data[k] for k in data.files if k != "facts"}
-    except (OSError, ValueError, KeyError):
+            facts = json.loads(bytes(data["facts"]).decode())
+            arrays = {k: data[k] for k in data.files if k != "facts"}
+    # what numpy and zipfile raise for an empty, cut or corrupted file: EOFError, BadZipFile (a bad CRC too),
+    # NotImplementedError and RuntimeError (a mangled compression or encryption flag)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError):
         return None
+    return (facts, arrays) if isinstance(facts, dict) else None

@@ -50,14 +50,30 @@ class TopK:
 def _ties_by_row(order: np.ndarray, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``order`` (which sorts each query's ``keys``) with equal keys in row order: only the queries whose equal keys
     are out of row order are sorted again, by ``(key, row)``."""
-    ranked_rows = np.take_along_axis(rows, order, 1)
-    ranked = np.take_along_axis(keys, order, 1)
-    ties = (ranked[:, 1:] == ranked[:, :-1]) & (ranked_rows[:, 1:] < ranked_rows[:, :-1]) & (ranked_rows[:, 1:] >= 0)
-    redo = np.nonzero(ties.any(axis=1))[0]
+    redo = _out_of_row_order(np.take_along_axis(keys, order, 1), np.take_along_axis(rows, order, 1))
     if redo.size:
-        by_row = np.where(rows[redo] < 0, np.iinfo(np.int64).max, rows[redo])
-        order[redo] = np.lexsort((by_row, keys[redo]), axis=1)
+        order[redo] = _by_key_then_row(keys[redo], rows[redo])
     return order
+
+
+def _ranked_ties_by_row(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hits already best first (faiss's order) with equal scores put in row order, for the queries that need it."""
+    redo = _out_of_row_order(-scores, rows)
+    if redo.size:
+        order = _by_key_then_row(-scores[redo], rows[redo])
+        scores, rows = scores.copy(), rows.copy()
+        scores[redo], rows[redo] = np.take_along_axis(scores[redo], order, 1), np.take_along_axis(rows[redo], order, 1)
+    return scores, rows
+
+
+def _out_of_row_order(ranked: np.ndarray, ranked_rows: np.ndarray) -> np.ndarray:
+    """The queries whose sorted ``ranked`` keys hold equal keys with a higher row first."""
+    ties = (ranked[:, 1:] == ranked[:, :-1]) & (ranked_rows[:, 1:] < ranked_rows[:, :-1]) & (ranked_rows[:, 1:] >= 0)
+    return np.nonzero(ties.any(axis=1))[0]
+
+
+def _by_key_then_row(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return np.lexsort((np.where(rows < 0, np.iinfo(np.int64).max, rows), keys), axis=1)
 
 
 def block_rows_for(dim: int) -> int:
@@ -103,9 +119,8 @@ def search_blocks(
         _add_block(heap, kernel, block, _row_numbers(rows, block.shape[0]), seen)
         seen += block.shape[0]
     heap.finalize()  # best first, but equal scores in no particular order
-    keys = np.where(heap.I < 0, np.inf, -heap.D)
-    order = _ties_by_row(np.broadcast_to(np.arange(k), heap.I.shape).copy(), keys, heap.I)
-    return TopK(np.take_along_axis(-keys, order, 1).astype(np.float32), np.take_along_axis(heap.I, order, 1))
+    scores, rows = _ranked_ties_by_row(np.where(heap.I < 0, -np.inf, heap.D).astype(np.float32), heap.I)
+    return TopK(scores, rows)
 
 
 Kernel = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -121,7 +136,9 @@ def _add_block(heap: Any, kernel: Kernel, block: np.ndarray, rows: np.ndarray, s
     scores, found = kernel(block, width)
     if width < full and (scores[:, width - 1] > kth).any():  # a query may have more hits here: take the full k
         scores, found = kernel(block, full)  # for every query: a smaller product can round a last bit otherwise
-    heap.add_result(scores, rows[found])
+    hits = np.where(found < 0, -1, rows[found])  # faiss gives -1 for a NaN score
+    # the heap keeps the first of equal scores it is given, and faiss returns ties in no particular order
+    heap.add_result(*_ranked_ties_by_row(scores, hits))
 
 
 def _row_numbers(rows: Rows, count: int) -> np.ndarray:
@@ -148,11 +165,18 @@ def _torch_kernel(queries: np.ndarray, device: str, chunk_size: int) -> Kernel:
     def kernel(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         vectors = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(device)
         chunks = range(0, len(on_device), chunk_size)
-        parts = [torch.topk(on_device[at : at + chunk_size] @ vectors.T, k, dim=1) for at in chunks]
+        parts = [torch.topk(_no_nan(on_device[at : at + chunk_size] @ vectors.T), k, dim=1) for at in chunks]
         scores = torch.cat([p.values for p in parts]).cpu().numpy()
         return scores, torch.cat([p.indices for p in parts]).cpu().numpy().astype(np.int64)
 
     return kernel
+
+
+def _no_nan(scores: Any) -> Any:
+    """``scores`` with NaN as -inf: torch.topk ranks NaN above every number, faiss never returns it."""
+    import torch
+
+    return scores.masked_fill_(scores.isnan(), -torch.inf)
 
 
 def search_shards(
@@ -199,6 +223,8 @@ def read_blocks(shards: Sequence[Any], block_rows: int, *, buffers: int = 3) -> 
     import queue
     import threading
 
+    if buffers == 2:  # the reader would refill the block being searched (one is searched, one queued, one filled)
+        raise ValueError("read_blocks needs 1 or at least 3 buffers")
     if not shards:
         return
     dim = _shard_dim(shards[0])

@@ -192,7 +192,13 @@ def train_adapter(
         state = LoopState()
         if resume_from is not None:
             meta = load_checkpoint(
-                resume_from, config, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, ranks=ranks
+                resume_from,
+                config,
+                model=run.model,
+                optimizer=run.optimizer,
+                scheduler=run.scheduler,
+                ranks=ranks,
+                corpus_sha256=data.corpus.sha256,
             )
             state = LoopState(**{k: meta[k] for k in asdict(state) if k != "resumed_from"}, resumed_from=meta["step"])
         say(f"Starting step {state.step + 1} of {data.total_steps:,}")
@@ -368,6 +374,7 @@ def train_loop(
                 "train_time_s": state.train_time_s + seconds,
                 "config": config.to_dict(),
                 "world_size": ranks.world,
+                "corpus_sha256": data.corpus.sha256,
             }
             save_checkpoint(
                 work,

@@ -123,13 +123,21 @@ def save_checkpoint(work: Path, step: int, *, model, optimizer, scheduler, meta:
 
 
 def load_checkpoint(
-    checkpoint: Path, config: TrainConfig, *, model, optimizer, scheduler, ranks: Ranks
+    checkpoint: Path,
+    config: TrainConfig,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    ranks: Ranks,
+    corpus_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Restore a checkpoint written by `save_checkpoint` into ``model``, ``optimizer``, ``scheduler`` and this
     rank's RNG; return its meta.
 
     Raises:
-        InvalidOptionError: the checkpoint was made with different training options or a different world size.
+        InvalidOptionError: the checkpoint was made with different training options, a different world size, or
+            over a corpus whose hash was not ``corpus_sha256`` (same options, other text: other steps).
     """
     import torch
 
@@ -144,6 +152,14 @@ def load_checkpoint(
             f"Cannot resume from {short_path(checkpoint)}: options changed ({pairs}).",
             hint="Resume with the original options, or pass --overwrite to start over.",
             option=changed[0],
+        )
+    saved_corpus = meta.get("corpus_sha256")  # absent from checkpoints written before it was recorded
+    if corpus_sha256 is not None and saved_corpus is not None and saved_corpus != corpus_sha256:
+        raise InvalidOptionError(
+            f"Cannot resume from {short_path(checkpoint)}: the corpus changed (sha256 {saved_corpus[:12]} -> "
+            f"{corpus_sha256[:12]}), so the steps left are not the ones planned.",
+            hint="Resume over the original corpus, or pass --overwrite to start over.",
+            option="corpus",
         )
     if meta["world_size"] != ranks.world:
         raise InvalidOptionError(
