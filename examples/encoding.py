@@ -7,9 +7,10 @@
   attention mask, never from the ids).
 - Pooling: **mean** over the real tokens (EOS included) of the final hidden states (after the last norm).
   RepLLaMA pools the last token (the EOS); `last_token_pool` implements that and ``pooling="last"`` selects it, but
-  on SmolLM2-135M it does not train in a CPU budget: the untrained EOS state carries no relevance signal (in-batch
-  MRR 0.08 = chance, mean pooling 0.38), and every last-token run collapsed all vectors together (cosine 0.93-0.98)
-  with the loss stuck at ln(batch passages); see docs/results.md.
+  on SmolLM2-135M it does not train from scratch in a CPU budget: the untrained EOS state carries no relevance signal
+  (in-batch MRR 0.08 = chance, mean pooling 0.38), and every last-token run from a fresh LoRA collapsed all vectors
+  together (cosine 0.93-0.98) with the loss stuck at ln(batch passages). Warm-started from the mean-pooling
+  retriever it did train (60 steps, lr 3e-4, temperature 0.01); see docs/results.md section 1.
 - L2-normalized; similarity is the inner product (= cosine).
 - Length: at most 128 tokens (EOS included) for queries and passages, in training and evaluation alike.
 

@@ -343,8 +343,9 @@ def _table2(out: Path) -> str:
 
 
 def seed_runs(out: Path, stem: str) -> list[dict]:
-    """The finished seeds of one variant of section 3, in seed order: ``seed``, the adapter's ``steps``, ``tokens``
-    and ``final_loss``, and the alpha 0.5 point's ``delta`` (vs the retriever), ``p_randomization``, ``score``."""
+    """The finished seeds of one variant of section 6, in seed order: ``seed``, the adapter's ``steps``, ``tokens``,
+    ``final_loss`` and ``last10_loss`` (the mean of its last 10 steps' losses: one step's is noise), and the alpha 0.5
+    point's ``delta`` (vs the retriever), ``p_randomization``, ``score``."""
     runs = []
     for path in sorted(out.glob(f"tune-{stem}-seed*.json"), key=lambda p: int(p.stem.rsplit("seed", 1)[1])):
         seed = int(path.stem.rsplit("seed", 1)[1])
@@ -352,12 +353,14 @@ def seed_runs(out: Path, stem: str) -> list[dict]:
         point = next((p for p in json.loads(path.read_text())["points"] if p["alpha"] == 0.5), None)
         if trained is None or point is None:
             continue
+        history = [loss for _, loss in trained["record"]["loss"]["history"]]
         runs.append(
             {
                 "seed": seed,
                 "steps": trained["steps"],
                 "tokens": trained["tokens"],
                 "final_loss": trained["final_loss"],
+                "last10_loss": sum(history[-10:]) / len(history[-10:]),
                 "delta": point["test"]["delta"],
                 "score": point["score"],
                 "p_randomization": point["test"]["p_randomization"],
@@ -391,13 +394,14 @@ def _variance_table(out: Path) -> str:
             continue
         s = spread([r["delta"] for r in runs])
         steps = sorted({r["steps"] for r in runs})
-        tokens = f"{min(r['tokens'] for r in runs):,}-{max(r['tokens'] for r in runs):,}"
+        tokens = sorted({r["tokens"] for r in runs})
         rows.append(
             _row(
                 text,
+                str(s["n"]),
                 ", ".join(str(r["seed"]) for r in runs),
                 "/".join(map(str, steps)),
-                tokens,
+                f"{tokens[0]:,}" if len(tokens) == 1 else f"{tokens[0]:,}-{tokens[-1]:,}",
                 ", ".join(f"{r['delta']:+.4f}" for r in runs),
                 f"{s['mean']:+.4f}",
                 "" if s["std"] is None else f"{s['std']:.4f}",
@@ -405,8 +409,8 @@ def _variance_table(out: Path) -> str:
             )
         )
     return _table(
-        "knowledge adapter (section 3 budget) | seeds | steps | tokens trained | nDCG@10 change at alpha "
-        "0.5, per seed | mean | std | p (t-test over seeds)",
+        "knowledge adapter (150 documents, 256 tokens) | n | seeds | steps | tokens trained | nDCG@10 change at "
+        "alpha 0.5, per seed | mean | std (sample) | p (t-test over seeds, mean = 0)",
         rows,
     )
 
@@ -416,16 +420,23 @@ def _batching_table(out: Path) -> str:
     seeds = sorted(set(paper) & set(rows))
     if not seeds:
         return ""
-    s = spread([rows[k]["delta"] - paper[k]["delta"] for k in seeds])
-    cells = [
-        f"seed {k}: {paper[k]['steps']} vs {rows[k]['steps']} steps, loss {paper[k]['final_loss']:.3f} vs "
-        f"{rows[k]['final_loss']:.3f}, change {paper[k]['delta']:+.4f} vs {rows[k]['delta']:+.4f}"
+    lines = [
+        _row(
+            str(k),
+            f"{paper[k]['steps']} / {rows[k]['steps']}",
+            f"{paper[k]['last10_loss']:.3f} / {rows[k]['last10_loss']:.3f}",
+            f"{paper[k]['delta']:+.4f} / {rows[k]['delta']:+.4f}",
+            f"{rows[k]['delta'] - paper[k]['delta']:+.4f}",
+        )
         for k in seeds
     ]
-    std = "" if s["std"] is None else f" (std {s['std']:.4f}, p {_p(s['p'])})"
+    s = spread([rows[k]["delta"] - paper[k]["delta"] for k in seeds])
+    std = "" if s["std"] is None else f", std {s['std']:.4f}, p {_p(s['p'])}"
+    lines.append(_row(f"mean (n = {s['n']})", "", "", "", f"{s['mean']:+.4f}{std}"))
     return _table(
-        "--batching documents (default) vs rows, same seeds | rows minus documents, mean over seeds",
-        [_row("; ".join(cells), f"{s['mean']:+.4f}{std}")],
+        "seed | steps: documents (default) / rows | loss, mean of the last 10 steps | nDCG@10 change at alpha 0.5 | "
+        "rows minus documents",
+        lines,
     )
 
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,36 @@ def test_make_retriever_on_a_tiny_model_writes_a_deterministic_peft_adapter(tiny
     assert (tmp_path / "b" / "adapter_config.json").read_bytes() == (folder / "adapter_config.json").read_bytes()
 
 
+def test_warm_start_continues_the_given_adapter_and_records_heldout_mrr(tiny_base, tiny_beir, tmp_path):
+    config = RecipeConfig(
+        rank=2,
+        lora_alpha=4,
+        batch_queries=2,
+        max_steps=2,
+        negative_depth=3,
+        warmup_steps=1,
+        learning_rate=1e-2,
+        heldout_split="train",
+    )
+    first = make_retriever(tiny_base, tiny_beir, tmp_path / "a", config, log=None)["heldout_in_batch_mrr"]
+    assert first["batches"] == 2 and first["passages_per_batch"] == 4
+    assert first["chance_mrr"] == round((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4, 4)
+    assert 0.25 <= first["mrr_before"] <= 1 and 0.25 <= first["mrr_after"] <= 1
+    warm = replace(config, init_adapter=str(tmp_path / "a"), pooling="last")
+    # at learning rate 0 a warm start must hand back the saved adapter unchanged (a fresh LoRA has lora_B = 0)
+    again = make_retriever(
+        tiny_base, tiny_beir, tmp_path / "b", replace(warm, pooling="mean", learning_rate=0.0), log=None
+    )
+    assert (
+        again["heldout_in_batch_mrr"]["mrr_before"] == first["mrr_after"] == again["heldout_in_batch_mrr"]["mrr_after"]
+    )
+    assert _tensors(tmp_path / "b") == _tensors(tmp_path / "a")
+    record = make_retriever(tiny_base, tiny_beir, tmp_path / "c", warm, log=None)
+    assert record["hyperparameters"]["init_adapter"] == str(tmp_path / "a") and record["encoding"]["pooling"] == "last"
+    with pytest.raises(CheckpointNotFoundError, match=r"nowhere is not a peft adapter folder"):
+        make_retriever(tiny_base, tiny_beir, tmp_path / "d", replace(warm, init_adapter=str(tmp_path / "nowhere")))
+
+
 def test_make_retriever_without_a_base_says_to_prepare_it(tiny_beir, tmp_path):
     with pytest.raises(
         CheckpointNotFoundError,
@@ -459,6 +490,12 @@ def tiny_beir(tmp_path):
         "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\nq2\td5\t2\nq3\td3\t1\nq4\td4\t0\nq4\tmissing\t1\n"
     )
     return folder
+
+
+def _tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v.tolist() for k, v in load_file(folder / "adapter_model.safetensors").items()}
 
 
 def _complete_folder(folder: Path) -> Path:

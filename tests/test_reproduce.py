@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 GPU_RUN = REPO / "docs" / "results" / "h100-2026-11-26"
 CPU_RUN = REPO / "docs" / "results" / "cpu-2026-11-26"  # the NFCorpus rows, run on CPU with a budget
 CPU_TABLE2 = REPO / "docs" / "results" / "cpu-table2-2026-11-26"  # Table 2's three variants at one CPU budget
+CPU_LASTTOKEN = REPO / "docs" / "results" / "cpu-lasttoken-2026-11-30"  # issue 15 section 4
+CPU_SEEDS = REPO / "docs" / "results" / "cpu-seeds-2026-11-30"  # section 6: the same budget over seeds
 
 
 def test_plan_spells_out_budget_encoding_and_honesty(tmp_path):
@@ -156,3 +158,44 @@ def test_spread_is_the_sample_std_and_a_one_sample_t_test():
     assert s["n"] == 3 and s["mean"] == 2.0 and s["std"] == 1.0
     assert abs(s["p"] - 0.0742) < 1e-4  # t = 2 / (1 / sqrt 3) = 3.46 on 2 degrees of freedom
     assert spread([0.5]) == {"n": 1, "mean": 0.5, "std": None, "p": None}
+
+
+def test_report_of_the_cpu_seed_runs_matches_docs_results(tmp_path):
+    from examples.reproduce import _batching_table, _variance_table, seed_runs
+
+    # seed 0 with --batching rows is the 2026-11-26 Table 2 run itself, copied under its section 6 names
+    for old, new in (("", ""), ("-unjudged", "-unjudged"), ("-judged", "-judged")):
+        for kind, name in (("psi", f"psi-scifact{old}"), ("tune", f"tune-scifact-test{old}")):
+            copied = CPU_SEEDS / f"{kind}-scifact{new}-rows-seed0.json"
+            assert copied.read_bytes() == (CPU_TABLE2 / f"{name}.json").read_bytes(), copied.name
+    for path in CPU_SEEDS.glob("*.json"):
+        shutil.copy(path, tmp_path)
+    docs = (REPO / "docs" / "results.md").read_text()
+    tables = _variance_table(tmp_path) + "\n" + _batching_table(tmp_path)
+    for line in tables.splitlines():
+        assert line in docs, line  # the doc shows exactly what the committed runs give
+    runs = {r["seed"]: r for r in seed_runs(tmp_path, "scifact")}
+    assert runs[0]["steps"] == 38 and f"{runs[0]['delta']:+.4f}" == "+0.0008"
+
+
+def test_last_token_numbers_in_docs_results_come_from_the_committed_runs():
+    import json
+
+    docs = (REPO / "docs" / "results.md").read_text()
+    evaluation = json.loads((CPU_LASTTOKEN / "eval-lasttoken.json").read_text())
+    (comparison,) = evaluation["comparisons"]
+    assert evaluation["settings"]["pooling"] == "last" and evaluation["datasets"][0]["sample"]["corpus_sample"] == 1000
+    row = (
+        f"| run 2 | {comparison['score']:.4f} | {comparison['delta']:+.4f} | <0.001 | <0.001 | "
+        f"{comparison['wins']} / {comparison['ties']} / {comparison['losses']} |"
+    )
+    assert row in docs and f"| untrained base | {comparison['baseline_score']:.4f} |" in docs
+    record = json.loads((CPU_LASTTOKEN / "training-lasttoken.json").read_text())
+    mrr, loss = record["heldout_in_batch_mrr"], record["training"]["loss"]["mean_per_10_steps"]
+    assert (
+        f"| {mrr['mrr_before']} before, **{mrr['mrr_after']}** after | {', '.join(f'{x:.3f}' for x in loss)} |" in docs
+    )
+    assert record["hyperparameters"]["init_adapter"] == "examples/assets/repllama-smol"
+    gate = json.loads((CPU_LASTTOKEN / "gate-warmstart-lr1e-4.json").read_text())
+    for point in gate["curve"]:
+        assert f"{point['mrr_last']} at" in docs and f"{point['loss_mean_last']:.3f}" in docs
