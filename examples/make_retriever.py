@@ -285,19 +285,7 @@ def train_loop(
     model.train()
     losses = []
     for step, batch in enumerate(batches, start=1):
-        query_ids = [q for q, _, _ in batch]
-        doc_ids = [p for _, p, _ in batch] + [n for _, _, negs in batch for n in negs]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
-            q_vec = encoding.embed(
-                model,
-                encoding.tokenize(tokenizer, [data.queries[q] for q in query_ids], config.max_length),
-                config.pooling,
-            )
-            p_vec = encoding.embed(
-                model,
-                encoding.tokenize(tokenizer, [data.passages[d] for d in doc_ids], config.max_length),
-                config.pooling,
-            )
+        query_ids, doc_ids, q_vec, p_vec = _embed_batch(model, tokenizer, data, batch, config)
         mask = torch.tensor(
             [[j != i and d in data.qrels[q] for j, d in enumerate(doc_ids)] for i, q in enumerate(query_ids)]
         )
@@ -314,6 +302,23 @@ def train_loop(
     return losses
 
 
+def _embed_batch(model, tokenizer, data: TrainingData, batch, config: RecipeConfig):
+    """One batch's ``(query ids, passage ids, query vectors, passage vectors)``: the passages are every query's
+    positive, then every hard negative; matmuls under CPU bfloat16 autocast when the recipe asks for it."""
+    import torch
+
+    query_ids = [q for q, _, _ in batch]
+    doc_ids = [p for _, p, _ in batch] + [n for _, _, negs in batch for n in negs]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
+        q_vec = encoding.embed(
+            model, encoding.tokenize(tokenizer, [data.queries[q] for q in query_ids], config.max_length), config.pooling
+        )
+        p_vec = encoding.embed(
+            model, encoding.tokenize(tokenizer, [data.passages[d] for d in doc_ids], config.max_length), config.pooling
+        )
+    return query_ids, doc_ids, q_vec, p_vec
+
+
 def in_batch_mrr(model, tokenizer, data: TrainingData, batches, config: RecipeConfig) -> float:
     """Mean reciprocal rank of each query's positive among its batch's passages (the training task, no gradient,
     dropout off; other judged positives of the query are masked as in the loss), with ``config.pooling``."""
@@ -322,20 +327,9 @@ def in_batch_mrr(model, tokenizer, data: TrainingData, batches, config: RecipeCo
     was_training = model.training
     model.eval()
     ranks = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
+    with torch.inference_mode():
         for batch in batches:
-            query_ids = [q for q, _, _ in batch]
-            doc_ids = [p for _, p, _ in batch] + [n for _, _, negs in batch for n in negs]
-            q_vec = encoding.embed(
-                model,
-                encoding.tokenize(tokenizer, [data.queries[q] for q in query_ids], config.max_length),
-                config.pooling,
-            )
-            p_vec = encoding.embed(
-                model,
-                encoding.tokenize(tokenizer, [data.passages[d] for d in doc_ids], config.max_length),
-                config.pooling,
-            )
+            query_ids, doc_ids, q_vec, p_vec = _embed_batch(model, tokenizer, data, batch, config)
             scores = (q_vec @ p_vec.T).float()
             for i, q in enumerate(query_ids):
                 others = [j for j, d in enumerate(doc_ids) if j != i and d not in data.qrels[q]]
