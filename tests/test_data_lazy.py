@@ -87,3 +87,17 @@ def test_a_corpus_replaced_by_one_of_the_same_size_and_time_is_indexed_again(tmp
     os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns))
     again = load_beir(folder)
     assert again.corpus[0].id == "e1" and again.corpus_hash != first.corpus_hash
+
+
+def test_a_corpus_edited_after_it_was_indexed_is_refused_not_read_as_other_documents(tmp_path):
+    from test_data_beir import write_beir
+
+    from reforge.errors import DataError
+
+    folder = write_beir(tmp_path / "toy")
+    corpus = load_beir(folder).corpus
+    path = folder / "corpus.jsonl"
+    path.write_bytes(path.read_bytes().replace(b"cats purr", b"cats purr all day"))  # the next lines move
+    for read in (lambda: corpus[1], lambda: corpus[1:], lambda: list(corpus.select(["d3"]))):
+        with pytest.raises(DataError, match=r"corpus.jsonl changed since it was indexed: byte \d+ no longer starts"):
+            read()

@@ -5,7 +5,8 @@ byte offset of its line and a 64-bit hash of its id (16 bytes a document: 140 MB
 against ~10 GB as Python objects), plus the corpus hash, the file's SHA-256 and the empty documents. The index is
 cached under ``$REFORGE_HOME/cache/corpus-index/``, keyed by the file's `file_stamp` (path, size, times, inode),
 so a second run (or another rank on the same machine) opens a corpus without reading it. `LazyCorpus` is a
-``Sequence[Document]`` over those offsets: ``corpus[i]``, slices and iteration read only the lines they need.
+``Sequence[Document]`` over those offsets: ``corpus[i]``, slices and iteration read only the lines they need, and a
+line that no longer holds the id indexed there (the file was edited meanwhile) is a `DataError`.
 """
 
 from __future__ import annotations
@@ -210,6 +211,11 @@ class LazyCorpus(Sequence):
     def _offsets(self) -> np.ndarray:
         return self.index.offsets if self.rows is None else self.index.offsets[self.rows]
 
+    def _at(self, item: int | slice) -> tuple[np.ndarray, np.ndarray]:
+        """Offsets and id hashes of ``item`` (only those rows, not the whole selection)."""
+        rows = item if self.rows is None else self.rows[item]
+        return self.index.offsets[rows], self.index.id_hashes[rows]
+
     @overload
     def __getitem__(self, item: int): ...
 
@@ -217,15 +223,32 @@ class LazyCorpus(Sequence):
     def __getitem__(self, item: slice): ...
 
     def __getitem__(self, item):
-        offsets = self._offsets()
-        with self.index.path.open("rb") as handle:
-            if isinstance(item, slice):
-                return [Document(*_read_line(handle, int(o))) for o in offsets[item]]
-            if item < 0:
-                item += len(self)
+        if not isinstance(item, slice):
+            item = item + len(self) if item < 0 else item
             if not 0 <= item < len(self):
                 raise IndexError(item)
-            return Document(*_read_line(handle, int(offsets[item])))
+        offsets, hashes = self._at(item)
+        with self.index.path.open("rb") as handle:
+            if isinstance(item, slice):
+                return [self._read(handle, int(o), int(h)) for o, h in zip(offsets, hashes)]
+            return self._read(handle, int(offsets), int(hashes))
+
+    def _read(self, handle, offset: int, expected: int) -> Document:
+        """The document at ``offset``, which must still be the one indexed there (by its id hash)."""
+        try:
+            doc = Document(*_read_line(handle, offset))
+        except (ValueError, KeyError, TypeError):  # not a JSON object with an _id any more
+            doc = None
+        if doc is None or id_hash(doc.id) != expected:
+            path = self.index.path
+            raise DataError(
+                f"{short_path(path)} changed since it was indexed: byte {offset} no longer starts the document "
+                "indexed there.",
+                hint="Leave a corpus unchanged while a run reads it, then run again (a changed file is indexed anew).",
+                path=path,
+                line=None,
+            )
+        return doc
 
     def __iter__(self) -> Iterator:
         step = 4096
