@@ -223,7 +223,8 @@ def test_device_auto_is_the_cpu_here_and_cuda_is_refused_without_one():
     from reforge.errors import InvalidOptionError
     from reforge.ops.device import resolve_device
 
-    assert resolve_device("cpu").type == "cpu" and resolve_device(None).type == ("cuda" if _cuda() else "cpu")
+    assert resolve_device("cpu").type == "cpu" and resolve_device(None).type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if _cuda() else "cpu")
     with pytest.raises(InvalidOptionError, match="--device 'tpu'") as error:
         resolve_device("tpu")
     assert error.value.option == "--device"
@@ -268,3 +269,14 @@ def test_gpu_diff_is_the_cpu_bytes_and_dora_merge_within_a_rounding(models, tmp_
     for name in cpu.keys():
         a, b = cpu.get(name).float(), gpu.get(name).float()
         assert torch.allclose(a, b, rtol=2**-7, atol=0), name  # at most one bf16 rounding apart
+
+
+def test_diff_merge_and_verify_default_to_the_cpu_until_the_gpu_path_has_run_on_a_gpu():
+    from click.testing import CliRunner
+
+    from reforge.cli import cli
+
+    for command in ("diff", "merge", "verify"):
+        result = CliRunner().invoke(cli, [command, "--help"], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        assert "[default: cpu]" in " ".join(result.output.split()), command

@@ -98,9 +98,10 @@ def stream_device_option(func: Callable) -> Callable:
     return click.option(
         "--device",
         type=StreamDeviceType(),
-        default="auto",
+        default="cpu",
         show_default=True,
-        help="Where the arithmetic runs: cpu, cuda (cuda:N), or auto = cuda when available. Pieces stream "
+        help="Where the arithmetic runs: cpu, cuda (cuda:N), or auto = cuda when available. The CPU is the default "
+        "until the GPU path has been measured on a GPU. Pieces stream "
         "through the GPU; diff and merges without a DoRA adapter give the CPU's bytes, a DoRA product or row norm "
         "may round differently on a GPU.",
     )(func)

@@ -30,14 +30,17 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str | None) -> "torch.device":
-    """The device named by ``--device``: ``cpu``, ``cuda`` / ``cuda:N``, or ``auto`` (None): a GPU when there is one.
+    """The device named by ``--device``: ``cpu`` (None), ``cuda`` / ``cuda:N``, or ``auto``: a GPU when there is one.
+
+    The CPU is the default, not ``auto``: the GPU path has not yet run on a GPU (no device was lent to the sessions
+    that wrote it), so a user gets it only by asking for it.
 
     Raises:
         InvalidOptionError: an unknown device, or ``cuda`` on a machine (or torch build) without CUDA.
     """
     import torch
 
-    name = name or "auto"
+    name = name or "cpu"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

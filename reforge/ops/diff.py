@@ -101,7 +101,7 @@ def diff(
     write: WriteOptions = WriteOptions(),
     access: Access = Access(),
     progress: ProgressFn | None = None,
-    device: str | None = "auto",
+    device: str | None = "cpu",
 ) -> DiffReport:
     """Write Delta = retriever - base into ``output``.
 
@@ -117,7 +117,7 @@ def diff(
             ``lm_head`` (see `reforge.ops.chat`). Without it a CausalLM with an lm_head is refused.
         write: dtype (``auto``: the retriever's dominant dtype), shard size, overwrite, dry run, the command.
         access: Hub token and pickle permission for the inputs.
-        device: where the arithmetic runs: ``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (a GPU when there is one);
+        device: where the arithmetic runs: ``cpu``, ``cuda`` (``cuda:N``) or ``auto``;
             see `reforge.ops.device`. SVD factoring (--rank, --energy) runs on the CPU.
 
     Raises:

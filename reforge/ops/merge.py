@@ -111,7 +111,7 @@ def merge(
     write: WriteOptions = WriteOptions(),
     access: Access = Access(),
     progress: ProgressFn | None = None,
-    device: str | None = "auto",
+    device: str | None = "cpu",
 ) -> MergeReport:
     """Write the readapted retriever into ``output``.
 
@@ -126,7 +126,7 @@ def merge(
         access: Hub token and pickle permission for the inputs.
         keep_lm_head: RE-Adapt of a chat model: the "retriever" (or the delta's) is an instruction-tuned CausalLM
             and the output is a CausalLM with its lm_head (see `reforge.ops.chat`).
-        device: where the arithmetic runs: ``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (a GPU when there is one);
+        device: where the arithmetic runs: ``cpu``, ``cuda`` (``cuda:N``) or ``auto``;
             see `reforge.ops.device`.
 
     Raises:

@@ -89,7 +89,7 @@ def verify_checkpoint(
     allow_pickle: bool = False,
     seed: int = 0,
     progress: ProgressFn | None = None,
-    device: str | None = "auto",
+    device: str | None = "cpu",
 ) -> VerifyReport:
     """Verify a delta or merged checkpoint folder; see the module docstring for the checks.
 
