@@ -394,8 +394,11 @@ def test_cache_makes_reruns_skip_encoding_and_misses_on_changes(models, tmp_path
     assert not healed.results[0].corpus_cached and healed.results[0].per_query == first.results[0].per_query
 
 
-def test_in_memory_retriever_and_query_subset_for_tuning(models, tmp_path):
+def test_in_memory_retriever_and_query_subset_for_tuning(models, tmp_path, monkeypatch):
     """What `reforge tune` needs: a loaded model object and a subset of queries, same numbers as from disk."""
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)  # an in-memory entry's folder is only a name: nothing may appear here
     data = load_beir(toy_dataset(tmp_path / "toy"))
     subset = data.subset(query_ids=["q1", "q3"])
     on_disk = evaluate([models["llama"]], [subset], EvalSettings(cache=False))
@@ -406,6 +409,7 @@ def test_in_memory_retriever_and_query_subset_for_tuning(models, tmp_path):
     assert report.models[0].name == "alpha=0.5" and report.results[0].scored_queries == 2
     assert report.score("alpha=0.5", "toy") == pytest.approx(on_disk.score("llama", "toy"), abs=1e-9)
     assert not _npy_files(Path(os.environ["REFORGE_HOME"]))  # no fingerprint: nothing cached
+    assert list(workdir.iterdir()) == []
 
 
 def test_identical_ids_and_averaging_end_to_end(models, tmp_path):

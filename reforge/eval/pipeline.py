@@ -340,7 +340,8 @@ def _settle_dtype(cache: EmbeddingCache | None, entry: Entry, vectors: np.ndarra
     """Fix the entry's dtype from the vector width (if still ``auto``) and write its ``meta.json`` once."""
     if entry.dtype == "auto":
         entry = replace(entry, dtype=default_embedding_dtype(vectors.shape[1]))
-    if cache is not None and not (entry.folder / "meta.json").is_file():
+    # a MemoryEntry's folder is only a name ("<memory>"): writing there would litter the working directory
+    if cache is not None and not isinstance(entry, MemoryEntry) and not (entry.folder / "meta.json").is_file():
         cache.describe(entry, meta)
     return entry
 
