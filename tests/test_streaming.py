@@ -170,8 +170,7 @@ def _staged(monkeypatch):
     """Route every computed piece through `reforge.ops.device.Transfer` on the CPU (buffers, copies there and
     back: the GPU path's steps without a GPU) and count the pieces that took it."""
     from reforge.ops import device as device_ops
-    from reforge.ops import diff as diff_ops
-    from reforge.ops import merge as merge_ops
+    from reforge.ops import job as job_ops  # diff and merge stream through job.streamed
     from reforge.ops import verify as verify_ops  # noqa: F401 - verify imports scratch_for from stream
 
     runs = []
@@ -184,7 +183,7 @@ def _staged(monkeypatch):
     monkeypatch.setattr(device_ops.Transfer, "run", counted)
     original = stream.scratch_for
     staged = lambda device: original(torch.device("cpu"), staged=True)  # noqa: E731
-    for module in (merge_ops, diff_ops, stream):
+    for module in (job_ops, stream):
         monkeypatch.setattr(module, "scratch_for", staged)
     return runs
 

@@ -23,22 +23,28 @@ from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.chat import apply_head_rule
 from reforge.ops.delta import RETRIEVER_FILES, factor_keys
-from reforge.ops.device import exact_matmul, resolve_device
+from reforge.ops.device import resolve_device
 from reforge.ops.fold import Factors, LoraAdapter
-from reforge.ops.job import Access, WriteOptions, check_target, dominant_dtype, max_rounding, streamed, writing
+from reforge.ops.job import (
+    Access,
+    PieceWriter,
+    WriteOptions,
+    check_target,
+    dominant_dtype,
+    max_rounding,
+    streamed,
+    writing,
+)
 from reforge.ops.stream import (
     Accumulator,
     check_finite,
     clipped,
-    compute_workers,
     empty,
     import_torch_in_background,
-    in_parallel,
     piece_shape,
     pieces,
     prefetch,
     row_blocks,
-    scratch_for,
     shifted,
 )
 
@@ -187,7 +193,6 @@ def _write_entries(
     """Stream the entries piece by piece (`reforge.ops.stream.pieces`; a factored one whole: its SVD needs it all),
     computed on ``device``."""
     items = [(e, rows) for e in todo for rows in ([None] if e.key in factored else pieces(e.shape))]
-    rounding: dict[str, float] = {}
 
     def compute(item, loaded, scratch):
         entry, rows = item
@@ -200,16 +205,13 @@ def _write_entries(
             lambda shape: empty(shape, torch_dtype(dtype), loader.pool, skew),
         )
 
-    exact_matmul()
-    with streamed(items, loader, load=lambda item: loader.load(*item)) as stream:
-        for (entry, rows), (stored, error) in in_parallel(stream, compute, compute_workers(), scratch_for(device)):
+    pieces_out = PieceWriter(writer)
+    with streamed(items, loader, compute, device) as results:
+        for (entry, rows), (stored, error) in results:
             if entry.key in factored:
                 writer.record(entry.key, _store_factored(writer, entry, stored, dtype, factored))
-                continue
-            writer.write(entry.key, stored, rows)
-            rounding[entry.key] = max(rounding.get(entry.key, 0.0), error)
-            if rows is None or rows.stop >= entry.shape[0]:  # the last piece
-                writer.record(entry.key, {"max_abs_rounding": rounding.pop(entry.key)})
+            else:
+                pieces_out.write(entry.key, stored, rows, error, entry.shape[0])
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from reforge.errors import InvalidOptionError
 from reforge.io.progress import ProgressFn
 from reforge.io.target import check_output
 from reforge.io.writer import CheckpointWriter, TensorSpec
-from reforge.ops.stream import prefetch, torch_threads
+from reforge.ops.device import exact_matmul
+from reforge.ops.stream import compute_workers, in_parallel, prefetch, scratch_for, torch_threads
 
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
@@ -126,9 +127,26 @@ def max_rounding(records: dict[str, dict]) -> float:
 
 
 @contextmanager
-def streamed(items: list, loader: Any, load: Any = None) -> Iterator[Iterator[tuple[Any, Any]]]:
-    """``(item, load(item))`` in order (``load`` defaults to ``loader.load``): read ahead on another thread,
-    computed on one torch thread (see `reforge.ops.stream.torch_threads` for why one). ``loader`` is a context
-    manager that owns its readers."""
-    with loader, prefetch(items, load or loader.load) as stream, torch_threads(1):
-        yield stream
+def streamed(items: list, loader: Any, compute: Any, device: Any) -> Iterator[Iterator[tuple[Any, Any]]]:
+    """``(item, compute(item, loader.load(*item), scratch))`` in order, for diff and merge: read ahead on another
+    thread, computed by `reforge.ops.stream.compute_workers` threads over different pieces, each running torch on
+    one thread (see `reforge.ops.stream.torch_threads` for why one), with a `Scratch` for ``device``. ``loader`` is
+    a context manager that owns its readers; an item is ``(tensor, rows)``."""
+    exact_matmul()
+    with loader, prefetch(items, lambda item: loader.load(*item)) as stream, torch_threads(1):
+        yield in_parallel(stream, compute, compute_workers(), scratch_for(device))
+
+
+class PieceWriter:
+    """Writes the pieces of each output tensor and records its largest rounding once its last piece is in."""
+
+    def __init__(self, writer: CheckpointWriter) -> None:
+        self.writer = writer
+        self._rounding: dict[str, float] = {}
+
+    def write(self, name: str, stored: Any, rows: slice | None, rounding: float, height: int) -> None:
+        """Write rows ``rows`` (None: all) of tensor ``name``, ``height`` rows in all, rounded by ``rounding``."""
+        self.writer.write(name, stored, rows)
+        self._rounding[name] = max(self._rounding.get(name, 0.0), rounding)
+        if rows is None or rows.stop >= height:  # the last piece
+            self.writer.record(name, {"max_abs_rounding": self._rounding.pop(name)})

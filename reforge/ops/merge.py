@@ -29,11 +29,12 @@ from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
 from reforge.ops.chat import apply_head_rule, chat_card
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
-from reforge.ops.device import exact_matmul, resolve_device
+from reforge.ops.device import resolve_device
 from reforge.ops.diff import overlap
 from reforge.ops.fold import Factors, LoraAdapter
 from reforge.ops.job import (
     Access,
+    PieceWriter,
     WriteOptions,
     check_source,
     check_target,
@@ -48,14 +49,11 @@ from reforge.ops.stream import (
     all_finite,
     check_finite,
     clipped,
-    compute_workers,
     empty,
     import_torch_in_background,
-    in_parallel,
     piece_shape,
     pieces,
     row_blocks,
-    scratch_for,
     shifted,
 )
 
@@ -404,7 +402,6 @@ def _write_tensors(
     spec_of = {key: spec for spec, key in zip(specs, source.shapes)}
     items = [(key, rows) for key in todo for rows in _pieces(source, key)]
     loader = InputLoader(source, beta)
-    rounding: dict[str, float] = {}
 
     def compute(item, loaded, scratch):
         (key, rows), spec = item, spec_of[item[0]]
@@ -417,14 +414,10 @@ def _write_tensors(
             lambda shape: empty(shape, dtype, loader.pool, skew),
         )
 
-    exact_matmul()
-    with streamed(items, loader, load=lambda item: loader.load(*item)) as stream:
-        for (key, rows), (stored, error) in in_parallel(stream, compute, compute_workers(), scratch_for(device)):
-            spec = spec_of[key]
-            writer.write(spec.name, stored, rows)
-            rounding[key] = max(rounding.get(key, 0.0), error)
-            if rows is None or rows.stop >= source.shapes[key][0]:  # the last piece
-                writer.record(spec.name, {"max_abs_rounding": rounding.pop(key)})
+    pieces_out = PieceWriter(writer)
+    with streamed(items, loader, compute, device) as results:
+        for (key, rows), (stored, error) in results:
+            pieces_out.write(spec_of[key].name, stored, rows, error, source.shapes[key][0])
 
 
 def _pieces(source: MergeInputs, key: str) -> list[slice | None]:
