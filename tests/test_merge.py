@@ -21,6 +21,11 @@ def run(*args, ok=True):
     return result
 
 
+def merge(setup, *options, ok=True):
+    """`reforge merge` of the module's base and retriever with these options (adapters, alphas, -o, flags)."""
+    return run("merge", "--base", setup["base_dir"], "--retriever", setup["retriever_dir"], *options, ok=ok)
+
+
 def tensors(folder):
     found = {}
     for file in sorted(folder.glob("*.safetensors")):
@@ -52,19 +57,7 @@ def psi(peft_model, base):
 
 def test_alpha_zero_reproduces_the_retriever_bit_for_bit(setup, tmp_path):
     out = tmp_path / "out"
-    run(
-        "merge",
-        "--base",
-        setup["base_dir"],
-        "--retriever",
-        setup["retriever_dir"],
-        "--adapter",
-        setup["root"] / "dora",
-        "--alpha",
-        "0",
-        "-o",
-        out,
-    )
+    merge(setup, "--adapter", setup["root"] / "dora", "--alpha", "0", "-o", out)
     got, expected = tensors(out), tensors(setup["retriever_dir"])
     assert set(got) == set(expected)
     assert all(torch.equal(got[k], expected[k]) and got[k].dtype == expected[k].dtype for k in expected)
@@ -80,17 +73,7 @@ def test_dora_merge_equals_formula_and_embeddings_match_reference_model(setup, t
     from transformers import AutoModel, LlamaModel
 
     out = tmp_path / "out"
-    run(
-        "merge",
-        "--base",
-        setup["base_dir"],
-        "--retriever",
-        setup["retriever_dir"],
-        "--adapter",
-        setup["root"] / "dora",
-        "-o",
-        out,
-    )
+    merge(setup, "--adapter", setup["root"] / "dora", "-o", out)
     update = psi(setup["dora"], setup["base"])
     reference_state = {k: v + 0.5 * update[k] for k, v in setup["retriever"].state_dict().items()}
     got = tensors(out)
@@ -112,12 +95,8 @@ def test_dora_merge_equals_formula_and_embeddings_match_reference_model(setup, t
 
 def test_two_adapters_each_with_its_alpha(setup, tmp_path):
     out = tmp_path / "out"
-    run(
-        "merge",
-        "--base",
-        setup["base_dir"],
-        "--retriever",
-        setup["retriever_dir"],
+    merge(
+        setup,
         "--adapter",
         setup["root"] / "dora",
         "--alpha",
@@ -224,18 +203,7 @@ def test_sentence_transformers_retriever_keeps_its_modules(tmp_path):
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(setup, tmp_path):
-    result = run(
-        "merge",
-        "--base",
-        setup["base_dir"],
-        "--retriever",
-        setup["retriever_dir"],
-        "--adapter",
-        setup["root"] / "dora",
-        "-o",
-        tmp_path / "out",
-        "--dry-run",
-    )
+    result = merge(setup, "--adapter", setup["root"] / "dora", "-o", tmp_path / "out", "--dry-run")
     assert "retriever + 0.5*psi[dora]" in result.stdout and "Nothing written" in result.stdout
     assert not (tmp_path / "out").exists()
 
@@ -249,36 +217,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(setup, tmp_path):
 )
 def test_non_finite_weights_are_refused(setup, tmp_path, flags, message):
     adapter = ["--adapter", setup["root"] / "dora"] if "--alpha" in flags else []
-    result = run(
-        "merge",
-        "--base",
-        setup["base_dir"],
-        "--retriever",
-        setup["retriever_dir"],
-        *adapter,
-        *flags,
-        "-o",
-        tmp_path / "out",
-        ok=False,
-    )
+    result = merge(setup, *adapter, *flags, "-o", tmp_path / "out", ok=False)
     assert result.exit_code == 1 and message in result.stderr
 
 
 def test_adapter_for_another_base_is_refused_before_writing(setup, tmp_path):
     other = build_model("llama-causal", intermediate_size=48)
     make_adapter(other, tmp_path / "psi", dora=True)
-    result = run(
-        "merge",
-        "--base",
-        setup["base_dir"],
-        "--retriever",
-        setup["retriever_dir"],
-        "--adapter",
-        tmp_path / "psi",
-        "-o",
-        tmp_path / "out",
-        ok=False,
-    )
+    result = merge(setup, "--adapter", tmp_path / "psi", "-o", tmp_path / "out", ok=False)
     assert result.exit_code == 1 and "do not fit the base tensor" in result.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
@@ -288,18 +234,7 @@ def test_adapter_recorded_for_another_base_is_refused(setup, tmp_path):
 
     shutil.copytree(setup["root"] / "dora", tmp_path / "psi")
     (tmp_path / "psi" / "training_record.json").write_text(json.dumps({"base": {"fingerprint": "0" * 32}}))
-    result = run(
-        "merge",
-        "--base",
-        setup["base_dir"],
-        "--retriever",
-        setup["retriever_dir"],
-        "--adapter",
-        tmp_path / "psi",
-        "-o",
-        tmp_path / "out",
-        ok=False,
-    )
+    result = merge(setup, "--adapter", tmp_path / "psi", "-o", tmp_path / "out", ok=False)
     assert result.exit_code == 1 and "was trained on base fingerprint 0000" in result.stderr
 
 
@@ -316,38 +251,14 @@ def test_adapter_targeting_modules_the_retriever_lacks(setup, tmp_path):
     make_adapter(setup["base"], tmp_path / "psi", targets=("q_proj",))
     file = tmp_path / "psi" / "adapter_model.safetensors"
     save_file({k.replace("layers.1.", "layers.7."): v for k, v in load_file(file).items()}, file)
-    result = run(
-        "merge",
-        "--base",
-        setup["base_dir"],
-        "--retriever",
-        setup["retriever_dir"],
-        "--adapter",
-        tmp_path / "psi",
-        "-o",
-        tmp_path / "out",
-        ok=False,
-    )
+    result = merge(setup, "--adapter", tmp_path / "psi", "-o", tmp_path / "out", ok=False)
     assert result.exit_code == 1
     assert "adapts 1 tensor(s) the retriever does not have (e.g. 'layers.7.self_attn.q_proj.weight')" in result.stderr
 
 
 def test_adapter_count_and_alpha_count_must_match(setup, tmp_path):
-    result = run(
-        "merge",
-        "--base",
-        setup["base_dir"],
-        "--retriever",
-        setup["retriever_dir"],
-        "--adapter",
-        setup["root"] / "dora",
-        "--alpha",
-        "0.5",
-        "--alpha",
-        "0.2",
-        "-o",
-        tmp_path / "out",
-        ok=False,
+    result = merge(
+        setup, "--adapter", setup["root"] / "dora", "--alpha", "0.5", "--alpha", "0.2", "-o", tmp_path / "out", ok=False
     )
     assert result.exit_code == 2 and "one --alpha per --adapter" in result.stderr
 

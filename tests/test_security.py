@@ -38,6 +38,23 @@ def _leaks(folder: Path, needles: list[str]) -> list[str]:
     return found
 
 
+def merge_args(folders, out, *extra, retriever=None):
+    """`reforge merge` of the `setup` fixture's base, retriever (or ``retriever``) and adapter into ``out``."""
+    retriever = retriever or folders["retriever"]
+    return [
+        "merge",
+        "--base",
+        folders["base"],
+        "--retriever",
+        retriever,
+        "--adapter",
+        folders["psi"],
+        "-o",
+        out,
+        *extra,
+    ]
+
+
 @pytest.mark.parametrize("way", ["flag", "equals", "env"])
 def test_no_output_of_diff_merge_or_tune_holds_the_token_or_a_local_path(
     setup,  # noqa: F811
@@ -48,19 +65,7 @@ def test_no_output_of_diff_merge_or_tune_holds_the_token_or_a_local_path(
     token_args = _use_token(way, monkeypatch)
     out = tmp_path.resolve()
     run("diff", setup["base"], setup["retriever"], "-o", out / "delta", *token_args, "-q")
-    run(
-        "merge",
-        "--base",
-        setup["base"],
-        "--retriever",
-        setup["retriever"],
-        "--adapter",
-        setup["psi"],
-        "-o",
-        out / "merged",
-        *token_args,
-        "-q",
-    )
+    run(*merge_args(setup, out / "merged", *token_args, "-q"))
     run(
         "tune",
         "--base",
@@ -95,19 +100,7 @@ def test_no_output_of_diff_merge_or_tune_holds_the_token_or_a_local_path(
 def test_push_publishes_no_token(setup, tmp_path, way, monkeypatch):  # noqa: F811
     token_args = _use_token(way, monkeypatch)
     out = tmp_path.resolve()
-    run(
-        "merge",
-        "--base",
-        setup["base"],
-        "--retriever",
-        setup["retriever"],
-        "--adapter",
-        setup["psi"],
-        "-o",
-        out / "merged",
-        *token_args,
-        "-q",
-    )
+    run(*merge_args(setup, out / "merged", *token_args, "-q"))
     with FakeHub(tokens={SECRET: "user"}) as hub, hub.guard():
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
@@ -173,18 +166,7 @@ def test_a_shard_symlinked_outside_the_folder_is_refused(setup, tmp_path):  # no
     shard.symlink_to(outside / shard.name)
     with pytest.raises(UnsafePathError, match="outside the checkpoint folder"):
         ShardIndex.from_dir(retriever)
-    result = run(
-        "merge",
-        "--base",
-        setup["base"],
-        "--retriever",
-        retriever,
-        "--adapter",
-        setup["psi"],
-        "-o",
-        tmp_path / "out",
-        ok=False,
-    )
+    result = run(*merge_args(setup, tmp_path / "out", retriever=retriever), ok=False)
     assert result.exit_code == 1 and "outside the checkpoint folder" in " ".join(result.stderr.split())
     assert not (tmp_path / "out").exists()
     inside = tmp_path / "inside"  # a symlink within the folder is fine
@@ -238,18 +220,7 @@ def test_only_the_companion_files_a_model_needs_are_copied(setup, tmp_path):  # 
 
     (retriever / "tokenizer.json").rename(tmp_path / "tokenizer.json")  # a companion that leaves the folder
     (retriever / "tokenizer.json").symlink_to(tmp_path / "tokenizer.json")
-    result = run(
-        "merge",
-        "--base",
-        setup["base"],
-        "--retriever",
-        retriever,
-        "--adapter",
-        setup["psi"],
-        "-o",
-        tmp_path / "out2",
-        ok=False,
-    )
+    result = run(*merge_args(setup, tmp_path / "out2", retriever=retriever), ok=False)
     assert result.exit_code == 1 and "tokenizer.json" in result.stderr and "outside the checkpoint" in result.stderr
     with pytest.raises(UnsafePathError):
         from reforge.io.companions import companion_files
