@@ -28,10 +28,11 @@ Usage::
     python -m examples.prepare_base                   # once: converts the fetched GGUF
     nice -n 10 python -m examples.make_retriever      # 45-90 min on a busy 2-core CPU (or bench/make_retriever.py)
     python -m examples.make_retriever --max-steps 2 --out /tmp/smoke    # a quick smoke run
-    # last-token pooling, warm-started from the committed retriever (docs/results.md section 1: held-out in-batch
-    # MRR 0.24 -> 0.86, SciFact nDCG@10 0.618 on the 1,000-document sample, about 25 min of one thread)
+    # last-token pooling, warm-started from the committed retriever: examples/assets/repllama-smol-last, byte for
+    # byte (docs/results.md section 1: SciFact nDCG@10 0.618 on the 1,000-document sample; 7-25 min of one thread)
     python -m examples.make_retriever --pooling last --init-adapter examples/assets/repllama-smol \
-        --learning-rate 3e-4 --temperature 0.01 --max-steps 60 --heldout-split test --out DIR
+        --learning-rate 3e-4 --temperature 0.01 --max-steps 60 --heldout-split test --threads 1 \
+        --out examples/assets/repllama-smol-last
 
 The committed adapter names its base symbolically (``base_model_name_or_path: SmolLM2-135M-Instruct``, the folder
 name `examples.prepare_base` writes inside ``$REFORGE_MODELS``); tools are given the base path explicitly, e.g.
@@ -361,7 +362,7 @@ def save(model, out: str | Path, record: dict, config: RecipeConfig) -> Path:
             **_adapter_stats(weights),
         }
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        (tmp / "README.md").write_text(_readme(record))
+        (tmp / "README.md").write_text(_readme(record, out.name))
         for path in tmp.iterdir():
             path.chmod(0o644)  # safetensors writes 0600 files
         tmp.chmod(0o755)
@@ -532,14 +533,16 @@ def _adapter_stats(weights: Path) -> dict:
     return {"tensors": len(keys), "parameters": parameters}
 
 
-def _readme(record: dict) -> str:
+def _readme(record: dict, folder: str = ASSETS.name) -> str:
     h, t, a = record["hyperparameters"], record["training"], record["adapter"]
-    return f"""# repllama-smol: a mean-pooling LoRA bi-encoder with RepLLaMA's prefixes, over SmolLM2-135M-Instruct
+    start = f"continues training `{h['init_adapter']}` (warm start): " if h.get("init_adapter") else ""
+    title = f"a {_POOLING_TITLE[h['pooling']]} LoRA bi-encoder with RepLLaMA's prefixes, over SmolLM2-135M-Instruct"
+    return f"""# {folder}: {title}
 
 A peft LoRA retriever (r {h["rank"]}, alpha {h["lora_alpha"]}, {", ".join(h["target_modules"])}; {a["parameters"]:,}
 float32 parameters, {a["bytes"] / 1e6:.1f} MB) over the **bare** SmolLM2-135M-Instruct (`LlamaModel`, no lm_head):
 keys are `base_model.model.layers.N.<module>.lora_A.weight` / `lora_B.weight`, as in castorini's RepLLaMA.
-Made by `python -m examples.make_retriever`: {t["steps"]} steps, {t["train_seconds"] / 60:.0f} min on
+Made by `python -m examples.make_retriever`: {start}{t["steps"]} steps, {t["train_seconds"] / 60:.0f} min on
 {h["threads"]} thread(s) of a shared 2-core CPU. `training.json` records data, hyperparameters, losses, versions and
 the SHA-256 of the base it was trained on.
 
@@ -549,7 +552,7 @@ the SHA-256 of the base it was trained on.
 `$REFORGE_MODELS` (default `~/.cache/reforge-models/{BASE_NAME}`). It is not the Hub's
 HuggingFaceTB/SmolLM2-135M-Instruct (those are the unquantized weights). Pass the base path explicitly:
 
-    reforge eval examples/assets/repllama-smol --base ~/.cache/reforge-models/{BASE_NAME} -d ../shared/data/scifact
+    reforge eval examples/assets/{folder} --base ~/.cache/reforge-models/{BASE_NAME} -d ../shared/data/scifact
 
 ## Encoding convention (also in `reforge_encoding.json`, read by `reforge eval`)
 - query: `query: {{q}}`; passage: `passage: {{title}} {{text}}` (just `passage: {{text}}` without a title)
@@ -559,6 +562,7 @@ HuggingFaceTB/SmolLM2-135M-Instruct (those are the unquantized weights). Pass th
 """
 
 
+_POOLING_TITLE = {"mean": "mean-pooling", "last": "last-token (EOS) pooling"}
 _POOLING_TEXT = {
     "mean": "**mean** pooling over the real tokens, EOS included (RepLLaMA pools the last token, the EOS; on this\n"
     "  135M model last-token training collapsed: see docs/results.md)",

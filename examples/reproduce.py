@@ -21,6 +21,10 @@ With ``--seeds 0,1,2`` it runs docs/results.md's section 6 instead: the SciFact 
 at each seed, then with ``--batching rows`` at the same seeds, then Table 2's variants, each followed by its tune,
 and reports the mean and standard deviation of the nDCG@10 change at alpha 0.5 over the seeds.
 
+With ``--retriever last`` the same adapters (trained on the base, so shared) are merged into the last-token retriever
+(examples/assets/repllama-smol-last: RepLLaMA's EOS pooling) instead, and its eval/tune steps are named
+``tune-last-...``: both retrievers' runs live in one ``--out`` and the report gives a table for each.
+
 On a GPU the full corpora take minutes. On a CPU, budget it with ``--train-max-docs``, ``--train-max-length`` and
 ``--corpus-sample`` (the same budget for every row); `make demo` is the quick CPU run.
 """
@@ -37,7 +41,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from examples.demo import RETRIEVER
 from examples.prepare_base import prepare_base
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,8 +49,26 @@ ALPHAS = "0,0.25,0.5,0.75,1"
 DATASETS = {"scifact": "SciFact", "nfcorpus-partial": "NFCorpus-partial"}
 # held-out queries for tuning: NFCorpus has a dev split; SciFact only train (the retriever's own training queries)
 DEV_SPLITS = {"scifact": "train", "nfcorpus-partial": "dev"}
-# the retriever's encoding (its reforge_encoding.json), spelled out so the untrained base is encoded the same way
-ENCODING = ("--profile", "repllama", "--pooling", "mean", "--max-length", "128")
+# The retrievers a knowledge adapter is merged into. Knowledge adapters are trained on the base, not on a retriever,
+# so both share them; only the eval/tune steps are the retriever's own (named with its prefix: `tune-last-...`).
+RETRIEVERS = {
+    "mean": REPO / "examples" / "assets" / "repllama-smol",  # the committed mean-pooling retriever (section 1)
+    "last": REPO / "examples" / "assets" / "repllama-smol-last",  # RepLLaMA's last-token pooling, warm-started
+}
+STEP_PREFIX = {"mean": "", "last": "last-"}
+
+
+def encoding_of(retriever: Path) -> tuple[str, ...]:
+    """The retriever's encoding (its reforge_encoding.json), spelled out so that the untrained base and every merge
+    are encoded the same way: RepLLaMA's prefixes with the retriever's pooling and length."""
+    recorded = json.loads((retriever / "reforge_encoding.json").read_text())
+    return ("--profile", "repllama", "--pooling", recorded["pooling"], "--max-length", str(recorded["max_length"]))
+
+
+def retriever_step(name: str, retriever: str) -> str:
+    """``tune-scifact-seed0`` as the step of ``retriever``: ``tune-last-scifact-seed0`` for the last-token one."""
+    kind, rest = name.split("-", 1)
+    return f"{kind}-{STEP_PREFIX[retriever]}{rest}"
 
 
 @dataclass(frozen=True)
@@ -62,7 +83,8 @@ class Step:
 def plan(base: Path, data: Path, out: Path, args: argparse.Namespace) -> list[Step]:
     """The steps in the order they run: what the results table needs most comes first."""
     scifact, nfcorpus = data / "scifact", data / "nfcorpus-partial"
-    evaluation = (*ENCODING, "--dtype", args.dtype)
+    retriever = RETRIEVERS[args.retriever]
+    evaluation = (*encoding_of(retriever), "--dtype", args.dtype)
     sample = ("--corpus-sample", str(args.corpus_sample)) if args.corpus_sample else ()
     if args.max_queries:
         sample += ("--max-queries", str(args.max_queries))
@@ -91,6 +113,7 @@ def plan(base: Path, data: Path, out: Path, args: argparse.Namespace) -> list[St
 
     def tune(name: str, adapter: str, dataset: Path, split: str, alphas: str = args.alphas) -> Step:
         honest = ("--i-know",) if split == "test" else ()
+        name = retriever_step(name, args.retriever)
         return Step(
             name,
             (
@@ -98,7 +121,7 @@ def plan(base: Path, data: Path, out: Path, args: argparse.Namespace) -> list[St
                 "--base",
                 str(base),
                 "--retriever",
-                str(RETRIEVER),
+                str(retriever),
                 "--adapter",
                 str(out / adapter),
                 "-d",
@@ -121,11 +144,11 @@ def plan(base: Path, data: Path, out: Path, args: argparse.Namespace) -> list[St
         return _variance_steps(args.seeds, train, tune, scifact, scifact_test, args.only)
     steps = [
         Step(
-            "eval-retriever",
+            retriever_step("eval-retriever", args.retriever),
             (
                 "eval",
                 str(base),
-                str(RETRIEVER),
+                str(retriever),
                 "--base",
                 str(base),
                 "-d",
@@ -134,7 +157,7 @@ def plan(base: Path, data: Path, out: Path, args: argparse.Namespace) -> list[St
                 str(nfcorpus),
                 *evaluation,
                 "-o",
-                str(out / "eval-retriever"),
+                str(out / retriever_step("eval-retriever", args.retriever)),
             ),
         ),
         train("psi-scifact", scifact),
@@ -226,6 +249,8 @@ def report(out: Path) -> str:
         _table2(out),
         _variance_table(out),
         _batching_table(out),
+        _variance_table(out, "last"),
+        _batching_table(out, "last"),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
 
@@ -342,12 +367,13 @@ def _table2(out: Path) -> str:
     )
 
 
-def seed_runs(out: Path, stem: str) -> list[dict]:
-    """The finished seeds of one variant of section 6, in seed order: ``seed``, the adapter's ``steps``, ``tokens``,
-    ``final_loss`` and ``last10_loss`` (the mean of its last 10 steps' losses: one step's is noise), and the alpha 0.5
-    point's ``delta`` (vs the retriever), ``p_randomization``, ``score``."""
+def seed_runs(out: Path, stem: str, retriever: str = "mean") -> list[dict]:
+    """The finished seeds of one variant of section 6 merged into ``retriever``, in seed order: ``seed``, the
+    adapter's ``steps``, ``tokens``, ``final_loss`` and ``last10_loss`` (the mean of its last 10 steps' losses: one
+    step's is noise), and the alpha 0.5 point's ``delta`` (vs the retriever), ``p_randomization``, ``score``."""
     runs = []
-    for path in sorted(out.glob(f"tune-{stem}-seed*.json"), key=lambda p: int(p.stem.rsplit("seed", 1)[1])):
+    tunes = out.glob(retriever_step(f"tune-{stem}-seed*.json", retriever))
+    for path in sorted(tunes, key=lambda p: int(p.stem.rsplit("seed", 1)[1])):
         seed = int(path.stem.rsplit("seed", 1)[1])
         trained = _load(out, f"psi-{stem}-seed{seed}")
         point = next((p for p in json.loads(path.read_text())["points"] if p["alpha"] == 0.5), None)
@@ -386,10 +412,10 @@ def spread(values: list[float]) -> dict:
     }
 
 
-def _variance_table(out: Path) -> str:
+def _variance_table(out: Path, retriever: str = "mean") -> str:
     rows = []
     for stem, text, _ in VARIANTS:
-        runs = seed_runs(out, stem)
+        runs = seed_runs(out, stem, retriever)
         if not runs:
             continue
         s = spread([r["delta"] for r in runs])
@@ -409,14 +435,18 @@ def _variance_table(out: Path) -> str:
             )
         )
     return _table(
-        "knowledge adapter (150 documents, 256 tokens) | n | seeds | steps | tokens trained | nDCG@10 change at "
-        "alpha 0.5, per seed | mean | std (sample) | p (t-test over seeds, mean = 0)",
+        f"knowledge adapter (150 documents, 256 tokens){_MERGED_INTO[retriever]} | n | seeds | steps | tokens "
+        "trained | nDCG@10 change at alpha 0.5, per seed | mean | std (sample) | p (t-test over seeds, mean = 0)",
         rows,
     )
 
 
-def _batching_table(out: Path) -> str:
-    paper, rows = ({r["seed"]: r for r in seed_runs(out, stem)} for stem in ("scifact", "scifact-rows"))
+# the mean-pooling tables' headers predate the last-token retriever; they stay as they are
+_MERGED_INTO = {"mean": "", "last": ", merged into the last-token retriever"}
+
+
+def _batching_table(out: Path, retriever: str = "mean") -> str:
+    paper, rows = ({r["seed"]: r for r in seed_runs(out, stem, retriever)} for stem in ("scifact", "scifact-rows"))
     seeds = sorted(set(paper) & set(rows))
     if not seeds:
         return ""
@@ -434,8 +464,8 @@ def _batching_table(out: Path) -> str:
     std = "" if s["std"] is None else f", std {s['std']:.4f}, p {_p(s['p'])}"
     lines.append(_row(f"mean (n = {s['n']})", "", "", "", f"{s['mean']:+.4f}{std}"))
     return _table(
-        "seed | steps: documents (default) / rows | loss, mean of the last 10 steps | nDCG@10 change at alpha 0.5 | "
-        "rows minus documents",
+        f"seed{_MERGED_INTO[retriever]} | steps: documents (default) / rows | loss, mean of the last 10 steps | "
+        "nDCG@10 change at alpha 0.5 | rows minus documents",
         lines,
     )
 
@@ -508,6 +538,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-queries", type=int, default=None, help="budget: tune on N sampled queries per split")
     parser.add_argument("--alphas", default=ALPHAS, help="the alpha grid of every tune step")
     parser.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run just these steps")
+    parser.add_argument(
+        "--retriever",
+        choices=tuple(RETRIEVERS),
+        default="mean",
+        help="merge the knowledge adapters into this retriever: mean (examples/assets/repllama-smol) or last "
+        "(RepLLaMA's last-token pooling, examples/assets/repllama-smol-last); the adapters are shared",
+    )
     parser.add_argument("--dtype", default="float32", help="encoding dtype for eval/tune (float32 matches CPU)")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument(

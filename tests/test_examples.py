@@ -1,5 +1,5 @@
 """The miniature retriever example: BM25, the encoding convention, the training recipe on a tiny model, the base
-conversion's guards, and the committed adapter in examples/assets/repllama-smol."""
+conversion's guards, and the committed adapters in examples/assets/ (repllama-smol, repllama-smol-last)."""
 
 from __future__ import annotations
 
@@ -380,6 +380,31 @@ def test_committed_adapter_has_the_expected_keys_ranks_and_record():
         record["encoding"]["max_length"],
     )
     assert (profile.query_prefix, profile.passage_prefix) == (encoding.QUERY_PREFIX, encoding.PASSAGE_PREFIX)
+
+
+def test_committed_last_token_adapter_is_the_warm_started_run_of_docs_results():
+    from examples.make_retriever import _readme
+    from reforge.profiles import load_profile
+
+    folder = ASSETS.with_name("repllama-smol-last")
+    record = json.loads((folder / "training.json").read_text())
+    first_run = json.loads((ROOT / "docs/results/cpu-lasttoken-2026-11-30/training-lasttoken.json").read_text())
+    weights = folder / "adapter_model.safetensors"
+    # retrained with today's code: the same bytes as the run docs/results.md section 1 first reported
+    assert record["adapter"]["sha256"] == _sha256(weights) == first_run["adapter"]["sha256"]
+    assert record["training"]["loss"]["all"] == first_run["training"]["loss"]["all"]
+    h = record["hyperparameters"]
+    assert (h["pooling"], h["init_adapter"], h["learning_rate"], h["temperature"], h["max_steps"]) == (
+        "last",
+        "examples/assets/repllama-smol",
+        3e-4,
+        0.01,
+        60,
+    )
+    profile = load_profile(folder / "reforge_encoding.json")
+    assert (profile.name, profile.pooling, profile.max_length) == ("repllama", "last", 128)
+    assert (folder / "README.md").read_text() == _readme(record, folder.name)
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == BASE_NAME
 
 
 def test_committed_adapter_loads_onto_the_real_base():

@@ -151,6 +151,21 @@ def test_seeds_plan_puts_the_default_recipe_first_then_rows_then_table2(tmp_path
     assert tune[tune.index("--adapter") + 1] == str(tmp_path / "psi-scifact-seed2") and "--i-know" in tune
 
 
+def test_seeds_plan_for_the_last_token_retriever_shares_the_adapters(tmp_path):
+    budget = ["--out", str(tmp_path), "--train-max-docs", "150", "--corpus-sample", "1000", "--seeds", "0,1,2"]
+    mean = plan(Path("BASE"), Path("DATA"), tmp_path, parse_args(budget))
+    last = plan(Path("BASE"), Path("DATA"), tmp_path, parse_args([*budget, "--retriever", "last"]))
+    trains = [s for s in mean if s.args[0] == "train"]
+    assert trains == [s for s in last if s.args[0] == "train"]  # knowledge adapters are trained on the base
+    tunes = {s.name: s for s in last if s.args[0] == "tune"}
+    assert list(tunes)[:2] == ["tune-last-scifact-seed0", "tune-last-scifact-seed1"] and len(tunes) == 12
+    tune = tunes["tune-last-scifact-rows-seed2"]
+    assert tune.needs == ("psi-scifact-rows-seed2",)
+    assert tune.args[tune.args.index("--adapter") + 1] == str(tmp_path / "psi-scifact-rows-seed2")
+    assert tune.args[tune.args.index("--retriever") + 1] == str(REPO / "examples" / "assets" / "repllama-smol-last")
+    assert "--profile repllama --pooling last --max-length 128" in " ".join(tune.args)
+
+
 def test_spread_is_the_sample_std_and_a_one_sample_t_test():
     from examples.reproduce import spread
 
