@@ -103,6 +103,11 @@ def join(device: str) -> Ranks:
 
     if dist.is_initialized():
         return ranks
+    # torch.distributed.nn binds `group.WORLD` into its functions' default arguments when first imported, and
+    # transformers imports it while loading a model. Imported after the group exists, it keeps the group alive past
+    # `shutdown`: gloo's worker threads then outlive the interpreter and abort the process as it exits.
+    import torch.distributed.nn  # noqa: F401
+
     cuda = str(device).startswith("cuda")
     if cuda and ":" in str(device):
         import torch

@@ -334,6 +334,25 @@ def test_ranks_reading_different_corpora_stop_before_encoding(models, tmp_path):
     assert not list(_cache_folder().glob("*/*.npy"))  # nothing was encoded
 
 
+@pytest.mark.slow
+def test_ranks_leave_the_gloo_group_with_its_threads_before_they_exit(models, tmp_path):  # noqa: F811
+    # Loading the model imports torch.distributed.nn, which used to pin the group (its default arguments) so that
+    # gloo's threads outlived `evaluate` and now and then aborted a finished rank at exit (exit -6 in CI).
+    toy_dataset(tmp_path / "toy")
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os\n"
+        "import torch.distributed as dist\n"
+        "from reforge.eval import EvalSettings, evaluate\n"
+        f"evaluate([{str(models['st'])!r}], ['toy'], EvalSettings(device='cpu', cache=False, shard_docs=2))\n"
+        "gloo = [t for t in os.listdir('/proc/self/task') if 'gloo' in open(f'/proc/self/task/{t}/comm').read()]\n"
+        "open(f'rank{os.environ[\"RANK\"]}.txt', 'w').write(f'{dist.is_initialized()} {len(gloo)}')\n"
+    )
+    done = _torchrun([str(script)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False 0"] * 2  # not initialized, no threads
+
+
 def test_merge_breaks_score_ties_by_row_whatever_the_order_hits_arrive_in():
     scores = np.array([[0.5, 0.75, 0.5, 0.5]], dtype=np.float32)
     for rows in ([[7, 3, 2, 9]], [[9, 3, 7, 2]]):

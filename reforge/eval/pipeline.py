@@ -14,7 +14,7 @@ import numpy as np
 
 from reforge import __version__
 from reforge.data.beir import BeirDataset, load_beir, sample_dataset, sample_record
-from reforge.dist import Ranks, join
+from reforge.dist import Ranks, join, shutdown
 from reforge.errors import InvalidOptionError
 from reforge.eval.cache import (
     DEFAULT_SHARD_DOCS,
@@ -149,6 +149,23 @@ def evaluate(
     settings.check()
     device = Ranks.from_env().device(settings.device)
     ranks = join(device)
+    try:
+        return _evaluate(models, datasets, settings, device, ranks, progress, stage)
+    finally:
+        # Leaving the group explicitly: a gloo rank that exits with it still open can abort in the group's
+        # destructor ("terminate called without an active exception", exit -6) after its work is done.
+        shutdown(ranks)
+
+
+def _evaluate(
+    models: Sequence[Any],
+    datasets: Sequence[Any],
+    settings: EvalSettings,
+    device: str,
+    ranks: Ranks,
+    progress: ProgressFn | None,
+    stage: StageFn | None,
+) -> EvalReport | None:
     measures = parse_measures(settings.measures)
     full = [d if isinstance(d, BeirDataset) else load_beir(d, settings.split) for d in datasets]
     data = [_sample(d, settings) for d in full]
