@@ -177,3 +177,40 @@ def test_lora_retriever_for_another_base_is_refused(tmp_path):
     assert result.exit_code == 1
     assert "do not fit the base tensor" in result.stderr and "different base model" in result.stderr
     assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".d.*")), "refused before writing anything"
+
+
+def test_inspect_with_a_base_measures_the_adapter_against_peft_merge(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    base = build_model("llama-causal")
+    base_dir = save(base, tmp_path / "base")
+    peft_model = make_adapter(base, tmp_path / "adapter", dora=True)
+    merged, weights = merged_state(peft_model), base.state_dict()
+    ratios = {  # ||merged - W|| / ||W||, from peft's own merge
+        key.removeprefix("model."): float((merged[key].double() - w.double()).norm() / w.double().norm())
+        for key, w in weights.items()
+        if not torch.equal(merged[key], w)
+    }
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "adapter"), "--base", str(base_dir), "--json"])
+    assert result.exit_code == 0, result.stderr
+    update = json.loads(result.stdout)["update"]
+    assert update["modules"] == len(ratios) == 8
+    expected_mean = sum(ratios.values()) / len(ratios)
+    assert abs(update["relative"]["mean"] - expected_mean) < 1e-5 * expected_mean
+    assert update["relative"]["max_tensor"] == max(ratios, key=ratios.__getitem__)
+    assert set(update["by_target"]) == {"q_proj", "v_proj", "up_proj", "down_proj"}
+    norm = sum(float((merged[k].double() - w.double()).norm()) ** 2 for k, w in weights.items()) ** 0.5
+    assert abs(update["norm"] - norm) < 1e-5 * norm
+    human = CliRunner().invoke(cli, ["inspect", str(tmp_path / "adapter"), "--base", str(base_dir), "-q"])
+    assert f"mean {update['relative']['mean']:.3g}" in human.stdout
+
+    # a model is not an adapter; a non-finite factor is named, not measured as NaN
+    wrong = CliRunner().invoke(cli, ["inspect", str(base_dir), "--base", str(base_dir)])
+    assert wrong.exit_code == 2 and "--base measures a peft adapter" in wrong.stderr
+    factors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    key = next(k for k in sorted(factors) if "lora_B" in k)
+    factors[key][0, 0] = float("nan")
+    save_file(factors, tmp_path / "adapter" / "adapter_model.safetensors")
+    broken = CliRunner().invoke(cli, ["inspect", str(tmp_path / "adapter"), "--base", str(base_dir)])
+    assert broken.exit_code == 1 and "is not finite" in broken.stderr, broken.stderr

@@ -330,6 +330,18 @@ def show_summary(summary: dict) -> None:
                 f"{adapter['target_modules']}; base {adapter['base']}",
             )
         )
+    update = summary.get("update")
+    if update:
+        relative = update["relative"]
+        rows.append(
+            (
+                "update",
+                f"||Psi||/||W|| over {update['modules']} weights: mean {relative['mean']:.3g}, median "
+                f"{relative['median']:.3g}, max {relative['max']:.3g} ({relative['max_tensor']}); "
+                f"||Psi|| {update['norm']:.4g}; by target: "
+                + ", ".join(f"{name} {value:.3g}" for name, value in update["by_target"].items()),
+            )
+        )
     for key, value in (summary.get("reforge") or {}).items():
         rows.append((f"reforge.{key}", json.dumps(value, default=str)[:200]))
     for name, value in rows:

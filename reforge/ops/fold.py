@@ -17,9 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from reforge.errors import AdapterError, short_path
-from reforge.io.checkpoint import AdapterCheckpoint
+from reforge.errors import AdapterError, ProvenanceMismatchError, short_path
+from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
 from reforge.io.keymap import PEFT_PREFIX, detect_layout
+from reforge.io.manifest import read_training_record
+from reforge.io.progress import ProgressFn
 
 if TYPE_CHECKING:
     import torch
@@ -285,6 +287,123 @@ class Factors:
                 raise NotImplementedError("DoRA on fan_in_fan_out layers needs the base weight; use psi()")
             self._whole = lora.T.contiguous()
         return self._whole
+
+
+def open_adapter(
+    ref,
+    base: Checkpoint,
+    shapes: dict[str, tuple],
+    *,
+    token=None,
+    allow_pickle: bool = False,
+    into: str = "the retriever",
+) -> LoraAdapter:
+    """Open a knowledge adapter for ``base`` (headers only) and check it against the tensors it will change.
+
+    Args:
+        shapes: ``{canonical key: shape}`` of what the adapter is added to (``into``, named in errors).
+
+    Raises:
+        AdapterError: not an adapter folder, or it adapts tensors ``shapes`` lacks, or its factors do not fit.
+        ProvenanceMismatchError: its training record names a base with another fingerprint.
+    """
+    checkpoint = open_checkpoint(ref, token=token, allow_pickle=allow_pickle)
+    if not isinstance(checkpoint, AdapterCheckpoint):
+        raise AdapterError(
+            f"{ref} is not a peft adapter folder (no adapter_config.json).",
+            hint="Pass the folder `reforge train` wrote.",
+            path=checkpoint.path,
+            tensor=None,
+        )
+    adapter = LoraAdapter(checkpoint)
+    _check_adapter_base(checkpoint, base)
+    lacking = sorted(set(adapter.modules) - set(shapes))
+    if lacking:
+        raise AdapterError(
+            f"{short_path(checkpoint.path)} adapts {len(lacking)} tensor(s) {into} does not "
+            f"have (e.g. {lacking[0]!r}).",
+            hint="Was it trained on this base model?",
+            path=checkpoint.path,
+            tensor=lacking[0],
+        )
+    base_keys = base.canonical_keys()
+    adapter.check_shapes({k: base.index.tensors[v].shape for k, v in base_keys.items()})
+    return adapter
+
+
+def _check_adapter_base(checkpoint: AdapterCheckpoint, base: Checkpoint) -> None:
+    """Refuse an adapter whose training record names a different base (by content fingerprint)."""
+    record = read_training_record(checkpoint.path)
+    recorded = record.base_fingerprint if record is not None else None
+    found = base.provenance.get("fingerprint")
+    if recorded and found and recorded != found:
+        raise ProvenanceMismatchError(
+            f"{short_path(checkpoint.path)} was trained on base fingerprint {recorded}, but the base given "
+            f"({base.ref}) has fingerprint {found}.",
+            hint="Pass the base the adapter was trained on.",
+            path=checkpoint.path,
+            expected=recorded,
+            found=found,
+        )
+
+
+def update_size(
+    adapter_ref, base_ref, *, token=None, allow_pickle: bool = False, progress: ProgressFn | None = None
+) -> dict:
+    """How far a knowledge adapter moves the base: ``||Psi||_F / ||W||_F`` for each weight it changes.
+
+    Streams one module at a time (its base weight and dense fp32 Psi in memory, nothing more). Adapters trained
+    with the same recipe on more steps or at a larger learning rate come out larger; the merge adds ``alpha``
+    times this.
+
+    Returns:
+        A JSON-able dict: ``base``, ``modules`` (how many weights), ``norm`` (``||Psi||_F`` over all of them),
+        ``relative`` (``mean``, ``median`` and ``max`` of the per-weight ratios, and ``max_tensor``), and
+        ``by_target`` (the mean ratio per target module name, e.g. ``q_proj``).
+
+    Raises:
+        the errors of `open_adapter`, and AdapterError naming the tensor where Psi is not finite.
+    """
+    import statistics
+
+    base = open_model(base_ref, token=token, allow_pickle=allow_pickle)
+    base_keys = base.canonical_keys()
+    shapes = {k: base.index.tensors[v].shape for k, v in base_keys.items()}
+    adapter = open_adapter(adapter_ref, base, shapes, token=token, allow_pickle=allow_pickle, into="the base")
+    ratios: dict[str, float] = {}
+    squared = 0.0
+    with base.reader() as base_reader, adapter.checkpoint.reader() as adapter_reader:
+        for done, target in enumerate(sorted(adapter.modules)):
+            weight = base_reader.get(base_keys[target]).float()
+            psi = adapter.psi(target, adapter_reader.get, weight)
+            norm = float(psi.double().norm())
+            if not math.isfinite(norm):
+                raise AdapterError(
+                    f"{short_path(adapter.checkpoint.path)}: Psi of {target!r} is not finite.",
+                    hint="The adapter's factors hold NaN or inf; train it again.",
+                    path=adapter.checkpoint.path,
+                    tensor=target,
+                )
+            squared += norm**2
+            ratios[target] = norm / max(float(weight.double().norm()), 1e-30)
+            if progress:
+                progress(done + 1, len(adapter.modules))
+    by_target: dict[str, list[float]] = {}
+    for target, ratio in ratios.items():
+        by_target.setdefault(target.rsplit(".", 2)[-2], []).append(ratio)
+    largest = max(ratios, key=ratios.__getitem__)
+    return {
+        "base": str(base_ref),
+        "modules": len(ratios),
+        "norm": math.sqrt(squared),
+        "relative": {
+            "mean": statistics.fmean(ratios.values()),
+            "median": statistics.median(ratios.values()),
+            "max": ratios[largest],
+            "max_tensor": largest,
+        },
+        "by_target": {name: statistics.fmean(values) for name, values in sorted(by_target.items())},
+    }
 
 
 def torch_addmm(

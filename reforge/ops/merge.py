@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reforge.errors import AdapterError, InvalidOptionError, LayoutMismatchError, ProvenanceMismatchError, short_path
+from reforge.errors import InvalidOptionError, LayoutMismatchError, short_path
 from reforge.io.buffers import ALIGNMENT, BufferPool
 from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
 from reforge.io.companions import companion_files, output_companions
@@ -31,7 +31,7 @@ from reforge.ops.chat import apply_head_rule, chat_card
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
 from reforge.ops.device import resolve_device
 from reforge.ops.diff import overlap
-from reforge.ops.fold import Factors, LoraAdapter
+from reforge.ops.fold import Factors, LoraAdapter, open_adapter
 from reforge.ops.job import (
     Access,
     PieceWriter,
@@ -251,7 +251,9 @@ def open_inputs(
             dtypes = {k: retriever.index.tensors[v].dtype for k, v in retriever_keys.items()}
             stored = dict(retriever_keys)
             _check_retriever_against_base(base, retriever, retriever_keys, base_shapes)
-    adapters = [(_open_adapter(ref, base, shapes, token, allow_pickle), alpha) for ref, alpha in adapter_refs]
+    adapters = [
+        (open_adapter(ref, base, shapes, token=token, allow_pickle=allow_pickle), alpha) for ref, alpha in adapter_refs
+    ]
     return MergeInputs(base, base_keys, retriever, retriever_adapter, delta, adapters, shapes, dtypes, stored)
 
 
@@ -333,47 +335,6 @@ def check_base_values(source: MergeInputs, beta: float) -> None:
             right=None,
             tensor=key,
             details={"beta": beta},
-        )
-
-
-def _open_adapter(ref, base: Checkpoint, output_shapes: dict[str, tuple], token, allow_pickle) -> LoraAdapter:
-    checkpoint = open_checkpoint(ref, token=token, allow_pickle=allow_pickle)
-    if not isinstance(checkpoint, AdapterCheckpoint):
-        raise AdapterError(
-            f"{ref} is not a peft adapter folder (no adapter_config.json).",
-            hint="Pass the folder `reforge train` wrote.",
-            path=checkpoint.path,
-            tensor=None,
-        )
-    adapter = LoraAdapter(checkpoint)
-    _check_adapter_base(checkpoint, base)
-    lacking = sorted(set(adapter.modules) - set(output_shapes))
-    if lacking:
-        raise AdapterError(
-            f"{short_path(checkpoint.path)} adapts {len(lacking)} tensor(s) the retriever does not "
-            f"have (e.g. {lacking[0]!r}).",
-            hint="Was it trained on this retriever's base model?",
-            path=checkpoint.path,
-            tensor=lacking[0],
-        )
-    base_keys = base.canonical_keys()
-    adapter.check_shapes({k: base.index.tensors[v].shape for k, v in base_keys.items()})
-    return adapter
-
-
-def _check_adapter_base(checkpoint: AdapterCheckpoint, base: Checkpoint) -> None:
-    """Refuse an adapter whose training record names a different base (by content fingerprint)."""
-    record = read_training_record(checkpoint.path)
-    recorded = record.base_fingerprint if record is not None else None
-    found = base.provenance.get("fingerprint")
-    if recorded and found and recorded != found:
-        raise ProvenanceMismatchError(
-            f"{short_path(checkpoint.path)} was trained on base fingerprint {recorded}, but the base given "
-            f"({base.ref}) has fingerprint {found}.",
-            hint="Pass the base the adapter was trained on.",
-            path=checkpoint.path,
-            expected=recorded,
-            found=found,
         )
 
 
