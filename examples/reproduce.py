@@ -111,6 +111,12 @@ def plan(base: Path, data: Path, out: Path, args: argparse.Namespace) -> list[St
             ),
         )
 
+    def size(adapter: str) -> Step:
+        # how far the adapter moves the base (||Psi|| / ||W||): retriever-independent, like the adapter itself
+        return Step(
+            f"size-{adapter.removeprefix('psi-')}", ("inspect", str(out / adapter), "--base", str(base)), (adapter,)
+        )
+
     def tune(name: str, adapter: str, dataset: Path, split: str, alphas: str = args.alphas) -> Step:
         honest = ("--i-know",) if split == "test" else ()
         name = retriever_step(name, args.retriever)
@@ -141,7 +147,7 @@ def plan(base: Path, data: Path, out: Path, args: argparse.Namespace) -> list[St
 
     scifact_test = scifact / "qrels" / "test.tsv"
     if args.seeds:
-        return _variance_steps(args.seeds, train, tune, scifact, scifact_test, args.only)
+        return _variance_steps(args.seeds, train, tune, size, scifact, scifact_test, args.only)
     steps = [
         Step(
             retriever_step("eval-retriever", args.retriever),
@@ -184,9 +190,9 @@ VARIANTS = (
 )
 
 
-def _variance_steps(seeds: list[int], train, tune, scifact: Path, qrels: Path, only) -> list[Step]:
-    """Every variant's adapter and its tune, once per seed. What answers the most comes first: the default recipe
-    at every seed, then row packing at the same seeds, then Table 2's variants seed by seed."""
+def _variance_steps(seeds: list[int], train, tune, size, scifact: Path, qrels: Path, only) -> list[Step]:
+    """Every variant's adapter, its tune and its size, once per seed. What answers the most comes first: the
+    default recipe at every seed, then row packing at the same seeds, then Table 2's variants seed by seed."""
     filters = {
         "scifact-unjudged-rows": ("--exclude-judged", str(qrels)),
         "scifact-judged-rows": ("--only-judged", str(qrels)),
@@ -197,6 +203,7 @@ def _variance_steps(seeds: list[int], train, tune, scifact: Path, qrels: Path, o
         return [
             train(f"psi-{name}", scifact, *filters.get(stem, ()), *options, seed=seed),
             tune(f"tune-{name}", f"psi-{name}", scifact, "test"),
+            size(f"psi-{name}"),
         ]
 
     (_, _, default), (_, _, rows) = VARIANTS[0][:3], VARIANTS[1][:3]
@@ -251,6 +258,7 @@ def report(out: Path) -> str:
         _batching_table(out),
         _variance_table(out, "last"),
         _batching_table(out, "last"),
+        _retrievers_table(out),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
 
@@ -370,7 +378,9 @@ def _table2(out: Path) -> str:
 def seed_runs(out: Path, stem: str, retriever: str = "mean") -> list[dict]:
     """The finished seeds of one variant of section 6 merged into ``retriever``, in seed order: ``seed``, the
     adapter's ``steps``, ``tokens``, ``final_loss`` and ``last10_loss`` (the mean of its last 10 steps' losses: one
-    step's is noise), and the alpha 0.5 point's ``delta`` (vs the retriever), ``p_randomization``, ``score``."""
+    step's is noise), the alpha 0.5 point's ``delta`` (vs the retriever), ``p_randomization``, ``score``, the
+    training ``budget`` in words, and ``size``: the adapter's mean ||Psi|| / ||W|| over the weights it changes
+    (`reforge inspect --base`; None when its size step has not run)."""
     runs = []
     tunes = out.glob(retriever_step(f"tune-{stem}-seed*.json", retriever))
     for path in sorted(tunes, key=lambda p: int(p.stem.rsplit("seed", 1)[1])):
@@ -379,10 +389,13 @@ def seed_runs(out: Path, stem: str, retriever: str = "mean") -> list[dict]:
         point = next((p for p in json.loads(path.read_text())["points"] if p["alpha"] == 0.5), None)
         if trained is None or point is None:
             continue
+        measured = _load(out, f"size-{stem}-seed{seed}")
         history = [loss for _, loss in trained["record"]["loss"]["history"]]
+        config = trained["record"]["config"]
         runs.append(
             {
                 "seed": seed,
+                "budget": f"{config['max_docs'] or 'all'} documents, {config['max_length']} tokens",
                 "steps": trained["steps"],
                 "tokens": trained["tokens"],
                 "final_loss": trained["final_loss"],
@@ -390,6 +403,7 @@ def seed_runs(out: Path, stem: str, retriever: str = "mean") -> list[dict]:
                 "delta": point["test"]["delta"],
                 "score": point["score"],
                 "p_randomization": point["test"]["p_randomization"],
+                "size": measured["update"]["relative"]["mean"] if measured else None,
             }
         )
     return runs
@@ -413,11 +427,12 @@ def spread(values: list[float]) -> dict:
 
 
 def _variance_table(out: Path, retriever: str = "mean") -> str:
-    rows = []
+    rows, budgets = [], set()
     for stem, text, _ in VARIANTS:
         runs = seed_runs(out, stem, retriever)
         if not runs:
             continue
+        budgets |= {r["budget"] for r in runs}
         s = spread([r["delta"] for r in runs])
         steps = sorted({r["steps"] for r in runs})
         tokens = sorted({r["tokens"] for r in runs})
@@ -428,6 +443,7 @@ def _variance_table(out: Path, retriever: str = "mean") -> str:
                 ", ".join(str(r["seed"]) for r in runs),
                 "/".join(map(str, steps)),
                 f"{tokens[0]:,}" if len(tokens) == 1 else f"{tokens[0]:,}-{tokens[-1]:,}",
+                ", ".join(_size(r) for r in runs),
                 ", ".join(f"{r['delta']:+.4f}" for r in runs),
                 f"{s['mean']:+.4f}",
                 "" if s["std"] is None else f"{s['std']:.4f}",
@@ -435,10 +451,16 @@ def _variance_table(out: Path, retriever: str = "mean") -> str:
             )
         )
     return _table(
-        f"knowledge adapter (150 documents, 256 tokens){_MERGED_INTO[retriever]} | n | seeds | steps | tokens "
-        "trained | nDCG@10 change at alpha 0.5, per seed | mean | std (sample) | p (t-test over seeds, mean = 0)",
+        f"knowledge adapter ({' / '.join(sorted(budgets))}){_MERGED_INTO[retriever]} | n | seeds | steps | tokens "
+        "trained | size: norm(Psi) / norm(W) x 1000, per seed | nDCG@10 change at alpha 0.5, per seed | mean | "
+        "std (sample) | p (t-test over seeds, mean = 0)",
         rows,
     )
+
+
+def _size(run: dict) -> str:
+    """The adapter's mean ||Psi|| / ||W||, in thousandths ("-" before its size step has run)."""
+    return "-" if run["size"] is None else f"{run['size'] * 1000:.2f}"
 
 
 # the mean-pooling tables' headers predate the last-token retriever; they stay as they are
@@ -455,6 +477,7 @@ def _batching_table(out: Path, retriever: str = "mean") -> str:
             str(k),
             f"{paper[k]['steps']} / {rows[k]['steps']}",
             f"{paper[k]['last10_loss']:.3f} / {rows[k]['last10_loss']:.3f}",
+            f"{_size(paper[k])} / {_size(rows[k])}",
             f"{paper[k]['delta']:+.4f} / {rows[k]['delta']:+.4f}",
             f"{rows[k]['delta'] - paper[k]['delta']:+.4f}",
         )
@@ -462,11 +485,40 @@ def _batching_table(out: Path, retriever: str = "mean") -> str:
     ]
     s = spread([rows[k]["delta"] - paper[k]["delta"] for k in seeds])
     std = "" if s["std"] is None else f", std {s['std']:.4f}, p {_p(s['p'])}"
-    lines.append(_row(f"mean (n = {s['n']})", "", "", "", f"{s['mean']:+.4f}{std}"))
+    lines.append(_row(f"mean (n = {s['n']})", "", "", "", "", f"{s['mean']:+.4f}{std}"))
     return _table(
         f"seed{_MERGED_INTO[retriever]} | steps: documents (default) / rows | loss, mean of the last 10 steps | "
-        "nDCG@10 change at alpha 0.5 | rows minus documents",
+        "size: norm(Psi) / norm(W) x 1000 | nDCG@10 change at alpha 0.5 | rows minus documents",
         lines,
+    )
+
+
+def _retrievers_table(out: Path) -> str:
+    """Each variant's seeds that were merged into both retrievers: the same knowledge adapter's nDCG@10 change in
+    the last-token retriever minus its change in the mean-pooling one, seed by seed (a paired comparison)."""
+    rows = []
+    for stem, text, _ in VARIANTS:
+        mean, last = ({r["seed"]: r["delta"] for r in seed_runs(out, stem, kind)} for kind in ("mean", "last"))
+        seeds = sorted(set(mean) & set(last))
+        if not seeds:
+            continue
+        s = spread([last[k] - mean[k] for k in seeds])
+        rows.append(
+            _row(
+                text,
+                str(s["n"]),
+                f"{sum(mean[k] for k in seeds) / len(seeds):+.4f}",
+                f"{sum(last[k] for k in seeds) / len(seeds):+.4f}",
+                ", ".join(f"{last[k] - mean[k]:+.4f}" for k in seeds),
+                f"{s['mean']:+.4f}",
+                "" if s["std"] is None else f"{s['std']:.4f}",
+                "" if s["p"] is None else _p(s["p"]),
+            )
+        )
+    return _table(
+        "knowledge adapter (the same one in both) | n | mean change, mean pooling | mean change, last token | "
+        "last token minus mean pooling, per seed | mean | std (sample) | p (paired t-test over seeds)",
+        rows,
     )
 
 

@@ -3,6 +3,7 @@ real outputs of the H100 run committed in docs/results/."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ CPU_RUN = REPO / "docs" / "results" / "cpu-2026-11-26"  # the NFCorpus rows, run
 CPU_TABLE2 = REPO / "docs" / "results" / "cpu-table2-2026-11-26"  # Table 2's three variants at one CPU budget
 CPU_LASTTOKEN = REPO / "docs" / "results" / "cpu-lasttoken-2026-11-30"  # issue 15 section 4
 CPU_SEEDS = REPO / "docs" / "results" / "cpu-seeds-2026-11-30"  # section 6: the same budget over seeds
+CPU_BATCHING = REPO / "docs" / "results" / "cpu-batching-1024-2026-11-30"  # section 6: rows vs documents at 1,024
 
 
 def test_plan_spells_out_budget_encoding_and_honesty(tmp_path):
@@ -135,12 +137,12 @@ def test_seeds_plan_puts_the_default_recipe_first_then_rows_then_table2(tmp_path
     assert names[:6] == [
         "psi-scifact-seed0",
         "tune-scifact-seed0",
+        "size-scifact-seed0",
         "psi-scifact-seed1",
         "tune-scifact-seed1",
-        "psi-scifact-seed2",
-        "tune-scifact-seed2",
+        "size-scifact-seed1",
     ]
-    assert names[6:8] == ["psi-scifact-rows-seed0", "tune-scifact-rows-seed0"] and len(names) == 24
+    assert names[9:11] == ["psi-scifact-rows-seed0", "tune-scifact-rows-seed0"] and len(names) == 36
     by_name = {s.name: s.args for s in steps}
     default, rows = by_name["psi-scifact-seed1"], by_name["psi-scifact-rows-seed1"]
     assert "--batching" not in default and default[default.index("--seed") + 1] == "1"  # the paper's batching
@@ -149,6 +151,9 @@ def test_seeds_plan_puts_the_default_recipe_first_then_rows_then_table2(tmp_path
     assert "--only-judged" in judged and judged[judged.index("--seed") + 1] == "2"
     tune = by_name["tune-scifact-seed2"]
     assert tune[tune.index("--adapter") + 1] == str(tmp_path / "psi-scifact-seed2") and "--i-know" in tune
+    size = next(s for s in steps if s.name == "size-scifact-judged-rows-seed1")
+    assert size.args == ("inspect", str(tmp_path / "psi-scifact-judged-rows-seed1"), "--base", "BASE")
+    assert size.needs == ("psi-scifact-judged-rows-seed1",)
 
 
 def test_seeds_plan_for_the_last_token_retriever_shares_the_adapters(tmp_path):
@@ -157,6 +162,7 @@ def test_seeds_plan_for_the_last_token_retriever_shares_the_adapters(tmp_path):
     last = plan(Path("BASE"), Path("DATA"), tmp_path, parse_args([*budget, "--retriever", "last"]))
     trains = [s for s in mean if s.args[0] == "train"]
     assert trains == [s for s in last if s.args[0] == "train"]  # knowledge adapters are trained on the base
+    assert [s for s in mean if s.args[0] == "inspect"] == [s for s in last if s.args[0] == "inspect"]  # so sized
     tunes = {s.name: s for s in last if s.args[0] == "tune"}
     assert list(tunes)[:2] == ["tune-last-scifact-seed0", "tune-last-scifact-seed1"] and len(tunes) == 12
     tune = tunes["tune-last-scifact-rows-seed2"]
@@ -176,7 +182,7 @@ def test_spread_is_the_sample_std_and_a_one_sample_t_test():
 
 
 def test_report_of_the_cpu_seed_runs_matches_docs_results(tmp_path):
-    from examples.reproduce import _batching_table, _variance_table, seed_runs
+    from examples.reproduce import _batching_table, _retrievers_table, _variance_table, seed_runs
 
     # seed 0 with --batching rows is the 2026-11-26 Table 2 run itself, copied under its section 6 names
     for old, new in (("", ""), ("-unjudged", "-unjudged"), ("-judged", "-judged")):
@@ -186,16 +192,45 @@ def test_report_of_the_cpu_seed_runs_matches_docs_results(tmp_path):
     for path in CPU_SEEDS.glob("*.json"):
         shutil.copy(path, tmp_path)
     docs = (REPO / "docs" / "results.md").read_text()
-    tables = _variance_table(tmp_path) + "\n" + _batching_table(tmp_path)
-    for line in tables.splitlines():
+    tables = [_variance_table(tmp_path), _batching_table(tmp_path), _variance_table(tmp_path, "last")]
+    tables += [_batching_table(tmp_path, "last"), _retrievers_table(tmp_path)]
+    assert all(tables) and "merged into the last-token retriever" in tables[2]
+    for line in "\n".join(tables).splitlines():
         assert line in docs, line  # the doc shows exactly what the committed runs give
     runs = {r["seed"]: r for r in seed_runs(tmp_path, "scifact")}
     assert runs[0]["steps"] == 38 and f"{runs[0]['delta']:+.4f}" == "+0.0008"
+    last = {r["seed"]: r for r in seed_runs(tmp_path, "scifact", "last")}
+    assert set(last) == set(runs) and all(r["budget"] == "150 documents, 256 tokens" for r in last.values())
+    for path in (CPU_SEEDS / "retrained").glob("psi-*.json"):
+        # the last-token tunes merged adapters trained again today; each trained exactly what the first one did
+        again, first = (json.loads(p.read_text())["record"] for p in (path, CPU_SEEDS / path.name))
+        assert again["loss"]["history"] == first["loss"]["history"], path.name
+        assert (
+            again["corpus"]["sha256"] == first["corpus"]["sha256"]
+            and again["config"]["seed"] == first["config"]["seed"]
+        )
+
+
+def test_report_of_the_batching_runs_at_1024_tokens_matches_docs_results(tmp_path):
+    from examples.reproduce import _batching_table, _retrievers_table, _variance_table, seed_runs
+
+    for path in CPU_BATCHING.glob("*.json"):
+        shutil.copy(path, tmp_path)
+    docs = (REPO / "docs" / "results.md").read_text()
+    tables = [_variance_table(tmp_path, kind) for kind in ("last", "mean")]
+    tables += [_batching_table(tmp_path, kind) for kind in ("last", "mean")] + [_retrievers_table(tmp_path)]
+    assert all(tables) and "(150 documents, 1024 tokens), merged into the last-token retriever" in tables[0]
+    for line in "\n".join(tables).splitlines():
+        assert line in docs, line
+    paper, rows = (seed_runs(tmp_path, stem, "last") for stem in ("scifact", "scifact-rows"))
+    assert [r["seed"] for r in paper] == [r["seed"] for r in rows] == [0, 1, 2]
+    assert {r["steps"] for r in paper} == {38} and {r["steps"] for r in rows} == {13}  # 2.9x fewer updates
+    assert [r["tokens"] for r in paper] == [r["tokens"] for r in rows]  # the same documents, cut the same way
+    # fewer updates, a smaller adapter: every row-packing adapter is smaller than every documents one
+    assert max(r["size"] for r in rows) < 0.65 * min(r["size"] for r in paper)
 
 
 def test_last_token_numbers_in_docs_results_come_from_the_committed_runs():
-    import json
-
     docs = (REPO / "docs" / "results.md").read_text()
     evaluation = json.loads((CPU_LASTTOKEN / "eval-lasttoken.json").read_text())
     (comparison,) = evaluation["comparisons"]
