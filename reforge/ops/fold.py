@@ -292,16 +292,18 @@ class Factors:
 def open_adapter(
     ref,
     base: Checkpoint,
-    shapes: dict[str, tuple],
+    base_shapes: dict[str, tuple],
     *,
+    into_shapes: dict[str, tuple] | None = None,
+    into: str = "the base",
     token=None,
     allow_pickle: bool = False,
-    into: str = "the retriever",
 ) -> LoraAdapter:
     """Open a knowledge adapter for ``base`` (headers only) and check it against the tensors it will change.
 
     Args:
-        shapes: ``{canonical key: shape}`` of what the adapter is added to (``into``, named in errors).
+        base_shapes: ``{canonical key: shape}`` of ``base``, which the factors must fit.
+        into_shapes: the same for what the adapter is added to (``into``, named in errors); default the base.
 
     Raises:
         AdapterError: not an adapter folder, or it adapts tensors ``shapes`` lacks, or its factors do not fit.
@@ -317,7 +319,7 @@ def open_adapter(
         )
     adapter = LoraAdapter(checkpoint)
     _check_adapter_base(checkpoint, base)
-    lacking = sorted(set(adapter.modules) - set(shapes))
+    lacking = sorted(set(adapter.modules) - set(base_shapes if into_shapes is None else into_shapes))
     if lacking:
         raise AdapterError(
             f"{short_path(checkpoint.path)} adapts {len(lacking)} tensor(s) {into} does not "
@@ -326,8 +328,7 @@ def open_adapter(
             path=checkpoint.path,
             tensor=lacking[0],
         )
-    base_keys = base.canonical_keys()
-    adapter.check_shapes({k: base.index.tensors[v].shape for k, v in base_keys.items()})
+    adapter.check_shapes(base_shapes)
     return adapter
 
 
@@ -369,7 +370,7 @@ def update_size(
     base = open_model(base_ref, token=token, allow_pickle=allow_pickle)
     base_keys = base.canonical_keys()
     shapes = {k: base.index.tensors[v].shape for k, v in base_keys.items()}
-    adapter = open_adapter(adapter_ref, base, shapes, token=token, allow_pickle=allow_pickle, into="the base")
+    adapter = open_adapter(adapter_ref, base, shapes, token=token, allow_pickle=allow_pickle)
     ratios: dict[str, float] = {}
     squared = 0.0
     with base.reader() as base_reader, adapter.checkpoint.reader() as adapter_reader:

@@ -252,7 +252,13 @@ def open_inputs(
             stored = dict(retriever_keys)
             _check_retriever_against_base(base, retriever, retriever_keys, base_shapes)
     adapters = [
-        (open_adapter(ref, base, shapes, token=token, allow_pickle=allow_pickle), alpha) for ref, alpha in adapter_refs
+        (
+            open_adapter(
+                ref, base, base_shapes, into_shapes=shapes, into="the retriever", token=token, allow_pickle=allow_pickle
+            ),
+            alpha,
+        )
+        for ref, alpha in adapter_refs
     ]
     return MergeInputs(base, base_keys, retriever, retriever_adapter, delta, adapters, shapes, dtypes, stored)
 
