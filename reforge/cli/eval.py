@@ -54,7 +54,23 @@ from reforge.cli.options import (
     default=None,
     help="Write summary.json, runs/*.trec and per_query/*.tsv here.",
 )
+@click.option(
+    "--mteb-results",
+    "mteb_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Also write MTEB v2 result files: DIR/{org__name}/{revision}/{TaskName}.json and model_meta.json "
+    "(BEIR folders under MTEB task names, others as reforge-<folder>; MTEB's per-task identical-id rule). "
+    "Whole splits only. Uses the mteb package's classes where installed (reforge[mteb]).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples and the randomization test.")
+@click.option(
+    "--bm25",
+    is_flag=True,
+    help="Add a BM25 row (bm25s as in MTEB's baseline: lucene, k1 1.5, b 0.75, English stop words and stemmer) "
+    "with the same paired tests; with 2+ models, also a table of each model against BM25. Needs reforge[bm25].",
+)
 @sample_options
 @encoding_options
 @log_file_option
@@ -65,6 +81,8 @@ def eval_cmd(
     datasets: tuple[str, ...],
     metrics: tuple[str, ...],
     output_dir: str | None,
+    mteb_dir: str | None,
+    bm25: bool,
     quiet: bool,
     as_json: bool,
     **options: Any,
@@ -82,6 +100,8 @@ def eval_cmd(
       reforge eval retriever/ readapted/ -d scifact/ -d nfcorpus/ --metric nDCG@10 --metric R@100
       reforge eval intfloat/e5-mistral-7b-instruct -d scifact/ --output results/ --json
       reforge eval retriever/ -d msmarco/ --split dev --max-queries 500 --corpus-sample 100000
+      reforge eval retriever/ readapted/ -d scifact/ --bm25
+      reforge eval retriever/ readapted/ -d scifact/ -d arguana/ --mteb-results mteb-results/
       torchrun --nproc-per-node 4 -m reforge.cli.eval repllama/ -d trec-covid/
     """
     from reforge.data.beir import load_beir
@@ -105,6 +125,17 @@ def eval_cmd(
 
         check_writable(output_dir)
     data = [load_beir(path, settings.split) for path in datasets]
+    if mteb_dir:  # fail now: a sample, a short top-k, or an identical-id rule the run cannot be converted to
+        from reforge.eval.mteb import check_mteb_export
+        from reforge.io.target import check_writable
+
+        check_writable(mteb_dir, option="--mteb-results")
+        check_mteb_export(
+            data,
+            keep_identical_ids=settings.keep_identical_ids,
+            top_k=settings.top_k,
+            sampled=settings.max_queries is not None or settings.corpus_sample is not None,
+        )
     for dataset in data:
         for warning in dataset.warnings:
             output.warn(warning)
@@ -112,6 +143,13 @@ def eval_cmd(
         report = evaluate(list(models), data, settings, progress=bar, stage=lambda text: bar(0, None, description=text))
     if report is None:  # a rank other than 0 of a distributed run: it only encoded its shards
         return
+    if bm25:
+        from reforge.eval.bm25 import BM25Settings, add_bm25
+
+        bm25_settings = BM25Settings()
+        if not (quiet or as_json):
+            output.info(f"BM25: {bm25_settings.describe()}")
+        report = add_bm25(report, data, bm25_settings)
     if not quiet:
         for dataset in report.datasets:
             if dataset.sample:
@@ -136,6 +174,10 @@ def eval_cmd(
             table, caption = _table(report, measure)
             output.print_table(table)
             output.out.print(caption, highlight=False)
+            if bm25 and len(report.models) > 2:  # the BM25 row shows the one model against BM25 already
+                table, caption = _table(report, measure, baseline="BM25")
+                output.print_table(table)
+                output.out.print(caption, highlight=False)
     if output_dir:  # after the results are shown: a full disk must not cost them
         from reforge.io.target import OutputLock, write_error
 
@@ -147,12 +189,32 @@ def eval_cmd(
                 e, output_dir, "The results above are complete; free some space or choose another --output and rerun."
             ) from e
         output.info(f"Wrote {len(written)} files to {output_dir}")
+    if mteb_dir:
+        _write_mteb(report, mteb_dir, data)
 
 
-def _table(report: Any, measure: str) -> tuple[Any, str]:
+def _write_mteb(report: Any, folder: str, data: list[Any]) -> None:
+    from reforge.eval.mteb import write_mteb_results
+    from reforge.io.target import OutputLock, write_error
+
+    try:
+        with OutputLock(folder):
+            files = write_mteb_results(report, folder, data)
+    except OSError as e:
+        raise write_error(e, folder, "The results above are complete; choose another --mteb-results and rerun.") from e
+    for f in files:
+        output.info(f"MTEB {f.task} ({f.model}): main_score {f.main_score:.4f} -> {f.path}; {'; '.join(f.notes)}")
+
+
+def _table(report: Any, measure: str, baseline: str | None = None) -> tuple[Any, str]:
+    """One measure's table: every model, tested against ``baseline`` (default: the first model), listed first."""
     from rich.table import Table
 
-    compare = len(report.models) > 1
+    models = list(report.models)
+    if baseline:
+        models.sort(key=lambda m: m.name != baseline)
+    reference = models[0].name
+    compare = len(models) > 1
     caption = (
         f"{measure}, {report.averaging_text}; split {report.settings['split']}, "
         f"top-{report.settings['top_k']}, identical ids "
@@ -160,19 +222,21 @@ def _table(report: Any, measure: str) -> tuple[Any, str]:
     )
     if compare:
         caption += (
-            f". Δ and tests against {report.models[0].name}: paired t-test, randomization test "
+            f". Δ and tests against {reference}: paired t-test, randomization test "
             f"({report.settings['permutations']} sign flips, seed {report.settings['seed']}); "
             f"W/T/L = queries better/equal/worse"
         )
-    table = Table(title=f"reforge eval: {measure}")
+    if "bm25" in report.settings:
+        caption += f". BM25: {report.settings['bm25']['description']}"
+    title = f"reforge eval: {measure}" + (f" against {reference}" if baseline else "")
+    table = Table(title=title)
     for name in ["Dataset", "Model", measure] + (["Δ", "p (t-test)", "p (rand.)", "W/T/L"] if compare else []):
         table.add_column(name, justify="left" if name in ("Dataset", "Model") else "right", no_wrap=True)
     for dataset in report.datasets:
-        for i, model in enumerate(report.models):
+        for i, model in enumerate(models):
             row = [dataset.name if i == 0 else "", model.name, f"{report.score(model.name, dataset.name, measure):.4f}"]
             if compare and i > 0:
-                c = report.comparison(model.name, dataset.name, measure)
-                t = c.test
+                t = report.comparison(model.name, dataset.name, measure, baseline=reference).test
                 row += [
                     f"{t.delta:+.4f}",
                     output.p_value(t.p_ttest),
@@ -181,10 +245,10 @@ def _table(report: Any, measure: str) -> tuple[Any, str]:
                 ]
             elif compare:
                 row += ["", "", "", ""]
-            table.add_row(*row, end_section=i == len(report.models) - 1)
+            table.add_row(*row, end_section=i == len(models) - 1)
     if len(report.datasets) > 1:
-        first = report.average(report.models[0].name, measure)
-        for i, model in enumerate(report.models):
+        first = report.average(reference, measure)
+        for i, model in enumerate(models):
             average = report.average(model.name, measure)
             row = ["Average" if i == 0 else "", model.name, f"{average:.4f}"]
             if compare:

@@ -25,12 +25,20 @@ Lucene/Elasticsearch (BEIR's BM25) never return them. It changes nothing when a 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 from reforge.errors import InvalidOptionError
 
+if TYPE_CHECKING:
+    from reforge.data.beir import BeirDataset
+    from reforge.eval.report import Comparison, EvalReport, Result
+
+NAME = "BM25"  # the row's name in tables and result files
 METHODS = ("lucene", "robertson", "atire", "bm25l", "bm25+")
 
 
@@ -138,6 +146,127 @@ def bm25_run(
 ) -> dict[str, dict[str, float]]:
     """`build_index` then `BM25Index.search`: the BM25 run ``{query_id: {doc_id: score}}`` of ``queries``."""
     return build_index(corpus, settings).search(queries, k)
+
+
+def add_bm25(report: EvalReport, datasets: Sequence[BeirDataset], settings: BM25Settings | None = None) -> EvalReport:
+    """``report`` with a BM25 row added on each of its datasets, scored and tested like the models.
+
+    BM25 runs on exactly the queries and documents the models were scored on (the same ``--max-queries`` /
+    ``--corpus-sample`` draw, checked by content hash), keeps the report's top-k and its rule for identical query
+    and document ids, and is scored with the report's measures and averaging. BM25 is added as the last model, so
+    the table shows it against the first model like any other row; the report also gains every other model's
+    paired test against BM25 (``report.comparison(model, dataset, baseline="BM25")``). ``report.settings["bm25"]``
+    records the settings.
+
+    Args:
+        report: from `reforge.eval.evaluate`.
+        datasets: the datasets as passed to ``evaluate`` (full splits; they are sampled here as evaluate did).
+
+    Raises:
+        InvalidOptionError: a model is already called BM25, a dataset of the report is missing from ``datasets``,
+            or a sample drawn here differs from the one the models saw.
+    """
+    from reforge.data.beir import sample_dataset
+    from reforge.eval.metrics import parse_measures
+    from reforge.eval.report import ModelInfo
+
+    settings = settings or BM25Settings()
+    if any(m.name == NAME for m in report.models):
+        raise InvalidOptionError(f"A model is already named {NAME!r}; rename it to add the BM25 row.", option="--bm25")
+    options = report.settings
+    by_name = {d.name: d for d in datasets}
+    measures = parse_measures(report.measures)
+    first = report.models[0].name
+    results, comparisons = [], []
+    for info in report.datasets:
+        if info.name not in by_name:
+            raise InvalidOptionError(f"Dataset {info.name!r} of the report was not passed to add_bm25.")
+        dataset = sample_dataset(
+            by_name[info.name],
+            max_queries=options.get("max_queries"),
+            corpus_sample=options.get("corpus_sample"),
+            seed=options.get("seed", 0),
+        )
+        if dataset.content_hash != info.content_hash:
+            raise InvalidOptionError(
+                f"The BM25 sample of {info.name} differs from the one the models were scored on.", option="--bm25"
+            )
+        bm25 = _bm25_result(dataset, settings, measures, report.averaging, options)
+        results.append(bm25)
+        pairs = [(report.result(first, info.name), bm25)]  # the table's row: BM25 against the first model
+        pairs += [(bm25, report.result(m.name, info.name)) for m in report.models]  # each model against BM25
+        comparisons += [
+            _paired(baseline, other, dataset.qrels, report.averaging, measure, options)
+            for baseline, other in pairs
+            for measure in report.measures
+        ]
+    fingerprint = hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode()).hexdigest()
+    row = ModelInfo(NAME, None, None, fingerprint, {"kind": "bm25", **settings.to_dict()})
+    return replace(
+        report,
+        models=(*report.models, row),
+        results=(*report.results, *results),
+        comparisons=(*report.comparisons, *comparisons),
+        settings={**options, "bm25": {**settings.to_dict(), "description": settings.describe()}},
+    )
+
+
+def _bm25_result(
+    dataset: BeirDataset, settings: BM25Settings, measures: list[Any], averaging: str, options: Mapping[str, Any]
+) -> Result:
+    """BM25's run and scores on ``dataset``, with the report's top-k and identical-id rule."""
+    from reforge.eval.metrics import score_run
+    from reforge.eval.report import Result
+
+    top_k = int(options.get("top_k", 1000))
+    keep = bool(options.get("keep_identical_ids", False))
+    start = time.perf_counter()
+    index = build_index(dataset.corpus, settings)
+    index_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    found = index.search(dataset.queries, k=top_k + int(not keep))
+    run = {q: dict([(d, s) for d, s in hits.items() if keep or d != q][:top_k]) for q, hits in found.items()}
+    search_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    scores = score_run(dataset.qrels, run, measures, averaging)
+    timings = {
+        "load": 0.0,
+        "encode_corpus": round(index_seconds, 3),  # building the index
+        "documents": float(len(dataset.corpus)),
+        "encode_queries": 0.0,
+        "search": round(search_seconds, 3),
+        "score": round(time.perf_counter() - start, 3),
+    }
+    counted = len(scores.query_ids)
+    return Result(NAME, dataset.name, scores.aggregate, scores.per_query, counted, run, timings, False, "")
+
+
+def _paired(
+    baseline: Result,
+    other: Result,
+    qrels: Mapping[str, Any],
+    averaging: str,
+    measure: str,
+    options: Mapping[str, Any],
+) -> Comparison:
+    """``other`` against ``baseline``, on the queries `reforge.eval.pipeline` pairs (all judged queries, or with
+    ``beir`` averaging those both runs answered), with the report's permutations and seed."""
+    from reforge.eval.metrics import paired_test
+    from reforge.eval.report import Comparison
+
+    if averaging == "all":
+        query_ids = list(qrels)
+    else:
+        query_ids = [q for q in qrels if baseline.run.get(q) and other.run.get(q)]
+    test = paired_test(
+        baseline.per_query[measure],
+        other.per_query[measure],
+        query_ids,
+        measure=measure,
+        permutations=int(options.get("permutations", 10_000)),
+        seed=int(options.get("seed", 0)),
+    )
+    return Comparison(other.dataset, other.model, baseline.model, baseline.scores[measure], other.scores[measure], test)
 
 
 def _tokenize(texts: list[str], settings: BM25Settings, stemmer: Any, *, ids: bool) -> Any:

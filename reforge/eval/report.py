@@ -112,13 +112,16 @@ class EvalReport:
         values = [self.score(model, d.name, measure) for d in self.datasets]
         return sum(values) / len(values)
 
-    def comparison(self, model: str, dataset: str, measure: str | None = None) -> Comparison:
-        """``model`` against the first model on ``dataset``."""
+    def comparison(
+        self, model: str, dataset: str, measure: str | None = None, *, baseline: str | None = None
+    ) -> Comparison:
+        """``model`` against ``baseline`` (default: the first model) on ``dataset``."""
         measure = measure or self.measures[0]
+        baseline = baseline or self.models[0].name
         for c in self.comparisons:
-            if c.model == model and c.dataset == dataset and c.test.measure == measure:
+            if c.model == model and c.baseline == baseline and c.dataset == dataset and c.test.measure == measure:
                 return c
-        raise KeyError(f"no comparison for {model!r} on {dataset!r} ({measure})")
+        raise KeyError(f"no comparison for {model!r} against {baseline!r} on {dataset!r} ({measure})")
 
     @property
     def averaging_text(self) -> str:
