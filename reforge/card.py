@@ -8,7 +8,7 @@ load the model, and how to encode queries and passages.
 from __future__ import annotations
 
 import math
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 from reforge.errors import InvalidOptionError
@@ -409,3 +409,185 @@ def _encoding(enc: dict) -> str:
     if not facts:
         return ""
     return "\n".join(["## Encoding convention", "", "Encode exactly like the original retriever:", "", *facts])
+
+
+# ---- measured results: `reforge eval --card FOLDER` ---------------------------------------------------------------
+
+EVAL_RECORD = "reforge_eval.json"  # beside README.md: the numbers the card shows, with what they were measured on
+_METRIC_IDS = {"nDCG": "ndcg", "R": "recall", "P": "precision", "RR": "mrr", "AP": "map", "Success": "hit_rate"}
+
+
+def evaluation_record(summary: dict[str, Any], model: str, retriever: str) -> dict[str, Any]:
+    """The part of a ``reforge eval`` summary (``EvalReport.to_dict()``) a card may show: ``model``'s and
+    ``retriever``'s scores on each dataset, ``model``'s paired test against ``retriever``, and what they were
+    measured on (dataset content hashes, split, settings, both fingerprints).
+
+    Raises:
+        InvalidOptionError: either model is not in the summary, ``model`` was not tested against ``retriever``,
+            or a dataset was a sample (a card shows whole-split scores only).
+    """
+    models = {m["name"]: m for m in summary.get("models", [])}
+    for name in (model, retriever):
+        if name not in models:
+            raise InvalidOptionError(f"{name!r} is not a model of this evaluation (it has: {', '.join(models)}).")
+    results = {(r["model"], r["dataset"]): r for r in summary.get("results", [])}
+    tests = {(c["model"], c["baseline"], c["dataset"], c["measure"]): c for c in summary.get("comparisons", [])}
+    datasets = {}
+    for d in summary.get("datasets", []):
+        if d.get("sample"):
+            raise InvalidOptionError(
+                f"{d['name']} was evaluated on a sample; a card shows whole-split scores only.",
+                hint="Rerun without --max-queries / --corpus-sample to update the card.",
+                option="--card",
+            )
+        scores = {}
+        for measure in summary["measures"]:
+            test = tests.get((model, retriever, d["name"], measure))
+            if test is None:
+                raise InvalidOptionError(f"{model!r} was not compared with {retriever!r} on {d['name']}.")
+            scores[measure] = {
+                "model": results[(model, d["name"])]["scores"][measure],
+                "retriever": results[(retriever, d["name"])]["scores"][measure],
+                **{k: test[k] for k in ("delta", "n", "p_ttest", "p_randomization", "wins", "ties", "losses")},
+            }
+        keys = ("split", "documents", "queries", "judgments", "content_hash")
+        datasets[d["name"]] = {**{k: d.get(k) for k in keys}, "scores": scores}
+    settings = summary.get("settings", {})
+    return {
+        "reforge_version": summary.get("reforge_version"),
+        "model": {k: models[model].get(k) for k in ("name", "fingerprint")},
+        "retriever": {k: models[retriever].get(k) for k in ("name", "ref", "fingerprint")},
+        "averaging": summary.get("averaging"),
+        "settings": {k: settings.get(k) for k in ("top_k", "keep_identical_ids", "permutations", "seed")},
+        "datasets": datasets,
+    }
+
+
+def merge_evaluation(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` plus the datasets of ``old`` it does not measure again, when both measured the same weights (same
+    fingerprints of model and retriever) the same way (averaging and settings); otherwise ``new`` alone."""
+    same = old and all(old.get(k) == new.get(k) for k in ("model", "retriever", "averaging", "settings"))
+    if not same:
+        return new
+    return {**new, "datasets": {**old.get("datasets", {}), **new["datasets"]}}
+
+
+def card_with_evaluation(card: str | None, record: dict[str, Any], *, model_name: str | None = None) -> str:
+    """``card`` (README.md text; None: a minimal card) with its ``model-index`` and its Evaluation section set from
+    ``record`` (`evaluation_record`), through huggingface_hub's ``ModelCard`` and ``EvalResult``.
+
+    The model-index holds, per dataset and measure, the model's value and the retriever's (named as such), with
+    the dataset's split and content hash, and ``reforge_eval.json`` as the source. The Evaluation section's table
+    puts retriever and readapted side by side with the difference and the paired tests. Everything else in the
+    card is kept.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    parsed = ModelCard(card) if card and card.startswith("---") else ModelCard(f"---\n---\n\n{card or ''}")
+    data = parsed.data or ModelCardData()
+    name = model_name or data.model_name or record["model"]["name"]
+    data.model_name = name
+    data.eval_results = _eval_results(record)
+    body = _replace_section(parsed.text, "## Evaluation", _evaluation_section(record))
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n"))
+
+
+def write_card_evaluation(folder: str | Path, record: dict[str, Any]) -> tuple[Path, Path]:
+    """Merge ``record`` into ``folder/reforge_eval.json`` (`merge_evaluation`) and rewrite ``folder/README.md``
+    with it (`card_with_evaluation`); both written atomically. Returns the two paths."""
+    import json
+
+    from reforge.io.atomic import write_atomic
+
+    folder = Path(folder)
+    record_path, card_path = folder / EVAL_RECORD, folder / "README.md"
+    old = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else None
+    merged = merge_evaluation(old, record)
+    card = card_with_evaluation(card_path.read_text(encoding="utf-8") if card_path.is_file() else None, merged)
+    text = json.dumps(merged, indent=2, sort_keys=True) + "\n"
+    write_atomic(record_path, lambda f: f.write(text.encode("utf-8")))
+    write_atomic(card_path, lambda f: f.write(card.encode("utf-8")))
+    return card_path, record_path
+
+
+def metric_id(measure: str) -> str:
+    """An ir-measures name as a model-index metric type: ``nDCG@10`` -> ``ndcg_at_10``, ``AP`` -> ``map``."""
+    head, _, cutoff = measure.partition("@")
+    base = _METRIC_IDS.get(head, head.lower())
+    return f"{base}_at_{cutoff}" if cutoff else base
+
+
+def _eval_results(record: dict[str, Any]) -> list[Any]:
+    from huggingface_hub import EvalResult
+
+    retriever = record["retriever"]["name"]
+    results = []
+    for name, d in record["datasets"].items():
+        common = {
+            "task_type": "retrieval",
+            "task_name": "Retrieval",
+            "dataset_type": name,
+            "dataset_name": f"{name} (BEIR folder, {d['queries']} queries, {d['documents']} documents)",
+            "dataset_split": d["split"],
+            "dataset_revision": f"reforge-sha256:{str(d['content_hash'])[:16]}",
+            "source_name": f"reforge eval {record.get('reforge_version') or ''}".strip(),
+            "source_url": EVAL_RECORD,
+        }
+        for measure, s in d["scores"].items():
+            kind = metric_id(measure)
+            results.append(
+                EvalResult(**common, metric_type=kind, metric_value=round(s["model"], 4), metric_name=measure)
+            )
+            results.append(
+                EvalResult(
+                    **common,
+                    metric_type=kind,
+                    metric_value=round(s["retriever"], 4),
+                    metric_name=f"{measure} of the original retriever ({retriever})",
+                )
+            )
+    return results
+
+
+def _evaluation_section(record: dict[str, Any]) -> str:
+    retriever, model = record["retriever"]["name"], record["model"]["name"]
+    settings = record.get("settings") or {}
+    lines = [
+        "## Evaluation",
+        "",
+        f"Measured with `reforge eval` {record.get('reforge_version') or ''} on the folders named below "
+        f"(`{EVAL_RECORD}` holds every number with the content hash of what it was measured on). Δ = readapted "
+        f"minus retriever; p from a paired t-test and a paired randomization test "
+        f"({settings.get('permutations')} sign flips, seed {settings.get('seed')}); W/T/L = queries better/equal/"
+        f"worse; top-{settings.get('top_k')}, identical query/document ids "
+        f"{'kept' if settings.get('keep_identical_ids') else 'dropped'}, averaging: {record.get('averaging')}.",
+        "",
+        f"| dataset | split | metric | retriever ({retriever}) | readapted ({model}) | Δ | p (t-test) | p (rand.) "
+        "| W/T/L |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, d in record["datasets"].items():
+        for measure, s in d["scores"].items():
+            lines.append(
+                f"| {name} | {d['split']} | {measure} | {s['retriever']:.4f} | {s['model']:.4f} | {s['delta']:+.4f} "
+                f"| {_p(s['p_ttest'])} | {_p(s['p_randomization'])} | {s['wins']}/{s['ties']}/{s['losses']} |"
+            )
+    return "\n".join(lines)
+
+
+def _p(value: float) -> str:
+    return f"{value:.2g}" if value >= 1e-3 else f"{value:.1e}"
+
+
+def _replace_section(text: str, heading: str, section: str) -> str:
+    """``text`` with the Markdown section under ``heading`` (up to the next ``## ``) replaced by ``section``; added
+    before ``## Usage`` (else at the end) when there is none."""
+    lines = text.strip().split("\n")
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        return "\n".join([*lines[:start], *section.split("\n"), "", *lines[end:]]).strip()
+    if "## Usage" in lines:
+        at = lines.index("## Usage")
+        return "\n".join([*lines[:at], *section.split("\n"), "", *lines[at:]]).strip()
+    return f"{text.strip()}\n\n{section}".strip()

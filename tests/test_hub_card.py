@@ -206,3 +206,143 @@ def test_card_from_a_merge_manifest():
     assert "Delta was read from a stored delta checkpoint (largest rounding error 0.000123)." in card
     assert "- Psi: local folder `psi` (alpha 0.5, DoRA, trained on `scifact/corpus.jsonl`)" in card
     assert "alice" not in card and "None" not in card and "The exact command" not in card
+
+
+# ---- measured results in the card: reforge eval --card ----------------------------------------------------------
+
+
+def _summary(value: float = 0.71, retriever_value: float = 0.65, dataset: str = "scifact", fp: str = "fp-m") -> dict:
+    """What `EvalReport.to_dict()` holds for a retriever and its readapted form on one dataset."""
+    test = {"delta": value - retriever_value, "n": 300, "p_ttest": 0.012, "p_randomization": 0.0131}
+    return {
+        "reforge_version": "9.9",
+        "measures": ["nDCG@10"],
+        "averaging": {"name": "beir", "meaning": "mean over queries with results (BEIR)"},
+        "settings": {"top_k": 1000, "keep_identical_ids": False, "permutations": 10000, "seed": 0, "split": "test"},
+        "models": [{"name": "retriever", "ref": "org/ret", "fingerprint": "fp-r"}, {"name": "ours", "fingerprint": fp}],
+        "datasets": [
+            {
+                "name": dataset,
+                "split": "test",
+                "documents": 5183,
+                "queries": 300,
+                "judgments": 339,
+                "content_hash": "ab" * 32,
+                "sample": None,
+            }
+        ],
+        "results": [
+            {"model": "retriever", "dataset": dataset, "scores": {"nDCG@10": retriever_value}},
+            {"model": "ours", "dataset": dataset, "scores": {"nDCG@10": value}},
+        ],
+        "comparisons": [
+            {
+                "dataset": dataset,
+                "model": "ours",
+                "baseline": "retriever",
+                "measure": "nDCG@10",
+                **test,
+                "wins": 40,
+                "ties": 230,
+                "losses": 30,
+            }
+        ],
+    }
+
+
+def test_card_model_index_holds_both_models_and_validates():
+    from huggingface_hub import ModelCard
+
+    from reforge.card import card_with_evaluation, evaluation_record
+
+    record = evaluation_record(_summary(), "ours", "retriever")
+    card = card_with_evaluation(render_model_card(FULL), record)
+    parsed = ModelCard(card, ignore_metadata_errors=False)  # an invalid model-index raises here
+    results = {(r.metric_name, r.metric_type): r for r in parsed.data.eval_results}
+    ours = results[("nDCG@10", "ndcg_at_10")]
+    theirs = results[("nDCG@10 of the original retriever (retriever)", "ndcg_at_10")]
+    assert (ours.metric_value, theirs.metric_value) == (0.71, 0.65)
+    assert ours.task_type == "retrieval" and ours.dataset_type == "scifact" and ours.dataset_split == "test"
+    assert ours.dataset_revision == "reforge-sha256:" + "ab" * 8 and ours.source_url == "reforge_eval.json"
+    assert ours.source_name == "reforge eval 9.9"
+    meta = parsed.data.to_dict()
+    assert meta["base_model_relation"] == "merge" and meta["model-index"][0]["name"] == parsed.data.model_name
+    # the body: the side-by-side table replaces the old one; everything else is kept
+    assert card.count("## Evaluation") == 1 and "0.7523" not in card
+    row = "| scifact | test | nDCG@10 | 0.6500 | 0.7100 | +0.0600 | 0.012 | 0.013 | 40/230/30 |"
+    assert row in card and "## Provenance" in card and "## Encoding convention" in card
+
+
+def test_rerun_updates_datasets_of_the_same_weights_and_drops_those_of_others():
+    from reforge.card import evaluation_record, merge_evaluation
+
+    first = evaluation_record(_summary(), "ours", "retriever")
+    other = evaluation_record(_summary(0.4, 0.3, dataset="nfcorpus"), "ours", "retriever")
+    again = evaluation_record(_summary(0.72), "ours", "retriever")
+    merged = merge_evaluation(merge_evaluation(first, other), again)
+    assert set(merged["datasets"]) == {"scifact", "nfcorpus"}
+    assert merged["datasets"]["scifact"]["scores"]["nDCG@10"]["model"] == 0.72
+    retrained = evaluation_record(_summary(0.5, fp="fp-new"), "ours", "retriever")
+    assert set(merge_evaluation(merged, retrained)["datasets"]) == {"scifact"}  # older numbers were other weights
+
+
+def test_a_card_refuses_samples_and_unknown_or_untested_models():
+    from reforge.card import evaluation_record
+
+    sampled = _summary()
+    sampled["datasets"][0]["sample"] = {"max_queries": 30}
+    with pytest.raises(InvalidOptionError, match="evaluated on a sample"):
+        evaluation_record(sampled, "ours", "retriever")
+    with pytest.raises(InvalidOptionError, match="'nobody' is not a model"):
+        evaluation_record(_summary(), "nobody", "retriever")
+    with pytest.raises(InvalidOptionError, match="was not compared"):
+        evaluation_record(_summary(), "retriever", "ours")
+
+
+def test_eval_card_then_push_carries_the_measured_numbers(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+    from huggingface_hub import ModelCard
+    from test_eval import llama_folder, toy_dataset
+
+    from fakehub import WRITE_TOKEN, fake_hub_fixture
+    from reforge import publish
+    from reforge.cli import cli
+
+    retriever, ours = llama_folder(tmp_path / "retriever"), llama_folder(tmp_path / "readapted", seed=7)
+    (ours / "README.md").write_text(render_model_card({"retriever": {"ref": str(retriever)}, "beta": 1.0}))
+    toy, other = toy_dataset(tmp_path / "toy"), toy_dataset(tmp_path / "toy2")
+
+    def run(*args, ok=True):
+        result = CliRunner().invoke(cli, ["eval", str(retriever), str(ours), "--profile", "repllama", *map(str, args)])
+        assert (result.exit_code == 0) == ok, result.output + result.stderr
+        return result
+
+    summary = json.loads(run("-d", toy, "--card", ours, "--json").stdout)
+    scores = {r["model"]: r["scores"]["nDCG@10"] for r in summary["results"]}
+    card = ModelCard((ours / "README.md").read_text(), ignore_metadata_errors=False)
+    values = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert values == {
+        "nDCG@10": round(scores["readapted"], 4),
+        "nDCG@10 of the original retriever (retriever)": round(scores["retriever"], 4),
+    }
+    run("-d", other, "--card", ours)  # rerun on another dataset: both are in the card now
+    record = json.loads((ours / "reforge_eval.json").read_text())
+    assert set(record["datasets"]) == {"toy", "toy2"} and record["model"]["name"] == "readapted"
+    assert "| toy2 | test | nDCG@10 |" in (ours / "README.md").read_text()
+    # refused: a sample, a folder that is not evaluated, the retriever as the card's model
+    assert "whole-split" in run("-d", toy, "--card", ours, "--max-queries", "2", ok=False).stderr
+    assert "is the first model" in run("-d", toy, "--card", retriever, ok=False).stderr
+    # push carries README.md and reforge_eval.json as they are
+    hub = fake_hub_fixture(tmp_path, monkeypatch)
+    fake = next(hub)
+    try:
+        publish.push_folder(ours, "user/readapted", token=WRITE_TOKEN, verify=False)
+        files = fake.files("user/readapted")
+    finally:
+        next(hub, None)
+    assert files["README.md"] == (ours / "README.md").read_bytes()
+    assert files["reforge_eval.json"] == (ours / "reforge_eval.json").read_bytes()
+    pushed = ModelCard(files["README.md"].decode(), ignore_metadata_errors=False)
+    assert len(pushed.data.eval_results) == 4 and fake.calls("POST", r"^/api/validate-yaml$")

@@ -118,16 +118,58 @@ def test_every_profile_has_a_case():
     assert set(PROFILE_NAMES) <= {profile.name for _, _, profile in CASES.values()}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_sentence_transformers_encodes_like_reforge(case, tmp_path):
-    folder, profile = original(case, tmp_path)
+def with_st_files(folder, profile, out):
+    """A copy of ``folder`` with the sentence-transformers files a merge writes for ``profile``."""
     result = sentence_transformers_files(companion_files(folder), st_encoding(profile))
     assert result.skipped is None
-    out = tmp_path / "with-st"
     shutil.copytree(folder, out)
     for name, content in result.files.items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_bytes(content)
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_token_ids_agree_in_transformers_sentence_transformers_and_reforge(case, tmp_path):
+    """The merged folder's ids, short texts and texts cut at max_length, queries with their prompt and passages:
+    plain transformers (``AutoTokenizer(folder)(text, truncation=True, max_length=...)``), sentence-transformers
+    (``SentenceTransformer(folder).tokenize``) and reforge eval (on the retriever and on the folder) give the same
+    ids; BOS stays where the retriever's tokenizer adds one, EOS ends every text exactly once where the profile
+    appends it, and a long text is cut to exactly max_length tokens."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    from reforge.eval.encode import _token_ids
+
+    folder, profile = original(case, tmp_path)
+    out = with_st_files(folder, profile, tmp_path / "with-st")
+    retriever_tokenizer, tokenizer = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(out)
+    model = AutoModel.from_pretrained(folder)
+    st = SentenceTransformer(str(out), device="cpu")
+    bos = retriever_tokenizer("a")["input_ids"][0] == retriever_tokenizer.bos_token_id
+    inputs = texts()
+    for prefix in (profile.query_prefix_for("scifact"), profile.passage_prefix):
+        batch = [prefix + t for t in inputs]
+        ours, _ = _token_ids(retriever_tokenizer, batch, profile, model)
+        ours_on_folder, _ = _token_ids(tokenizer, batch, profile, model)
+        plain = [t.lower() for t in batch] if profile.lowercase else batch
+        hf = tokenizer(plain, truncation=True, max_length=MAX_LENGTH)["input_ids"]
+        features = st.tokenize(batch)
+        st_ids = [row[mask.bool()].tolist() for row, mask in zip(features["input_ids"], features["attention_mask"])]
+        for i, row in enumerate(ours):
+            assert ours_on_folder[i] == hf[i] == st_ids[i] == row, (case, i, row, hf[i], st_ids[i])
+            if bos:
+                assert row[0] == retriever_tokenizer.bos_token_id and row[1] != row[0]
+            if profile.append_eos:
+                assert row[-1] == tokenizer.eos_token_id and row[-2] != tokenizer.eos_token_id
+        assert [len(r) for r in ours[3:]] == [MAX_LENGTH] * len(inputs[3:])  # the SciFact abstracts are cut
+        assert all(len(r) <= MAX_LENGTH for r in ours[:3])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sentence_transformers_encodes_like_reforge(case, tmp_path):
+    folder, profile = original(case, tmp_path)
+    out = with_st_files(folder, profile, tmp_path / "with-st")
     inputs = texts()
     dataset = "scifact"
     for prompt_name, prefix in (

@@ -55,6 +55,16 @@ from reforge.cli.options import (
     help="Write summary.json, runs/*.trec and per_query/*.tsv here.",
 )
 @click.option(
+    "--card",
+    "card_dir",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    metavar="FOLDER",
+    help="Put this run's results into FOLDER's model card: FOLDER is one of the MODELs (the readapted one), the "
+    "first MODEL is its retriever. Updates README.md's model-index and Evaluation table (retriever and readapted "
+    "side by side with the paired tests) and reforge_eval.json; reforge push uploads both. Whole splits only.",
+)
+@click.option(
     "--mteb-results",
     "mteb_dir",
     type=click.Path(file_okay=False),
@@ -82,6 +92,7 @@ def eval_cmd(
     metrics: tuple[str, ...],
     output_dir: str | None,
     mteb_dir: str | None,
+    card_dir: str | None,
     bm25: bool,
     quiet: bool,
     as_json: bool,
@@ -100,7 +111,7 @@ def eval_cmd(
       reforge eval retriever/ readapted/ -d scifact/ -d nfcorpus/ --metric nDCG@10 --metric R@100
       reforge eval intfloat/e5-mistral-7b-instruct -d scifact/ --output results/ --json
       reforge eval retriever/ -d msmarco/ --split dev --max-queries 500 --corpus-sample 100000
-      reforge eval retriever/ readapted/ -d scifact/ --bm25
+      reforge eval retriever/ readapted/ -d scifact/ --bm25 --card readapted/
       reforge eval retriever/ readapted/ -d scifact/ -d arguana/ --mteb-results mteb-results/
       torchrun --nproc-per-node 4 -m reforge.cli.eval repllama/ -d trec-covid/
     """
@@ -125,6 +136,8 @@ def eval_cmd(
 
         check_writable(output_dir)
     data = [load_beir(path, settings.split) for path in datasets]
+    if card_dir and (settings.max_queries is not None or settings.corpus_sample is not None):
+        raise click.UsageError("--card shows whole-split scores; drop --max-queries / --corpus-sample.")
     if mteb_dir:  # fail now: a sample, a short top-k, or an identical-id rule the run cannot be converted to
         from reforge.eval.mteb import check_mteb_export
         from reforge.io.target import check_writable
@@ -191,6 +204,28 @@ def eval_cmd(
         output.info(f"Wrote {len(written)} files to {output_dir}")
     if mteb_dir:
         _write_mteb(report, mteb_dir, data)
+    if card_dir:
+        _write_card(report, card_dir)
+
+
+def _write_card(report: Any, folder: str) -> None:
+    """FOLDER's results and the first model's, with FOLDER's paired test against it, into FOLDER's card."""
+    from pathlib import Path
+
+    from reforge.card import evaluation_record, write_card_evaluation
+    from reforge.errors import InvalidOptionError
+
+    target = Path(folder).resolve()
+    matches = [m for m in report.models if m.path and Path(m.path).resolve() == target]
+    if not matches:
+        raise InvalidOptionError(f"--card {folder} is not one of the evaluated models.", option="--card")
+    if matches[0].name == report.models[0].name:
+        raise InvalidOptionError(
+            f"--card {folder} is the first model; list the original retriever first, then {folder}.", option="--card"
+        )
+    record = evaluation_record(report.to_dict(), matches[0].name, report.models[0].name)
+    card, evidence = write_card_evaluation(target, record)
+    output.info(f"Updated {card} (model-index, Evaluation table) and {evidence}")
 
 
 def _write_mteb(report: Any, folder: str, data: list[Any]) -> None:
