@@ -26,12 +26,32 @@ SCIFACT = DATA / "scifact"
 MAX_LENGTH = 24
 
 
+def llama_spm_tokenizer():
+    """A Llama/Mistral-style tokenizer (``▁`` word marker, byte fallback, BOS by template) saved with
+    ``tokenizer_class: LlamaTokenizer``: transformers 5 then rebuilds its post-processor from ``add_bos_token`` /
+    ``add_eos_token``, the path on which e5-mistral lost its EOS in mteb (mteb PR 5237)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [doc.text for doc in load_corpus(SCIFACT, selection=DocSelection(max_docs=300)).docs]
+    spm = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    spm.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    spm.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials))
+    spm.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def bpe_tokenizer(style: str):
     """test_train's byte-level BPE (trained on SciFact passages), post-processed like a real family's tokenizer:
-    ``llama`` adds BOS, ``qwen2`` adds nothing, ``qwen3-embedding`` appends EOS itself, ``bert`` adds CLS/SEP."""
+    ``llama`` adds BOS, ``qwen2`` adds nothing, ``qwen3-embedding`` appends EOS itself, ``bert`` adds CLS/SEP;
+    ``llama-spm`` is `llama_spm_tokenizer`."""
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
+    if style in ("llama-spm", "e5-mistral"):
+        return llama_spm_tokenizer()
     bpe = build_tokenizer().backend_tokenizer  # ids: <pad> 0, <s> 1, </s> 2, <unk> 3
     names = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
     if style == "llama":
@@ -51,6 +71,9 @@ def bpe_tokenizer(style: str):
 CASES = {
     "repllama": ("llama-bare", "llama", builtin_profile("repllama", max_length=MAX_LENGTH)),
     "e5-mistral": ("mistral-bare", "llama", builtin_profile("e5-mistral", max_length=MAX_LENGTH)),
+    "e5-mistral-llama-tokenizer": ("mistral-bare", "llama-spm", builtin_profile("e5-mistral", max_length=MAX_LENGTH)),
+    "repllama-llama-tokenizer": ("llama-bare", "llama-spm", builtin_profile("repllama", max_length=MAX_LENGTH)),
+    "e5-mistral-as-shipped": ("mistral-bare", "e5-mistral", builtin_profile("e5-mistral", max_length=MAX_LENGTH)),
     "last-token": ("qwen2-bare", "qwen2", builtin_profile("last-token", max_length=MAX_LENGTH)),
     "last-token-tokenizer-eos": ("qwen2-bare", "qwen3-embedding", builtin_profile("last-token", max_length=MAX_LENGTH)),
     "qwen3-embedding": ("qwen2-bare", "qwen3-embedding", builtin_profile("qwen3-embedding", max_length=MAX_LENGTH)),
@@ -95,6 +118,14 @@ def original(case, tmp_path):
         model = build_model(kind, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0)
     folder = save(model, tmp_path / "original")
     tokenizer.save_pretrained(folder)
+    if style in ("llama-spm", "e5-mistral"):
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        if style == "llama-spm":  # as Llama 2 and Mistral ship it
+            config.update(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False)
+        else:  # as intfloat/e5-mistral-7b-instruct ships it: add_eos_token, no add_bos_token, tokenizer.json adds <s>
+            config.update(tokenizer_class="LlamaTokenizer", add_eos_token=True)
+            config.pop("add_bos_token", None)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder, profile
 
 
