@@ -173,12 +173,15 @@ def eval_cmd(
                 )
         for result in report.results:
             rate = result.docs_per_second
-            corpus = (
-                "corpus from cache"
-                if result.corpus_cached
-                else f"{int(result.timings['documents'])} docs encoded in {result.timings['encode_corpus']:.1f} s"
-                + (f" ({rate:.1f} docs/s)" if rate else "")
-            )
+            if "bm25" in report.settings and result.model == report.models[-1].name:  # add_bm25's row is the last
+                corpus = f"{int(result.timings['documents'])} docs indexed in {result.timings['encode_corpus']:.1f} s"
+            else:
+                corpus = (
+                    "corpus from cache"
+                    if result.corpus_cached
+                    else f"{int(result.timings['documents'])} docs encoded in {result.timings['encode_corpus']:.1f} s"
+                    + (f" ({rate:.1f} docs/s)" if rate else "")
+                )
             output.info(f"{result.model} on {result.dataset}: {corpus}; search {result.timings['search']:.2f} s")
     if as_json:
         output.print_json(report.to_dict())
