@@ -552,6 +552,8 @@ def _eval_results(record: dict[str, Any]) -> list[Any]:
 def _evaluation_section(record: dict[str, Any]) -> str:
     retriever, model = record["retriever"]["name"], record["model"]["name"]
     settings = record.get("settings") or {}
+    averaging = record.get("averaging")
+    averaging = averaging.get("meaning") or averaging.get("name") if isinstance(averaging, dict) else averaging
     lines = [
         "## Evaluation",
         "",
@@ -560,7 +562,7 @@ def _evaluation_section(record: dict[str, Any]) -> str:
         f"minus retriever; p from a paired t-test and a paired randomization test "
         f"({settings.get('permutations')} sign flips, seed {settings.get('seed')}); W/T/L = queries better/equal/"
         f"worse; top-{settings.get('top_k')}, identical query/document ids "
-        f"{'kept' if settings.get('keep_identical_ids') else 'dropped'}, averaging: {record.get('averaging')}.",
+        f"{'kept' if settings.get('keep_identical_ids') else 'dropped'}, averaging: {averaging}.",
         "",
         f"| dataset | split | metric | retriever ({retriever}) | readapted ({model}) | Δ | p (t-test) | p (rand.) "
         "| W/T/L |",

@@ -271,6 +271,7 @@ def test_card_model_index_holds_both_models_and_validates():
     assert card.count("## Evaluation") == 1 and "0.7523" not in card
     row = "| scifact | test | nDCG@10 | 0.6500 | 0.7100 | +0.0600 | 0.012 | 0.013 | 40/230/30 |"
     assert row in card and "## Provenance" in card and "## Encoding convention" in card
+    assert "averaging: mean over queries with results (BEIR)." in card
 
 
 def test_rerun_updates_datasets_of_the_same_weights_and_drops_those_of_others():
