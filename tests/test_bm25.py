@@ -35,6 +35,8 @@ def test_scores_are_lucene_bm25_by_hand():
     assert list(run["q"]) == sorted(expected, key=expected.get, reverse=True)
     for doc_id, score in expected.items():
         assert run["q"][doc_id] == pytest.approx(score, rel=1e-6)
+    twice = bm25_run(docs, {"q": "aa aa"}, settings=PLAIN)["q"]  # a repeated query term counts each time
+    assert twice["d1"] == pytest.approx(2 * _lucene(1, 2, 3, 2, avgdl), rel=1e-6)
 
 
 def test_title_counts_and_non_matching_documents_are_left_out():
