@@ -144,3 +144,13 @@ class UnsupportedModelError(ReforgeError, ValueError):
     """A model reforge would otherwise encode or write wrongly: a sentence-transformers module or pooling it does
     not implement, a model that needs its own code without ``--trust-remote-code``, a folder without a tokenizer, a
     chat model given as a retriever without ``--keep-lm-head``. Fields: ``path``, ``reason``."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Added for issue 26 (nothing reused unless it is the same).
+
+
+class ResumeError(ReforgeError, ValueError):
+    """A training checkpoint that ``--resume`` cannot trust: a file missing, unreadable or not what reforge writes
+    (meta.json, optim.pt, an RNG state), or an adapter without every trainable tensor, of the wrong shape, or holding
+    a NaN. Fields: ``path`` (the file), ``tensor`` (or None)."""
