@@ -69,6 +69,18 @@ def test_resume_refuses_a_base_replaced_at_the_same_path(llama_base, tokenizer, 
     assert not (tmp_path / "psi").exists()
 
 
+def test_resume_refuses_a_base_whose_norm_weights_alone_were_scaled(llama_base, tmp_path):
+    # the case: a norm-only tune changes a few bytes between any sampled reads; only the whole content tells
+    base = shutil.copytree(llama_base, tmp_path / "base")
+    _stopped_run(base, tmp_path / "psi")
+    weights = load_file(base / "model.safetensors")
+    # the final RMSNorm alone: 32 of 230,112 bytes, between the 4 KB reads the old sampled fingerprint made
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.5
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InvalidOptionError, match=r"the base .* is not the one it was trained on"):
+        _resume(base, tmp_path / "psi")
+
+
 def test_resume_accepts_the_same_base_under_another_spelling(llama_base, tmp_path, monkeypatch):
     base = shutil.copytree(llama_base, tmp_path / "base")
     _stopped_run(base, tmp_path / "psi")

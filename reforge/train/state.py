@@ -185,9 +185,9 @@ def trainable(model) -> dict[str, Any]:
 def base_key(model) -> str:
     """The content key of the folder ``model``'s base weights were loaded from (transformers keeps it as
     ``name_or_path``): what a checkpoint records so that a base replaced at the same path is refused."""
-    from reforge.io.checkpoint import fingerprint
+    from reforge.io.checkpoint import content_key
 
-    return fingerprint(model.get_base_model().name_or_path)
+    return content_key(model.get_base_model().name_or_path)
 
 
 ADAPTER, OPTIM, META = "adapter.safetensors", "optim.pt", "meta.json"
