@@ -590,6 +590,13 @@ def _iter_dataset_docs(path: Path, text_field: str | None) -> Iterator[TextDoc]:
     id_column = next((c for c in ("_id", "id") if c in loaded.column_names), None)
     join_title = text_field is None and "title" in loaded.column_names
     for index, row in enumerate(loaded):
+        if id_column and row[id_column] is None:
+            raise DataError(
+                f"{short_path(path)}, row {index}: column {id_column!r} is null, not a document id.",
+                hint=f"Give every row a {id_column!r}, or drop the rows without one.",
+                path=path,
+                line=index,
+            )
         doc_id = str(row[id_column]) if id_column else str(index)
         text = row[field_name] if isinstance(row[field_name], str) else ""
         if join_title:
