@@ -23,7 +23,7 @@ from reforge.errors import (
     short_path,
 )
 from reforge.io.format import TensorInfo, read_header
-from reforge.io.http import retrying
+from reforge.io.http import bounded, retrying
 from reforge.io.hub import _hub_errors, _offline, _with_revision, hub_endpoint, shard_names
 from reforge.io.index import read_weight_map
 from reforge.io.manifest import read_manifest
@@ -324,9 +324,15 @@ def push_folder(
     url = hub_endpoint(endpoint)
     api = HfApi(endpoint=url, token=token)
     with _hub_errors(repo_id, revision, writing=True):  # each step is safe to retry: a commit is all or nothing
-        repo_id = retrying(lambda: api.create_repo(repo_id, private=private, exist_ok=True)).repo_id
-        if revision and revision != "main":
-            retrying(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
+        with bounded():  # metadata calls: huggingface_hub's own timeouts, and the deadline
+            repo_id = retrying(
+                lambda: api.create_repo(repo_id, private=private, exist_ok=True), what=f"Creating {repo_id}"
+            ).repo_id
+            if revision and revision != "main":
+                retrying(
+                    lambda: api.create_branch(repo_id, branch=revision, exist_ok=True),
+                    what=f"Creating branch {revision} of {repo_id}",
+                )
         message = commit_message or f"Upload {folder.name} with reforge {__version__}"
         info = retrying(
             lambda: api.upload_folder(
@@ -335,7 +341,9 @@ def push_folder(
                 revision=revision,
                 commit_message=message,
                 ignore_patterns=list(_UPLOAD_IGNORE),
-            )
+            ),
+            deadline=False,  # an upload of 14 GB may rightly take an hour
+            what=f"Uploading {folder.name} to {repo_id}",
         )
     if progress is not None:
         progress(total, total)
