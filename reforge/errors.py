@@ -10,6 +10,7 @@ keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -137,12 +138,16 @@ def find_secret(text: str) -> tuple[str, int] | None:
 
 
 def short_path(path: str | Path) -> str:
-    """A path as users typed it or relative to the working directory, for messages."""
+    """A path as users typed it or relative to the working directory, for messages. A symlink keeps its own name:
+    only the folders above it are resolved (a message about a link must name the link, not its target)."""
     p = Path(path)
-    try:
-        return str(p.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(p)
+    cwd = Path.cwd().resolve()
+    for candidate in (Path(os.path.abspath(p)), p.parent.resolve() / p.name):
+        try:
+            return str(candidate.relative_to(cwd))
+        except ValueError:
+            continue
+    return str(p)
 
 
 # ---- Hub errors (raised by reforge/io/hub.py and reforge/publish.py) ------------------------------------------------

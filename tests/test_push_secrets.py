@@ -131,3 +131,28 @@ def test_a_token_in_a_model_reference_is_masked_in_cli_messages(ref, command, tm
     assert result.exit_code != 0
     assert TOKEN not in result.output + result.stderr
     assert "***" in result.stderr, result.stderr
+
+
+# ---- a link's message names the link and where it points (issue 26) -------------------------------------------------
+
+
+def test_a_link_out_of_the_folder_is_named_with_its_target(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outside").mkdir()
+    save_file({"a": torch.zeros(2)}, tmp_path / "outside" / "x.safetensors")
+    for name in ("ck", "ck2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "ck" / "model.safetensors").symlink_to("../outside/x.safetensors")
+    (tmp_path / "ck2" / "sub").symlink_to("../outside")
+    (tmp_path / "ck2" / "model.safetensors.index.json").write_text('{"weight_map": {"a": "sub/x.safetensors"}}')
+    first = CliRunner().invoke(cli, ["inspect", "ck"])
+    assert first.exit_code == 1
+    assert " ".join(first.stderr.split()).startswith(  # on main: "outside/x.safetensors (shard of ck) resolves to"
+        "Error: ck/model.safetensors (shard of ck) resolves to "
+        f"{tmp_path / 'outside' / 'x.safetensors'} through the link ck/model.safetensors -> ../outside/x.safetensors, "
+        "outside the checkpoint folder."
+    )
+    second = CliRunner().invoke(cli, ["inspect", "ck2"])
+    assert "ck2/sub/x.safetensors (shard of ck2) resolves to" in " ".join(second.stderr.split())
+    assert "through the link ck2/sub -> ../outside, outside" in " ".join(second.stderr.split())

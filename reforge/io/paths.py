@@ -8,6 +8,7 @@ the reader, a device would stream forever).
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -33,8 +34,11 @@ def inside_checkpoint(folder: Path, path: Path, *, what: str = "file") -> Path:
     """
     real = Path(path).resolve()
     if not any(real == root or root in real.parents for root in checkpoint_roots(folder)):
+        link = _first_link(Path(folder), Path(path))
+        through = f" through the link {short_path(link)} -> {os.readlink(link)}" if link is not None else ""
         raise UnsafePathError(
-            f"{short_path(path)} ({what} of {short_path(folder)}) resolves to {real}, outside the checkpoint folder.",
+            f"{short_path(path)} ({what} of {short_path(folder)}) resolves to {real}{through}, outside the "
+            "checkpoint folder.",
             hint="Refusing to read it: copy the file into the folder if it really belongs to the checkpoint.",
             index=path,
             entry=str(path),
@@ -50,3 +54,17 @@ def inside_checkpoint(folder: Path, path: Path, *, what: str = "file") -> Path:
             reason=kind,
         )
     return real
+
+
+def _first_link(folder: Path, path: Path) -> Path | None:
+    """The first symlink on the way from ``folder`` down to ``path`` (``path`` itself included), or None."""
+    try:
+        parts = path.relative_to(folder).parts
+    except ValueError:
+        return None
+    at = folder
+    for part in parts:
+        at = at / part
+        if at.is_symlink():
+            return at
+    return None
