@@ -193,3 +193,9 @@ def test_a_resumed_adapter_is_byte_identical_to_an_uninterrupted_one(llama_base,
     assert json.loads((resumed.output / "adapter_config.json").read_text()) == json.loads(
         (whole.output / "adapter_config.json").read_text()
     )
+
+
+def test_resume_with_a_bad_rng_state_is_one_line(llama_base, tmp_path):
+    checkpoint = _stopped_run(llama_base, tmp_path / "psi")
+    torch.save({"torch": torch.zeros(3)}, checkpoint / "rng-rank0.pt")  # a float tensor where bytes belong
+    _one_line_error(_cli_resume(llama_base, tmp_path / "psi"), "rng-rank0.pt is not a torch RNG state")

@@ -164,12 +164,16 @@ def load_checkpoint(
     state = _load_pt(checkpoint / OPTIM, ("optimizer", "scheduler"))
     rng = _load_pt(checkpoint / f"rng-rank{ranks.rank}.pt", ("torch",))
     _refuse_non_finite_state(checkpoint / OPTIM, state["optimizer"])
+    broken = (KeyError, ValueError, TypeError, RuntimeError, IndexError)
     try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(rng)
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+    except broken as e:
         raise _unusable(checkpoint / OPTIM, f"holds a state this run's optimizer cannot take ({_first_line(e)})") from e
+    try:
+        _set_rng_state(rng)
+    except broken as e:
+        raise _unusable(checkpoint / f"rng-rank{ranks.rank}.pt", f"is not a torch RNG state ({_first_line(e)})") from e
     params = trainable(model)
     with torch.no_grad():
         for name, value in tensors.items():
