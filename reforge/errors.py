@@ -106,7 +106,7 @@ class HubError(ReforgeError):
 # `reforge push` refuses to upload. Patterns only ever report where and what kind, never the secret itself.
 _SECRETS = (
     ("a Hugging Face token", re.compile(r"(?<![A-Za-z0-9])(?:hf_|api_org_)[A-Za-z0-9]{20,}"), "hf_***"),
-    ("credentials in a URL", re.compile(r"(?<=://)[^\s/@'\"]+@"), "***@"),
+    ("credentials in a URL", re.compile(r"(?<=://)[^\s/@:'\"]*:[^\s/@'\"]+@"), "***@"),  # user:password@
     (
         "a token in a URL query",
         re.compile(r"(?<=[?&])((?:access_)?token|api_?key|password|sig(?:nature)?)=[^&\s#'\"]+", re.IGNORECASE),

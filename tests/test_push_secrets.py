@@ -99,7 +99,8 @@ def test_the_cli_dry_run_lists_the_refusal(folder):
     ("text", "masked"),
     [
         (f"https://user:{TOKEN}@huggingface.co/org/m", "https://***@huggingface.co/org/m"),
-        (f"https://{TOKEN}@huggingface.co/org/m", "https://***@huggingface.co/org/m"),
+        (f"https://{TOKEN}@huggingface.co/org/m", "https://hf_***@huggingface.co/org/m"),
+        ("ssh://git@github.com/org/repo.git", "ssh://git@github.com/org/repo.git"),  # a user name is no secret
         (
             "https://huggingface.co/org/m?token=s3cret&revision=main",
             "https://huggingface.co/org/m?token=***&revision=main",
