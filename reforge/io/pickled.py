@@ -19,18 +19,15 @@ if TYPE_CHECKING:
 
 
 def load_state(file: Path) -> dict[str, "torch.Tensor"]:
-    """The tensors of one pickle file, loaded weights-only (refuses arbitrary objects) and memory-mapped (a legacy
-    pre-zip file, which torch cannot map, is read whole: diff, merge, inspect and eval accept the same files).
+    """The tensors of one pickle file, loaded weights-only (refuses arbitrary objects) and memory-mapped.
 
     Raises:
         CorruptCheckpointError: not a weights-only pickle, or not a dict of tensors.
     """
-    import zipfile
-
     import torch
 
-    try:  # a legacy (pre-zip, torch < 1.6) file cannot be memory-mapped: it is read whole, as eval's loader reads it
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
         raise CorruptCheckpointError(
             f"{short_path(file)} could not be loaded as a weights-only pickle ({e}).",
