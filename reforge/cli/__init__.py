@@ -83,10 +83,12 @@ def _library_warnings():
 
     logger, handler = logging.getLogger("reforge"), _ToWarn(logging.WARNING)
     logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False  # printed once, not again by a root handler
     try:
         yield
     finally:
         logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def _module_exists(module: str) -> bool:
