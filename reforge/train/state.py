@@ -244,7 +244,7 @@ def _check_same_run(checkpoint: Path, meta: dict[str, Any], config: TrainConfig,
         )
     saved_key, key = meta.get("base_key"), base_key(model)
     if saved_key != key:
-        was = f"{saved_key[:12]} -> {key[:12]}" if saved_key else f"none recorded (an older reforge) -> {key[:12]}"
+        was = f"{saved_key[:12]} -> {key[:12]}" if isinstance(saved_key, str) else f"none recorded -> {key[:12]}"
         raise InvalidOptionError(
             f"Cannot resume from {short_path(checkpoint)}: the base {meta['config'].get('base')} -> {config.base} "
             f"is not the one it was trained on (content key {was}); the steps left would train another model.",
