@@ -10,6 +10,8 @@ keeps its traceback.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,8 @@ class ReforgeError(Exception):
     """Base of all reforge errors. ``hint`` is the next step for the user, appended to the message."""
 
     def __init__(self, message: str, *, hint: str | None = None, **facts: Any) -> None:
-        self.message = message
-        self.hint = hint
+        self.message = mask_secrets(message)  # a reference may carry a token (https://u:hf_...@, ?token=)
+        self.hint = mask_secrets(hint) if hint is not None else None
         for key, value in facts.items():
             setattr(self, key, value)
         super().__init__(self.__str__())
@@ -99,13 +101,53 @@ class HubError(ReforgeError):
     """A Hugging Face Hub call failed. Fields: ``repo_id``, ``reason``."""
 
 
+# Secrets that ride in references and paths: a Hugging Face token (hf_..., api_org_...), a URL's user:password@,
+# and a credential in a query string. `mask_secrets` hides them in every ReforgeError message; `find_secret` is what
+# `reforge push` refuses to upload. Patterns only ever report where and what kind, never the secret itself.
+_SECRETS = (
+    ("a Hugging Face token", re.compile(r"(?<![A-Za-z0-9])(?:hf_|api_org_)[A-Za-z0-9]{20,}"), "hf_***"),
+    ("credentials in a URL", re.compile(r"(?<=://)[^\s/@:'\"]*:[^\s/@'\"]+@"), "***@"),  # user:password@
+    (
+        "a token in a URL query",
+        re.compile(r"(?<=[?&])((?:access_)?token|api_?key|password|sig(?:nature)?)=[^&\s#'\"]+", re.IGNORECASE),
+        r"\1=***",
+    ),
+)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with every token-like string replaced by ``***`` (see `find_secret` for what counts).
+
+    Example:
+        >>> mask_secrets("https://u:hf_abcdefghijklmnopqrstuvwxyz0123@hf.co/x?token=s3cret&rev=main")
+        'https://***@hf.co/x?token=***&rev=main'
+    """
+    for _, pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def find_secret(text: str) -> tuple[str, int] | None:
+    """The first token-like string in ``text`` as ``(what kind, offset)``, or None; the secret itself is never
+    returned, so it cannot end up in a message."""
+    found = [(m.start(), kind) for kind, pattern, _ in _SECRETS for m in [pattern.search(text)] if m]
+    if not found:
+        return None
+    offset, kind = min(found)
+    return kind, offset
+
+
 def short_path(path: str | Path) -> str:
-    """A path as users typed it or relative to the working directory, for messages."""
+    """A path as users typed it or relative to the working directory, for messages. A symlink keeps its own name:
+    only the folders above it are resolved (a message about a link must name the link, not its target)."""
     p = Path(path)
-    try:
-        return str(p.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(p)
+    cwd = Path.cwd().resolve()
+    for candidate in (Path(os.path.abspath(p)), p.parent.resolve() / p.name):
+        try:
+            return str(candidate.relative_to(cwd))
+        except ValueError:
+            continue
+    return str(p)
 
 
 # ---- Hub errors (raised by reforge/io/hub.py and reforge/publish.py) ------------------------------------------------
@@ -144,3 +186,13 @@ class UnsupportedModelError(ReforgeError, ValueError):
     """A model reforge would otherwise encode or write wrongly: a sentence-transformers module or pooling it does
     not implement, a model that needs its own code without ``--trust-remote-code``, a folder without a tokenizer, a
     chat model given as a retriever without ``--keep-lm-head``. Fields: ``path``, ``reason``."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Added for issue 26 (nothing reused unless it is the same).
+
+
+class ResumeError(ReforgeError, ValueError):
+    """A training checkpoint that ``--resume`` cannot trust: a file missing, unreadable or not what reforge writes
+    (meta.json, optim.pt, an RNG state), or an adapter without every trainable tensor, of the wrong shape, or holding
+    a NaN. Fields: ``path`` (the file), ``tensor`` (or None)."""

@@ -18,10 +18,12 @@ from reforge.errors import (
     HubError,
     UnsafePathError,
     VerificationError,
+    find_secret,
+    mask_secrets,
     short_path,
 )
 from reforge.io.format import TensorInfo, read_header
-from reforge.io.http import retrying
+from reforge.io.http import bounded, retrying
 from reforge.io.hub import _hub_errors, _offline, _with_revision, hub_endpoint, shard_names
 from reforge.io.index import read_weight_map
 from reforge.io.manifest import read_manifest
@@ -198,12 +200,53 @@ def _check_weights(folder: Path, headers: dict[str, dict[str, TensorInfo]]) -> l
 
 
 def push_failures(folder: str | Path, *, verify: bool = True) -> list[str]:
-    """What stops ``folder`` from being pushed: `check_folder`, then (when that passes and ``verify``) the full
-    `reforge verify` checks. `push_folder` and ``reforge push --dry-run`` run exactly this."""
+    """What stops ``folder`` from being pushed: `check_folder` and `secret_failures`, then (when those pass and
+    ``verify``) the full `reforge verify` checks. `push_folder` and ``reforge push --dry-run`` run exactly this."""
     failures = check_folder(folder)
+    failures += secret_failures(folder) if Path(folder).is_dir() else []
     if not failures and verify:
         failures = _verify_failures(Path(folder))
     return failures
+
+
+def secret_failures(folder: str | Path) -> list[str]:
+    """Every file `push_folder` would upload whose name or bytes hold a token-like string (`reforge.errors.
+    find_secret`: a Hugging Face token, a URL's ``user:password@``, a ``?token=``); each failure names the file, the
+    kind and the byte offset, never the token. Safetensors files are searched in their header (names and
+    ``__metadata__``: the tensor data is numbers), every other file whole."""
+    folder = Path(folder)
+    failures = []
+    for rel, size in upload_plan(folder):
+        found = find_secret(rel)
+        if found is not None:
+            failures.append(f"the file name {mask_secrets(rel)!r} holds {found[0]}")
+            continue
+        found = _secret_in_file(folder / rel, size)
+        if found is not None:
+            failures.append(f"{rel} holds {found[0]} at byte {found[1]} (it would be uploaded as it is)")
+    return failures
+
+
+def _secret_in_file(path: Path, size: int) -> tuple[str, int] | None:
+    """The first `find_secret` in ``path``, read in 1 MiB blocks that overlap by 4 KiB (a token across two blocks is
+    found)."""
+    end = size
+    if path.name.endswith(".safetensors"):
+        with path.open("rb") as handle:
+            head = handle.read(8)
+        end = min(size, 8 + int.from_bytes(head, "little")) if len(head) == 8 else size
+    block, overlap, start = 1 << 20, 4096, 0
+    with path.open("rb") as handle:
+        while start < end:
+            handle.seek(start)
+            data = handle.read(min(block, end - start))
+            found = find_secret(data.decode("latin-1"))  # byte for byte: offsets are byte offsets
+            if found is not None:
+                return found[0], start + found[1]
+            if start + len(data) >= end:
+                return None
+            start += len(data) - overlap
+    return None
 
 
 def _verify_failures(folder: Path) -> list[str]:
@@ -281,9 +324,15 @@ def push_folder(
     url = hub_endpoint(endpoint)
     api = HfApi(endpoint=url, token=token)
     with _hub_errors(repo_id, revision, writing=True):  # each step is safe to retry: a commit is all or nothing
-        repo_id = retrying(lambda: api.create_repo(repo_id, private=private, exist_ok=True)).repo_id
-        if revision and revision != "main":
-            retrying(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
+        with bounded():  # metadata calls: huggingface_hub's own timeouts, and the deadline
+            repo_id = retrying(
+                lambda: api.create_repo(repo_id, private=private, exist_ok=True), what=f"Creating {repo_id}"
+            ).repo_id
+            if revision and revision != "main":
+                retrying(
+                    lambda: api.create_branch(repo_id, branch=revision, exist_ok=True),
+                    what=f"Creating branch {revision} of {repo_id}",
+                )
         message = commit_message or f"Upload {folder.name} with reforge {__version__}"
         info = retrying(
             lambda: api.upload_folder(
@@ -292,7 +341,9 @@ def push_folder(
                 revision=revision,
                 commit_message=message,
                 ignore_patterns=list(_UPLOAD_IGNORE),
-            )
+            ),
+            deadline=False,  # an upload of 14 GB may rightly take an hour
+            what=f"Uploading {folder.name} to {repo_id}",
         )
     if progress is not None:
         progress(total, total)

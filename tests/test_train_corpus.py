@@ -274,3 +274,59 @@ def test_a_corpus_edited_after_it_was_hashed_is_refused_not_trained_on(tmp_path)
     assert corpus.docs[0].text == "alpha one"
     with pytest.raises(DataError, match=r"c.jsonl, line 2: document 'd1' changed since the corpus was read"):
         corpus.docs[1]
+
+
+# ---- one rule for ids, train and eval alike (issue 26) ---------------------------------------------------------------
+
+
+def _beir_folder(tmp_path, rows):
+    folder = tmp_path / "beir"
+    folder.mkdir()
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return folder
+
+
+def test_a_duplicate_document_id_is_refused_as_eval_refuses_it(tmp_path):
+    from reforge.data.lazy import corpus_index
+
+    rows = _scifact_rows(6)
+    rows[4] = {**rows[4], "_id": rows[1]["_id"]}  # other text under an id already used
+    folder = _beir_folder(tmp_path, rows)
+    with pytest.raises(DataError) as train:
+        load_corpus(folder)
+    assert f"beir/corpus.jsonl, line 5: duplicate document id '{rows[1]['_id']}' (first at line 2)." in str(train.value)
+    assert train.value.line == 5 and train.value.doc_id == rows[1]["_id"]
+    with pytest.raises(DataError, match="line 5: duplicate document id"):  # eval's reader, the same refusal
+        corpus_index(folder / "corpus.jsonl", tmp_path / "cache")
+    # a filter that drops the duplicate does not make the file right, and the same holds for any JSONL
+    with pytest.raises(DataError, match="duplicate document id"):
+        load_corpus(folder, selection=DocSelection(max_docs=2))
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"id": "a", "body": "one"}\n{"id": "b", "body": "two"}\n{"id": "a", "body": "three"}\n')
+    with pytest.raises(DataError, match=r"notes.jsonl, line 3: duplicate document id 'a' \(first at line 1\)"):
+        load_corpus(notes, text_field="body")
+
+
+def test_the_same_id_in_two_sources_is_two_documents(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"body": "first file"}\n', encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('{"body": "second file"}\n', encoding="utf-8")
+    corpus = load_corpus([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], text_field="body")
+    assert [(d.id, d.text) for d in corpus.docs] == [("1", "first file"), ("1", "second file")]
+
+
+@pytest.mark.parametrize("value", [None, [1], {"x": 1}, True])
+def test_a_null_id_is_an_error_not_the_document_none(tmp_path, value):
+    rows = _scifact_rows(3)
+    rows[1] = {**rows[1], "_id": value}
+    with pytest.raises(DataError, match=r"beir/corpus.jsonl, line 2: '_id' is .*, not a document id"):
+        load_corpus(_beir_folder(tmp_path, rows))
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text(json.dumps({"id": value, "body": "text"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"notes.jsonl, line 1: 'id' is .*, not a document id"):
+        load_corpus(notes, text_field="body", skip_bad_lines=True)
+
+
+def test_numeric_ids_stay_ids(tmp_path):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"_id": 12, "body": "a"}\n{"_id": "13", "body": "b"}\n', encoding="utf-8")
+    assert [d.id for d in load_corpus(notes, text_field="body").docs] == ["12", "13"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -91,4 +92,9 @@ def test_ctrl_c_then_resume_from_the_cli_gives_the_uninterrupted_adapter(tmp_pat
     # "equals" is bit for bit: same steps, same data order, restored optimizer, schedule and dropout RNG
     a, b = (load_file(folder / "adapter_model.safetensors") for folder in (out, tmp_path / "whole"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # and so is the file: two processes, so safetensors' metadata (a Rust HashMap) came out in two orders
+    digests = {
+        hashlib.sha256((f / "adapter_model.safetensors").read_bytes()).hexdigest() for f in (out, tmp_path / "whole")
+    }
+    assert len(digests) == 1
     assert report["record"]["loss"]["history"] == json.loads(whole.stdout)["record"]["loss"]["history"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -50,7 +51,7 @@ def test_the_training_corpus_reaches_the_manifest_and_the_card(llama_base, tmp_p
     AutoTokenizer.from_pretrained(llama_base).save_pretrained(retriever)
     run("merge", "--base", llama_base, "--retriever", retriever, "--adapter", psi, "-o", out, "-q")
     adapter = json.loads((out / "reforge.json").read_text())["adapters"][0]
-    assert adapter["corpus"] == str(SCIFACT.resolve())
+    assert adapter["corpus"] == os.path.relpath(SCIFACT.resolve(), out)  # relative to the record's folder (issue 26)
     card = (out / "README.md").read_text()
     assert "Adapted to: `data/scifact`." in card and "trained on `data/scifact`" in card
 

@@ -5,6 +5,7 @@ Subcommands live in one module each and are attached lazily, so `reforge --help`
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import traceback
@@ -46,7 +47,8 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         """Run the command; a reforge error (or a known Hub error) becomes one ``Error: ...`` line and exit 1."""
         try:
-            return super().invoke(ctx)
+            with _library_warnings():
+                return super().invoke(ctx)
         except KeyboardInterrupt:
             click.echo("Interrupted. Rerun the same command: finished work is kept, the rest starts clean.", err=True)
             ctx.exit(130)
@@ -65,6 +67,28 @@ class LazyGroup(click.Group):
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
+
+
+@contextlib.contextmanager
+def _library_warnings():
+    """Warnings the library logs (``reforge.*`` loggers, e.g. each Hub retry) printed as warnings, even with
+    --quiet (issue 26: a silent Hub used to be waited on with nothing shown)."""
+    import logging
+
+    from reforge.cli import output
+
+    class _ToWarn(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            output.warn(record.getMessage())
+
+    logger, handler = logging.getLogger("reforge"), _ToWarn(logging.WARNING)
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False  # printed once, not again by a root handler
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def _module_exists(module: str) -> bool:

@@ -39,7 +39,7 @@ from reforge.data.lazy import file_stamp, id_hash, json_object, load_npz, save_n
 from reforge.errors import DataError, short_path
 
 CORPUS_KINDS = ("beir", "jsonl", "text", "datasets")
-LAYOUT_VERSION = 2  # 2: per-document text hashes; keyed by inode and change time too
+LAYOUT_VERSION = 3  # 2: per-document text hashes; keyed by inode and change time too. 3: ids checked unique
 _READ_AGAIN = ("beir", "jsonl")  # kinds whose documents are re-read on demand from a byte offset
 
 
@@ -243,8 +243,10 @@ def _scan(
     read = empty = filtered = kept = 0
     digest = hashlib.sha256()
     for number, (path, kind, reader) in enumerate(zip(sources, kinds, readers)):
+        ids = array("Q")  # this source's id hashes, to refuse a repeated id as eval does
         for doc, offset, line_number in _iter_source(path, kind, reader, per_line=per_line, skip=skip_bad_lines):
             read += 1
+            ids.append(id_hash(doc.id))
             if selection.only is not None and doc.id in selection.only:
                 found.add(doc.id)
             if not doc.text.strip():
@@ -262,6 +264,7 @@ def _scan(
                 else:
                     where.append(len(held))
                     held.append(doc)
+        _check_unique_ids(path, kind, reader, np.frombuffer(ids, np.uint64), per_line=per_line, skip=skip_bad_lines)
     only_missing = len(selection.only - found) if selection.only is not None else 0
     docs: Sequence[TextDoc] = held
     if len(held) < kept:
@@ -281,14 +284,12 @@ class _Source:
     def doc(self, row: dict, number: int, skip: bool) -> TextDoc | None:
         """The document of a parsed line (None when ``skip`` and the line lacks what it needs)."""
         if self.kind == "beir" and self.text_field is None:
-            if "_id" not in row:
+            doc_id = _row_id(row, self.file, number, required=True)
+            if doc_id is None:
                 if skip:
                     return None
                 raise DataError(f"{short_path(self.file)}, line {number}: no '_id' field.", path=self.file, line=number)
-            return TextDoc(
-                str(row["_id"]),
-                Document(str(row["_id"]), str(row.get("title") or ""), str(row.get("text") or "")).passage(),
-            )
+            return TextDoc(doc_id, Document(doc_id, str(row.get("title") or ""), str(row.get("text") or "")).passage())
         field_name = self.text_field or "text"
         value = row.get(field_name)
         if not isinstance(value, str):
@@ -302,7 +303,7 @@ class _Source:
                 path=self.file,
                 line=number,
             )
-        doc_id = str(row.get("_id", row.get("id", number)))
+        doc_id = _row_id(row, self.file, number, required=False) or str(number)
         if self.text_field is None:
             value = Document(doc_id, str(row.get("title") or ""), value).passage()
         return TextDoc(doc_id, value)
@@ -433,6 +434,56 @@ def _changed(file: Path, line: int, doc_id: str) -> DataError:
     )
 
 
+def _row_id(row: dict, file: Path, number: int, *, required: bool) -> str | None:
+    """A JSONL row's document id: ``_id``, else ``id`` (unless ``required``: BEIR rows have ``_id``), as text; None
+    when it has neither. A null, a list, an object or a boolean is not an id (``str(None)`` would make every such row
+    document "None"): an error naming the line, whatever ``--skip-bad-lines`` says (it skips unreadable lines, not
+    documents under a made-up id)."""
+    keys = ("_id",) if required else ("_id", "id")
+    key = next((k for k in keys if k in row), None)
+    if key is None:
+        return None
+    value = row[key]
+    if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return str(value)
+    what = "null" if value is None else f"a JSON {type(value).__name__}"
+    raise DataError(
+        f"{short_path(file)}, line {number}: {key!r} is {what}, not a document id.",
+        hint=f"Give every document a string or number {key!r}, or remove the line.",
+        path=file,
+        line=number,
+    )
+
+
+def _check_unique_ids(
+    path: Path, kind: str, reader: "_Source", hashes: np.ndarray, *, per_line: bool, skip: bool
+) -> None:
+    """Refuse a source whose documents repeat an id, naming the file, both lines and the id: the rule eval applies
+    to a corpus (`reforge.data.lazy`), so the two commands accept the same files. Found by id hash; a repeated hash
+    is confirmed on the ids by reading the source again (a 64-bit collision is not a duplicate)."""
+    order = np.argsort(hashes, kind="stable")
+    pairs = [(int(order[at]), int(order[at + 1])) for at in np.nonzero(hashes[order][1:] == hashes[order][:-1])[0]]
+    if not pairs:
+        return
+    wanted = {i for pair in pairs for i in pair}
+    found: dict[int, tuple[str, int]] = {}
+    for index, (doc, _, line) in enumerate(_iter_source(path, kind, reader, per_line=per_line, skip=skip)):
+        if index in wanted:
+            found[index] = (doc.id, line or index + 1)
+    for first, second in sorted(pairs, key=lambda pair: pair[1]):
+        if found[first][0] == found[second][0]:
+            where = "line" if kind in _READ_AGAIN else "document"
+            doc_id, line = found[second]
+            raise DataError(
+                f"{short_path(reader.file)}, {where} {line}: duplicate document id {doc_id!r} "
+                f"(first at {where} {found[first][1]}).",
+                hint="Document ids must be unique: remove or rename the duplicate.",
+                path=reader.file,
+                line=line,
+                doc_id=doc_id,
+            )
+
+
 def _file_of(path: Path, kind: str) -> Path:
     return path / "corpus.jsonl" if kind == "beir" and path.is_dir() else path
 
@@ -539,6 +590,13 @@ def _iter_dataset_docs(path: Path, text_field: str | None) -> Iterator[TextDoc]:
     id_column = next((c for c in ("_id", "id") if c in loaded.column_names), None)
     join_title = text_field is None and "title" in loaded.column_names
     for index, row in enumerate(loaded):
+        if id_column and row[id_column] is None:
+            raise DataError(
+                f"{short_path(path)}, row {index}: column {id_column!r} is null, not a document id.",
+                hint=f"Give every row a {id_column!r}, or drop the rows without one.",
+                path=path,
+                line=index,
+            )
         doc_id = str(row[id_column]) if id_column else str(index)
         text = row[field_name] if isinstance(row[field_name], str) else ""
         if join_title:

@@ -1,7 +1,23 @@
-"""Opening a checkpoint by reference: a local folder, or a Hub repo id with an optional ``@revision``.
+"""Opening a checkpoint by reference (a local folder, or a Hub repo id with an optional ``@revision``), and keying
+one by its content.
 
 `open_checkpoint` returns a `Checkpoint` (full weights) or an `AdapterCheckpoint` (a peft LoRA/DoRA folder whose
 base is another checkpoint). Both read lazily through `ShardReader` and know their key layout and provenance.
+
+Content keys (`content_key`): what a checkpoint, or one file, holds, as a SHA-256 of all its bytes, computed at
+most once. Anything reforge reuses instead of recomputing (embeddings, a resumed training run) is keyed by it, never
+by a path, a name or a sample of the bytes (`fingerprint` samples; it stays only as the provenance already recorded
+in outputs). A file's SHA-256 comes from the cheapest source that is exact:
+
+1. reforge's own outputs: `reforge.io.writer.CheckpointWriter` hashes each shard while writing it (no extra read)
+   and records ``{sha256, size, identity}`` under ``file_sha256`` in ``reforge.json``. The record is trusted only
+   for that very file (same identity, below): moving the folder on its disk keeps it; a copy, even ``cp -a``, or an
+   edit is read once like any other file;
+2. Hub files: the HF cache stores an LFS file as ``blobs/<sha256>`` (its etag), so a snapshot file that links to a
+   64-hex blob carries its SHA-256 in its name (what huggingface_hub's cache exposes; no network);
+3. anything else is read once and its hash remembered under ``$REFORGE_HOME/cache/content-keys/`` by the file's
+   identity: device, inode, size, mtime_ns and ctime_ns (ctime cannot be set back by ``touch``; a change of any of
+   them only costs one more read).
 """
 
 from __future__ import annotations
@@ -9,14 +25,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reforge.errors import AdapterError, CheckpointNotFoundError, CorruptCheckpointError, short_path
+from reforge.io.atomic import write_atomic
 from reforge.io.buffers import BufferPool
 from reforge.io.index import ShardIndex
 from reforge.io.keymap import KeyLayout, canonical_map, detect_layout
+from reforge.io.manifest import MANIFEST
 from reforge.io.reader import ShardReader
+
+#: ``reforge.json`` field the writer fills: ``{filename: {"sha256", "size", "identity"}}``.
+RECORD_FIELD = "file_sha256"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_CONFIG_NAMES = frozenset({"config.json", "adapter_config.json"})
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_BLOCK = 4 << 20
+
+Progress = Callable[[int, int | None], None]
 
 
 @dataclass
@@ -162,7 +191,7 @@ def fingerprint(path: str | Path, *, samples: int = 16, sample_bytes: int = 4096
 
     Hashes every weight file's name, size and header, ``samples`` evenly spaced ``sample_bytes`` reads of its data,
     and the JSON configs. Any change to the architecture, dtype, shapes or a retrained/merged model changes it;
-    a change confined to bytes between the samples would not (use a full hash for tamper evidence).
+    a change confined to bytes between the samples would not: never key a reuse by it, use `content_key`.
     """
     path = Path(path)
     digest = hashlib.sha256()
@@ -183,16 +212,6 @@ def fingerprint(path: str | Path, *, samples: int = 16, sample_bytes: int = 4096
                 handle.seek(position)
                 digest.update(handle.read(sample_bytes))
     return digest.hexdigest()[:32]
-
-
-def sha256_file(path: str | Path) -> str:
-    """The SHA-256 of a whole file, read in 1 MiB blocks (for data files and records; see `fingerprint` for
-    checkpoints)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _is_content_file(name: str) -> bool:
@@ -234,3 +253,147 @@ def _read_json(path: Path) -> dict:
 def env_home() -> Path:
     """reforge's own folder for caches (``$REFORGE_HOME``, default ``~/.cache/reforge``)."""
     return Path(os.environ.get("REFORGE_HOME", Path.home() / ".cache" / "reforge"))
+
+
+# ---- content keys ----------------------------------------------------------------------------------------------------
+def content_key(path: str | Path, *, progress: Progress | None = None) -> str:
+    """The SHA-256 (64 hex) identifying what a checkpoint folder, or a single file, holds.
+
+    For a folder: every weight file (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``), its index files and
+    ``config.json`` / ``adapter_config.json`` at its top level, by name and content (subfolders are not included;
+    ``reforge.json`` and other metadata are not). For a file: its SHA-256. See the module docstring for where each
+    file's hash comes from; the first key of an unrecorded 14 GB folder reads it once, later keys cost a stat per file.
+
+    Args:
+        path: a folder or a file (symlinks are followed).
+        progress: ``progress(bytes_hashed, bytes_to_hash)`` while files are read.
+
+    Raises:
+        OSError: the path cannot be read.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path, progress=progress)
+    records = _recorded(path)
+    names = sorted(p.name for p in path.iterdir() if not p.name.startswith(".") and p.is_file() and _counts(p.name))
+    sizes = {name: (path / name).stat().st_size for name in names}
+    todo = sum(size for name, size in sizes.items() if not _is_small(name))
+    done = [0]
+
+    def report(n: int, _total: int | None) -> None:
+        if progress is not None:
+            progress(done[0] + n, todo)
+
+    digest = hashlib.sha256(b"reforge-content-key-v1\0")
+    for name in names:
+        file = path / name
+        if _is_small(name):  # configs and indexes: hashed directly, they are a few KB
+            value = hashlib.sha256(file.read_bytes()).hexdigest()
+        else:
+            value = file_sha256(file, progress=report, records=records)
+            done[0] += sizes[name]
+        digest.update(f"{name}\0{value}\0".encode())
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path, *, progress: Progress | None = None, records: dict | None = None) -> str:
+    """The SHA-256 of one file's bytes: from the writer's record, the Hub blob's name, the memo, or read once.
+
+    ``records`` is the folder's ``file_sha256`` record when the caller already read it (None: read it here).
+    """
+    path = Path(path)
+    stat = path.stat()
+    hub = _hub_sha256(path)
+    if hub is not None:
+        return hub
+    record = (records if records is not None else _recorded(path.parent)).get(path.name)
+    if isinstance(record, dict) and record.get("identity") == _identity(stat):
+        if _HEX64.fullmatch(str(record.get("sha256"))):
+            return str(record["sha256"])
+    memo = _memo_path(stat)
+    try:
+        remembered = memo.read_text().strip()
+        if _HEX64.fullmatch(remembered):
+            return remembered
+    except OSError:
+        pass
+    value = sha256_file(path, progress=progress)
+    if _identity(path.stat()) == _identity(
+        stat
+    ):  # unchanged while it was read: remember it (else the next key reads it again)
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(memo, lambda f: f.write(value.encode()))
+        except OSError:
+            pass  # a read-only home only costs the next read
+    return value
+
+
+def sha256_file(path: str | Path, *, progress: Progress | None = None) -> str:
+    """The SHA-256 of a whole file, read in 4 MiB blocks (no memo; see `file_sha256`)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_BLOCK)
+    view = memoryview(buffer)
+    done = 0
+    with Path(path).open("rb", buffering=0) as handle:
+        total = os.fstat(handle.fileno()).st_size
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
+            done += n
+            if progress is not None:
+                progress(done, total)
+    return digest.hexdigest()
+
+
+def file_record(path: str | Path, sha256: str) -> dict:
+    """What the writer records for a file it has just written and hashed: the hash, the size and the file's identity
+    as it is now (the record is trusted only for this very file: a copy, a move to another disk or an edit is read
+    once instead)."""
+    stat = Path(path).stat()
+    return {"sha256": sha256, "size": stat.st_size, "identity": _identity(stat)}
+
+
+def memo_dir() -> Path:
+    """Where hashes of files that carry none are remembered: ``$REFORGE_HOME/cache/content-keys``."""
+    return Path(env_home()).expanduser() / "cache" / "content-keys"
+
+
+def _memo_path(stat: os.stat_result) -> Path:
+    return memo_dir() / _identity(stat)
+
+
+def _identity(stat: os.stat_result) -> str:
+    """A file's identity: device, inode, size, mtime_ns, ctime_ns (any write, copy or ``touch`` changes one)."""
+    return f"{stat.st_dev}-{stat.st_ino}-{stat.st_size}-{stat.st_mtime_ns}-{stat.st_ctime_ns}"
+
+
+def _counts(name: str) -> bool:
+    return name.endswith(_WEIGHT_SUFFIXES) or name in _CONFIG_NAMES or name.endswith(".index.json")
+
+
+def _is_small(name: str) -> bool:
+    return name.endswith(".json")
+
+
+def _hub_sha256(path: Path) -> str | None:
+    """The SHA-256 a Hub cache file carries: a snapshot link to ``blobs/<64 hex>`` (an LFS file's etag)."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    if target.parent.name == "blobs" and _HEX64.fullmatch(target.name):
+        return target.name
+    return None
+
+
+def _recorded(folder: Path) -> dict:
+    """The writer's ``file_sha256`` record in ``folder/reforge.json`` (complete outputs only), else ``{}``."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(manifest, dict) or manifest.get("state") != "complete":
+        return {}
+    record = manifest.get(RECORD_FIELD)
+    return record if isinstance(record, dict) else {}

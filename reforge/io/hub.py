@@ -37,7 +37,7 @@ from reforge.errors import (
 )
 from reforge.io.atomic import write_atomic
 from reforge.io.companions import COMPANION_NAMES
-from reforge.io.http import HubLimits, bounded, is_timeout, retrying
+from reforge.io.http import HubLimits, bounded, is_timeout, retrying, tries_of
 from reforge.io.index import read_weight_map
 from reforge.io.progress import ProgressFn
 
@@ -281,7 +281,10 @@ def download_checkpoint(
     api = HfApi(endpoint=url, token=token)
     with _hub_errors(repo_id, revision):
         try:
-            info = retrying(lambda: api.model_info(repo_id, revision=revision, files_metadata=True))
+            info = retrying(
+                lambda: api.model_info(repo_id, revision=revision, files_metadata=True),
+                what=f"Reading the file list of {repo_id}",
+            )
         except _connection_errors() as err:
             return _from_cache(
                 repo_id,
@@ -446,14 +449,28 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 
 def _unreachable(error: BaseException) -> str:
-    """How the Hub failed to answer, for messages: the timeout and tries when it timed out."""
+    """How the Hub failed to answer, for messages: the timeout, and the tries and seconds `retrying` spent."""
     if is_timeout(error):
-        limits = HubLimits.from_env()
+        spent = tries_of(error)
+        tries = f"{spent[0]} tries in {spent[1]:.0f} s; " if spent else ""
         return (
-            f"did not answer within {limits.read:g} s ({limits.retries + 1} tries; REFORGE_HUB_READ_TIMEOUT "
-            "and REFORGE_HUB_RETRIES set the limits)"
+            f"did not answer within {_read_timeout(error):g} s ({tries}REFORGE_HUB_READ_TIMEOUT, REFORGE_HUB_RETRIES "
+            "and REFORGE_HUB_DEADLINE set the limits)"
         )
     return f"could not be reached ({type(error).__name__})"
+
+
+def _read_timeout(error: BaseException | None) -> float:
+    """The read timeout the failed request ran with (`bounded` puts it on each request), else the default."""
+    while error is not None:
+        try:
+            timeout = error.request.extensions.get("timeout") or {}  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # httpx raises RuntimeError when an error has no request
+            timeout = {}
+        if timeout.get("read") is not None:
+            return float(timeout["read"])
+        error = error.__cause__ or error.__context__
+    return HubLimits.from_env().timeouts()[1]
 
 
 @contextlib.contextmanager
@@ -463,7 +480,7 @@ def _hub_errors(repo_id: str, revision: str | None, *, writing: bool = False) ->
 
     ref = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        with bounded():  # huggingface_hub's client has no timeout of its own
+        with bounded(upload=writing):  # huggingface_hub's client has no timeout of its own
             yield
     except hf.GatedRepoError as err:
         raise HubRepoNotFoundError(

@@ -8,6 +8,7 @@ the reader, a device would stream forever).
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -33,8 +34,11 @@ def inside_checkpoint(folder: Path, path: Path, *, what: str = "file") -> Path:
     """
     real = Path(path).resolve()
     if not any(real == root or root in real.parents for root in checkpoint_roots(folder)):
+        link = _first_link(Path(folder), Path(path))
+        through = f" through the link {short_path(link)} -> {os.readlink(link)}" if link is not None else ""
         raise UnsafePathError(
-            f"{short_path(path)} ({what} of {short_path(folder)}) resolves to {real}, outside the checkpoint folder.",
+            f"{short_path(path)} ({what} of {short_path(folder)}) resolves to {real}{through}, outside the "
+            "checkpoint folder.",
             hint="Refusing to read it: copy the file into the folder if it really belongs to the checkpoint.",
             index=path,
             entry=str(path),
@@ -50,3 +54,87 @@ def inside_checkpoint(folder: Path, path: Path, *, what: str = "file") -> Path:
             reason=kind,
         )
     return real
+
+
+def _first_link(folder: Path, path: Path) -> Path | None:
+    """The first symlink on the way from ``folder`` down to ``path`` (``path`` itself included), or None."""
+    try:
+        parts = path.relative_to(folder).parts
+    except ValueError:
+        return None
+    at = folder
+    for part in parts:
+        at = at / part
+        if at.is_symlink():
+            return at
+    return None
+
+
+# ---- local paths in records ----------------------------------------------------------------------------------------
+# A record (reforge.json) is published with the folder it describes, so it names a local input relative to that
+# folder, never by its absolute path (which carries a user name, a home folder, at times a token-like folder name).
+# An input entry is local when it has a "path" (`reforge.io.checkpoint` records one only for a local folder); its
+# "path" and "ref" are then written relative to the record's folder, and read back against it.
+RECORDED_RELATIVE_TO = "the folder holding this file"
+_INPUT_KEYS = ("base", "retriever", "delta", "retriever_adapter", "adapter")
+
+
+def recorded_path(path: str | Path, root: str | Path) -> str:
+    """``path`` as a record in folder ``root`` names it: relative to ``root`` (``../base``), POSIX separators.
+
+    Example:
+        >>> recorded_path("/runs/base", "/runs/merged")
+        '../base'
+    """
+    return Path(os.path.relpath(Path(path).absolute(), Path(root).absolute())).as_posix()
+
+
+def recorded_inputs(record: dict, root: str | Path) -> dict:
+    """``record`` (a manifest about to be written in ``root``) with every local input's ``path`` and ``ref``
+    relative to ``root`` (see `recorded_path`), and an adapter's absolute corpus paths too; says so in
+    ``paths_relative_to``. Entries are replaced by changed copies (they may be shared with another record), the
+    record itself is changed in place and returned."""
+
+    def relative(entry: dict) -> dict:
+        entry = dict(entry)
+        if isinstance(entry.get("path"), str):  # a local input; its ref is a path as typed (maybe relative)
+            entry["path"] = recorded_path(entry["path"], root)
+            if isinstance(entry.get("ref"), str):
+                entry["ref"] = recorded_path(entry["ref"], root)
+        if isinstance(entry.get("corpus"), str):  # an adapter's corpus paths, as its training record joined them
+            parts = entry["corpus"].split(", ")
+            entry["corpus"] = ", ".join(recorded_path(p, root) if Path(p).is_absolute() else p for p in parts)
+        return entry
+
+    _map_inputs(record, relative)
+    record["paths_relative_to"] = RECORDED_RELATIVE_TO
+    return record
+
+
+def located_inputs(record: dict, root: str | Path) -> dict:
+    """The inverse of `recorded_inputs`: a copy of ``record`` (read from folder ``root``) whose local inputs'
+    ``path`` and ``ref`` are absolute again. A record written before paths were recorded relative is returned as
+    it is (a copy)."""
+    import copy
+
+    record = copy.deepcopy(record)
+    if record.get("paths_relative_to") != RECORDED_RELATIVE_TO:
+        return record
+
+    def absolute(entry: dict) -> dict:
+        if isinstance(entry.get("path"), str):
+            for key in ("path", "ref"):
+                if isinstance(entry.get(key), str) and not Path(entry[key]).is_absolute():
+                    entry[key] = os.path.normpath(Path(root).absolute() / entry[key])
+        return entry
+
+    _map_inputs(record, absolute)
+    return record
+
+
+def _map_inputs(record: dict, change) -> None:
+    for key in _INPUT_KEYS:
+        if isinstance(record.get(key), dict):
+            record[key] = change(record[key])
+    if isinstance(record.get("adapters"), list):
+        record["adapters"] = [change(a) if isinstance(a, dict) else a for a in record["adapters"]]

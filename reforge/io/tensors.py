@@ -31,12 +31,31 @@ def load_tensors(file: str | Path) -> dict[str, "torch.Tensor"]:
 
 
 def save_tensors(file: str | Path, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` as one safetensors file: through a temporary name, renamed when whole, readable by all."""
+    """Write ``tensors`` as one safetensors file: through a temporary name, renamed when whole, readable by all.
+    The same tensors and metadata always give the same bytes (see `_canonical_header`)."""
     from safetensors.torch import save
 
     contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-    data = save(contiguous, metadata=metadata or {"format": "pt"})
+    data = _canonical_header(save(contiguous, metadata=metadata or {"format": "pt"}))
     write_atomic(Path(file), lambda f: f.write(data))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """``data`` with its ``__metadata__`` keys in sorted order. safetensors keeps metadata in a Rust HashMap, whose
+    order changes from process to process: two runs writing the same adapter gave different bytes (and sha256).
+    The header keeps its length (same keys and values, space-padded as safetensors pads it), so no offset moves."""
+    import json
+    import struct
+
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + size])
+    if "__metadata__" not in header:
+        return data
+    header = {**header, "__metadata__": dict(sorted(header["__metadata__"].items()))}  # its place kept: first
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # never: the same JSON in another order; keep safetensors' own bytes if it ever is
+        return data
+    return data[:8] + text.ljust(size, b" ") + data[8 + size :]
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -50,10 +69,25 @@ def save_peft_adapter(
 
     ``tensors`` is peft's saved form (``get_peft_model_state_dict``); ``provenance`` lands in the safetensors
     ``__metadata__`` beside peft's ``format: pt``, which peft reads back unchanged.
+
+    Raises:
+        NonFiniteError: a tensor holds a NaN or Inf (named); nothing is written.
     """
     import copy
 
+    import torch
+
+    from reforge.errors import NonFiniteError, short_path
+
     folder = Path(folder)
+    for name, tensor in tensors.items():  # checked before anything is written: a NaN adapter is never an output
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(
+                f"Not writing the adapter {short_path(folder)}: {name} holds a NaN or Inf (training diverged).",
+                hint="Lower --lr (or raise --warmup-steps), or check the corpus, and train again.",
+                tensor=name,
+                path=folder,
+            )
     folder.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(peft_config)
     config.inference_mode = True  # what PeftModel.save_pretrained records: the saved adapter is for inference

@@ -23,6 +23,7 @@ Safety, in order of events:
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING
 from reforge import __version__
 from reforge.errors import DiskFullError, InvalidOptionError, OutputExistsError, short_path
 from reforge.io.buffers import ALIGNMENT
+from reforge.io.checkpoint import RECORD_FIELD, file_record, sha256_file
 from reforge.io.format import DTYPES, encode_header, open_direct, safetensors_dtype
 from reforge.io.manifest import MANIFEST
 from reforge.io.target import OutputLock, absolute, check_output, staging_path
@@ -121,6 +123,11 @@ class _ShardFile:
         self.remaining = {s.name: s.nbytes for s in specs}  # bytes not yet written (tensors come in pieces)
         self.fd: int | None = None
         self.direct_fd: int | None = None
+        # the file's SHA-256, fed with the bytes as they are written while they come in file order (the usual case);
+        # what came out of order is read back once at the end. ``record`` is its `file_record` once renamed.
+        self.digest = hashlib.sha256(self.header)
+        self.hashed_to = len(self.header)
+        self.record: dict | None = None
 
     def is_whole(self) -> bool:
         """A finished shard from an earlier run: final name, right size, identical header."""
@@ -146,6 +153,9 @@ class _ShardFile:
             self.open()
         assert self.fd is not None
         _pwrite_tensor(self.fd, self.direct_fd, data, self.offsets[name] + at, address)
+        if self.offsets[name] + at == self.hashed_to:
+            self.digest.update(data.cast("B"))
+            self.hashed_to += len(data.cast("B"))
         self.remaining[name] -= len(data.cast("B"))
         if self.remaining[name] <= 0:
             self.pending.discard(name)
@@ -155,10 +165,20 @@ class _ShardFile:
     def finish(self) -> None:
         assert self.fd is not None
         os.ftruncate(self.fd, self.size)
+        for at in range(self.hashed_to, self.size, 1 << 22):  # pieces written out of order: read back once
+            self.digest.update(os.pread(self.fd, min(1 << 22, self.size - at), at))
+        self.hashed_to = self.size
         if self.durable:
             os.fsync(self.fd)
         self.abandon()
         os.replace(self.partial, self.final)
+        self.record = file_record(self.final, self.digest.hexdigest())
+
+    def hash_record(self) -> dict:
+        """``{sha256, size, mtime_ns}`` of the finished shard (read once for a shard kept from an earlier run)."""
+        if self.record is None:
+            self.record = file_record(self.final, sha256_file(self.final))
+        return self.record
 
     def abandon(self) -> None:
         for fd in (self.fd, self.direct_fd):
@@ -501,6 +521,7 @@ class CheckpointWriter:
                 "files": list(self.plan.filenames),
                 "total_size": self.plan.total_size,
                 "records": self.records,
+                RECORD_FIELD: {s.final.name: s.hash_record() for s in self._shards if s.final.is_file()},
             },
             indent=2,
             default=str,

@@ -19,6 +19,7 @@ from reforge.errors import CorruptCheckpointError, ProvenanceMismatchError, shor
 from reforge.io.buffers import BufferPool
 from reforge.io.index import ShardIndex
 from reforge.io.manifest import read_manifest
+from reforge.io.paths import located_inputs
 from reforge.io.reader import ShardReader
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class DeltaCheckpoint:
                 tensor=None,
                 reason="not a delta",
             )
-        return cls(path, manifest, ShardIndex.from_dir(path))
+        return cls(path, located_inputs(manifest, path), ShardIndex.from_dir(path))  # its inputs' paths, absolute
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:

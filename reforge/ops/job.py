@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from reforge.errors import InvalidOptionError
+from reforge.io.paths import recorded_inputs
 from reforge.io.progress import ProgressFn
 from reforge.io.target import check_output
 from reforge.io.writer import CheckpointWriter, TensorSpec
@@ -99,7 +100,9 @@ def writing(
     progress: ProgressFn | None = None,
 ) -> Iterator[CheckpointWriter]:
     """The output writer of a job (``inputs``: the folders it reads, which the output must stay apart from); on a
-    clean exit the manifest gets the largest rounding of any tensor."""
+    clean exit the manifest gets the largest rounding of any tensor. The manifest names local inputs relative to
+    ``output`` (`reforge.io.paths.recorded_inputs`): it is published with the folder."""
+    recorded_inputs(manifest, output)
     with CheckpointWriter(
         output,
         specs,

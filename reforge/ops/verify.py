@@ -111,7 +111,9 @@ def verify_checkpoint(
     if index is None:
         return report
     _check_finite(index, report, progress)
-    inputs = _inputs(manifest, base, retriever, delta, adapters, beta)
+    from reforge.io.paths import located_inputs  # issue 26: reforge.json names local inputs relative to its folder
+
+    inputs = _inputs(located_inputs(manifest, path), base, retriever, delta, adapters, beta)
     if report.kind == "delta":
         _check_delta(path, index, manifest, inputs, full, samples, seed, report, token, allow_pickle)
     elif inputs.get("base") and (inputs.get("retriever") or inputs.get("delta")):
