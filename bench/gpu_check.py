@@ -47,7 +47,7 @@ PARTS = ("tests", "memory", "search", "bench")
 SEARCH = {"full": dict(docs=1_000_000, dim=768, queries=256, k=100), "smoke": dict(docs=3000, dim=32, queries=16, k=10)}
 MEMORY = {"full": dict(shape="1b", max_length=1024), "smoke": dict(shape="smoke", max_length=64)}
 BENCH = {
-    "full": ["--shape", "1b", "7b-cut", "--steps", "10", "--warmup", "3", "--docs", "400", "--encode-docs", "2000"],
+    "full": ["--shape", "1b", "7b-cut", "--steps", "10", "--warmup", "3", "--docs", "2000", "--encode-docs", "2000"],
     "smoke": ["--smoke"],
 }
 

@@ -97,7 +97,7 @@ def packed_inputs(seed: int = 1):
 
 def probe(logits, seed: int = 2):
     """A fixed random linear read-out of the logits: its gradient reaches every weight through every position."""
-    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed))
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed)).to(logits.device)
     return (logits * weights).sum()
 
 
