@@ -4,7 +4,10 @@ exactly, activations (what autograd saves for backward) within 25%, with and wit
 The model is built by `setup_model` (peft DoRA, reforge's weight norm, the split attention) from a tiny config of
 each family; a forward pass of ``batch_size`` documents of ``max_length`` tokens, the plan's worst case, goes
 through it as one batch, as on a GPU. Saved tensors are counted once per storage by a saved-tensors hook,
-parameters excluded; under gradient checkpointing each layer keeps its input instead (read by a forward pre-hook).
+parameters excluded; under gradient checkpointing each layer keeps its input instead (read by a forward pre-hook,
+counted once with what the hook sees). Not counted: the weight-shaped bf16 copies the CPU's bf16 matmul saves for
+its backward (``MmBackward``'s transposed weight: 0.38 MB of 2.0 MB here), which cuBLAS does not make; the plan is
+for a GPU. No activation here has a weight's shape (80 tokens a pass, widths 64, 96, 32, 4).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from reforge.train.config import TrainConfig
 from reforge.train.dora import setup_model
 from reforge.train.plan import HEADROOM, meta_model, plan_hours, plan_memory
 
-BATCH, LENGTH = 2, 48
+BATCH, LENGTH = 2, 40
 # windows longer than the documents: on CPU a banded window sends sdpa to its math kernel, which saves the scores
 # (the GPU kernels do not), so the CPU could not measure what the plan counts for a GPU
 NO_WINDOW = {"sliding_window": 4096}
@@ -58,16 +61,19 @@ def _build(tmp_path, family: str, precision: str = "fp32", checkpointing: bool =
 
 
 def _saved_bytes(run) -> tuple[int, int]:
-    """``(bytes autograd saves in one training forward and loss, bytes of the decoder layers' inputs)``."""
+    """``(bytes autograd saves in one training forward and loss, bytes of the decoder layers' inputs)``, each
+    storage once: the two overlap under checkpointing (its layers' inputs are saved for the recomputation)."""
     import torch.nn.functional as F
 
     params = {p.untyped_storage().data_ptr() for p in run.model.parameters()}
+    weight_shapes = {s for m in run.model.modules() if isinstance(m, torch.nn.Linear) for s in _both(m.weight.shape)}
     saved: dict[int, int] = {}
     inputs: dict[int, int] = {}
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
+        cpu_copy = t.dtype == torch.bfloat16 and tuple(t.shape) in weight_shapes
+        if storage.data_ptr() not in params and not cpu_copy:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
@@ -90,7 +96,11 @@ def _saved_bytes(run) -> tuple[int, int]:
         for handle in handles:
             handle.remove()
     loss.backward()
-    return sum(saved.values()), sum(inputs.values())
+    return sum(v for k, v in saved.items() if k not in inputs), sum(inputs.values())
+
+
+def _both(shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return tuple(shape), tuple(shape)[::-1]
 
 
 @pytest.mark.parametrize(
@@ -119,11 +129,20 @@ def test_parameters_gradients_and_adamw_state_are_exact(family, precision, adapt
 
 @pytest.mark.parametrize(
     "family, precision",
-    [("llama", "fp32"), ("llama", "bf16"), ("mistral", "fp32"), ("qwen3", "fp32"), ("gemma2", "fp32")],
+    [
+        ("llama", "fp32"),
+        ("llama", "bf16"),
+        ("mistral", "fp32"),
+        ("qwen3", "fp32"),
+        ("qwen3", "bf16"),
+        ("gemma2", "fp32"),
+        ("gemma2", "bf16"),
+    ],
 )
 def test_activations_within_a_quarter_of_what_autograd_saves(family, precision, tmp_path):
     run, plan = _build(tmp_path / "plain", family, precision)
-    saved, _ = _saved_bytes(run)
+    outside, inputs = _saved_bytes(run)
+    saved = outside + inputs  # every layer input is saved anyway (by its first norm)
     assert abs(plan.activations - saved) <= 0.25 * saved, (plan.activations, saved)
     # checkpointing: the layers' inputs stay, the rest of a layer exists again only during its own backward
     run, plan = _build(tmp_path / "checkpointed", family, precision, checkpointing=True)

@@ -9,16 +9,18 @@
   two moments (its step counters are one scalar per tensor on the host, not counted).
 - ``activations``: what the forward pass saves for backward, per layer and token, plus the loss's. Counted from the
   tensors autograd saves in a decoder layer with the paper's adapter (DoRA with dropout on q, k, v, up, down;
-  tests/test_train_plan.py measures them with saved-tensor hooks): per token and layer ``6 h + 4 m + 4 q + heads
-  + 2`` elements for the frozen layer (norm inputs and outputs, MLP products, the attention's q, k, v and output,
-  its log-sum-exp) and, per adapted Linear, ``in`` (the dropped-out input; none without dropout) + ``r`` (A's
-  output) + ``2 out`` (DoRA's base and adapter products; none for LoRA). Here h is the hidden size, m the MLP
-  width, q the heads x head dim. q/k norms (Qwen3) add ``q + kv + 2 (heads + kv heads)``; Gemma2's extra norms
-  add ``6 h + 2``. Activations are in the compute dtype (bf16 under autocast). A path that computes attention
-  scores saves them too, per document and layer: Gemma2's softcap on ``split`` its capped scores (compute dtype),
-  their float32 softmax and the mask, ``heads n^2 (b + 4) + n^2`` bytes; Gemma2's eager attention on ``padded``
-  ``heads n^2 (2 b + 4)``. The loss saves the float32 log-softmax, ``4 V`` bytes a token (Gemma2's final logit
-  softcap two logit-sized tensors more).
+  tests/test_train_plan.py measures them with saved-tensor hooks). Per token and layer, with b the compute dtype's
+  bytes (2 under bf16 autocast): ``b (h + 4 m + 4 q)`` for the frozen layer's tensors (the MLP's products, the
+  attention's q, k, v and output), ``4 (5 h + heads + 2)`` for what stays float32 whatever b is (the two norms'
+  upcast inputs and products, the attention's log-sum-exp), ``b h`` more under bf16 (the norms' casts back); and, per
+  adapted Linear, ``b (in + r + 2 out)``: the dropped-out input (none without dropout), A's output, DoRA's base and
+  adapter products (none for LoRA). Here h is the hidden size, m the MLP width, q the heads x head dim. q/k norms
+  (Qwen3) add ``4 (q + kv + 2 (heads + kv heads))``; Gemma2's two extra norms another norm term. A path that
+  computes attention scores saves them too, per document and layer: Gemma2's softcap on ``split`` its capped
+  scores (compute dtype), their float32 softmax and the mask, ``heads n^2 (b + 4) + n^2`` bytes; Gemma2's eager
+  attention on ``padded`` ``heads n^2 (2 b + 4)``. Outside the layers: RoPE's cos and sin, the final norm's input,
+  the float32 log-softmax of the loss, ``4 V`` bytes a token (Gemma2's final logit softcap one logit-sized tensor
+  more).
 - ``activations_checkpointed`` (``--gradient-checkpointing``): each layer keeps only its input (``h`` a token),
   and one layer's activations exist again while its backward runs.
 - ``logits``: the loss's transient tensors beside what is saved: the LM head's output in the compute dtype, its
@@ -124,27 +126,30 @@ def plan_memory(
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     q, kv, m = heads * head_dim, kv_heads * head_dim, text.intermediate_size
     vocab = text.vocab_size
-    per_layer = 6 * h + 4 * m + 4 * q + heads + 2
-    per_layer += sum((i if lora_dropout > 0 else 0) + r + (2 * o if use_dora else 0) for i, o in adapted) // layers
+    # bytes a token, per layer: the norms work in float32 whatever the compute dtype (HF's RMSNorm upcasts), and
+    # under bf16 also keep their output's bf16 cast
+    norm = 4 * (5 * h + 2) + (h * b if b < 4 else 0)
+    per_layer = b * (h + 4 * m + 4 * q) + 4 * heads + norm
+    per_layer += b * sum((i if lora_dropout > 0 else 0) + r + (2 * o if use_dora else 0) for i, o in adapted) // layers
     model_type = getattr(text, "model_type", "")
     if model_type.startswith("qwen3"):
-        per_layer += q + kv + 2 * (heads + kv_heads)
+        per_layer += 4 * (q + kv + 2 * (heads + kv_heads))
     if model_type.startswith("gemma2") or model_type.startswith("gemma3"):
-        per_layer += 6 * h + 2
+        per_layer += norm  # two more norms
     tokens = batch_size * max_length
     scores = 0
     if attention == "padded" and model_type == "gemma2":  # its eager attention: capped scores, softmax, its cast
         scores = heads * max_length**2 * batch_size * (2 * b + 4)
     elif getattr(text, "attn_logit_softcapping", None):  # split's softcap: capped scores, float32 softmax, mask
         scores = heads * max_length**2 * batch_size * (b + 4) + max_length**2 * batch_size
-    layer_bytes = per_layer * tokens * b + scores
+    layer_bytes = per_layer * tokens + scores
     loss_saved = 4 * vocab * tokens + 8 * tokens  # float32 log-softmax and the targets
-    if getattr(text, "final_logit_softcapping", None):  # Gemma2 caps the logits: two more logit-sized tensors
-        loss_saved += 2 * vocab * tokens * b
-    rotary = 2 * head_dim * tokens * 4  # cos and sin, float32, shared by every layer
-    final = (2 * h + 1) * tokens * b  # the final norm's input and output (the LM head's input)
+    if getattr(text, "final_logit_softcapping", None):  # Gemma2 caps the logits: tanh's output is saved
+        loss_saved += vocab * tokens * b
+    rotary = 2 * head_dim * tokens * b  # cos and sin, shared by every layer (inside the recomputed layer with GC)
+    final = (h + 1) * tokens * b  # the final norm's input and its rsqrt (the frozen LM head saves no input)
     activations = layers * layer_bytes + loss_saved + rotary + final
-    checkpointed = layers * h * tokens * b + layer_bytes + loss_saved + rotary + final
+    checkpointed = layers * h * tokens * b + layer_bytes + rotary + loss_saved + final
     logits = vocab * tokens * (b + 4 + 4)
     return MemoryPlan(
         weights=weights,
