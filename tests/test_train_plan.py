@@ -211,3 +211,34 @@ def test_dry_run_prints_the_memory_plan_the_fit_and_the_hours(tmp_path):
     assert text.exit_code == 0, text.output
     assert "throughput not measured yet" in text.stdout and "fits 80 GB" in text.stdout
     assert "with --gradient-checkpointing" in text.stdout
+
+
+def test_attention_flex_on_a_cpu_is_refused_before_the_corpus_is_read(tmp_path):
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_tokenizer
+    from reforge.cli import cli
+
+    config = family_config("llama", vocab_size=128, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    save_tokenizer(tmp_path / "base", 128)
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("not json\n")  # reading it would fail with another error
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(tmp_path / "base"),
+            "--corpus",
+            str(corpus),
+            "-o",
+            str(tmp_path / "psi"),
+            "--attention",
+            "flex",
+            "--max-length",
+            "64",
+        ],
+    )
+    assert result.exit_code != 0 and "attention flex needs CUDA" in result.stderr, result.output
+    assert not (tmp_path / "psi").exists()

@@ -179,6 +179,10 @@ def train_adapter(
         device = torch.device(config.device or (f"cuda:{ranks.local}" if device_type == "cuda" else "cpu"))
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        if config.attention != "auto" and not dry_run:  # refuse --attention flex on a CPU before reading the corpus
+            from transformers import AutoConfig
+
+            plan_attention(AutoConfig.from_pretrained(base), device.type, config.attention)
         say = stage if stage is not None and ranks.main else (lambda text: None)
         tokenizer = _load_tokenizer(config.base, base)
         data = setup_data(config, tokenizer, ranks, stage=say)
