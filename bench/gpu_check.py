@@ -389,6 +389,7 @@ def summary(report: dict) -> str:
             lines.append(
                 f"          {row['shape']:7} {row['name'][:56]:56} {row['tokens_per_s']:10,.0f} tok/s "
                 f"{row['docs_per_s']:8,.1f} docs/s MFU {mfu}"
+                + (f" (vectors vs ST: {row['max_diff_vs_st']:.1e})" if "max_diff_vs_st" in row else "")
             )
     for skipped in report["skipped"]:
         lines.append(f"  skipped {skipped['part']}: {skipped['why']}")
