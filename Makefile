@@ -10,7 +10,7 @@ STAMP := $(VENV)/.reforge-installed
 SHARED ?= ../shared
 export REFORGE_MODELS ?= $(HOME)/.cache/reforge-models
 
-.PHONY: install models test test-fast demo bench docs lint clean
+.PHONY: install models test test-fast demo bench docs lint clean gpu-check
 
 install: $(STAMP)
 
@@ -46,6 +46,14 @@ demo: install models
 
 bench: install
 	$(PY) bench/run_all.py
+
+# The device check (bench/gpu_check.py, docs/benchmarks.md): on a GPU, `make gpu-check` (at most ~8 minutes on one
+# H100, nothing downloaded; no install step, since a lent GPU machine reaches no registry: its python3 is used when
+# there is no .venv); `make gpu-check SMOKE=1` runs all of it on the CPU at tiny sizes.
+GPU_CHECK_JSON ?= gpu_check.json
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py $(if $(SMOKE),--smoke) --json $(GPU_CHECK_JSON)
 
 docs: install
 	$(PY) -m cogapp -r docs/cli.md

@@ -9,12 +9,14 @@ Shapes: ``1b`` (Llama-3.2-1B: hidden 2048, 16 layers, 32 heads, 8 KV heads, MLP 
 (Llama-2-7B width: hidden 4096, 32 heads, MLP 11008, vocab 32000, cut to 4 of its 32 layers). The corpus is
 synthetic: one word-level token per word, with SciFact's passage lengths (characters of title + text / 4.60, the
 characters per token SmolLM2's tokenizer gives on SciFact, + 1 EOS, cut at max length), read from
-../shared/data/scifact/corpus.jsonl.
+../shared/data/scifact/corpus.jsonl, or, where that is absent (a GPU machine gets only the repository), from
+bench/scifact_chars.json: the same characters per passage, committed (25 KB).
 
 What is timed, after ``--warmup`` steps (compilation, allocator warm-up):
 - ``reforge train``: `reforge.train.dora.train_loop` (tokenize each step's rows, forward, backward, clip, AdamW)
   with the model `setup_model` builds: DoRA r 32, alpha 64, dropout 0.05 on q,k,v,up,down, batch 4, max length
-  1024, bf16 on a GPU, packed rows (--batching rows) or the paper's batching (4 documents a step, packed per step).
+  1024, bf16 on a GPU, packed rows (--batching rows), or the paper's batching (4 documents a step) through each
+  attention path of ``--attention`` (split and padded; flex too on a GPU).
 - HF Trainer + peft DoRA: the same adapter, documents and batch size, `DataCollatorForLanguageModeling` (random
   batches padded to their longest), bf16, sdpa; steps timed inside `Trainer.training_step`.
 - ``reforge eval``'s encoder (`reforge.eval.encode`) and sentence-transformers ``encode`` over the same bare model
@@ -45,6 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT_CANDIDATES = (ROOT.parent / "shared" / "data" / "scifact", ROOT / "shared" / "data" / "scifact")
+SCIFACT_CHARS = ROOT / "bench" / "scifact_chars.json"  # characters of each SciFact passage, for machines without it
 CHARS_PER_TOKEN = 4.60  # SmolLM2-135M's tokenizer on SciFact title + text (1.50M tokens, 6.90M characters)
 PAPER = dict(
     r=32,
@@ -134,16 +137,19 @@ SHAPES = {
 
 
 def scifact_lengths(max_length: int, corpus: Path | None = None) -> list[int]:
-    """Token length of every SciFact passage as reforge train cuts it (estimated from characters, + EOS)."""
+    """Token length of every SciFact passage as reforge train cuts it (estimated from characters, + EOS): from
+    ``corpus`` (a corpus.jsonl), else ../shared/data/scifact, else the committed `SCIFACT_CHARS`."""
     path = corpus or next((p / "corpus.jsonl" for p in SCIFACT_CANDIDATES if (p / "corpus.jsonl").is_file()), None)
-    if path is None or not path.is_file():
-        sys.exit(f"SciFact's corpus.jsonl is not in {', '.join(map(str, SCIFACT_CANDIDATES))}: pass --corpus")
-    lengths = []
-    for line in path.open(encoding="utf-8"):
-        row = json.loads(line)
-        chars = len(f"{row.get('title', '')} {row['text']}".strip())
-        lengths.append(min(max_length, math.ceil(chars / CHARS_PER_TOKEN) + 1))
-    return lengths
+    if corpus is not None and not corpus.is_file():
+        sys.exit(f"--corpus {corpus} is not a file")
+    if path is None:
+        counts = json.loads(SCIFACT_CHARS.read_text())["chars"]
+    else:
+        counts = []
+        for line in path.open(encoding="utf-8"):
+            row = json.loads(line)
+            counts.append(len(f"{row.get('title', '')} {row['text']}".strip()))
+    return [min(max_length, math.ceil(chars / CHARS_PER_TOKEN) + 1) for chars in counts]
 
 
 def synthetic_texts(lengths: list[int], vocab_words: int, seed: int = 0) -> list[str]:
@@ -227,10 +233,21 @@ def result(name: str, seconds: float, tokens: int, docs: int, flops: int, peak: 
 
 
 def bench_reforge_train(
-    base: Path, corpus: Path, shape: Shape, args, device, peak, batching: str, before_timed=None, **overrides
+    base: Path,
+    corpus: Path,
+    shape: Shape,
+    args,
+    device,
+    peak,
+    batching: str,
+    before_timed=None,
+    attention: str = "auto",
+    gradient_checkpointing: bool = False,
+    **overrides,
 ) -> dict:
     """`train_loop` as `reforge train` runs it, ``args.warmup`` steps untimed, then ``args.steps`` timed
-    (``before_timed()`` is called in between; ``overrides`` replace the paper's adapter options)."""
+    (``before_timed()`` is called in between; ``overrides`` replace the paper's adapter options; ``attention`` is
+    ``--attention``)."""
     from transformers import AutoTokenizer
 
     from reforge.dist import Ranks
@@ -246,6 +263,8 @@ def bench_reforge_train(
         precision="bf16" if device.type == "cuda" else "fp32",
         device=str(device),
         save_every=0,
+        attention=attention,
+        gradient_checkpointing=gradient_checkpointing,
         **{**PAPER, **overrides},
     )
     data = setup_data(config, AutoTokenizer.from_pretrained(base))
@@ -270,6 +289,8 @@ def bench_reforge_train(
     name = (
         f"reforge train ({'packed rows' if batching == 'rows' else 'paper batching'}, {run.attention.path} attention)"
     )
+    if gradient_checkpointing:
+        overrides = {**overrides, "gradient checkpointing": "on"}
     if overrides:
         name += " " + ", ".join(f"{k} {v}" for k, v in overrides.items())
     return result(
@@ -487,11 +508,14 @@ def run_shape(name: str, shape: Shape, args, device) -> list[dict]:
         corpus.write_text("".join(json.dumps({"_id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
         for measure in args.measure:
             if measure == "train":
-                rows += [
-                    bench_reforge_train(base, corpus, shape, args, device, peak, batching="rows"),
-                    bench_reforge_train(base, corpus, shape, args, device, peak, batching="documents"),
-                    bench_hf_train(base, texts, shape, args, device, peak),
-                ]
+                rows.append(bench_reforge_train(base, corpus, shape, args, device, peak, batching="rows"))
+                for attention in args.attention or default_attentions(device):
+                    rows.append(
+                        bench_reforge_train(
+                            base, corpus, shape, args, device, peak, batching="documents", attention=attention
+                        )
+                    )
+                rows.append(bench_hf_train(base, texts, shape, args, device, peak))
             elif measure == "dora":
                 rows += bench_dora_overheads(base, corpus, shape, args, device, peak)
             elif measure == "encode":
@@ -507,6 +531,11 @@ def run_shape(name: str, shape: Shape, args, device) -> list[dict]:
     for row in rows:
         row["shape"] = name
     return rows
+
+
+def default_attentions(device) -> list[str]:
+    """The attention paths timed with the paper's batching: flex only where it has a backward (CUDA)."""
+    return ["split", "padded", "flex"] if device.type == "cuda" else ["split", "padded"]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -544,6 +573,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["train", "encode", "dora"],
         default=["train", "encode"],
         help="dora: the share of a step DoRA's weight norm takes, and LoRA dropout's cost (CPU)",
+    )
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        choices=["split", "padded", "flex"],
+        help="attention paths timed with the paper's batching (default: split padded, and flex on a GPU)",
     )
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per training run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")

@@ -18,6 +18,10 @@ BENCHMARKS = {
     "bench_diff.py": (["--layers", "2", "8", "--repeats", "3"], ["--layers", "2", "--repeats", "1"]),
     "bench_merge.py": (["--layers", "2", "8", "--repeats", "3"], ["--layers", "2", "--repeats", "1"]),
     "bench_train.py": ([], []),
+    "bench_attention.py": (
+        [],
+        ["--repeats", "1", "--steps", "1", "--docs", "40", "--shape", "smoke", "--max-length", "128"],
+    ),
     "bench_eval.py": ([], []),
 }
 

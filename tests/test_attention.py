@@ -97,7 +97,7 @@ def packed_inputs(seed: int = 1):
 
 def probe(logits, seed: int = 2):
     """A fixed random linear read-out of the logits: its gradient reaches every weight through every position."""
-    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed))
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed)).to(logits.device)
     return (logits * weights).sum()
 
 
@@ -139,6 +139,31 @@ def test_split_path_gives_eager_logits_and_gradients_per_document(family):
     with torch.no_grad():
         unpacked = packed(input_ids=ids, use_cache=False).logits
     assert (unpacked[0, 20:50] - reference[0][1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2"])
+def test_padded_path_gives_eager_logits_and_gradients_per_document(family):
+    """--attention padded: the documents one per row, right-padded by `collate`, through the model's own default
+    attention (sdpa; eager for gemma2) with the padding mask, against eager on each document alone."""
+    from reforge.train.batching import collate
+
+    model = build(family, "eager")
+    plan = plan_attention(model.config, "cuda", "padded")
+    assert (plan.path, plan.implementation, plan.packed) == ("padded", None, False)
+    default = twin(model, plan.implementation)
+    assert default.config._attn_implementation == ("eager" if family == "gemma2" else "sdpa")
+    ids, _, spans = packed_inputs()
+    docs = [ids[b, start : start + n].tolist() for b, start, n in spans]
+    batch = collate([[doc] for doc in docs], pad_id=0, padded=True)
+    assert batch.pad > 0 and batch.attention_mask.sum() == sum(n for _, _, n in spans)
+    reference = eager_per_document(model, ids, spans)
+    default.zero_grad()
+    logits = default(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).logits
+    outputs = [logits[i, : len(doc)] for i, doc in enumerate(docs)]
+    probe(torch.cat(outputs)).backward()
+    assert_same(outputs, {name: p.grad.clone() for name, p in default.named_parameters()}, *reference)
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])
@@ -203,7 +228,7 @@ def test_flex_mask_is_built_once_per_forward_and_kind_of_layer(monkeypatch):
 def test_fallback_family_keeps_its_own_attention_and_stays_exact():
     config = family_config("olmo2")
     plan = plan_attention(config, "cuda")
-    assert plan.path == "fallback" and plan.implementation is None
+    assert plan.path == "fallback" and plan.implementation is None and plan.packed
     assert plan.note.startswith(
         "packed attention is implemented for llama, mistral, qwen2, qwen3, gemma2, "
         "gemma3_text, not olmo2: training uses the model's own attention"
@@ -215,11 +240,27 @@ def test_fallback_family_keeps_its_own_attention_and_stays_exact():
     assert_same(*packed_forward(default, ids, positions, spans), *eager_per_document(model, ids, spans))
 
 
-def test_plan_per_device_dropout_and_bidirectional_attention():
-    assert plan_attention(family_config("gemma2"), "cuda").implementation == PACKED_FLEX
-    assert plan_attention(family_config("gemma2"), "cpu").implementation == PACKED_SPLIT
+def test_plan_per_device_option_dropout_and_bidirectional_attention():
+    from reforge.errors import InvalidOptionError
+
+    # no untested default: auto is split on CUDA too, until flex's gradients are compared on a GPU (gpu-check)
+    for device in ("cuda", "cpu"):
+        assert plan_attention(family_config("gemma2"), device).implementation == PACKED_SPLIT
+    assert plan_attention(family_config("gemma2"), "cuda", "flex").implementation == PACKED_FLEX
+    assert plan_attention(family_config("olmo2"), "cpu", "padded").path == "padded"  # any causal family
+    refused = {
+        ("llama", "cpu", "flex", None): "attention flex needs CUDA: flex_attention has no backward on cpu",
+        ("llama", "cuda", "flex", 0.1): "flex_attention has no attention dropout",
+        ("olmo2", "cuda", "split", None): "split: packed attention is implemented for llama",
+        ("olmo2", "cuda", "flex", None): "pass --attention padded or auto",
+        ("llama", "cuda", "eager", None): "must be one of auto, split, padded, flex, got 'eager'",
+    }
+    for (family, device, requested, dropout), message in refused.items():
+        config = family_config(family, **({"attention_dropout": dropout} if dropout else {}))
+        with pytest.raises(InvalidOptionError, match=message):
+            plan_attention(config, device, requested)
     dropout = plan_attention(family_config("llama", attention_dropout=0.1), "cuda")
-    assert (dropout.path, dropout.note) == ("split", None)  # flex_attention has no dropout; split has
+    assert (dropout.path, dropout.note) == ("split", None)  # split has dropout
     bidirectional = plan_attention(family_config("gemma3_text", use_bidirectional_attention=True), "cpu")
     assert bidirectional.path == "fallback" and "bidirectional" in bidirectional.note
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from reforge.cli import output as ui
-from reforge.cli.options import DeviceType, hub_options, log_file_option, output_options
+from reforge.cli.options import DeviceType, SizeType, hub_options, log_file_option, output_options
 from reforge.errors import InvalidOptionError
-from reforge.train.config import BATCHINGS, PAPER_TARGETS, PRECISIONS, SCHEDULES, TrainConfig
+from reforge.train.config import ATTENTIONS, BATCHINGS, PAPER_TARGETS, PRECISIONS, SCHEDULES, TrainConfig
 from reforge.train.tracking import REPORT_TO
 
 _D = TrainConfig(base="", corpus=[""], output="")  # the defaults, shown in --help
@@ -134,6 +134,16 @@ def _targets(value: str) -> list[str]:
 )
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option(
+    "--attention",
+    type=click.Choice(ATTENTIONS),
+    default=_D.attention,
+    show_default=True,
+    help="How each document attends to itself only. auto: split (fallback for families it does not cover). "
+    "split: documents packed into rows, each attended alone by sdpa. padded: one document per row, padded, the "
+    "model's own attention (as HF Trainer; any family). flex: compiled flex_attention, CUDA only, opt-in: its "
+    "gradients are checked only by `make gpu-check`. All give the same loss (docs/train.md).",
+)
+@click.option(
     "--device",
     type=DeviceType(),
     default=None,
@@ -163,7 +173,26 @@ def _targets(value: str) -> list[str]:
 @log_file_option
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of an interrupted run.")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that holds something else.")
-@click.option("--dry-run", is_flag=True, help="Read the corpus and print the plan (documents, tokens, steps).")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Read the corpus and print the plan: documents, tokens, steps, and peak GPU memory (with and without "
+    "--gradient-checkpointing) against --gpu-memory, and hours at --throughput.",
+)
+@click.option(
+    "--gpu-memory",
+    type=SizeType(),
+    default="80GB",
+    show_default=True,
+    help="With --dry-run: the GPU's memory the plan must fit (10% kept spare for the allocator).",
+)
+@click.option(
+    "--throughput",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="With --dry-run: training tokens per second per GPU, for the hours [default: none, not measured yet: "
+    "`make gpu-check` measures it].",
+)
 @hub_options
 @output_options
 def train_cmd(
@@ -174,6 +203,8 @@ def train_cmd(
     target_modules: str,
     token: str | None,
     dry_run: bool,
+    gpu_memory: int,
+    throughput: float | None,
     report_to: str,
     logging_dir: str,
     log_file: str | None,
@@ -240,7 +271,28 @@ def train_cmd(
         _interrupted(config)
     if not result.is_main:
         return
+    if result.dry_run:
+        _fit(result.record, gpu_memory, throughput, max(1, _world_size()))
     _report(result, config, as_json)
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _fit(record: dict, gpu_memory: int, throughput: float | None, gpus: int) -> None:
+    """Add to the dry run's memory plan whether it fits ``gpu_memory`` and the hours at ``throughput``."""
+    from reforge.train.plan import HEADROOM, plan_hours
+
+    memory = record["memory"]
+    memory["gpu_memory"] = gpu_memory
+    memory["fits"] = memory["peak"] <= gpu_memory * (1 - HEADROOM)
+    memory["fits_checkpointed"] = memory["peak_checkpointed"] <= gpu_memory * (1 - HEADROOM)
+    tokens = record["tokens"]["input"]
+    hours = plan_hours(tokens, throughput * gpus) if throughput else None
+    record["time"] = {"tokens": tokens, "tokens_per_s_per_gpu": throughput, "gpus": gpus, "hours": hours}
 
 
 def _interrupted(config: TrainConfig) -> None:
@@ -296,6 +348,8 @@ def _report(result, config: TrainConfig, as_json: bool) -> None:
         f"trained | padding {result.padding_share:.1%} | steps {result.steps:,} "
         f"({record['global_batch']} {'rows' if config.batching == 'rows' else 'documents'} each)",
     ]
+    if result.dry_run:
+        lines += _plan_lines(record, config)
     if not result.dry_run:
         resumed = f" | resumed at step {result.resumed_from}" if result.resumed_from else ""
         lines.append(
@@ -304,3 +358,35 @@ def _report(result, config: TrainConfig, as_json: bool) -> None:
         )
         lines.append(f"  record {Path(result.output) / 'training_record.json'}")
     ui.out.print("\n".join(lines), highlight=False)
+
+
+def _plan_lines(record: dict, config: TrainConfig) -> list[str]:
+    memory, time = record["memory"], record["time"]
+    gib = 2**30
+
+    def verdict(fits: bool) -> str:
+        return "fits" if fits else "does NOT fit"
+
+    at = (
+        f"{config.batch_size} x {config.max_length} tokens a forward pass, {memory['precision']}, {memory['attention']}"
+    )
+    lines = [
+        f"  GPU memory ({at}): weights {memory['weights'] / gib:.2f} GiB | adapter + gradients + AdamW "
+        f"{(memory['adapter'] + memory['gradients'] + memory['optimizer']) / gib:.2f} GiB | activations "
+        f"{memory['activations'] / gib:.2f} GiB ({memory['activations_checkpointed'] / gib:.2f} with "
+        f"--gradient-checkpointing) | logits {memory['logits'] / gib:.2f} GiB",
+        f"  peak {memory['peak'] / gib:.1f} GiB: {verdict(memory['fits'])} {memory['gpu_memory'] / 1e9:g} GB; "
+        f"with --gradient-checkpointing {memory['peak_checkpointed'] / gib:.1f} GiB: "
+        f"{verdict(memory['fits_checkpointed'])} (10% kept spare)",
+    ]
+    if time["hours"] is None:
+        lines.append(
+            f"  time: {time['tokens']:,} tokens; throughput not measured yet (pass --throughput TOKENS_PER_S; "
+            "`make gpu-check` measures it on a GPU)"
+        )
+    else:
+        lines.append(
+            f"  time: {time['tokens']:,} tokens at {time['tokens_per_s_per_gpu']:,.0f} tokens/s x {time['gpus']} GPU"
+            f"{'s' if time['gpus'] > 1 else ''} (as stated, not measured here): {time['hours']:.2f} hours"
+        )
+    return lines

@@ -1,23 +1,29 @@
-"""Attention for packed rows: each document attends causally to itself only, exactly as the model's own attention
-would attend over that document alone.
+"""Attention for a training step's documents: each document attends causally to itself only, exactly as the
+model's own attention would attend over that document alone.
 
-A packed row holds several documents whose position ids restart at 0 (`reforge.train.batching.collate`). Three
-paths give every token the attention it would get in its document alone:
+A packed row holds several documents whose position ids restart at 0 (`reforge.train.batching.collate`). Four
+paths give every token the attention it would get in its document alone (``--attention``, `ATTENTIONS`):
 
-- ``flex`` (CUDA): PyTorch's ``flex_attention``, compiled, with a document ``BlockMask``. transformers builds the
-  mask once per forward pass and per kind of layer (full or sliding window) through the mask function registered
-  here, from its own mask functions (causal, sliding window, packed documents), and hands the same mask to every
-  layer of that kind. Blocks outside every document are skipped, so the work grows with the sum of squared
-  document lengths, not the square of the row. Gemma2's attention-logit softcap is a ``score_mod``.
-- ``split`` (CPU, or a model with attention dropout): each document is cut out of the row and attended alone by
-  ``scaled_dot_product_attention(is_causal=True)``, the pattern of flash-attention's varlen kernels. A sliding
-  window shorter than the document becomes a banded mask; a softcap, which sdpa cannot apply, is computed the way
-  the model's eager attention computes it (scores, tanh cap, mask, float32 softmax) on that document.
-  ``flex_attention`` has no backward on CPU and compiling it there takes tens of seconds, hence this path.
-- ``fallback``: a family not in `PACKED_FAMILIES`, or an attention feature neither path implements (bidirectional
-  attention), keeps the model's own attention (sdpa or eager); transformers then builds a block-diagonal mask from
-  the position ids: exact, but a full row x row mask per layer. `plan_attention` says why, and the training record
-  carries that note so the CLI warns once.
+- ``split`` (the default on every device, see `plan_attention`): each document is cut out of the packed row and
+  attended alone by ``scaled_dot_product_attention(is_causal=True)``, the pattern of flash-attention's varlen
+  kernels. A sliding window shorter than the document becomes a banded mask; a softcap, which sdpa cannot apply,
+  is computed the way the model's eager attention computes it (scores, tanh cap, mask, float32 softmax) on that
+  document. Forward and backward are checked on CPU against each family's eager attention.
+- ``padded``: no packing; the step's documents go through the model as one right-padded batch with an attention
+  mask, through the model's own attention (sdpa, or eager where the family needs it): what HF Trainer does. Any
+  causal family; forward and backward checked on CPU. Costs the padding (about 30% of positions for SciFact
+  batches of 4).
+- ``flex`` (CUDA only, opt-in): PyTorch's ``flex_attention``, compiled, with a document ``BlockMask``.
+  transformers builds the mask once per forward pass and per kind of layer (full or sliding window) through the
+  mask function registered here, from its own mask functions (causal, sliding window, packed documents), and
+  hands the same mask to every layer of that kind. Blocks outside every document are skipped. Gemma2's
+  attention-logit softcap is a ``score_mod``. ``flex_attention`` has no backward on CPU (NotImplementedError), so
+  its gradients are checked only by the device check (``make gpu-check``); it becomes the CUDA default only in the
+  commit that records that evidence.
+- ``fallback``: a family not in `PACKED_FAMILIES`, or an attention feature neither packed path implements
+  (bidirectional attention), under ``auto`` keeps the model's own attention (sdpa or eager) over packed rows;
+  transformers then builds a block-diagonal mask from the position ids: exact, but a full row x row mask per
+  layer. `plan_attention` says why, and the training record carries that note so the CLI warns once.
 
 Both packed paths refuse, at the call, any attention argument they do not implement, so a new transformers feature
 fails loudly instead of changing the attention silently. tests/test_attention.py compares logits and gradients with
@@ -29,6 +35,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from reforge.errors import InvalidOptionError
+from reforge.train.config import ATTENTIONS
 
 PACKED_SPLIT = "reforge_packed_split"
 PACKED_FLEX = "reforge_packed_flex"
@@ -42,35 +51,51 @@ _INERT_KWARGS = frozenset(
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """How a model attends within the documents of a packed row.
+    """How a model attends within the documents of a training step.
 
-    Fields: ``path`` (``"flex"``, ``"split"`` or ``"fallback"``), ``implementation`` (the ``attn_implementation``
-    to load the model with; None keeps transformers' default) and ``note`` (for a fallback: why, in one sentence
-    for the user; None otherwise).
+    Fields: ``path`` (``"split"``, ``"padded"``, ``"flex"`` or ``"fallback"``), ``implementation`` (the
+    ``attn_implementation`` to load the model with; None keeps transformers' default) and ``note`` (for a fallback:
+    why, in one sentence for the user; None otherwise).
     """
 
     path: str
     implementation: str | None
     note: str | None = None
 
+    @property
+    def packed(self) -> bool:
+        """Whether the step's documents are packed into rows (every path but ``padded``)."""
+        return self.path != "padded"
+
     def to_dict(self) -> dict[str, Any]:
         """The plan as the training record stores it."""
         return {"path": self.path, "implementation": self.implementation, "note": self.note}
 
 
-def plan_attention(model_config, device_type: str) -> AttentionPlan:
-    """Choose the packed-attention path for a model (a transformers config) trained on ``device_type``.
+def plan_attention(model_config, device_type: str, requested: str = "auto") -> AttentionPlan:
+    """Choose the attention path for a model (a transformers config) trained on ``device_type``.
 
-    CUDA gets ``flex`` unless the config has attention dropout (flex_attention has none) or PyTorch has no
-    flex_attention; other devices get ``split``; a family or feature the packed paths do not reproduce gets
-    ``fallback`` with a note.
+    ``requested`` is ``--attention``: ``auto`` gives ``split`` on every device (the path whose forward and
+    backward the CPU suite checks; flex's gradients have not yet been compared on a GPU), or ``fallback`` with a
+    note for a family or feature the packed paths do not reproduce. ``split``, ``padded`` and ``flex`` are taken
+    as asked, after checking the family and device can run them.
+
+    Raises:
+        InvalidOptionError: ``split``/``flex`` for a family they do not reproduce, ``flex`` off CUDA, with
+            attention dropout, or on a PyTorch without flex_attention.
     """
+    if requested not in ATTENTIONS:
+        _refuse(f"must be one of {', '.join(ATTENTIONS)}, got {requested!r}")
     model_type = getattr(model_config, "model_type", None)
+    if requested == "padded":
+        return AttentionPlan("padded", None)
     reason = None
     if model_type not in PACKED_FAMILIES:
         reason = f"packed attention is implemented for {', '.join(PACKED_FAMILIES)}, not {model_type}"
     elif getattr(model_config, "use_bidirectional_attention", False) or not getattr(model_config, "is_causal", True):
         reason = f"this {model_type} config uses bidirectional attention"
+    if reason and requested != "auto":
+        _refuse(f"{requested}: {reason}; pass --attention padded or auto")
     if reason:
         return AttentionPlan(
             "fallback",
@@ -78,9 +103,19 @@ def plan_attention(model_config, device_type: str) -> AttentionPlan:
             f"{reason}: training uses the model's own attention with a row x row block-diagonal mask (exact, slower).",
         )
     register_packed_attention()
-    if device_type == "cuda" and not getattr(model_config, "attention_dropout", 0.0) and _has_flex():
+    if requested == "flex":
+        if device_type != "cuda":
+            _refuse(f"flex needs CUDA: flex_attention has no backward on {device_type}; pass --attention split")
+        if getattr(model_config, "attention_dropout", 0.0):
+            _refuse("flex: flex_attention has no attention dropout, which this config sets; pass --attention split")
+        if not _has_flex():
+            _refuse("flex: this PyTorch has no flex_attention (2.5 or later); pass --attention split")
         return AttentionPlan("flex", PACKED_FLEX)
     return AttentionPlan("split", PACKED_SPLIT)
+
+
+def _refuse(problem: str) -> None:
+    raise InvalidOptionError(f"Training option attention {problem}.", option="attention")
 
 
 def _has_flex() -> bool:
@@ -261,7 +296,7 @@ def flex_attention(
             f"flex packed attention needs the BlockMask of its mask function, got {type(attention_mask).__name__}"
         )
     if dropout and module.training:
-        raise RuntimeError("flex_attention has no dropout: plan_attention sends such models to the split path")
+        raise RuntimeError("flex_attention has no dropout: plan_attention refuses flex for such models")
     heads, kv_heads = query.shape[1], key.shape[1]
     gqa = heads != kv_heads
     if gqa and heads & (heads - 1):  # like transformers: expand the heads when the count is not a power of two

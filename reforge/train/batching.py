@@ -154,11 +154,12 @@ class BatchPlan:
         docs = [d for row in rows for d in row]
         return [tuple(docs[i] for i in row) for row in pack_rows(self.lengths[docs], self.max_length)]
 
-    def forward_groups(self, rows: list[Row], budget: int | None) -> list[list[Row]]:
+    def forward_groups(self, rows: list[Row], budget: int | None, *, packed: bool = True) -> list[list[Row]]:
         """Pack a micro-batch (`pack_micro`) and cut it into the groups of consecutive rows that go through the
         model together: as many as fit ``budget`` padded tokens (at least one row each); all of them when
-        ``budget`` is None."""
-        rows = self.pack_micro(rows)
+        ``budget`` is None. With ``packed`` False (``--attention padded``), one document per row instead, in the
+        order the step holds them."""
+        rows = self.pack_micro(rows) if packed else [(d,) for row in rows for d in row]
         if budget is None or not rows:
             return [rows]
         groups: list[list[Row]] = []
@@ -173,14 +174,16 @@ class BatchPlan:
                 widest = width
         return groups
 
-    def padding(self, batch_size: int, world_size: int, grad_accum: int, budget: int | None = None) -> tuple[int, int]:
+    def padding(
+        self, batch_size: int, world_size: int, grad_accum: int, budget: int | None = None, *, packed: bool = True
+    ) -> tuple[int, int]:
         """``(real tokens, pad tokens)`` of one epoch as `collate` pads each forward group to its longest row."""
         real = pad = 0
         for step in self.epoch_steps(0):
             for micro in split_step(
                 step, rank_count=world_size, batch_size=batch_size, grad_accum=grad_accum, flat=True
             ):
-                for group in self.forward_groups(micro, budget):
+                for group in self.forward_groups(micro, budget, packed=packed):
                     sizes = [self.row_tokens(row) for row in group]
                     if sizes:
                         real += sum(sizes)
@@ -204,13 +207,16 @@ def split_step(
 @dataclass(frozen=True)
 class Batch:
     """One micro-batch of tensors. ``targets[b, t]`` is the token to predict at position t (``IGNORE`` at each
-    document's last token and on padding). ``real`` counts non-pad input tokens, ``pad`` pad positions."""
+    document's last token and on padding). ``real`` counts non-pad input tokens, ``pad`` pad positions.
+    ``attention_mask`` (1 on tokens, 0 on padding) only for unpacked rows (`collate` with ``padded``); packed rows
+    carry their documents in ``position_ids`` instead."""
 
     input_ids: "torch.Tensor"
     position_ids: "torch.Tensor"
     targets: "torch.Tensor"
     real: int
     pad: int
+    attention_mask: "torch.Tensor | None" = None
 
     @property
     def predicted(self) -> int:
@@ -218,8 +224,12 @@ class Batch:
         return int((self.targets != IGNORE).sum())
 
 
-def collate(rows: list[list[list[int]]], pad_id: int) -> Batch:
+def collate(rows: list[list[list[int]]], pad_id: int, *, padded: bool = False) -> Batch:
     """Tensors for rows of tokenized documents, right-padded to the longest row.
+
+    Packed (default): the padding is one more pseudo-document whose positions restart at 0. ``padded``: one
+    document per row, positions 0.. to the row's end, and an ``attention_mask`` that hides the padding (the model's
+    own attention, as HF Trainer feeds it).
 
     An empty ``rows`` (a rank with nothing left at the end of an epoch) gives one pad token with no loss, so every
     rank still runs a forward and backward and distributed training does not stall.
@@ -228,7 +238,9 @@ def collate(rows: list[list[list[int]]], pad_id: int) -> Batch:
 
     if not rows:
         zero = torch.zeros((1, 1), dtype=torch.long)
-        return Batch(zero + pad_id, zero, zero + IGNORE, 0, 0)
+        return Batch(zero + pad_id, zero, zero + IGNORE, 0, 0, torch.ones_like(zero) if padded else None)
+    if padded and any(len(row) != 1 for row in rows):
+        raise ValueError("padded batches hold one document per row")
     width = max(sum(len(doc) for doc in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -243,6 +255,9 @@ def collate(rows: list[list[list[int]]], pad_id: int) -> Batch:
             position_ids[b, at : at + n] = torch.arange(n)
             targets[b, at : at + n - 1] = ids[1:]
             at += n
-        position_ids[b, at:] = torch.arange(width - at)  # padding: one more pseudo-document, no loss
+        # padding: one more pseudo-document, no loss (packed); or the row's positions go on, masked (padded)
+        position_ids[b, at:] = torch.arange(at, width) if padded else torch.arange(width - at)
         real += at
-    return Batch(input_ids, position_ids, targets, real, len(rows) * width - real)
+    lengths = torch.tensor([len(row[0]) for row in rows]) if padded else None
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long() if padded else None
+    return Batch(input_ids, position_ids, targets, real, len(rows) * width - real, mask)

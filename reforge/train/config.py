@@ -23,6 +23,7 @@ PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 BATCHINGS = ("documents", "rows", "grouped")
+ATTENTIONS = ("auto", "split", "padded", "flex")  # reforge.train.attention.plan_attention reads them
 
 # Options that change what is trained; `--resume` refuses a checkpoint made with different values.
 RESUME_KEYS = (
@@ -64,7 +65,8 @@ class TrainConfig:
     ``batch_size`` is per process and micro-step: one optimizer step sees ``batch_size * grad_accum * world_size``
     documents (``batching`` "documents", the paper's, or "grouped") or packed rows of ``max_length`` tokens
     ("rows"). ``max_steps`` caps the run (the schedule is laid out over the capped length). ``save_every`` 0 writes
-    no intermediate checkpoints.
+    no intermediate checkpoints. ``attention`` picks how each document attends to itself only
+    (`reforge.train.attention.plan_attention`); every path gives the same loss, so it is not a resume key.
     """
 
     base: str
@@ -101,6 +103,7 @@ class TrainConfig:
     # machine
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    attention: str = "auto"
     device: str | None = None
     # run management
     save_every: int = 500
@@ -142,6 +145,8 @@ class TrainConfig:
             _bad("schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.batching not in BATCHINGS:
             _bad("batching", f"must be one of {', '.join(BATCHINGS)}, got {self.batching!r}")
+        if self.attention not in ATTENTIONS:
+            _bad("attention", f"must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         if self.precision not in PRECISIONS:
             _bad("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not self.target_modules:

@@ -179,11 +179,15 @@ def train_adapter(
         device = torch.device(config.device or (f"cuda:{ranks.local}" if device_type == "cuda" else "cpu"))
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        if config.attention != "auto" and not dry_run:  # refuse --attention flex on a CPU before reading the corpus
+            from transformers import AutoConfig
+
+            plan_attention(AutoConfig.from_pretrained(base), device.type, config.attention)
         say = stage if stage is not None and ranks.main else (lambda text: None)
         tokenizer = _load_tokenizer(config.base, base)
         data = setup_data(config, tokenizer, ranks, stage=say)
         if dry_run:
-            return _plan_result(config, data, ranks, device, time.perf_counter() - started)
+            return _plan_result(config, data, ranks, device, time.perf_counter() - started, base)
         work = work_dir(config.output)
         if resume_from is None:
             start_fresh(work, ranks)
@@ -257,7 +261,7 @@ def setup_model(config: TrainConfig, base: Path, ranks: Ranks, device, total_ste
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
-    attention = plan_attention(AutoConfig.from_pretrained(base), device.type)
+    attention = plan_attention(AutoConfig.from_pretrained(base), device.type, config.attention)
     bf16 = config.precision == "bf16" or (
         config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
@@ -335,11 +339,7 @@ def train_loop(
             batch_size=config.batch_size,
             grad_accum=config.grad_accum,
         )
-        batches = [
-            _tokenized_batch(data, group)
-            for rows in micro
-            for group in data.plan.forward_groups(rows, run.forward_budget)
-        ]
+        batches = _step_batches(run, data, micro)
         predicted, real, pad = all_sum(
             [sum(b.predicted for b in batches), sum(b.real for b in batches), sum(b.pad for b in batches)],
             ranks,
@@ -462,11 +462,22 @@ def _refuse_nothing_to_learn(corpus: Corpus, lengths: np.ndarray) -> None:
         )
 
 
-def _tokenized_batch(data: Data, rows) -> Batch:
+def _step_batches(run: Run, data: Data, micro: list[list]) -> list[Batch]:
+    """The forward passes of this rank's micro-batches: packed rows (every attention path but ``padded``), or one
+    document per row, padded, with an attention mask."""
+    packed = run.attention is None or run.attention.packed
+    return [
+        _tokenized_batch(data, group, padded=not packed)
+        for rows in micro
+        for group in data.plan.forward_groups(rows, run.forward_budget, packed=packed)
+    ]
+
+
+def _tokenized_batch(data: Data, rows, *, padded: bool = False) -> Batch:
     docs = [d for row in rows for d in row]
     texts = data.texts.take(docs) if isinstance(data.texts, DocTexts) else [data.texts[d] for d in docs]
     ids = iter(data.encode(texts) if docs else [])
-    return collate([[next(ids) for _ in row] for row in rows], data.pad_id)
+    return collate([[next(ids) for _ in row] for row in rows], data.pad_id, padded=padded)
 
 
 def _forward_backward(run: Run, batches: list[Batch], predicted: float) -> float:
@@ -483,9 +494,11 @@ def _forward_backward(run: Run, batches: list[Batch], predicted: float) -> float
         autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if run.bf16 else nullcontext()
         with sync:
             with autocast:
+                mask = None if batch.attention_mask is None else batch.attention_mask.to(run.device)
                 logits = run.engine(
                     input_ids=batch.input_ids.to(run.device),
                     position_ids=batch.position_ids.to(run.device),
+                    attention_mask=mask,
                     use_cache=False,
                 ).logits
             loss_sum = F.cross_entropy(
@@ -655,8 +668,14 @@ def _result(
     )
 
 
-def _plan_result(config: TrainConfig, data: Data, ranks: Ranks, device, wall_time_s: float) -> TrainResult:
-    real, pad = data.plan.padding(config.batch_size, ranks.world, config.grad_accum, _forward_budget(config, device))
+def _plan_result(config: TrainConfig, data: Data, ranks: Ranks, device, wall_time_s: float, base: Path) -> TrainResult:
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(base)
+    attention = plan_attention(model_config, "cuda", config.attention)  # the plan is for a GPU
+    real, pad = data.plan.padding(
+        config.batch_size, ranks.world, config.grad_accum, _forward_budget(config, device), packed=attention.packed
+    )
     epochs_done = data.total_steps / data.plan.steps_per_epoch
     record = {
         "corpus": _corpus_facts(config, data),
@@ -670,6 +689,28 @@ def _plan_result(config: TrainConfig, data: Data, ranks: Ranks, device, wall_tim
             "padding_share": pad / max(real + pad, 1),
         },
         "wall_time_s": round(wall_time_s, 3),
+        "attention": attention.to_dict(),
+        "memory": _gpu_memory_plan(config, model_config, attention.path),
         "config": config.to_dict(),
     }
     return _result(record, None, LoopState(), data, ranks, dry_run=True)
+
+
+def _gpu_memory_plan(config: TrainConfig, model_config, path: str) -> dict[str, Any]:
+    """`reforge.train.plan.plan_memory` for this run on one GPU: bf16 unless ``--precision fp32``, attention
+    ``path`` (what ``--attention`` gives on CUDA)."""
+    from reforge.train.plan import plan_memory
+
+    bf16 = config.precision != "fp32"
+    plan = plan_memory(
+        model_config,
+        target_modules=config.target_modules,
+        r=config.r,
+        use_dora=config.use_dora,
+        lora_dropout=config.lora_dropout,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        bf16=bf16,
+        attention=path,
+    )
+    return {**plan.to_dict(), "precision": "bf16" if bf16 else "fp32", "attention": path}
