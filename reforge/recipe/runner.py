@@ -114,7 +114,7 @@ def run_recipe(
     if dry_run:
         return RunReport(recipe, _dry_plan(recipe, jobs, token, say), True, seconds=time.perf_counter() - started)
     recipe.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(recipe.out / "recipe.yaml", lambda f: f.write(recipe.text.encode("utf-8")))
+    state.write_if_changed(recipe.out / "recipe.yaml", recipe.text.encode("utf-8"))
     plans = []
     for number, job in enumerate(jobs, start=1):
         options = resolved_options(job)

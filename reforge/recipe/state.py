@@ -110,6 +110,17 @@ def write_stamp(output: Path, record: dict[str, Any], recipe_text: str) -> None:
     write_atomic(output / STAMP, lambda f: f.write((json.dumps(stamp, indent=2, default=str) + "\n").encode()))
 
 
+def write_if_changed(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically, unless the file already holds exactly that (a rerun that changes
+    nothing leaves every file as it was)."""
+    try:
+        if path.read_bytes() == data:
+            return path
+    except OSError:
+        pass
+    return write_atomic(path, lambda f: f.write(data))
+
+
 def pending_path(output: Path) -> Path:
     """Where a started job keeps its fingerprint until it finishes (beside the output)."""
     return output.parent / f".{output.name}.reforge-recipe"

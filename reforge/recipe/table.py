@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reforge.io.atomic import write_atomic
 from reforge.recipe.plan import Job
 from reforge.recipe.spec import Recipe
+from reforge.recipe.state import write_if_changed
 
 
 def build_tables(jobs: list[Job]) -> list[dict[str, Any]]:
@@ -100,13 +100,17 @@ def write_tables(recipe: Recipe, jobs: list[Job]) -> tuple[dict[str, Any] | None
         return None, []
     data = {"recipe": recipe.path.name, "recipe_sha256": recipe.sha256, "tables": tables}
     text = "\n".join(markdown(t) for t in tables)
+    json_text = json.dumps(data, indent=2) + "\n"
+    previous = (recipe.out / "table.json").read_text() if (recipe.out / "table.json").is_file() else None
     written = [
-        write_atomic(recipe.out / "table.md", lambda f: f.write(text.encode("utf-8"))),
-        write_atomic(recipe.out / "table.json", lambda f: f.write((json.dumps(data, indent=2) + "\n").encode())),
+        write_if_changed(recipe.out / "table.md", text.encode("utf-8")),
+        write_if_changed(recipe.out / "table.json", json_text.encode("utf-8")),
     ]
-    plotted = plot_changes(tables, recipe.out / "table.png")
-    if plotted is not None:
-        written.append(plotted)
+    png = recipe.out / "table.png"
+    if previous == json_text and png.is_file():
+        written.append(png)  # the same numbers: the same picture
+    elif plot_changes(tables, png) is not None:
+        written.append(png)
     return data, written
 
 
