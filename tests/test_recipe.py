@@ -288,3 +288,47 @@ def test_recipe_options_are_the_commands_own_with_the_same_defaults():
                 if isinstance(expected, list):  # a comma-separated list on the command line
                     expected = ",".join(expected)
                 assert default == expected or str(default) == str(expected) or default == "auto", (kind, key)
+
+
+TUNED = (
+    RECIPE[: RECIPE.index("  readapted:")]
+    + """\
+  delta:
+    diff: {{}}
+  tuned:
+    tune: {{adapter: psi, delta: delta, alpha: [0, 0.5, 1, 2], split: dev, pooling: mean, max-length: 16}}
+  readapted:
+    merge: {{adapter: psi, delta: delta, alpha: tuned}}
+  publish:
+    push: {{model: readapted, repo: "user/readapted-{{corpus}}"}}
+"""
+)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    from fakehub import fake_hub_fixture
+
+    yield from fake_hub_fixture(tmp_path, monkeypatch)
+
+
+def test_diff_tune_merge_at_the_tuned_alpha_and_push(inputs, tmp_path, fake_hub):
+    from fakehub import WRITE_TOKEN
+    from reforge.ops.merge import merge
+
+    recipe = write_recipe(tmp_path / "r", inputs, TUNED)
+    report = json.loads(run(recipe, "--json", "--token", WRITE_TOKEN).stdout)
+    assert report["ran"] == ["psi/tiny", "delta", "tuned/tiny", "readapted/tiny", "publish/tiny"]
+    out = tmp_path / "r" / "out"
+    best = json.loads((out / "tuned" / "tiny" / "tune.json").read_text())["best"]["alpha"]
+    merged = out / "readapted" / "tiny"
+    assert json.loads((merged / "reforge-recipe.json").read_text())["options"]["alpha"] == best
+    merge(inputs["base"], tmp_path / "by-hand", delta=out / "delta", adapters=[(out / "psi" / "tiny", best)])
+    a, b = load_file(merged / "model.safetensors"), load_file(tmp_path / "by-hand" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    pushed = fake_hub.files("user/readapted-tiny")
+    assert pushed["model.safetensors"] == (merged / "model.safetensors").read_bytes()
+    assert pushed["reforge-recipe.yaml"] == recipe.read_bytes()
+    commits = len(fake_hub.requests)
+    again = json.loads(run(recipe, "--json", "--token", WRITE_TOKEN).stdout)
+    assert again["ran"] == [] and len(fake_hub.requests) == commits
