@@ -111,10 +111,10 @@ def test_a_tiny_recipe_end_to_end_then_a_second_run_does_nothing(inputs, tmp_pat
     scores = {r["model"]: r["scores"]["nDCG@10"] for r in summary["results"]}
     table = json.loads((out / "table.json").read_text())["tables"][0]
     row = table["rows"][0]
-    assert table["baseline"] == "retriever" and table["models"] == ["retriever", "readapted alpha 0.5"]
+    assert table["baseline"] == "retriever" and table["models"] == ["retriever", "readapted"]
     assert row["scores"] == scores
-    change = row["changes"]["readapted alpha 0.5"]
-    assert change["delta"] == pytest.approx(scores["readapted alpha 0.5"] - scores["retriever"])
+    change = row["changes"]["readapted"]
+    assert change["delta"] == pytest.approx(scores["readapted"] - scores["retriever"])
     assert change["delta"] != 0.0, "the fixture should make the adapter matter"
     assert 0.0 <= change["p_randomization"] <= 1.0
     assert "| tiny | " in (out / "table.md").read_text()
@@ -149,9 +149,7 @@ def test_editing_alpha_reruns_only_the_merge_and_the_eval_after_it(inputs, tmp_p
     report = run_json(recipe)
     assert report["ran"] == ["readapted/tiny-alpha1", "eval/tiny"] and report["skipped"] == ["psi/tiny"]
     assert (sha256(adapter), adapter.stat().st_mtime_ns) == trained
-    assert json.loads((tmp_path / "r" / "out" / "table.json").read_text())["tables"][0]["models"][1] == (
-        "readapted alpha 1"
-    )
+    assert json.loads((tmp_path / "r" / "out" / "table.json").read_text())["tables"][0]["models"][1] == "readapted"
 
     # an eval option touches only the eval
     recipe.write_text(recipe.read_text().replace("pooling: mean, max-length: 16", "pooling: mean, max-length: 12"))
@@ -332,3 +330,59 @@ def test_diff_tune_merge_at_the_tuned_alpha_and_push(inputs, tmp_path, fake_hub)
     commits = len(fake_hub.requests)
     again = json.loads(run(recipe, "--json", "--token", WRITE_TOKEN).stdout)
     assert again["ran"] == [] and len(fake_hub.requests) == commits
+
+
+RECIPES = ROOT / "recipes"
+
+
+@pytest.mark.parametrize("name", ["table1-repllama.yaml", "table1-e5-mistral.yaml"])
+def test_the_shipped_table1_recipes_expand_to_the_papers_grid(tmp_path, name):
+    """With the 14 BEIR folders in place (tiny stand-ins here), each Table 1 recipe checks and plans: one adapter and
+    one merge per corpus, 13 datasets on test and MS MARCO on dev, each dataset's name giving e5-mistral's task."""
+    from reforge.profiles import e5_task
+    from reforge.recipe.plan import expand
+    from reforge.recipe.spec import load_recipe
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / name).write_text((RECIPES / name).read_text())
+    recipe = load_recipe(tmp_path / "recipes" / name)  # reads and types; the paths are checked by expand
+    names = sorted(recipe.datasets)
+    assert sorted(recipe.corpora) == names
+    for dataset in names:
+        write_dataset(tmp_path / "data" / "beir" / dataset)
+    jobs = expand(recipe)
+    kinds = [job.kind for job in jobs]
+    assert len(names) == 14 and kinds.count("train") == 14 and kinds.count("merge") == 14
+    evals = [job for job in jobs if job.kind == "eval"]
+    assert sorted(job.dims["dataset"] for job in evals) == names
+    assert all(job.labels == ["retriever", "readapted"] for job in evals)
+    assert {job.options["split"] for job in evals if job.dims["dataset"] == "msmarco"} == {"dev"}
+    assert {job.options["split"] for job in evals if job.dims["dataset"] != "msmarco"} == {"test"}
+    assert all(e5_task(dataset) for dataset in names)
+    train = next(job for job in jobs if job.kind == "train")
+    from reforge.train.config import TrainConfig
+
+    paper = TrainConfig(base="", corpus=[""], output="")
+    assert {k: train.options[k] for k in ("r", "lora_alpha", "lr", "batch_size", "max_length", "epochs")} == {
+        k: getattr(paper, k) for k in ("r", "lora_alpha", "lr", "batch_size", "max_length", "epochs")
+    }
+    assert all(job.options["alpha"] == 0.5 for job in jobs if job.kind == "merge")
+
+
+def test_the_miniature_recipe_checks_against_the_shared_data():
+    from examples.prepare_base import default_base_dir
+    from reforge.recipe.plan import expand
+    from reforge.recipe.spec import load_recipe
+
+    if not (default_base_dir() / "config.json").is_file() or not (ROOT.parent / "shared" / "data").is_dir():
+        pytest.skip("needs the converted SmolLM2 base and ../shared/data")
+    jobs = expand(load_recipe(RECIPES / "miniature.yaml"))
+    assert [job.id for job in jobs] == [
+        "delta",
+        "psi/scifact",
+        "psi/nfcorpus-partial",
+        "readapted/scifact-alpha0.5",
+        "readapted/nfcorpus-partial-alpha0.5",
+        "eval/scifact",
+        "eval/nfcorpus-partial",
+    ]

@@ -325,10 +325,13 @@ def _eval(recipe: Recipe, step: StepSpec, jobs: dict) -> list[Job]:
         wanted = {"dataset": dataset, **({"corpus": dataset} if step.options["matched"] else {})}
         models, labels = [], []
         for text, options, _ in candidates:
+            varying = {
+                k for k in {k for dims, _ in options for k in dims} if len({str(d.get(k)) for d, _ in options}) > 1
+            }
             for dims, source in options:
                 if _agree(dims, wanted):
                     models.append(source)
-                    labels.append(_label(text, dims, wanted))
+                    labels.append(_label(text, dims, wanted, varying))
                     used.add(text)
         data = _dataset_source(recipe, dataset, (step.options["split"],))
         job = _job(recipe, step, {"dataset": dataset}, {"models": models, "dataset": [data]})
@@ -345,8 +348,10 @@ def _eval(recipe: Recipe, step: StepSpec, jobs: dict) -> list[Job]:
     return found
 
 
-def _label(text: str, dims: dict, wanted: dict) -> str:
-    extra = [f"{k} {_dim_text(k, v)}" for k, v in dims.items() if k not in wanted]
+def _label(text: str, dims: dict, wanted: dict, varying: set[str]) -> str:
+    """A model's name in the table: the reference, plus the dimensions that tell its jobs apart (``readapted alpha
+    0.25``) beyond those the eval matches on."""
+    extra = [f"{k} {_dim_text(k, v)}" for k, v in dims.items() if k not in wanted and k in varying]
     return " ".join([text, *extra])
 
 

@@ -205,16 +205,16 @@ def _dry_plan(recipe: Recipe, jobs: list[Job], token: str | None, say: StageFn) 
             running.add(job.id)
         if job.kind == "train" and not any(s.job for s in job.inputs["base"]):
             say(f"Counting documents and tokens of {job.id}")
-            plan.training = _training_plan(job, token)
+            plan.training = _training_plan(job, token, recipe.allow_pickle)
         plans.append(plan)
     return plans
 
 
-def _training_plan(job: Job, token: str | None) -> dict[str, Any]:
+def _training_plan(job: Job, token: str | None, allow_pickle: bool) -> dict[str, Any]:
     """train's own dry run of a train job: documents, tokens, optimizer steps."""
     from reforge.train import train_adapter
 
-    config = _train_config(job, resume=False)
+    config = _train_config(job, resume=False, allow_pickle=allow_pickle)
     result = train_adapter(config, None, token=token, dry_run=True)
     return {"documents": result.documents, "tokens": result.tokens, "steps": result.steps}
 
@@ -232,6 +232,13 @@ class _Context:
     token: str | None
     progress: ProgressFn | None
     stage: StageFn
+
+    @property
+    def access(self) -> Any:
+        """How diff and merge open their inputs: the token and the recipe's allow-pickle."""
+        from reforge.ops.job import Access
+
+        return Access(self.token, self.recipe.allow_pickle)
 
     def one(self, role: str) -> str | None:
         sources = self.job.inputs.get(role)
@@ -278,18 +285,20 @@ def _run_diff(ctx: _Context, resume: bool) -> None:
         allow_missing=o["allow_missing"],
         keep_lm_head=o["keep_lm_head"],
         write=write_options(o, overwrite=True, command=ctx.command),
+        access=ctx.access,
         progress=ctx.progress,
         device=o["device"],
     )
     ctx.stamp(ctx.job.output)
 
 
-def _train_config(job: Job, resume: bool) -> Any:
+def _train_config(job: Job, resume: bool, allow_pickle: bool = False) -> Any:
     config = train_config(
         job.options,
         base=job.inputs["base"][0].ref,
         corpus=[s.ref for s in job.inputs["corpus"]],
         output=str(job.output),
+        allow_pickle=allow_pickle,
     )
     config.resume, config.overwrite = resume, True
     return config
@@ -307,7 +316,11 @@ def _run_train(ctx: _Context, resume: bool) -> None:
             progress(done, total)
 
     result = train_adapter(
-        _train_config(ctx.job, resume), step, token=ctx.token, readme=render_adapter_card, stage=ctx.stage
+        _train_config(ctx.job, resume, ctx.recipe.allow_pickle),
+        step,
+        token=ctx.token,
+        readme=render_adapter_card,
+        stage=ctx.stage,
     )
     ctx.stamp(
         ctx.job.output,
@@ -342,7 +355,7 @@ def _run_tune(ctx: _Context, resume: bool) -> None:
         max_queries=o["max_queries"],
         corpus_sample=o["corpus_sample"],
         seed=o["seed"],
-        settings=eval_settings(o, token=ctx.token),
+        settings=eval_settings(o, token=ctx.token, allow_pickle=ctx.recipe.allow_pickle),
         progress=ctx.progress,
         stage=ctx.stage,
     )
@@ -373,6 +386,7 @@ def _run_merge(ctx: _Context, resume: bool) -> None:
         beta=o["beta"],
         keep_lm_head=o["keep_lm_head"],
         write=write_options(o, overwrite=True, command=ctx.command),
+        access=ctx.access,
         progress=ctx.progress,
         device=o["device"],
     )
@@ -383,12 +397,13 @@ def _run_eval(ctx: _Context, resume: bool) -> None:
     from reforge.eval import evaluate, write_outputs
     from reforge.eval.model import resolve_model
 
-    settings = eval_settings(ctx.options, token=ctx.token)
+    settings = eval_settings(ctx.options, token=ctx.token, allow_pickle=ctx.recipe.allow_pickle)
     sources = [
         resolve_model(
             source.ref,
             name=label,
             token=ctx.token,
+            allow_pickle=settings.allow_pickle,
             profile=settings.profile,
             pooling=settings.pooling,
             trust_remote_code=settings.trust_remote_code,

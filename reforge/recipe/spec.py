@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import hashlib
 import inspect
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 from reforge.recipe.yamlnodes import Node, RecipeError, fail, read_yaml
 
 KINDS = ("diff", "train", "tune", "merge", "eval", "push")
-TOP_KEYS = ("recipe", "description", "out", "base", "retriever", "corpora", "datasets", "steps")
+TOP_KEYS = ("recipe", "description", "out", "base", "retriever", "allow-pickle", "corpora", "datasets", "steps")
 FORMAT = 1  # the `recipe:` version this code reads
 # The paper's alpha (RE-AdaptIR: base + 0.5 Psi + Delta). `reforge merge` has no API default to read it from: its
 # CLI writes 0.5 in place; the lead may give ops/merge.py a constant both use.
@@ -86,7 +87,8 @@ class Recipe:
 
     ``folder`` is the recipe file's folder: relative paths in it are relative to that folder. ``out`` is where the
     step outputs go (default ``runs/<recipe name>`` beside the recipe). ``corpora`` maps a name to its paths,
-    ``datasets`` a name to a BEIR folder.
+    ``datasets`` a name to a BEIR folder. ``allow_pickle`` lets every step read pickle weights (weights-only), as
+    the commands' ``--allow-pickle`` does.
     """
 
     path: Path
@@ -99,6 +101,7 @@ class Recipe:
     datasets: dict[str, str]
     steps: dict[str, StepSpec]
     lines: dict[str, int]
+    allow_pickle: bool = False
 
     @property
     def folder(self) -> Path:
@@ -107,7 +110,7 @@ class Recipe:
     def local(self, text: str) -> Path:
         """A path written in the recipe, as a path here (``~`` expanded, relative to the recipe's folder)."""
         path = Path(text).expanduser()
-        return path if path.is_absolute() else self.folder / path
+        return Path(os.path.normpath(path if path.is_absolute() else self.folder / path))
 
     def error(self, line: int | None, problem: str, *, key: str | None = None, hint: str | None = None) -> RecipeError:
         """A `RecipeError` naming this recipe and ``line``."""
@@ -169,6 +172,8 @@ def load_recipe(path: str | Path) -> Recipe:
         for name, node in _mapping(path, top.get(group), group):
             recipe.lines[f"{group}.{name}"] = node.line
     recipe.out = recipe.local(out_text)
+    if "allow-pickle" in top:
+        recipe.allow_pickle = _scalar(path, top["allow-pickle"], "bool", "allow-pickle")
     _check_names(recipe)
     return recipe
 
