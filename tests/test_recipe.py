@@ -386,3 +386,13 @@ def test_the_miniature_recipe_checks_against_the_shared_data():
         "eval/scifact",
         "eval/nfcorpus-partial",
     ]
+
+
+def test_options_that_do_not_change_the_adapter_do_not_retrain_it(inputs, tmp_path):
+    text = RECIPE[: RECIPE.index("  readapted:")]
+    recipe = write_recipe(tmp_path / "r", inputs, text)
+    run_json(recipe)
+    recipe.write_text(recipe.read_text().replace("save-every: 1", "save-every: 2"))
+    assert run_json(recipe)["ran"] == []
+    recipe.write_text(recipe.read_text().replace("lr: 0.05", "lr: 0.04"))
+    assert run_json(recipe)["ran"] == ["psi/tiny"]

@@ -118,7 +118,7 @@ def run_recipe(
     plans = []
     for number, job in enumerate(jobs, start=1):
         options = resolved_options(job)
-        fingerprint = state.fingerprint_of(job.kind, options, input_keys(job))
+        fingerprint = job_fingerprint(job, options)
         if state.is_done(job.output, fingerprint):
             plans.append(JobPlan(job, "skip", "made from the same inputs and options", fingerprint))
             continue
@@ -149,6 +149,17 @@ def resolved_options(job: Job) -> dict[str, Any]:
     if job.kind == "eval":
         options["labels"] = list(job.labels)
     return options
+
+
+def job_fingerprint(job: Job, options: dict[str, Any]) -> str:
+    """The fingerprint of a job with these resolved options. A train job counts only the options that change what
+    is trained (`reforge.train.config.RESUME_KEYS`, the ones ``--resume`` compares): ``save-every`` or ``device``
+    does not retrain an adapter."""
+    if job.kind == "train":
+        from reforge.train.config import RESUME_KEYS
+
+        options = {k: v for k, v in options.items() if k in RESUME_KEYS}
+    return state.fingerprint_of(job.kind, options, input_keys(job))
 
 
 def tuned_alpha(tune_job: Job) -> float | None:
@@ -195,7 +206,7 @@ def _dry_plan(recipe: Recipe, jobs: list[Job], token: str | None, say: StageFn) 
             plan = JobPlan(job, "run", f"after {', '.join(waiting)}")
         else:
             options = resolved_options(job)
-            fingerprint = state.fingerprint_of(job.kind, options, input_keys(job))
+            fingerprint = job_fingerprint(job, options)
             if state.is_done(job.output, fingerprint):
                 plan = JobPlan(job, "skip", "made from the same inputs and options", fingerprint)
             else:
