@@ -214,7 +214,7 @@ def _dry_plan(recipe: Recipe, jobs: list[Job], token: str | None, say: StageFn) 
                 plan = JobPlan(job, action, _reason(job), fingerprint)
         if plan.action != "skip":
             running.add(job.id)
-        if job.kind == "train" and not any(s.job for s in job.inputs["base"]):
+        if job.kind == "train" and all(s.path is not None for s in job.inputs["base"]):  # no download to count
             say(f"Counting documents and tokens of {job.id}")
             plan.training = _training_plan(job, token, recipe.allow_pickle)
         plans.append(plan)
