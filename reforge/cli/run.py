@@ -39,13 +39,13 @@ def run_cmd(recipe: str, dry_run: bool, token: str | None, quiet: bool, as_json:
 
     ui.quiet_transformers()
     with ui.progress_bar("Running", quiet=quiet or as_json) as bar:
-        report = run_recipe(
-            recipe,
-            dry_run=dry_run,
-            token=token,
-            progress=bar,
-            stage=lambda text: (bar(0, None, description=text), None if quiet or as_json else ui.info(text)),
-        )
+
+        def stage(text: str) -> None:  # each job and phase: a line on stderr, and the bar's description
+            bar(0, None, description=text)
+            if not (quiet or as_json):
+                ui.info(text)
+
+        report = run_recipe(recipe, dry_run=dry_run, token=token, progress=bar, stage=stage)
     if as_json:
         ui.print_json(report.to_dict())
         return
