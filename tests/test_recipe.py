@@ -241,6 +241,8 @@ BAD = {
     "overwrite": ("  eval:\n", "  eval:\n    output: {data}\n", 20, "which is", "apart from the inputs"),
     "twice": ("  readapted:\n", "  psi:\n    diff: {{}}\n  readapted:\n", 17, "gives 'psi' twice", None),
     "kind": ("    merge: {{", "    merg: {{", 18, "'merg' is not a key of steps.readapted", "'merge'"),
+    "yaml": ("      lora-r: 4\n", "      lora-r: [4\n", 13, "is not valid YAML",
+             "while parsing a flow sequence, line 12"),
     "dataset": ("models: [retriever, readapted]", "models: [retriever, readapted], datasets: [tiny, big]", 20,
                 "datasets 'big' is not one of the recipe's datasets", None),
 }  # fmt: skip
@@ -396,3 +398,15 @@ def test_options_that_do_not_change_the_adapter_do_not_retrain_it(inputs, tmp_pa
     assert run_json(recipe)["ran"] == []
     recipe.write_text(recipe.read_text().replace("lr: 0.05", "lr: 0.04"))
     assert run_json(recipe)["ran"] == ["psi/tiny"]
+
+
+def test_an_output_folder_holding_someone_elses_files_is_refused_before_any_work(inputs, tmp_path):
+    recipe = write_recipe(tmp_path / "r", inputs)
+    foreign = tmp_path / "r" / "out" / "eval" / "tiny"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    result = run(recipe, ok=False)
+    assert result.exit_code == 1 and f"{recipe}:19:" in result.stderr
+    assert "holds files reforge did not write" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "r" / "out").iterdir()) == ["eval"]
+    assert (foreign / "notes.txt").read_text() == "mine"

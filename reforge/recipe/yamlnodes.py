@@ -61,7 +61,8 @@ def read_yaml(path: Path, text: str) -> Node:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
-        raise fail(path, line, f"is not valid YAML: {e.problem or e}") from e
+        context = f" ({e.context}, line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
+        raise fail(path, line, f"is not valid YAML: {e.problem or e}{context}") from e
     except yaml.YAMLError as e:
         raise fail(path, None, f"is not valid YAML: {e}") from e
     finally:
