@@ -220,7 +220,7 @@ def _job(recipe: Recipe, step: StepSpec, dims: dict, inputs: dict, **extra: Any)
         except (KeyError, IndexError, ValueError) as e:
             raise recipe.error(
                 line,
-                f"output {template!r} names {e} , which this step does not have",
+                f"output {template!r} names {e}, which this step does not have",
                 hint=f"It has: {', '.join(['step', *dims]) or 'step'}.",
             ) from e
         output = recipe.local(written)
