@@ -209,8 +209,9 @@ def test_a_kill_during_training_then_run_again_resumes_to_the_same_adapter(input
     stamp = json.loads((output / "reforge-recipe.json").read_text())
     assert stamp["training"]["resumed_from"] >= 1 and stamp["training"]["steps"] == 16
     run_json(whole)
-    # the same adapter: the SHA-256 of every tensor's name, dtype, shape and bytes, and the same metadata. (The file
-    # bytes differ: train writes the header's metadata keys in another order after a resume.)
+    # the same adapter: the SHA-256 of every tensor's name, dtype, shape and bytes, and the same metadata. (Not the
+    # file's SHA-256: safetensors' `save` writes the metadata keys in hash order, which changes from call to call,
+    # so two saves of the same tensors differ in bytes; measured 6 orders in 20 saves, 2026-12-07.)
     resumed, uninterrupted = output, tmp_path / "whole" / "out" / "psi" / "tiny"
     assert tensors_sha256(resumed) == tensors_sha256(uninterrupted)
     assert header_metadata(resumed) == header_metadata(uninterrupted)
