@@ -320,6 +320,9 @@ def _eval(recipe: Recipe, step: StepSpec, jobs: dict) -> list[Job]:
     if not datasets:
         raise recipe.error(step.line, f"eval step {step.name!r} has no dataset: the recipe names no datasets")
     candidates = [(text, _model(recipe, step, "models", text, line, jobs), line) for text, line in step.refs["models"]]
+    # what a peft-adapter model (a LoRA retriever such as RepLLaMA) is loaded over, as `reforge eval --base`
+    base_text, base_line = (step.refs.get("base") or [("base", recipe.lines["base"])])[0]
+    base = _model(recipe, step, "base", base_text, base_line, jobs)[0][1]
     found, used = [], set()
     for dataset in datasets:
         wanted = {"dataset": dataset, **({"corpus": dataset} if step.options["matched"] else {})}
@@ -334,7 +337,7 @@ def _eval(recipe: Recipe, step: StepSpec, jobs: dict) -> list[Job]:
                     labels.append(_label(text, dims, wanted, varying))
                     used.add(text)
         data = _dataset_source(recipe, dataset, (step.options["split"],))
-        job = _job(recipe, step, {"dataset": dataset}, {"models": models, "dataset": [data]})
+        job = _job(recipe, step, {"dataset": dataset}, {"models": models, "dataset": [data], "base": [base]})
         job.labels = labels
         found.append(job)
     for text, _, line in candidates:

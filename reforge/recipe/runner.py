@@ -408,11 +408,13 @@ def _run_eval(ctx: _Context, resume: bool) -> None:
     from reforge.eval import evaluate, write_outputs
     from reforge.eval.model import resolve_model
 
-    settings = eval_settings(ctx.options, token=ctx.token, allow_pickle=ctx.recipe.allow_pickle)
+    access = {"token": ctx.token, "allow_pickle": ctx.recipe.allow_pickle}
+    settings = eval_settings(ctx.options, base=ctx.one("base"), **access)
     sources = [
         resolve_model(
             source.ref,
             name=label,
+            base=settings.base,
             token=ctx.token,
             allow_pickle=settings.allow_pickle,
             profile=settings.profile,

@@ -61,7 +61,7 @@ ROLES: dict[str, dict[str, tuple[str, bool]]] = {
         "delta": ("diff", False),
         "adapter": ("train", False),
     },
-    "eval": {"models": ("model", True), "datasets": ("dataset", True)},
+    "eval": {"models": ("model", True), "datasets": ("dataset", True), "base": ("model", False)},
     "push": {"model": ("model", False)},
 }
 REQUIRED_ROLES = {"tune": ("adapter",), "merge": ("adapter",), "eval": ("models",), "push": ("model",)}
