@@ -80,7 +80,7 @@ def markdown(table: dict[str, Any]) -> str:
             )
         lines.append(_row(cells))
     average = table["average"]
-    cells = [f"average ({len(table['rows'])} datasets)", _score(average[baseline]["score"])]
+    cells = [f"average ({_count(len(table['rows']))})", _score(average[baseline]["score"])]
     for model in others:
         change = average[model]["change"]
         cells += [_score(average[model]["score"]), "" if change is None else f"{change:+.4f}", "", ""]
@@ -155,3 +155,7 @@ def _score(value: float | None) -> str:
 
 def _p(value: float) -> str:
     return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _count(datasets: int) -> str:
+    return f"{datasets} dataset" + ("" if datasets == 1 else "s")
