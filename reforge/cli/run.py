@@ -20,7 +20,7 @@ from reforge.cli.options import output_options
 )
 @output_options
 def run_cmd(recipe: str, dry_run: bool, token: str | None, quiet: bool, as_json: bool) -> None:
-    """Run a recipe: every step in dependency order, skipping what is already made.
+    """Run a recipe: every step in dependency order, skipping what is made.
 
     The recipe (YAML) names the base, the retriever, corpora, datasets and steps; each step's options are the
     command's own, with the same names and defaults (the paper's). The whole file is checked before any work: an
