@@ -411,3 +411,13 @@ def test_an_output_folder_holding_someone_elses_files_is_refused_before_any_work
     assert "holds files reforge did not write" in result.stderr
     assert sorted(p.name for p in (tmp_path / "r" / "out").iterdir()) == ["eval"]
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_an_output_changed_by_hand_is_made_again(inputs, tmp_path):
+    recipe = write_recipe(tmp_path / "r", inputs)
+    run_json(recipe)
+    config = tmp_path / "r" / "out" / "readapted" / "tiny-alpha0.5" / "config.json"
+    config.write_text(config.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
+    # the merge is made again, whole; it then holds what the eval read, so the eval stays
+    assert run_json(recipe)["ran"] == ["readapted/tiny-alpha0.5"]
+    assert '"rms_norm_eps": 1e-06' in config.read_text()

@@ -125,6 +125,10 @@ def run_recipe(
         action, reason = ("resume" if _can_resume(job, fingerprint) else "run"), _reason(job)
         say(f"[{number}/{len(jobs)}] {job.id}: {job.kind} -> {job.output}")
         job_started = time.perf_counter()
+        if job.kind in ("diff", "merge") and state.read_stamp(job.output) is not None:
+            # a finished output of another fingerprint, or changed since: the writer would keep what it finds
+            # complete for the same plan, so the folder (ours: it holds our stamp) is made again from nothing
+            shutil.rmtree(job.output)
         context = _Context(recipe, job, options, fingerprint, token, progress, say)
         _RUNNERS[job.kind](context, resume=action == "resume")
         plans.append(JobPlan(job, action, reason, fingerprint, seconds=time.perf_counter() - job_started))

@@ -98,14 +98,19 @@ def read_stamp(output: Path) -> dict[str, Any] | None:
 
 
 def is_done(output: Path, fingerprint: str) -> bool:
-    """Whether ``output`` was made by a job with this fingerprint (and is still there, whole)."""
+    """Whether ``output`` was made by a job with this fingerprint and still holds what that job wrote (its content
+    key, recorded in the stamp, is checked again: an output changed or damaged since is made again)."""
     stamp = read_stamp(output)
-    return stamp is not None and stamp.get("fingerprint") == fingerprint
+    if stamp is None or stamp.get("fingerprint") != fingerprint:
+        return False
+    return stamp.get("output_key") == content_key(output)
 
 
 def write_stamp(output: Path, record: dict[str, Any], recipe_text: str) -> None:
-    """Write the stamp (``record`` plus the version and time) and the copy of the recipe into ``output``."""
-    stamp = {"format": STAMP_FORMAT, **record, "reforge_version": __version__, "finished_at": _now()}
+    """Write the stamp (``record`` plus the output's own content key, the version and the time) and the copy of
+    the recipe into ``output``."""
+    stamp = {"format": STAMP_FORMAT, **record, "output_key": content_key(output)}
+    stamp.update(reforge_version=__version__, finished_at=_now())
     write_atomic(output / RECIPE_COPY, lambda f: f.write(recipe_text.encode("utf-8")))
     write_atomic(output / STAMP, lambda f: f.write((json.dumps(stamp, indent=2, default=str) + "\n").encode()))
 
