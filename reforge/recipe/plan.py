@@ -165,7 +165,7 @@ def _local_or_hub(recipe: Recipe, text: str, line: int, key: str) -> Source:
     spelled_as_path = text.startswith((".", "/", "~")) or text.count("/") != 1
     if not spelled_as_path and looks_like_repo_id(text):
         return Source(text, line, hub=text)
-    raise recipe.error(line, f"{text!r} is missing: no such folder ({path})", key=key, hint="Check the path.")
+    raise recipe.error(line, f"{text!r} is missing: no such file or folder ({path})", key=key, hint="Check the path.")
 
 
 def _agree(a: dict, b: dict) -> bool:
@@ -202,7 +202,7 @@ def _names(recipe: Recipe, step: StepSpec, role: str, known: dict, what: str) ->
                 line,
                 f"{role} {text!r} is not one of the recipe's {what}",
                 key=f"steps.{step.name}.{step.kind}.{role}",
-                hint=f"Known {what}: {', '.join(known) or 'none (add a `{what}:` mapping)'}.",
+                hint=f"Known {what}: {', '.join(known)}." if known else f"Add a {what}: mapping to the recipe.",
             )
     return [text for text, _ in refs]
 
