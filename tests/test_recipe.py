@@ -419,5 +419,7 @@ def test_an_output_changed_by_hand_is_made_again(inputs, tmp_path):
     config = tmp_path / "r" / "out" / "readapted" / "tiny-alpha0.5" / "config.json"
     config.write_text(config.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
     # the merge is made again, whole; it then holds what the eval read, so the eval stays
-    assert run_json(recipe)["ran"] == ["readapted/tiny-alpha0.5"]
+    report = run_json(recipe)
+    assert report["ran"] == ["readapted/tiny-alpha0.5"]
+    assert report["jobs"][1]["reason"] == "output changed since it was made"
     assert '"rms_norm_eps": 1e-06' in config.read_text()

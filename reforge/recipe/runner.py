@@ -122,7 +122,7 @@ def run_recipe(
         if state.is_done(job.output, fingerprint):
             plans.append(JobPlan(job, "skip", "made from the same inputs and options", fingerprint))
             continue
-        action, reason = ("resume" if _can_resume(job, fingerprint) else "run"), _reason(job)
+        action, reason = ("resume" if _can_resume(job, fingerprint) else "run"), _reason(job, fingerprint)
         say(f"[{number}/{len(jobs)}] {job.id}: {job.kind} -> {job.output}")
         job_started = time.perf_counter()
         if job.kind in ("diff", "merge") and state.read_stamp(job.output) is not None:
@@ -192,12 +192,14 @@ def _can_resume(job: Job, fingerprint: str) -> bool:
     return latest_checkpoint(work_dir(job.output)) is not None
 
 
-def _reason(job: Job) -> str:
+def _reason(job: Job, fingerprint: str) -> str:
     if job.kind == "train" and state.started_with(job.output) is not None and not job.output.exists():
         return "stopped before it finished"
     stamp = state.read_stamp(job.output)
     if stamp is None:
         return "no output yet" if not job.output.exists() else "output not made by this recipe"
+    if stamp.get("fingerprint") == fingerprint:
+        return "output changed since it was made"
     return "inputs or options changed"
 
 
@@ -215,7 +217,7 @@ def _dry_plan(recipe: Recipe, jobs: list[Job], token: str | None, say: StageFn) 
                 plan = JobPlan(job, "skip", "made from the same inputs and options", fingerprint)
             else:
                 action = "resume" if _can_resume(job, fingerprint) else "run"
-                plan = JobPlan(job, action, _reason(job), fingerprint)
+                plan = JobPlan(job, action, _reason(job, fingerprint), fingerprint)
         if plan.action != "skip":
             running.add(job.id)
         if job.kind == "train" and all(s.path is not None for s in job.inputs["base"]):  # no download to count
