@@ -3,6 +3,7 @@
 The layers (shared/docs/STYLE.md), highest first; a module may import its own layer and the layers below:
 
     cli            reforge.cli, reforge.__main__
+    recipe         reforge.recipe (runs every step of a recipe file, tune and push included)
     publish        reforge.publish
     tune           reforge.tune
     ops train eval reforge.ops, reforge.train, reforge.eval
@@ -39,9 +40,10 @@ LAYERS: dict[str, int] = {
     "reforge.eval": 3,
     "reforge.tune": 4,
     "reforge.publish": 5,
+    "reforge.recipe": 6,  # runs tune and push steps: above publish, below the CLI
     "reforge.card": 2,  # text only; merge (ops) writes the card, publish uploads it
-    "reforge.cli": 6,
-    "reforge.__main__": 6,
+    "reforge.cli": 7,
+    "reforge.__main__": 7,
 }
 ROOT = "reforge"
 # Libraries that open checkpoint files: only reforge.io may import them (STYLE.md: "only io touches checkpoints").

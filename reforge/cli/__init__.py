@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("reforge.cli.eval", "eval_cmd", "nDCG@10 (and more) of retrievers on BEIR-style datasets."),
     "tune": ("reforge.cli.tune", "tune_cmd", "Choose alpha (and beta) on held-out queries."),
     "push": ("reforge.cli.push", "push_cmd", "Upload a verified checkpoint folder to the Hugging Face Hub."),
+    "run": ("reforge.cli.run", "run_cmd", "Run a recipe: every step in dependency order, skipping what is made."),
 }
 
 
