@@ -110,16 +110,24 @@ def test_pieces_are_whole_row_blocks_and_short_tails_join(monkeypatch):
     assert stream.clipped(slice(8, 12), 10) == slice(8, 10) and stream.clipped(None, 10) is None
 
 
-def test_blocks_never_change_a_product_row():
-    """Why short tails join (MIN_BLOCK_ROWS): B[rows] @ A for blocks of 8 rows and more is the whole product's rows
-    bit for bit; for fewer rows MKL may round differently (checked here on DoRA's shapes: rank 32)."""
+def test_blocks_round_no_worse_than_the_whole_product():
+    """Row blocks (a short tail joined, as in row_blocks) give the formula's value as closely as one whole product.
+
+    Bit-identity with the whole product is a property of the BLAS kernel, not of reforge: MKL's AVX2 kernels give
+    it for blocks of 8 rows and more (why short tails join, MIN_BLOCK_ROWS), its AVX-512 kernels round some blocks
+    differently (seen 2026-12-07, up to 3.3e-6 apart on these values). What holds on every kernel, and what merge's
+    exactness rests on, is that a blocked product is one fp32 rounding of the same sum: checked here against float64.
+    """
     generator = torch.Generator().manual_seed(0)
     weight, b, a = (torch.randn(shape, generator=generator) for shape in ((300, 512), (300, 32), (32, 512)))
-    whole = torch.addmm(weight, b, a, alpha=0.37)
+    exact = weight.double() + 0.37 * (b.double() @ a.double())
+    whole_error = (torch.addmm(weight, b, a, alpha=0.37).double() - exact).abs().max().item()
     for rows in (stream.MIN_BLOCK_ROWS, 12, 64, 256):
         starts = [*range(0, 300 - stream.MIN_BLOCK_ROWS, rows), 300]  # a short tail joins, as in row_blocks
-        blocks = [torch.addmm(weight[i:j], b[i:j], a, alpha=0.37) for i, j in zip(starts, starts[1:])]
-        assert torch.equal(torch.cat(blocks), whole)
+        blocks = torch.cat([torch.addmm(weight[i:j], b[i:j], a, alpha=0.37) for i, j in zip(starts, starts[1:])])
+        assert blocks.shape == exact.shape
+        # fp32 accumulation over 32 terms: a few units in the last place of the largest value, like the whole product
+        assert (blocks.double() - exact).abs().max().item() <= 2 * whole_error + 1e-6
 
 
 def test_reader_reads_rows_alone(tmp_path):

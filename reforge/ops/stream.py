@@ -26,9 +26,11 @@ if TYPE_CHECKING:
 # 7B-width tensors 1.9 ns per element against 2.5 ns with blocks of 1M (measured, one thread).
 CHUNK_ELEMENTS = 1 << 18
 PIECE_BLOCKS = 16  # a piece, the unit streamed from disk through the arithmetic to disk, is this many row blocks
-# MKL multiplies fewer than 8 rows (B[rows] @ A) by another kernel whose roundings differ from those of the whole
-# product (measured: 1, 2, 3 and 5 rows differ, 8 to 256 rows are bit-identical to it). So that the result does not
-# depend on the blocking, a block never has fewer rows than this unless the tensor has.
+# MKL's AVX2 kernels multiply fewer than 8 rows (B[rows] @ A) by another kernel whose roundings differ from those of
+# the whole product (measured: 1, 2, 3 and 5 rows differ, 8 to 256 rows are bit-identical to it), so a block never has
+# fewer rows than this unless the tensor has. MKL's AVX-512 kernels round blocks of any size differently from the
+# whole product (2026-12-07): there the bytes depend on the blocking, which is fixed by the shape, and every block is
+# still one fp32 rounding of the formula (tests/test_streaming.py).
 MIN_BLOCK_ROWS = 8
 POOLED_MIN_BYTES = 1 << 20  # smaller outputs come and go cheaply from the heap
 K = TypeVar("K")
