@@ -130,6 +130,7 @@ def test_redaction_rules():
         "rel/psi",
         "--message",
         "uses hf_abcdefghijklmnopqrstu1234",
+        "https://u:pw@example.com/org/model?token=s3cret",
         "~/data/scifact",
     ]
     assert redact_arguments(argv) == [
@@ -141,7 +142,8 @@ def test_redaction_rules():
         "--adapter=psi",
         "rel/psi",
         "--message",
-        "uses ***",
+        "uses hf_***",
+        "https://***@example.com/org/model?token=***",
         "scifact",
     ]
 

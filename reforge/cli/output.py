@@ -25,6 +25,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from reforge.errors import mask_secrets
 from reforge.io.progress import ProgressFn
 
 out = Console(soft_wrap=True)
@@ -398,7 +399,6 @@ def command_line() -> str | None:
 
 ARGV_KEY = "reforge.argv"  # where the root group keeps the arguments it was given (see reforge.cli.LazyGroup)
 _SECRET_OPTION = re.compile(r"^--?[\w-]*(token|password|passwd|secret|api[-_]?key|credential)[\w-]*$", re.I)
-_TOKEN_LIKE = re.compile(r"\b(hf_|api_org_)[A-Za-z0-9]{16,}")
 _SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
 
 
@@ -419,7 +419,7 @@ def redact_arguments(argv: list[str]) -> list[str]:
             continue
         for secret in secrets:
             arg = arg.replace(secret, "***")
-        arg = _TOKEN_LIKE.sub("***", arg)
+        arg = mask_secrets(arg)  # token-like strings: one set of patterns, in reforge.errors
         if option.startswith("-") and eq:
             kept.append(f"{option}={_local_name(value)}")
         else:
