@@ -25,6 +25,7 @@ _API = {
     "evaluate": "reforge.eval",
     "train_adapter": "reforge.train",
     "tune": "reforge.tune",
+    "run_recipe": "reforge.recipe",
     "CheckpointWriter": "reforge.io.writer",
     "ShardReader": "reforge.io.reader",
     "ReforgeError": "reforge.errors",

@@ -196,3 +196,9 @@ class ResumeError(ReforgeError, ValueError):
     """A training checkpoint that ``--resume`` cannot trust: a file missing, unreadable or not what reforge writes
     (meta.json, optim.pt, an RNG state), or an adapter without every trainable tensor, of the wrong shape, or holding
     a NaN. Fields: ``path`` (the file), ``tensor`` (or None)."""
+
+
+class RecipeError(ReforgeError, ValueError):
+    """A recipe that cannot run: unreadable YAML, an unknown key, a wrong type, a missing input, a cycle, or a step
+    that would write over an input. Raised before any step runs. Fields: ``path`` (the recipe), ``line`` (1-based,
+    or None), ``key`` (the dotted key, or None)."""

@@ -9,8 +9,8 @@
 `reforge.recipe.runner` runs them, `reforge.recipe.table` writes the paper's table.
 """
 
+from reforge.errors import RecipeError
 from reforge.recipe.runner import JobPlan, RunReport, run_recipe
 from reforge.recipe.spec import Recipe, load_recipe
-from reforge.recipe.yamlnodes import RecipeError
 
 __all__ = ["JobPlan", "Recipe", "RecipeError", "RunReport", "load_recipe", "run_recipe"]

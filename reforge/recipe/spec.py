@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reforge.recipe.yamlnodes import Node, RecipeError, fail, read_yaml
+from reforge.errors import RecipeError
+from reforge.recipe.yamlnodes import Node, fail, read_yaml
 
 KINDS = ("diff", "train", "tune", "merge", "eval", "push")
 TOP_KEYS = ("recipe", "description", "out", "base", "retriever", "allow-pickle", "corpora", "datasets", "steps")

@@ -11,13 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reforge.errors import ReforgeError, short_path
-
-
-class RecipeError(ReforgeError, ValueError):
-    """A recipe that cannot run: unreadable YAML, an unknown key, a wrong type, a missing input, a cycle, or a step
-    that would write over an input. Raised before any step runs. Fields: ``path`` (the recipe), ``line`` (1-based,
-    or None), ``key`` (the dotted key, or None)."""
+from reforge.errors import RecipeError, short_path
 
 
 @dataclass(frozen=True)
