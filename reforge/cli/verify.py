@@ -61,6 +61,7 @@ def verify_cmd(
       reforge verify delta/ --base base/ --retriever retriever/ --full
       reforge verify out/ --base B --retriever R --adapter psi/ --alpha 0.5 --json
     """
+    from reforge.eval.agreement import compare_embeddings
     from reforge.ops.verify import verify_checkpoint
 
     if alphas and len(alphas) != len(adapters):
@@ -76,7 +77,7 @@ def verify_cmd(
             beta=beta,
             full=full,
             samples=samples,
-            embeddings=not no_embeddings,
+            embeddings=None if no_embeddings else compare_embeddings,
             token=token,
             allow_pickle=allow_pickle,
             progress=progress,

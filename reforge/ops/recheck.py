@@ -14,12 +14,12 @@ so that a bug in the merge path cannot verify itself. What cannot be recomputed 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reforge.io.adapter_config import is_adapter, read_adapter_config
 from reforge.io.manifest import Manifest, read_manifest
 from reforge.io.plain import PlainReader
 
@@ -46,7 +46,7 @@ class PlainAdapter:
 
     def __init__(self, folder: Path) -> None:
         self.reader = PlainReader(folder)
-        self.config = json.loads((folder / "adapter_config.json").read_text())
+        self.config = read_adapter_config(folder)
 
     def psi(self, name: str, weight: "torch.Tensor | None") -> "torch.Tensor | str | None":
         """Psi for output tensor ``name`` (float64), None when the adapter does not touch it, or why it cannot."""
@@ -165,7 +165,7 @@ class _Source:
             self.delta, self.manifest = PlainReader(folder), (read_manifest(folder) or Manifest(folder, {})).data
             return
         folder = resolve(inputs["retriever"])
-        if (folder / "adapter_config.json").is_file():
+        if is_adapter(folder):
             self.adapter = PlainAdapter(folder)
         else:
             self.retriever = PlainReader(folder)

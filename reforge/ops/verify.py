@@ -10,6 +10,9 @@ Checks, each reported by name:
 - ``encoding`` (merged models): the new model's ``reforge_encoding.json`` gives the retriever's encoding profile;
 - ``embeddings`` (merged models, optional): cosine agreement of a few sentences embedded by the retriever and
   the new model; reported, it fails when an embedding is not finite or when the check cannot run.
+
+``encoding`` and ``embeddings`` load and run both models, which is eval's work: the caller passes
+`reforge.eval.agreement.compare_embeddings` as ``embeddings`` (`reforge verify` does), since ops does not import eval.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 from reforge.errors import CorruptCheckpointError, ReforgeError
 from reforge.io.checkpoint import AdapterCheckpoint, open_checkpoint
@@ -28,13 +32,15 @@ from reforge.io.target import staging_path
 from reforge.ops.chat import apply_head_rule
 from reforge.ops.device import resolve_device
 
-PROFILE_FILE_NAME = "reforge_encoding.json"
-SENTENCES = [
-    "What is the capital of France?",
-    "Vaccines train the immune system to recognise a pathogen.",
-    "Stock prices fell sharply after the announcement.",
-    "A transformer maps tokens to vectors.",
-]
+
+class EmbeddingCompare(Protocol):
+    """How ``embeddings`` compares the retriever and the new model: `reforge.eval.agreement.compare_embeddings`
+    (passed in by the caller: ops does not import eval). Returns an object with ``checks`` (name, ok, detail) and
+    ``cosine``."""
+
+    def __call__(
+        self, new: Path, retriever: str, base: str | None, *, token: str | None, allow_pickle: bool
+    ) -> Any: ...
 
 
 @dataclass
@@ -84,7 +90,7 @@ def verify_checkpoint(
     beta: float | None = None,
     full: bool = False,
     samples: int = 8,
-    embeddings: bool = True,
+    embeddings: EmbeddingCompare | bool | None = None,
     token: str | None = None,
     allow_pickle: bool = False,
     seed: int = 0,
@@ -94,6 +100,9 @@ def verify_checkpoint(
     """Verify a delta or merged checkpoint folder; see the module docstring for the checks.
 
     Inputs not given are taken from the folder's ``reforge.json`` when the paths it records still exist.
+    ``embeddings``: `reforge.eval.agreement.compare_embeddings` (or another `EmbeddingCompare`) runs the
+    ``encoding`` and ``embeddings`` checks; None or False leaves them out; True, which names no comparison, reports
+    them as skipped.
     ``device``: where ``recompute`` runs merge's arithmetic (cpu, cuda, or auto: a GPU when there is one; see
     `reforge.ops.device`); the independent recheck stays on the CPU, in float64, by design.
     """
@@ -122,8 +131,15 @@ def verify_checkpoint(
             report.add(
                 "embeddings", True, "not applicable: a chat model readapted with --keep-lm-head, not a retriever"
             )
+        elif embeddings is True and inputs.get("retriever"):
+            report.add(
+                "embeddings",
+                True,
+                "skipped: no comparison given (pass embeddings=reforge.eval.agreement.compare_embeddings)",
+                skipped=True,
+            )
         elif embeddings and inputs.get("retriever"):
-            _check_embeddings(path, inputs, report, token, allow_pickle)
+            _check_embeddings(path, inputs, report, token, allow_pickle, embeddings)
     else:
         report.add(
             "recompute", True, "skipped: no inputs given and none recorded (pass --base and --retriever)", skipped=True
@@ -377,65 +393,12 @@ def _resolver(token, allow_pickle):
     return lambda ref: resolve_local(ref, token=token, allow_pickle=allow_pickle)
 
 
-def _check_embeddings(path: Path, inputs: dict, report: VerifyReport, token, allow_pickle) -> None:
-    """``encoding``: the new model is encoded like the retriever (its reforge_encoding.json); ``embeddings``: the
-    two embed a few sentences alike. A check that cannot run fails (``--no-embeddings`` skips it on purpose)."""
-    import numpy as np
-
-    from reforge.errors import PoolingUndeterminedError
-    from reforge.eval.encode import encode
-    from reforge.eval.model import resolve_model
-
-    try:
-        try:
-            old = resolve_model(
-                inputs["retriever"], base=inputs["base"], token=token, allow_pickle=allow_pickle, builtin_class=True
-            )
-            known = True
-        except PoolingUndeterminedError:  # no profile to carry; agreement is still measured, with mean pooling
-            old = resolve_model(
-                inputs["retriever"],
-                base=inputs["base"],
-                token=token,
-                allow_pickle=allow_pickle,
-                pooling="mean",
-                builtin_class=True,
-            )
-            known = False
-        new = resolve_model(
-            path, token=token, allow_pickle=allow_pickle, pooling=None if known else "mean", builtin_class=True
-        )
-        if known:
-            same = new.profile == old.profile
-            report.add(
-                "encoding",
-                same,
-                f"encoded like the retriever ({old.profile.name} profile)"
-                if same
-                else f"the new model would be encoded as {new.profile.to_dict()}, the retriever as "
-                f"{old.profile.to_dict()}; {PROFILE_FILE_NAME} is missing or differs",
-            )
-        vectors = []
-        for source in (old, new):
-            model = source.load(device="cpu", dtype=None, allow_pickle=allow_pickle)
-            vectors.append(encode(model, SENTENCES, old.profile, batch_size=len(SENTENCES)))
-    except ReforgeError as e:
-        report.add("embeddings", False, f"could not embed with both models: {e} (--no-embeddings skips this check)")
-        return
-    old_vectors, new_vectors = vectors
-    cosine = (old_vectors * new_vectors).sum(1) / (
-        np.linalg.norm(old_vectors, axis=1) * np.linalg.norm(new_vectors, axis=1)
-    )
-    report.cosine = [float(c) for c in cosine]
-    finite = bool(np.isfinite(new_vectors).all())
-    pooled = "" if known else " (pooling unknown: compared with mean pooling)"
-    report.add(
-        "embeddings",
-        finite,
-        f"cosine(retriever, new) on {len(cosine)} sentences: min {cosine.min():.4f}, mean {cosine.mean():.4f}{pooled}"
-        if finite
-        else "the new model's embeddings are not finite",
-    )
+def _check_embeddings(path: Path, inputs: dict, report: VerifyReport, token, allow_pickle, compare) -> None:
+    """``encoding`` and ``embeddings``, by ``compare`` (`reforge.eval.agreement.compare_embeddings`)."""
+    agreement = compare(path, inputs["retriever"], inputs["base"], token=token, allow_pickle=allow_pickle)
+    for name, ok, detail in agreement.checks:
+        report.add(name, ok, detail)
+    report.cosine = list(agreement.cosine)
 
 
 def _sample(keys: list[str], full: bool, samples: int, seed: int) -> list[str]:
