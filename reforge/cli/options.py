@@ -195,8 +195,14 @@ def source_options(*, recorded: bool = False) -> Callable[[Callable], Callable]:
         click.option(
             "--retriever",
             default=None,
-            help="The retriever (full, or a peft LoRA over BASE). Delta is computed on the fly; with --beta 1 the "
-            "output is retriever + alpha*Psi with no Delta rounding" + record + ".",
+            help="The retriever (full, or a peft LoRA over BASE)"
+            + (
+                record
+                if recorded
+                else ". Delta is computed on the fly; with --beta 1 the output is retriever + alpha*Psi with no "
+                "Delta rounding"
+            )
+            + ".",
         ),
         click.option(
             "--delta",
