@@ -103,8 +103,8 @@ def stream_device_option(func: Callable) -> Callable:
         show_default=True,
         help="Where the arithmetic runs: cpu, cuda (cuda:N), or auto = cuda when available. The CPU is the default "
         "until the GPU path has been measured on a GPU. Pieces stream "
-        "through the GPU; diff and merges without a DoRA adapter give the CPU's bytes, a DoRA product or row norm "
-        "may round differently on a GPU.",
+        "through the GPU; diff and merges without a DoRA adapter are elementwise and should give the CPU's bytes "
+        "(not yet run on a GPU), a DoRA product or row norm may round differently there.",
     )(func)
 
 
