@@ -449,8 +449,8 @@ def make_retriever(
         heldout["mrr_after"] = round(in_batch_mrr(model, tokenizer, held_data, held_batches, config), 4)
         log(f"held-out in-batch MRR after training: {heldout['mrr_after']}")
     record = {
-        "recipe": f"RepLLaMA in miniature: LoRA over the bare LlamaModel, {config.pooling} pooling, InfoNCE with "
-        "in-batch and BM25 hard negatives (examples/make_retriever.py)",
+        "recipe": f"a LoRA bi-encoder with RepLLaMA's prefixes and {config.pooling} pooling (not a RepLLaMA): LoRA "
+        "over the bare LlamaModel, InfoNCE with in-batch and BM25 hard negatives (examples/make_retriever.py)",
         "base": _base_record(base_dir),
         "data": {
             "folder": Path(data_dir).name,

@@ -88,3 +88,25 @@ def test_unknown_error_keeps_its_traceback(tmp_path):
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr and "ZeroDivisionError: a bug" in result.stderr
     assert not any(line.startswith("Error: ") for line in result.stderr.splitlines())
+
+
+def test_where_delta_comes_from_is_checked_once_for_every_command_before_any_file_is_read(tmp_path):
+    """merge and verify take --base/--retriever/--delta from one declaration (options.source_options) with one
+    check; --adapter/--alpha likewise (adapter_options)."""
+    runner = CliRunner()
+    both = ["--retriever", "r", "--delta", str(tmp_path)]
+    cases = [
+        (["merge", "--base", "b", "-o", str(tmp_path / "o")], "Pass exactly one of --retriever and --delta."),
+        (["merge", "--base", "b", *both, "-o", str(tmp_path / "o")], "Pass exactly one of --retriever and --delta."),
+        (["verify", str(tmp_path), *both], "Pass at most one of --retriever and --delta (without either, the ones"),
+        (["verify", str(tmp_path), "--alpha", "0.3"], "0 --adapter but 1 --alpha: give one --alpha per --adapter"),
+        (
+            ["merge", "--base", "b", "--retriever", "r", "--adapter", "a", "--alpha", "1", "--alpha", "2", "-o", "o"],
+            "1 --adapter but 2 --alpha: give one --alpha per --adapter, or none for 0.5 each.",
+        ),
+    ]
+    for args, message in cases:
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in " ".join(result.stderr.split()), (args, result.stderr)
+    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import functools
 import importlib.machinery
 import json
 import shutil
@@ -351,11 +352,22 @@ def test_offline_reads_the_cache_and_fails_clearly_when_not_cached(fake_hub, tin
     assert info.value.missing == ["model-00002-of-00005.safetensors"]
 
 
-def test_unreachable_hub_falls_back_to_the_cache(fake_hub, tiny_model):
+def _no_wait(monkeypatch, module) -> list[float]:
+    """The back-off waits ``module``'s `retrying` would sleep, recorded instead of slept (its injected ``sleep``)."""
+    from reforge.io import http
+
+    waits: list[float] = []
+    monkeypatch.setattr(module, "retrying", functools.partial(http.retrying, sleep=waits.append))
+    return waits
+
+
+def test_unreachable_hub_falls_back_to_the_cache(fake_hub, tiny_model, monkeypatch):
     fake_hub.add_folder("org/tiny", tiny_model)
     snapshot = hub.download_checkpoint("org/tiny")
     dead = "http://127.0.0.1:9"  # discard port: connection refused
+    waits = _no_wait(monkeypatch, hub)
     assert hub.download_checkpoint("org/tiny", endpoint=dead) == snapshot
+    assert waits == [1.0, 2.0, 4.0]  # three retries, backing off (REFORGE_HUB_RETRIES, REFORGE_HUB_BACKOFF)
     with pytest.raises(
         HubOfflineError,
         match=r"^Cannot read org/other: the Hub at http://127.0.0.1:9 could not be "
@@ -578,8 +590,9 @@ def test_push_runs_reforge_verify_when_it_exists(fake_hub, merged, monkeypatch):
 
 
 def test_push_with_the_real_reforge_verify(fake_hub, merged):
-    pytest.importorskip("reforge.ops.verify")
     import struct
+
+    import reforge.ops.verify  # noqa: F401  (plainly: a broken import must fail this test, not skip it)
 
     shard = merged / "model-00005-of-00005.safetensors"
     data = bytearray(shard.read_bytes())
@@ -649,9 +662,11 @@ def test_push_without_write_token_is_refused(fake_hub, merged):
     assert "user/m" not in fake_hub.repos
 
 
-def test_push_to_an_unreachable_hub_says_rerun_is_safe(fake_hub, merged):
+def test_push_to_an_unreachable_hub_says_rerun_is_safe(fake_hub, merged, monkeypatch):
+    waits = _no_wait(monkeypatch, publish)
     with pytest.raises(HubError) as info:
         publish.push_folder(merged, "user/m", token=WRITE_TOKEN, verify=False, endpoint="http://127.0.0.1:9")
+    assert waits == [1.0, 2.0, 4.0]
     assert str(info.value) == (
         "Could not reach the Hub to push user/m (ConnectError). Check the network, then rerun: "
         "files already on the Hub are skipped."

@@ -94,3 +94,109 @@ def test_a_checkpoint_library_outside_io_is_caught(layers, package):
     model.write_text(model.read_text() + "\n\ndef _late():\n    from safetensors.torch import load_file  # noqa\n")
     problems, _ = layers.check(package)
     assert len(problems) == 1 and "reforge.eval.model imports safetensors.torch; only reforge.io" in problems[0]
+
+
+# The layer check's holes (issue 23): each test builds a tiny fake package the check must reject.
+
+FAKE = {
+    "__init__.py": "import importlib\n\n_API = {'tune': 'reforge.tune', 'merge': 'reforge.ops.merge'}\n\n\n"
+    "def __getattr__(name):\n    return getattr(importlib.import_module(_API[name]), name)\n",
+    "errors.py": "",
+    "io/__init__.py": "",
+    "io/format.py": "X = 1\n",
+    "io/reader.py": "from reforge.io.format import X  # noqa\n",
+    "ops/__init__.py": "",
+    "ops/merge.py": "from reforge.io.reader import X  # noqa\n",
+    "ops/fold.py": "",
+    "eval/__init__.py": "",
+    "eval/encode.py": "",
+    "train/__init__.py": "",
+    "train/loop.py": "",
+    "tune.py": "from reforge.ops import merge  # noqa\n",
+}
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """A tiny package with reforge's layers and no problem; a test adds one file with one hole."""
+    root = tmp_path / "reforge"
+    for name, text in FAKE.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+    def with_file(name: str, text: str) -> Path:
+        (root / name).write_text(text)
+        return root
+
+    return with_file
+
+
+def test_the_fake_package_alone_passes(layers, fake):
+    assert layers.check(fake("errors.py", ""))[0] == []
+
+
+def test_an_attribute_of_an_imported_reforge_is_an_import(layers, fake):
+    package = fake("io/format.py", "import reforge\n\n\ndef late():\n    return reforge.tune.run(), reforge.merge()\n")
+    problems, _ = layers.check(package)
+    assert [p.split(": ", 1)[1] for p in problems[:2]] == [
+        "reforge.io.format (layer io) imports reforge.tune (layer tune), which is above it",
+        "reforge.io.format (layer io) imports reforge.ops.merge (layer ops/train/eval), which is above it",
+    ]
+
+
+def test_a_submodule_imported_from_its_package_is_recorded_so_its_cycle_is_seen(layers, fake):
+    package = fake("io/format.py", "from reforge.io import reader  # noqa\n")  # reader imports format
+    assert layers.check(package)[0] == ["import cycle: reforge.io.format -> reforge.io.reader -> reforge.io.format"]
+
+
+def test_a_computed_import_is_unverifiable_unless_listed_with_a_reason(layers, fake):
+    package = fake(
+        "ops/fold.py",
+        "import importlib\n\n\ndef f(x):\n    return importlib.import_module(x), __import__(f'reforge.{x}')\n",
+    )
+    problems, _ = layers.check(package)
+    assert len(problems) == 2 and all("reforge.ops.fold imports a computed name" in p for p in problems)
+    assert "(x)" in problems[0] and "(f'reforge.{x}')" in problems[1]
+    assert ("reforge", "_API[name]") in layers.COMPUTED  # the fake root's lazy API uses that listed form
+
+
+def test_ops_train_and_eval_may_not_import_each_other(layers, fake):
+    package = fake("ops/fold.py", "def f():\n    from reforge.eval import encode  # noqa\n")
+    problems, _ = layers.check(package)
+    assert len(problems) == 1
+    assert problems[0].endswith(
+        "reforge.ops.fold imports reforge.eval.encode: ops, train and eval may not import each "
+        "other; move what both need a layer down, or compose them above"
+    )
+
+
+def test_torch_save_and_load_outside_io_are_caught(layers, fake):
+    text = "import torch\nfrom torch import load  # noqa\n\n\ndef f(x, p):\n    torch.save(x, p / 'optim.pt')\n"
+    problems, _ = layers.check(fake("train/loop.py", text))
+    assert [p.split(": ", 1)[1] for p in problems] == [
+        "reforge.train.loop uses torch.load; only reforge.io reads or writes checkpoint files",
+        "reforge.train.loop uses torch.save; only reforge.io reads or writes checkpoint files",
+    ]
+
+
+def test_reading_adapter_config_json_outside_io_is_caught_but_testing_that_it_exists_is_not(layers, fake):
+    text = (
+        "import json\n\n\ndef f(folder):\n"
+        "    if (folder / 'adapter_config.json').is_file():\n"
+        "        return json.loads((folder / 'adapter_config.json').read_text())\n\n\n"
+        "def g(folder):\n    path = folder / 'adapter_config.json'\n    with open(path) as h:\n        return h\n"
+    )
+    problems, _ = layers.check(fake("ops/fold.py", text))
+    assert [p.split(": ", 1)[1] for p in problems] == [
+        "reforge.ops.fold uses adapter_config.json; only reforge.io reads or writes checkpoint files",
+    ] * 2
+    assert [p.split(":")[1] for p in problems] == ["6", "11"]
+
+
+def test_an_exception_no_longer_needed_is_reported_so_the_lists_only_shrink(layers, fake, monkeypatch):
+    package = fake("errors.py", "")
+    monkeypatch.setattr(layers, "DEFAULT_PACKAGE", package.resolve())
+    problems, _ = layers.check(package)
+    stale = [p for p in problems if "is no longer needed" in p]
+    assert len(stale) == len(layers.SIDEWAYS) + len(layers.IO_EXCEPTIONS) + len(layers.COMPUTED) - 1  # root's used
+    assert "exception io reforge.train.state -> torch.save is no longer needed" in "\n".join(stale)

@@ -57,6 +57,13 @@ def test_verify_merge_with_recorded_inputs_and_embeddings(setup, tmp_path):  # n
     assert not any(c["skipped"] for c in report["checks"]) and "sound" in run("verify", out, "--no-embeddings").stdout
     assert len(report["cosine"]) == 4 and min(report["cosine"]) > 0.5
     assert len(report["tensors"]) == 20
+    # the Python API runs the embedding checks only with a comparison passed in (ops does not import eval)
+    from reforge.ops.verify import verify_checkpoint
+
+    api = verify_checkpoint(out, embeddings=True)
+    assert api.ok and api.skipped == [
+        "embeddings: skipped: no comparison given (pass embeddings=reforge.eval.agreement.compare_embeddings)"
+    ]
     # a different alpha than the one used must fail the recomputation
     result = run("verify", out, "--adapter", setup["root"] / "dora", "--alpha", "0.25", "--no-embeddings")
     assert result.exit_code == 1 and "differs from the recomputed merge" in result.stdout
@@ -131,3 +138,14 @@ def test_verifying_a_lora_retriever_delta_recomputes_it_or_says_what_it_could_no
     torch.save(load_file(setup["root"] / "lora" / "adapter_model.safetensors"), pickled / "adapter_model.bin")
     result = run("verify", delta, "--base", setup["base_dir"], "--retriever", pickled, "--allow-pickle")
     assert "not recomputed" in result.stdout and "sound" not in result.stdout.splitlines()[-1].split(":")[-1]
+
+
+def test_the_independent_check_reads_adapter_config_through_io_and_names_a_broken_one(tmp_path):
+    import pytest
+
+    from reforge.errors import CorruptCheckpointError
+    from reforge.ops.recheck import PlainAdapter
+
+    (tmp_path / "adapter_config.json").write_text('{"r": 8, "lora_alpha": ')
+    with pytest.raises(CorruptCheckpointError, match=r"adapter_config\.json is not a readable adapter config \("):
+        PlainAdapter(tmp_path)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from reforge.cli import output as ui
-from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, stream_device_option, write_options
+from reforge.cli.options import (
+    DTYPE_CHOICES,
+    hub_options,
+    keep_lm_head_option,
+    output_options,
+    stream_device_option,
+    write_options,
+)
 
 
 @click.command("diff")
@@ -40,12 +47,7 @@ from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, stre
     is_flag=True,
     help="Store tensors only the retriever has whole and skip those only the base has, instead of failing.",
 )
-@click.option(
-    "--keep-lm-head",
-    is_flag=True,
-    help="RE-Adapt a chat model: the retriever is an instruction-tuned CausalLM; keep its lm_head and write a "
-    "CausalLM (diff and merge both need it).",
-)
+@keep_lm_head_option
 @stream_device_option
 @hub_options
 @output_options

@@ -5,36 +5,22 @@ from __future__ import annotations
 import click
 
 from reforge.cli import output as ui
-from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, stream_device_option, write_options
+from reforge.cli.options import (
+    DTYPE_CHOICES,
+    adapter_options,
+    adapter_pairs,
+    hub_options,
+    keep_lm_head_option,
+    output_options,
+    source_options,
+    stream_device_option,
+    write_options,
+)
 
 
 @click.command("merge")
-@click.option("--base", required=True, help="The pretrained LM the retriever and adapters were trained from.")
-@click.option(
-    "--retriever",
-    default=None,
-    help="The retriever (full, or a peft LoRA over BASE). Delta is "
-    "computed on the fly; with --beta 1 the output is retriever + alpha*Psi with no Delta rounding.",
-)
-@click.option(
-    "--delta",
-    default=None,
-    type=click.Path(exists=True, file_okay=False),
-    help="A delta folder from `reforge diff` (instead of --retriever).",
-)
-@click.option(
-    "--adapter",
-    "adapters",
-    multiple=True,
-    help="A knowledge adapter (peft DoRA/LoRA folder from `reforge train`). Repeat for several.",
-)
-@click.option(
-    "--alpha",
-    "alphas",
-    multiple=True,
-    type=float,
-    help="Weight of each --adapter, in the same order (default 0.5 each).",
-)
+@source_options()
+@adapter_options()
 @click.option("--beta", type=float, default=1.0, show_default=True, help="Weight of Delta.")
 @click.option(
     "--dtype",
@@ -50,12 +36,7 @@ from reforge.cli.options import DTYPE_CHOICES, hub_options, output_options, stre
     "(default: read from the adapter's training record).",
 )
 @write_options
-@click.option(
-    "--keep-lm-head",
-    is_flag=True,
-    help="RE-Adapt a chat model: the retriever is an instruction-tuned CausalLM; keep its lm_head and write a "
-    "CausalLM (diff and merge both need it).",
-)
+@keep_lm_head_option
 @stream_device_option
 @hub_options
 @output_options
@@ -98,16 +79,9 @@ def merge_cmd(
     from reforge.ops.job import Access, WriteOptions
     from reforge.ops.merge import merge
 
-    if (retriever is None) == (delta is None):
-        raise click.UsageError("Pass exactly one of --retriever and --delta.")
-    if not adapters and not alphas:
+    pairs = adapter_pairs(adapters, alphas)
+    if not pairs:
         ui.warn("no --adapter given: the output is base + beta*Delta (the retriever itself when beta is 1).")
-    if alphas and len(alphas) != len(adapters):
-        raise click.UsageError(
-            f"{len(adapters)} --adapter but {len(alphas)} --alpha: give one --alpha per "
-            "--adapter, or none for 0.5 each."
-        )
-    pairs = list(zip(adapters, alphas or [0.5] * len(adapters)))
     write = WriteOptions(dtype, max_shard_size, overwrite, durable, dry_run, ui.command_line())
     with ui.progress_bar("merge", unit="bytes", quiet=quiet or as_json) as progress:
         report = merge(

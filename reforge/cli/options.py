@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -102,8 +103,8 @@ def stream_device_option(func: Callable) -> Callable:
         show_default=True,
         help="Where the arithmetic runs: cpu, cuda (cuda:N), or auto = cuda when available. The CPU is the default "
         "until the GPU path has been measured on a GPU. Pieces stream "
-        "through the GPU; diff and merges without a DoRA adapter give the CPU's bytes, a DoRA product or row norm "
-        "may round differently on a GPU.",
+        "through the GPU; diff and merges without a DoRA adapter are elementwise and should give the CPU's bytes "
+        "(not yet run on a GPU), a DoRA product or row norm may round differently there.",
     )(func)
 
 
@@ -173,6 +174,120 @@ def write_options(func: Callable) -> Callable:
         help="Output folder (written under a temporary name, renamed when whole).",
     )(func)
     return func
+
+
+def source_options(*, recorded: bool = False) -> Callable[[Callable], Callable]:
+    """``--base``, ``--retriever`` and ``--delta``: what a readapted retriever is built from (merge, tune, verify),
+    declared once, with the one check on them (`check_source_flags`) run before the command's body.
+
+    ``recorded=False`` (merge, tune): ``--base`` is required, and exactly one of ``--retriever`` / ``--delta``.
+    ``recorded=True`` (verify): each defaults to what the checked folder's ``reforge.json`` records; at most one of
+    ``--retriever`` / ``--delta``.
+    """
+    record = " (default: the one the folder's reforge.json records)" if recorded else ""
+    options = [
+        click.option(
+            "--base",
+            required=not recorded,
+            default=None,
+            help="The pretrained LM the retriever and the adapters were trained from" + record + ".",
+        ),
+        click.option(
+            "--retriever",
+            default=None,
+            help="The retriever (full, or a peft LoRA over BASE)"
+            + (
+                record
+                if recorded
+                else ". Delta is computed on the fly; with --beta 1 the output is retriever + alpha*Psi with no "
+                "Delta rounding"
+            )
+            + ".",
+        ),
+        click.option(
+            "--delta",
+            default=None,
+            type=click.Path(exists=True, file_okay=False),
+            help="A delta folder from `reforge diff`, instead of --retriever" + record + ".",
+        ),
+    ]
+
+    def decorate(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            check_source_flags(kwargs.get("retriever"), kwargs.get("delta"), recorded=recorded)
+            return func(*args, **kwargs)
+
+        for option in reversed(options):
+            checked = option(checked)
+        return checked
+
+    return decorate
+
+
+def check_source_flags(retriever: str | None, delta: str | None, *, recorded: bool = False) -> None:
+    """The command line's one check on where Delta comes from (`source_options`); the library's own is
+    `reforge.ops.job.check_source`.
+
+    Raises:
+        click.UsageError: both given; or neither, unless the folder's record supplies them (``recorded``).
+    """
+    if retriever is not None and delta is not None:
+        raise click.UsageError(
+            "Pass at most one of --retriever and --delta (without either, the ones reforge.json records)."
+            if recorded
+            else "Pass exactly one of --retriever and --delta."
+        )
+    if retriever is None and delta is None and not recorded:
+        raise click.UsageError("Pass exactly one of --retriever and --delta.")
+
+
+def adapter_options(*, recorded: bool = False) -> Callable[[Callable], Callable]:
+    """``--adapter`` (repeatable) and ``--alpha`` (one per adapter, in order): the knowledge adapters of a merge
+    (merge; verify with ``recorded``: default, those the folder's ``reforge.json`` records). `adapter_pairs` turns
+    them into ``[(adapter, alpha), ...]``."""
+    record = "; default: those the folder's reforge.json records" if recorded else ""
+
+    def decorate(func: Callable) -> Callable:
+        func = click.option(
+            "--alpha",
+            "alphas",
+            multiple=True,
+            type=float,
+            help="Weight of each --adapter, in the same order (default 0.5 each).",
+        )(func)
+        return click.option(
+            "--adapter",
+            "adapters",
+            multiple=True,
+            help="A knowledge adapter (peft DoRA/LoRA folder from `reforge train`). Repeat for several" + record + ".",
+        )(func)
+
+    return decorate
+
+
+def keep_lm_head_option(func: Callable) -> Callable:
+    """``--keep-lm-head`` of diff and merge (RE-Adapt of a chat model)."""
+    return click.option(
+        "--keep-lm-head",
+        is_flag=True,
+        help="RE-Adapt a chat model: the retriever is an instruction-tuned CausalLM; keep its lm_head and write a "
+        "CausalLM (diff and merge both need it).",
+    )(func)
+
+
+def adapter_pairs(adapters: tuple[str, ...], alphas: tuple[float, ...]) -> list[tuple[str, float]]:
+    """``[(adapter, alpha), ...]`` from `adapter_options`; alpha 0.5 each when no ``--alpha`` is given.
+
+    Raises:
+        click.UsageError: some ``--alpha`` given, but not one per ``--adapter``.
+    """
+    if alphas and len(alphas) != len(adapters):
+        raise click.UsageError(
+            f"{len(adapters)} --adapter but {len(alphas)} --alpha: give one --alpha per --adapter, or none for 0.5 "
+            "each."
+        )
+    return list(zip(adapters, alphas or [0.5] * len(adapters)))
 
 
 PROFILES = list(PROFILE_NAMES)  # one home: reforge.profiles

@@ -7,16 +7,20 @@ import dataclasses
 import click
 
 from reforge.cli import output as ui
-from reforge.cli.options import hub_options, output_options, stream_device_option
+from reforge.cli.options import (
+    adapter_options,
+    adapter_pairs,
+    hub_options,
+    output_options,
+    source_options,
+    stream_device_option,
+)
 
 
 @click.command("verify")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
-@click.option("--base", default=None, help="The base model (default: the one recorded in reforge.json).")
-@click.option("--retriever", default=None, help="The retriever (default: the one recorded).")
-@click.option("--delta", default=None, help="The delta the merge used (default: the one recorded).")
-@click.option("--adapter", "adapters", multiple=True, help="Adapter(s) the merge used (default: those recorded).")
-@click.option("--alpha", "alphas", multiple=True, type=float, help="Alpha of each --adapter, in order.")
+@source_options(recorded=True)
+@adapter_options(recorded=True)
 @click.option("--beta", type=float, default=None, help="Beta the merge used (default: the recorded one).")
 @click.option("--full", is_flag=True, help="Recompute every tensor, not a sample.")
 @click.option(
@@ -30,23 +34,7 @@ from reforge.cli.options import hub_options, output_options, stream_device_optio
 @stream_device_option
 @hub_options
 @output_options
-def verify_cmd(
-    folder: str,
-    base: str | None,
-    retriever: str | None,
-    delta: str | None,
-    adapters: tuple[str, ...],
-    alphas: tuple[float, ...],
-    beta: float | None,
-    full: bool,
-    samples: int,
-    no_embeddings: bool,
-    device: str,
-    token: str | None,
-    allow_pickle: bool,
-    quiet: bool,
-    as_json: bool,
-) -> None:
+def verify_cmd(folder: str, **options) -> None:
     """Check that a delta or merged checkpoint is sound.
 
     Checks that FOLDER loads (headers, index, nothing half-written), that every tensor is finite, that names,
@@ -61,26 +49,29 @@ def verify_cmd(
       reforge verify delta/ --base base/ --retriever retriever/ --full
       reforge verify out/ --base B --retriever R --adapter psi/ --alpha 0.5 --json
     """
-    from reforge.ops.verify import verify_checkpoint
+    from reforge.eval.agreement import compare_embeddings
+    from reforge.ops.job import Access
+    from reforge.ops.verify import VerifyInputs, verify_checkpoint
 
-    if alphas and len(alphas) != len(adapters):
-        raise click.UsageError("give one --alpha per --adapter.")
-    pairs = list(zip(adapters, alphas or [0.5] * len(adapters))) if adapters else None
-    with ui.progress_bar("verify", unit="bytes", quiet=quiet or as_json) as progress:
+    given = options["adapters"] or options["alphas"]
+    inputs = VerifyInputs(
+        base=options["base"],
+        retriever=options["retriever"],
+        delta=options["delta"],
+        adapters=adapter_pairs(options["adapters"], options["alphas"]) if given else None,
+        beta=options["beta"],
+    )
+    as_json = options["as_json"]
+    with ui.progress_bar("verify", unit="bytes", quiet=options["quiet"] or as_json) as progress:
         report = verify_checkpoint(
             folder,
-            base=base,
-            retriever=retriever,
-            delta=delta,
-            adapters=pairs,
-            beta=beta,
-            full=full,
-            samples=samples,
-            embeddings=not no_embeddings,
-            token=token,
-            allow_pickle=allow_pickle,
+            inputs,
+            access=Access(options["token"], options["allow_pickle"]),
+            full=options["full"],
+            samples=options["samples"],
+            embeddings=None if options["no_embeddings"] else compare_embeddings,
             progress=progress,
-            device=device,
+            device=options["device"],
         )
     if as_json:
         ui.print_json({**dataclasses.asdict(report), "ok": report.ok, "failures": report.failures})

@@ -1,7 +1,8 @@
 """`verify`'s independent check: expected tensors recomputed from the input files by a plain formula.
 
 Nothing here is shared with the merge path (`reforge.ops.merge`, `reforge.ops.fold`, `reforge.io.reader`,
-`reforge.io.keymap`): inputs are read with the safetensors library (`reforge.io.plain`), names are matched by
+`reforge.io.keymap`): inputs are read with the safetensors library (`reforge.io.plain`; an adapter's config with
+`reforge.io.adapter_config`), names are matched by
 suffix, and the formula is written out once, in float64, on whole tensors:
 
     expected = base + beta * (retriever - base) + sum_i alpha_i * Psi_i      (retriever given; = retriever at beta 1)
@@ -14,12 +15,12 @@ so that a bug in the merge path cannot verify itself. What cannot be recomputed 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from reforge.io.adapter_config import is_adapter, read_adapter_config
 from reforge.io.manifest import Manifest, read_manifest
 from reforge.io.plain import PlainReader
 
@@ -46,7 +47,7 @@ class PlainAdapter:
 
     def __init__(self, folder: Path) -> None:
         self.reader = PlainReader(folder)
-        self.config = json.loads((folder / "adapter_config.json").read_text())
+        self.config = read_adapter_config(folder)
 
     def psi(self, name: str, weight: "torch.Tensor | None") -> "torch.Tensor | str | None":
         """Psi for output tensor ``name`` (float64), None when the adapter does not touch it, or why it cannot."""
@@ -76,19 +77,20 @@ class PlainAdapter:
         return (m / combined.norm(dim=1))[:, None] * combined - weight
 
 
-def recheck_merge(folder: Path, names: list[str], inputs: dict, resolve) -> Recheck:
-    """Recompute output tensors ``names`` of the merged ``folder`` from ``inputs`` (base, retriever or delta,
-    adapters, beta; refs turned into folders by ``resolve``) and compare them with what ``folder`` stores."""
+def recheck_merge(folder: Path, names: list[str], inputs: Any, resolve) -> Recheck:
+    """Recompute output tensors ``names`` of the merged ``folder`` from ``inputs`` (a `reforge.ops.verify.Sources`:
+    base, retriever or delta, adapters, beta; refs turned into folders by ``resolve``) and compare them with what
+    ``folder`` stores."""
     result = Recheck()
-    output, base = PlainReader(folder), PlainReader(resolve(inputs["base"]))
-    adapters = [(PlainAdapter(resolve(ref)), alpha) for ref, alpha in inputs["adapters"]]
+    output, base = PlainReader(folder), PlainReader(resolve(inputs.base))
+    adapters = [(PlainAdapter(resolve(ref)), alpha) for ref, alpha in inputs.adapters]
     source = _Source(inputs, resolve)
     for reader, role in [(base, "base"), *[(a.reader, "adapter") for a, _ in adapters], *source.readers()]:
         if not reader.names:
             result.not_recomputed = dict.fromkeys(names, f"the {role} has no safetensors weights (pickle)")
             return result
     for name in names:
-        expected = _expected(name, base, source, adapters, inputs["beta"])
+        expected = _expected(name, base, source, adapters, inputs.beta)
         if isinstance(expected, str):
             result.not_recomputed[name] = expected
             continue
@@ -158,14 +160,14 @@ def _expected(name: str, base: PlainReader, source: "_Source", adapters, beta: f
 class _Source:
     """The retriever (full), or where Delta comes from: a delta folder or a LoRA retriever."""
 
-    def __init__(self, inputs: dict, resolve) -> None:
+    def __init__(self, inputs: Any, resolve) -> None:
         self.retriever = self.delta = self.adapter = None
-        if inputs.get("delta"):
-            folder = resolve(inputs["delta"])
+        if inputs.delta:
+            folder = resolve(inputs.delta)
             self.delta, self.manifest = PlainReader(folder), (read_manifest(folder) or Manifest(folder, {})).data
             return
-        folder = resolve(inputs["retriever"])
-        if (folder / "adapter_config.json").is_file():
+        folder = resolve(inputs.retriever)
+        if is_adapter(folder):
             self.adapter = PlainAdapter(folder)
         else:
             self.retriever = PlainReader(folder)

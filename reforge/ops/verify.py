@@ -10,6 +10,9 @@ Checks, each reported by name:
 - ``encoding`` (merged models): the new model's ``reforge_encoding.json`` gives the retriever's encoding profile;
 - ``embeddings`` (merged models, optional): cosine agreement of a few sentences embedded by the retriever and
   the new model; reported, it fails when an embedding is not finite or when the check cannot run.
+
+``encoding`` and ``embeddings`` load and run both models, which is eval's work: the caller passes
+`reforge.eval.agreement.compare_embeddings` as ``embeddings`` (`reforge verify` does), since ops does not import eval.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 from reforge.errors import CorruptCheckpointError, ReforgeError
 from reforge.io.checkpoint import AdapterCheckpoint, open_checkpoint
@@ -27,14 +31,17 @@ from reforge.io.reader import ShardReader
 from reforge.io.target import staging_path
 from reforge.ops.chat import apply_head_rule
 from reforge.ops.device import resolve_device
+from reforge.ops.job import Access
 
-PROFILE_FILE_NAME = "reforge_encoding.json"
-SENTENCES = [
-    "What is the capital of France?",
-    "Vaccines train the immune system to recognise a pathogen.",
-    "Stock prices fell sharply after the announcement.",
-    "A transformer maps tokens to vectors.",
-]
+
+class EmbeddingCompare(Protocol):
+    """How ``embeddings`` compares the retriever and the new model: `reforge.eval.agreement.compare_embeddings`
+    (passed in by the caller: ops does not import eval). Returns an object with ``checks`` (name, ok, detail) and
+    ``cosine``."""
+
+    def __call__(
+        self, new: Path, retriever: str, base: str | None, *, token: str | None, allow_pickle: bool
+    ) -> Any: ...
 
 
 @dataclass
@@ -74,28 +81,55 @@ class VerifyReport:
         self.checks.append(Check(name, ok, detail, skipped))
 
 
+@dataclass(frozen=True)
+class VerifyInputs:
+    """What the checked folder was made from: the command's ``--base/--retriever/--delta``
+    (`reforge.cli.options.source_options`), ``--adapter/--alpha`` (`adapter_options`) and ``--beta``. A field left
+    None is taken from the folder's ``reforge.json``: the recorded path while it exists, else its Hub ref."""
+
+    base: str | None = None
+    retriever: str | None = None
+    delta: str | None = None
+    adapters: list[tuple[str, float]] | None = None
+    beta: float | None = None
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The inputs every recompute check starts from: `VerifyInputs` completed from the record (at most one of
+    ``retriever`` and ``delta``)."""
+
+    base: str | None
+    retriever: str | None
+    delta: str | None
+    adapters: list[tuple[str, float]]
+    beta: float
+    keep_lm_head: bool
+
+
 def verify_checkpoint(
     path: str | Path,
+    inputs: VerifyInputs | None = None,
     *,
-    base: str | None = None,
-    retriever: str | None = None,
-    delta: str | None = None,
-    adapters: list[tuple[str, float]] | None = None,
-    beta: float | None = None,
+    access: Access | None = None,
     full: bool = False,
     samples: int = 8,
-    embeddings: bool = True,
-    token: str | None = None,
-    allow_pickle: bool = False,
     seed: int = 0,
+    embeddings: EmbeddingCompare | bool | None = None,
     progress: ProgressFn | None = None,
     device: str | None = "cpu",
 ) -> VerifyReport:
     """Verify a delta or merged checkpoint folder; see the module docstring for the checks.
 
-    Inputs not given are taken from the folder's ``reforge.json`` when the paths it records still exist.
-    ``device``: where ``recompute`` runs merge's arithmetic (cpu, cuda, or auto: a GPU when there is one; see
-    `reforge.ops.device`); the independent recheck stays on the CPU, in float64, by design.
+    Args:
+        inputs: what the folder was made from; what is not given comes from its ``reforge.json``.
+        access: how inputs are opened (Hub token, pickle allowed).
+        full, samples, seed: recompute every tensor, or ``samples`` of them chosen with ``seed``.
+        embeddings: `reforge.eval.agreement.compare_embeddings` (or another `EmbeddingCompare`) runs the
+            ``encoding`` and ``embeddings`` checks; None or False leaves them out; True, which names no
+            comparison, reports them as skipped.
+        device: where ``recompute`` runs merge's arithmetic (cpu, cuda, or auto: a GPU when there is one; see
+            `reforge.ops.device`); the independent recheck stays on the CPU, in float64, by design.
     """
     path = Path(path)
     try:
@@ -113,24 +147,60 @@ def verify_checkpoint(
     _check_finite(index, report, progress)
     from reforge.io.paths import located_inputs  # issue 26: reforge.json names local inputs relative to its folder
 
-    inputs = _inputs(located_inputs(manifest, path), base, retriever, delta, adapters, beta)
+    sources = _sources(located_inputs(manifest, path), inputs or VerifyInputs())
+    run = _Run(path, manifest, index, sources, access or Access(), full, samples, seed, report)
     if report.kind == "delta":
-        _check_delta(path, index, manifest, inputs, full, samples, seed, report, token, allow_pickle)
-    elif inputs.get("base") and (inputs.get("retriever") or inputs.get("delta")):
-        _check_layout(index, inputs, report, token, allow_pickle)
-        _check_merge(path, index, inputs, full, samples, seed, report, token, allow_pickle, where)
-        _check_independent(path, index, inputs, full, samples, seed, report, token, allow_pickle)
-        if inputs["keep_lm_head"]:
+        _check_delta(run)
+    elif sources.base and (sources.retriever or sources.delta):
+        _check_layout(run)
+        _check_merge(run, where)
+        _check_independent(run)
+        if sources.keep_lm_head:
             report.add(
                 "embeddings", True, "not applicable: a chat model readapted with --keep-lm-head, not a retriever"
             )
-        elif embeddings and inputs.get("retriever"):
-            _check_embeddings(path, inputs, report, token, allow_pickle)
+        elif embeddings is True and sources.retriever:
+            report.add(
+                "embeddings",
+                True,
+                "skipped: no comparison given (pass embeddings=reforge.eval.agreement.compare_embeddings)",
+                skipped=True,
+            )
+        elif embeddings and sources.retriever:
+            _check_embeddings(run, embeddings)
     else:
         report.add(
             "recompute", True, "skipped: no inputs given and none recorded (pass --base and --retriever)", skipped=True
         )
     return report
+
+
+@dataclass
+class _Run:
+    """One verification: the folder, its record and index, the resolved inputs and how to open them, which tensors
+    to recompute, and the report the checks add to."""
+
+    path: Path
+    manifest: dict
+    index: ShardIndex
+    sources: Sources
+    access: Access
+    full: bool
+    samples: int
+    seed: int
+    report: VerifyReport
+
+    def sample(self, keys: list[str], samples: int | None = None, *, seed_offset: int = 0, full: bool | None = None):
+        """``keys``, or a seeded sample of them (every key with ``full``)."""
+        return _sample(
+            keys,
+            self.full if full is None else full,
+            self.samples if samples is None else samples,
+            self.seed + seed_offset,
+        )
+
+    def open(self, ref: str):
+        return open_checkpoint(ref, token=self.access.token, allow_pickle=self.access.allow_pickle)
 
 
 def _check_loads(path: Path, manifest: dict, report: VerifyReport) -> ShardIndex | None:
@@ -179,7 +249,7 @@ def _check_finite(index: ShardIndex, report: VerifyReport, progress) -> None:
     )
 
 
-def _inputs(manifest: dict, base, retriever, delta, adapters, beta) -> dict:
+def _sources(manifest: dict, given: VerifyInputs) -> Sources:
     def recorded(entry: dict | None) -> str | None:
         if not entry:
             return None
@@ -188,40 +258,41 @@ def _inputs(manifest: dict, base, retriever, delta, adapters, beta) -> dict:
             return local
         return entry.get("repo_id") and (entry["repo_id"] + (f"@{entry['revision']}" if entry.get("revision") else ""))
 
+    adapters = given.adapters
     if adapters is None:
         adapters = [(recorded(a), a.get("alpha", 0.5)) for a in manifest.get("adapters") or []]
         adapters = [(ref, alpha) for ref, alpha in adapters if ref]
-    inputs = {
-        "base": base or recorded(manifest.get("base")),
-        "retriever": retriever or (None if delta else recorded(manifest.get("retriever"))),
-        "delta": delta or (None if retriever else (manifest.get("delta") or {}).get("path")),
-        "adapters": adapters,
-        "beta": manifest.get("beta", 1.0) if beta is None else beta,
-        "keep_lm_head": bool(manifest.get("keep_lm_head")),
-    }
-    if inputs["retriever"] and inputs["delta"]:
-        inputs["delta"] = None
-    return inputs
+    retriever = given.retriever or (None if given.delta else recorded(manifest.get("retriever")))
+    delta = given.delta or (None if given.retriever else (manifest.get("delta") or {}).get("path"))
+    return Sources(
+        base=given.base or recorded(manifest.get("base")),
+        retriever=retriever,
+        delta=None if retriever else delta,
+        adapters=list(adapters),
+        beta=manifest.get("beta", 1.0) if given.beta is None else given.beta,
+        keep_lm_head=bool(manifest.get("keep_lm_head")),
+    )
 
 
-def _check_delta(path, index, manifest, inputs, full, samples, seed, report, token, allow_pickle) -> None:
+def _check_delta(run: _Run) -> None:
     from reforge.ops.delta import DeltaCheckpoint
 
-    if not (inputs["base"] and inputs["retriever"]):
+    report, manifest = run.report, run.manifest
+    if not (run.sources.base and run.sources.retriever):
         report.add(
             "recompute", True, "skipped: pass --base and --retriever to check base + Delta = retriever", skipped=True
         )
         return
-    delta = DeltaCheckpoint.open(path)
-    base = open_checkpoint(inputs["base"], token=token, allow_pickle=allow_pickle)
-    retriever = open_checkpoint(inputs["retriever"], token=token, allow_pickle=allow_pickle)
+    delta = DeltaCheckpoint.open(run.path)
+    base = run.open(run.sources.base)
+    retriever = run.open(run.sources.retriever)
     if isinstance(retriever, AdapterCheckpoint):
-        _check_adapter_delta(path, delta, manifest, inputs, base.path, retriever.path, full, samples, seed, report)
+        _check_adapter_delta(run, delta, base.path, retriever.path)
         return
-    if inputs["keep_lm_head"]:
+    if run.sources.keep_lm_head:
         apply_head_rule(base, retriever, True)
     base_keys, retriever_keys = base.canonical_keys(), retriever.canonical_keys()
-    keys = _sample(list(delta.shapes), full, samples, seed)
+    keys = run.sample(list(delta.shapes))
     failures = []
     with base.reader() as b, retriever.reader() as r, delta.reader() as d:
         for key in keys:
@@ -251,22 +322,22 @@ def _check_delta(path, index, manifest, inputs, full, samples, seed, report, tok
     )
 
 
-def _check_layout(index: ShardIndex, inputs: dict, report: VerifyReport, token, allow_pickle) -> None:
-    retriever = inputs.get("retriever")
-    if not retriever:
+def _check_layout(run: _Run) -> None:
+    report = run.report
+    if not run.sources.retriever:
         return
-    opened = open_checkpoint(retriever, token=token, allow_pickle=allow_pickle)
+    opened = run.open(run.sources.retriever)
     if isinstance(opened, AdapterCheckpoint):
         report.add("layout", True, "retriever is a peft adapter: output is its full bare model")
         return
-    if inputs["keep_lm_head"]:
+    if run.sources.keep_lm_head:
         opened.layout = replace(opened.layout, keep_head=True)
     expected = {
         name: (info.shape, info.dtype)
         for name, info in opened.index.tensors.items()
         if opened.layout.canonical(name) is not None
     }
-    found = {name: (info.shape, info.dtype) for name, info in index.tensors.items()}
+    found = {name: (info.shape, info.dtype) for name, info in run.index.tensors.items()}
     problems = [f"missing {n!r}" for n in expected if n not in found][:3]
     problems += [f"unexpected {n!r}" for n in found if n not in expected][:3]
     problems += [f"{n!r} is {found[n]} not {expected[n]}" for n in expected if n in found and found[n] != expected[n]][
@@ -279,31 +350,32 @@ def _check_layout(index: ShardIndex, inputs: dict, report: VerifyReport, token, 
     )
 
 
-def _check_merge(path, index, inputs, full, samples, seed, report, token, allow_pickle, device=None) -> None:
+def _check_merge(run: _Run, device=None) -> None:
     import torch
 
     from reforge.ops import merge as merge_ops
     from reforge.ops.stream import scratch_for
 
+    given, report, index = run.sources, run.report, run.index
     source = merge_ops.open_inputs(
-        inputs["base"],
-        inputs.get("retriever"),
-        inputs.get("delta"),
-        inputs["adapters"],
-        token,
-        allow_pickle,
-        inputs["keep_lm_head"],
+        given.base,
+        given.retriever,
+        given.delta,
+        given.adapters,
+        run.access.token,
+        run.access.allow_pickle,
+        given.keep_lm_head,
     )
     touched = [k for k in source.shapes if any(k in a.modules for a, _ in source.adapters)]
     untouched = [k for k in source.shapes if k not in touched]
     keys = (
         list(source.shapes)
-        if full
-        else (_sample(touched, False, samples, seed) + _sample(untouched, False, max(2, samples // 4), seed))
+        if run.full
+        else run.sample(touched, full=False) + run.sample(untouched, max(2, run.samples // 4), full=False)
     )
     failures = []
     scratch = scratch_for(device)()
-    with merge_ops.InputLoader(source, inputs["beta"]) as loader:
+    with merge_ops.InputLoader(source, given.beta) as loader:
         with ShardReader(index) as stored_reader:
             for key in keys:
                 name = source.stored_names[key]
@@ -314,7 +386,7 @@ def _check_merge(path, index, inputs, full, samples, seed, report, token, allow_
                 dtype = stored.dtype
                 expected, _ = scratch.compute(
                     lambda here, key=key, dtype=dtype: merge_ops.compute_output(
-                        source, here, key, inputs["beta"], dtype, scratch=scratch
+                        source, here, key, given.beta, dtype, scratch=scratch
                     ),
                     loader.load(key),
                     lambda shape, dtype=dtype: torch.empty(shape, dtype=dtype),
@@ -333,22 +405,28 @@ def _check_merge(path, index, inputs, full, samples, seed, report, token, allow_
     )
 
 
-def _check_independent(path, index, inputs, full, samples, seed, report, token, allow_pickle) -> None:
+def _check_independent(run: _Run) -> None:
     """Recompute a sample (all with ``full``) by `reforge.ops.recheck`'s plain formula, sharing no code with merge."""
+    from reforge.io.checkpoint import resolve_local
     from reforge.ops.recheck import recheck_merge
 
-    names = _sample(sorted(index.tensors), full, samples, seed + 1)
-    result = recheck_merge(path, names, inputs, _resolver(token, allow_pickle))
-    _report_recheck("independent", result, report, "recomputed by the plain formula from the input files")
+    names = run.sample(sorted(run.index.tensors), seed_offset=1)
+    access = run.access
+
+    def resolve(ref: str) -> Path:
+        return resolve_local(ref, token=access.token, allow_pickle=access.allow_pickle)
+
+    result = recheck_merge(run.path, names, run.sources, resolve)
+    _report_recheck("independent", result, run.report, "recomputed by the plain formula from the input files")
 
 
-def _check_adapter_delta(path, delta, manifest, inputs, base_dir, adapter_dir, full, samples, seed, report) -> None:
+def _check_adapter_delta(run: _Run, delta, base_dir: Path, adapter_dir: Path) -> None:
     """A delta from a LoRA retriever: Delta against the adapter folded by the plain formula (`reforge.ops.recheck`)."""
     from reforge.ops.recheck import recheck_adapter_delta
 
-    names = _sample(list(delta.shapes), full, samples, seed)
-    result = recheck_adapter_delta(path, names, base_dir, adapter_dir, manifest)
-    _report_recheck("recompute", result, report, "of Delta equal the LoRA retriever folded by the plain formula")
+    names = run.sample(list(delta.shapes))
+    result = recheck_adapter_delta(run.path, names, base_dir, adapter_dir, run.manifest)
+    _report_recheck("recompute", result, run.report, "of Delta equal the LoRA retriever folded by the plain formula")
 
 
 def _report_recheck(check: str, result, report: VerifyReport, what: str) -> None:
@@ -373,71 +451,18 @@ def _report_recheck(check: str, result, report: VerifyReport, what: str) -> None
         report.add(check, True, f"{len(result.checked)} tensor(s) {what}, within one rounding of their dtype")
 
 
-def _resolver(token, allow_pickle):
-    from reforge.io.checkpoint import resolve_local
-
-    return lambda ref: resolve_local(ref, token=token, allow_pickle=allow_pickle)
-
-
-def _check_embeddings(path: Path, inputs: dict, report: VerifyReport, token, allow_pickle) -> None:
-    """``encoding``: the new model is encoded like the retriever (its reforge_encoding.json); ``embeddings``: the
-    two embed a few sentences alike. A check that cannot run fails (``--no-embeddings`` skips it on purpose)."""
-    import numpy as np
-
-    from reforge.errors import PoolingUndeterminedError
-    from reforge.eval.encode import encode
-    from reforge.eval.model import resolve_model
-
-    try:
-        try:
-            old = resolve_model(
-                inputs["retriever"], base=inputs["base"], token=token, allow_pickle=allow_pickle, builtin_class=True
-            )
-            known = True
-        except PoolingUndeterminedError:  # no profile to carry; agreement is still measured, with mean pooling
-            old = resolve_model(
-                inputs["retriever"],
-                base=inputs["base"],
-                token=token,
-                allow_pickle=allow_pickle,
-                pooling="mean",
-                builtin_class=True,
-            )
-            known = False
-        new = resolve_model(
-            path, token=token, allow_pickle=allow_pickle, pooling=None if known else "mean", builtin_class=True
-        )
-        if known:
-            same = new.profile == old.profile
-            report.add(
-                "encoding",
-                same,
-                f"encoded like the retriever ({old.profile.name} profile)"
-                if same
-                else f"the new model would be encoded as {new.profile.to_dict()}, the retriever as "
-                f"{old.profile.to_dict()}; {PROFILE_FILE_NAME} is missing or differs",
-            )
-        vectors = []
-        for source in (old, new):
-            model = source.load(device="cpu", dtype=None, allow_pickle=allow_pickle)
-            vectors.append(encode(model, SENTENCES, old.profile, batch_size=len(SENTENCES)))
-    except ReforgeError as e:
-        report.add("embeddings", False, f"could not embed with both models: {e} (--no-embeddings skips this check)")
-        return
-    old_vectors, new_vectors = vectors
-    cosine = (old_vectors * new_vectors).sum(1) / (
-        np.linalg.norm(old_vectors, axis=1) * np.linalg.norm(new_vectors, axis=1)
+def _check_embeddings(run: _Run, compare: EmbeddingCompare) -> None:
+    """``encoding`` and ``embeddings``, by ``compare`` (`reforge.eval.agreement.compare_embeddings`)."""
+    agreement = compare(
+        run.path,
+        run.sources.retriever,
+        run.sources.base,
+        token=run.access.token,
+        allow_pickle=run.access.allow_pickle,
     )
-    report.cosine = [float(c) for c in cosine]
-    finite = bool(np.isfinite(new_vectors).all())
-    pooled = "" if known else " (pooling unknown: compared with mean pooling)"
-    report.add(
-        "embeddings",
-        finite,
-        f"cosine(retriever, new) on {len(cosine)} sentences: min {cosine.min():.4f}, mean {cosine.mean():.4f}{pooled}"
-        if finite
-        else "the new model's embeddings are not finite",
-    )
+    for name, ok, detail in agreement.checks:
+        run.report.add(name, ok, detail)
+    run.report.cosine = list(agreement.cosine)
 
 
 def _sample(keys: list[str], full: bool, samples: int, seed: int) -> list[str]:

@@ -1,0 +1,37 @@
+"""A peft adapter folder's ``adapter_config.json``: its name and its one reader.
+
+`reforge.ops.recheck` (verify's independent check) reads it here; `reforge.io.checkpoint` and `reforge.eval.model`
+read it on their own today and are to move here (issue 23: one home per fact).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from reforge.errors import CorruptCheckpointError, short_path
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter(folder: str | Path) -> bool:
+    """Whether ``folder`` is a peft adapter folder (it has an ``adapter_config.json``)."""
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def read_adapter_config(folder: str | Path) -> dict:
+    """The parsed ``adapter_config.json`` of the adapter ``folder``.
+
+    Raises:
+        CorruptCheckpointError: the file is missing, unreadable, not JSON, or not a JSON object; the message names it.
+    """
+    path = Path(folder) / ADAPTER_CONFIG
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as e:
+        raise CorruptCheckpointError(
+            f"{short_path(path)} is not a readable adapter config ({e}).", path=path, tensor=None, reason=str(e)
+        ) from e
+    return value
