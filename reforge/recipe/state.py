@@ -28,21 +28,24 @@ _CHECKPOINT_FILES = ("config.json", "adapter_config.json", "model.safetensors", 
 
 
 def content_key(path: str | Path) -> str:
-    """What an input holds, as a short key: a checkpoint folder's fingerprint, else the SHA-256 of its files.
+    """What an input holds, as a key: a checkpoint folder's whole-content key, else the SHA-256 of its files.
 
-    The one place the recipe calls `reforge.io.checkpoint.fingerprint` (being replaced by a whole-content key).
-    Data files are hashed whole, and each file's hash is remembered by file identity (`reforge.data.lazy.file_stamp`:
-    path, size, times, inode), so a second run reads no corpus again.
+    Both come from `reforge.io.checkpoint` (`content_key`, `file_sha256`): each file's hash is recorded by the writer
+    or remembered by file identity (device, inode, size, times), so a second run reads no weights or corpus again.
+    A checkpoint's key leaves out reforge.json and the other records, so remaking an output with the same weights
+    keeps the key of everything made from it.
     """
-    from reforge.io.checkpoint import fingerprint
+    from reforge.io.checkpoint import content_key as checkpoint_key
 
     path = Path(path)
     if path.is_dir() and any((path / name).is_file() for name in _CHECKPOINT_FILES):
-        return "checkpoint:" + fingerprint(path)
+        return "checkpoint:" + checkpoint_key(path)
     return "sha256:" + _data_key(path)
 
 
 def _data_key(path: Path) -> str:
+    from reforge.io.checkpoint import file_sha256
+
     if path.is_file():
         return file_sha256(path)
     files = sorted(
@@ -56,28 +59,6 @@ def _data_key(path: Path) -> str:
     for file in files:
         digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\0".encode())
     return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file, computed once per file identity and kept under ``$REFORGE_HOME/cache/recipe-sha256``."""
-    from reforge.data.lazy import file_stamp
-    from reforge.io.checkpoint import env_home, sha256_file
-
-    key = hashlib.sha256(json.dumps(["recipe-sha256", 1, *file_stamp(path)]).encode()).hexdigest()
-    cached = env_home() / "cache" / "recipe-sha256" / key
-    try:
-        value = cached.read_text(encoding="ascii").strip()
-        if len(value) == 64:
-            return value
-    except OSError:
-        pass
-    value = sha256_file(path)
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(cached, lambda f: f.write(value.encode("ascii")))
-    except OSError:
-        pass  # a read-only cache costs a rehash next time, nothing else
-    return value
 
 
 def fingerprint_of(kind: str, options: dict[str, Any], inputs: dict[str, list[str]]) -> str:
