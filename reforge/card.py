@@ -1,8 +1,9 @@
-"""The README.md model card of a readapted (merged) retriever: Hub metadata plus a provenance record.
+"""README.md model cards, all rendered here: a readapted (merged) retriever, a knowledge adapter, a chat model.
 
 `render_model_card` turns a plain dict (what `reforge merge` knows) into a card with YAML front matter built by
 huggingface_hub's `ModelCardData` and a Markdown body: what was merged with which weights, the exact command, how to
-load the model, and how to encode queries and passages.
+load the model, and how to encode queries and passages. `render_adapter_card` writes the card of a `reforge train`
+folder; `render_chat_card` the card of a chat model readapted with ``merge --keep-lm-head``.
 """
 
 from __future__ import annotations
@@ -168,6 +169,58 @@ def render_adapter_card(record: dict[str, Any]) -> str:
         ]
     )
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n"))
+
+
+def render_chat_card(manifest: dict[str, Any]) -> str:
+    """README.md of a chat model readapted by ``reforge merge --keep-lm-head`` (RE-Adapt), not a retriever.
+
+    Args:
+        manifest: the merge manifest (what `render_model_card` takes): ``retriever`` (the instruction-tuned model)
+            and ``base`` records (``repo_id`` or ``ref``), ``adapters`` (records with ``alpha``), ``beta``,
+            ``command``.
+
+    Returns:
+        The card text: ``---`` YAML (``pipeline_tag: text-generation``, ``base_model`` for Hub inputs) ``---``
+        then Markdown saying what it is, what it was made from and how to load it.
+
+    Example:
+        >>> card = render_chat_card({"retriever": {"repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+        ...                          "base": {"repo_id": "HuggingFaceTB/SmolLM2-135M"}, "beta": 1.0})
+        >>> "pipeline_tag: text-generation" in card and "- HuggingFaceTB/SmolLM2-135M" in card
+        True
+    """
+    from reforge import __version__
+
+    def name(record: dict | None) -> str:
+        record = record or {}
+        return str(record.get("repo_id") or record.get("ref") or "?")
+
+    hub = [r["repo_id"] for r in (manifest.get("retriever") or {}, manifest.get("base") or {}) if r.get("repo_id")]
+    adapters = manifest.get("adapters") or []
+    terms = " + ".join(f"{a.get('alpha', 0):g} * Psi[{name(a)}]" for a in adapters) or "no knowledge adapter"
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- reforge", "- re-adapt"]
+    if hub:
+        lines += ["base_model:", *[f"- {h}" for h in hub], "base_model_relation: merge"]
+    lines += [
+        "---",
+        "",
+        "# Readapted chat model (RE-Adapt)",
+        "",
+        f"An instruction-tuned causal LM readapted with reforge {__version__}: base + {terms} + "
+        f"{manifest.get('beta', 1.0):g} * Delta, where Delta = instruct - base over every tensor, **lm_head "
+        "included** (RE-Adapt, arXiv 2405.15007). It is a chat/generation model, not a retriever.",
+        "",
+        f"- Instruction-tuned model: `{name(manifest.get('retriever'))}`",
+        f"- Base model: `{name(manifest.get('base'))}`",
+        f"- Command: `{manifest.get('command') or 'reforge merge --keep-lm-head'}`",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _entry(raw: dict[str, Any] | None) -> dict[str, Any]:

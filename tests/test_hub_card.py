@@ -7,7 +7,7 @@ import re
 import pytest
 
 from fakehub import build_tiny_llama
-from reforge.card import render_model_card
+from reforge.card import render_chat_card, render_model_card
 from reforge.errors import InvalidOptionError
 
 FULL = {
@@ -347,3 +347,34 @@ def test_eval_card_then_push_carries_the_measured_numbers(tmp_path, monkeypatch)
     assert files["reforge_eval.json"] == (ours / "reforge_eval.json").read_bytes()
     pushed = ModelCard(files["README.md"].decode(), ignore_metadata_errors=False)
     assert len(pushed.data.eval_results) == 4 and fake.calls("POST", r"^/api/validate-yaml$")
+
+
+def test_chat_card_is_rendered_by_the_card_module():
+    """A readapted chat model's card (merge --keep-lm-head) comes from reforge.card, the one renderer: Hub inputs in
+    base_model, the formula with each alpha and beta, local inputs by the ref they were given."""
+    import reforge.ops.chat
+
+    card = render_chat_card(
+        {
+            "retriever": {
+                "ref": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            },
+            "base": {"ref": "/data/smollm2-135m", "path": "/data/smollm2-135m"},
+            "adapters": [{"ref": "psi/", "alpha": 0.5}],
+            "beta": 0.8,
+            "command": "reforge merge --keep-lm-head -o out",
+        }
+    )
+    assert _metadata(card) == {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["reforge", "re-adapt"],
+        "base_model": ["HuggingFaceTB/SmolLM2-135M-Instruct"],
+        "base_model_relation": "merge",
+    }
+    assert "base + 0.5 * Psi[psi/] + 0.8 * Delta, where Delta = instruct - base" in card
+    assert "- Instruction-tuned model: `HuggingFaceTB/SmolLM2-135M-Instruct`" in card
+    assert "- Base model: `/data/smollm2-135m`" in card
+    assert "- Command: `reforge merge --keep-lm-head -o out`" in card
+    assert not hasattr(reforge.ops.chat, "chat_card")

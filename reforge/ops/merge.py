@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reforge.card import render_chat_card
 from reforge.errors import InvalidOptionError, LayoutMismatchError, short_path
 from reforge.io.buffers import ALIGNMENT, BufferPool
 from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
@@ -27,7 +28,7 @@ from reforge.io.keymap import extra_rows
 from reforge.io.manifest import read_training_record
 from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
-from reforge.ops.chat import apply_head_rule, chat_card
+from reforge.ops.chat import apply_head_rule
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
 from reforge.ops.device import resolve_device
 from reforge.ops.diff import overlap
@@ -602,7 +603,7 @@ def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dic
     if keep_head:  # a chat model, not a retriever: no encoding profile, a card that says what it is
         for name, content in files.items():
             writer.add_file(name, content)
-        writer.add_file("README.md", chat_card(manifest))
+        writer.add_file("README.md", render_chat_card(manifest))
         return
     encoding = _encoding_profile(folder, str((manifest.get("retriever") or {}).get("ref") or folder), base_dir)
     if encoding is not None and PROFILE_FILE not in files:
