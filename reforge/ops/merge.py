@@ -61,7 +61,7 @@ from reforge.ops.stream import (
 if TYPE_CHECKING:
     import torch
 
-PROFILE_FILE = "reforge_encoding.json"  # read first by `reforge eval` (reforge.profiles)
+    from reforge.profiles import EncodingProfile
 
 
 @dataclass
@@ -605,11 +605,14 @@ def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dic
             writer.add_file(name, content)
         writer.add_file("README.md", render_chat_card(manifest))
         return
-    encoding = _encoding_profile(folder, str((manifest.get("retriever") or {}).get("ref") or folder), base_dir)
-    if encoding is not None and PROFILE_FILE not in files:
-        files[PROFILE_FILE] = (json.dumps(encoding, indent=2) + "\n").encode()
-    if encoding is not None:  # a complete sentence-transformers folder that encodes like `reforge eval`
-        files.update(_sentence_transformers_files(files, encoding))
+    from reforge.profiles import PROFILE_FILE, profile_bytes
+
+    profile = _encoding_profile(folder, str((manifest.get("retriever") or {}).get("ref") or folder), base_dir)
+    encoding = profile.to_dict() if profile is not None else None
+    if profile is not None and PROFILE_FILE not in files:  # read first by `reforge eval`
+        files[PROFILE_FILE] = profile_bytes(profile)
+    if profile is not None:  # a complete sentence-transformers folder that encodes like `reforge eval`
+        files.update(_sentence_transformers_files(files, profile))
     for name, content in files.items():
         writer.add_file(name, content)
     prompts = json.loads(files.get("config_sentence_transformers.json", b"{}")).get("prompts") or {}
@@ -619,21 +622,21 @@ def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dic
     )
 
 
-def _sentence_transformers_files(files: dict[str, bytes], encoding: dict) -> dict[str, bytes]:
+def _sentence_transformers_files(files: dict[str, bytes], profile: EncodingProfile) -> dict[str, bytes]:
     from reforge.io.st_folder import sentence_transformers_files
-    from reforge.profiles import EncodingProfile, st_encoding
+    from reforge.profiles import st_encoding
 
-    return sentence_transformers_files(files, st_encoding(EncodingProfile(**encoding))).files
+    return sentence_transformers_files(files, st_encoding(profile)).files
 
 
-def _encoding_profile(folder: Path, name: str, base_dir: Path | None) -> dict | None:
+def _encoding_profile(folder: Path, name: str, base_dir: Path | None) -> EncodingProfile | None:
     """How the retriever encodes (prefixes, pooling, EOS), so the merged model is evaluated the same way: a merged
     RepLLaMA is a bare Llama whose name no longer says "repllama". None when it cannot be told."""
     from reforge.errors import ReforgeError
     from reforge.profiles import detect_profile
 
     try:
-        return detect_profile(folder, name=name, base_dir=base_dir).to_dict()
+        return detect_profile(folder, name=name, base_dir=base_dir)
     except ReforgeError:
         return None
 
