@@ -466,6 +466,7 @@ def _encoding(enc: dict) -> str:
 
 # ---- measured results: `reforge eval --card FOLDER` ---------------------------------------------------------------
 
+REPRODUCE_HEADING = "## Reproduce"  # added by `write_card_recipe` to the card of a folder made by `reforge run`
 EVAL_RECORD = "reforge_eval.json"  # beside README.md: the numbers the card shows, with what they were measured on
 _METRIC_IDS = {"nDCG": "ndcg", "R": "recall", "P": "precision", "RR": "mrr", "AP": "map", "Success": "hit_rate"}
 
@@ -563,6 +564,48 @@ def write_card_evaluation(folder: str | Path, record: dict[str, Any]) -> tuple[P
     return card_path, record_path
 
 
+def card_with_recipe(card: str, recipe_file: str) -> str:
+    """``card`` (README.md text) with a Reproduce section: the folder holds ``recipe_file``, the copy of the recipe
+    that made it, and ``reforge run`` on it makes the folder again. An existing Reproduce section is replaced; the
+    rest of the card is kept.
+
+    Example:
+        >>> print(card_with_recipe("# m\\n", "reforge-recipe.yaml").split("## Reproduce")[1].splitlines()[-2])
+        reforge run reforge-recipe.yaml
+    """
+    section = "\n".join(
+        [
+            REPRODUCE_HEADING,
+            "",
+            f"This folder holds the recipe that made it, `{recipe_file}`. With its paths pointing at the same inputs "
+            "(local folders and files, or Hub ids), this runs it again; a job whose output already holds the same "
+            "fingerprint is skipped:",
+            "",
+            "```bash",
+            f"reforge run {recipe_file}",
+            "```",
+        ]
+    )
+    return _replace_section(card, REPRODUCE_HEADING, section, before=None) + "\n"
+
+
+def write_card_recipe(folder: str | Path, recipe_file: str) -> Path | None:
+    """Add the Reproduce section (`card_with_recipe`) to ``folder/README.md`` when ``folder`` holds
+    ``recipe_file``; written atomically and only when it changes. Returns the card's path, or None when the folder
+    has no card or no recipe copy."""
+    from reforge.io.atomic import write_atomic
+
+    folder = Path(folder)
+    card_path = folder / "README.md"
+    if not (card_path.is_file() and (folder / recipe_file).is_file()):
+        return None
+    old = card_path.read_text(encoding="utf-8")
+    card = card_with_recipe(old, recipe_file)
+    if card != old:
+        write_atomic(card_path, lambda f: f.write(card.encode("utf-8")))
+    return card_path
+
+
 def metric_id(measure: str) -> str:
     """An ir-measures name as a model-index metric type: ``nDCG@10`` -> ``ndcg_at_10``, ``AP`` -> ``map``."""
     head, _, cutoff = measure.partition("@")
@@ -634,15 +677,15 @@ def _p(value: float) -> str:
     return f"{value:.2g}" if value >= 1e-3 else f"{value:.1e}"
 
 
-def _replace_section(text: str, heading: str, section: str) -> str:
+def _replace_section(text: str, heading: str, section: str, before: str | None = "## Usage") -> str:
     """``text`` with the Markdown section under ``heading`` (up to the next ``## ``) replaced by ``section``; added
-    before ``## Usage`` (else at the end) when there is none."""
+    before ``before`` (else at the end) when there is none."""
     lines = text.strip().split("\n")
     if heading in lines:
         start = lines.index(heading)
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         return "\n".join([*lines[:start], *section.split("\n"), "", *lines[end:]]).strip()
-    if "## Usage" in lines:
-        at = lines.index("## Usage")
+    if before is not None and before in lines:
+        at = lines.index(before)
         return "\n".join([*lines[:at], *section.split("\n"), "", *lines[at:]]).strip()
     return f"{text.strip()}\n\n{section}".strip()

@@ -378,3 +378,30 @@ def test_chat_card_is_rendered_by_the_card_module():
     assert "- Base model: `/data/smollm2-135m`" in card
     assert "- Command: `reforge merge --keep-lm-head -o out`" in card
     assert not hasattr(reforge.ops.chat, "chat_card")
+
+
+def test_a_folder_made_by_a_recipe_gets_a_reproduce_section(tmp_path):
+    """The recipe's stamp (`reforge.recipe.state.write_stamp`) copies the recipe into the output and adds a Reproduce
+    section to its card naming it; a second stamp leaves the card as it was; a folder without the copy gets none."""
+    from reforge.card import card_with_recipe, write_card_recipe
+    from reforge.recipe.state import RECIPE_COPY, write_stamp
+
+    card = render_model_card(FULL)
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    assert write_card_recipe(folder, RECIPE_COPY) is None  # no copy of a recipe: the card is not touched
+    assert (folder / "README.md").read_text(encoding="utf-8") == card
+    write_stamp(folder, {"fingerprint": "f1"}, "recipe: 1\n")
+    stamped = (folder / "README.md").read_text(encoding="utf-8")
+    assert stamped.startswith(card.strip())
+    assert stamped[len(card.strip()) :] == (
+        "\n\n## Reproduce\n\nThis folder holds the recipe that made it, `reforge-recipe.yaml`. With its paths pointing "
+        "at the same inputs (local folders and files, or Hub ids), this runs it again; a job whose output already "
+        "holds the same fingerprint is skipped:\n\n```bash\nreforge run reforge-recipe.yaml\n```\n"
+    )
+    assert _metadata(stamped) == _metadata(card)
+    assert card_with_recipe(stamped, RECIPE_COPY) == stamped  # replaced, not added twice
+    before = (folder / "README.md").stat().st_mtime_ns
+    write_stamp(folder, {"fingerprint": "f1"}, "recipe: 1\n")
+    assert (folder / "README.md").stat().st_mtime_ns == before

@@ -299,3 +299,16 @@ def test_merged_lora_retriever_keeps_its_encoding_convention(setup, tmp_path):
     )
     card = (out / "README.md").read_text()
     assert "query: " in card
+
+
+def test_paper_alpha_has_one_home(tmp_path):
+    """RE-AdaptIR's alpha 0.5 is `reforge.ops.merge.PAPER_ALPHA`: the default of each --adapter (merge, verify), of a
+    recipe's merge step without alpha, and the number --help promises."""
+    from reforge.cli.options import adapter_pairs
+    from reforge.ops.merge import PAPER_ALPHA
+    from reforge.recipe.spec import _alpha
+
+    assert PAPER_ALPHA == 0.5
+    assert adapter_pairs(("a/", "b/"), ()) == [("a/", PAPER_ALPHA), ("b/", PAPER_ALPHA)]
+    assert _alpha(tmp_path / "r.yaml", None, "steps.merge") == [PAPER_ALPHA]
+    assert f"(default {PAPER_ALPHA:g} each)" in run("merge", "--help").stdout

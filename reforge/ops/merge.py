@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 
     from reforge.profiles import EncodingProfile
 
+PAPER_ALPHA = 0.5  # RE-AdaptIR's weight of a knowledge adapter (base + 0.5 Psi + Delta): each --adapter's default
+
 
 @dataclass
 class MergeReport:
