@@ -588,8 +588,20 @@ def _manifest(source: MergeInputs, beta: float, dtype: str, command: str | None,
 
 
 def _adapter_corpus(adapter: LoraAdapter) -> str | None:
+    """What the adapter was trained on (its training record's corpus), local paths absolute again: a record names
+    them relative to the adapter's folder (`reforge.io.paths.recorded_inputs`), this manifest relative to its own."""
+    import os
+
+    from reforge.io.paths import RECORDED_RELATIVE_TO
+
     record = read_training_record(adapter.checkpoint.path)
-    return record.corpus if record is not None else None
+    if record is None or record.corpus is None:
+        return None
+    if record.data.get("paths_relative_to") != RECORDED_RELATIVE_TO:
+        return record.corpus
+    root = Path(adapter.checkpoint.path).absolute()
+    paths = record.corpus.split(", ")
+    return ", ".join(p if Path(p).is_absolute() else os.path.normpath(root / p) for p in paths)
 
 
 def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dict, keep_head: bool = False) -> None:
