@@ -238,8 +238,10 @@ def checked(run: Run, what: str) -> Run:
 
 
 def flush_seconds(folder: Path) -> float:
-    """Time to write back a just-written output (fdatasync of every file): reforge fsyncs inside its run, mergekit
-    does not, so mergekit's comparable time is its wall time plus this."""
+    """Time to write back a just-written output (fdatasync of every file). This bench runs `reforge merge` without
+    ``--durable``, so neither tool fsyncs inside its run: the two wall times compare like with like, and
+    ``mergekit_with_flush_over_reforge`` (mergekit's time plus this, over reforge's time without it) charges the
+    write-back to mergekit alone."""
     started = time.perf_counter()
     evict([folder])
     return time.perf_counter() - started

@@ -6,10 +6,13 @@
 2. the retriever: examples/assets/repllama-smol, a RepLLaMA-style LoRA over the bare base (examples/make_retriever.py);
 3. the target domain: SciFact; the demo evaluates on all 300 test queries against a corpus of every judged
    document plus a fixed random sample of the others (--corpus-docs, 400), passages cut at 128 tokens, and trains
-   the knowledge adapter on 48 of those documents (128 tokens each: 12 steps of 4 rows), so that it runs in under 5
-   minutes on 2 idle CPU cores (measured 4 min 32 s: train 77 s, eval 183 s; converting the base the first time
-   adds about a minute). A 135M model costs ~0.3 GFLOP per token forward and ~1 GFLOP per token trained; the
-   reproduction in docs/results.md uses the full corpora;
+   the knowledge adapter on 48 of those documents (128 tokens each: 12 steps of 4 rows), sized to finish in minutes,
+   not hours. Measured once, on 2026-12-07 08:21-09:25 UTC, on 2 CPU cores shared with six other developers' jobs
+   (1-minute load median 15.2): 64 min 22 s, 1,494 CPU-seconds (training 2,765 s, eval 1,022 s of the wall time;
+   the base already converted), one run (README.md). An earlier, undated run on an idle machine took 4 min 32 s
+   (train 77 s, eval 183 s); it has not been repeated. Time it with `uptime; time make demo`. A 135M model costs
+   ~0.3 GFLOP per token forward and ~1 GFLOP per token trained; the reproduction in docs/results.md uses the full
+   corpora;
 4. reforge diff -> train (knowledge adapter on that corpus) -> merge (alpha 0.5) -> verify -> eval.
 
 Each command is printed before it runs, so the demo doubles as a tutorial. Outputs land in --work and are reused:

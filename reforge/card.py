@@ -1,8 +1,9 @@
-"""The README.md model card of a readapted (merged) retriever: Hub metadata plus a provenance record.
+"""README.md model cards, all rendered here: a readapted (merged) retriever, a knowledge adapter, a chat model.
 
 `render_model_card` turns a plain dict (what `reforge merge` knows) into a card with YAML front matter built by
 huggingface_hub's `ModelCardData` and a Markdown body: what was merged with which weights, the exact command, how to
-load the model, and how to encode queries and passages.
+load the model, and how to encode queries and passages. `render_adapter_card` writes the card of a `reforge train`
+folder; `render_chat_card` the card of a chat model readapted with ``merge --keep-lm-head``.
 """
 
 from __future__ import annotations
@@ -168,6 +169,58 @@ def render_adapter_card(record: dict[str, Any]) -> str:
         ]
     )
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n"))
+
+
+def render_chat_card(manifest: dict[str, Any]) -> str:
+    """README.md of a chat model readapted by ``reforge merge --keep-lm-head`` (RE-Adapt), not a retriever.
+
+    Args:
+        manifest: the merge manifest (what `render_model_card` takes): ``retriever`` (the instruction-tuned model)
+            and ``base`` records (``repo_id`` or ``ref``), ``adapters`` (records with ``alpha``), ``beta``,
+            ``command``.
+
+    Returns:
+        The card text: ``---`` YAML (``pipeline_tag: text-generation``, ``base_model`` for Hub inputs) ``---``
+        then Markdown saying what it is, what it was made from and how to load it.
+
+    Example:
+        >>> card = render_chat_card({"retriever": {"repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+        ...                          "base": {"repo_id": "HuggingFaceTB/SmolLM2-135M"}, "beta": 1.0})
+        >>> "pipeline_tag: text-generation" in card and "- HuggingFaceTB/SmolLM2-135M" in card
+        True
+    """
+    from reforge import __version__
+
+    def name(record: dict | None) -> str:
+        record = record or {}
+        return str(record.get("repo_id") or record.get("ref") or "?")
+
+    hub = [r["repo_id"] for r in (manifest.get("retriever") or {}, manifest.get("base") or {}) if r.get("repo_id")]
+    adapters = manifest.get("adapters") or []
+    terms = " + ".join(f"{a.get('alpha', 0):g} * Psi[{name(a)}]" for a in adapters) or "no knowledge adapter"
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- reforge", "- re-adapt"]
+    if hub:
+        lines += ["base_model:", *[f"- {h}" for h in hub], "base_model_relation: merge"]
+    lines += [
+        "---",
+        "",
+        "# Readapted chat model (RE-Adapt)",
+        "",
+        f"An instruction-tuned causal LM readapted with reforge {__version__}: base + {terms} + "
+        f"{manifest.get('beta', 1.0):g} * Delta, where Delta = instruct - base over every tensor, **lm_head "
+        "included** (RE-Adapt, arXiv 2405.15007). It is a chat/generation model, not a retriever.",
+        "",
+        f"- Instruction-tuned model: `{name(manifest.get('retriever'))}`",
+        f"- Base model: `{name(manifest.get('base'))}`",
+        f"- Command: `{manifest.get('command') or 'reforge merge --keep-lm-head'}`",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _entry(raw: dict[str, Any] | None) -> dict[str, Any]:
@@ -413,6 +466,7 @@ def _encoding(enc: dict) -> str:
 
 # ---- measured results: `reforge eval --card FOLDER` ---------------------------------------------------------------
 
+REPRODUCE_HEADING = "## Reproduce"  # added by `write_card_recipe` to the card of a folder made by `reforge run`
 EVAL_RECORD = "reforge_eval.json"  # beside README.md: the numbers the card shows, with what they were measured on
 _METRIC_IDS = {"nDCG": "ndcg", "R": "recall", "P": "precision", "RR": "mrr", "AP": "map", "Success": "hit_rate"}
 
@@ -510,6 +564,48 @@ def write_card_evaluation(folder: str | Path, record: dict[str, Any]) -> tuple[P
     return card_path, record_path
 
 
+def card_with_recipe(card: str, recipe_file: str) -> str:
+    """``card`` (README.md text) with a Reproduce section: the folder holds ``recipe_file``, the copy of the recipe
+    that made it, and ``reforge run`` on it makes the folder again. An existing Reproduce section is replaced; the
+    rest of the card is kept.
+
+    Example:
+        >>> print(card_with_recipe("# m\\n", "reforge-recipe.yaml").split("## Reproduce")[1].splitlines()[-2])
+        reforge run reforge-recipe.yaml
+    """
+    section = "\n".join(
+        [
+            REPRODUCE_HEADING,
+            "",
+            f"This folder holds the recipe that made it, `{recipe_file}`. With its paths pointing at the same inputs "
+            "(local folders and files, or Hub ids), this runs it again; a job whose output already holds the same "
+            "fingerprint is skipped:",
+            "",
+            "```bash",
+            f"reforge run {recipe_file}",
+            "```",
+        ]
+    )
+    return _replace_section(card, REPRODUCE_HEADING, section, before=None) + "\n"
+
+
+def write_card_recipe(folder: str | Path, recipe_file: str) -> Path | None:
+    """Add the Reproduce section (`card_with_recipe`) to ``folder/README.md`` when ``folder`` holds
+    ``recipe_file``; written atomically and only when it changes. Returns the card's path, or None when the folder
+    has no card or no recipe copy."""
+    from reforge.io.atomic import write_atomic
+
+    folder = Path(folder)
+    card_path = folder / "README.md"
+    if not (card_path.is_file() and (folder / recipe_file).is_file()):
+        return None
+    old = card_path.read_text(encoding="utf-8")
+    card = card_with_recipe(old, recipe_file)
+    if card != old:
+        write_atomic(card_path, lambda f: f.write(card.encode("utf-8")))
+    return card_path
+
+
 def metric_id(measure: str) -> str:
     """An ir-measures name as a model-index metric type: ``nDCG@10`` -> ``ndcg_at_10``, ``AP`` -> ``map``."""
     head, _, cutoff = measure.partition("@")
@@ -581,15 +677,15 @@ def _p(value: float) -> str:
     return f"{value:.2g}" if value >= 1e-3 else f"{value:.1e}"
 
 
-def _replace_section(text: str, heading: str, section: str) -> str:
+def _replace_section(text: str, heading: str, section: str, before: str | None = "## Usage") -> str:
     """``text`` with the Markdown section under ``heading`` (up to the next ``## ``) replaced by ``section``; added
-    before ``## Usage`` (else at the end) when there is none."""
+    before ``before`` (else at the end) when there is none."""
     lines = text.strip().split("\n")
     if heading in lines:
         start = lines.index(heading)
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         return "\n".join([*lines[:start], *section.split("\n"), "", *lines[end:]]).strip()
-    if "## Usage" in lines:
-        at = lines.index("## Usage")
+    if before is not None and before in lines:
+        at = lines.index(before)
         return "\n".join([*lines[:at], *section.split("\n"), "", *lines[at:]]).strip()
     return f"{text.strip()}\n\n{section}".strip()

@@ -29,7 +29,7 @@ from reforge.errors import InvalidOptionError, PoolingUndeterminedError, Unsuppo
 from reforge.io.st_folder import Encoding
 
 POOLINGS = ("mean", "cls", "last", "max", "mean_sqrt_len", "weightedmean")
-PROFILE_FILE = "reforge_encoding.json"
+PROFILE_FILE = "reforge_encoding.json"  # a saved profile: written by `profile_bytes` only, read by `load_profile`
 
 E5_QUERY_TEMPLATE = "Instruct: {task}\nQuery: "
 QWEN3_QUERY_TEMPLATE = "Instruct: {task}\nQuery:"  # no space after "Query:" (Qwen3-Embedding's model card)
@@ -432,11 +432,18 @@ def st_encoding(profile: EncodingProfile) -> Encoding:
     )
 
 
+def profile_bytes(profile: EncodingProfile) -> bytes:
+    """The bytes of ``PROFILE_FILE`` for ``profile``: what `save_profile` writes and `reforge merge` puts in its
+    output, so that every saved profile is spelled the same way."""
+    return (json.dumps(profile.to_dict(), indent=2) + "\n").encode("utf-8")
+
+
 def save_profile(folder: str | Path, profile: EncodingProfile) -> Path:
-    """Write ``profile`` as ``reforge_encoding.json`` in ``folder`` (read first by `detect_profile`)."""
-    path = Path(folder) / PROFILE_FILE
-    path.write_text(json.dumps(profile.to_dict(), indent=2) + "\n", encoding="utf-8")
-    return path
+    """Write ``profile`` as ``PROFILE_FILE`` (``reforge_encoding.json``) in ``folder``, whole or not at all (read
+    first by `detect_profile`)."""
+    from reforge.io.atomic import write_atomic
+
+    return write_atomic(Path(folder) / PROFILE_FILE, lambda f: f.write(profile_bytes(profile)))
 
 
 def load_profile(path: str | Path) -> EncodingProfile:

@@ -71,8 +71,6 @@ FLOOR = ("reforge.ops", "reforge.train", "reforge.eval")
 SIDEWAYS: dict[tuple[str, str], str] = {}
 # (module, what) -> reason; what is "torch.save", "torch.load", or a CHECKPOINT_JSON name
 IO_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("reforge.train.state", "torch.save"): "optimizer/scheduler/RNG state of a resumable run (issue 23: move to io)",
-    ("reforge.train.state", "torch.load"): "reads that state back on resume (issue 23: move to io)",
     ("reforge.eval.model", "adapter_config.json"): "finds an adapter's base (issue 23: use reforge.io.adapter_config)",
     ("reforge.eval.model", "reforge.json"): "a merged model's recorded base (issue 23: use reforge.io.manifest)",
 }

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from fakehub import build_tiny_llama
-from reforge.card import render_model_card
+from reforge.card import render_chat_card, render_model_card
 from reforge.errors import InvalidOptionError
 
 FULL = {
@@ -347,3 +347,61 @@ def test_eval_card_then_push_carries_the_measured_numbers(tmp_path, monkeypatch)
     assert files["reforge_eval.json"] == (ours / "reforge_eval.json").read_bytes()
     pushed = ModelCard(files["README.md"].decode(), ignore_metadata_errors=False)
     assert len(pushed.data.eval_results) == 4 and fake.calls("POST", r"^/api/validate-yaml$")
+
+
+def test_chat_card_is_rendered_by_the_card_module():
+    """A readapted chat model's card (merge --keep-lm-head) comes from reforge.card, the one renderer: Hub inputs in
+    base_model, the formula with each alpha and beta, local inputs by the ref they were given."""
+    import reforge.ops.chat
+
+    card = render_chat_card(
+        {
+            "retriever": {
+                "ref": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            },
+            "base": {"ref": "/data/smollm2-135m", "path": "/data/smollm2-135m"},
+            "adapters": [{"ref": "psi/", "alpha": 0.5}],
+            "beta": 0.8,
+            "command": "reforge merge --keep-lm-head -o out",
+        }
+    )
+    assert _metadata(card) == {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["reforge", "re-adapt"],
+        "base_model": ["HuggingFaceTB/SmolLM2-135M-Instruct"],
+        "base_model_relation": "merge",
+    }
+    assert "base + 0.5 * Psi[psi/] + 0.8 * Delta, where Delta = instruct - base" in card
+    assert "- Instruction-tuned model: `HuggingFaceTB/SmolLM2-135M-Instruct`" in card
+    assert "- Base model: `/data/smollm2-135m`" in card
+    assert "- Command: `reforge merge --keep-lm-head -o out`" in card
+    assert not hasattr(reforge.ops.chat, "chat_card")
+
+
+def test_a_folder_made_by_a_recipe_gets_a_reproduce_section(tmp_path):
+    """The recipe's stamp (`reforge.recipe.state.write_stamp`) copies the recipe into the output and adds a Reproduce
+    section to its card naming it; a second stamp leaves the card as it was; a folder without the copy gets none."""
+    from reforge.card import card_with_recipe, write_card_recipe
+    from reforge.recipe.state import RECIPE_COPY, write_stamp
+
+    card = render_model_card(FULL)
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    assert write_card_recipe(folder, RECIPE_COPY) is None  # no copy of a recipe: the card is not touched
+    assert (folder / "README.md").read_text(encoding="utf-8") == card
+    write_stamp(folder, {"fingerprint": "f1"}, "recipe: 1\n")
+    stamped = (folder / "README.md").read_text(encoding="utf-8")
+    assert stamped.startswith(card.strip())
+    assert stamped[len(card.strip()) :] == (
+        "\n\n## Reproduce\n\nThis folder holds the recipe that made it, `reforge-recipe.yaml`. With its paths pointing "
+        "at the same inputs (local folders and files, or Hub ids), this runs it again; a job whose output already "
+        "holds the same fingerprint is skipped:\n\n```bash\nreforge run reforge-recipe.yaml\n```\n"
+    )
+    assert _metadata(stamped) == _metadata(card)
+    assert card_with_recipe(stamped, RECIPE_COPY) == stamped  # replaced, not added twice
+    before = (folder / "README.md").stat().st_mtime_ns
+    write_stamp(folder, {"fingerprint": "f1"}, "recipe: 1\n")
+    assert (folder / "README.md").stat().st_mtime_ns == before

@@ -299,3 +299,38 @@ def test_merged_lora_retriever_keeps_its_encoding_convention(setup, tmp_path):
     )
     card = (out / "README.md").read_text()
     assert "query: " in card
+
+
+def test_paper_alpha_has_one_home(tmp_path):
+    """RE-AdaptIR's alpha 0.5 is `reforge.ops.merge.PAPER_ALPHA`: the default of each --adapter (merge, verify), of a
+    recipe's merge step without alpha, and the number --help promises."""
+    from reforge.cli.options import adapter_pairs
+    from reforge.ops.merge import PAPER_ALPHA
+    from reforge.recipe.spec import _alpha
+
+    assert PAPER_ALPHA == 0.5
+    assert adapter_pairs(("a/", "b/"), ()) == [("a/", PAPER_ALPHA), ("b/", PAPER_ALPHA)]
+    assert _alpha(tmp_path / "r.yaml", None, "steps.merge") == [PAPER_ALPHA]
+    assert f"(default {PAPER_ALPHA:g} each)" in run("merge", "--help").stdout
+
+
+def test_an_adapters_corpus_recorded_relative_to_it_is_recorded_relative_to_the_merge(setup, tmp_path):
+    """train records its corpus relative to the adapter folder; the merge's reforge.json names the same file
+    relative to the merged folder (not the adapter's relative path read from elsewhere)."""
+    import shutil
+
+    corpus = tmp_path / "data" / "scifact" / "corpus.jsonl"
+    corpus.parent.mkdir(parents=True)
+    corpus.write_text('{"_id": "1", "text": "a"}\n')
+    shutil.copytree(setup["root"] / "dora", tmp_path / "runs" / "psi")
+    record = {
+        "paths_relative_to": "the folder holding this file",
+        "corpus": {"paths": ["../../data/scifact/corpus.jsonl"]},
+    }
+    (tmp_path / "runs" / "psi" / "training_record.json").write_text(json.dumps(record))
+    out = tmp_path / "out"
+    merge(setup, "--adapter", tmp_path / "runs" / "psi", "-o", out)
+    recorded = json.loads((out / "reforge.json").read_text())["adapters"][0]["corpus"]
+    assert recorded == "../data/scifact/corpus.jsonl"
+    assert (out / recorded).resolve() == corpus.resolve()
+    assert "`scifact/corpus.jsonl`" in (out / "README.md").read_text()

@@ -14,7 +14,7 @@ from conftest import save, save_tokenizer
 from reforge.errors import CheckpointNotFoundError, PickleRefusedError, UnsupportedModelError
 from reforge.eval.encode import encode
 from reforge.eval.model import resolve_model
-from reforge.profiles import detect_profile, load_profile, save_profile
+from reforge.profiles import PROFILE_FILE, detect_profile, load_profile, profile_bytes, save_profile
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +359,13 @@ def test_st6_lasttoken_retriever_merge_writes_and_verify_checks_the_profile(tmp_
     out = tmp_path / "out"
     merged = CliRunner().invoke(cli, ["merge", "--base", str(base_dir), "--retriever", str(retriever), "-o", str(out)])
     assert merged.exit_code == 0, merged.stderr
-    assert load_profile(out / "reforge_encoding.json").pooling == "last"
+    assert PROFILE_FILE == "reforge_encoding.json"
+    saved = load_profile(out / PROFILE_FILE)
+    assert saved.pooling == "last"
+    # one writer: merge's file holds the bytes save_profile writes for the same profile
+    (tmp_path / "saved").mkdir()
+    assert (out / PROFILE_FILE).read_bytes() == save_profile(tmp_path / "saved", saved).read_bytes()
+    assert (out / PROFILE_FILE).read_bytes() == profile_bytes(detect_profile(retriever))
     result = CliRunner().invoke(cli, ["verify", str(out), "--json"])
     checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
     assert result.exit_code == 0, result.stdout

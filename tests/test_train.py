@@ -6,17 +6,20 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import DATA, build_model, save
 from reforge.cli import cli
 from reforge.data.corpus import DocSelection, load_corpus
 from reforge.errors import CheckpointNotFoundError, DataError, InvalidOptionError, OutputExistsError
+from reforge.io.paths import recorded_path
 from reforge.train import TrainConfig, train_adapter
 from reforge.train.attention import register_packed_attention
 from reforge.train.batching import IGNORE, BatchPlan, collate, make_encoder, pack_rows, token_lengths
@@ -212,7 +215,16 @@ def test_train_writes_a_peft_dora_adapter_that_loads_and_learned(llama_base, tok
     record = json.loads((out / "training_record.json").read_text())
     corpus = load_corpus(SCIFACT, selection=DocSelection(max_docs=8))
     assert record["corpus"]["sha256"] == corpus.sha256 and record["corpus"]["documents"] == 8
-    assert record["base"]["ref"] == str(llama_base) and record["base"]["fingerprint"]
+    assert record["base"]["ref"] == record["base"]["path"] == recorded_path(llama_base, out)
+    assert record["base"]["fingerprint"] and record["paths_relative_to"] == "the folder holding this file"
+    # published with the folder: no absolute local path anywhere; each names its file relative to the folder
+    assert not [v for v in _strings(record) if Path(v).is_absolute()], [v for v in _strings(record) if "/" in v]
+    assert [(out / p).resolve() for p in record["corpus"]["paths"]] == [Path(SCIFACT).resolve()]
+    assert (out / record["config"]["base"]).resolve() == Path(llama_base).resolve()
+    assert record["config"]["output"] == "."
+    assert [(out / p).resolve() for p in record["config"]["corpus"]] == [Path(SCIFACT).resolve()]
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        assert f.metadata()["reforge_base"] == recorded_path(llama_base, out)
     assert record["config"]["lr"] == 1e-1 and record["config"]["target_modules"] == TARGETS
     assert record["tokens"]["trained"] == 4 * (8 * 64 - 8) == result.tokens  # 8 docs cut at 64, 4 epochs
     assert record["loss"]["final"] == result.final_loss and len(record["loss"]["history"]) == 16
@@ -227,6 +239,14 @@ def test_train_writes_a_peft_dora_adapter_that_loads_and_learned(llama_base, tok
     assert after < before - 0.05, (before, after)  # measured: 6.406 -> 6.301 (a random tiny model learns slowly)
     losses = [loss for _, loss in record["loss"]["history"]]
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.05, losses
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
 
 
 def test_tied_qwen2_trains_and_its_adapter_loads(qwen_base, tmp_path):
@@ -255,7 +275,8 @@ def test_adapter_is_written_through_reforge_io_and_equals_peft_save(qwen_base, t
     train_adapter(config(qwen_base, out, max_steps=2))
     with safe_open(out / "adapter_model.safetensors", "pt") as f:
         metadata = f.metadata()
-    assert metadata["format"] == "pt" and metadata["reforge_base"] == str(qwen_base) and metadata["reforge_version"]
+    assert metadata["format"] == "pt" and metadata["reforge_version"]
+    assert metadata["reforge_base"] == recorded_path(qwen_base, out)  # relative to the folder, as the record says
     resaved = tmp_path / "peft-saved"
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(qwen_base), out).save_pretrained(resaved)
     ours, peft_own = load_file(out / "adapter_model.safetensors"), load_file(resaved / "adapter_model.safetensors")

@@ -199,3 +199,21 @@ def test_resume_with_a_bad_rng_state_is_one_line(llama_base, tmp_path):
     checkpoint = _stopped_run(llama_base, tmp_path / "psi")
     torch.save({"torch": torch.zeros(3)}, checkpoint / "rng-rank0.pt")  # a float tensor where bytes belong
     _one_line_error(_cli_resume(llama_base, tmp_path / "psi"), "rng-rank0.pt is not a torch RNG state")
+
+
+def test_train_state_files_are_written_whole_or_not_at_all(tmp_path):
+    """optim.pt / rng-rank{R}.pt go through reforge.io.train_state (the io layer, atomic): a save that fails part way
+    leaves the earlier file as it was and no temporary file; what was saved reads back weights only, exactly."""
+    from reforge.io.train_state import load_state, save_state
+
+    path = tmp_path / "optim.pt"
+    state = {"optimizer": {"state": {0: {"exp_avg": torch.arange(4.0)}}, "param_groups": [{"lr": 1e-4}]}}
+    save_state(path, state)
+    before = path.read_bytes()
+    with pytest.raises(Exception, match="pickle"):
+        save_state(path, {"optimizer": lambda: None})  # torch.save cannot pickle a lambda: fails mid-write
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optim.pt"]
+    loaded = load_state(path)
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], torch.arange(4.0))
+    assert loaded["optimizer"]["param_groups"] == [{"lr": 1e-4}]

@@ -277,17 +277,20 @@ def keep_lm_head_option(func: Callable) -> Callable:
 
 
 def adapter_pairs(adapters: tuple[str, ...], alphas: tuple[float, ...]) -> list[tuple[str, float]]:
-    """``[(adapter, alpha), ...]`` from `adapter_options`; alpha 0.5 each when no ``--alpha`` is given.
+    """``[(adapter, alpha), ...]`` from `adapter_options`; alpha `reforge.ops.merge.PAPER_ALPHA` (0.5) each when no
+    ``--alpha`` is given.
 
     Raises:
         click.UsageError: some ``--alpha`` given, but not one per ``--adapter``.
     """
+    from reforge.ops.merge import PAPER_ALPHA
+
     if alphas and len(alphas) != len(adapters):
         raise click.UsageError(
-            f"{len(adapters)} --adapter but {len(alphas)} --alpha: give one --alpha per --adapter, or none for 0.5 "
-            "each."
+            f"{len(adapters)} --adapter but {len(alphas)} --alpha: give one --alpha per --adapter, or none for "
+            f"{PAPER_ALPHA:g} each."
         )
-    return list(zip(adapters, alphas or [0.5] * len(adapters)))
+    return list(zip(adapters, alphas or [PAPER_ALPHA] * len(adapters)))
 
 
 PROFILES = list(PROFILE_NAMES)  # one home: reforge.profiles

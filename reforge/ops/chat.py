@@ -69,39 +69,3 @@ def is_causal_lm(checkpoint: Checkpoint) -> bool:
     if architectures:
         return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
     return has_lm_head(checkpoint)
-
-
-def chat_card(manifest: dict) -> str:
-    """README.md of a readapted chat model: what it is, what it was made from, how to load it."""
-    from reforge import __version__
-
-    def name(record: dict | None) -> str:
-        record = record or {}
-        return str(record.get("repo_id") or record.get("ref") or "?")
-
-    hub = [r["repo_id"] for r in (manifest.get("retriever") or {}, manifest.get("base") or {}) if r.get("repo_id")]
-    adapters = manifest.get("adapters") or []
-    terms = " + ".join(f"{a.get('alpha', 0):g} * Psi[{name(a)}]" for a in adapters) or "no knowledge adapter"
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- reforge", "- re-adapt"]
-    if hub:
-        lines += ["base_model:", *[f"- {h}" for h in hub], "base_model_relation: merge"]
-    lines += [
-        "---",
-        "",
-        "# Readapted chat model (RE-Adapt)",
-        "",
-        f"An instruction-tuned causal LM readapted with reforge {__version__}: base + {terms} + "
-        f"{manifest.get('beta', 1.0):g} * Delta, where Delta = instruct - base over every tensor, **lm_head "
-        "included** (RE-Adapt, arXiv 2405.15007). It is a chat/generation model, not a retriever.",
-        "",
-        f"- Instruction-tuned model: `{name(manifest.get('retriever'))}`",
-        f"- Base model: `{name(manifest.get('base'))}`",
-        f"- Command: `{manifest.get('command') or 'reforge merge --keep-lm-head'}`",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
-        "```",
-        "",
-    ]
-    return "\n".join(lines)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reforge.card import render_chat_card
 from reforge.errors import InvalidOptionError, LayoutMismatchError, short_path
 from reforge.io.buffers import ALIGNMENT, BufferPool
 from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
@@ -27,7 +28,7 @@ from reforge.io.keymap import extra_rows
 from reforge.io.manifest import read_training_record
 from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
-from reforge.ops.chat import apply_head_rule, chat_card
+from reforge.ops.chat import apply_head_rule
 from reforge.ops.delta import RETRIEVER_FILES, DeltaCheckpoint
 from reforge.ops.device import resolve_device
 from reforge.ops.diff import overlap
@@ -60,7 +61,9 @@ from reforge.ops.stream import (
 if TYPE_CHECKING:
     import torch
 
-PROFILE_FILE = "reforge_encoding.json"  # read first by `reforge eval` (reforge.profiles)
+    from reforge.profiles import EncodingProfile
+
+PAPER_ALPHA = 0.5  # RE-AdaptIR's weight of a knowledge adapter (base + 0.5 Psi + Delta): each --adapter's default
 
 
 @dataclass
@@ -585,8 +588,20 @@ def _manifest(source: MergeInputs, beta: float, dtype: str, command: str | None,
 
 
 def _adapter_corpus(adapter: LoraAdapter) -> str | None:
+    """What the adapter was trained on (its training record's corpus), local paths absolute again: a record names
+    them relative to the adapter's folder (`reforge.io.paths.recorded_inputs`), this manifest relative to its own."""
+    import os
+
+    from reforge.io.paths import RECORDED_RELATIVE_TO
+
     record = read_training_record(adapter.checkpoint.path)
-    return record.corpus if record is not None else None
+    if record is None or record.corpus is None:
+        return None
+    if record.data.get("paths_relative_to") != RECORDED_RELATIVE_TO:
+        return record.corpus
+    root = Path(adapter.checkpoint.path).absolute()
+    paths = record.corpus.split(", ")
+    return ", ".join(p if Path(p).is_absolute() else os.path.normpath(root / p) for p in paths)
 
 
 def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dict, keep_head: bool = False) -> None:
@@ -602,13 +617,16 @@ def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dic
     if keep_head:  # a chat model, not a retriever: no encoding profile, a card that says what it is
         for name, content in files.items():
             writer.add_file(name, content)
-        writer.add_file("README.md", chat_card(manifest))
+        writer.add_file("README.md", render_chat_card(manifest))
         return
-    encoding = _encoding_profile(folder, str((manifest.get("retriever") or {}).get("ref") or folder), base_dir)
-    if encoding is not None and PROFILE_FILE not in files:
-        files[PROFILE_FILE] = (json.dumps(encoding, indent=2) + "\n").encode()
-    if encoding is not None:  # a complete sentence-transformers folder that encodes like `reforge eval`
-        files.update(_sentence_transformers_files(files, encoding))
+    from reforge.profiles import PROFILE_FILE, profile_bytes
+
+    profile = _encoding_profile(folder, str((manifest.get("retriever") or {}).get("ref") or folder), base_dir)
+    encoding = profile.to_dict() if profile is not None else None
+    if profile is not None and PROFILE_FILE not in files:  # read first by `reforge eval`
+        files[PROFILE_FILE] = profile_bytes(profile)
+    if profile is not None:  # a complete sentence-transformers folder that encodes like `reforge eval`
+        files.update(_sentence_transformers_files(files, profile))
     for name, content in files.items():
         writer.add_file(name, content)
     prompts = json.loads(files.get("config_sentence_transformers.json", b"{}")).get("prompts") or {}
@@ -618,21 +636,21 @@ def _add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dic
     )
 
 
-def _sentence_transformers_files(files: dict[str, bytes], encoding: dict) -> dict[str, bytes]:
+def _sentence_transformers_files(files: dict[str, bytes], profile: EncodingProfile) -> dict[str, bytes]:
     from reforge.io.st_folder import sentence_transformers_files
-    from reforge.profiles import EncodingProfile, st_encoding
+    from reforge.profiles import st_encoding
 
-    return sentence_transformers_files(files, st_encoding(EncodingProfile(**encoding))).files
+    return sentence_transformers_files(files, st_encoding(profile)).files
 
 
-def _encoding_profile(folder: Path, name: str, base_dir: Path | None) -> dict | None:
+def _encoding_profile(folder: Path, name: str, base_dir: Path | None) -> EncodingProfile | None:
     """How the retriever encodes (prefixes, pooling, EOS), so the merged model is evaluated the same way: a merged
     RepLLaMA is a bare Llama whose name no longer says "repllama". None when it cannot be told."""
     from reforge.errors import ReforgeError
     from reforge.profiles import detect_profile
 
     try:
-        return detect_profile(folder, name=name, base_dir=base_dir).to_dict()
+        return detect_profile(folder, name=name, base_dir=base_dir)
     except ReforgeError:
         return None
 

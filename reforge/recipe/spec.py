@@ -20,14 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from reforge.errors import RecipeError
+from reforge.ops.merge import PAPER_ALPHA  # a merge step without alpha, as `reforge merge` without --alpha
 from reforge.recipe.yamlnodes import Node, fail, read_yaml
 
 KINDS = ("diff", "train", "tune", "merge", "eval", "push")
 TOP_KEYS = ("recipe", "description", "out", "base", "retriever", "allow-pickle", "corpora", "datasets", "steps")
 FORMAT = 1  # the `recipe:` version this code reads
-# The paper's alpha (RE-AdaptIR: base + 0.5 Psi + Delta). `reforge merge` has no API default to read it from: its
-# CLI writes 0.5 in place; the lead may give ops/merge.py a constant both use.
-PAPER_ALPHA = 0.5
 
 
 @dataclass(frozen=True)

@@ -88,11 +88,14 @@ def is_done(output: Path, fingerprint: str) -> bool:
 
 
 def write_stamp(output: Path, record: dict[str, Any], recipe_text: str) -> None:
-    """Write the stamp (``record`` plus the output's own content key, the version and the time) and the copy of
-    the recipe into ``output``."""
+    """Write the copy of the recipe into ``output``, a Reproduce section into its model card (if it has one), then
+    the stamp (``record`` plus the output's own content key, the version and the time)."""
+    from reforge.card import write_card_recipe
+
+    write_atomic(output / RECIPE_COPY, lambda f: f.write(recipe_text.encode("utf-8")))
+    write_card_recipe(output, RECIPE_COPY)
     stamp = {"format": STAMP_FORMAT, **record, "output_key": content_key(output)}
     stamp.update(reforge_version=__version__, finished_at=_now())
-    write_atomic(output / RECIPE_COPY, lambda f: f.write(recipe_text.encode("utf-8")))
     write_atomic(output / STAMP, lambda f: f.write((json.dumps(stamp, indent=2, default=str) + "\n").encode()))
 
 

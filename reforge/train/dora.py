@@ -405,20 +405,20 @@ def save(
     from peft import get_peft_model_state_dict
 
     config, ranks = run.config, run.ranks
-    record = _record(run, data, state, base, wall_time_s)
     output = Path(config.output)
+    record = _recorded_paths(_record(run, data, state, base, wall_time_s), output)
     if ranks.main:
         final = work / "final"
         shutil.rmtree(final, ignore_errors=True)
         adapter = run.model.peft_config["default"]
-        adapter.base_model_name_or_path = config.base
+        adapter.base_model_name_or_path = config.base  # as given: peft and `reforge eval` load it from there
         adapter.revision = record["base"].get("commit") or record["base"].get("revision")
         try:
             save_peft_adapter(
                 final,
                 adapter,
                 get_peft_model_state_dict(run.model),
-                provenance={"reforge_version": __version__, "reforge_base": str(config.base)},
+                provenance={"reforge_version": __version__, "reforge_base": record["config"]["base"]},
             )
             if readme is not None:
                 (final / "README.md").write_text(readme(record), encoding="utf-8")
@@ -629,6 +629,25 @@ def _record(run: Run, data: Data, state: LoopState, base, wall_time_s: float) ->
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "config": config.to_dict(),
     }
+
+
+def _recorded_paths(record: dict[str, Any], output: Path) -> dict[str, Any]:
+    """``record`` as the adapter folder ``output`` publishes it: every local path (the base's ``path`` and ``ref``,
+    the corpus files, the options naming files) relative to ``output``, as ``reforge.json`` records them
+    (`reforge.io.paths.recorded_inputs`); a Hub base stays its repo id."""
+    from reforge.io.paths import recorded_inputs, recorded_path
+
+    local_base = isinstance(record["base"].get("path"), str)
+    recorded_inputs(record, output)  # base.path and base.ref, and says paths_relative_to
+    record["corpus"]["paths"] = [recorded_path(p, output) for p in record["corpus"]["paths"]]
+    config = record["config"]
+    config["base"] = recorded_path(config["base"], output) if local_base else config["base"]
+    config["output"] = "."
+    for key in ("corpus", "exclude_judged", "only_judged"):
+        config[key] = [recorded_path(p, output) for p in config[key]]
+    for key in ("exclude_ids", "only_ids"):
+        config[key] = recorded_path(config[key], output) if config[key] is not None else None
+    return record
 
 
 def _corpus_facts(config: TrainConfig, data: Data) -> dict[str, Any]:

@@ -101,9 +101,8 @@ def save_checkpoint(work: Path, step: int, *, model, optimizer, scheduler, meta:
     Raises:
         NonFiniteError: a trainable tensor holds a NaN or Inf (training diverged); nothing is written.
     """
-    import torch
-
     from reforge.io.tensors import save_tensors
+    from reforge.io.train_state import save_state
 
     _refuse_non_finite(trainable(model), step)  # every rank: their tensors are the same
     final = work / CHECKPOINTS / f"step-{step:08d}"
@@ -112,10 +111,10 @@ def save_checkpoint(work: Path, step: int, *, model, optimizer, scheduler, meta:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(ranks)
-    torch.save(_rng_state(), tmp / f"rng-rank{ranks.rank}.pt")
+    save_state(tmp / f"rng-rank{ranks.rank}.pt", _rng_state())
     if ranks.main:
         save_tensors(tmp / ADAPTER, {name: p.detach().cpu().contiguous() for name, p in trainable(model).items()})
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIM)
+        save_state(tmp / OPTIM, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
         facts = {"base_key": base_key(model), "resolved": _resolved(meta["config"], model)}
         (tmp / META).write_text(json.dumps({**meta, **facts, "step": step}, indent=1), encoding="utf-8")
     barrier(ranks)
@@ -310,13 +309,14 @@ def _read_adapter(file: Path, model) -> dict[str, Any]:
 
 
 def _load_pt(file: Path, keys: tuple[str, ...]) -> dict[str, Any]:
-    """A torch.save'd dict, weights only (a pickle that asks for anything else is refused, never run)."""
+    """A dict written by `reforge.io.train_state.save_state`, weights only (a pickle that asks for anything else is
+    refused, never run)."""
     import pickle
 
-    import torch
+    from reforge.io.train_state import load_state
 
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = load_state(file)
     except FileNotFoundError as e:
         raise _unusable(file, "is missing") from e
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, AttributeError) as e:
