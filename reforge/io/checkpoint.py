@@ -318,15 +318,20 @@ def file_sha256(path: str | Path, *, progress: Progress | None = None, records: 
     except OSError:
         pass
     value = sha256_file(path, progress=progress)
-    if _identity(path.stat()) == _identity(
-        stat
-    ):  # unchanged while it was read: remember it (else the next key reads it again)
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(memo, lambda f: f.write(value.encode()))
-        except OSError:
-            pass  # a read-only home only costs the next read
+    if _identity(path.stat()) == _identity(stat):  # unchanged while it was read (else the next key reads it again)
+        remember_sha256(path, value, stat)
     return value
+
+
+def remember_sha256(path: str | Path, sha256: str, stat: os.stat_result | None = None) -> None:
+    """Remember the SHA-256 of a file whose bytes were hashed as they were written (so no later key reads it);
+    ``stat``: the file's stat when it was hashed (default: now)."""
+    memo = _memo_path(stat if stat is not None else Path(path).stat())
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(memo, lambda f: f.write(sha256.encode()))
+    except OSError:
+        pass  # a read-only home only costs the next read
 
 
 def sha256_file(path: str | Path, *, progress: Progress | None = None) -> str:
