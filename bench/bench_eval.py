@@ -237,9 +237,10 @@ def float16_rescore(home: Path) -> float:
     return score_run(dataset.qrels, run, parse_measures(["nDCG@10"]), "beir").aggregate["nDCG@10"]
 
 
-def scale_corpus(dest: Path, documents: int) -> Path:
+def scale_corpus(dest: Path, documents: int, chars: int | None = None) -> Path:
     """``documents`` SciFact passages (the corpus repeated, ids ``<id>~<copy>`` after the first copy) with the test
-    queries and qrels: real document lengths at any size."""
+    queries and qrels: real document lengths at any size, or texts cut to ``chars`` characters (the tiny retriever
+    reads 16 tokens, so its vectors do not change; only tokenizing the rest is saved)."""
     docs = read_jsonl(DATA / "corpus.jsonl")
     qrels = read_qrels(DATA / "qrels" / "test.tsv")
     queries = {q["_id"]: q["text"] for q in read_jsonl(DATA / "queries.jsonl") if q["_id"] in qrels}
@@ -248,7 +249,8 @@ def scale_corpus(dest: Path, documents: int) -> Path:
         for i in range(documents):
             d, copy = docs[i % len(docs)], i // len(docs)
             doc_id = d["_id"] if copy == 0 else f"{d['_id']}~{copy}"
-            f.write(json.dumps({"_id": doc_id, "title": d.get("title", ""), "text": d["text"]}) + "\n")
+            text = d["text"] if chars is None else d["text"][:chars]
+            f.write(json.dumps({"_id": doc_id, "title": d.get("title", ""), "text": text}) + "\n")
     return dest
 
 
@@ -288,7 +290,7 @@ PEAK_RSS = (
 )
 
 
-def scale_run(sizes: list[int], *, modes: tuple[str, ...], shard_docs: int, repeats: int) -> dict:
+def scale_run(sizes: list[int], *, modes: tuple[str, ...], shard_docs: int, repeats: int, chars: int | None) -> dict:
     """Peak RSS and time of a cold `reforge eval` (fresh process, fresh cache) at each corpus size, with the cache
     and with ``--no-cache``; and the growth in bytes per document between consecutive sizes (median of
     ``repeats`` runs), which issue 26 wants under 250."""
@@ -299,7 +301,7 @@ def scale_run(sizes: list[int], *, modes: tuple[str, ...], shard_docs: int, repe
     with tempfile.TemporaryDirectory() as tmp:
         model = tiny_retriever(Path(tmp) / "tiny-bert")
         for size in sizes:
-            data = scale_corpus(Path(tmp) / f"scifact-x{size}", size)
+            data = scale_corpus(Path(tmp) / f"scifact-x{size}", size, chars)
             for mode in modes:
                 peaks, walls = [], []
                 for repeat in range(repeats):
@@ -338,6 +340,7 @@ def scale_run(sizes: list[int], *, modes: tuple[str, ...], shard_docs: int, repe
         "load_average_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
         "shard_docs": shard_docs,
         "repeats": repeats,
+        "text_chars": chars,
         "runs": results,
         "growth": growth,
     }
@@ -369,6 +372,7 @@ def main() -> None:
     parser.add_argument("--modes", default="cache,no-cache", help="--scale: cache, no-cache or both")
     parser.add_argument("--shard-docs", type=int, default=8192, help="--scale: documents per cache shard")
     parser.add_argument("--repeats", type=int, default=1, help="--scale: runs per point (the median is kept)")
+    parser.add_argument("--chars", type=int, default=None, help="--scale: cut document texts to this many characters")
     args = parser.parse_args()
     if not (MODEL / "model.safetensors").is_file() or not DATA.is_dir():
         sys.exit(f"needs {MODEL} (../shared/scripts/fetch-models.sh) and {DATA}")

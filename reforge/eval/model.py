@@ -169,6 +169,8 @@ def resolve_model(
         AdapterError: an adapter whose config names no base, or whose tensors do not fit the base.
         ProvenanceMismatchError: the adapter's training record names another base (as merge and inspect refuse).
         PickleRefusedError: only pickle weights and no ``allow_pickle``.
+        CorruptCheckpointError, UnsafePathError, CheckpointNotFoundError: weights diff and merge would refuse too
+            (a malformed header, a shard linked out of the folder, no weights file it can read).
         UnsupportedModelError: no tokenizer anywhere, or remote code without ``trust_remote_code``.
         PoolingUndeterminedError: see `detect_profile`.
     """
@@ -190,6 +192,8 @@ def resolve_model(
         fingerprint = hashlib.sha256(f"{fingerprint}+{_content_key(base_path)}".encode()).hexdigest()
     weights_dir = base_path or transformer_dir(path)
     _check_pickle(weights_dir, allow_pickle)
+    if base_path is None:  # (an adapter and its base were opened by _check_adapter_fits)
+        _check_weights(weights_dir, allow_pickle)
     _check_remote_code(weights_dir, trust_remote_code or builtin_class)
     shown = name or (Path(str(ref)).name if Path(str(ref)).exists() else str(ref))
     chosen = detect_profile(path, name=str(ref), base_dir=base_path, profile=profile, pooling=pooling)
@@ -249,6 +253,16 @@ def _check_pickle(folder: Path, allow_pickle: bool) -> None:
             hint="Pass --allow-pickle to load it with torch.load(weights_only=True).",
             path=folder / pickles[0],
         )
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> None:
+    """Index the weights as diff, merge and inspect do (`reforge.io.index.ShardIndex.from_dir`), before transformers
+    reads them: the same rules and the same one-line errors for a shard linked out of the folder, a malformed or
+    overlapping safetensors header, a pickle that is not weights-only or predates torch's zip format, and a folder
+    with no weights it can read (only a ``.pt`` file)."""
+    from reforge.io.index import ShardIndex
+
+    ShardIndex.from_dir(folder, allow_pickle=allow_pickle)
 
 
 def _check_remote_code(folder: Path, trust_remote_code: bool) -> None:
