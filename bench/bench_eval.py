@@ -381,9 +381,8 @@ def main() -> None:
         return
     if args.scale:
         modes = tuple(m for m in args.modes.split(",") if m)
-        print(
-            json.dumps(scale_run(args.scale, modes=modes, shard_docs=args.shard_docs, repeats=args.repeats), indent=2)
-        )
+        result = scale_run(args.scale, modes=modes, shard_docs=args.shard_docs, repeats=args.repeats, chars=args.chars)
+        print(json.dumps(result, indent=2))
         return
     if args.full:
         result = full_run()
