@@ -254,15 +254,20 @@ def scale_corpus(dest: Path, documents: int, chars: int | None = None) -> Path:
     return dest
 
 
-def tiny_retriever(dest: Path) -> Path:
-    """A random 2-layer BERT (hidden 32, max length 16) with all-MiniLM-L6-v2's tokenizer, as a sentence-transformers
-    folder: encoding costs little, so the run measures what reforge holds per document, not the model."""
+def tiny_retriever(dest: Path, dim: int = 32) -> Path:
+    """A random 2-layer BERT (hidden ``dim``, max length 16) with all-MiniLM-L6-v2's tokenizer, as a
+    sentence-transformers folder: encoding costs little, so the run measures what reforge holds per document, not
+    the model."""
     import shutil
 
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=512
+        hidden_size=dim,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * dim,
+        max_position_embeddings=512,
     )
     BertModel(config).save_pretrained(dest, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
@@ -278,7 +283,7 @@ def tiny_retriever(dest: Path) -> Path:
     )
     (dest / "1_Pooling").mkdir()
     (dest / "1_Pooling" / "config.json").write_text(
-        json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
+        json.dumps({"word_embedding_dimension": dim, "pooling_mode_mean_tokens": True})
     )
     (dest / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16, "do_lower_case": False}))
     return dest
@@ -290,7 +295,9 @@ PEAK_RSS = (
 )
 
 
-def scale_run(sizes: list[int], *, modes: tuple[str, ...], shard_docs: int, repeats: int, chars: int | None) -> dict:
+def scale_run(
+    sizes: list[int], *, modes: tuple[str, ...], shard_docs: int, repeats: int, chars: int | None, dim: int
+) -> dict:
     """Peak RSS and time of a cold `reforge eval` (fresh process, fresh cache) at each corpus size, with the cache
     and with ``--no-cache``; and the growth in bytes per document between consecutive sizes (median of
     ``repeats`` runs), which issue 26 wants under 250."""
@@ -299,7 +306,7 @@ def scale_run(sizes: list[int], *, modes: tuple[str, ...], shard_docs: int, repe
     results = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        model = tiny_retriever(Path(tmp) / "tiny-bert")
+        model = tiny_retriever(Path(tmp) / "tiny-bert", dim)
         for size in sizes:
             data = scale_corpus(Path(tmp) / f"scifact-x{size}", size, chars)
             for mode in modes:
@@ -341,6 +348,7 @@ def scale_run(sizes: list[int], *, modes: tuple[str, ...], shard_docs: int, repe
         "shard_docs": shard_docs,
         "repeats": repeats,
         "text_chars": chars,
+        "dim": dim,
         "runs": results,
         "growth": growth,
     }
@@ -373,6 +381,7 @@ def main() -> None:
     parser.add_argument("--shard-docs", type=int, default=8192, help="--scale: documents per cache shard")
     parser.add_argument("--repeats", type=int, default=1, help="--scale: runs per point (the median is kept)")
     parser.add_argument("--chars", type=int, default=None, help="--scale: cut document texts to this many characters")
+    parser.add_argument("--dim", type=int, default=32, help="--scale: the tiny retriever's width")
     args = parser.parse_args()
     if not (MODEL / "model.safetensors").is_file() or not DATA.is_dir():
         sys.exit(f"needs {MODEL} (../shared/scripts/fetch-models.sh) and {DATA}")
@@ -381,7 +390,9 @@ def main() -> None:
         return
     if args.scale:
         modes = tuple(m for m in args.modes.split(",") if m)
-        result = scale_run(args.scale, modes=modes, shard_docs=args.shard_docs, repeats=args.repeats, chars=args.chars)
+        result = scale_run(
+            args.scale, modes=modes, shard_docs=args.shard_docs, repeats=args.repeats, chars=args.chars, dim=args.dim
+        )
         print(json.dumps(result, indent=2))
         return
     if args.full:

@@ -361,28 +361,44 @@ def _corpus_entry(ctx: _Context) -> tuple[Entry, float, bool]:
     if ctx.progress:
         ctx.progress(0, total)
     for index in missing:
-        first, count = entry.bounds(index)
-        stored: np.ndarray | None = None
-        ids: list[str] = []
-        for at in range(first, first + count, ENCODE_PIECE):
-            docs = corpus[at : min(at + ENCODE_PIECE, first + count)]  # each read checked against the index
-            if legacy is not None:
-                vectors = np.asarray(legacy[at : at + len(docs)], dtype=np.float32)
-            else:
-                vectors = encode(ctx.loader.get(), passages(docs, ctx.profile), ctx.profile, batch_size=ctx.batch_size)
-            entry = _settle_dtype(cache, entry, vectors, meta)
-            if stored is None:  # the shard is held in its stored dtype, only one piece in float32
-                stored = np.empty((count, vectors.shape[1]), dtype=stored_dtype(entry.dtype))
-            stored[at - first : at - first + len(docs)] = to_stored(vectors, entry.dtype)
-            ids += [d.id for d in docs]
-            done += len(docs)
-            del docs, vectors
-            if ctx.progress:
-                ctx.progress(done, total)
-        assert stored is not None
-        entry.write_shard(index, stored, ids)
-        del stored, ids
+        entry, done = _encode_shard(ctx, cache, entry, index, legacy, meta, (done, total))
     return entry, time.perf_counter() - start, False
+
+
+def _encode_shard(
+    ctx: _Context,
+    cache: EmbeddingCache,
+    entry: Entry,
+    index: int,
+    legacy: np.ndarray | None,
+    meta: dict,
+    count_of: tuple[int, int],
+) -> tuple[Entry, int]:
+    """Encode (or convert from the old format) and store shard ``index``, `ENCODE_PIECE` documents at a time: the
+    shard is held in its stored dtype, only one piece in float32. Returns the entry (its dtype settled) and the
+    documents done so far (``count_of``: done before, total, for the progress callback)."""
+    done, total = count_of
+    first, count = entry.bounds(index)
+    stored: np.ndarray | None = None
+    ids: list[str] = []
+    for at in range(first, first + count, ENCODE_PIECE):
+        docs = ctx.dataset.corpus[at : min(at + ENCODE_PIECE, first + count)]  # each read checked by the index
+        if legacy is not None:
+            vectors = np.asarray(legacy[at : at + len(docs)], dtype=np.float32)
+        else:
+            vectors = encode(ctx.loader.get(), passages(docs, ctx.profile), ctx.profile, batch_size=ctx.batch_size)
+        entry = _settle_dtype(cache, entry, vectors, meta)
+        if stored is None:
+            stored = np.empty((count, vectors.shape[1]), dtype=stored_dtype(entry.dtype))
+        stored[at - first : at - first + len(docs)] = to_stored(vectors, entry.dtype)
+        ids += [d.id for d in docs]
+        done += len(docs)
+        del docs, vectors
+        if ctx.progress:
+            ctx.progress(done, total)
+    assert stored is not None
+    entry.write_shard(index, stored, ids)
+    return entry, done
 
 
 def _requested_dtype(ctx: _Context) -> str:
