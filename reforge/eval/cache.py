@@ -233,6 +233,13 @@ class Entry:
 
     def _problem(self, index: int, start: int, rows: int, dim: int | None) -> str | None:
         path = self.shard_path(index)
+        try:
+            identity = (_identity(path), _identity(self.sidecar_path(index)))
+        except OSError:
+            return "its ids and checksum are missing or unreadable"
+        verified = self._verified.get(index)
+        if verified is not None and verified[0] == identity and (dim is None or verified[2] == dim):
+            return None  # checked in this process, and neither file has changed since
         sidecar = self._sidecar(index)
         if sidecar is None:
             return "its ids and checksum are missing or unreadable"
@@ -240,7 +247,6 @@ class Entry:
             return f"it was written for rows {sidecar.get('start')}+{sidecar.get('rows')}, not {start}+{rows}"
         try:
             array = np.load(path, mmap_mode="r")
-            identity = _identity(path)
         except (OSError, ValueError):
             return "it cannot be read as an array"
         if not (
@@ -251,8 +257,6 @@ class Entry:
             and (dim is None or array.shape[1] == dim)
         ):
             return f"its array is {array.dtype} {array.shape}, not {self.dtype} ({rows}, {dim or 'd'})"
-        if self._verified.get(index, (None,))[0] == identity:
-            return None
         if file_sha256(path, records={}) != sidecar.get("sha256"):
             return "its bytes do not match their recorded SHA-256"
         if self.expected_ids is not None:
@@ -261,7 +265,7 @@ class Entry:
             stored = np.fromiter((id_hash(str(i)) for i in sidecar["ids"]), dtype=np.uint64, count=rows)
             if not np.array_equal(stored, self.expected_ids(start, start + rows)):
                 return "its document ids are not the corpus's ids for these rows"
-        self._verified[index] = (identity, int(array.offset))
+        self._verified[index] = (identity, int(array.offset), int(array.shape[1]))
         return None
 
     def _sidecar(self, index: int) -> dict | None:
@@ -334,9 +338,11 @@ class Entry:
             self.folder.mkdir(parents=True, exist_ok=True)
             sidecar.unlink(missing_ok=True)  # the vectors are replaced: their old checksum no longer holds
             write_atomic(path, lambda f: np.save(_Hashing(f, digest), stored))
+            written = path.stat()
             facts = {"start": start, "rows": rows, "sha256": digest.hexdigest(), "ids": list(ids)}
             write_atomic(sidecar, lambda f: f.write(json.dumps(facts).encode()))
-            remember_sha256(path, digest.hexdigest())  # hashed as written: no reader reads it back for the check
+            if _identity(path) == _identity_of(written):  # no other writer replaced it meanwhile
+                remember_sha256(path, digest.hexdigest(), written)  # hashed as written: nobody reads it to check
         except OSError as e:
             if not sidecar.is_file():
                 path.unlink(missing_ok=True)
@@ -368,7 +374,10 @@ def _meta_facts(entry: Entry, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _identity(path: Path) -> tuple:
-    stat = path.stat()
+    return _identity_of(path.stat())
+
+
+def _identity_of(stat: os.stat_result) -> tuple:
     return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
