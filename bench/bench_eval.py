@@ -4,8 +4,10 @@
                                                    #   sentence-transformers encode + faiss (same model, settings, data)
     python bench/bench_eval.py --full              # correctness: full SciFact test, expect 0.645 +- 0.002
     python bench/bench_eval.py --reference-subset  # the plain reference value in tests/test_eval_real.py
-    python bench/bench_eval.py --scale 100000 300000   # peak RSS of reforge eval on SciFact-length corpora of those
-                                                   #   sizes (SciFact documents repeated, a tiny random BERT)
+    python bench/bench_eval.py --scale 40000 160000 1000000   # peak RSS of reforge eval on SciFact-length corpora
+                                                   #   of those sizes (SciFact documents repeated, a tiny random
+                                                   #   BERT), with the cache and --no-cache, and the growth in
+                                                   #   bytes per document between sizes (--repeats, --shard-docs)
 
 Every timed run is a fresh process (interpreter start and imports included) under `nice -n 10`; the reforge and
 baseline runs alternate ``--rounds`` times and the fastest of each is kept, since the machine is shared.
@@ -18,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -234,9 +237,10 @@ def float16_rescore(home: Path) -> float:
     return score_run(dataset.qrels, run, parse_measures(["nDCG@10"]), "beir").aggregate["nDCG@10"]
 
 
-def scale_corpus(dest: Path, documents: int) -> Path:
+def scale_corpus(dest: Path, documents: int, chars: int | None = None) -> Path:
     """``documents`` SciFact passages (the corpus repeated, ids ``<id>~<copy>`` after the first copy) with the test
-    queries and qrels: real document lengths at any size."""
+    queries and qrels: real document lengths at any size, or texts cut to ``chars`` characters (the tiny retriever
+    reads 16 tokens, so its vectors do not change; only tokenizing the rest is saved)."""
     docs = read_jsonl(DATA / "corpus.jsonl")
     qrels = read_qrels(DATA / "qrels" / "test.tsv")
     queries = {q["_id"]: q["text"] for q in read_jsonl(DATA / "queries.jsonl") if q["_id"] in qrels}
@@ -245,19 +249,25 @@ def scale_corpus(dest: Path, documents: int) -> Path:
         for i in range(documents):
             d, copy = docs[i % len(docs)], i // len(docs)
             doc_id = d["_id"] if copy == 0 else f"{d['_id']}~{copy}"
-            f.write(json.dumps({"_id": doc_id, "title": d.get("title", ""), "text": d["text"]}) + "\n")
+            text = d["text"] if chars is None else d["text"][:chars]
+            f.write(json.dumps({"_id": doc_id, "title": d.get("title", ""), "text": text}) + "\n")
     return dest
 
 
-def tiny_retriever(dest: Path) -> Path:
-    """A random 2-layer BERT (hidden 32, max length 16) with all-MiniLM-L6-v2's tokenizer, as a sentence-transformers
-    folder: encoding costs little, so the run measures what reforge holds per document, not the model."""
+def tiny_retriever(dest: Path, dim: int = 32) -> Path:
+    """A random 2-layer BERT (hidden ``dim``, max length 16) with all-MiniLM-L6-v2's tokenizer, as a
+    sentence-transformers folder: encoding costs little, so the run measures what reforge holds per document, not
+    the model."""
     import shutil
 
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=512
+        hidden_size=dim,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * dim,
+        max_position_embeddings=512,
     )
     BertModel(config).save_pretrained(dest, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
@@ -273,7 +283,7 @@ def tiny_retriever(dest: Path) -> Path:
     )
     (dest / "1_Pooling").mkdir()
     (dest / "1_Pooling" / "config.json").write_text(
-        json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
+        json.dumps({"word_embedding_dimension": dim, "pooling_mode_mean_tokens": True})
     )
     (dest / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16, "do_lower_case": False}))
     return dest
@@ -285,53 +295,79 @@ PEAK_RSS = (
 )
 
 
-def scale_run(sizes: list[int]) -> dict:
-    """Peak RSS and time of a cold `reforge eval` (fresh process, fresh cache) at each corpus size."""
+def scale_run(
+    sizes: list[int], *, modes: tuple[str, ...], shard_docs: int, repeats: int, chars: int | None, dim: int
+) -> dict:
+    """Peak RSS and time of a cold `reforge eval` (fresh process, fresh cache) at each corpus size, with the cache
+    and with ``--no-cache``; and the growth in bytes per document between consecutive sizes (median of
+    ``repeats`` runs), which issue 26 wants under 250."""
+    import statistics
+
     results = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        model = tiny_retriever(Path(tmp) / "tiny-bert")
+        model = tiny_retriever(Path(tmp) / "tiny-bert", dim)
         for size in sizes:
-            data = scale_corpus(Path(tmp) / f"scifact-x{size}", size)
-            command = [
-                sys.executable,
-                "-c",
-                PEAK_RSS,
-                *REFORGE,
-                "eval",
-                str(model),
-                "--data",
-                str(data),
-                "--json",
-                "-q",
-                "--batch-size",
-                "64",
-            ]
-            env = {
-                **os.environ,
-                "HF_HUB_OFFLINE": "1",
-                "REFORGE_HOME": str(Path(tmp) / f"home-{size}"),
-                "PYTHONPATH": str(ROOT),
+            data = scale_corpus(Path(tmp) / f"scifact-x{size}", size, chars)
+            for mode in modes:
+                peaks, walls = [], []
+                for repeat in range(repeats):
+                    home = Path(tmp) / f"home-{size}-{mode}-{repeat}"
+                    peak, wall, out = _scale_once(model, data, home, mode, shard_docs)
+                    peaks.append(peak)
+                    walls.append(wall)
+                results.append(
+                    {
+                        "documents": size,
+                        "mode": mode,
+                        "peak_rss_mib": [round(p / 2**20, 1) for p in peaks],
+                        "median_peak_rss_mib": round(statistics.median(peaks) / 2**20, 1),
+                        "wall_s": walls,
+                        "corpus_mb": round((data / "corpus.jsonl").stat().st_size / 1e6, 1),
+                        "docs_per_s": out["results"][0]["docs_per_second"],
+                    }
+                )
+                print(f"  {size} documents, {mode}: {results[-1]}", file=sys.stderr)
+            shutil.rmtree(data)
+    growth = {}
+    for mode in modes:
+        runs = [r for r in results if r["mode"] == mode]
+        growth[mode] = [
+            {
+                "from": a["documents"],
+                "to": b["documents"],
+                "bytes_per_document": round(
+                    (b["median_peak_rss_mib"] - a["median_peak_rss_mib"]) * 2**20 / (b["documents"] - a["documents"])
+                ),
             }
-            start = time.perf_counter()
-            done = subprocess.run(["nice", "-n", "10", *command], env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(done.stderr[-3000:])
-            out = json.loads(done.stdout)
-            peak_kib = int(done.stderr.strip().splitlines()[-1])
-            results.append(
-                {
-                    "documents": size,
-                    "peak_rss_gib": round(peak_kib / 2**20, 3),
-                    "wall_s": round(time.perf_counter() - start, 1),
-                    "corpus_mb": round((data / "corpus.jsonl").stat().st_size / 1e6, 1),
-                    "docs_per_s": out["results"][0]["docs_per_second"],
-                }
-            )
-            print(f"  {size} documents: {results[-1]}", file=sys.stderr)
+            for a, b in zip(runs, runs[1:])
+        ]
     return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
+        "shard_docs": shard_docs,
+        "repeats": repeats,
+        "text_chars": chars,
+        "dim": dim,
         "runs": results,
-        "rss_largest_over_smallest": round(results[-1]["peak_rss_gib"] / results[0]["peak_rss_gib"], 3),
+        "growth": growth,
     }
+
+
+def _scale_once(model: Path, data: Path, home: Path, mode: str, shard_docs: int) -> tuple[int, float, dict]:
+    """One cold `reforge eval` in a fresh process: (peak RSS bytes, wall seconds, its JSON)."""
+    command = [sys.executable, "-c", PEAK_RSS, *REFORGE, "eval", str(model), "--data", str(data), "--json", "-q"]
+    command += ["--batch-size", "64", "--shard-docs", str(shard_docs)]
+    if mode == "no-cache":
+        command.append("--no-cache")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "REFORGE_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    done = subprocess.run(["nice", "-n", "10", *command], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(done.stderr[-3000:])
+    wall = round(time.perf_counter() - start, 1)
+    shutil.rmtree(home, ignore_errors=True)
+    return int(done.stderr.strip().splitlines()[-1]) * 1024, wall, json.loads(done.stdout)
 
 
 def main() -> None:
@@ -341,6 +377,11 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=400, help="corpus documents in the speed subset")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the fastest of each is kept")
     parser.add_argument("--scale", type=int, nargs="+", help="peak RSS of reforge eval at these corpus sizes")
+    parser.add_argument("--modes", default="cache,no-cache", help="--scale: cache, no-cache or both")
+    parser.add_argument("--shard-docs", type=int, default=8192, help="--scale: documents per cache shard")
+    parser.add_argument("--repeats", type=int, default=1, help="--scale: runs per point (the median is kept)")
+    parser.add_argument("--chars", type=int, default=None, help="--scale: cut document texts to this many characters")
+    parser.add_argument("--dim", type=int, default=32, help="--scale: the tiny retriever's width")
     args = parser.parse_args()
     if not (MODEL / "model.safetensors").is_file() or not DATA.is_dir():
         sys.exit(f"needs {MODEL} (../shared/scripts/fetch-models.sh) and {DATA}")
@@ -348,7 +389,11 @@ def main() -> None:
         reference_subset()
         return
     if args.scale:
-        print(json.dumps(scale_run(args.scale), indent=2))
+        modes = tuple(m for m in args.modes.split(",") if m)
+        result = scale_run(
+            args.scale, modes=modes, shard_docs=args.shard_docs, repeats=args.repeats, chars=args.chars, dim=args.dim
+        )
+        print(json.dumps(result, indent=2))
         return
     if args.full:
         result = full_run()

@@ -184,3 +184,16 @@ def test_real_scifact_counts():
     ds = load_beir(DATA / "scifact", "test")
     assert (len(ds.corpus), len(ds.queries), sum(len(j) for j in ds.qrels.values())) == (5183, 300, 339)
     assert ds.warnings == ()
+
+
+@pytest.mark.parametrize("kind", ["corpus", "queries"])
+def test_a_null_id_is_an_error_not_the_id_none(tmp_path, kind):
+    """``"_id": null`` used to become the id "None" (and ``[1]`` the id "[1]"): a document no qrels row names."""
+    folder = write_beir(tmp_path / "toy")
+    name = "corpus.jsonl" if kind == "corpus" else "queries.jsonl"
+    lines = (folder / name).read_text().splitlines()
+    lines[1] = json.dumps({"_id": None, "title": "", "text": "the id is missing"})
+    (folder / name).write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{name}, line 2: '_id' is null, not a string or a number"):
+        load_beir(folder)
+    assert "line 2: '_id' is null" in eval_error(folder)

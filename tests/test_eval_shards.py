@@ -201,7 +201,7 @@ def test_interrupted_encode_resumes_at_the_missing_shard(models, tmp_path):  # n
         "00002.npy",
         "meta.json",
     ]
-    assert json.loads((folder / "00001.ids.json").read_text()) == ["d3", "d4"]
+    assert json.loads((folder / "00001.ids.json").read_text())["ids"] == ["d3", "d4"]
     (folder / "00001.npy").unlink()  # as if the run had stopped there
     shard_2 = (folder / "00002.npy").read_bytes()
     (folder / "00002.npy").write_bytes(shard_2[:-8])  # and shard 2 were cut short

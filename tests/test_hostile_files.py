@@ -243,3 +243,86 @@ def test_verify_never_calls_a_malformed_manifest_sound(llama_pair, tmp_path, man
     report = json.loads(result.stdout)
     assert result.exit_code == 1 and not report["ok"], result.stdout
     assert "reforge.json is not a readable JSON object" in report["failures"][0]
+
+
+# ------------------------------------------------------------------------------ eval reads weights as merge does
+
+
+def _eval_model(tmp_path: Path, name: str = "m") -> tuple[Path, Path]:
+    """A tiny Llama folder with a tokenizer, and a toy BEIR dataset."""
+    from test_eval import make_tokenizer, toy_dataset
+
+    from conftest import build_model, save
+
+    folder = make_tokenizer(save(build_model("llama-bare"), tmp_path / name), "llama")
+    return folder, toy_dataset(tmp_path / "toy")
+
+
+def _eval_error(*args: object) -> str:
+    result = CliRunner().invoke(cli, ["eval", *map(str, args), "--no-cache"])
+    assert result.exit_code == 1, result.output + result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
+
+
+def _as_pickle(folder: Path, **save_options) -> dict:
+    from safetensors.torch import load_file
+
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin", **save_options)
+    return state
+
+
+def test_eval_with_a_pickle_that_is_not_weights_only_is_one_line(tmp_path):
+    import datetime
+
+    folder, data = _eval_model(tmp_path)
+    state = _as_pickle(folder)
+    torch.save({**state, "when": datetime.date(2020, 1, 1)}, folder / "pytorch_model.bin")
+    error = _eval_error(folder, "--data", data, "--allow-pickle")
+    assert "pytorch_model.bin could not be loaded as a weights-only pickle" in error
+
+
+def test_eval_refuses_a_legacy_pickle_as_diff_merge_and_inspect_do(tmp_path):
+    """One rule: a pre-zip torch pickle cannot be memory-mapped, so every command refuses it (a one-time conversion
+    to safetensors is the way); eval used to load it whole."""
+    folder, data = _eval_model(tmp_path)
+    _as_pickle(folder, _use_new_zipfile_serialization=False)
+    error = _eval_error(folder, "--data", data, "--allow-pickle")
+    assert "pytorch_model.bin could not be loaded as a weights-only pickle" in error
+    inspect = CliRunner().invoke(cli, ["inspect", str(folder), "--allow-pickle"])
+    assert inspect.exit_code == 1 and "could not be loaded as a weights-only pickle" in inspect.stderr
+
+
+def test_eval_of_a_pt_only_folder_is_one_line(tmp_path):
+    folder, data = _eval_model(tmp_path)
+    state = _as_pickle(folder)
+    (folder / "pytorch_model.bin").unlink()
+    torch.save(state, folder / "weights.pt")
+    assert "holds no model.safetensors" in _eval_error(folder, "--data", data, "--allow-pickle")
+    assert "weights.pt is a pickle file" in _eval_error(folder, "--data", data)
+
+
+def test_eval_of_overlapping_safetensors_offsets_is_one_line(tmp_path):
+    folder, data = _eval_model(tmp_path)
+    file = folder / "model.safetensors"
+    raw = file.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + size])
+    first, second = [k for k in header if k != "__metadata__"][:2]
+    start, _ = header[second]["data_offsets"]
+    header[second]["data_offsets"] = [start - 4, header[second]["data_offsets"][1] - 4]  # overlaps the first
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    file.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + size :])
+    assert "overlaps the previous tensor" in _eval_error(folder, "--data", data)
+
+
+def test_eval_does_not_follow_a_shard_linked_out_of_the_folder(tmp_path):
+    folder, data = _eval_model(tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (folder / "model.safetensors").rename(outside / "model.safetensors")
+    (folder / "model.safetensors").symlink_to(outside / "model.safetensors")
+    assert "outside the checkpoint folder" in _eval_error(folder, "--data", data)

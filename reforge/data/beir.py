@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from reforge.data.lazy import Document, LazyCorpus, corpus_index, json_object
+from reforge.data.lazy import Document, LazyCorpus, corpus_index, json_object, row_id
 from reforge.errors import DataError, short_path
 from reforge.io.checkpoint import sha256_file
 
@@ -78,11 +78,13 @@ def iter_corpus(
     if path.is_dir():
         path = path / "corpus.jsonl"
     for number, row in iter_jsonl(path, skip_bad_lines=skip_bad_lines, skip_option=skip_option):
-        if "_id" not in row:
+        try:
+            doc_id = row_id(row, path, number)
+        except DataError:
             if skip_bad_lines:
                 continue
-            raise DataError(f"{short_path(path)}, line {number}: no '_id' field.", path=path, line=number)
-        yield Document(str(row["_id"]), str(row.get("title") or ""), str(row.get("text") or ""))
+            raise
+        yield Document(doc_id, str(row.get("title") or ""), str(row.get("text") or ""))
 
 
 def read_queries(path: str | Path) -> dict[str, str]:
@@ -90,9 +92,7 @@ def read_queries(path: str | Path) -> dict[str, str]:
     path = Path(path)
     queries: dict[str, str] = {}
     for number, row in iter_jsonl(path):
-        if "_id" not in row:
-            raise DataError(f"{short_path(path)}, line {number}: no '_id' field.", path=path, line=number)
-        queries[str(row["_id"])] = str(row.get("text") or "")
+        queries[row_id(row, path, number)] = str(row.get("text") or "")
     return queries
 
 
@@ -331,9 +331,7 @@ def _read_unique_queries(path: Path) -> dict[str, str]:
     seen: dict[str, int] = {}
     queries: dict[str, str] = {}
     for number, row in iter_jsonl(path):
-        if "_id" not in row:
-            raise DataError(f"{short_path(path)}, line {number}: no '_id' field.", path=path, line=number)
-        query_id = str(row["_id"])
+        query_id = row_id(row, path, number)
         if query_id in seen:
             raise DataError(
                 f"{short_path(path)}, line {number}: duplicate query id {query_id!r} (first at line {seen[query_id]}).",

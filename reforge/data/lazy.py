@@ -1,18 +1,21 @@
 """A BEIR ``corpus.jsonl`` read lazily: a byte-offset index built in one pass, cached, and documents read on demand.
 
 `corpus_index` scans the file once (checking every line, as `load_beir` always did) and keeps, per document, the
-byte offset of its line and a 64-bit hash of its id (16 bytes a document: 140 MB for MS MARCO's 8.8M passages,
-against ~10 GB as Python objects), plus the corpus hash, the file's SHA-256 and the empty documents. The index is
-cached under ``$REFORGE_HOME/cache/corpus-index/``, keyed by the file's `file_stamp` (path, size, times, inode),
-so a second run (or another rank on the same machine) opens a corpus without reading it. `LazyCorpus` is a
-``Sequence[Document]`` over those offsets: ``corpus[i]``, slices and iteration read only the lines they need, and a
-line that no longer holds the id indexed there (the file was edited meanwhile) is a `DataError`.
+byte offset of its line, a 64-bit hash of its id and one of its title and text (24 bytes a document: 212 MB for
+MS MARCO's 8.8M passages, against ~10 GB as Python objects), plus the corpus hash, the file's SHA-256 and the empty
+documents. The index is cached under ``$REFORGE_HOME/cache/corpus-index/``, keyed by the file's `file_stamp` (path,
+size, times, inode), so a second run (or another rank on the same machine) opens a corpus without reading it.
+`LazyCorpus` is a ``Sequence[Document]`` over those offsets: ``corpus[i]``, slices and iteration read only the lines
+they need, and a line that no longer holds the id and the text indexed there (the file was edited meanwhile, even
+keeping every id at its offset) is a `DataError`: what is read is always what the corpus hash, and so a cache key,
+stands for.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ import numpy as np
 from reforge.errors import DataError, short_path
 from reforge.io.atomic import write_atomic
 
-INDEX_VERSION = 2  # 2: keyed by inode and change time too
+INDEX_VERSION = 3  # 2: keyed by inode and change time too; 3: a text hash per document
 _EXAMPLES = 3
 
 
@@ -45,19 +48,37 @@ def id_hash(doc_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+def text_hash(title: str, text: str) -> int:
+    """A 64-bit hash of a document's title and text (what is encoded besides the prefixes)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for part in (title, text):
+        encoded = part.encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "little"))
+        digest.update(encoded)
+    return int.from_bytes(digest.digest(), "little")
+
+
 def _id_hashes(ids: Iterable[str]) -> np.ndarray:
     return np.fromiter((id_hash(i) for i in ids), dtype=np.uint64)
 
 
+def id_hashes_of(corpus: Sequence, start: int, stop: int) -> np.ndarray:
+    """The `id_hash` of documents ``[start, stop)`` of a corpus (a `LazyCorpus` from its index, without reading)."""
+    if isinstance(corpus, LazyCorpus):
+        return corpus._hashes()[start:stop]
+    return _id_hashes(doc.id for doc in corpus[start:stop])
+
+
 @dataclass(frozen=True)
 class CorpusIndex:
-    """What one pass over ``corpus.jsonl`` learned. ``offsets`` (uint64) and ``id_hashes`` (uint64) have one entry
-    per document in file order; ``empty`` counts documents with no title and no text (``empty_examples``: a few
+    """What one pass over ``corpus.jsonl`` learned. ``offsets``, ``id_hashes`` and ``text_hashes`` (uint64) have one
+    entry per document in file order; ``empty`` counts documents with no title and no text (``empty_examples``: a few
     ids); ``corpus_hash`` is `BeirDataset.corpus_hash`; ``sha256`` the file's."""
 
     path: Path
     offsets: np.ndarray
     id_hashes: np.ndarray
+    text_hashes: np.ndarray
     corpus_hash: str
     sha256: str
     empty: int
@@ -89,8 +110,8 @@ def file_stamp(path: Path) -> list:
 
 
 def _build(path: Path) -> CorpusIndex:
-    offsets: list[int] = []
-    hashes: list[int] = []
+    # compact arrays while scanning (8 bytes a document each; a list of Python ints costs ~36)
+    offsets, hashes, texts = array("Q"), array("Q"), array("Q")
     empty: list[str] = []
     corpus_digest, file_digest = hashlib.sha256(), hashlib.sha256()
     at = 0
@@ -103,6 +124,7 @@ def _build(path: Path) -> CorpusIndex:
             doc = _parse(raw, path, number)
             offsets.append(start)
             hashes.append(id_hash(doc[0]))
+            texts.append(text_hash(doc[1], doc[2]))
             for part in doc:
                 encoded = part.encode("utf-8")
                 corpus_digest.update(len(encoded).to_bytes(8, "little"))
@@ -111,12 +133,14 @@ def _build(path: Path) -> CorpusIndex:
                 empty.append(doc[0])
     if not offsets:
         raise DataError(f"{short_path(path)} holds no documents.", path=path, line=None)
-    id_array = np.array(hashes, dtype=np.uint64)
-    _check_unique_ids(path, id_array, np.array(offsets, dtype=np.uint64))
+    id_array = np.frombuffer(hashes, dtype=np.uint64)
+    offset_array = np.frombuffer(offsets, dtype=np.uint64)
+    _check_unique_ids(path, id_array, offset_array)
     return CorpusIndex(
         path,
-        np.array(offsets, dtype=np.uint64),
+        offset_array,
         id_array,
+        np.frombuffer(texts, dtype=np.uint64),
         corpus_digest.hexdigest(),
         file_digest.hexdigest(),
         len(empty),
@@ -150,9 +174,27 @@ def json_object(raw: bytes, path: Path, number: int, skip_option: str | None = N
 
 def _parse(raw: bytes, path: Path, number: int) -> tuple[str, str, str]:
     row = json_object(raw, path, number)
+    return row_id(row, path, number), str(row.get("title") or ""), str(row.get("text") or "")
+
+
+def row_id(row: dict, path: Path, number: int) -> str:
+    """The ``_id`` of a corpus or queries line as a string (a number is written as JSON writes it).
+
+    Raises:
+        DataError: the line has no ``_id``, or it is null, a list, an object or a boolean (``str`` would have made
+            ``"None"`` or ``"[1, 2]"`` an id that no qrels row can name).
+    """
     if "_id" not in row:
         raise DataError(f"{short_path(path)}, line {number}: no '_id' field.", path=path, line=number)
-    return str(row["_id"]), str(row.get("title") or ""), str(row.get("text") or "")
+    value = row["_id"]
+    if value is None or isinstance(value, (bool, list, dict)):
+        raise DataError(
+            f"{short_path(path)}, line {number}: '_id' is {json.dumps(value)}, not a string or a number.",
+            hint="Give every line a string id.",
+            path=path,
+            line=number,
+        )
+    return str(value)
 
 
 def _check_unique_ids(path: Path, hashes: np.ndarray, offsets: np.ndarray) -> None:
@@ -190,6 +232,8 @@ def _line_number(path: Path, offset: int) -> int:
 def _read_line(handle, offset: int) -> tuple[str, str, str]:
     handle.seek(offset)
     row = json.loads(handle.readline())
+    if not isinstance(row, dict) or row.get("_id") is None:
+        raise ValueError("not a corpus line")
     return str(row["_id"]), str(row.get("title") or ""), str(row.get("text") or "")
 
 
@@ -211,10 +255,10 @@ class LazyCorpus(Sequence):
     def _offsets(self) -> np.ndarray:
         return self.index.offsets if self.rows is None else self.index.offsets[self.rows]
 
-    def _at(self, item: int | slice) -> tuple[np.ndarray, np.ndarray]:
-        """Offsets and id hashes of ``item`` (only those rows, not the whole selection)."""
+    def _at(self, item: int | slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Offsets, id hashes and text hashes of ``item`` (only those rows, not the whole selection)."""
         rows = item if self.rows is None else self.rows[item]
-        return self.index.offsets[rows], self.index.id_hashes[rows]
+        return self.index.offsets[rows], self.index.id_hashes[rows], self.index.text_hashes[rows]
 
     @overload
     def __getitem__(self, item: int): ...
@@ -227,23 +271,27 @@ class LazyCorpus(Sequence):
             item = item + len(self) if item < 0 else item
             if not 0 <= item < len(self):
                 raise IndexError(item)
-        offsets, hashes = self._at(item)
+        offsets, hashes, texts = self._at(item)
         with self.index.path.open("rb") as handle:
             if isinstance(item, slice):
-                return [self._read(handle, int(o), int(h)) for o, h in zip(offsets, hashes)]
-            return self._read(handle, int(offsets), int(hashes))
+                return [self._read(handle, int(o), int(h), int(t)) for o, h, t in zip(offsets, hashes, texts)]
+            return self._read(handle, int(offsets), int(hashes), int(texts))
 
-    def _read(self, handle, offset: int, expected: int) -> Document:
-        """The document at ``offset``, which must still be the one indexed there (by its id hash)."""
+    def _read(self, handle, offset: int, expected: int, expected_text: int) -> Document:
+        """The document at ``offset``, which must still be the one indexed there (by its id and text hashes)."""
         try:
             doc = Document(*_read_line(handle, offset))
         except (ValueError, KeyError, TypeError):  # not a JSON object with an _id any more
             doc = None
-        if doc is None or id_hash(doc.id) != expected:
+        if doc is None or id_hash(doc.id) != expected or text_hash(doc.title, doc.text) != expected_text:
             path = self.index.path
+            what = (
+                "starts the document indexed there"
+                if doc is None or id_hash(doc.id) != expected
+                else f"holds the same text (document {doc.id!r})"
+            )
             raise DataError(
-                f"{short_path(path)} changed since it was indexed: byte {offset} no longer starts the document "
-                "indexed there.",
+                f"{short_path(path)} changed since it was indexed: byte {offset} no longer {what}.",
                 hint="Leave a corpus unchanged while a run reads it, then run again (a changed file is indexed anew).",
                 path=path,
                 line=None,
@@ -295,6 +343,7 @@ def _read_cached(path: Path, corpus: Path) -> CorpusIndex | None:
             corpus,
             data["offsets"],
             data["id_hashes"],
+            data["text_hashes"],
             facts["corpus_hash"],
             facts["sha256"],
             int(facts["empty"]),
@@ -311,7 +360,7 @@ def _write_cached(path: Path, index: CorpusIndex) -> None:
         "empty": index.empty,
         "empty_examples": list(index.empty_examples),
     }
-    save_npz(path, facts, {"offsets": index.offsets, "id_hashes": index.id_hashes})
+    save_npz(path, facts, {"offsets": index.offsets, "id_hashes": index.id_hashes, "text_hashes": index.text_hashes})
 
 
 def save_npz(path: Path, facts: dict, arrays: dict[str, np.ndarray]) -> None:

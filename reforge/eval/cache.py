@@ -2,9 +2,10 @@
 
 Layout under ``$REFORGE_HOME/cache/embeddings`` (``REFORGE_HOME`` defaults to ``~/.cache/reforge``)::
 
-    <key>/meta.json            what the key stands for (model, dataset, settings, rows, shard size, dtype)
-    <key>/00000.ids.json       the document ids of shard 0, in row order
+    <key>/meta.json            the layout (rows, shard size, dtype), fixed by the first writer, and what the key
+                               stands for (model, dataset, settings)
     <key>/00000.npy            shard 0: rows [0, shard_docs) as a plain (rows, dim) array, memory-mappable
+    <key>/00000.ids.json       shard 0's rows (start, count), the SHA-256 of its .npy and its document ids
 
 Shard ``s`` holds rows ``[s * shard_docs, (s + 1) * shard_docs)`` of the text order, whatever the number of ranks
 that wrote it, so an entry written by 8 GPUs is read by 1 and an interrupted encode resumes at the first missing
@@ -12,20 +13,27 @@ shard. float16 and float32 shards are ordinary ``.npy`` files; numpy has no bflo
 upper 16 bits of each float32 (round to nearest even) as ``uint16`` and `Shard.block` widens them back (exact:
 bfloat16 is float32 with the low 16 bits dropped).
 
-Every file is written to a temporary name in the same folder and renamed into place (the vectors last, so a shard
-exists only when whole); a missing, truncated or wrong-shaped shard counts as not there and is encoded again.
-Entries of the first format (``<key>.npy``, one float32 array) are converted on first use. Delete the folder at any
-time to clear the cache.
+Nothing is reused unless it is the same: the key holds the model's content key and the corpus hash; the first
+writer's ``meta.json`` fixes the shard size for every later writer (`EmbeddingCache.claim`), so two runs with
+different ``--shard-docs`` write the same shards; a shard is used only when its bytes match the SHA-256 recorded
+beside it (hashed while it was written; read back once per file identity, `reforge.io.checkpoint.file_sha256`
+remembers it) and its stored ids are the
+corpus's ids for its rows. Anything else (missing, truncated, wrong shape, garbage of the right shape, another
+layout's rows) counts as not there, is encoded again, and `Entry.rejected` says why.
+
+Every file is written to a temporary name in the same folder and renamed into place (the vectors first, the ids and
+checksum last, so a shard counts only when whole). Entries of the first format (``<key>.npy``, one float32 array) are
+converted on first use. Delete the folder at any time to clear the cache.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +41,9 @@ import numpy as np
 
 from reforge.errors import DiskFullError, InvalidOptionError, ShardNotFoundError
 from reforge.io.atomic import write_atomic
+from reforge.io.checkpoint import file_sha256, remember_sha256
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: a checksum, the rows and the ids beside every shard
 EMBEDDING_DTYPES = ("float16", "bfloat16", "float32")
 DEFAULT_SHARD_DOCS = 65_536  # 512 MiB at 4096 dims in float16, 96 MiB at 768
 READ_BYTES = 4 * 2**20  # stored bytes read and widened at a time: the scratch stays in the CPU cache
@@ -73,6 +82,11 @@ def texts_hash(texts: Sequence[str]) -> str:
         digest.update(len(encoded).to_bytes(8, "little"))
         digest.update(encoded)
     return digest.hexdigest()
+
+
+def stored_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype a shard of ``dtype`` is stored as (bfloat16: uint16)."""
+    return np.dtype(_STORED[dtype])
 
 
 def to_stored(vectors: np.ndarray, dtype: str) -> np.ndarray:
@@ -132,12 +146,11 @@ class Shard:
     start: int
     rows: int
     dtype: str
-    held: np.ndarray | None = field(default=None, repr=False, compare=False)  # a `MemoryEntry`'s shard
     offset: int = 0
 
     def array(self) -> np.ndarray:
         """The stored array, memory-mapped read-only (bfloat16 shards come back as uint16)."""
-        return self.held if self.held is not None else np.load(self.path, mmap_mode="r")
+        return np.load(self.path, mmap_mode="r")
 
     def read_into(self, at: int, stop: int, out: np.ndarray) -> None:
         """Rows ``[at, stop)`` of this shard, widened to float32, into ``out`` (``(stop - at, dim)`` float32).
@@ -149,22 +162,18 @@ class Shard:
         dim = out.shape[1]
         step = max(1, READ_BYTES // (stored.itemsize * dim))
         scratch = np.empty((min(step, stop - at), dim), dtype=stored)
-        with contextlib.ExitStack() as stack:
-            file = None if self.held is not None else stack.enter_context(open(self.path, "rb", buffering=0))
+        with open(self.path, "rb", buffering=0) as file:
             for row in range(at, stop, step):
                 count = min(step, stop - row)
-                if file is None:
-                    raw = self.held[row : row + count]
-                else:
-                    raw = scratch[:count]
-                    file.seek(self.offset + row * dim * stored.itemsize)
-                    if file.readinto(memoryview(raw).cast("B")) != raw.nbytes:
-                        raise ShardNotFoundError(
-                            f"Embedding shard {self.path} ended early (row {row + count} of {self.rows}).",
-                            hint="Run the evaluation again: damaged shards are re-encoded.",
-                            path=self.path,
-                            index=self.path.parent / "meta.json",
-                        )
+                raw = scratch[:count]
+                file.seek(self.offset + row * dim * stored.itemsize)
+                if file.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+                    raise ShardNotFoundError(
+                        f"Embedding shard {self.path} ended early (row {row + count} of {self.rows}).",
+                        hint="Run the evaluation again: damaged shards are re-encoded.",
+                        path=self.path,
+                        index=self.path.parent / "meta.json",
+                    )
                 widen(raw, self.dtype, out[row - at : row - at + count])
 
     def ids(self) -> list[str]:
@@ -174,12 +183,20 @@ class Shard:
 
 @dataclass(frozen=True)
 class Entry:
-    """One cache entry: ``rows`` vectors in shards of ``shard_docs`` rows stored as ``dtype``."""
+    """One cache entry: ``rows`` vectors in shards of ``shard_docs`` rows stored as ``dtype``.
+
+    ``expected_ids(start, stop)``, when given, returns the `reforge.data.lazy.id_hash` of the documents a shard of
+    rows ``[start, stop)`` must hold; a shard whose stored ids differ is not used. ``rejected`` says, per shard
+    index, why a shard found on disk was not used (and will be encoded again).
+    """
 
     folder: Path
     rows: int
     shard_docs: int
     dtype: str
+    expected_ids: Callable[[int, int], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    rejected: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
+    _verified: dict[int, tuple] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def shard_count(self) -> int:
@@ -192,47 +209,86 @@ class Entry:
         return start, max(0, min(self.shard_docs, self.rows - start))
 
     def shard_path(self, index: int) -> Path:
-        """Where shard ``index``'s vectors live (its ids are beside it, ``.ids.json``)."""
+        """Where shard ``index``'s vectors live (its ids and checksum are beside it, ``.ids.json``)."""
         return self.folder / f"{index:05d}.npy"
 
+    def sidecar_path(self, index: int) -> Path:
+        """Shard ``index``'s ``{start, rows, sha256, ids}`` (written after its vectors)."""
+        return self.folder / f"{index:05d}.ids.json"
+
     def shard(self, index: int, dim: int | None = None) -> Shard | None:
-        """Shard ``index`` if it is on disk and whole (right shape, dtype and file size, ids beside), else None."""
+        """Shard ``index`` if it is on disk and sound, else None (and, if it is there but unsound, why in
+        ``rejected``): right shape and dtype, written for these rows, its SHA-256 as recorded (checked once per file
+        identity) and, with ``expected_ids``, the ids of these rows of the corpus."""
         path = self.shard_path(index)
         start, rows = self.bounds(index)
-        if self.dtype not in _STORED:  # "auto": no shard written yet
+        if self.dtype not in _STORED or not path.exists():  # "auto": no shard written yet
             return None
+        problem = self._problem(index, start, rows, dim)
+        if problem is not None:
+            self.rejected[index] = problem
+            return None
+        self.rejected.pop(index, None)
+        return Shard(path, start, rows, self.dtype, offset=self._verified[index][1])
+
+    def _problem(self, index: int, start: int, rows: int, dim: int | None) -> str | None:
+        path = self.shard_path(index)
+        try:
+            identity = (_identity(path), _identity(self.sidecar_path(index)))
+        except OSError:
+            return "its ids and checksum are missing or unreadable"
+        verified = self._verified.get(index)
+        if verified is not None and verified[0] == identity and (dim is None or verified[2] == dim):
+            return None  # checked in this process, and neither file has changed since
+        sidecar = self._sidecar(index)
+        if sidecar is None:
+            return "its ids and checksum are missing or unreadable"
+        if sidecar.get("start") != start or sidecar.get("rows") != rows or len(sidecar.get("ids", ())) != rows:
+            return f"it was written for rows {sidecar.get('start')}+{sidecar.get('rows')}, not {start}+{rows}"
         try:
             array = np.load(path, mmap_mode="r")
-            ids_ok = path.with_name(f"{index:05d}.ids.json").is_file()
         except (OSError, ValueError):
-            return None
-        expected = np.dtype(_STORED[self.dtype])
-        ok = (
-            ids_ok
-            and array.ndim == 2
+            return "it cannot be read as an array"
+        if not (
+            array.ndim == 2
             and array.shape[0] == rows
-            and array.dtype == expected
+            and array.dtype == np.dtype(_STORED[self.dtype])
             and array.flags.c_contiguous  # rows are read by byte offset
             and (dim is None or array.shape[1] == dim)
-        )
-        return Shard(path, start, rows, self.dtype, offset=int(array.offset)) if ok else None
+        ):
+            return f"its array is {array.dtype} {array.shape}, not {self.dtype} ({rows}, {dim or 'd'})"
+        if file_sha256(path, records={}) != sidecar.get("sha256"):
+            return "its bytes do not match their recorded SHA-256"
+        if self.expected_ids is not None:
+            from reforge.data.lazy import id_hash
+
+            stored = np.fromiter((id_hash(str(i)) for i in sidecar["ids"]), dtype=np.uint64, count=rows)
+            if not np.array_equal(stored, self.expected_ids(start, start + rows)):
+                return "its document ids are not the corpus's ids for these rows"
+        self._verified[index] = (identity, int(array.offset), int(array.shape[1]))
+        return None
+
+    def _sidecar(self, index: int) -> dict | None:
+        try:
+            value = json.loads(self.sidecar_path(index).read_text())
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) and isinstance(value.get("ids"), list) else None
 
     def shard_ids(self, index: int) -> list[str] | None:
         """The ids stored beside shard ``index`` (None when they are not here or not the right count)."""
-        try:
-            ids = json.loads((self.folder / f"{index:05d}.ids.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return ids if isinstance(ids, list) and len(ids) == self.bounds(index)[1] else None
+        sidecar = self._sidecar(index)
+        ids = sidecar["ids"] if sidecar is not None else None
+        return ids if ids is not None and len(ids) == self.bounds(index)[1] else None
 
     def missing(self, indices: Sequence[int] | None = None) -> list[int]:
-        """The shards among ``indices`` (default: all) that are not on disk whole, in order."""
+        """The shards among ``indices`` (default: all) that are not on disk sound, in order (see ``rejected``)."""
         wanted = range(self.shard_count) if indices is None else indices
         dim = self.dim()
         return [i for i in wanted if self.shard(i, dim) is None]
 
     def dim(self) -> int | None:
-        """Vector width, from the first whole shard on disk (None when there is none)."""
+        """Vector width, from the first shard on disk with a 2-D array (None when there is none)."""
         for index in range(self.shard_count):
             try:
                 array = np.load(self.shard_path(index), mmap_mode="r")
@@ -243,7 +299,7 @@ class Entry:
         return None
 
     def shards(self, indices: Sequence[int] | None = None) -> list[Shard]:
-        """The shards among ``indices`` (default: all), each checked whole.
+        """The shards among ``indices`` (default: all), each checked sound.
 
         Raises:
             ShardNotFoundError: one is missing or damaged (encode them first; `missing` lists them).
@@ -254,8 +310,9 @@ class Entry:
         for index in wanted:
             shard = self.shard(index, dim)
             if shard is None:
+                why = self.rejected.get(index)
                 raise ShardNotFoundError(
-                    f"Embedding shard {self.shard_path(index)} is missing or damaged.",
+                    f"Embedding shard {self.shard_path(index)} is missing or damaged" + (f" ({why})." if why else "."),
                     hint="Run the evaluation again: missing shards are re-encoded.",
                     path=self.shard_path(index),
                     index=self.folder / "meta.json",
@@ -264,7 +321,8 @@ class Entry:
         return found
 
     def write_shard(self, index: int, vectors: np.ndarray, ids: Sequence[str]) -> Path:
-        """Store shard ``index`` (float32 ``vectors`` converted to the entry's dtype, and its ids) atomically.
+        """Store shard ``index`` (float32 ``vectors`` converted to the entry's dtype, or vectors already in its
+        stored form, `to_stored`; then its ids and the SHA-256 of its file, hashed while it is written) atomically.
 
         Raises:
             DiskFullError: the disk filled up (nothing is left under a final name; earlier shards stay).
@@ -272,13 +330,22 @@ class Entry:
         start, rows = self.bounds(index)
         if vectors.shape[0] != rows or len(ids) != rows:
             raise ValueError(f"shard {index} needs {rows} rows, got {vectors.shape[0]} vectors and {len(ids)} ids")
-        stored = to_stored(vectors, self.dtype)
+        stored = vectors if vectors.dtype == _STORED[self.dtype] else to_stored(vectors, self.dtype)
         path = self.shard_path(index)
+        digest = hashlib.sha256()
+        sidecar = self.sidecar_path(index)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(path.with_name(f"{index:05d}.ids.json"), lambda f: f.write(json.dumps(list(ids)).encode()))
-            write_atomic(path, lambda f: np.save(f, stored))
+            sidecar.unlink(missing_ok=True)  # the vectors are replaced: their old checksum no longer holds
+            write_atomic(path, lambda f: np.save(_Hashing(f, digest), stored))
+            written = path.stat()
+            facts = {"start": start, "rows": rows, "sha256": digest.hexdigest(), "ids": list(ids)}
+            write_atomic(sidecar, lambda f: f.write(json.dumps(facts).encode()))
+            if _identity(path) == _identity_of(written):  # no other writer replaced it meanwhile
+                remember_sha256(path, digest.hexdigest(), written)  # hashed as written: nobody reads it to check
         except OSError as e:
+            if not sidecar.is_file():
+                path.unlink(missing_ok=True)
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             raise DiskFullError(
@@ -291,35 +358,27 @@ class Entry:
         return path
 
 
-@dataclass(frozen=True)
-class MemoryEntry(Entry):
-    """An entry whose shards stay in memory (``--no-cache``, in-memory models): the same interface, nothing is
-    written, and memory grows with the corpus (use the cache for large corpora)."""
+class _Hashing:
+    """A write-only file that hashes what passes through it (numpy writes a non-OS file in 16 MiB pieces)."""
 
-    held: dict[int, tuple[np.ndarray, list[str]]] = field(default_factory=dict, repr=False, compare=False)
+    def __init__(self, file: Any, digest: Any) -> None:
+        self.file, self.digest = file, digest
 
-    def shard(self, index: int, dim: int | None = None) -> Shard | None:
-        """Shard ``index`` if it was written in this process."""
-        if index not in self.held:
-            return None
-        start, rows = self.bounds(index)
-        return Shard(self.folder / f"{index:05d}", start, rows, self.dtype, self.held[index][0])
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
 
-    def dim(self) -> int | None:
-        """Vector width, from the first shard held."""
-        return next((int(array.shape[1]) for array, _ in self.held.values()), None)
 
-    def shard_ids(self, index: int) -> list[str] | None:
-        """The ids of shard ``index`` (None when it is not held)."""
-        return self.held[index][1] if index in self.held else None
+def _meta_facts(entry: Entry, meta: dict[str, Any]) -> dict[str, Any]:
+    return {**meta, "rows": entry.rows, "shard_docs": entry.shard_docs, "dtype": entry.dtype, "format": CACHE_FORMAT}
 
-    def write_shard(self, index: int, vectors: np.ndarray, ids: Sequence[str]) -> Path:
-        """Keep shard ``index`` (converted to the entry's dtype) in memory."""
-        rows = self.bounds(index)[1]
-        if vectors.shape[0] != rows or len(ids) != rows:
-            raise ValueError(f"shard {index} needs {rows} rows, got {vectors.shape[0]} vectors and {len(ids)} ids")
-        self.held[index] = (to_stored(vectors, self.dtype), list(ids))
-        return self.folder / f"{index:05d}"
+
+def _identity(path: Path) -> tuple:
+    return _identity_of(path.stat())
+
+
+def _identity_of(stat: os.stat_result) -> tuple:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 class EmbeddingCache:
@@ -335,16 +394,39 @@ class EmbeddingCache:
         return Entry(self.folder / key, rows, max(1, shard_docs), dtype)
 
     def describe(self, entry: Entry, meta: dict[str, Any]) -> None:
-        """Write ``meta.json`` beside the shards (what the key stands for, for people)."""
+        """Write ``meta.json`` beside the shards (what the key stands for, for people; the layout, for readers)."""
         entry.folder.mkdir(parents=True, exist_ok=True)
-        facts = {
-            **meta,
-            "rows": entry.rows,
-            "shard_docs": entry.shard_docs,
-            "dtype": entry.dtype,
-            "format": CACHE_FORMAT,
-        }
+        facts = _meta_facts(entry, meta)
         write_atomic(entry.folder / "meta.json", lambda f: f.write(json.dumps(facts, indent=2).encode()))
+
+    def claim(self, entry: Entry, meta: dict[str, Any]) -> Entry:
+        """The layout every writer of this entry uses: the first writer's ``meta.json`` is created exclusively (a
+        hard link of a whole temporary file, so no reader sees half of it) and the others adopt its shard size and,
+        once settled, its dtype. Two evaluations with different ``--shard-docs`` then write the same shards instead
+        of overwriting each other's rows.
+        """
+        entry.folder.mkdir(parents=True, exist_ok=True)
+        target = entry.folder / "meta.json"
+        if not target.is_file():
+            facts = json.dumps(_meta_facts(entry, meta), indent=2).encode()
+            temporary = entry.folder / f".meta.{os.getpid()}.{id(entry)}.tmp"
+            write_atomic(temporary, lambda f: f.write(facts))
+            try:
+                os.link(temporary, target)
+            except FileExistsError:
+                pass
+            finally:
+                temporary.unlink(missing_ok=True)
+        try:
+            found = json.loads(target.read_text())
+            shard_docs, dtype = int(found["shard_docs"]), str(found["dtype"])
+        except (OSError, ValueError, KeyError, TypeError):  # damaged: this writer's layout, written anew
+            self.describe(entry, meta)
+            return entry
+        if int(found.get("rows", -1)) != entry.rows or shard_docs < 1:
+            self.describe(entry, meta)
+            return entry
+        return replace(entry, shard_docs=shard_docs, dtype=dtype if dtype in EMBEDDING_DTYPES else entry.dtype)
 
     def legacy(self, key: str, rows: int) -> np.ndarray | None:
         """A first-format entry (``<key>.npy``, float32), memory-mapped, or None when absent or not ``rows`` long."""

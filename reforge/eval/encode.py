@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from reforge.data.clip import clip_texts, token_counter
+from reforge.errors import NonFiniteError
 from reforge.eval.model import Retriever
 from reforge.eval.pooling import pool
 from reforge.io.progress import ProgressFn
@@ -125,7 +126,21 @@ def encode(
                     progress(done, total)
         store_in_flight()
     assert out is not None
+    _check_finite_vectors(out, retriever.name, texts)
     return out
+
+
+def _check_finite_vectors(vectors: np.ndarray, name: str, texts: Sequence[str]) -> None:
+    """A NaN or Inf vector (a model or an in-memory merge gone wrong) is an error, never a score of 0.0."""
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if bad.size:
+        raise NonFiniteError(
+            f"{name} encoded {bad.size} of {len(texts)} text(s) as NaN or Inf (first: text {int(bad[0])}, "
+            f"{texts[int(bad[0])][:60]!r}); its scores would mean nothing.",
+            hint="Check the model's weights (`reforge verify`) and --dtype (float16 overflows in some models).",
+            tensor=None,
+            path=None,
+        )
 
 
 def _to_host(vectors: Any, cuda: bool) -> tuple[Any, Any]:

@@ -1,7 +1,9 @@
 """Retrievers to evaluate: a model on disk (`ModelSource`, resolved but not loaded) or in memory (`Retriever`).
 
-A source is resolved cheaply (path, fingerprint, encoding profile); its weights are loaded only when some vectors are
-not in the cache. A peft adapter folder is loaded over its base as a bare ``AutoModel`` and merged in memory.
+A source is resolved cheaply (path, content key, encoding profile); its weights are loaded only when some vectors
+are not in the cache. A peft adapter folder is checked against its base as merge checks it
+(`reforge.ops.fold.open_adapter`), then loaded over it as a bare ``AutoModel`` and merged in memory. Loaded weights
+must be finite: a NaN would otherwise make every score 0 and still exit 0.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from reforge.errors import (
     AdapterError,
     CheckpointNotFoundError,
+    NonFiniteError,
     PickleRefusedError,
     PoolingUndeterminedError,
     UnsupportedModelError,
@@ -28,7 +31,8 @@ class Retriever:
     """A loaded encoder: a transformers model whose output has ``last_hidden_state``, and its tokenizer.
 
     Pass one to `reforge.eval.evaluate` to score a model that lives only in memory (e.g. a merge being tuned).
-    ``fingerprint`` identifies the weights for the embedding cache; leave it None to skip the cache.
+    ``fingerprint`` identifies the weights for the embedding cache (a content key of all their bytes, e.g. from
+    `reforge.io.checkpoint.content_key`; never a path or a sample); leave it None to skip the cache.
     ``profile`` None means: last-token profile for a decoder LM, else `PoolingUndeterminedError`.
     """
 
@@ -76,7 +80,10 @@ class Retriever:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A model on disk, resolved: where it is, what it is (fingerprint) and how it encodes (profile)."""
+    """A model on disk, resolved: where it is, what it is and how it encodes (profile).
+
+    ``fingerprint`` is the content key of the weights (`reforge.io.checkpoint.content_key` of the folder, its
+    sentence-transformers module folders and, for an adapter, its base): what the embedding cache keys on."""
 
     name: str
     ref: str
@@ -91,7 +98,7 @@ class ModelSource:
 
     @property
     def cache_identity(self) -> str:
-        """What the embedding cache keys on: the weights' fingerprint and the tokenizer files."""
+        """What the embedding cache keys on: the weights' content key and the tokenizer files."""
         return f"{self.fingerprint}:{self.tokenizer_hash}"
 
     def load(self, *, device: str, dtype: Any, allow_pickle: bool = False) -> Retriever:
@@ -112,6 +119,8 @@ class ModelSource:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **remote)
         model.to(device).eval()
         modules = tuple(load_modules(self.path, self.profile.modules, device))
+        for module in (model, *modules):
+            check_finite(module, self.ref if self.base_path is None else f"{self.ref} merged into {self.base_ref}")
         return Retriever(model, tokenizer, self.name, self.profile, self.fingerprint, modules)
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,7 +150,7 @@ def resolve_model(
     trust_remote_code: bool = False,
     builtin_class: bool = False,
 ) -> ModelSource:
-    """Find a model (local folder or Hub id), fingerprint it and pick its encoding profile; load no weights.
+    """Find a model (local folder or Hub id), key it by content and pick its encoding profile; load no weights.
 
     Args:
         ref: a folder, or a Hub id ``owner/name[@revision]``.
@@ -157,14 +166,17 @@ def resolve_model(
 
     Raises:
         CheckpointNotFoundError: the folder does not exist (or the Hub id cannot be fetched).
-        AdapterError: an adapter whose config names no base.
+        AdapterError: an adapter whose config names no base, or whose tensors do not fit the base.
+        ProvenanceMismatchError: the adapter's training record names another base (as merge and inspect refuse).
         PickleRefusedError: only pickle weights and no ``allow_pickle``.
+        CorruptCheckpointError, UnsafePathError, CheckpointNotFoundError: weights diff and merge would refuse too
+            (a malformed header, a shard linked out of the folder, no weights file it can read).
         UnsupportedModelError: no tokenizer anywhere, or remote code without ``trust_remote_code``.
         PoolingUndeterminedError: see `detect_profile`.
     """
     path = _resolve_local(str(ref), token=token, allow_pickle=allow_pickle)
     base_ref = base_path = None
-    fingerprint = _fingerprint(path)
+    fingerprint = _content_key(path)
     if (path / "adapter_config.json").is_file():
         config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
         base_ref = base or config.get("base_model_name_or_path")
@@ -176,9 +188,12 @@ def resolve_model(
                 tensor=None,
             )
         base_path = _resolve_base(str(base_ref), path, given=base is not None, token=token, allow_pickle=allow_pickle)
-        fingerprint = hashlib.sha256(f"{fingerprint}+{_fingerprint(base_path)}".encode()).hexdigest()
+        _check_adapter_fits(path, base_path, allow_pickle=allow_pickle)
+        fingerprint = hashlib.sha256(f"{fingerprint}+{_content_key(base_path)}".encode()).hexdigest()
     weights_dir = base_path or transformer_dir(path)
     _check_pickle(weights_dir, allow_pickle)
+    if base_path is None:  # (an adapter and its base were opened by _check_adapter_fits)
+        _check_weights(weights_dir, allow_pickle)
     _check_remote_code(weights_dir, trust_remote_code or builtin_class)
     shown = name or (Path(str(ref)).name if Path(str(ref)).exists() else str(ref))
     chosen = detect_profile(path, name=str(ref), base_dir=base_path, profile=profile, pooling=pooling)
@@ -238,6 +253,16 @@ def _check_pickle(folder: Path, allow_pickle: bool) -> None:
             hint="Pass --allow-pickle to load it with torch.load(weights_only=True).",
             path=folder / pickles[0],
         )
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> None:
+    """Index the weights as diff, merge and inspect do (`reforge.io.index.ShardIndex.from_dir`), before transformers
+    reads them: the same rules and the same one-line errors for a shard linked out of the folder, a malformed or
+    overlapping safetensors header, a pickle that is not weights-only or predates torch's zip format, and a folder
+    with no weights it can read (only a ``.pt`` file)."""
+    from reforge.io.index import ShardIndex
+
+    ShardIndex.from_dir(folder, allow_pickle=allow_pickle)
 
 
 def _check_remote_code(folder: Path, trust_remote_code: bool) -> None:
@@ -373,14 +398,44 @@ def _resolve_local(ref: str, *, token: str | None, allow_pickle: bool) -> Path:
     return Path(resolve_local(ref, token=token, allow_pickle=allow_pickle))
 
 
-def _fingerprint(path: Path) -> str:
-    """`reforge.io.checkpoint.fingerprint` of the folder, and of a sentence-transformers Transformer subfolder."""
-    from reforge.io.checkpoint import fingerprint
+def _content_key(path: Path) -> str:
+    """`reforge.io.checkpoint.content_key` of the folder, and of its sentence-transformers module folders."""
+    from reforge.io.checkpoint import content_key
 
-    value = str(fingerprint(path))
+    value = content_key(path)
     for folder in _module_dirs(path):  # the Transformer's weights and any Dense module's
-        value = hashlib.sha256(f"{value}+{fingerprint(folder)}".encode()).hexdigest()[:32]
+        value = hashlib.sha256(f"{value}+{content_key(folder)}".encode()).hexdigest()
     return value
+
+
+def _check_adapter_fits(adapter: Path, base: Path, *, allow_pickle: bool) -> None:
+    """The checks merge and inspect make before using an adapter over a base (`reforge.ops.fold.open_adapter`):
+    its training record names this base, and it adapts tensors the base has, with factors of their shapes."""
+    from reforge.io.checkpoint import open_model
+    from reforge.ops.fold import open_adapter
+
+    checkpoint = open_model(base, allow_pickle=allow_pickle)
+    shapes = {key: checkpoint.index.tensors[stored].shape for key, stored in checkpoint.canonical_keys().items()}
+    open_adapter(adapter, checkpoint, shapes, allow_pickle=allow_pickle)
+
+
+def check_finite(module: Any, name: str) -> None:
+    """Refuse weights holding NaN or Inf (every score would be 0.0, or a sort of NaNs, and still exit 0).
+
+    Raises:
+        NonFiniteError: naming the first parameter or buffer that is not finite, and the model.
+    """
+    import torch
+
+    for kind, tensors in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        for tensor_name, tensor in tensors:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(
+                    f"{name}: {kind} {tensor_name!r} holds NaN or Inf; its vectors and scores would mean nothing.",
+                    hint="Evaluate a model whose weights are finite (`reforge verify` names every such tensor).",
+                    tensor=tensor_name,
+                    path=None,
+                )
 
 
 def _module_dirs(path: Path) -> list[Path]:

@@ -3,9 +3,13 @@ score, compare."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,7 @@ import numpy as np
 
 from reforge import __version__
 from reforge.data.beir import BeirDataset, load_beir, sample_dataset, sample_record
+from reforge.data.lazy import id_hashes_of
 from reforge.dist import Ranks, join, shutdown
 from reforge.errors import InvalidOptionError
 from reforge.eval.cache import (
@@ -21,10 +26,12 @@ from reforge.eval.cache import (
     EMBEDDING_DTYPES,
     EmbeddingCache,
     Entry,
-    MemoryEntry,
     default_embedding_dtype,
     embedding_key,
+    reforge_home,
+    stored_dtype,
     texts_hash,
+    to_stored,
 )
 from reforge.eval.encode import encode, passages
 from reforge.eval.metrics import AVERAGING, paired_test, parse_measures, score_run
@@ -35,6 +42,7 @@ from reforge.io.progress import ProgressFn
 from reforge.profiles import EncodingProfile, apply_overrides
 
 StageFn = Callable[[str], None]
+ENCODE_PIECE = 8192  # documents encoded at a time: a shard is held in its stored dtype, one piece in float32
 
 
 @dataclass(frozen=True)
@@ -181,20 +189,23 @@ def _evaluate(
     batch_size = settings.batch_size or (32 if device == "cpu" else 64)
     results = []
     cache = EmbeddingCache(settings.cache_dir) if settings.cache else None
-    for source, profile in zip(sources, profiles):
-        loader = _Loader(source, device=device, dtype=dtype, allow_pickle=settings.allow_pickle)
-        contexts = [
-            _Context(loader, profile, d, cache, settings, batch_size, device, str(dtype), ranks, progress, stage)
-            for d in data
-        ]
-        encoded = [(ctx, *_corpus_entry(ctx), *_query_vectors(ctx)) for ctx in contexts]
-        _free(loader)  # the search needs no model: the GPU holds one or the other
-        for ctx, entry, encode_seconds, cached, query_ids, query_vectors, query_seconds in encoded:
-            result = _search_and_score(
-                ctx, entry, query_ids, query_vectors, (encode_seconds, query_seconds), cached, measures
-            )
-            if result is not None:
-                results.append(result)
+    with _scratch(settings) as scratch:
+        for source, profile in zip(sources, profiles):
+            loader = _Loader(source, device=device, dtype=dtype, allow_pickle=settings.allow_pickle)
+            contexts = [
+                _Context(
+                    loader, profile, d, cache, scratch, settings, batch_size, device, str(dtype), ranks, progress, stage
+                )
+                for d in data
+            ]
+            encoded = [(ctx, *_corpus_entry(ctx), *_query_vectors(ctx)) for ctx in contexts]
+            _free(loader)  # the search needs no model: the GPU holds one or the other
+            for ctx, entry, encode_seconds, cached, query_ids, query_vectors, query_seconds in encoded:
+                result = _search_and_score(
+                    ctx, entry, query_ids, query_vectors, (encode_seconds, query_seconds), cached, measures
+                )
+                if result is not None:
+                    results.append(result)
     if not ranks.main:
         return None
     names = tuple(str(m) for m in measures)
@@ -214,6 +225,22 @@ def _evaluate(
         comparisons=tuple(_compare(results, data, sources, names, settings)),
         version=__version__,
     )
+
+
+@contextlib.contextmanager
+def _scratch(settings: EvalSettings) -> Iterator[EmbeddingCache]:
+    """A temporary embedding cache for vectors that are not cached (``--no-cache``, in-memory models), removed when
+    the evaluation ends: beside the cache folder (a disk, not memory), else in the system's temporary folder."""
+    root = Path(settings.cache_dir) if settings.cache_dir else reforge_home() / "cache"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix=".reforge-eval-", dir=root)
+    except OSError:
+        folder = tempfile.mkdtemp(prefix="reforge-eval-")
+    try:
+        yield EmbeddingCache(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _free(loader: "_Loader") -> None:
@@ -262,6 +289,7 @@ class _Context:
     profile: EncodingProfile
     dataset: BeirDataset
     cache: EmbeddingCache | None
+    scratch: EmbeddingCache
     settings: EvalSettings
     batch_size: int
     device: str
@@ -287,20 +315,13 @@ class _Context:
 
 
 def _corpus_entry(ctx: _Context) -> tuple[Entry, float, bool]:
-    """This rank's corpus shards, encoded where missing. Returns ``(entry, encode seconds, all from cache)``."""
-    dataset, ranks, cache = ctx.dataset, ctx.ranks, ctx.cache
+    """This rank's corpus shards, encoded where missing or unsound. Returns ``(entry, encode seconds, all from
+    cache)``. Without the cache (``--no-cache``, or an in-memory model without a fingerprint) the shards go to a
+    temporary folder removed when the evaluation ends, so memory does not grow with the corpus."""
+    dataset, ranks = ctx.dataset, ctx.ranks
     key = ctx.key("corpus", dataset.corpus_hash)
+    cache = ctx.cache if key is not None else ctx.scratch
     rows = len(dataset.corpus)
-    if key is None or cache is None:  # --no-cache, or an in-memory model without a fingerprint
-        entry: Entry = MemoryEntry(Path("<memory>"), rows, max(1, ctx.settings.shard_docs), _requested_dtype(ctx))
-    else:
-        entry = _existing_entry(cache, key, rows) or Entry(
-            cache.folder / key, rows, max(1, ctx.settings.shard_docs), _requested_dtype(ctx)
-        )
-    mine = ranks.owned_shards(entry.shard_count)
-    missing = entry.missing(mine)
-    if not missing:
-        return entry, 0.0, True
     meta = {
         "key": key,
         "model": ctx.loader.source.name,
@@ -309,7 +330,26 @@ def _corpus_entry(ctx: _Context) -> tuple[Entry, float, bool]:
         "profile": ctx.profile.to_dict(),
         "dtype": ctx.dtype,
     }
-    legacy = _legacy_vectors(ctx, rows)
+    corpus = dataset.corpus
+    entry = Entry(
+        cache.folder / (key or uuid.uuid4().hex),
+        rows,
+        max(1, ctx.settings.shard_docs),
+        _requested_dtype(ctx),
+        expected_ids=lambda start, stop: id_hashes_of(corpus, start, stop),
+    )
+    entry = cache.claim(entry, meta)
+    mine = ranks.owned_shards(entry.shard_count)
+    missing = entry.missing(mine)
+    if not missing:
+        return entry, 0.0, True
+    if entry.rejected:
+        first = min(entry.rejected)
+        ctx.say(
+            f"Encoding again {len(entry.rejected)} cached {dataset.name} shard(s) that failed their check "
+            f"({entry.shard_path(first).name}: {entry.rejected[first]})"
+        )
+    legacy = _legacy_vectors(ctx, rows) if key is not None else None
     start = time.perf_counter()
     if legacy is None:
         retriever = ctx.loader.get()
@@ -321,30 +361,44 @@ def _corpus_entry(ctx: _Context) -> tuple[Entry, float, bool]:
     if ctx.progress:
         ctx.progress(0, total)
     for index in missing:
-        first, count = entry.bounds(index)
-        docs = dataset.corpus[first : first + count]
-        if legacy is not None:
-            vectors = np.asarray(legacy[first : first + count], dtype=np.float32)
-        else:
-            vectors = encode(ctx.loader.get(), passages(docs, ctx.profile), ctx.profile, batch_size=ctx.batch_size)
-        entry = _settle_dtype(cache, entry, vectors, meta)
-        entry.write_shard(index, vectors, [d.id for d in docs])
-        done += count
-        if ctx.progress:
-            ctx.progress(done, total)
+        entry, done = _encode_shard(ctx, cache, entry, index, legacy, meta, (done, total))
     return entry, time.perf_counter() - start, False
 
 
-def _existing_entry(cache: EmbeddingCache, key: str, rows: int) -> Entry | None:
-    """The entry whose ``meta.json`` fixes its layout (shard size, dtype), if one was started for ``key``."""
-    import json
-
-    try:
-        meta = json.loads((cache.folder / key / "meta.json").read_text())
-        entry = cache.entry(key, rows, shard_docs=int(meta["shard_docs"]), dtype=str(meta["dtype"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return entry if int(meta.get("rows", -1)) == rows else None
+def _encode_shard(
+    ctx: _Context,
+    cache: EmbeddingCache,
+    entry: Entry,
+    index: int,
+    legacy: np.ndarray | None,
+    meta: dict,
+    count_of: tuple[int, int],
+) -> tuple[Entry, int]:
+    """Encode (or convert from the old format) and store shard ``index``, `ENCODE_PIECE` documents at a time: the
+    shard is held in its stored dtype, only one piece in float32. Returns the entry (its dtype settled) and the
+    documents done so far (``count_of``: done before, total, for the progress callback)."""
+    done, total = count_of
+    first, count = entry.bounds(index)
+    stored: np.ndarray | None = None
+    ids: list[str] = []
+    for at in range(first, first + count, ENCODE_PIECE):
+        docs = ctx.dataset.corpus[at : min(at + ENCODE_PIECE, first + count)]  # each read checked by the index
+        if legacy is not None:
+            vectors = np.asarray(legacy[at : at + len(docs)], dtype=np.float32)
+        else:
+            vectors = encode(ctx.loader.get(), passages(docs, ctx.profile), ctx.profile, batch_size=ctx.batch_size)
+        entry = _settle_dtype(cache, entry, vectors, meta)
+        if stored is None:
+            stored = np.empty((count, vectors.shape[1]), dtype=stored_dtype(entry.dtype))
+        stored[at - first : at - first + len(docs)] = to_stored(vectors, entry.dtype)
+        ids += [d.id for d in docs]
+        done += len(docs)
+        del docs, vectors
+        if ctx.progress:
+            ctx.progress(done, total)
+    assert stored is not None
+    entry.write_shard(index, stored, ids)
+    return entry, done
 
 
 def _requested_dtype(ctx: _Context) -> str:
@@ -353,12 +407,11 @@ def _requested_dtype(ctx: _Context) -> str:
     return requested if requested not in (None, "auto") else "auto"
 
 
-def _settle_dtype(cache: EmbeddingCache | None, entry: Entry, vectors: np.ndarray, meta: dict) -> Entry:
-    """Fix the entry's dtype from the vector width (if still ``auto``) and write its ``meta.json`` once."""
+def _settle_dtype(cache: EmbeddingCache, entry: Entry, vectors: np.ndarray, meta: dict) -> Entry:
+    """Fix the entry's dtype from the vector width (if still ``auto``: the same for every writer of the key) and
+    record it in ``meta.json``."""
     if entry.dtype == "auto":
         entry = replace(entry, dtype=default_embedding_dtype(vectors.shape[1]))
-    # a MemoryEntry's folder is only a name ("<memory>"): writing there would litter the working directory
-    if cache is not None and not isinstance(entry, MemoryEntry) and not (entry.folder / "meta.json").is_file():
         cache.describe(entry, meta)
     return entry
 
@@ -466,18 +519,18 @@ def _search_devices(device: str, ranks: Ranks) -> list[str]:
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or [device]
 
 
-def _ids_of(rows: np.ndarray, entry: Entry, dataset: BeirDataset) -> dict[int, str]:
-    """Document ids of ``rows``, shard by shard: from the ids stored beside each shard (another machine's shard:
-    from the corpus)."""
-    names: dict[int, str] = {}
+def _ids_of(rows: np.ndarray, entry: Entry, dataset: BeirDataset) -> list[str]:
+    """Document ids of ``rows`` (sorted, distinct), in that order, shard by shard: from the ids stored beside each
+    shard (another machine's shard: from the corpus)."""
+    names: list[str] = []
     shard_of = rows // entry.shard_docs
     for index in np.unique(shard_of).tolist():
         first, count = entry.bounds(index)
         ids = entry.shard_ids(index)
         if ids is None:
             ids = [d.id for d in dataset.corpus[first : first + count]]
-        for row in rows[shard_of == index].tolist():
-            names[row] = ids[row - first]
+        names += [ids[row - first] for row in rows[shard_of == index].tolist()]
+        del ids
     return names
 
 

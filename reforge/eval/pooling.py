@@ -106,6 +106,7 @@ def load_modules(model_dir: Path, steps: tuple[str, ...], device: Any = "cpu") -
 
 
 def _load_dense(folder: Path, device: Any) -> Dense:
+    from reforge.io.paths import inside_checkpoint
     from reforge.io.tensors import load_tensors
 
     config_file, weights_file = folder / "config.json", folder / "model.safetensors"
@@ -131,6 +132,7 @@ def _load_dense(folder: Path, device: Any) -> Dense:
             path=folder,
             reason="dense option",
         )
+    inside_checkpoint(folder.parent, weights_file, what="Dense module weights")  # merge's rule for links
     state = load_tensors(weights_file)
     weight = state.get("linear.weight")
     if weight is None:

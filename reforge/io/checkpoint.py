@@ -26,7 +26,9 @@ import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,7 +264,8 @@ def content_key(path: str | Path, *, progress: Progress | None = None) -> str:
     For a folder: every weight file (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``), its index files and
     ``config.json`` / ``adapter_config.json`` at its top level, by name and content (subfolders are not included;
     ``reforge.json`` and other metadata are not). For a file: its SHA-256. See the module docstring for where each
-    file's hash comes from; the first key of an unrecorded 14 GB folder reads it once, later keys cost a stat per file.
+    file's hash comes from; the first key of an unrecorded 14 GB folder reads it once (its weight files side by side,
+    one thread each up to the CPU count), later keys cost a stat per file.
 
     Args:
         path: a folder or a file (symlinks are followed).
@@ -276,22 +279,26 @@ def content_key(path: str | Path, *, progress: Progress | None = None) -> str:
         return file_sha256(path, progress=progress)
     records = _recorded(path)
     names = sorted(p.name for p in path.iterdir() if not p.name.startswith(".") and p.is_file() and _counts(p.name))
-    sizes = {name: (path / name).stat().st_size for name in names}
-    todo = sum(size for name, size in sizes.items() if not _is_small(name))
-    done = [0]
+    big = [name for name in names if not _is_small(name)]
+    sizes = {name: (path / name).stat().st_size for name in big}
+    todo, done, lock = sum(sizes.values()), dict.fromkeys(big, 0), threading.Lock()
 
-    def report(n: int, _total: int | None) -> None:
-        if progress is not None:
-            progress(done[0] + n, todo)
+    def one(name: str) -> str:
+        def report(n: int, _total: int | None) -> None:
+            with lock:
+                done[name] = n
+                if progress is not None:
+                    progress(sum(done.values()), todo)
 
+        return file_sha256(path / name, progress=report, records=records)
+
+    # weight files are hashed side by side (hashlib lets go of the GIL): a sharded model keys as fast as the cores go
+    with ThreadPoolExecutor(max_workers=max(1, min(len(big), os.cpu_count() or 1, 8))) as pool:
+        hashes = dict(zip(big, pool.map(one, big)))
     digest = hashlib.sha256(b"reforge-content-key-v1\0")
     for name in names:
-        file = path / name
-        if _is_small(name):  # configs and indexes: hashed directly, they are a few KB
-            value = hashlib.sha256(file.read_bytes()).hexdigest()
-        else:
-            value = file_sha256(file, progress=report, records=records)
-            done[0] += sizes[name]
+        # configs and indexes: hashed directly, they are a few KB
+        value = hashes[name] if name in hashes else hashlib.sha256((path / name).read_bytes()).hexdigest()
         digest.update(f"{name}\0{value}\0".encode())
     return digest.hexdigest()
 
@@ -318,15 +325,20 @@ def file_sha256(path: str | Path, *, progress: Progress | None = None, records: 
     except OSError:
         pass
     value = sha256_file(path, progress=progress)
-    if _identity(path.stat()) == _identity(
-        stat
-    ):  # unchanged while it was read: remember it (else the next key reads it again)
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(memo, lambda f: f.write(value.encode()))
-        except OSError:
-            pass  # a read-only home only costs the next read
+    if _identity(path.stat()) == _identity(stat):  # unchanged while it was read (else the next key reads it again)
+        remember_sha256(path, value, stat)
     return value
+
+
+def remember_sha256(path: str | Path, sha256: str, stat: os.stat_result | None = None) -> None:
+    """Remember the SHA-256 of a file whose bytes were hashed as they were written (so no later key reads it);
+    ``stat``: the file's stat when it was hashed (default: now)."""
+    memo = _memo_path(stat if stat is not None else Path(path).stat())
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(memo, lambda f: f.write(sha256.encode()))
+    except OSError:
+        pass  # a read-only home only costs the next read
 
 
 def sha256_file(path: str | Path, *, progress: Progress | None = None) -> str:

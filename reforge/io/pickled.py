@@ -30,7 +30,7 @@ def load_state(file: Path) -> dict[str, "torch.Tensor"]:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
         raise CorruptCheckpointError(
-            f"{short_path(file)} could not be loaded as a weights-only pickle ({e}).",
+            f"{short_path(file)} could not be loaded as a weights-only pickle ({_one_line(e)}).",
             path=file,
             tensor=None,
             reason=str(e),
@@ -57,3 +57,10 @@ def tensor_infos(file: Path) -> dict[str, TensorInfo]:
             ) from e
         infos[name] = TensorInfo(name, file, dtype, tuple(tensor.shape), 0, tensor.numel() * tensor.element_size())
     return infos
+
+
+def _one_line(error: BaseException) -> str:
+    """torch's weights-only errors run over several lines: the line that names the cause (errors are one line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if line.startswith(("WeightsUnpickler error:", "Unsupported operand"))]
+    return (named or lines or [type(error).__name__])[0]
