@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "reforge.ops": 3,
     "reforge.train": 3,
     "reforge.eval": 3,
+    "reforge.queries": 3,  # loads an LM to write queries; reads data, writes a BEIR folder
     "reforge.tune": 4,
     "reforge.publish": 5,
     "reforge.card": 2,  # text only; merge (ops) writes the card, publish uploads it
