@@ -259,8 +259,15 @@ def report(out: Path) -> str:
         _variance_table(out, "last"),
         _batching_table(out, "last"),
         _retrievers_table(out),
+        _synthetic_tables(out),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def _synthetic_tables(out: Path) -> str:
+    from examples.synthetic import report as synthetic_report
+
+    return synthetic_report(out)
 
 
 def _load(out: Path, name: str) -> dict | None:

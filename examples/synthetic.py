@@ -212,3 +212,141 @@ def add_arguments(parser) -> None:
     parser.add_argument("--synthetic-train-docs", type=int, default=48, help="documents per knowledge adapter")
     parser.add_argument("--synthetic-train-length", type=int, default=128, help="tokens per training document")
     parser.add_argument("--synthetic-retrievers", nargs="+", default=["mean", "last"], choices=list(RETRIEVER_PREFIX))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the report
+
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SPLITS = ("real", *GENERATORS)
+
+
+def _points(out: Path, retriever: str, ds: str, seed: int, split: str) -> dict[float, dict] | None:
+    path = out / f"syn-{RETRIEVER_PREFIX[retriever]}tune-{ds}-{seed}-{split}.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    points = {p["alpha"]: p for p in data["points"] if p["beta"] == 1.0}
+    return {**points, "recommendation": data["recommendation"], "queries": data["dataset"]["queries"]}
+
+
+def _choice(points: dict[float, dict]) -> float:
+    """The alpha tune chooses: the highest score, ties to the smaller alpha (`reforge.tune._best`)."""
+    return max(ALPHAS, key=lambda a: (points[a]["score"], -a))
+
+
+def compare(out: Path, retriever: str, ds: str, generator: str) -> dict | None:
+    """The comparison of one (retriever, dataset, generator) over the adapters whose three tunes finished."""
+    from scipy.stats import kendalltau
+
+    pairs = []
+    for seed, _ in ADAPTERS:
+        real, synthetic = _points(out, retriever, ds, seed, "real"), _points(out, retriever, ds, seed, generator)
+        if real and synthetic:
+            pairs.append((seed, real, synthetic))
+    if not pairs:
+        return None
+    grid = [(0, 0.0)] + [(seed, a) for seed, _, _ in pairs for a in ALPHAS[1:]]
+    by_seed = {seed: (real, synthetic) for seed, real, synthetic in pairs}
+    real_scores = [by_seed[s][0][a]["score"] if a else pairs[0][1][0.0]["score"] for s, a in grid]
+    synthetic_scores = [by_seed[s][1][a]["score"] if a else pairs[0][2][0.0]["score"] for s, a in grid]
+    tau, p_tau = kendalltau(real_scores, synthetic_scores)
+    rows, significant, agree = [], 0, 0
+    for seed, real, synthetic in pairs:
+        chosen = _choice(synthetic)
+        recommended = synthetic["recommendation"]["alpha"]
+        best = max(real[a]["score"] for a in ALPHAS)
+        rows.append(
+            {
+                "adapter": seed,
+                "choice": chosen,
+                "real_at_choice": real[chosen]["score"],
+                "real_at_half": real[0.5]["score"],
+                "real_at_zero": real[0.0]["score"],
+                "best_real": best,
+                "best_real_alpha": _choice(real),
+                "recommendation": synthetic["recommendation"]["action"],
+                "real_at_recommendation": real[recommended]["score"],
+            }
+        )
+        for a in ALPHAS[1:]:
+            test = real[a]["test"]
+            if test and test["p_randomization"] < 0.05:
+                significant += 1
+                agree += (synthetic[a]["test"]["delta"] > 0) == (test["delta"] > 0)
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in rows) / len(rows)
+
+    return {
+        "adapters": len(rows),
+        "real_queries": pairs[0][1]["queries"],
+        "synthetic_queries": pairs[0][2]["queries"],
+        "tau": tau,
+        "p_tau": p_tau,
+        "rows": rows,
+        "mean_real_at_choice": mean("real_at_choice"),
+        "mean_real_at_half": mean("real_at_half"),
+        "mean_real_at_zero": mean("real_at_zero"),
+        "regret_choice": mean("best_real") - mean("real_at_choice"),
+        "regret_half": mean("best_real") - mean("real_at_half"),
+        "regret_zero": mean("best_real") - mean("real_at_zero"),
+        "regret_recommendation": mean("best_real") - mean("real_at_recommendation"),
+        "significant": significant,
+        "agree": agree,
+    }
+
+
+def report(out: Path) -> str:
+    """The section's two tables (summary, then every point), from the finished tune steps; "" when none."""
+    summary, points = [], []
+    for ds, name in DATASETS.items():
+        for retriever in RETRIEVER_PREFIX:
+            for generator in GENERATORS:
+                c = compare(out, retriever, ds, generator)
+                if c is None:
+                    continue
+                agreement = f"{c['agree']}/{c['significant']}" if c["significant"] else "no significant real gain"
+                summary.append(
+                    f"| {name} | {retriever} | {generator} | {c['adapters']} | {c['real_queries']} / "
+                    f"{c['synthetic_queries']} | {c['tau']:+.3f} (p {c['p_tau']:.3f}) | {c['mean_real_at_choice']:.4f} "
+                    f"| {c['mean_real_at_half']:.4f} | {c['mean_real_at_zero']:.4f} | {c['regret_choice']:.4f} | "
+                    f"{c['regret_half']:.4f} | {c['regret_zero']:.4f} | {c['regret_recommendation']:.4f} | "
+                    f"{agreement} | {', '.join(_said(r) for r in c['rows'])} |"
+                )
+        points += _point_rows(out, ds, name)
+    if not summary:
+        return ""
+    head = (
+        "| dataset | retriever | generator | adapters | queries real / synthetic | Kendall tau | real nDCG@10 at "
+        "synthetic choice | at alpha 0.5 | at alpha 0 | mean regret: synthetic choice | alpha 0.5 | alpha 0 | "
+        "recommendation | sign agreement (significant real gains) | recommendation per adapter |\n" + "|---" * 15 + "|"
+    )
+    detail = (
+        "| dataset | retriever | adapter | alpha | real nDCG@10 | p (real vs alpha 0) | crop nDCG@10 | "
+        "LM nDCG@10 |\n" + "|---" * 8 + "|"
+    )
+    return "\n".join([head, *summary]) + "\n\n" + "\n".join([detail, *points])
+
+
+def _said(row: dict) -> str:
+    return f"{row['recommendation']}" + (f" {row['choice']:g}" if row["recommendation"] == "merge" else "")
+
+
+def _point_rows(out: Path, ds: str, name: str) -> list[str]:
+    rows = []
+    for retriever in RETRIEVER_PREFIX:
+        for seed, lr in ADAPTERS:
+            found = {split: _points(out, retriever, ds, seed, split) for split in SPLITS}
+            if not found["real"]:
+                continue
+            for a in ALPHAS:
+                real = found["real"][a]
+                p = f"{real['test']['p_randomization']:.3f}" if real["test"] else ""
+                cells = [f"{found[s][a]['score']:.4f}" if found[s] else "" for s in GENERATORS]
+                rows.append(
+                    f"| {name} | {retriever} | {seed} (lr {lr}) | {a:g} | {real['score']:.4f} | {p} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+    return rows

@@ -330,3 +330,27 @@ def test_the_recommendation_says_keep_merge_or_within_noise(models, tmp_path):
     assert (noise.action, noise.alpha, noise.gain) == ("noise", 0.0, pytest.approx(0.05))
     assert "within noise" in noise.text and "0.0800 after Bonferroni over the 4 points" in noise.text
     assert recommend(with_best(base.score + 0.05, 0.02, points=2)).action == "merge"  # one point compared: 0.02
+
+
+def test_the_bm25_filter_keeps_a_query_only_when_bm25_ranks_its_document_in_the_top_k(tmp_path):
+    pytest.importorskip("bm25s")
+    from reforge.queries.bm25 import bm25_filter
+
+    corpus = [
+        Document("cats", "Cats", "Cats purr when they are content and sleep most of the day."),
+        Document("dogs", "Dogs", "Dogs bark at strangers and need a walk every day."),
+        Document("bees", "Bees", "Bees make honey from nectar and dance to show where flowers are."),
+        Document("rain", "Rain", "Rain forms when water vapour condenses around dust in clouds."),
+    ]
+    kept, dropped, settings = bm25_filter(
+        [Candidate("cats", "why do cats purr"), Candidate("rain", "why do dogs bark"), Candidate("bees", "honey")],
+        corpus,
+        1,
+    )
+    assert [c.doc_id for c in kept] == ["cats", "bees"] and [(c.doc_id, r) for c, r in dropped] == [("rain", "bm25")]
+    assert settings["top"] == 1 and settings["library"] == "bm25s"
+    data = write_corpus(tmp_path / "data", [(d.id, d.text) for d in corpus])
+    summary = json.loads(
+        run("queries", data, "-o", tmp_path / "syn", "-n", 4, "--min-words", 5, "--bm25-top", 4, "--json").stdout
+    )
+    assert summary["filters"]["bm25"]["top"] == 4 and summary["counts"]["kept"] == 4  # every doc is in the top 4

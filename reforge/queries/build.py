@@ -122,12 +122,13 @@ def make_queries(
     documents = {d.id: d for d in sample.documents}
     candidates = [Candidate(d.id, texts[d.id]) for d in sample.documents]
     kept, dropped = apply_filters(candidates, documents, filters, copy_check=generator != CROP)
+    bm25 = None
     if bm25_top is not None:
         from reforge.queries.bm25 import bm25_filter
 
         if stage:
             stage(f"BM25 filter: indexing {len(corpus):,} documents")
-        kept, more = bm25_filter(kept, corpus, bm25_top)
+        kept, more, bm25 = bm25_filter(kept, corpus, bm25_top)
         dropped += more
     if not kept:
         raise DataError(
@@ -156,7 +157,7 @@ def make_queries(
             "too_short_skipped": sample.too_short,
             "strata_without_a_long_document": sample.empty_strata,
         },
-        "filters": {**filters.to_dict(), "copy_check": generator != CROP, "bm25_top": bm25_top},
+        "filters": {**filters.to_dict(), "copy_check": generator != CROP, "bm25_top": bm25_top, "bm25": bm25},
         "counts": {
             "generated_now": generated,
             "from_cache": len(candidates) - generated,
