@@ -79,7 +79,7 @@ def make_subset(source: Path, dest: Path, *, queries: int, docs: int, per_query:
 
 def plan(base: Path, data: Path, out: Path, args) -> list:
     """The steps, dataset by dataset (each dataset's table is complete before the next starts)."""
-    from examples.reproduce import RETRIEVERS, Step, encoding_of
+    from examples.reproduce import Step
 
     steps = []
     for ds in args.datasets:
@@ -105,63 +105,70 @@ def plan(base: Path, data: Path, out: Path, args) -> list:
                     (f"subset-{ds}",),
                 )
             )
-        for seed, lr in ADAPTERS:
-            steps.append(
-                Step(
-                    f"psi-{ds}-{seed}",
-                    (
-                        "train",
-                        str(base),
-                        "--corpus",
-                        str(data / ds),
-                        "-o",
-                        str(out / f"psi-{ds}-{seed}"),
-                        "--max-docs",
-                        str(args.synthetic_train_docs),
-                        "--max-length",
-                        str(args.synthetic_train_length),
-                        "--save-every",
-                        "0",
-                        "--lr",
-                        lr,
-                        "--seed",
-                        str(seed),
-                    ),
-                )
-            )
-        for retriever in args.synthetic_retrievers:
-            path = RETRIEVERS[retriever]
-            encoding = list(encoding_of(path))
-            encoding[encoding.index("--max-length") + 1] = str(args.synthetic_max_length)
-            for seed, _ in ADAPTERS:
-                for split in ("real", *GENERATORS):
-                    folder = subset if split == "real" else out / f"syn-{split}-{ds}"
-                    chosen = ("--split", "test", "--i-know") if split == "real" else ("--split", "synthetic")
-                    name = f"syn-{RETRIEVER_PREFIX[retriever]}tune-{ds}-{seed}-{split}"
-                    steps.append(
-                        Step(
-                            name,
-                            (
-                                "tune",
-                                "--base",
-                                str(base),
-                                "--retriever",
-                                str(path),
-                                "--adapter",
-                                str(out / f"psi-{ds}-{seed}"),
-                                "-d",
-                                str(folder),
-                                *chosen,
-                                "--alpha",
-                                "0:1:0.25",
-                                "--no-plot",
-                                *encoding,
-                                "--dtype",
-                                "float32",
-                            ),
-                            (f"psi-{ds}-{seed}", f"subset-{ds}" if split == "real" else f"queries-{split}-{ds}"),
-                        )
+        for retriever in args.synthetic_retrievers:  # one retriever's table, adapter by adapter, then the next
+            for seed, lr in ADAPTERS:
+                steps.append(
+                    Step(
+                        f"psi-{ds}-{seed}",
+                        (
+                            "train",
+                            str(base),
+                            "--corpus",
+                            str(data / ds),
+                            "-o",
+                            str(out / f"psi-{ds}-{seed}"),
+                            "--max-docs",
+                            str(args.synthetic_train_docs),
+                            "--max-length",
+                            str(args.synthetic_train_length),
+                            "--save-every",
+                            "0",
+                            "--lr",
+                            lr,
+                            "--seed",
+                            str(seed),
+                        ),
                     )
+                )
+                steps += _tunes(base, out, ds, seed, retriever, args)
+    return steps
+
+
+def _tunes(base: Path, out: Path, ds: str, seed: int, retriever: str, args) -> list:
+    """The tune of one adapter in one retriever on the real test queries and on each synthetic split."""
+    from examples.reproduce import RETRIEVERS, Step, encoding_of
+
+    path = RETRIEVERS[retriever]
+    encoding = list(encoding_of(path))
+    encoding[encoding.index("--max-length") + 1] = str(args.synthetic_max_length)
+    steps = []
+    for split in SPLITS:
+        folder = out / (f"subset-{ds}" if split == "real" else f"syn-{split}-{ds}")
+        chosen = ("--split", "test", "--i-know") if split == "real" else ("--split", "synthetic")
+        steps.append(
+            Step(
+                f"syn-{RETRIEVER_PREFIX[retriever]}tune-{ds}-{seed}-{split}",
+                (
+                    "tune",
+                    "--base",
+                    str(base),
+                    "--retriever",
+                    str(path),
+                    "--adapter",
+                    str(out / f"psi-{ds}-{seed}"),
+                    "-d",
+                    str(folder),
+                    *chosen,
+                    "--alpha",
+                    "0:1:0.25",
+                    "--no-plot",
+                    *encoding,
+                    "--dtype",
+                    "float32",
+                ),
+                (f"psi-{ds}-{seed}", f"subset-{ds}" if split == "real" else f"queries-{split}-{ds}"),
+            )
+        )
     return steps
 
 
@@ -208,7 +215,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--real-queries", type=int, default=20, help="real test queries drawn per dataset")
     parser.add_argument("--subset-docs", type=int, default=80, help="documents of each scoring subset")
     parser.add_argument("--judged-per-query", type=int, default=5, help="judged documents kept per real query")
-    parser.add_argument("--synthetic-max-length", type=int, default=128, help="encoding length of the tune steps")
+    parser.add_argument("--synthetic-max-length", type=int, default=64, help="encoding length of the tune steps")
     parser.add_argument("--synthetic-train-docs", type=int, default=48, help="documents per knowledge adapter")
     parser.add_argument("--synthetic-train-length", type=int, default=128, help="tokens per training document")
     parser.add_argument("--synthetic-retrievers", nargs="+", default=["mean", "last"], choices=list(RETRIEVER_PREFIX))
