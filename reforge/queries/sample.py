@@ -2,8 +2,8 @@
 
 The corpus is cut into ``n`` equal runs of consecutive documents (strata) and one document is drawn from each run,
 so a corpus sorted by topic or date is covered from end to end. Inside a run, positions are tried in a seeded random
-order until one holds at least ``min_words`` words (title and text): only the documents tried are read, so a 10 GB
-corpus costs about ``n`` reads, not a pass.
+order until one holds at least ``min_words`` words (title and text): only the documents tried are parsed (a
+`reforge.data.lazy.LazyCorpus` reads each one at its offset), so a 10 GB corpus is never held in memory.
 """
 
 from __future__ import annotations
