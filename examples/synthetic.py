@@ -107,6 +107,8 @@ def plan(base: Path, data: Path, out: Path, args) -> list:
             )
         for retriever in args.synthetic_retrievers:  # one retriever's table, adapter by adapter, then the next
             for seed, lr in ADAPTERS:
+                if seed not in args.synthetic_adapters:
+                    continue
                 steps.append(
                     Step(
                         f"psi-{ds}-{seed}",
@@ -218,6 +220,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--synthetic-max-length", type=int, default=64, help="encoding length of the tune steps")
     parser.add_argument("--synthetic-train-docs", type=int, default=48, help="documents per knowledge adapter")
     parser.add_argument("--synthetic-train-length", type=int, default=128, help="tokens per training document")
+    parser.add_argument(
+        "--synthetic-adapters", type=int, nargs="+", default=[s for s, _ in ADAPTERS], help="adapter seeds to run"
+    )
     parser.add_argument("--synthetic-retrievers", nargs="+", default=["mean", "last"], choices=list(RETRIEVER_PREFIX))
 
 
