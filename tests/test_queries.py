@@ -354,3 +354,12 @@ def test_the_bm25_filter_keeps_a_query_only_when_bm25_ranks_its_document_in_the_
         run("queries", data, "-o", tmp_path / "syn", "-n", 4, "--min-words", 5, "--bm25-top", 4, "--json").stdout
     )
     assert summary["filters"]["bm25"]["top"] == 4 and summary["counts"]["kept"] == 4  # every doc is in the top 4
+
+
+def test_without_a_system_turn_the_instruction_opens_the_first_user_turn():
+    doc = Document("a", "T", "some text")
+    with_system, without = Prompt().messages(doc), Prompt().messages(doc, system=False)
+    assert [m["role"] for m in with_system] == ["system"] + ["user", "assistant"] * 4 + ["user"]
+    assert [m["role"] for m in without] == ["user", "assistant"] * 4 + ["user"]
+    assert without[0]["content"].startswith(Prompt().instruction + "\n\nDocument: The Rosetta Stone")
+    assert without[1:] == with_system[2:] and without[-1]["content"] == "Document: T. some text"

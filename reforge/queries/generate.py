@@ -124,7 +124,12 @@ class Generator:
         """The prompt text for one document: through the chat template when the tokenizer has one."""
         if not self.chat:
             return prompt.plain(doc)
-        return self.tokenizer.apply_chat_template(prompt.messages(doc), tokenize=False, add_generation_prompt=True)
+        try:
+            chat = prompt.messages(doc)
+            return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - jinja's TemplateError: a template that raises on a system turn
+            chat = prompt.messages(doc, system=False)
+            return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
     def queries(self, prompt: Prompt, docs: Sequence[Document], seed: int) -> list[str]:
         """One query per document (the first line of what the model writes, cleaned)."""

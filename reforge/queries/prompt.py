@@ -65,12 +65,17 @@ class Prompt:
         words = f"{doc.title}. {doc.text}".split() if doc.title else doc.text.split()
         return " ".join(words[: self.max_doc_words])
 
-    def messages(self, doc: Document) -> list[dict[str, str]]:
-        """The chat of an instruct model: system instruction, example turns, then the document."""
-        chat = [{"role": "system", "content": self.instruction}]
-        for document, query in self.examples:
-            chat += [{"role": "user", "content": f"Document: {document}"}, {"role": "assistant", "content": query}]
-        return [*chat, {"role": "user", "content": f"Document: {self.document_text(doc)}"}]
+    def messages(self, doc: Document, *, system: bool = True) -> list[dict[str, str]]:
+        """The chat of an instruct model: system instruction, example turns, then the document. With ``system``
+        False (templates that refuse a system turn, such as Gemma's) the instruction opens the first user turn."""
+        turns = [(document, query) for document, query in self.examples] + [(self.document_text(doc), None)]
+        chat = [{"role": "system", "content": self.instruction}] if system else []
+        for i, (document, query) in enumerate(turns):
+            lead = "" if system or i else f"{self.instruction}\n\n"
+            chat.append({"role": "user", "content": f"{lead}Document: {document}"})
+            if query is not None:
+                chat.append({"role": "assistant", "content": query})
+        return chat
 
     def plain(self, doc: Document) -> str:
         """InPars' plain-text prompt, for a model without a chat template."""
