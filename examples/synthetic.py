@@ -197,6 +197,9 @@ def run(base: Path, data: Path, out: Path, args) -> list[str]:
             continue
         if step.args[0] == "train":
             _wait_for(out / f"{step.name}.json.tmp")
+        if (out / f"{step.name}.json.partial").is_file():  # another runner is on it (runs share --out)
+            print(f"\n== {step.name}: running in another process, skipped here", flush=True)
+            continue
         failed += run_steps([step], out, [sys.executable, "-m", "reforge"])
     return failed
 
