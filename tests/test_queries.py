@@ -188,8 +188,17 @@ def test_the_cache_reuses_unchanged_documents_and_regenerates_an_edited_one(tiny
     options["generation"] = GenerationSettings(batch_size=4, max_new_tokens=4)
     first = make_queries(data, tmp_path / "one", **options)
     assert first.record["counts"]["generated_now"] == 6 and first.record["counts"]["from_cache"] == 0
-    again = make_queries(data, tmp_path / "two", **options)
+    from reforge.queries import generate as generate_module
+
+    loaded = []
+    real_model = generate_module.Generator.model
+    generate_module.Generator.model = property(lambda self: loaded.append(1) or real_model.fget(self))
+    try:
+        again = make_queries(data, tmp_path / "two", **options)
+    finally:
+        generate_module.Generator.model = real_model
     assert again.record["counts"]["generated_now"] == 0 and again.queries == first.queries
+    assert not loaded  # every query came from the log: no weights were loaded
     edited = word_docs(12)
     source = json.loads((first.output / "queries.jsonl").read_text().splitlines()[0])["source"]
     edited[int(source[1:])] = (source, "w90 w91 w92 w93 w94 w95 w96")

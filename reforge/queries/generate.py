@@ -103,22 +103,34 @@ def log_key(fingerprint: str, prompt: Prompt, settings: GenerationSettings, seed
 
 
 class Generator:
-    """A loaded causal LM and its tokenizer, ready to write queries."""
+    """A causal LM's tokenizer, and the model itself once a query must be written (a run whose queries are all in
+    the log loads no weights)."""
 
     def __init__(self, path: Path, settings: GenerationSettings) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
+        self.path = path
         self.settings = settings
-        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+        self.device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-        self.device = device
         self.chat = getattr(self.tokenizer, "chat_template", None) is not None
+        self._model: Any = None
+
+    @property
+    def model(self) -> Any:
+        """The LM, loaded on first use: bfloat16 on a GPU that has it, else float32."""
+        if self._model is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            cuda = self.device.startswith("cuda")
+            dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+            self._model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
+        return self._model
 
     def render(self, prompt: Prompt, doc: Document) -> str:
         """The prompt text for one document: through the chat template when the tokenizer has one."""
