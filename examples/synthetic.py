@@ -85,7 +85,7 @@ def plan(base: Path, data: Path, out: Path, args) -> list:
     for ds in args.datasets:
         subset = out / f"subset-{ds}"
         steps.append(Step(f"subset-{ds}", ("subset", str(data / ds), str(subset))))
-        for generator in GENERATORS:
+        for generator in args.synthetic_generators:
             model = ("--generator", str(base)) if generator == "lm" else ()
             steps.append(
                 Step(
@@ -144,7 +144,7 @@ def _tunes(base: Path, out: Path, ds: str, seed: int, retriever: str, args) -> l
     encoding = list(encoding_of(path))
     encoding[encoding.index("--max-length") + 1] = str(args.synthetic_max_length)
     steps = []
-    for split in SPLITS:
+    for split in ("real", *args.synthetic_generators):
         folder = out / (f"subset-{ds}" if split == "real" else f"syn-{split}-{ds}")
         chosen = ("--split", "test", "--i-know") if split == "real" else ("--split", "synthetic")
         steps.append(
@@ -223,6 +223,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--synthetic-max-length", type=int, default=64, help="encoding length of the tune steps")
     parser.add_argument("--synthetic-train-docs", type=int, default=48, help="documents per knowledge adapter")
     parser.add_argument("--synthetic-train-length", type=int, default=128, help="tokens per training document")
+    parser.add_argument("--synthetic-generators", nargs="+", default=list(GENERATORS), choices=list(GENERATORS))
     parser.add_argument(
         "--synthetic-adapters", type=int, nargs="+", default=[s for s, _ in ADAPTERS], help="adapter seeds to run"
     )
