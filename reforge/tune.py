@@ -415,9 +415,10 @@ def recommend(report: TuneReport, level: float = LEVEL) -> Recommendation:
         return Recommendation(
             "merge", best.alpha, best.beta, gain, p, adjusted, compared, queries, level, text + synthetic
         )
+    more = "reforge queries with a larger -n" if report.split == "synthetic" else "a larger split"
     text = (
         f"Keep the retriever (alpha 0): the gain of the best point, {where}, is within noise: {tested} >= {level:g}. "
-        f"More queries could tell (e.g. reforge queries -n with a larger n)."
+        f"More queries ({more}) could tell."
     )
     return Recommendation("noise", 0.0, 1.0, gain, p, adjusted, compared, queries, level, text + synthetic)
 
