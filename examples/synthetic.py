@@ -35,7 +35,9 @@ DATASETS = {
     "nfcorpus-partial": "NFCorpus-partial",
     "msmarco-trecdl19-subset": "MS MARCO TREC-DL subset",
 }
-GENERATORS = ("crop", "lm")
+GENERATORS = ("crop", "lm", "lm-bm25")  # lm-bm25: the LM's queries (from its cache) kept only if BM25 ranks the
+# source document in the top BM25_TOP of the scoring corpus
+BM25_TOP = 10
 ADAPTERS = ((0, "2e-4"), (1, "5e-4"), (2, "1e-3"))  # (seed, learning rate)
 RETRIEVER_PREFIX = {"mean": "", "last": "last-"}
 
@@ -86,7 +88,9 @@ def plan(base: Path, data: Path, out: Path, args) -> list:
         subset = out / f"subset-{ds}"
         steps.append(Step(f"subset-{ds}", ("subset", str(data / ds), str(subset))))
         for generator in args.synthetic_generators:
-            model = ("--generator", str(base)) if generator == "lm" else ()
+            model = ("--generator", str(base)) if generator.startswith("lm") else ()
+            if generator == "lm-bm25":
+                model += ("--bm25-top", str(BM25_TOP))
             steps.append(
                 Step(
                     f"queries-{generator}-{ds}",
@@ -223,7 +227,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--synthetic-max-length", type=int, default=64, help="encoding length of the tune steps")
     parser.add_argument("--synthetic-train-docs", type=int, default=48, help="documents per knowledge adapter")
     parser.add_argument("--synthetic-train-length", type=int, default=128, help="tokens per training document")
-    parser.add_argument("--synthetic-generators", nargs="+", default=list(GENERATORS), choices=list(GENERATORS))
+    parser.add_argument("--synthetic-generators", nargs="+", default=["crop", "lm"], choices=list(GENERATORS))
     parser.add_argument(
         "--synthetic-adapters", type=int, nargs="+", default=[s for s, _ in ADAPTERS], help="adapter seeds to run"
     )
@@ -340,7 +344,7 @@ def report(out: Path) -> str:
     )
     detail = (
         "| dataset | retriever | adapter | alpha | real nDCG@10 | p (real vs alpha 0) | crop nDCG@10 | "
-        "LM nDCG@10 |\n" + "|---" * 8 + "|"
+        "LM nDCG@10 | LM + BM25 filter nDCG@10 |\n" + "|---" * 9 + "|"
     )
     return "\n".join([head, *summary]) + "\n\n" + "\n".join([detail, *points])
 
