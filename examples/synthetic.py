@@ -88,7 +88,7 @@ def plan(base: Path, data: Path, out: Path, args) -> list:
         subset = out / f"subset-{ds}"
         steps.append(Step(f"subset-{ds}", ("subset", str(data / ds), str(subset))))
         for generator in args.synthetic_generators:
-            model = ("--generator", str(base)) if generator.startswith("lm") else ()
+            model = ("--generator", str(base) if generator.startswith("lm") else "crop")
             if generator == "lm-bm25":
                 model += ("--bm25-top", str(BM25_TOP))
             steps.append(

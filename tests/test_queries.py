@@ -215,7 +215,21 @@ def test_the_cache_reuses_unchanged_documents_and_regenerates_an_edited_one(tiny
 
 def test_the_folder_links_the_corpus_records_how_it_was_made_and_loads_as_beir(tmp_path):
     data = write_corpus(tmp_path / "data", word_docs(30) + [("short", "w1 w2")])
-    result = run("queries", data, "-o", tmp_path / "syn", "-n", 10, "--min-words", 5, "--seed", 3, "--json")
+    result = run(
+        "queries",
+        data,
+        "-o",
+        tmp_path / "syn",
+        "--generator",
+        "crop",
+        "-n",
+        10,
+        "--min-words",
+        5,
+        "--seed",
+        3,
+        "--json",
+    )
     summary = json.loads(result.stdout)
     out = tmp_path / "syn"
     assert (out / "corpus.jsonl").is_symlink() and (out / "corpus.jsonl").resolve() == data / "corpus.jsonl"
@@ -227,14 +241,28 @@ def test_the_folder_links_the_corpus_records_how_it_was_made_and_loads_as_beir(t
     rows = [json.loads(line) for line in (out / "queries.jsonl").read_text().splitlines()]
     docs = {d.id: d.text for d in dataset.corpus}
     assert all(dataset.qrels[r["_id"]] == {r["source"]: 1} and r["text"] in docs[r["source"]] for r in rows)
-    copied = run("queries", data, "-o", tmp_path / "copy", "-n", 10, "--min-words", 5, "--seed", 3, "--copy-corpus")
+    copied = run(
+        "queries",
+        data,
+        "-o",
+        tmp_path / "copy",
+        "--generator",
+        "crop",
+        "-n",
+        10,
+        "--min-words",
+        5,
+        "--seed",
+        3,
+        "--copy-corpus",
+    )
     assert not (tmp_path / "copy" / "corpus.jsonl").is_symlink() and "a copy of" in copied.stdout
     assert (tmp_path / "copy" / "queries.jsonl").read_text() == (out / "queries.jsonl").read_text()
     with pytest.raises(OutputExistsError, match="already holds synthetic queries"):
         make_queries(data, out, n=10, min_words=5)
     make_queries(data, out, n=4, min_words=5, overwrite=True)
     assert len(load_beir(out, "synthetic").queries) == 4
-    failed = run("queries", data / "nothing", "-o", tmp_path / "x", ok=False)
+    failed = run("queries", data / "nothing", "-o", tmp_path / "x", "--generator", "crop", ok=False)
     assert failed.exit_code == 1 and "data/nothing does not exist" in failed.stderr
     with pytest.raises(DataError, match="No document of .* has 500 words"):
         make_queries(data, tmp_path / "y", min_words=500)
@@ -277,7 +305,7 @@ def test_eval_and_tune_take_the_folder_and_nothing_opens_a_qrels_file_of_the_sou
     OPENED.clear()
     RECORDING[0] = True
     try:
-        run("queries", models["data"], "-o", syn, "-n", 8, "--min-words", 4, "-q")
+        run("queries", models["data"], "-o", syn, "--generator", "crop", "-n", 8, "--min-words", 4, "-q")
         evaluated = json.loads(run("eval", models["retriever"], "-d", syn, "--split", "synthetic", "--json").stdout)
         tuned = json.loads(
             run(
@@ -360,7 +388,21 @@ def test_the_bm25_filter_keeps_a_query_only_when_bm25_ranks_its_document_in_the_
     assert settings["top"] == 1 and settings["library"] == "bm25s"
     data = write_corpus(tmp_path / "data", [(d.id, d.text) for d in corpus])
     summary = json.loads(
-        run("queries", data, "-o", tmp_path / "syn", "-n", 4, "--min-words", 5, "--bm25-top", 4, "--json").stdout
+        run(
+            "queries",
+            data,
+            "-o",
+            tmp_path / "syn",
+            "--generator",
+            "crop",
+            "-n",
+            4,
+            "--min-words",
+            5,
+            "--bm25-top",
+            4,
+            "--json",
+        ).stdout
     )
     assert summary["filters"]["bm25"]["top"] == 4 and summary["counts"]["kept"] == 4  # every doc is in the top 4
 

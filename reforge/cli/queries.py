@@ -15,9 +15,9 @@ from reforge.cli.options import log_file_option, output_options
 @click.option("-o", "--output", required=True, metavar="DIR", help="The BEIR folder to write.")
 @click.option(
     "--generator",
-    default="crop",
-    show_default=True,
-    help="crop (a span of the document, no model) or a causal LM (folder or Hub id) prompted few-shot.",
+    required=True,
+    help="A causal LM (folder or Hub id, e.g. the base LM) prompted few-shot, or crop (a span of the document, no "
+    "model). No default: on SciFact crop ranked alphas against real labels (docs/results.md, section 8).",
 )
 @click.option(
     "-n", "--num-docs", "n", type=int, default=100, show_default=True, help="Documents to draw (one query each)."
@@ -95,8 +95,8 @@ def queries_cmd(
 
     \b
     Examples:
-      reforge queries data/scifact -o syn-scifact/ -n 200
-      reforge queries data/scifact -o syn-lm/ --generator HuggingFaceTB/SmolLM2-135M-Instruct --bm25-top 100
+      reforge queries data/scifact -o syn-lm/ --generator HuggingFaceTB/SmolLM2-135M-Instruct -n 200
+      reforge queries data/scifact -o syn-crop/ --generator crop -n 200 --bm25-top 100
       reforge tune --base base/ --retriever r/ --adapter psi/ -d syn-scifact/ --split synthetic
     """
     from reforge.queries.build import make_queries
