@@ -329,7 +329,7 @@ def report(out: Path) -> str:
                 agreement = f"{c['agree']}/{c['significant']}" if c["significant"] else "no significant real gain"
                 summary.append(
                     f"| {name} | {retriever} | {generator} | {c['adapters']} | {c['real_queries']} / "
-                    f"{c['synthetic_queries']} | {c['tau']:+.3f} (p {c['p_tau']:.3f}) | {c['mean_real_at_choice']:.4f} "
+                    f"{c['synthetic_queries']} | {_tau(c)} | {c['mean_real_at_choice']:.4f} "
                     f"| {c['mean_real_at_half']:.4f} | {c['mean_real_at_zero']:.4f} | {c['regret_choice']:.4f} | "
                     f"{c['regret_half']:.4f} | {c['regret_zero']:.4f} | {c['regret_recommendation']:.4f} | "
                     f"{agreement} | {', '.join(_said(r) for r in c['rows'])} |"
@@ -347,6 +347,12 @@ def report(out: Path) -> str:
         "LM nDCG@10 | LM + BM25 filter nDCG@10 |\n" + "|---" * 9 + "|"
     )
     return "\n".join([head, *summary]) + "\n\n" + "\n".join([detail, *points])
+
+
+def _tau(c: dict) -> str:
+    if c["tau"] != c["tau"]:  # NaN: one side has a single value (every point scored the same)
+        return "undefined (one side constant)"
+    return f"{c['tau']:+.3f} (p {c['p_tau']:.3f})"
 
 
 def _said(row: dict) -> str:
