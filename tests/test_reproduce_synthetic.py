@@ -80,3 +80,10 @@ def test_the_comparison_of_real_and_synthetic_scores(tmp_path):
     assert result["tau"] == pytest.approx(0.4)
     assert "| SciFact | mean | crop | 1 | 9 / 9 | +0.400" in report(tmp_path)
     assert compare(tmp_path, "mean", "scifact", "lm") is None and compare(tmp_path, "last", "scifact", "crop") is None
+
+
+def test_results_md_holds_the_tables_built_from_the_committed_raw_outputs():
+    repo = Path(__file__).resolve().parents[1]
+    tables = report(repo / "docs" / "results" / "cpu-synthetic-2026-12-07")
+    results = (repo / "docs" / "results.md").read_text()
+    assert tables.count("| SciFact |") >= 6 + 30 and tables in results
