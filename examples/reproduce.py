@@ -259,8 +259,15 @@ def report(out: Path) -> str:
         _variance_table(out, "last"),
         _batching_table(out, "last"),
         _retrievers_table(out),
+        _synthetic_tables(out),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def _synthetic_tables(out: Path) -> str:
+    from examples.synthetic import report as synthetic_report
+
+    return synthetic_report(out)
 
 
 def _load(out: Path, name: str) -> dict | None:
@@ -607,6 +614,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run section 3 instead: each variant's adapter and tune once per seed",
     )
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.md from finished steps")
+    from examples.synthetic import add_arguments
+
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -618,7 +628,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
-    if not args.report_only:
+    if not args.report_only and args.synthetic:
+        from examples.synthetic import run
+
+        failed = run(args.base or prepare_base(), args.data, args.out, args)
+    elif not args.report_only:
         base = args.base or prepare_base()
         failed = run_steps(plan(base, args.data, args.out, args), args.out, [sys.executable, "-m", "reforge"])
     text = report(args.out)

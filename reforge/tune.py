@@ -337,6 +337,7 @@ class TuneReport:
                 "baseline_score": self.baseline.score,
                 "test_against_baseline": asdict(self.best.test) if self.best.test else None,
             },
+            "recommendation": asdict(recommend(self)),
             "points": [p.to_dict() for p in self.points],
             "inputs": self.inputs,
             "dataset": asdict(self.dataset),
@@ -349,6 +350,77 @@ class TuneReport:
             "models": [asdict(m) for m in self.eval.models],
             "reforge_version": self.eval.version,
         }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The decision, in words
+
+LEVEL = 0.05  # the family-wise error rate of the recommendation
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """What to do after a tune: ``action`` is ``merge`` (at ``alpha``, ``beta``), ``keep`` (the retriever: no point
+    scores above it) or ``noise`` (a point scores above it, but not beyond what chance gives: keep the retriever).
+
+    ``p`` is the best point's randomization-test p against alpha 0 and ``p_adjusted`` that p times the number of
+    points compared (Bonferroni: picking the best of several points makes a small p likelier by chance); the gain
+    counts only when ``p_adjusted < level``. ``text`` says it in a sentence.
+    """
+
+    action: str
+    alpha: float
+    beta: float
+    gain: float
+    p: float | None
+    p_adjusted: float | None
+    compared: int
+    queries: int
+    level: float
+    text: str
+
+
+def recommend(report: TuneReport, level: float = LEVEL) -> Recommendation:
+    """The decision a user without a statistician wants: merge at the best point, or keep the retriever.
+
+    Example:
+        >>> recommend(report).text  # doctest: +SKIP
+        'Keep the retriever (alpha 0): alpha 0.5 scores +0.0123 above it on 40 queries, p = 0.2100 ...'
+    """
+    best, baseline = report.best, report.baseline
+    compared = sum(1 for p in report.points if p.test is not None)
+    queries = report.dataset.queries
+    gain = best.score - baseline.score
+    synthetic = (
+        f" These are {report.split} queries: they rank the points; the scores are not what real queries would give."
+        if report.split == "synthetic"
+        else ""
+    )
+    if best.test is None or gain <= 0:
+        text = (
+            f"Keep the retriever (alpha 0): no point of the grid scores above it on {queries} {report.split} queries "
+            f"({report.metric} {baseline.score:.4f})."
+        )
+        return Recommendation("keep", 0.0, 1.0, 0.0, None, None, compared, queries, level, text + synthetic)
+    p = best.test.p_randomization
+    adjusted = min(1.0, p * max(compared, 1))
+    where = f"alpha {best.alpha:g}" + (f", beta {best.beta:g}" if best.beta != 1.0 else "")
+    tested = (
+        f"{report.metric} {gain:+.4f} on {queries} {report.split} queries ({best.test.wins}/{best.test.ties}/"
+        f"{best.test.losses} better/equal/worse), p = {p:.4f} (randomization test), {adjusted:.4f} after Bonferroni "
+        f"over the {compared} points compared"
+    )
+    if adjusted < level:
+        text = f"Merge at {where}: {tested} < {level:g}."
+        return Recommendation(
+            "merge", best.alpha, best.beta, gain, p, adjusted, compared, queries, level, text + synthetic
+        )
+    more = "reforge queries with a larger -n" if report.split == "synthetic" else "a larger split"
+    text = (
+        f"Keep the retriever (alpha 0): the gain of the best point, {where}, is within noise: {tested} >= {level:g}. "
+        f"More queries ({more}) could tell."
+    )
+    return Recommendation("noise", 0.0, 1.0, gain, p, adjusted, compared, queries, level, text + synthetic)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

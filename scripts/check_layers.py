@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     "reforge.ops": 3,
     "reforge.train": 3,
     "reforge.eval": 3,
+    "reforge.queries": 3,  # loads an LM to write queries; reads data, writes a BEIR folder
     "reforge.tune": 4,
     "reforge.publish": 5,
     "reforge.recipe": 6,  # runs tune and push steps: above publish, below the CLI

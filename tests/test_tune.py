@@ -160,6 +160,9 @@ def test_cli_chooses_the_best_point_records_the_split_plots_and_writes_what_merg
     assert len(starred) == 1 and f"{best['score']:.4f} *" in starred[0]
     assert starred[0].split("│")[1].strip() == f"{best['alpha']:g}"
     assert f"Best: alpha {best['alpha']:g}, beta 1" in table
+    decision = summary["recommendation"]  # what to do, in words, in the table and the JSON
+    assert decision["action"] in ("keep", "noise", "merge") and decision["compared"] == 3
+    assert f"Recommendation: {decision['text'][:60]}" in " ".join(table.split())
 
 
 @pytest.mark.parametrize("kind", ["retriever", "lora_retriever", "delta"])

@@ -23,6 +23,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "verify": ("reforge.cli.verify", "verify_cmd", "Check that a delta or merged checkpoint is sound."),
     "eval": ("reforge.cli.eval", "eval_cmd", "nDCG@10 (and more) of retrievers on BEIR-style datasets."),
     "tune": ("reforge.cli.tune", "tune_cmd", "Choose alpha (and beta) on held-out queries."),
+    "queries": (
+        "reforge.cli.queries",
+        "queries_cmd",
+        "Write synthetic queries for a corpus, to tune and evaluate without labels.",
+    ),
     "push": ("reforge.cli.push", "push_cmd", "Upload a verified checkpoint folder to the Hugging Face Hub."),
     "run": ("reforge.cli.run", "run_cmd", "Run a recipe: every step in dependency order, skipping what is made."),
 }

@@ -276,6 +276,7 @@ def _show(report: Any, summary: dict) -> None:
         f"Chosen on {report.split}: score it on {report.test_split} with `reforge eval`.",
         highlight=False,
     )
+    ui.out.print(f"Recommendation: {summary['recommendation']['text']}", highlight=False)
     if "plot" in summary:
         ui.info(f"Plot: {summary['plot']}")
     if "written" in summary:
