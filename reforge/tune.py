@@ -7,9 +7,10 @@ the tensors whose terms change are recomputed: the adapted ones when alpha chang
 when beta changes.
 
 Every point is an on-disk-like model source (`MergePoint`) whose ``load`` does the merge, so the evaluation
-pipeline merges only when some vectors are not in the embedding cache: the cache key of a point is a fingerprint of
-the inputs' fingerprints, alpha and beta, and a repeated point costs nothing. The baseline (alpha = 0, beta = 1, the
-original retriever) is always scored first; every point is compared with it (paired t-test and randomization test).
+pipeline merges only when some vectors are not in the embedding cache: the cache key of a point is a hash of the
+inputs' content keys (`reforge.io.checkpoint.content_key`), alpha and beta, and a repeated point costs nothing. The
+baseline (alpha = 0, beta = 1, the original retriever) is always scored first; every point is compared with it
+(paired t-test and randomization test).
 
     >>> from reforge.tune import tune, write_best  # doctest: +SKIP
     >>> report = tune("base/", "psi/", "nfcorpus/", retriever="repllama/", split="dev")  # doctest: +SKIP
@@ -646,7 +647,7 @@ def _points(alphas, betas, template: ModelSource, merger: InMemoryMerge, source)
     if (0.0, 1.0) in grid:
         grid.remove((0.0, 1.0))
     ordered = [(0.0, 1.0, 0.0 in alphas and 1.0 in betas)] + [(a, b, True) for a, b in grid]
-    inputs = _input_fingerprints(source)
+    inputs = _input_keys(source)
     points = []
     for alpha, beta, in_grid in ordered:
         name = f"alpha={alpha:g} beta={beta:g}"
@@ -689,10 +690,28 @@ def _input_fingerprints(source) -> dict[str, Any]:
     }
 
 
+def _input_keys(source) -> dict[str, Any]:
+    """The inputs' whole-content keys (`reforge.io.checkpoint.content_key`): what a point's cached vectors are
+    reused on. The sampled fingerprints (`_input_fingerprints`) are recorded as provenance only: two bases that
+    differ between their samples would otherwise share vectors (issue 26)."""
+    from reforge.io.checkpoint import content_key
+
+    def key(checkpoint) -> str | None:
+        return content_key(checkpoint.path) if checkpoint is not None else None
+
+    return {
+        "base": key(source.base),
+        "retriever": key(source.retriever),
+        "retriever_adapter": key(source.retriever_adapter.checkpoint) if source.retriever_adapter else None,
+        "delta": key(source.delta),
+        "adapter": key(source.adapters[0][0].checkpoint),
+    }
+
+
 def _point_fingerprint(inputs: dict[str, Any], alpha: float, beta: float) -> str:
     """Identifies the merged weights of one point. At alpha 0 the adapter does not matter, so it is left out (the
     baseline is shared across adapters)."""
-    payload = {"kind": "reforge-tune-point", **inputs, "alpha": repr(float(alpha) + 0.0), "beta": repr(float(beta))}
+    payload = {"kind": "reforge-tune-point-v2", **inputs, "alpha": repr(float(alpha) + 0.0), "beta": repr(float(beta))}
     if alpha == 0:
         payload["adapter"] = None
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]

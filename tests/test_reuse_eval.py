@@ -213,3 +213,26 @@ def test_a_corpus_edited_during_an_eval_is_an_error_not_mixed_vectors(small, tmp
     corpus.write_text(corpus.read_text().replace("fish dive", "fish swim"))  # restored: a clean run, nothing mixed
     fresh = evaluate([small], [data])
     assert _vectors_of(fresh, "m") == _vectors_of(evaluate([small], [data], EvalSettings(cache=False)), "m")
+
+
+def test_tune_keys_its_cached_points_by_content_not_by_the_sampled_fingerprint(big_llama, tmp_path):
+    """tune's cache identity of a merge point: two bases that differ only between fingerprint samples get two."""
+    from types import SimpleNamespace
+
+    from reforge.tune import _input_keys, _point_fingerprint
+
+    def source(base: Path) -> SimpleNamespace:
+        def checkpoint(path: Path) -> SimpleNamespace:
+            return SimpleNamespace(path=path, provenance={"fingerprint": fingerprint(path)}, manifest={})
+
+        adapter = SimpleNamespace(checkpoint=checkpoint(big_llama))
+        return SimpleNamespace(
+            base=checkpoint(base), retriever=checkpoint(big_llama), retriever_adapter=None, delta=None,
+            adapters=[(adapter, 0.5)],
+        )  # fmt: skip
+
+    tuned = _scaled_norm_copy(big_llama, tmp_path / "tuned")
+    assert fingerprint(big_llama) == fingerprint(tuned)  # the old key could not tell them apart
+    orig_key = _point_fingerprint(_input_keys(source(big_llama)), 0.5, 1.0)
+    assert orig_key != _point_fingerprint(_input_keys(source(tuned)), 0.5, 1.0)
+    assert orig_key == _point_fingerprint(_input_keys(source(big_llama)), 0.5, 1.0)  # and it is stable
