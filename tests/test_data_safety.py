@@ -303,14 +303,18 @@ def test_a_full_disk_in_eval_output_keeps_the_table(tmp_path):
     from test_eval import llama_folder, toy_dataset
 
     model, data = llama_folder(tmp_path / "llama"), toy_dataset(tmp_path / "toy")
-    result = full_disk_run(
-        ["eval", model, "--data", data, "--profile", "repllama", "--no-cache", "-o", tmp_path / "results"], limit=200
-    )
+    args = ["eval", model, "--data", data, "--profile", "repllama", "--no-cache", "-o", tmp_path / "results"]
+    # --no-cache streams vectors through temporary shards (a few hundred bytes here), then the results (a few KB)
+    result = full_disk_run(args, limit=2000)
     assert result["code"] == 1, result
     assert "nDCG@10" in result["stdout"] and "llama" in result["stdout"]  # the results were shown first
     assert "the disk filled up while writing" in result["stderr"] and "The results above are complete" in " ".join(
         result["stderr"].split()
     ), result["stderr"]
+    # full before the first temporary shard: one line naming the file, no traceback, no table
+    early = full_disk_run(args, limit=200)
+    assert early["code"] == 1 and early["stdout"] == "", early
+    assert early["stderr"].startswith("Error: The disk filled up while writing") and "Traceback" not in early["stderr"]
 
 
 def test_a_full_disk_when_train_saves_is_a_clear_error(inputs, tmp_path):

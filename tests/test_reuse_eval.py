@@ -236,3 +236,15 @@ def test_tune_keys_its_cached_points_by_content_not_by_the_sampled_fingerprint(b
     orig_key = _point_fingerprint(_input_keys(source(big_llama)), 0.5, 1.0)
     assert orig_key != _point_fingerprint(_input_keys(source(tuned)), 0.5, 1.0)
     assert orig_key == _point_fingerprint(_input_keys(source(big_llama)), 0.5, 1.0)  # and it is stable
+
+
+def test_a_dense_module_after_pooling_is_checked_for_non_finite_weights():
+    from reforge.eval.model import check_finite
+    from reforge.eval.pooling import Dense
+
+    weight = torch.ones(4, 8)
+    check_finite(Dense(weight, torch.zeros(4), "tanh"), "st-model")  # finite: no error
+    weight[2, 3] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"st-model: parameter 'weight' holds NaN or Inf"):
+        check_finite(Dense(weight, torch.zeros(4), "tanh"), "st-model")
+    check_finite(lambda v: v, "st-model")  # Normalize is a plain function: nothing to check

@@ -32,7 +32,8 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -346,7 +347,7 @@ class Entry:
         except OSError as e:
             if not sidecar.is_file():
                 path.unlink(missing_ok=True)
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if e.errno not in _FULL:
                 raise
             raise DiskFullError(
                 f"The disk filled up while writing embedding shard {path} ({stored.nbytes} bytes).",
@@ -356,6 +357,26 @@ class Entry:
                 free=None,
             ) from e
         return path
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: a file-size limit, met as a full disk is
+
+
+@contextmanager
+def _full_disk_said(path: Path) -> Iterator[None]:
+    """An OSError of a full disk while writing ``path`` becomes a `DiskFullError` naming it; others pass."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _FULL:
+            raise
+        raise DiskFullError(
+            f"The disk filled up while writing {path}.",
+            hint="Free space, or point --cache-dir at a larger disk; finished shards are kept and reused.",
+            path=path,
+            needed=None,
+            free=None,
+        ) from e
 
 
 class _Hashing:
@@ -397,7 +418,8 @@ class EmbeddingCache:
         """Write ``meta.json`` beside the shards (what the key stands for, for people; the layout, for readers)."""
         entry.folder.mkdir(parents=True, exist_ok=True)
         facts = _meta_facts(entry, meta)
-        write_atomic(entry.folder / "meta.json", lambda f: f.write(json.dumps(facts, indent=2).encode()))
+        with _full_disk_said(entry.folder / "meta.json"):
+            write_atomic(entry.folder / "meta.json", lambda f: f.write(json.dumps(facts, indent=2).encode()))
 
     def claim(self, entry: Entry, meta: dict[str, Any]) -> Entry:
         """The layout every writer of this entry uses: the first writer's ``meta.json`` is created exclusively (a
@@ -410,7 +432,8 @@ class EmbeddingCache:
         if not target.is_file():
             facts = json.dumps(_meta_facts(entry, meta), indent=2).encode()
             temporary = entry.folder / f".meta.{os.getpid()}.{id(entry)}.tmp"
-            write_atomic(temporary, lambda f: f.write(facts))
+            with _full_disk_said(target):
+                write_atomic(temporary, lambda f: f.write(facts))
             try:
                 os.link(temporary, target)
             except FileExistsError:

@@ -427,7 +427,11 @@ def check_finite(module: Any, name: str) -> None:
     """
     import torch
 
-    for kind, tensors in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+    if isinstance(module, torch.nn.Module):
+        groups = (("parameter", module.named_parameters()), ("buffer", module.named_buffers()))
+    else:  # a post-pooling step (pooling.Dense, Normalize): its tensors are plain fields
+        groups = (("parameter", ((k, v) for k, v in vars(module).items() if isinstance(v, torch.Tensor))),)
+    for kind, tensors in groups:
         for tensor_name, tensor in tensors:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise NonFiniteError(
