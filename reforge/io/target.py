@@ -88,7 +88,7 @@ def check_output(
             "Pass the folder it points to, or another folder.",
         )
     for source in _local_inputs(inputs):
-        reason = _overlap(path, source)
+        reason = overlap(path, source)
         if reason:
             raise _refused(
                 path,
@@ -127,8 +127,12 @@ def _local_inputs(inputs: Iterable[str | Path | None]) -> list[Path]:
     return found
 
 
-def _overlap(output: Path, source: Path) -> str | None:
-    real = output.resolve()
+def overlap(output: str | Path, source: str | Path) -> str | None:
+    """How folder ``output`` overlaps ``source`` once links are resolved: "is", "lies inside", "contains", or None.
+
+    The one rule for "an output may not be, contain or lie inside an input" (the commands' output check here, and
+    `reforge run`'s check of a whole recipe before any job)."""
+    real, source = Path(output).resolve(), Path(source).resolve()
     if real == source:
         return "is"
     if source in real.parents:

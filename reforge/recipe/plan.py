@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reforge.io.target import overlap
 from reforge.recipe.spec import ROLES, TRAIN_PATHS, Recipe, StepSpec, option_key
 
 # What a model reference may name, by step kind: a folder of weights that eval/merge/train can open.
@@ -499,7 +500,7 @@ def _check_outputs(recipe: Recipe, jobs: list[Job]) -> None:
     for job in jobs:
         output = absolute(job.output)
         for path, line in inputs:
-            reason = _overlap(output, absolute(path))
+            reason = overlap(output, absolute(path))
             if reason:
                 raise recipe.error(
                     job.step.output[1] if job.step.output else job.step.line,
@@ -507,7 +508,7 @@ def _check_outputs(recipe: Recipe, jobs: list[Job]) -> None:
                     hint="Choose another out: (or output:) folder, apart from the inputs.",
                 )
         for other_path, other in seen.items():
-            reason = _overlap(output, other_path)
+            reason = overlap(output, other_path)
             if reason:
                 raise recipe.error(
                     job.step.output[1] if job.step.output else job.step.line,
@@ -516,17 +517,6 @@ def _check_outputs(recipe: Recipe, jobs: list[Job]) -> None:
                 )
         seen[output] = job
         _check_existing(recipe, job, output)
-
-
-def _overlap(output: Path, source: Path) -> str | None:
-    source = source.resolve() if source.exists() else source
-    if output == source:
-        return "is"
-    if source in output.parents:
-        return "lies inside"
-    if output in source.parents:
-        return "contains"
-    return None
 
 
 def _check_existing(recipe: Recipe, job: Job, output: Path) -> None:
