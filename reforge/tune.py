@@ -525,8 +525,9 @@ def _best(points: Sequence[TunePoint]) -> TunePoint:
 
 
 def _check_options(retriever, delta, split: str, test_split: str, i_know: bool, max_queries, corpus_sample) -> None:
-    if (retriever is None) == (delta is None):
-        raise InvalidOptionError("Give exactly one of --retriever and --delta.", option="--retriever")
+    from reforge.ops.job import check_source
+
+    check_source(retriever, delta)
     if split == test_split and not i_know:
         raise InvalidOptionError(
             f"Refusing to tune on split {split!r}: it is the split you report (--test-split {test_split}), so the "

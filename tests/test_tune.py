@@ -297,7 +297,7 @@ def test_bad_inputs_are_refused_with_a_message(setup, tmp_path):
         assert message in " ".join(result.stderr.split()), (message, result.stderr)
     with pytest.raises(InvalidOptionError, match="--corpus-sample must be at least 1, got 0"):
         tune(setup["base"], setup["psi"], setup["data"], retriever=setup["retriever"], corpus_sample=0)
-    with pytest.raises(InvalidOptionError, match="Give exactly one of --retriever and --delta"):
+    with pytest.raises(InvalidOptionError, match="give exactly one of --retriever"):
         tune(setup["base"], setup["psi"], setup["data"])
 
 

@@ -16,6 +16,7 @@ from reforge.cli.options import (
     log_file_option,
     output_options,
     sample_options,
+    source_options,
 )
 
 GRID_CONFIRM = 1000  # points; a bigger grid (e.g. a range typed with one digit too many) is confirmed first
@@ -39,14 +40,7 @@ class GridType(click.ParamType):
 
 
 @click.command("tune")
-@click.option("--base", required=True, help="The pretrained LM the retriever and the adapter were trained from.")
-@click.option("--retriever", default=None, help="The retriever (full, or a peft LoRA over BASE).")
-@click.option(
-    "--delta",
-    default=None,
-    type=click.Path(exists=True, file_okay=False),
-    help="A delta folder from `reforge diff` (instead of --retriever).",
-)
+@source_options()
 @click.option("--adapter", required=True, help="The knowledge adapter (peft folder from `reforge train`).")
 @click.option("-d", "--data", required=True, metavar="DIR", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/).")
 @click.option("--split", default="dev", show_default=True, help="The held-out qrels split to tune on.")
@@ -147,8 +141,6 @@ def tune_cmd(
 
     from reforge.tune import plot_tuning, tune
 
-    if (retriever is None) == (delta is None):
-        raise click.UsageError("Pass exactly one of --retriever and --delta.")
     if plot_path and no_plot:
         raise click.UsageError("--plot and --no-plot contradict each other; drop one.")
     if not no_plot and not _has_matplotlib():
