@@ -585,6 +585,7 @@ def _merger_and_template(
 ) -> tuple[InMemoryMerge, ModelSource]:
     """The shared in-memory model and a `ModelSource` describing the retriever (profile, tokenizer, paths)."""
     from reforge.eval.model import _tokenizer_hash, resolve_model, transformer_dir
+    from reforge.io.companions import has_tokenizer
     from reforge.ops.delta import RETRIEVER_FILES
     from reforge.profiles import detect_profile
 
@@ -602,7 +603,7 @@ def _merger_and_template(
             None,
             _tokenizer_hash(files),
         )
-        tokenizer_dir = files if (files / "tokenizer_config.json").is_file() else source.base.path
+        tokenizer_dir = files if has_tokenizer(files) else source.base.path
         return InMemoryMerge(
             source,
             retriever_source=None,
@@ -620,8 +621,7 @@ def _merger_and_template(
         pooling=settings.pooling,
     )
     if source.retriever_adapter is not None:
-        has_tokenizer = any((resolved.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        tokenizer_dir = resolved.path if has_tokenizer else source.base.path
+        tokenizer_dir = resolved.path if has_tokenizer(resolved.path) else source.base.path
         merger = InMemoryMerge(
             source,
             retriever_source=None,

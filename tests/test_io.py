@@ -377,3 +377,18 @@ def test_page_cached_sees_what_was_just_written_and_evicted(tmp_path):
             assert not page_cached(fd, 0, 1 << 20)
     finally:
         os.close(fd)
+
+
+def test_one_rule_says_whether_a_folder_has_its_own_tokenizer(tmp_path):
+    """eval (`_tokenizer_dir`) and tune (delta and LoRA retrievers) choose between a model's and its base's
+    tokenizer by this one rule (issue 23: there were three)."""
+    from reforge.io.companions import TOKENIZER_MARKERS, has_tokenizer
+
+    assert not has_tokenizer(tmp_path)
+    (tmp_path / "vocab.txt").write_text("a\n")  # a vocabulary alone is no loadable tokenizer
+    assert not has_tokenizer(tmp_path)
+    for name in TOKENIZER_MARKERS:
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        (folder / name).write_text("{}")
+        assert has_tokenizer(folder), name

@@ -23,6 +23,7 @@ from reforge.errors import (
     UnsupportedModelError,
     short_path,
 )
+from reforge.io.companions import TOKENIZER_MARKERS, has_tokenizer
 from reforge.profiles import DECODER_TYPES, EncodingProfile, builtin_profile, detect_profile
 
 
@@ -220,11 +221,11 @@ def _tokenizer_dir(path: Path, base_path: Path | None, ref: str) -> Path:
             word to an unknown token and still score).
     """
     for folder in (transformer_dir(path), path, base_path, _recorded_base(path)):
-        if folder is not None and _has_tokenizer(folder):
+        if folder is not None and has_tokenizer(folder):
             return folder
     looked = ", ".join(short_path(f) for f in dict.fromkeys([transformer_dir(path), path, base_path]) if f)
     raise UnsupportedModelError(
-        f"{ref} has no tokenizer files (tokenizer.json, tokenizer_config.json or tokenizer.model; looked in {looked}).",
+        f"{ref} has no tokenizer files ({', '.join(TOKENIZER_MARKERS)}; looked in {looked}).",
         hint="Pass --tokenizer DIR, or copy the tokenizer files of the model it was trained from into the folder.",
         path=path,
         reason="no tokenizer",
@@ -377,10 +378,6 @@ _TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 def _tokenizer_hash(folder: Path) -> str:

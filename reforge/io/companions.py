@@ -40,6 +40,16 @@ MODULE_FILE = re.compile(r"^\d+_[A-Za-z0-9_.-]+/([A-Za-z0-9_.-]+\.(json|txt|mode
 MAX_COMPANION_BYTES = 64 * 2**20
 
 
+# Any one of these lets transformers' AutoTokenizer load a tokenizer from a folder (with its config.json).
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a tokenizer of its own (`TOKENIZER_MARKERS`); the one rule eval and tune use to
+    decide between a model's tokenizer and its base's."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_MARKERS)
+
+
 def is_companion(relative: str) -> bool:
     """Whether a file at ``relative`` (POSIX, inside a checkpoint folder) travels with the weights."""
     return relative in COMPANION_NAMES or bool(MODULE_FILE.match(relative))
