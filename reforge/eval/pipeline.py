@@ -180,7 +180,7 @@ def _evaluate(
     _check_unique([d.name for d in data], "dataset")
     for dataset in data:  # every rank must read the same corpus: shard s means the same rows everywhere
         ranks.agree(f"the corpus of {dataset.name}", (len(dataset.corpus), dataset.corpus_hash))
-    sources = _distinct_names([_source(m, settings) for m in models])
+    sources = _distinct_names([model_source(m, settings) for m in models])
     profiles = [apply_overrides(_profile(s), **settings.overrides()) for s in sources]
     for profile in profiles:
         for dataset in data:
@@ -569,11 +569,14 @@ def _compare(
     return comparisons
 
 
-def _source(model: Any, settings: EvalSettings) -> ModelSource | Retriever:
+def model_source(model: Any, settings: EvalSettings, *, name: str | None = None) -> ModelSource | Retriever:
+    """``model`` (a reference, or a source already resolved) as `evaluate` resolves it under ``settings``: base,
+    access, profile, pooling and tokenizer; ``name`` labels it in tables (default: from the reference)."""
     if isinstance(model, (ModelSource, Retriever)):
         return model
     return resolve_model(
         model,
+        name=name,
         base=settings.base,
         token=settings.token,
         allow_pickle=settings.allow_pickle,

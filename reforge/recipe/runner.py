@@ -412,21 +412,12 @@ def _run_merge(ctx: _Context, resume: bool) -> None:
 
 def _run_eval(ctx: _Context, resume: bool) -> None:
     from reforge.eval import evaluate, write_outputs
-    from reforge.eval.model import resolve_model
+    from reforge.eval.pipeline import model_source
 
     access = {"token": ctx.token, "allow_pickle": ctx.recipe.allow_pickle}
     settings = eval_settings(ctx.options, base=ctx.one("base"), **access)
     sources = [
-        resolve_model(
-            source.ref,
-            name=label,
-            base=settings.base,
-            token=ctx.token,
-            allow_pickle=settings.allow_pickle,
-            profile=settings.profile,
-            pooling=settings.pooling,
-            trust_remote_code=settings.trust_remote_code,
-        )
+        model_source(source.ref, settings, name=label)
         for source, label in zip(ctx.job.inputs["models"], ctx.job.labels)
     ]
     report = evaluate(sources, [ctx.one("dataset")], settings, progress=ctx.progress, stage=ctx.stage)
