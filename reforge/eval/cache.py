@@ -42,7 +42,7 @@ import numpy as np
 
 from reforge.errors import DiskFullError, InvalidOptionError, ShardNotFoundError
 from reforge.io.atomic import write_atomic
-from reforge.io.checkpoint import file_sha256, remember_sha256
+from reforge.io.checkpoint import file_identity, file_sha256, remember_sha256
 
 CACHE_FORMAT = 3  # 3: a checksum, the rows and the ids beside every shard
 EMBEDDING_DTYPES = ("float16", "bfloat16", "float32")
@@ -235,7 +235,7 @@ class Entry:
     def _problem(self, index: int, start: int, rows: int, dim: int | None) -> str | None:
         path = self.shard_path(index)
         try:
-            identity = (_identity(path), _identity(self.sidecar_path(index)))
+            identity = (file_identity(path.stat()), file_identity(self.sidecar_path(index).stat()))
         except OSError:
             return "its ids and checksum are missing or unreadable"
         verified = self._verified.get(index)
@@ -342,7 +342,7 @@ class Entry:
             written = path.stat()
             facts = {"start": start, "rows": rows, "sha256": digest.hexdigest(), "ids": list(ids)}
             write_atomic(sidecar, lambda f: f.write(json.dumps(facts).encode()))
-            if _identity(path) == _identity_of(written):  # no other writer replaced it meanwhile
+            if file_identity(path.stat()) == file_identity(written):  # no other writer replaced it meanwhile
                 remember_sha256(path, digest.hexdigest(), written)  # hashed as written: nobody reads it to check
         except OSError as e:
             if not sidecar.is_file():
@@ -392,14 +392,6 @@ class _Hashing:
 
 def _meta_facts(entry: Entry, meta: dict[str, Any]) -> dict[str, Any]:
     return {**meta, "rows": entry.rows, "shard_docs": entry.shard_docs, "dtype": entry.dtype, "format": CACHE_FORMAT}
-
-
-def _identity(path: Path) -> tuple:
-    return _identity_of(path.stat())
-
-
-def _identity_of(stat: os.stat_result) -> tuple:
-    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 class EmbeddingCache:

@@ -314,7 +314,7 @@ def file_sha256(path: str | Path, *, progress: Progress | None = None, records: 
     if hub is not None:
         return hub
     record = (records if records is not None else _recorded(path.parent)).get(path.name)
-    if isinstance(record, dict) and record.get("identity") == _identity(stat):
+    if isinstance(record, dict) and record.get("identity") == file_identity(stat):
         if _HEX64.fullmatch(str(record.get("sha256"))):
             return str(record["sha256"])
     memo = _memo_path(stat)
@@ -325,7 +325,7 @@ def file_sha256(path: str | Path, *, progress: Progress | None = None, records: 
     except OSError:
         pass
     value = sha256_file(path, progress=progress)
-    if _identity(path.stat()) == _identity(stat):  # unchanged while it was read (else the next key reads it again)
+    if file_identity(path.stat()) == file_identity(stat):  # unchanged while read (else the next key reads it again)
         remember_sha256(path, value, stat)
     return value
 
@@ -364,7 +364,7 @@ def file_record(path: str | Path, sha256: str) -> dict:
     as it is now (the record is trusted only for this very file: a copy, a move to another disk or an edit is read
     once instead)."""
     stat = Path(path).stat()
-    return {"sha256": sha256, "size": stat.st_size, "identity": _identity(stat)}
+    return {"sha256": sha256, "size": stat.st_size, "identity": file_identity(stat)}
 
 
 def memo_dir() -> Path:
@@ -373,10 +373,10 @@ def memo_dir() -> Path:
 
 
 def _memo_path(stat: os.stat_result) -> Path:
-    return memo_dir() / _identity(stat)
+    return memo_dir() / file_identity(stat)
 
 
-def _identity(stat: os.stat_result) -> str:
+def file_identity(stat: os.stat_result) -> str:
     """A file's identity: device, inode, size, mtime_ns, ctime_ns (any write, copy or ``touch`` changes one)."""
     return f"{stat.st_dev}-{stat.st_ino}-{stat.st_size}-{stat.st_mtime_ns}-{stat.st_ctime_ns}"
 

@@ -23,11 +23,10 @@ def bm25_filter(
     Raises:
         InvalidOptionError: bm25s is not installed (from `reforge.eval.bm25`).
     """
-    from reforge.eval.bm25 import BM25Settings, build_index
+    from reforge.eval.bm25 import BM25Settings, bm25_run
 
     settings = BM25Settings()
-    index = build_index(corpus, settings)
-    run = index.search({str(i): c.text for i, c in enumerate(kept)}, k=top)
+    run = bm25_run(corpus, {str(i): c.text for i, c in enumerate(kept)}, k=top, settings=settings)
     passed, dropped = [], []
     for i, candidate in enumerate(kept):
         if candidate.doc_id in run.get(str(i), {}):

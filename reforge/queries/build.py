@@ -223,13 +223,14 @@ def _generate(
     path = resolve_local(generator)
     model = Generator(path, generation)
     template = model.render(prompt, Document("{id}", "{title}", "{text}"))
-    key = log_key(fingerprint(path), prompt, generation, seed, template)
+    generator_fingerprint = fingerprint(path)
+    key = log_key(generator_fingerprint, prompt, generation, seed, template)
     log = QueryLog(Path(env_home()).expanduser() / "cache" / "queries" / f"{key}.jsonl")
     texts, fresh = generate(model, prompt, docs, seed=seed, log=log, progress=progress)
     described = {
         "name": generator,
         "kind": "lm",
-        "fingerprint": fingerprint(path),
+        "fingerprint": generator_fingerprint,
         "chat_template": model.chat,
         "device": model.device,
         "prompt": prompt.to_dict(),
@@ -248,7 +249,9 @@ def _write_folder(
     record: dict,
     overwrite: bool,
 ) -> None:
-    staging = output.parent / f".{output.name}.reforge-partial"
+    from reforge.io.target import staging_path
+
+    staging = staging_path(output)
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "qrels").mkdir(parents=True)
     if copy_corpus:
