@@ -272,26 +272,22 @@ def train_cmd(
     if not result.is_main:
         return
     if result.dry_run:
-        _fit(result.record, gpu_memory, throughput, max(1, _world_size()))
+        from reforge.dist import Ranks
+
+        _fit(result.record, gpu_memory, throughput, Ranks.from_env().world)
     _report(result, config, as_json)
-
-
-def _world_size() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _fit(record: dict, gpu_memory: int, throughput: float | None, gpus: int) -> None:
     """Add to the dry run's memory plan whether it fits ``gpu_memory`` and the hours at ``throughput``."""
-    from reforge.train.plan import HEADROOM, plan_hours
+    from reforge.train.plan import fits_in, plan_hours
 
     memory = record["memory"]
     memory["gpu_memory"] = gpu_memory
-    memory["fits"] = memory["peak"] <= gpu_memory * (1 - HEADROOM)
-    memory["fits_checkpointed"] = memory["peak_checkpointed"] <= gpu_memory * (1 - HEADROOM)
+    memory["fits"] = fits_in(memory["peak"], gpu_memory)
+    memory["fits_checkpointed"] = fits_in(memory["peak_checkpointed"], gpu_memory)
     tokens = record["tokens"]["input"]
-    hours = plan_hours(tokens, throughput * gpus) if throughput else None
+    hours = plan_hours(tokens, throughput and throughput * gpus)
     record["time"] = {"tokens": tokens, "tokens_per_s_per_gpu": throughput, "gpus": gpus, "hours": hours}
 
 

@@ -71,7 +71,7 @@ class MemoryPlan:
 
     def fits(self, memory: int, checkpointing: bool = False) -> bool:
         """Whether the peak, with `HEADROOM` of ``memory`` spare, fits a device of ``memory`` bytes."""
-        return self.peak(checkpointing) <= memory * (1 - HEADROOM)
+        return fits_in(self.peak(checkpointing), memory)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, and both peaks."""
@@ -176,6 +176,11 @@ def _adapted_linears(model, target_modules: Sequence[str]) -> list[tuple[int, in
         if any(name == t or name.endswith("." + t) for t in target_modules):
             found.append((module.in_features, module.out_features))
     return found
+
+
+def fits_in(peak: int, memory: int) -> bool:
+    """Whether ``peak`` bytes, with `HEADROOM` of ``memory`` spare, fit a device of ``memory`` bytes."""
+    return peak <= memory * (1 - HEADROOM)
 
 
 def plan_hours(tokens: int, tokens_per_s: float | None) -> float | None:
