@@ -117,8 +117,8 @@ def run_recipe(
     state.write_if_changed(recipe.out / "recipe.yaml", recipe.text.encode("utf-8"))
     plans = []
     for number, job in enumerate(jobs, start=1):
-        options = resolved_options(job)
-        fingerprint = job_fingerprint(job, options)
+        options, keys = resolved_options(job), input_keys(job)
+        fingerprint = job_fingerprint(job, options, keys)
         if state.is_done(job.output, fingerprint):
             plans.append(JobPlan(job, "skip", "made from the same inputs and options", fingerprint))
             continue
@@ -129,7 +129,7 @@ def run_recipe(
             # a finished output of another fingerprint, or changed since: the writer would keep what it finds
             # complete for the same plan, so the folder (ours: it holds our stamp) is made again from nothing
             shutil.rmtree(job.output)
-        context = _Context(recipe, job, options, fingerprint, token, progress, say)
+        context = _Context(recipe, job, options, keys, fingerprint, token, progress, say)
         _RUNNERS[job.kind](context, resume=action == "resume")
         plans.append(JobPlan(job, action, reason, fingerprint, seconds=time.perf_counter() - job_started))
     report = RunReport(recipe, plans, False)
@@ -155,15 +155,16 @@ def resolved_options(job: Job) -> dict[str, Any]:
     return options
 
 
-def job_fingerprint(job: Job, options: dict[str, Any]) -> str:
-    """The fingerprint of a job with these resolved options. A train job counts only the options that change what
+def job_fingerprint(job: Job, options: dict[str, Any], keys: dict[str, list[str]] | None = None) -> str:
+    """The fingerprint of a job with these resolved options and its inputs' content ``keys`` (default: computed
+    here, `input_keys`). A train job counts only the options that change what
     is trained (`reforge.train.config.RESUME_KEYS`, the ones ``--resume`` compares): ``save-every`` or ``device``
     does not retrain an adapter."""
     if job.kind == "train":
         from reforge.train.config import RESUME_KEYS
 
         options = {k: v for k, v in options.items() if k in RESUME_KEYS}
-    return state.fingerprint_of(job.kind, options, input_keys(job))
+    return state.fingerprint_of(job.kind, options, input_keys(job) if keys is None else keys)
 
 
 def tuned_alpha(tune_job: Job) -> float | None:
@@ -245,6 +246,7 @@ class _Context:
     recipe: Recipe
     job: Job
     options: dict[str, Any]
+    keys: dict[str, list[str]]  # the inputs' content keys the fingerprint was made of
     fingerprint: str
     token: str | None
     progress: ProgressFn | None
@@ -282,7 +284,7 @@ class _Context:
                 role: [{"ref": s.text, "job": s.job.id if s.job else None} for s in sources]
                 for role, sources in self.job.inputs.items()
             },
-            "input_keys": input_keys(self.job),
+            "input_keys": self.keys,
             **(facts or {}),
         }
         state.write_stamp(folder, record, self.recipe.text)
