@@ -1,7 +1,7 @@
 """`tune`: choose alpha (and beta) of base + alpha*Psi + beta*Delta on held-out queries.
 
 Each grid point is merged **in memory** into one loaded model and scored with `reforge.eval.evaluate`; nothing is
-written per point. The merge is `reforge.ops.merge.compute_output` itself (fp32, rounded once to the retriever's
+written per point. The merge is `reforge.ops.merge_compute.compute_output` itself (fp32, rounded once to the retriever's
 dtype, one torch thread), so a point scores exactly what ``reforge merge`` would write for it. Between points only
 the tensors whose terms change are recomputed: the adapted ones when alpha changes, those with a non-zero Delta
 when beta changes.
@@ -112,7 +112,7 @@ select_subset = sample_dataset  # the name tune has always used
 class InMemoryMerge:
     """One loaded model of the retriever's architecture whose weights are set to base + alpha*Psi + beta*Delta.
 
-    ``source`` comes from `reforge.ops.merge.open_inputs` with exactly one adapter. `materialize` recomputes only
+    ``source`` comes from `reforge.ops.merge_inputs.open_inputs` with exactly one adapter. `materialize` recomputes only
     the tensors whose value changes from the current (alpha, beta). Counters: ``merges`` (points materialized),
     ``tensors_computed``.
     """
@@ -153,7 +153,7 @@ class InMemoryMerge:
         import torch
 
         from reforge.io.format import torch_dtype
-        from reforge.ops.merge import InputLoader, compute_output
+        from reforge.ops.merge_compute import InputLoader, compute_output
         from reforge.ops.stream import torch_threads
 
         if self.model is None or self.loaded_as != (device, dtype):
@@ -472,7 +472,8 @@ def tune(
             ``test_split`` without ``i_know`` (all before anything is loaded).
         DataError, AdapterError, LayoutMismatchError, ProvenanceMismatchError: from reading the data and inputs.
     """
-    from reforge.ops.merge import check_base_values, open_inputs
+    from reforge.ops.job import Access
+    from reforge.ops.merge_inputs import check_base_values, open_inputs
 
     started = time.perf_counter()
     alphas, betas = check_grid(alphas, option="--alpha"), check_grid(betas, option="--beta")
@@ -487,7 +488,7 @@ def tune(
         )
     warnings = list(full.warnings) + _overlap_warnings(full, split, test_split)
     subset = select_subset(full, max_queries=max_queries, corpus_sample=corpus_sample, seed=seed)
-    source = open_inputs(base, retriever, delta, [(adapter, 0.0)], settings.token, settings.allow_pickle)
+    source = open_inputs(base, retriever, delta, [(adapter, 0.0)], access=Access(settings.token, settings.allow_pickle))
     for beta in betas:
         check_base_values(source, beta)
     merger, template = _merger_and_template(source, retriever, delta, base, settings, stage)

@@ -170,11 +170,12 @@ def test_in_memory_merge_equals_on_disk_merge_through_a_sequence_of_points(setup
     from transformers import AutoModel
 
     from reforge.eval import EvalSettings
-    from reforge.ops.merge import merge, open_inputs
+    from reforge.ops.merge import merge
+    from reforge.ops.merge_inputs import open_inputs
     from reforge.tune import _merger_and_template
 
     inputs = {"retriever": None, "delta": None, kind.replace("lora_", ""): setup[kind]}
-    source = open_inputs(setup["base"], inputs["retriever"], inputs["delta"], [(setup["psi"], 0.0)], None, False)
+    source = open_inputs(setup["base"], inputs["retriever"], inputs["delta"], [(setup["psi"], 0.0)])
     merger, _ = _merger_and_template(source, inputs["retriever"], inputs["delta"], setup["base"], EvalSettings(), None)
     assert isinstance(merger, InMemoryMerge)
     computed = []

@@ -96,8 +96,9 @@ def test_verify_truncated_shard_fails_loads(setup, tmp_path):  # noqa: F811
 
 def test_independent_check_catches_a_wrong_merge_that_the_merge_path_agrees_with(setup, tmp_path, monkeypatch):  # noqa: F811
     from reforge.ops import merge as merge_ops
+    from reforge.ops import merge_compute
 
-    real, wrong_key = merge_ops.compute_output, "layers.1.mlp.down_proj.weight"
+    real, wrong_key = merge_compute.compute_output, "layers.1.mlp.down_proj.weight"
 
     def wrong(source, loaded, key, beta, dtype, *args, **kwargs):  # a bug in the merge path: one value off
         value, rounding = real(source, loaded, key, beta, dtype, *args, **kwargs)
@@ -106,7 +107,8 @@ def test_independent_check_catches_a_wrong_merge_that_the_merge_path_agrees_with
             value[0, 0] += 0.01
         return value, rounding
 
-    monkeypatch.setattr(merge_ops, "compute_output", wrong)
+    monkeypatch.setattr(merge_compute, "compute_output", wrong)  # as verify's recompute calls it
+    monkeypatch.setattr(merge_ops, "compute_output", wrong)  # as merge imported it
     out = tmp_path / "out"
     args = ["--base", setup["base_dir"], "--retriever", setup["retriever_dir"], "--adapter", setup["root"] / "dora"]
     assert run("merge", *args, "-o", out).exit_code == 0

@@ -353,18 +353,13 @@ def _check_layout(run: _Run) -> None:
 def _check_merge(run: _Run, device=None) -> None:
     import torch
 
-    from reforge.ops import merge as merge_ops
+    from reforge.ops import merge_compute
+    from reforge.ops.merge_inputs import open_inputs
     from reforge.ops.stream import scratch_for
 
     given, report, index = run.sources, run.report, run.index
-    source = merge_ops.open_inputs(
-        given.base,
-        given.retriever,
-        given.delta,
-        given.adapters,
-        run.access.token,
-        run.access.allow_pickle,
-        given.keep_lm_head,
+    source = open_inputs(
+        given.base, given.retriever, given.delta, given.adapters, access=run.access, keep_lm_head=given.keep_lm_head
     )
     touched = [k for k in source.shapes if any(k in a.modules for a, _ in source.adapters)]
     untouched = [k for k in source.shapes if k not in touched]
@@ -375,7 +370,7 @@ def _check_merge(run: _Run, device=None) -> None:
     )
     failures = []
     scratch = scratch_for(device)()
-    with merge_ops.InputLoader(source, given.beta) as loader:
+    with merge_compute.InputLoader(source, given.beta) as loader:
         with ShardReader(index) as stored_reader:
             for key in keys:
                 name = source.stored_names[key]
@@ -385,7 +380,7 @@ def _check_merge(run: _Run, device=None) -> None:
                 stored = stored_reader.get(name)
                 dtype = stored.dtype
                 expected, _ = scratch.compute(
-                    lambda here, key=key, dtype=dtype: merge_ops.compute_output(
+                    lambda here, key=key, dtype=dtype: merge_compute.compute_output(
                         source, here, key, given.beta, dtype, scratch=scratch
                     ),
                     loader.load(key),
