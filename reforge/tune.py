@@ -1,10 +1,11 @@
 """`tune`: choose alpha (and beta) of base + alpha*Psi + beta*Delta on held-out queries.
 
 Each grid point is merged **in memory** into one loaded model and scored with `reforge.eval.evaluate`; nothing is
-written per point. The merge is `reforge.ops.merge_compute.compute_output` itself (fp32, rounded once to the retriever's
-dtype, one torch thread), so a point scores exactly what ``reforge merge`` would write for it. Between points only
-the tensors whose terms change are recomputed: the adapted ones when alpha changes, those with a non-zero Delta
-when beta changes.
+written per point. The merge is `reforge.ops.merge_compute.merge_into`: ``reforge merge``'s own `compute_output`
+(fp32, rounded once to the retriever's dtype, one torch thread), so a point scores exactly what ``reforge merge``
+would write for it. Between points only the tensors whose terms change are recomputed
+(`reforge.ops.merge_compute.point_keys`): the adapted ones when alpha changes, those with a non-zero Delta when
+beta changes. This module loads the model those tensors are written into, and runs the evaluation.
 
 Every point is an on-disk-like model source (`MergePoint`) whose ``load`` does the merge, so the evaluation
 pipeline merges only when some vectors are not in the embedding cache: the cache key of a point is a hash of the
@@ -25,7 +26,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,9 @@ from reforge.eval.metrics import PairedTest, parse_measures
 from reforge.eval.model import ModelSource, Retriever
 from reforge.eval.pipeline import EvalSettings, evaluate
 from reforge.eval.report import DatasetInfo, EvalReport
-from reforge.io.progress import ProgressFn
+from reforge.io.progress import ProgressFn, StageFn
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-StageFn = Callable[[str], None]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -112,9 +112,9 @@ select_subset = sample_dataset  # the name tune has always used
 class InMemoryMerge:
     """One loaded model of the retriever's architecture whose weights are set to base + alpha*Psi + beta*Delta.
 
-    ``source`` comes from `reforge.ops.merge_inputs.open_inputs` with exactly one adapter. `materialize` recomputes only
-    the tensors whose value changes from the current (alpha, beta). Counters: ``merges`` (points materialized),
-    ``tensors_computed``.
+    ``source`` comes from `reforge.ops.merge_inputs.open_inputs` with exactly one adapter. `materialize` recomputes
+    only the tensors whose value changes from the current (alpha, beta), by `reforge.ops.merge_compute.merge_into`.
+    Counters: ``merges`` (points materialized), ``tensors_computed``.
     """
 
     def __init__(
@@ -141,32 +141,20 @@ class InMemoryMerge:
         self.merges = 0
         self.tensors_computed = 0
 
-    @property
-    def adapter(self) -> Any:
-        return self.source.adapters[0][0]
-
     def materialize(
         self, alpha: float, beta: float, *, device: str, dtype: Any, name: str, profile: Any, fingerprint: str
     ) -> Retriever:
         """The model with the weights of point (alpha, beta), as an eval `Retriever` (the same model object is
         reused: a Retriever is valid until the next call)."""
-        import torch
-
-        from reforge.io.format import torch_dtype
-        from reforge.ops.merge_compute import InputLoader, compute_output
-        from reforge.ops.stream import torch_threads
+        from reforge.ops.merge_compute import merge_into, point_keys
 
         if self.model is None or self.loaded_as != (device, dtype):
             self._load(device, dtype)
-        keys = self._changed_keys(self.state, (alpha, beta))
+        keys = point_keys(self.source, self.state, (alpha, beta))
         if self.stage:
             self.stage(f"Merging {name} in memory ({len(keys)} tensors)")
         self.state = None  # unknown until every tensor is written
-        point = replace(self.source, adapters=[(self.adapter, alpha)])
-        with InputLoader(point, beta) as loader, torch_threads(1), torch.no_grad():
-            for key in keys:
-                stored, _ = compute_output(point, loader.load(key), key, beta, torch_dtype(point.dtypes[key]))
-                self.params[key].copy_(stored)
+        merge_into(self.params, self.source, keys, (alpha, beta))
         self.state = (alpha, beta)
         self.merges += 1
         self.tensors_computed += len(keys)
@@ -175,24 +163,6 @@ class InMemoryMerge:
     def release(self) -> None:
         """Drop the model (the next `materialize` loads it again)."""
         self.model, self.tokenizer, self.params, self.state, self.loaded_as = None, None, {}, None, None
-
-    def _changed_keys(self, old: tuple[float, float] | None, new: tuple[float, float]) -> list[str]:
-        if old is None:
-            return list(self.source.shapes)
-        changed: set[str] = set()
-        if old[1] != new[1]:
-            changed |= self._beta_keys()
-        if old[0] != new[0]:
-            changed |= set(self.adapter.modules)
-        return [k for k in self.source.shapes if k in changed]
-
-    def _beta_keys(self) -> set[str]:
-        source = self.source
-        if source.retriever_adapter is not None:
-            return set(source.retriever_adapter.modules)
-        if source.delta is not None:
-            return set(source.shapes) - source.delta.zero
-        return set(source.shapes)
 
     def _load(self, device: str, dtype: Any) -> None:
         """Load the skeleton: the full retriever itself (state (0, 1)), else the base as a bare model in the

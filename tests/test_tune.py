@@ -200,6 +200,29 @@ def test_in_memory_merge_equals_on_disk_merge_through_a_sequence_of_points(setup
         assert steps[0] == len(source.shapes)
 
 
+@pytest.mark.parametrize("kind", ["retriever", "lora_retriever", "delta"])
+def test_the_tensors_a_point_recomputes_are_the_ones_the_merge_plan_gives_those_terms(setup, tmp_path, kind):
+    """Which tensors beta and alpha change has one home (`MergeInputs.has_delta` and `adapted`): tune recomputes,
+    between two points, exactly the tensors whose terms in `reforge merge --dry-run`'s plan hold delta or psi."""
+    from reforge.ops.job import WriteOptions
+    from reforge.ops.merge import merge
+    from reforge.ops.merge_compute import point_keys
+    from reforge.ops.merge_inputs import open_inputs
+
+    inputs = {"retriever": None, "delta": None, kind.replace("lora_", ""): setup[kind]}
+    source = open_inputs(setup["base"], inputs["retriever"], inputs["delta"], [(setup["psi"], 0.0)])
+    dry = WriteOptions(dry_run=True)
+    plan = merge(setup["base"], tmp_path / "o", adapters=[(setup["psi"], 0.5)], beta=0.5, write=dry, **inputs).plan
+    with_delta = [key for key, terms in plan.items() if "0.5*delta" in terms]
+    with_psi = [key for key, terms in plan.items() if "0.5*psi[psi]" in terms]
+    assert point_keys(source, (0.5, 1.0), (0.5, 0.5)) == with_delta
+    assert point_keys(source, (0.0, 0.5), (0.5, 0.5)) == with_psi == sorted(with_psi, key=list(plan).index)
+    assert len(with_psi) == 8 and 0 < len(with_delta) <= len(plan)  # 8: q, v, up, down in 2 layers
+    assert point_keys(source, None, (0.5, 0.5)) == list(plan) and point_keys(source, (0.5, 1.0), (0.5, 1.0)) == []
+    if kind == "lora_retriever":  # Delta only where the LoRA retriever has modules: q, k, o in 2 layers
+        assert len(with_delta) == 6
+
+
 def test_the_test_split_is_refused_unless_i_know(setup):
     result = run(*tune_args(setup, "--split", "test", "--no-plot"), ok=False)
     assert result.exit_code == 1 and result.stdout == ""

@@ -5,7 +5,7 @@ cases). `InputLoader` reads what one output tensor needs; `compute_output` compu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from reforge.io.buffers import ALIGNMENT, BufferPool
@@ -196,3 +196,40 @@ def _sub(block: "torch.Tensor", base: "torch.Tensor | None", covered: int | None
 def _add(block: "torch.Tensor", base: "torch.Tensor | None", covered: int | None) -> None:
     if base is not None:
         (block if covered is None else block[:covered]).add_(base)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In memory: one grid point after another into tensors held elsewhere (`reforge.tune`'s loaded model)
+
+Point = tuple[float, float]  # (alpha of every knowledge adapter, beta)
+
+
+def point_keys(source: MergeInputs, old: Point | None, new: Point) -> list[str]:
+    """The output tensors whose value differs between point ``old`` and point ``new``, in ``source``'s order: those
+    with a Delta (`MergeInputs.has_delta`) when beta changes, the adapters' modules when alpha changes; every tensor
+    when ``old`` is None (not known)."""
+    if old is None:
+        return list(source.shapes)
+    changed: set[str] = set()
+    if old[1] != new[1]:
+        changed |= {key for key in source.shapes if source.has_delta(key)}
+    if old[0] != new[0]:
+        changed |= {key for adapter, _ in source.adapters for key in adapter.modules}
+    return [key for key in source.shapes if key in changed]
+
+
+def merge_into(params: dict[str, torch.Tensor], source: MergeInputs, keys: list[str], point: Point) -> None:
+    """Set ``params[key]`` (a loaded model's tensors, by canonical key) for each of ``keys`` to its value at
+    ``point``: `compute_output` itself, rounded to the retriever's dtype on one torch thread, so a point in memory
+    holds exactly what ``reforge merge`` writes for it."""
+    import torch
+
+    from reforge.io.format import torch_dtype
+    from reforge.ops.stream import torch_threads
+
+    alpha, beta = point
+    merged = replace(source, adapters=[(adapter, alpha) for adapter, _ in source.adapters])
+    with InputLoader(merged, beta) as loader, torch_threads(1), torch.no_grad():
+        for key in keys:
+            stored, _ = compute_output(merged, loader.load(key), key, beta, torch_dtype(merged.dtypes[key]))
+            params[key].copy_(stored)
