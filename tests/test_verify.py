@@ -151,3 +151,26 @@ def test_the_independent_check_reads_adapter_config_through_io_and_names_a_broke
     (tmp_path / "adapter_config.json").write_text('{"r": 8, "lora_alpha": ')
     with pytest.raises(CorruptCheckpointError, match=r"adapter_config\.json is not a readable adapter config \("):
         PlainAdapter(tmp_path)
+
+
+def test_what_verify_is_told_and_what_it_completes_from_the_record_are_one_type(tmp_path):
+    """`VerifyInputs` is both what the command line gives and, completed from reforge.json, what every recompute
+    check reads (no twin type whose fields could drift apart): a given field wins, a missing one comes from the
+    record (a local path while it exists, else the Hub ref), and a retriever given drops the recorded delta."""
+    from dataclasses import fields
+
+    from reforge.ops.verify import VerifyInputs, _sources
+
+    record = {
+        "base": {"path": str(tmp_path), "repo_id": "org/base"},
+        "retriever": {"path": str(tmp_path / "gone"), "repo_id": "org/r", "revision": "abc"},
+        "delta": {"path": str(tmp_path / "delta")},
+        "adapters": [{"path": str(tmp_path), "alpha": 0.25}, {"path": str(tmp_path / "gone")}],
+        "beta": 0.9,
+        "keep_lm_head": True,
+    }
+    completed = _sources(record, VerifyInputs())
+    assert completed == VerifyInputs(str(tmp_path), "org/r@abc", None, [(str(tmp_path), 0.25)], 0.9, True)
+    given = VerifyInputs(base="b/", delta="d/", adapters=[("a/", 1.0)], beta=0.5)
+    assert _sources(record, given) == VerifyInputs("b/", None, "d/", [("a/", 1.0)], 0.5, True)
+    assert {f.name for f in fields(VerifyInputs)} == {"base", "retriever", "delta", "adapters", "beta", "keep_lm_head"}

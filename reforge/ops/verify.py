@@ -85,26 +85,16 @@ class VerifyReport:
 class VerifyInputs:
     """What the checked folder was made from: the command's ``--base/--retriever/--delta``
     (`reforge.cli.options.source_options`), ``--adapter/--alpha`` (`adapter_options`) and ``--beta``. A field left
-    None is taken from the folder's ``reforge.json``: the recorded path while it exists, else its Hub ref."""
+    None is taken from the folder's ``reforge.json``: the recorded path while it exists, else its Hub ref; so is
+    ``keep_lm_head`` (RE-Adapt of a chat model) when False. Completed so (`_sources`), it is what every recompute
+    check starts from, with at most one of ``retriever`` and ``delta``."""
 
     base: str | None = None
     retriever: str | None = None
     delta: str | None = None
     adapters: list[tuple[str, float]] | None = None
     beta: float | None = None
-
-
-@dataclass(frozen=True)
-class Sources:
-    """The inputs every recompute check starts from: `VerifyInputs` completed from the record (at most one of
-    ``retriever`` and ``delta``)."""
-
-    base: str | None
-    retriever: str | None
-    delta: str | None
-    adapters: list[tuple[str, float]]
-    beta: float
-    keep_lm_head: bool
+    keep_lm_head: bool = False
 
 
 def verify_checkpoint(
@@ -183,7 +173,7 @@ class _Run:
     path: Path
     manifest: dict
     index: ShardIndex
-    sources: Sources
+    sources: VerifyInputs
     access: Access
     full: bool
     samples: int
@@ -249,7 +239,9 @@ def _check_finite(index: ShardIndex, report: VerifyReport, progress) -> None:
     )
 
 
-def _sources(manifest: dict, given: VerifyInputs) -> Sources:
+def _sources(manifest: dict, given: VerifyInputs) -> VerifyInputs:
+    """``given`` completed from the folder's record ``manifest`` (its local paths absolute)."""
+
     def recorded(entry: dict | None) -> str | None:
         if not entry:
             return None
@@ -264,13 +256,13 @@ def _sources(manifest: dict, given: VerifyInputs) -> Sources:
         adapters = [(ref, alpha) for ref, alpha in adapters if ref]
     retriever = given.retriever or (None if given.delta else recorded(manifest.get("retriever")))
     delta = given.delta or (None if given.retriever else (manifest.get("delta") or {}).get("path"))
-    return Sources(
+    return VerifyInputs(
         base=given.base or recorded(manifest.get("base")),
         retriever=retriever,
         delta=None if retriever else delta,
         adapters=list(adapters),
         beta=manifest.get("beta", 1.0) if given.beta is None else given.beta,
-        keep_lm_head=bool(manifest.get("keep_lm_head")),
+        keep_lm_head=given.keep_lm_head or bool(manifest.get("keep_lm_head")),
     )
 
 
