@@ -38,9 +38,7 @@ from reforge.eval.model import ModelSource, Retriever
 from reforge.eval.pipeline import EvalSettings, evaluate
 from reforge.eval.report import DatasetInfo, EvalReport
 from reforge.io.progress import ProgressFn, StageFn
-
-DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
+from reforge.ops.defaults import DEFAULT_ALPHAS, PAPER_BETA
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Grids and the tuning subset
@@ -406,7 +404,7 @@ def tune(
     retriever: str | Path | None = None,
     delta: str | Path | None = None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
-    betas: Sequence[float] = (1.0,),
+    betas: Sequence[float] = (PAPER_BETA,),
     metric: str = "nDCG@10",
     split: str = "dev",
     test_split: str = "test",

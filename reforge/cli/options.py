@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from reforge.ops.defaults import PAPER_ALPHA
 from reforge.profiles import PROFILE_NAMES
 
 _SIZE_UNITS = {
@@ -254,7 +255,7 @@ def adapter_options(*, recorded: bool = False) -> Callable[[Callable], Callable]
             "alphas",
             multiple=True,
             type=float,
-            help="Weight of each --adapter, in the same order (default 0.5 each).",
+            help=f"Weight of each --adapter, in the same order (default {PAPER_ALPHA:g} each).",
         )(func)
         return click.option(
             "--adapter",
@@ -277,14 +278,12 @@ def keep_lm_head_option(func: Callable) -> Callable:
 
 
 def adapter_pairs(adapters: tuple[str, ...], alphas: tuple[float, ...]) -> list[tuple[str, float]]:
-    """``[(adapter, alpha), ...]`` from `adapter_options`; alpha `reforge.ops.merge.PAPER_ALPHA` (0.5) each when no
-    ``--alpha`` is given.
+    """``[(adapter, alpha), ...]`` from `adapter_options`; alpha `reforge.ops.defaults.PAPER_ALPHA` (0.5) each when
+    no ``--alpha`` is given.
 
     Raises:
         click.UsageError: some ``--alpha`` given, but not one per ``--adapter``.
     """
-    from reforge.ops.merge import PAPER_ALPHA
-
     if alphas and len(alphas) != len(adapters):
         raise click.UsageError(
             f"{len(adapters)} --adapter but {len(alphas)} --alpha: give one --alpha per --adapter, or none for "

@@ -18,6 +18,7 @@ from reforge.cli.options import (
     sample_options,
     source_options,
 )
+from reforge.ops.defaults import DEFAULT_ALPHAS, PAPER_BETA
 
 GRID_CONFIRM = 1000  # points; a bigger grid (e.g. a range typed with one digit too many) is confirmed first
 
@@ -55,11 +56,13 @@ class GridType(click.ParamType):
     "--alpha",
     "alphas",
     type=GridType(),
-    default="0,0.25,0.5,0.75,1",
+    default=",".join(f"{alpha:g}" for alpha in DEFAULT_ALPHAS),
     show_default=True,
     help="Alphas to try: a list 0,0.5,1 or a range start:stop:step (0:1:0.1).",
 )
-@click.option("--beta", "betas", type=GridType(), default="1", show_default=True, help="Betas to try (same forms).")
+@click.option(
+    "--beta", "betas", type=GridType(), default=f"{PAPER_BETA:g}", show_default=True, help="Betas to try (same forms)."
+)
 @click.option(
     "-m",
     "--metric",

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 from reforge.io.format import torch_dtype
 from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
+from reforge.ops.defaults import PAPER_ALPHA as PAPER_ALPHA  # the public name (`reforge.ops.defaults` holds it)
+from reforge.ops.defaults import PAPER_BETA
 from reforge.ops.device import resolve_device
 from reforge.ops.job import (
     Access,
@@ -41,8 +43,6 @@ from reforge.ops.stream import empty, import_torch_in_background
 
 if TYPE_CHECKING:
     import torch
-
-PAPER_ALPHA = 0.5  # RE-AdaptIR's weight of a knowledge adapter (base + 0.5 Psi + Delta): each --adapter's default
 
 
 @dataclass
@@ -70,7 +70,7 @@ def merge(
     retriever: str | Path | None = None,
     delta: str | Path | None = None,
     adapters: list[tuple[str | Path, float]] = (),
-    beta: float = 1.0,
+    beta: float = PAPER_BETA,
     corpus: str | None = None,
     keep_lm_head: bool = False,
     write: WriteOptions = WriteOptions(),

@@ -241,6 +241,7 @@ def _check_finite(index: ShardIndex, report: VerifyReport, progress) -> None:
 
 def _sources(manifest: dict, given: VerifyInputs) -> VerifyInputs:
     """``given`` completed from the folder's record ``manifest`` (its local paths absolute)."""
+    from reforge.ops.defaults import PAPER_ALPHA, PAPER_BETA
 
     def recorded(entry: dict | None) -> str | None:
         if not entry:
@@ -252,7 +253,7 @@ def _sources(manifest: dict, given: VerifyInputs) -> VerifyInputs:
 
     adapters = given.adapters
     if adapters is None:
-        adapters = [(recorded(a), a.get("alpha", 0.5)) for a in manifest.get("adapters") or []]
+        adapters = [(recorded(a), a.get("alpha", PAPER_ALPHA)) for a in manifest.get("adapters") or []]
         adapters = [(ref, alpha) for ref, alpha in adapters if ref]
     retriever = given.retriever or (None if given.delta else recorded(manifest.get("retriever")))
     delta = given.delta or (None if given.retriever else (manifest.get("delta") or {}).get("path"))
@@ -261,7 +262,7 @@ def _sources(manifest: dict, given: VerifyInputs) -> VerifyInputs:
         retriever=retriever,
         delta=None if retriever else delta,
         adapters=list(adapters),
-        beta=manifest.get("beta", 1.0) if given.beta is None else given.beta,
+        beta=manifest.get("beta", PAPER_BETA) if given.beta is None else given.beta,
         keep_lm_head=given.keep_lm_head or bool(manifest.get("keep_lm_head")),
     )
 
