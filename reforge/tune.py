@@ -39,6 +39,7 @@ from reforge.eval.pipeline import EvalSettings, evaluate
 from reforge.eval.report import DatasetInfo, EvalReport
 from reforge.io.progress import ProgressFn, StageFn
 from reforge.ops.defaults import DEFAULT_ALPHAS, PAPER_BETA
+from reforge.ops.job import Access, WriteOptions
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Grids and the tuning subset
@@ -440,7 +441,6 @@ def tune(
             ``test_split`` without ``i_know`` (all before anything is loaded).
         DataError, AdapterError, LayoutMismatchError, ProvenanceMismatchError: from reading the data and inputs.
     """
-    from reforge.ops.job import Access
     from reforge.ops.merge_inputs import check_base_values, open_inputs
 
     started = time.perf_counter()
@@ -786,20 +786,19 @@ def write_best(
     report: TuneReport,
     output: str | Path,
     *,
-    token: str | None = None,
-    allow_pickle: bool = False,
-    max_shard_size: int = 5 * 10**9,
-    overwrite: bool = False,
-    dry_run: bool = False,
-    command: str | None = None,
+    write: WriteOptions = WriteOptions(),
+    access: Access = Access(),
     progress: ProgressFn | None = None,
 ) -> Any:
     """Write the merged model of the best point with `reforge.ops.merge.merge` (what ``reforge merge`` runs).
 
+    Args:
+        write: shard size, overwrite, dry run, the command (its ``dtype`` is ``auto``: the point tune scored).
+        access: Hub token and pickle permission for the inputs.
+
     Returns:
         The `MergeReport`.
     """
-    from reforge.ops.job import Access, WriteOptions
     from reforge.ops.merge import merge
 
     inputs = report.inputs
@@ -810,7 +809,7 @@ def write_best(
         delta=inputs["delta"]["ref"] if inputs["delta"] else None,
         adapters=[(inputs["adapter"]["ref"], report.best.alpha)],
         beta=report.best.beta,
-        write=WriteOptions("auto", max_shard_size, overwrite, dry_run=dry_run, command=command),
-        access=Access(token, allow_pickle),
+        write=replace(write, dtype="auto"),
+        access=access,
         progress=progress,
     )

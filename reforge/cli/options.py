@@ -160,13 +160,7 @@ def write_options(func: Callable) -> Callable:
     func = click.option(
         "--overwrite", is_flag=True, help="Replace an output folder that already holds a different checkpoint."
     )(func)
-    func = click.option(
-        "--max-shard-size",
-        type=SizeType(),
-        default="5GB",
-        show_default=True,
-        help="Largest shard file, in bytes (5GB = 5*10**9).",
-    )(func)
+    func = max_shard_size_option()(func)
     func = click.option(
         "-o",
         "--output",
@@ -175,6 +169,12 @@ def write_options(func: Callable) -> Callable:
         help="Output folder (written under a temporary name, renamed when whole).",
     )(func)
     return func
+
+
+def max_shard_size_option(text: str = "Largest shard file, in bytes (5GB = 5*10**9).") -> Callable:
+    """``--max-shard-size`` of every command that writes a checkpoint (`write_options`; tune's ``--write``): 5GB,
+    `reforge.ops.job.WriteOptions`' default."""
+    return click.option("--max-shard-size", type=SizeType(), default="5GB", show_default=True, help=text)
 
 
 def source_options(*, recorded: bool = False) -> Callable[[Callable], Callable]:
