@@ -572,43 +572,31 @@ def _merger_and_template(
             None,
             _tokenizer_hash(files),
         )
-        tokenizer_dir = files if has_tokenizer(files) else source.base.path
-        return InMemoryMerge(
-            source,
-            retriever_source=None,
-            tokenizer_dir=tokenizer_dir,
-            config_dir=files,
-            allow_pickle=settings.allow_pickle,
-            stage=stage,
-        ), template
-    resolved = resolve_model(
-        retriever,
-        base=str(base),
-        token=settings.token,
-        allow_pickle=settings.allow_pickle,
-        profile=settings.profile,
-        pooling=settings.pooling,
-    )
-    if source.retriever_adapter is not None:
-        tokenizer_dir = resolved.path if has_tokenizer(resolved.path) else source.base.path
-        merger = InMemoryMerge(
-            source,
-            retriever_source=None,
-            tokenizer_dir=tokenizer_dir,
-            config_dir=None,
-            allow_pickle=settings.allow_pickle,
-            stage=stage,
-        )
+        loaded, tokenizer_dir, config_dir = None, files, files
     else:
-        merger = InMemoryMerge(
-            source,
-            retriever_source=resolved,
-            tokenizer_dir=transformer_dir(resolved.path),
-            config_dir=None,
+        template = resolve_model(
+            retriever,
+            base=str(base),
+            token=settings.token,
             allow_pickle=settings.allow_pickle,
-            stage=stage,
+            profile=settings.profile,
+            pooling=settings.pooling,
         )
-    return merger, resolved
+        if source.retriever_adapter is not None:  # the base, in memory, with the LoRA retriever's tokenizer
+            loaded, tokenizer_dir, config_dir = None, template.path, None
+        else:  # the full retriever itself, loaded as it is
+            loaded, tokenizer_dir, config_dir = template, transformer_dir(template.path), None
+    if loaded is None and not has_tokenizer(tokenizer_dir):
+        tokenizer_dir = source.base.path
+    merger = InMemoryMerge(
+        source,
+        retriever_source=loaded,
+        tokenizer_dir=tokenizer_dir,
+        config_dir=config_dir,
+        allow_pickle=settings.allow_pickle,
+        stage=stage,
+    )
+    return merger, template
 
 
 def _points(alphas, betas, template: ModelSource, merger: InMemoryMerge, source) -> list[MergePoint]:

@@ -302,18 +302,8 @@ def test_bad_inputs_are_refused_with_a_message(setup, tmp_path):
         ([*base, "--retriever", setup["retriever"], "--metric", "nope@3"], 2, "Unknown metric 'nope@3'"),
         ([*base, "--retriever", setup["retriever"], "--split", "train"], 1, "Split 'train' does not exist in"),
     ]
-    not_adapter = [
-        "tune",
-        "--base",
-        setup["base"],
-        "--retriever",
-        setup["retriever"],
-        "--adapter",
-        setup["retriever"],
-        "-d",
-        setup["data"],
-        "--no-plot",
-    ]
+    not_adapter = [setup["retriever"] if arg == setup["psi"] else arg for arg in base]  # --adapter: the retriever
+    not_adapter += ["--retriever", setup["retriever"]]
     cases.append((not_adapter, 1, "retriever is not a peft adapter folder (no adapter_config.json)."))
     for args, code, message in cases:
         result = run(*args, ok=False)
