@@ -637,15 +637,10 @@ def _points(alphas, betas, template: ModelSource, merger: InMemoryMerge, source)
 
 
 def _input_fingerprints(source) -> dict[str, Any]:
-    return {
-        "base": source.base.provenance.get("fingerprint"),
-        "retriever": source.retriever.provenance.get("fingerprint") if source.retriever else None,
-        "retriever_adapter": (
-            source.retriever_adapter.checkpoint.provenance.get("fingerprint") if source.retriever_adapter else None
-        ),
-        "delta": source.delta.manifest.get("plan_id") if source.delta else None,
-        "adapter": source.adapters[0][0].checkpoint.provenance.get("fingerprint"),
-    }
+    """`reforge.ops.merge_inputs.MergeInputs.fingerprints`, with tune's one adapter as ``adapter``."""
+    fingerprints = source.fingerprints()
+    fingerprints["adapter"] = fingerprints.pop("adapters")[0]
+    return fingerprints
 
 
 def _input_keys(source) -> dict[str, Any]:

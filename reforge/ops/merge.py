@@ -140,15 +140,12 @@ def merge(
 
 def _plan_id(source: MergeInputs, beta: float, specs: list[TensorSpec], max_shard_size: int) -> str:
     """What the output depends on: a rerun with the same plan id resumes or is a no-op."""
-    adapter = source.retriever_adapter
+    fingerprints = source.fingerprints()
     return plan_id_for(
         {
+            **fingerprints,
             "op": "merge",
-            "base": source.base.provenance["fingerprint"],
-            "retriever": source.retriever.provenance["fingerprint"] if source.retriever else None,
-            "retriever_adapter": adapter.checkpoint.provenance["fingerprint"] if adapter else None,
-            "delta": source.delta.manifest.get("plan_id") if source.delta else None,
-            "adapters": [(a.checkpoint.provenance["fingerprint"], alpha) for a, alpha in source.adapters],
+            "adapters": [(f, alpha) for f, (_, alpha) in zip(fingerprints["adapters"], source.adapters)],
             "beta": beta,
             "specs": [(s.name, s.dtype, s.shape) for s in specs],
             "shard": max_shard_size,

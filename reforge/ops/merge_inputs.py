@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from reforge.errors import InvalidOptionError, LayoutMismatchError, short_path
 from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
@@ -42,6 +43,19 @@ class MergeInputs:
     def adapted(self, key: str) -> list[tuple[LoraAdapter, float]]:
         """The knowledge adapters that change output tensor ``key`` (alpha not 0), with their alphas."""
         return [(adapter, alpha) for adapter, alpha in self.adapters if alpha != 0 and key in adapter.modules]
+
+    def fingerprints(self) -> dict[str, Any]:
+        """What identifies each input: the sampled content fingerprint of the base, the retriever (full or LoRA)
+        and each adapter (``adapters``, in order), a delta by its plan id. A merge's plan id and tune's record of
+        its inputs are made of these."""
+        adapter = self.retriever_adapter
+        return {
+            "base": self.base.provenance.get("fingerprint"),
+            "retriever": self.retriever.provenance.get("fingerprint") if self.retriever else None,
+            "retriever_adapter": adapter.checkpoint.provenance.get("fingerprint") if adapter else None,
+            "delta": self.delta.manifest.get("plan_id") if self.delta else None,
+            "adapters": [a.checkpoint.provenance.get("fingerprint") for a, _ in self.adapters],
+        }
 
     def paths(self) -> list[Path]:
         """The folders a merge reads, which its output must stay apart from."""
