@@ -1,10 +1,11 @@
 """`tune`: choose alpha (and beta) of base + alpha*Psi + beta*Delta on held-out queries.
 
 Each grid point is merged **in memory** into one loaded model and scored with `reforge.eval.evaluate`; nothing is
-written per point. The merge is `reforge.ops.merge.compute_output` itself (fp32, rounded once to the retriever's
-dtype, one torch thread), so a point scores exactly what ``reforge merge`` would write for it. Between points only
-the tensors whose terms change are recomputed: the adapted ones when alpha changes, those with a non-zero Delta
-when beta changes.
+written per point. The merge is `reforge.ops.merge_compute.merge_into`: ``reforge merge``'s own `compute_output`
+(fp32, rounded once to the retriever's dtype, one torch thread), so a point scores exactly what ``reforge merge``
+would write for it. Between points only the tensors whose terms change are recomputed
+(`reforge.ops.merge_compute.point_keys`): the adapted ones when alpha changes, those with a non-zero Delta when
+beta changes. This module loads the model those tensors are written into, and runs the evaluation.
 
 Every point is an on-disk-like model source (`MergePoint`) whose ``load`` does the merge, so the evaluation
 pipeline merges only when some vectors are not in the embedding cache: the cache key of a point is a hash of the
@@ -25,7 +26,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,9 @@ from reforge.eval.metrics import PairedTest, parse_measures
 from reforge.eval.model import ModelSource, Retriever
 from reforge.eval.pipeline import EvalSettings, evaluate
 from reforge.eval.report import DatasetInfo, EvalReport
-from reforge.io.progress import ProgressFn
-
-DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-StageFn = Callable[[str], None]
-
+from reforge.io.progress import ProgressFn, StageFn
+from reforge.ops.defaults import DEFAULT_ALPHAS, PAPER_BETA
+from reforge.ops.job import Access, WriteOptions
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Grids and the tuning subset
@@ -112,9 +111,9 @@ select_subset = sample_dataset  # the name tune has always used
 class InMemoryMerge:
     """One loaded model of the retriever's architecture whose weights are set to base + alpha*Psi + beta*Delta.
 
-    ``source`` comes from `reforge.ops.merge.open_inputs` with exactly one adapter. `materialize` recomputes only
-    the tensors whose value changes from the current (alpha, beta). Counters: ``merges`` (points materialized),
-    ``tensors_computed``.
+    ``source`` comes from `reforge.ops.merge_inputs.open_inputs` with exactly one adapter. `materialize` recomputes
+    only the tensors whose value changes from the current (alpha, beta), by `reforge.ops.merge_compute.merge_into`.
+    Counters: ``merges`` (points materialized), ``tensors_computed``.
     """
 
     def __init__(
@@ -141,32 +140,20 @@ class InMemoryMerge:
         self.merges = 0
         self.tensors_computed = 0
 
-    @property
-    def adapter(self) -> Any:
-        return self.source.adapters[0][0]
-
     def materialize(
         self, alpha: float, beta: float, *, device: str, dtype: Any, name: str, profile: Any, fingerprint: str
     ) -> Retriever:
         """The model with the weights of point (alpha, beta), as an eval `Retriever` (the same model object is
         reused: a Retriever is valid until the next call)."""
-        import torch
-
-        from reforge.io.format import torch_dtype
-        from reforge.ops.merge import InputLoader, compute_output
-        from reforge.ops.stream import torch_threads
+        from reforge.ops.merge_compute import merge_into, point_keys
 
         if self.model is None or self.loaded_as != (device, dtype):
             self._load(device, dtype)
-        keys = self._changed_keys(self.state, (alpha, beta))
+        keys = point_keys(self.source, self.state, (alpha, beta))
         if self.stage:
             self.stage(f"Merging {name} in memory ({len(keys)} tensors)")
         self.state = None  # unknown until every tensor is written
-        point = replace(self.source, adapters=[(self.adapter, alpha)])
-        with InputLoader(point, beta) as loader, torch_threads(1), torch.no_grad():
-            for key in keys:
-                stored, _ = compute_output(point, loader.load(key), key, beta, torch_dtype(point.dtypes[key]))
-                self.params[key].copy_(stored)
+        merge_into(self.params, self.source, keys, (alpha, beta))
         self.state = (alpha, beta)
         self.merges += 1
         self.tensors_computed += len(keys)
@@ -175,24 +162,6 @@ class InMemoryMerge:
     def release(self) -> None:
         """Drop the model (the next `materialize` loads it again)."""
         self.model, self.tokenizer, self.params, self.state, self.loaded_as = None, None, {}, None, None
-
-    def _changed_keys(self, old: tuple[float, float] | None, new: tuple[float, float]) -> list[str]:
-        if old is None:
-            return list(self.source.shapes)
-        changed: set[str] = set()
-        if old[1] != new[1]:
-            changed |= self._beta_keys()
-        if old[0] != new[0]:
-            changed |= set(self.adapter.modules)
-        return [k for k in self.source.shapes if k in changed]
-
-    def _beta_keys(self) -> set[str]:
-        source = self.source
-        if source.retriever_adapter is not None:
-            return set(source.retriever_adapter.modules)
-        if source.delta is not None:
-            return set(source.shapes) - source.delta.zero
-        return set(source.shapes)
 
     def _load(self, device: str, dtype: Any) -> None:
         """Load the skeleton: the full retriever itself (state (0, 1)), else the base as a bare model in the
@@ -436,7 +405,7 @@ def tune(
     retriever: str | Path | None = None,
     delta: str | Path | None = None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
-    betas: Sequence[float] = (1.0,),
+    betas: Sequence[float] = (PAPER_BETA,),
     metric: str = "nDCG@10",
     split: str = "dev",
     test_split: str = "test",
@@ -472,7 +441,7 @@ def tune(
             ``test_split`` without ``i_know`` (all before anything is loaded).
         DataError, AdapterError, LayoutMismatchError, ProvenanceMismatchError: from reading the data and inputs.
     """
-    from reforge.ops.merge import check_base_values, open_inputs
+    from reforge.ops.merge_inputs import check_base_values, open_inputs
 
     started = time.perf_counter()
     alphas, betas = check_grid(alphas, option="--alpha"), check_grid(betas, option="--beta")
@@ -487,7 +456,7 @@ def tune(
         )
     warnings = list(full.warnings) + _overlap_warnings(full, split, test_split)
     subset = select_subset(full, max_queries=max_queries, corpus_sample=corpus_sample, seed=seed)
-    source = open_inputs(base, retriever, delta, [(adapter, 0.0)], settings.token, settings.allow_pickle)
+    source = open_inputs(base, retriever, delta, [(adapter, 0.0)], access=Access(settings.token, settings.allow_pickle))
     for beta in betas:
         check_base_values(source, beta)
     merger, template = _merger_and_template(source, retriever, delta, base, settings, stage)
@@ -603,43 +572,31 @@ def _merger_and_template(
             None,
             _tokenizer_hash(files),
         )
-        tokenizer_dir = files if has_tokenizer(files) else source.base.path
-        return InMemoryMerge(
-            source,
-            retriever_source=None,
-            tokenizer_dir=tokenizer_dir,
-            config_dir=files,
-            allow_pickle=settings.allow_pickle,
-            stage=stage,
-        ), template
-    resolved = resolve_model(
-        retriever,
-        base=str(base),
-        token=settings.token,
-        allow_pickle=settings.allow_pickle,
-        profile=settings.profile,
-        pooling=settings.pooling,
-    )
-    if source.retriever_adapter is not None:
-        tokenizer_dir = resolved.path if has_tokenizer(resolved.path) else source.base.path
-        merger = InMemoryMerge(
-            source,
-            retriever_source=None,
-            tokenizer_dir=tokenizer_dir,
-            config_dir=None,
-            allow_pickle=settings.allow_pickle,
-            stage=stage,
-        )
+        loaded, tokenizer_dir, config_dir = None, files, files
     else:
-        merger = InMemoryMerge(
-            source,
-            retriever_source=resolved,
-            tokenizer_dir=transformer_dir(resolved.path),
-            config_dir=None,
+        template = resolve_model(
+            retriever,
+            base=str(base),
+            token=settings.token,
             allow_pickle=settings.allow_pickle,
-            stage=stage,
+            profile=settings.profile,
+            pooling=settings.pooling,
         )
-    return merger, resolved
+        if source.retriever_adapter is not None:  # the base, in memory, with the LoRA retriever's tokenizer
+            loaded, tokenizer_dir, config_dir = None, template.path, None
+        else:  # the full retriever itself, loaded as it is
+            loaded, tokenizer_dir, config_dir = template, transformer_dir(template.path), None
+    if loaded is None and not has_tokenizer(tokenizer_dir):
+        tokenizer_dir = source.base.path
+    merger = InMemoryMerge(
+        source,
+        retriever_source=loaded,
+        tokenizer_dir=tokenizer_dir,
+        config_dir=config_dir,
+        allow_pickle=settings.allow_pickle,
+        stage=stage,
+    )
+    return merger, template
 
 
 def _points(alphas, betas, template: ModelSource, merger: InMemoryMerge, source) -> list[MergePoint]:
@@ -680,15 +637,10 @@ def _points(alphas, betas, template: ModelSource, merger: InMemoryMerge, source)
 
 
 def _input_fingerprints(source) -> dict[str, Any]:
-    return {
-        "base": source.base.provenance.get("fingerprint"),
-        "retriever": source.retriever.provenance.get("fingerprint") if source.retriever else None,
-        "retriever_adapter": (
-            source.retriever_adapter.checkpoint.provenance.get("fingerprint") if source.retriever_adapter else None
-        ),
-        "delta": source.delta.manifest.get("plan_id") if source.delta else None,
-        "adapter": source.adapters[0][0].checkpoint.provenance.get("fingerprint"),
-    }
+    """`reforge.ops.merge_inputs.MergeInputs.fingerprints`, with tune's one adapter as ``adapter``."""
+    fingerprints = source.fingerprints()
+    fingerprints["adapter"] = fingerprints.pop("adapters")[0]
+    return fingerprints
 
 
 def _input_keys(source) -> dict[str, Any]:
@@ -817,20 +769,19 @@ def write_best(
     report: TuneReport,
     output: str | Path,
     *,
-    token: str | None = None,
-    allow_pickle: bool = False,
-    max_shard_size: int = 5 * 10**9,
-    overwrite: bool = False,
-    dry_run: bool = False,
-    command: str | None = None,
+    write: WriteOptions = WriteOptions(),
+    access: Access = Access(),
     progress: ProgressFn | None = None,
 ) -> Any:
     """Write the merged model of the best point with `reforge.ops.merge.merge` (what ``reforge merge`` runs).
 
+    Args:
+        write: shard size, overwrite, dry run, the command (its ``dtype`` is ``auto``: the point tune scored).
+        access: Hub token and pickle permission for the inputs.
+
     Returns:
         The `MergeReport`.
     """
-    from reforge.ops.job import Access, WriteOptions
     from reforge.ops.merge import merge
 
     inputs = report.inputs
@@ -841,7 +792,7 @@ def write_best(
         delta=inputs["delta"]["ref"] if inputs["delta"] else None,
         adapters=[(inputs["adapter"]["ref"], report.best.alpha)],
         beta=report.best.beta,
-        write=WriteOptions("auto", max_shard_size, overwrite, dry_run=dry_run, command=command),
-        access=Access(token, allow_pickle),
+        write=replace(write, dtype="auto"),
+        access=access,
         progress=progress,
     )

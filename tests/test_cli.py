@@ -110,3 +110,23 @@ def test_where_delta_comes_from_is_checked_once_for_every_command_before_any_fil
         assert result.exit_code == 2, (args, result.output)
         assert message in " ".join(result.stderr.split()), (args, result.stderr)
     assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_every_max_shard_size_is_one_declaration_whose_default_is_the_librarys():
+    """--max-shard-size is declared once (options.max_shard_size_option: diff, merge, tune --write) and its 5GB is
+    `WriteOptions`' default, which tune's write_best takes as a whole option group, not as loose arguments."""
+    import inspect
+
+    from reforge.cli.options import SizeType
+    from reforge.ops.job import WriteOptions
+    from reforge.tune import write_best
+
+    with_option = []
+    for name in cli.list_commands(None):
+        command = cli.get_command(None, name)
+        option = next((p for p in command.params if p.name == "max_shard_size"), None)
+        if option is not None:
+            with_option.append(name)
+            assert SizeType().convert(option.default, None, None) == WriteOptions().max_shard_size == 5 * 10**9
+    assert {"diff", "merge", "tune"} <= set(with_option)
+    assert inspect.signature(write_best).parameters["write"].default == WriteOptions()

@@ -301,17 +301,36 @@ def test_merged_lora_retriever_keeps_its_encoding_convention(setup, tmp_path):
     assert "query: " in card
 
 
-def test_paper_alpha_has_one_home(tmp_path):
-    """RE-AdaptIR's alpha 0.5 is `reforge.ops.merge.PAPER_ALPHA`: the default of each --adapter (merge, verify), of a
-    recipe's merge step without alpha, and the number --help promises."""
-    from reforge.cli.options import adapter_pairs
-    from reforge.ops.merge import PAPER_ALPHA
-    from reforge.recipe.spec import _alpha
+def test_the_methods_default_weights_have_one_home(tmp_path):
+    """RE-AdaptIR's alpha 0.5 and beta 1, and tune's alpha grid, live in `reforge.ops.defaults`: the API's defaults
+    (merge, tune), the commands' option defaults and what --help promises, verify's reading of a record that lacks
+    them, and a recipe's merge step without alpha all read them there."""
+    import inspect
 
-    assert PAPER_ALPHA == 0.5
+    from reforge.cli.merge import merge_cmd
+    from reforge.cli.options import adapter_pairs
+    from reforge.cli.tune import tune_cmd
+    from reforge.ops import defaults
+    from reforge.ops.merge import PAPER_ALPHA
+    from reforge.ops.merge import merge as merge_api
+    from reforge.ops.verify import VerifyInputs, _sources
+    from reforge.recipe.spec import _alpha
+    from reforge.tune import DEFAULT_ALPHAS, parse_grid
+    from reforge.tune import tune as tune_api
+
+    assert (defaults.PAPER_ALPHA, defaults.PAPER_BETA) == (0.5, 1.0) and PAPER_ALPHA is defaults.PAPER_ALPHA
+    assert DEFAULT_ALPHAS is defaults.DEFAULT_ALPHAS == (0.0, 0.25, 0.5, 0.75, 1.0)
     assert adapter_pairs(("a/", "b/"), ()) == [("a/", PAPER_ALPHA), ("b/", PAPER_ALPHA)]
     assert _alpha(tmp_path / "r.yaml", None, "steps.merge") == [PAPER_ALPHA]
     assert f"(default {PAPER_ALPHA:g} each)" in run("merge", "--help").stdout
+    merge_option = {p.name: p.default for p in merge_cmd.params}
+    assert merge_option["beta"] == inspect.signature(merge_api).parameters["beta"].default == defaults.PAPER_BETA
+    tune_option, tune_api_default = {p.name: p.default for p in tune_cmd.params}, inspect.signature(tune_api).parameters
+    assert parse_grid(tune_option["alphas"]) == tune_api_default["alphas"].default == defaults.DEFAULT_ALPHAS
+    assert parse_grid(tune_option["betas"]) == tune_api_default["betas"].default == (defaults.PAPER_BETA,)
+    assert "[default: 0,0.25,0.5,0.75,1]" in " ".join(run("tune", "--help").stdout.split())
+    recorded = _sources({"adapters": [{"path": str(tmp_path)}]}, VerifyInputs())  # a record without alpha or beta
+    assert recorded.adapters == [(str(tmp_path), defaults.PAPER_ALPHA)] and recorded.beta == defaults.PAPER_BETA
 
 
 def test_an_adapters_corpus_recorded_relative_to_it_is_recorded_relative_to_the_merge(setup, tmp_path):

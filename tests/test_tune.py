@@ -170,11 +170,12 @@ def test_in_memory_merge_equals_on_disk_merge_through_a_sequence_of_points(setup
     from transformers import AutoModel
 
     from reforge.eval import EvalSettings
-    from reforge.ops.merge import merge, open_inputs
+    from reforge.ops.merge import merge
+    from reforge.ops.merge_inputs import open_inputs
     from reforge.tune import _merger_and_template
 
     inputs = {"retriever": None, "delta": None, kind.replace("lora_", ""): setup[kind]}
-    source = open_inputs(setup["base"], inputs["retriever"], inputs["delta"], [(setup["psi"], 0.0)], None, False)
+    source = open_inputs(setup["base"], inputs["retriever"], inputs["delta"], [(setup["psi"], 0.0)])
     merger, _ = _merger_and_template(source, inputs["retriever"], inputs["delta"], setup["base"], EvalSettings(), None)
     assert isinstance(merger, InMemoryMerge)
     computed = []
@@ -197,6 +198,29 @@ def test_in_memory_merge_equals_on_disk_merge_through_a_sequence_of_points(setup
         assert steps[0] == 6 and steps[1] == adapted
     else:
         assert steps[0] == len(source.shapes)
+
+
+@pytest.mark.parametrize("kind", ["retriever", "lora_retriever", "delta"])
+def test_the_tensors_a_point_recomputes_are_the_ones_the_merge_plan_gives_those_terms(setup, tmp_path, kind):
+    """Which tensors beta and alpha change has one home (`MergeInputs.has_delta` and `adapted`): tune recomputes,
+    between two points, exactly the tensors whose terms in `reforge merge --dry-run`'s plan hold delta or psi."""
+    from reforge.ops.job import WriteOptions
+    from reforge.ops.merge import merge
+    from reforge.ops.merge_compute import point_keys
+    from reforge.ops.merge_inputs import open_inputs
+
+    inputs = {"retriever": None, "delta": None, kind.replace("lora_", ""): setup[kind]}
+    source = open_inputs(setup["base"], inputs["retriever"], inputs["delta"], [(setup["psi"], 0.0)])
+    dry = WriteOptions(dry_run=True)
+    plan = merge(setup["base"], tmp_path / "o", adapters=[(setup["psi"], 0.5)], beta=0.5, write=dry, **inputs).plan
+    with_delta = [key for key, terms in plan.items() if "0.5*delta" in terms]
+    with_psi = [key for key, terms in plan.items() if "0.5*psi[psi]" in terms]
+    assert point_keys(source, (0.5, 1.0), (0.5, 0.5)) == with_delta
+    assert point_keys(source, (0.0, 0.5), (0.5, 0.5)) == with_psi == sorted(with_psi, key=list(plan).index)
+    assert len(with_psi) == 8 and 0 < len(with_delta) <= len(plan)  # 8: q, v, up, down in 2 layers
+    assert point_keys(source, None, (0.5, 0.5)) == list(plan) and point_keys(source, (0.5, 1.0), (0.5, 1.0)) == []
+    if kind == "lora_retriever":  # Delta only where the LoRA retriever has modules: q, k, o in 2 layers
+        assert len(with_delta) == 6
 
 
 def test_the_test_split_is_refused_unless_i_know(setup):
@@ -278,18 +302,8 @@ def test_bad_inputs_are_refused_with_a_message(setup, tmp_path):
         ([*base, "--retriever", setup["retriever"], "--metric", "nope@3"], 2, "Unknown metric 'nope@3'"),
         ([*base, "--retriever", setup["retriever"], "--split", "train"], 1, "Split 'train' does not exist in"),
     ]
-    not_adapter = [
-        "tune",
-        "--base",
-        setup["base"],
-        "--retriever",
-        setup["retriever"],
-        "--adapter",
-        setup["retriever"],
-        "-d",
-        setup["data"],
-        "--no-plot",
-    ]
+    not_adapter = [setup["retriever"] if arg == setup["psi"] else arg for arg in base]  # --adapter: the retriever
+    not_adapter += ["--retriever", setup["retriever"]]
     cases.append((not_adapter, 1, "retriever is not a peft adapter folder (no adapter_config.json)."))
     for args, code, message in cases:
         result = run(*args, ok=False)

@@ -7,7 +7,7 @@ import json
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
-from test_merge import setup  # noqa: F401  (module-scoped fixture)
+from test_merge import merge, setup  # noqa: F401  (setup: the module-scoped fixture)
 
 from reforge.cli import cli
 
@@ -35,20 +35,7 @@ def test_verify_delta_passes_and_catches_a_changed_value(llama_pair, tmp_path):
 
 def test_verify_merge_with_recorded_inputs_and_embeddings(setup, tmp_path):  # noqa: F811
     out = tmp_path / "out"
-    assert (
-        run(
-            "merge",
-            "--base",
-            setup["base_dir"],
-            "--retriever",
-            setup["retriever_dir"],
-            "--adapter",
-            setup["root"] / "dora",
-            "-o",
-            out,
-        ).exit_code
-        == 0
-    )
+    merge(setup, "--adapter", setup["root"] / "dora", "-o", out)
     result = run("verify", out, "--json", "--full")
     report = json.loads(result.stdout)
     assert result.exit_code == 0, result.stdout
@@ -96,8 +83,9 @@ def test_verify_truncated_shard_fails_loads(setup, tmp_path):  # noqa: F811
 
 def test_independent_check_catches_a_wrong_merge_that_the_merge_path_agrees_with(setup, tmp_path, monkeypatch):  # noqa: F811
     from reforge.ops import merge as merge_ops
+    from reforge.ops import merge_compute
 
-    real, wrong_key = merge_ops.compute_output, "layers.1.mlp.down_proj.weight"
+    real, wrong_key = merge_compute.compute_output, "layers.1.mlp.down_proj.weight"
 
     def wrong(source, loaded, key, beta, dtype, *args, **kwargs):  # a bug in the merge path: one value off
         value, rounding = real(source, loaded, key, beta, dtype, *args, **kwargs)
@@ -106,7 +94,8 @@ def test_independent_check_catches_a_wrong_merge_that_the_merge_path_agrees_with
             value[0, 0] += 0.01
         return value, rounding
 
-    monkeypatch.setattr(merge_ops, "compute_output", wrong)
+    monkeypatch.setattr(merge_compute, "compute_output", wrong)  # as verify's recompute calls it
+    monkeypatch.setattr(merge_ops, "compute_output", wrong)  # as merge imported it
     out = tmp_path / "out"
     args = ["--base", setup["base_dir"], "--retriever", setup["retriever_dir"], "--adapter", setup["root"] / "dora"]
     assert run("merge", *args, "-o", out).exit_code == 0
@@ -149,3 +138,26 @@ def test_the_independent_check_reads_adapter_config_through_io_and_names_a_broke
     (tmp_path / "adapter_config.json").write_text('{"r": 8, "lora_alpha": ')
     with pytest.raises(CorruptCheckpointError, match=r"adapter_config\.json is not a readable adapter config \("):
         PlainAdapter(tmp_path)
+
+
+def test_what_verify_is_told_and_what_it_completes_from_the_record_are_one_type(tmp_path):
+    """`VerifyInputs` is both what the command line gives and, completed from reforge.json, what every recompute
+    check reads (no twin type whose fields could drift apart): a given field wins, a missing one comes from the
+    record (a local path while it exists, else the Hub ref), and a retriever given drops the recorded delta."""
+    from dataclasses import fields
+
+    from reforge.ops.verify import VerifyInputs, _sources
+
+    record = {
+        "base": {"path": str(tmp_path), "repo_id": "org/base"},
+        "retriever": {"path": str(tmp_path / "gone"), "repo_id": "org/r", "revision": "abc"},
+        "delta": {"path": str(tmp_path / "delta")},
+        "adapters": [{"path": str(tmp_path), "alpha": 0.25}, {"path": str(tmp_path / "gone")}],
+        "beta": 0.9,
+        "keep_lm_head": True,
+    }
+    completed = _sources(record, VerifyInputs())
+    assert completed == VerifyInputs(str(tmp_path), "org/r@abc", None, [(str(tmp_path), 0.25)], 0.9, True)
+    given = VerifyInputs(base="b/", delta="d/", adapters=[("a/", 1.0)], beta=0.5)
+    assert _sources(record, given) == VerifyInputs("b/", None, "d/", [("a/", 1.0)], 0.5, True)
+    assert {f.name for f in fields(VerifyInputs)} == {"base", "retriever", "delta", "adapters", "beta", "keep_lm_head"}

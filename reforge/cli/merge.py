@@ -16,12 +16,13 @@ from reforge.cli.options import (
     stream_device_option,
     write_options,
 )
+from reforge.ops.defaults import PAPER_BETA
 
 
 @click.command("merge")
 @source_options()
 @adapter_options()
-@click.option("--beta", type=float, default=1.0, show_default=True, help="Weight of Delta.")
+@click.option("--beta", type=float, default=PAPER_BETA, show_default=True, help="Weight of Delta.")
 @click.option(
     "--dtype",
     type=click.Choice(DTYPE_CHOICES),

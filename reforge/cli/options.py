@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from reforge.ops.defaults import PAPER_ALPHA
 from reforge.profiles import PROFILE_NAMES
 
 _SIZE_UNITS = {
@@ -159,13 +160,7 @@ def write_options(func: Callable) -> Callable:
     func = click.option(
         "--overwrite", is_flag=True, help="Replace an output folder that already holds a different checkpoint."
     )(func)
-    func = click.option(
-        "--max-shard-size",
-        type=SizeType(),
-        default="5GB",
-        show_default=True,
-        help="Largest shard file, in bytes (5GB = 5*10**9).",
-    )(func)
+    func = max_shard_size_option()(func)
     func = click.option(
         "-o",
         "--output",
@@ -174,6 +169,12 @@ def write_options(func: Callable) -> Callable:
         help="Output folder (written under a temporary name, renamed when whole).",
     )(func)
     return func
+
+
+def max_shard_size_option(text: str = "Largest shard file, in bytes (5GB = 5*10**9).") -> Callable:
+    """``--max-shard-size`` of every command that writes a checkpoint (`write_options`; tune's ``--write``): 5GB,
+    `reforge.ops.job.WriteOptions`' default."""
+    return click.option("--max-shard-size", type=SizeType(), default="5GB", show_default=True, help=text)
 
 
 def source_options(*, recorded: bool = False) -> Callable[[Callable], Callable]:
@@ -254,7 +255,7 @@ def adapter_options(*, recorded: bool = False) -> Callable[[Callable], Callable]
             "alphas",
             multiple=True,
             type=float,
-            help="Weight of each --adapter, in the same order (default 0.5 each).",
+            help=f"Weight of each --adapter, in the same order (default {PAPER_ALPHA:g} each).",
         )(func)
         return click.option(
             "--adapter",
@@ -277,14 +278,12 @@ def keep_lm_head_option(func: Callable) -> Callable:
 
 
 def adapter_pairs(adapters: tuple[str, ...], alphas: tuple[float, ...]) -> list[tuple[str, float]]:
-    """``[(adapter, alpha), ...]`` from `adapter_options`; alpha `reforge.ops.merge.PAPER_ALPHA` (0.5) each when no
-    ``--alpha`` is given.
+    """``[(adapter, alpha), ...]`` from `adapter_options`; alpha `reforge.ops.defaults.PAPER_ALPHA` (0.5) each when
+    no ``--alpha`` is given.
 
     Raises:
         click.UsageError: some ``--alpha`` given, but not one per ``--adapter``.
     """
-    from reforge.ops.merge import PAPER_ALPHA
-
     if alphas and len(alphas) != len(adapters):
         raise click.UsageError(
             f"{len(adapters)} --adapter but {len(alphas)} --alpha: give one --alpha per --adapter, or none for "

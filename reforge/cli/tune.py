@@ -9,15 +9,16 @@ import click
 from reforge.cli import output as ui
 from reforge.cli.options import (
     MetricType,
-    SizeType,
     encoding_options,
     encoding_settings,
     hub_options,
     log_file_option,
+    max_shard_size_option,
     output_options,
     sample_options,
     source_options,
 )
+from reforge.ops.defaults import DEFAULT_ALPHAS, PAPER_BETA
 
 GRID_CONFIRM = 1000  # points; a bigger grid (e.g. a range typed with one digit too many) is confirmed first
 
@@ -55,11 +56,13 @@ class GridType(click.ParamType):
     "--alpha",
     "alphas",
     type=GridType(),
-    default="0,0.25,0.5,0.75,1",
+    default=",".join(f"{alpha:g}" for alpha in DEFAULT_ALPHAS),
     show_default=True,
     help="Alphas to try: a list 0,0.5,1 or a range start:stop:step (0:1:0.1).",
 )
-@click.option("--beta", "betas", type=GridType(), default="1", show_default=True, help="Betas to try (same forms).")
+@click.option(
+    "--beta", "betas", type=GridType(), default=f"{PAPER_BETA:g}", show_default=True, help="Betas to try (same forms)."
+)
 @click.option(
     "-m",
     "--metric",
@@ -87,9 +90,7 @@ class GridType(click.ParamType):
     default=None,
     help="Write the merged model of the best point here (exactly what `reforge merge` writes).",
 )
-@click.option(
-    "--max-shard-size", type=SizeType(), default="5GB", show_default=True, help="Largest shard file of --write."
-)
+@max_shard_size_option("Largest shard file of --write.")
 @click.option("--overwrite", is_flag=True, help="Let --write replace a folder that holds a different checkpoint.")
 @log_file_option
 @click.option("-y", "--yes", is_flag=True, help=f"Run a grid of more than {GRID_CONFIRM:,} points without asking.")
@@ -178,10 +179,11 @@ def tune_cmd(
     if not no_plot:
         summary["plot"] = str(plot_tuning(report, plot_path or f"tune-{report.dataset.name}-{report.split}.png"))
     if write_dir:
+        from reforge.ops.job import Access, WriteOptions
+
+        write = WriteOptions(max_shard_size=max_shard_size, overwrite=overwrite, command=ui.command_line())
         try:
-            written = _write(
-                report, write_dir, token, allow_pickle, max_shard_size, overwrite, quiet or as_json, log_file
-            )
+            written = _write(report, write_dir, write, Access(token, allow_pickle), quiet or as_json, log_file)
         except Exception:
             _show_or_print(report, summary, as_json)  # the table is the result of the work: never lose it
             raise
@@ -202,29 +204,13 @@ def _show_or_print(report: Any, summary: dict, as_json: bool) -> None:
         _show(report, summary)
 
 
-def _write(
-    report: Any,
-    write_dir: str,
-    token: str | None,
-    allow_pickle: bool,
-    max_shard_size: int,
-    overwrite: bool,
-    quiet: bool,
-    log_file: str | None,
-) -> Any:
+def _write(report: Any, write_dir: str, write: Any, access: Any, quiet: bool, log_file: str | None) -> Any:
+    """`reforge.tune.write_best` with a progress bar: ``write`` and ``access`` are the option groups
+    (`reforge.ops.job.WriteOptions`, `Access`) of ``--max-shard-size/--overwrite`` and ``--token/--allow-pickle``."""
     from reforge.tune import write_best
 
     with ui.progress_bar("merge", unit="bytes", quiet=quiet, log_file=log_file) as progress:
-        return write_best(
-            report,
-            write_dir,
-            token=token,
-            allow_pickle=allow_pickle,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            command=ui.command_line(),
-            progress=progress,
-        )
+        return write_best(report, write_dir, write=write, access=access, progress=progress)
 
 
 def _show(report: Any, summary: dict) -> None:

@@ -1,6 +1,6 @@
 """Where the arithmetic of diff, merge and verify runs: on the CPU, or on a CUDA GPU that the pieces stream through.
 
-The arithmetic is the same code on either device (`reforge.ops.merge.compute_output`, `reforge.ops.diff`'s
+The arithmetic is the same code on either device (`reforge.ops.merge_compute.compute_output`, `reforge.ops.diff`'s
 `_delta_tensor`, with tensors on the device): a piece is read on the CPU (O_DIRECT, as always), copied to the GPU,
 computed there in fp32, rounded once to the output dtype there, and the rounded piece comes back for the writer.
 Each computing thread has its own `Transfer`: reused pinned host buffers (the copies run asynchronously from them),

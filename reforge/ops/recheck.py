@@ -78,9 +78,9 @@ class PlainAdapter:
 
 
 def recheck_merge(folder: Path, names: list[str], inputs: Any, resolve) -> Recheck:
-    """Recompute output tensors ``names`` of the merged ``folder`` from ``inputs`` (a `reforge.ops.verify.Sources`:
-    base, retriever or delta, adapters, beta; refs turned into folders by ``resolve``) and compare them with what
-    ``folder`` stores."""
+    """Recompute output tensors ``names`` of the merged ``folder`` from ``inputs`` (a completed
+    `reforge.ops.verify.VerifyInputs`: base, retriever or delta, adapters, beta; refs turned into folders by
+    ``resolve``) and compare them with what ``folder`` stores."""
     result = Recheck()
     output, base = PlainReader(folder), PlainReader(resolve(inputs.base))
     adapters = [(PlainAdapter(resolve(ref)), alpha) for ref, alpha in inputs.adapters]

@@ -85,26 +85,16 @@ class VerifyReport:
 class VerifyInputs:
     """What the checked folder was made from: the command's ``--base/--retriever/--delta``
     (`reforge.cli.options.source_options`), ``--adapter/--alpha`` (`adapter_options`) and ``--beta``. A field left
-    None is taken from the folder's ``reforge.json``: the recorded path while it exists, else its Hub ref."""
+    None is taken from the folder's ``reforge.json``: the recorded path while it exists, else its Hub ref; so is
+    ``keep_lm_head`` (RE-Adapt of a chat model) when False. Completed so (`_sources`), it is what every recompute
+    check starts from, with at most one of ``retriever`` and ``delta``."""
 
     base: str | None = None
     retriever: str | None = None
     delta: str | None = None
     adapters: list[tuple[str, float]] | None = None
     beta: float | None = None
-
-
-@dataclass(frozen=True)
-class Sources:
-    """The inputs every recompute check starts from: `VerifyInputs` completed from the record (at most one of
-    ``retriever`` and ``delta``)."""
-
-    base: str | None
-    retriever: str | None
-    delta: str | None
-    adapters: list[tuple[str, float]]
-    beta: float
-    keep_lm_head: bool
+    keep_lm_head: bool = False
 
 
 def verify_checkpoint(
@@ -183,7 +173,7 @@ class _Run:
     path: Path
     manifest: dict
     index: ShardIndex
-    sources: Sources
+    sources: VerifyInputs
     access: Access
     full: bool
     samples: int
@@ -249,7 +239,10 @@ def _check_finite(index: ShardIndex, report: VerifyReport, progress) -> None:
     )
 
 
-def _sources(manifest: dict, given: VerifyInputs) -> Sources:
+def _sources(manifest: dict, given: VerifyInputs) -> VerifyInputs:
+    """``given`` completed from the folder's record ``manifest`` (its local paths absolute)."""
+    from reforge.ops.defaults import PAPER_ALPHA, PAPER_BETA
+
     def recorded(entry: dict | None) -> str | None:
         if not entry:
             return None
@@ -260,17 +253,17 @@ def _sources(manifest: dict, given: VerifyInputs) -> Sources:
 
     adapters = given.adapters
     if adapters is None:
-        adapters = [(recorded(a), a.get("alpha", 0.5)) for a in manifest.get("adapters") or []]
+        adapters = [(recorded(a), a.get("alpha", PAPER_ALPHA)) for a in manifest.get("adapters") or []]
         adapters = [(ref, alpha) for ref, alpha in adapters if ref]
     retriever = given.retriever or (None if given.delta else recorded(manifest.get("retriever")))
     delta = given.delta or (None if given.retriever else (manifest.get("delta") or {}).get("path"))
-    return Sources(
+    return VerifyInputs(
         base=given.base or recorded(manifest.get("base")),
         retriever=retriever,
         delta=None if retriever else delta,
         adapters=list(adapters),
-        beta=manifest.get("beta", 1.0) if given.beta is None else given.beta,
-        keep_lm_head=bool(manifest.get("keep_lm_head")),
+        beta=manifest.get("beta", PAPER_BETA) if given.beta is None else given.beta,
+        keep_lm_head=given.keep_lm_head or bool(manifest.get("keep_lm_head")),
     )
 
 
@@ -353,18 +346,13 @@ def _check_layout(run: _Run) -> None:
 def _check_merge(run: _Run, device=None) -> None:
     import torch
 
-    from reforge.ops import merge as merge_ops
+    from reforge.ops import merge_compute
+    from reforge.ops.merge_inputs import open_inputs
     from reforge.ops.stream import scratch_for
 
     given, report, index = run.sources, run.report, run.index
-    source = merge_ops.open_inputs(
-        given.base,
-        given.retriever,
-        given.delta,
-        given.adapters,
-        run.access.token,
-        run.access.allow_pickle,
-        given.keep_lm_head,
+    source = open_inputs(
+        given.base, given.retriever, given.delta, given.adapters, access=run.access, keep_lm_head=given.keep_lm_head
     )
     touched = [k for k in source.shapes if any(k in a.modules for a, _ in source.adapters)]
     untouched = [k for k in source.shapes if k not in touched]
@@ -375,7 +363,7 @@ def _check_merge(run: _Run, device=None) -> None:
     )
     failures = []
     scratch = scratch_for(device)()
-    with merge_ops.InputLoader(source, given.beta) as loader:
+    with merge_compute.InputLoader(source, given.beta) as loader:
         with ShardReader(index) as stored_reader:
             for key in keys:
                 name = source.stored_names[key]
@@ -385,7 +373,7 @@ def _check_merge(run: _Run, device=None) -> None:
                 stored = stored_reader.get(name)
                 dtype = stored.dtype
                 expected, _ = scratch.compute(
-                    lambda here, key=key, dtype=dtype: merge_ops.compute_output(
+                    lambda here, key=key, dtype=dtype: merge_compute.compute_output(
                         source, here, key, given.beta, dtype, scratch=scratch
                     ),
                     loader.load(key),
