@@ -424,19 +424,21 @@ def check_finite(module: Any, name: str) -> None:
     """
     import torch
 
+    from reforge.io.tensors import first_non_finite
+
     if isinstance(module, torch.nn.Module):
         groups = (("parameter", module.named_parameters()), ("buffer", module.named_buffers()))
     else:  # a post-pooling step (pooling.Dense, Normalize): its tensors are plain fields
         groups = (("parameter", ((k, v) for k, v in vars(module).items() if isinstance(v, torch.Tensor))),)
     for kind, tensors in groups:
-        for tensor_name, tensor in tensors:
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise NonFiniteError(
-                    f"{name}: {kind} {tensor_name!r} holds NaN or Inf; its vectors and scores would mean nothing.",
-                    hint="Evaluate a model whose weights are finite (`reforge verify` names every such tensor).",
-                    tensor=tensor_name,
-                    path=None,
-                )
+        tensor_name = first_non_finite(tensors)
+        if tensor_name is not None:
+            raise NonFiniteError(
+                f"{name}: {kind} {tensor_name!r} holds NaN or Inf; its vectors and scores would mean nothing.",
+                hint="Evaluate a model whose weights are finite (`reforge verify` names every such tensor).",
+                tensor=tensor_name,
+                path=None,
+            )
 
 
 def _module_dirs(path: Path) -> list[Path]:
