@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_merge import run
+
+from conftest import build_model, make_adapter, save, save_tokenizer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "reforge"
 
@@ -57,3 +60,52 @@ def test_all_finite_has_one_home():
     assert others == {}
     assert "def all_finite(" in (PACKAGE / "io" / "tensors.py").read_text()
     assert [n for n, t in _sources(exclude=("io/tensors.py",)).items() if re.search(r"def all_finite\(", t)] == []
+
+
+# -- one adapter opening and one LoRA fold: reforge.io.adapter ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_eval_folds_an_adapter_bit_for_bit_as_merge_does(tmp_path, dora):
+    """eval's in-memory merge of an adapter is merge's fold: every weight equals `reforge merge`'s base + 1 * Psi.
+
+    Before issue 23 eval folded through peft's merge_and_unload (in the weights' dtype, peft's own order), a second
+    LoRA fold that could drift from merge's fp32 one."""
+    from safetensors.torch import load_file
+
+    from reforge.eval.model import resolve_model
+
+    base = build_model("llama-causal")
+    base_dir = save(base, tmp_path / "base")
+    save_tokenizer(base_dir)
+    make_adapter(base, tmp_path / "adapter", dora=dora)
+    options = ["--adapter", tmp_path / "adapter", "--alpha", "1", "--beta", "1"]
+    run("merge", "--base", base_dir, "--retriever", base_dir, *options, "-o", tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")  # base + 1 * Psi + 1 * (base - base)
+    source = resolve_model(tmp_path / "adapter", base=str(base_dir))
+    loaded = source.load(device="cpu", dtype=torch.float32).model
+    original = dict(build_model("llama-causal").model.named_parameters())
+    changed = 0
+    for name, param in loaded.named_parameters():
+        key = name if name in merged else f"model.{name}"
+        assert torch.equal(param, merged[key]), name
+        changed += not torch.equal(param, original[name])
+    assert changed == 2 * 4  # q, v, up and down projections of both layers
+
+
+def test_the_adapter_opening_has_one_home():
+    """ops.fold re-exports io.adapter's opening and fold (ops.merge and ops.diff import them there); nothing else
+    defines them or reads adapter weights on its own."""
+    from reforge.io import adapter
+    from reforge.ops import fold
+
+    assert fold.open_adapter is adapter.open_adapter and fold.LoraAdapter is adapter.LoraAdapter
+    assert fold.Factors is adapter.Factors
+    defined = [
+        name
+        for name, text in _sources(exclude=("io/adapter.py",)).items()
+        if re.search(r"^(def open_adapter|class LoraAdapter|class Factors)\b", text, re.M)
+    ]
+    assert defined == []
+    peft_merges = [name for name, text in _sources().items() if "merge_and_unload" in text]
+    assert peft_merges == []

@@ -1,9 +1,9 @@
 """Retrievers to evaluate: a model on disk (`ModelSource`, resolved but not loaded) or in memory (`Retriever`).
 
 A source is resolved cheaply (path, content key, encoding profile); its weights are loaded only when some vectors
-are not in the cache. A peft adapter folder is checked against its base as merge checks it
-(`reforge.ops.fold.open_adapter`), then loaded over it as a bare ``AutoModel`` and merged in memory. Loaded weights
-must be finite: a NaN would otherwise make every score 0 and still exit 0.
+are not in the cache. A peft adapter folder is opened and checked against its base as merge opens and checks it
+(`reforge.io.adapter.open_adapter`), then folded into the base loaded as a bare ``AutoModel`` with merge's own fold
+(`LoraAdapter.psi`, fp32). Loaded weights must be finite: a NaN would otherwise make every score 0 and still exit 0.
 """
 
 from __future__ import annotations
@@ -189,11 +189,11 @@ def resolve_model(
                 tensor=None,
             )
         base_path = _resolve_base(str(base_ref), path, given=base is not None, token=token, allow_pickle=allow_pickle)
-        _check_adapter_fits(path, base_path, allow_pickle=allow_pickle)
+        _open_adapter(path, base_path, allow_pickle=allow_pickle)
         fingerprint = hashlib.sha256(f"{fingerprint}+{_content_key(base_path)}".encode()).hexdigest()
     weights_dir = base_path or transformer_dir(path)
     _check_pickle(weights_dir, allow_pickle)
-    if base_path is None:  # (an adapter and its base were opened by _check_adapter_fits)
+    if base_path is None:  # (an adapter and its base were opened by _open_adapter)
         _check_weights(weights_dir, allow_pickle)
     _check_remote_code(weights_dir, trust_remote_code or builtin_class)
     shown = name or (Path(str(ref)).name if Path(str(ref)).exists() else str(ref))
@@ -315,57 +315,35 @@ def transformer_dir(path: Path) -> Path:
 
 
 def _load_adapter_merged(adapter: Path, base: Path, *, dtype: Any, allow_pickle: bool, remote: dict) -> Any:
-    """Base as a bare AutoModel + the adapter, merged in memory. Fails loudly when adapter keys match nothing."""
-    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+    """The base as a bare AutoModel with the adapter folded in: each adapted weight becomes ``W + Psi``, computed in
+    fp32 from the stored base weight by the fold merge uses (`reforge.io.adapter`), then rounded to ``dtype`` once.
+    The adapter is checked against the base as merge checks it (`open_adapter`)."""
+    import torch
     from transformers import AutoModel
 
+    from reforge.io.keymap import detect_layout
+
     model = AutoModel.from_pretrained(base, dtype=dtype, weights_only=True, **remote)
-    state = _adapter_state(adapter, allow_pickle=allow_pickle)
-    has_inner_model = hasattr(model, "model") or hasattr(model, "language_model")
-    prefix = "base_model.model.model."
-    if not has_inner_model and state and all(k.startswith(prefix) for k in state):
-        # trained on a CausalLM (base_model.model.model.layers...), applied to a bare model (base_model.model.layers...)
-        state = {"base_model.model." + k[len(prefix) :]: v for k, v in state.items()}
-    peft_model = PeftModel(model, PeftConfig.from_pretrained(adapter))
-    result = set_peft_model_state_dict(peft_model, state)
-    unexpected = list(result.unexpected_keys)
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if unexpected or missing:
-        example = (unexpected or missing)[0]
+    checkpoint, adapter = _open_adapter(adapter, base, allow_pickle=allow_pickle)
+    params = dict(model.named_parameters())
+    layout = detect_layout(params)
+    loaded = {layout.canonical(name): param for name, param in params.items()}
+    stored = checkpoint.canonical_keys()
+    lacking = sorted(set(adapter.modules) - set(loaded))
+    if lacking:
         raise AdapterError(
-            f"Adapter {short_path(adapter)} does not fit base {short_path(base)}: "
-            f"{len(unexpected)} adapter tensors match no module, {len(missing)} adapter modules "
-            f"got no tensor (e.g. {example}).",
+            f"Adapter {short_path(adapter.checkpoint.path)} adapts {lacking[0]!r}, which {short_path(base)} loaded "
+            f"as a bare {type(model).__name__} does not have ({len(lacking)} such tensor(s)).",
             hint="Check --base (or base_model_name_or_path in adapter_config.json).",
-            path=adapter,
-            tensor=example,
+            path=adapter.checkpoint.path,
+            tensor=lacking[0],
         )
-    return peft_model.merge_and_unload()
-
-
-def _adapter_state(adapter: Path, *, allow_pickle: bool) -> dict[str, Any]:
-    safetensors_file = adapter / "adapter_model.safetensors"
-    if safetensors_file.is_file():
-        from reforge.io.tensors import load_tensors
-
-        return load_tensors(safetensors_file)
-    pickle_file = adapter / "adapter_model.bin"
-    if pickle_file.is_file():
-        if not allow_pickle:
-            raise PickleRefusedError(
-                f"{short_path(pickle_file)} is a pickle file.",
-                hint="Pass --allow-pickle to load it with torch.load(weights_only=True).",
-                path=pickle_file,
-            )
-        from reforge.io.tensors import load_tensors
-
-        return load_tensors(pickle_file)  # weights_only=True
-    raise AdapterError(
-        f"{short_path(adapter)} has adapter_config.json but no adapter_model.safetensors or .bin.",
-        hint="Copy the adapter weights next to its config.",
-        path=adapter,
-        tensor=None,
-    )
+    with checkpoint.reader() as base_reader, adapter.checkpoint.reader() as adapter_reader, torch.no_grad():
+        for target in sorted(adapter.modules):
+            weight = base_reader.get(stored[target]).float()
+            folded = adapter.psi(target, adapter_reader.get, weight)
+            loaded[target].copy_(folded.add_(weight))  # W + Psi in fp32, rounded once
+    return model
 
 
 _TOKENIZER_FILES = (
@@ -405,15 +383,16 @@ def _content_key(path: Path) -> str:
     return value
 
 
-def _check_adapter_fits(adapter: Path, base: Path, *, allow_pickle: bool) -> None:
-    """The checks merge and inspect make before using an adapter over a base (`reforge.ops.fold.open_adapter`):
-    its training record names this base, and it adapts tensors the base has, with factors of their shapes."""
+def _open_adapter(adapter: Path, base: Path, *, allow_pickle: bool) -> tuple[Any, Any]:
+    """The base checkpoint and the adapter opened over it, with the checks merge and inspect make
+    (`reforge.io.adapter.open_adapter`): its training record names this base, its tensors are LoRA factors, and it
+    adapts tensors the base has, with factors of their shapes."""
+    from reforge.io.adapter import open_adapter
     from reforge.io.checkpoint import open_model
-    from reforge.ops.fold import open_adapter
 
     checkpoint = open_model(base, allow_pickle=allow_pickle)
     shapes = {key: checkpoint.index.tensors[stored].shape for key, stored in checkpoint.canonical_keys().items()}
-    open_adapter(adapter, checkpoint, shapes, allow_pickle=allow_pickle)
+    return checkpoint, open_adapter(adapter, checkpoint, shapes, allow_pickle=allow_pickle)
 
 
 def check_finite(module: Any, name: str) -> None:
