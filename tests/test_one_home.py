@@ -109,3 +109,28 @@ def test_the_adapter_opening_has_one_home():
     assert defined == []
     peft_merges = [name for name, text in _sources().items() if "merge_and_unload" in text]
     assert peft_merges == []
+
+
+# -- checkpoint JSON read by its io reader ------------------------------------------------------------------------
+
+
+def test_eval_reads_adapter_config_and_manifest_through_io(tmp_path):
+    """eval.model has no exception left in the layer check: adapter_config.json through io.adapter_config, reforge.json
+    through io.manifest; a damaged adapter_config.json is a one-line error naming the file, not a traceback."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("check_layers", PACKAGE.parent / "scripts" / "check_layers.py")
+    layers_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layers_check)
+
+    from reforge.errors import CorruptCheckpointError
+    from reforge.eval.model import resolve_model
+
+    assert not [key for key in layers_check.IO_EXCEPTIONS if key[0] == "reforge.eval.model"]
+    assert not [key for key in layers_check.SIDEWAYS if key[0] == "reforge.eval.model"]
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(["not", "an", "object"]))
+    with pytest.raises(CorruptCheckpointError, match=r"adapter_config.json is not a readable adapter config"):
+        resolve_model(folder)

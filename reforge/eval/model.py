@@ -17,13 +17,16 @@ from typing import Any
 from reforge.errors import (
     AdapterError,
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     NonFiniteError,
     PickleRefusedError,
     PoolingUndeterminedError,
     UnsupportedModelError,
     short_path,
 )
+from reforge.io.adapter_config import is_adapter, read_adapter_config
 from reforge.io.companions import TOKENIZER_MARKERS, has_tokenizer
+from reforge.io.manifest import read_manifest
 from reforge.profiles import DECODER_TYPES, EncodingProfile, builtin_profile, detect_profile
 
 
@@ -178,9 +181,8 @@ def resolve_model(
     path = _resolve_local(str(ref), token=token, allow_pickle=allow_pickle)
     base_ref = base_path = None
     fingerprint = _content_key(path)
-    if (path / "adapter_config.json").is_file():
-        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-        base_ref = base or config.get("base_model_name_or_path")
+    if is_adapter(path):
+        base_ref = base or read_adapter_config(path).get("base_model_name_or_path")
         if not base_ref:
             raise AdapterError(
                 f"{short_path(path)}/adapter_config.json names no base model.",
@@ -233,11 +235,13 @@ def _tokenizer_dir(path: Path, base_path: Path | None, ref: str) -> Path:
 
 
 def _recorded_base(path: Path) -> Path | None:
-    """The local base folder a reforge output records in its reforge.json (merges, deltas), if it still exists."""
+    """The local base folder a reforge output records in its reforge.json (merges, deltas), if it still exists
+    (an unreadable reforge.json records none)."""
     try:
-        base = json.loads((path / "reforge.json").read_text(encoding="utf-8")).get("base") or {}
-    except (OSError, ValueError, AttributeError):
+        manifest = read_manifest(path)
+    except CorruptCheckpointError:
         return None
+    base = manifest.get("base") if manifest is not None else None
     local = base.get("path") if isinstance(base, dict) else None
     return Path(local) if local and Path(local).is_dir() else None
 
