@@ -134,3 +134,41 @@ def test_eval_reads_adapter_config_and_manifest_through_io(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps(["not", "an", "object"]))
     with pytest.raises(CorruptCheckpointError, match=r"adapter_config.json is not a readable adapter config"):
         resolve_model(folder)
+
+
+# -- reforge.json read only by io.manifest ------------------------------------------------------------------------
+
+
+def test_reforge_json_is_parsed_only_by_io_manifest():
+    """io.writer (resume of a partial folder) and io.target (is this output reforge's) read reforge.json through
+    io.manifest.peek_record; no other io module parses a JSON text that names the manifest."""
+    import ast
+
+    parsers = []
+    for name, text in _sources(exclude=("io/manifest.py",)).items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef) and name.startswith("io/"):
+                body = ast.unparse(node)
+                if "json.load" in body and ("manifest" in node.name.lower() or "MANIFEST" in body):
+                    parsers.append(f"{name}:{node.name}")
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("json.loads", "json.load"):
+                argument = ast.unparse(node.args[0]) if node.args else ""
+                if "MANIFEST" in argument or "reforge.json" in argument:
+                    parsers.append(f"{name}:{node.lineno}")
+    assert parsers == []
+
+
+def test_peek_record_treats_a_damaged_record_as_none(tmp_path):
+    from reforge.io.manifest import MANIFEST, TRAINING_RECORD, peek_record
+    from reforge.io.target import written_by_reforge
+
+    assert peek_record(tmp_path) == {} and not written_by_reforge(tmp_path)
+    for damaged in ("{not json", "[1, 2]", '"text"', "\xff\xfe"):
+        (tmp_path / MANIFEST).write_text(damaged, encoding="latin-1")
+        assert peek_record(tmp_path) == {} and not written_by_reforge(tmp_path)
+    (tmp_path / MANIFEST).write_text('{"plan_id": "abc", "state": "partial"}')
+    assert peek_record(tmp_path) == {"plan_id": "abc", "state": "partial"} and written_by_reforge(tmp_path)
+    (tmp_path / MANIFEST).unlink()
+    (tmp_path / TRAINING_RECORD).write_text('{"reforge_version": "1"}')
+    assert peek_record(tmp_path) == {} and peek_record(tmp_path, TRAINING_RECORD) == {"reforge_version": "1"}
+    assert written_by_reforge(tmp_path)

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from reforge.errors import DiskFullError, OutputExistsError, OutputLockedError, OutputRefusedError, short_path
-from reforge.io.manifest import MANIFEST, TRAINING_RECORD
+from reforge.io.manifest import MANIFEST, TRAINING_RECORD, peek_record
 
 MANIFESTS = (MANIFEST, TRAINING_RECORD)  # what diff/merge/tune --write and train leave in their output
 
@@ -47,11 +46,8 @@ def absolute(output: str | Path) -> Path:
 def written_by_reforge(folder: Path) -> bool:
     """Whether ``folder`` holds an output reforge wrote: a manifest that is a JSON object naming reforge's version."""
     for name in MANIFESTS:
-        try:
-            manifest = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(manifest, dict) and ("reforge_version" in manifest or "plan_id" in manifest):
+        manifest = peek_record(folder, name)
+        if "reforge_version" in manifest or "plan_id" in manifest:
             return True
     return False
 
