@@ -172,3 +172,83 @@ def test_peek_record_treats_a_damaged_record_as_none(tmp_path):
     (tmp_path / TRAINING_RECORD).write_text('{"reforge_version": "1"}')
     assert peek_record(tmp_path) == {} and peek_record(tmp_path, TRAINING_RECORD) == {"reforge_version": "1"}
     assert written_by_reforge(tmp_path)
+
+
+# -- one commit protocol: reforge.io.target.commit_staging ---------------------------------------------------------
+
+
+def _fail_rename_into(monkeypatch, output: Path):
+    """Make the rename of a whole staged folder onto ``output`` fail (EIO), as a crash there would leave it."""
+    import errno
+    import os
+
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst) == output and Path(src).is_dir():
+            raise OSError(errno.EIO, "Input/output error")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_writer_commits_through_commit_staging_and_a_rerun_finishes(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from reforge.errors import OutputRefusedError
+    from reforge.io.format import safetensors_dtype
+    from reforge.io.writer import CheckpointWriter, TensorSpec
+
+    tensors = {"a.weight": torch.arange(12.0).reshape(3, 4), "b.weight": torch.ones(2, 2)}
+    specs = [TensorSpec(k, safetensors_dtype(v.dtype), tuple(v.shape)) for k, v in tensors.items()]
+    out = tmp_path / "out"
+
+    def write(plan_id):
+        with CheckpointWriter(out, specs, plan_id=plan_id, overwrite=True) as writer:
+            for name, value in tensors.items():
+                writer.write(name, value * (2 if plan_id == "new" else 1))
+
+    write("old")
+    with monkeypatch.context() as patched:
+        _fail_rename_into(patched, out)
+        with pytest.raises(OutputRefusedError, match=r"writing .*out failed: Input/output error") as caught:
+            write("new")
+    assert ".out.reforge-partial: move that folder to" in caught.value.hint
+    assert not out.exists() and (tmp_path / ".out.reforge-old" / "reforge.json").is_file()  # the old one, whole
+    write("new")  # the rerun keeps the whole staged shards and commits
+    assert torch.equal(load_file(out / "model.safetensors")["a.weight"], tensors["a.weight"] * 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial, old or lock folder left
+
+
+def test_train_commits_through_commit_staging_and_a_rerun_finishes(tmp_path, monkeypatch):
+    """train's output is committed as the writer's is: the same old-output folder, the same error and hint."""
+    from test_train import build_tokenizer, config, make_base
+
+    from reforge.errors import OutputRefusedError
+    from reforge.train import train_adapter
+
+    base = make_base("llama-causal", tmp_path / "base", build_tokenizer())
+    out = tmp_path / "runs" / "out"
+    first = train_adapter(config(base, out, max_steps=1))
+    before = (first.output / "adapter_model.safetensors").read_bytes()
+    with monkeypatch.context() as patched:
+        _fail_rename_into(patched, out)
+        with pytest.raises(OutputRefusedError, match=r"writing .*out failed: Input/output error") as caught:
+            train_adapter(config(base, out, max_steps=1, overwrite=True, seed=3))
+    assert "The trained adapter is whole in" in caught.value.hint and ".out.reforge-train/final" in caught.value.hint
+    old = tmp_path / "runs" / ".out.reforge-old"
+    assert not out.exists() and (old / "adapter_model.safetensors").read_bytes() == before
+    train_adapter(config(base, out, max_steps=1, overwrite=True, seed=3))
+    assert (out / "adapter_model.safetensors").read_bytes() != before
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["out"]
+
+
+def test_commit_staging_is_the_only_folder_commit_in_io_and_train():
+    """No module of io or train renames a whole folder into place on its own (the writer's and train's did)."""
+    renames = {
+        name: text.count("os.replace(")
+        for name, text in _sources().items()
+        if name.startswith(("io/", "train/")) and "os.replace(" in text
+    }
+    # target: the two renames of commit_staging; atomic: one file; writer: a shard file and a small file
+    assert renames == {"io/target.py": 2, "io/atomic.py": 1, "io/writer.py": 2}

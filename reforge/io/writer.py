@@ -41,7 +41,7 @@ from reforge.io.buffers import ALIGNMENT
 from reforge.io.checkpoint import RECORD_FIELD, file_record, sha256_file
 from reforge.io.format import DTYPES, encode_header, open_direct, safetensors_dtype
 from reforge.io.manifest import MANIFEST, peek_record
-from reforge.io.target import OutputLock, absolute, check_output, staging_path
+from reforge.io.target import OutputLock, absolute, check_output, commit_staging, staging_path
 
 if TYPE_CHECKING:
     import torch
@@ -487,18 +487,7 @@ class CheckpointWriter:
             self._write_small_files()
         except OSError as e:
             raise self._disk_error(e, self.staging) from e
-        if self.durable:
-            _fsync_dir(self.staging)
-        old = self._target.parent / f".{self._target.name}.reforge-old"
-        if self._target.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self._target, old)
-        os.replace(self.staging, self._target)
-        if self.durable:
-            _fsync_dir(self._target.parent)
-        if old.exists():
-            shutil.rmtree(old)
+        commit_staging(self.staging, self._target, durable=self.durable)
 
     def _write_small_files(self) -> None:
         if len(self.plan.filenames) > 1:
@@ -539,14 +528,6 @@ class CheckpointWriter:
             finally:
                 os.close(fd)
             os.replace(tmp, target)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def plan_id_for(parts: dict) -> str:

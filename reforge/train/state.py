@@ -367,25 +367,20 @@ def _first_line(error: BaseException) -> str:
 
 
 def publish(final: Path, output: Path, work: Path) -> None:
-    """Move the finished ``final`` folder to ``output`` (replacing what is there) and remove ``work``.
+    """Commit the finished ``final`` folder to ``output`` (replacing what is there) with
+    `reforge.io.target.commit_staging`, as every writer does, and remove ``work``.
 
     Raises:
         DiskFullError, OutputRefusedError: the move failed; the message says where the whole adapter waits.
     """
+    hint = f"The trained adapter is whole in {short_path(final)}: move that folder to {short_path(output)} yourself."
     try:
         for path in final.rglob("*"):
             if path.is_file():
                 os.chmod(path, 0o644)  # safetensors' save_file creates 0600 files
-        if output.exists() or output.is_symlink():
-            trash = work / "replaced"
-            os.replace(output, trash)
-        os.replace(final, output)
     except OSError as e:
-        raise target.write_error(
-            e,
-            output,
-            f"The trained adapter is whole in {short_path(final)}: move that folder to {short_path(output)} yourself.",
-        ) from e
+        raise target.write_error(e, output, hint) from e
+    target.commit_staging(final, output, hint=hint)  # the one commit protocol: the writer's too
     shutil.rmtree(work, ignore_errors=True)
 
 
