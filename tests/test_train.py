@@ -199,7 +199,7 @@ def test_train_writes_a_peft_dora_adapter_that_loads_and_learned(llama_base, tok
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["use_dora"]) == (4, 8, True)
     assert sorted(adapter_config["target_modules"]) == sorted(TARGETS)
-    assert adapter_config["base_model_name_or_path"] == str(llama_base)
+    assert adapter_config["base_model_name_or_path"] == recorded_path(llama_base, out)  # ../llama, not /tmp/...
     keys = set(load_file(out / "adapter_model.safetensors"))
     expected = {
         f"base_model.model.model.layers.{i}.{part}.{t}.{kind}"

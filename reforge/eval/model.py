@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from reforge.errors import (
 from reforge.io.adapter_config import is_adapter, read_adapter_config
 from reforge.io.companions import TOKENIZER_MARKERS, has_tokenizer
 from reforge.io.manifest import read_manifest
+from reforge.io.paths import located_inputs
 from reforge.profiles import DECODER_TYPES, EncodingProfile, builtin_profile, detect_profile
 
 
@@ -241,7 +243,9 @@ def _recorded_base(path: Path) -> Path | None:
         manifest = read_manifest(path)
     except CorruptCheckpointError:
         return None
-    base = manifest.get("base") if manifest is not None else None
+    if manifest is None:
+        return None
+    base = located_inputs(manifest.data, path).get("base")  # recorded relative to the folder since issue 26
     local = base.get("path") if isinstance(base, dict) else None
     return Path(local) if local and Path(local).is_dir() else None
 
@@ -293,8 +297,12 @@ def _check_remote_code(folder: Path, trust_remote_code: bool) -> None:
 
 
 def _resolve_base(ref: str, adapter: Path, *, given: bool, token: str | None, allow_pickle: bool) -> Path:
-    """The local folder of an adapter's base. A base taken from adapter_config.json that cannot be found says so:
-    the user never typed that name."""
+    """The local folder of an adapter's base. A relative path in adapter_config.json is relative to the adapter
+    folder (what `reforge train` writes: ``../base``), wherever eval runs; an absolute one (older adapters) and a Hub
+    id are taken as they are, and so is ``--base`` as the user typed it. A base taken from adapter_config.json that
+    cannot be found says so: the user never typed that name."""
+    if not given and not Path(ref).is_absolute() and (adapter / ref).is_dir():
+        ref = os.path.normpath(adapter.absolute() / ref)
     try:
         return _resolve_local(ref, token=token, allow_pickle=allow_pickle)
     except CheckpointNotFoundError as e:

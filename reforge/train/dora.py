@@ -409,6 +409,7 @@ def save(
     readme: Callable[[dict[str, Any]], str] | None = None,
 ) -> TrainResult:
     """Write the peft adapter and the training record under ``work/final`` and rename it to the output (rank 0)."""
+    import copy
     import shutil
 
     from peft import get_peft_model_state_dict
@@ -419,14 +420,19 @@ def save(
     if ranks.main:
         final = work / "final"
         shutil.rmtree(final, ignore_errors=True)
-        adapter = run.model.peft_config["default"]
-        adapter.base_model_name_or_path = config.base  # as given: peft and `reforge eval` load it from there
+        # peft's state dict first: it opens base_model_name_or_path (from the working folder) to see whether the
+        # vocabulary was resized, so it must still be the base as given
+        tensors = get_peft_model_state_dict(run.model)
+        adapter = copy.deepcopy(run.model.peft_config["default"])
+        # a local base relative to the adapter folder, as the training record names it (a pushed adapter carries no
+        # local absolute path); a Hub base its repo id. `reforge eval` resolves a relative one against the folder.
+        adapter.base_model_name_or_path = record["config"]["base"]
         adapter.revision = record["base"].get("commit") or record["base"].get("revision")
         try:
             save_peft_adapter(
                 final,
                 adapter,
-                get_peft_model_state_dict(run.model),
+                tensors,
                 provenance={"reforge_version": __version__, "reforge_base": record["config"]["base"]},
             )
             if readme is not None:
