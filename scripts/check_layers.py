@@ -69,17 +69,9 @@ FLOOR = ("reforge.ops", "reforge.train", "reforge.eval")
 
 # Exceptions, each with its reason; the lead clears them (a stale entry is reported, so the list only shrinks).
 # (importing module, imported module) -> reason
-SIDEWAYS: dict[tuple[str, str], str] = {
-    ("reforge.eval.model", "reforge.ops.fold"): (
-        "eval refuses an adapter over the wrong base with merge's own check (open_adapter); issue 23: move the "
-        "adapter opening and its checks below ops so eval and merge share it from there"
-    ),
-}
+SIDEWAYS: dict[tuple[str, str], str] = {}
 # (module, what) -> reason; what is "torch.save", "torch.load", or a CHECKPOINT_JSON name
-IO_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("reforge.eval.model", "adapter_config.json"): "finds an adapter's base (issue 23: use reforge.io.adapter_config)",
-    ("reforge.eval.model", "reforge.json"): "a merged model's recorded base (issue 23: use reforge.io.manifest)",
-}
+IO_EXCEPTIONS: dict[tuple[str, str], str] = {}
 # (module, the computed name as written) -> why it is safe
 COMPUTED: dict[tuple[str, str], str] = {
     ("reforge", "_API[name]"): "the lazy public API; its modules are the _API table, which this check reads",

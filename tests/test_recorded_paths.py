@@ -55,3 +55,64 @@ def test_records_written_before_keep_their_absolute_paths():
     new = recorded_inputs(json.loads(json.dumps(old)), "/runs/merged")
     assert new["base"] == {"ref": "../base", "path": "../base"} and new["retriever"] == old["retriever"]
     assert located_inputs(new, "/runs/merged")["base"] == old["base"]
+
+
+def test_a_trained_adapter_names_its_base_relative_to_itself_and_loads_from_anywhere(tmp_path, monkeypatch):
+    """adapter_config.json's base_model_name_or_path is ``../base`` (issue 26: no absolute local path published);
+    peft with the base loaded by the caller, and reforge eval (resolving it against the adapter folder), merge and
+    inspect (given --base) load the adapter from another working directory, and agree on its weights."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from test_train import build_tokenizer, config, make_base
+    from transformers import AutoModelForCausalLM
+
+    from reforge.eval.model import resolve_model
+    from reforge.train import train_adapter
+
+    base = make_base("llama-causal", tmp_path / "models" / "base", build_tokenizer())
+    adapter = tmp_path / "models" / "psi"
+    train_adapter(config(base, adapter, max_steps=2, lora_dropout=0.0, lr=1e-1))
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "../base"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # "../base" from here is tmp_path/base, which does not exist
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(ids).logits, tuned(ids).logits)  # the adapter was loaded and applies
+        folded = tuned.merge_and_unload()
+    source = resolve_model(adapter)
+    assert source.base_ref == "../base" and source.base_path == base
+    loaded = source.load(device="cpu", dtype=torch.float32).model
+    run("merge", "--base", base, "--retriever", base, "--adapter", adapter, "--beta", "1", "--alpha", "1", "-o", "m")
+    merged = load_file(elsewhere / "m" / "model.safetensors")
+    peft_weights = dict(folded.model.named_parameters())
+    for name, param in loaded.named_parameters():
+        assert torch.equal(param, merged[f"model.{name}"]), name  # eval folds as merge does
+        torch.testing.assert_close(param, peft_weights[name], rtol=0, atol=1e-5)  # and as peft does, to rounding
+    inspected = json.loads(run("inspect", adapter, "--base", base, "--json").stdout)
+    assert inspected["update"]["modules"] == 2 * 5 and inspected["update"]["norm"] > 0
+
+
+def test_an_adapter_config_naming_an_absolute_base_or_a_hub_id_still_resolves(tmp_path, monkeypatch):
+    """Adapters written before (absolute base) load as they did; a Hub id is still looked up as one."""
+    import pytest
+    from test_train import build_tokenizer, make_base
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_adapter
+    from reforge.errors import CheckpointNotFoundError
+    from reforge.eval.model import resolve_model
+
+    base = make_base("llama-causal", tmp_path / "base", build_tokenizer())
+    adapter = tmp_path / "adapter"
+    make_adapter(AutoModelForCausalLM.from_pretrained(base), adapter)
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**settings, "base_model_name_or_path": str(base)}))
+    monkeypatch.chdir(tmp_path / "adapter")
+    assert resolve_model(adapter).base_path == base
+    (adapter / "adapter_config.json").write_text(json.dumps({**settings, "base_model_name_or_path": "org/base"}))
+    with pytest.raises(CheckpointNotFoundError, match=r"The base model 'org/base' named in .*could not be fetched"):
+        resolve_model(adapter)

@@ -199,7 +199,7 @@ def test_train_writes_a_peft_dora_adapter_that_loads_and_learned(llama_base, tok
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["use_dora"]) == (4, 8, True)
     assert sorted(adapter_config["target_modules"]) == sorted(TARGETS)
-    assert adapter_config["base_model_name_or_path"] == str(llama_base)
+    assert adapter_config["base_model_name_or_path"] == recorded_path(llama_base, out)  # ../llama, not /tmp/...
     keys = set(load_file(out / "adapter_model.safetensors"))
     expected = {
         f"base_model.model.model.layers.{i}.{part}.{t}.{kind}"
@@ -301,6 +301,24 @@ def test_two_dora_steps_change_only_adapter_tensors(llama_base, tokenizer, tmp_p
     assert all(torch.equal(before[n], after[n]) for n in before if n not in adapter)
     assert all(not torch.equal(before[n], after[n]) for n in adapter)
     assert {n for n, p in run.model.named_parameters() if p.requires_grad} == set(adapter)
+
+
+@pytest.mark.parametrize("attention", ["auto", "padded"])
+def test_a_run_plans_its_attention_once(llama_base, tmp_path, monkeypatch, attention):
+    """train plans the attention path once, before reading the corpus, and the model is loaded with that plan
+    (setup_model planned it a second time, from the base's config read again)."""
+    from reforge.train import dora
+
+    plans, original = [], dora.plan_attention
+
+    def counted(*args, **kwargs):
+        plans.append(original(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(dora, "plan_attention", counted)
+    result = train_adapter(config(llama_base, tmp_path / "out", max_steps=1, attention=attention))
+    assert [plan.path for plan in plans] == ["split" if attention == "auto" else "padded"]
+    assert json.loads((result.output / "training_record.json").read_text())["attention"]["path"] == plans[0].path
 
 
 def test_same_seed_gives_the_same_adapter_bit_for_bit(llama_base, tmp_path):

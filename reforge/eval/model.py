@@ -1,15 +1,16 @@
 """Retrievers to evaluate: a model on disk (`ModelSource`, resolved but not loaded) or in memory (`Retriever`).
 
 A source is resolved cheaply (path, content key, encoding profile); its weights are loaded only when some vectors
-are not in the cache. A peft adapter folder is checked against its base as merge checks it
-(`reforge.ops.fold.open_adapter`), then loaded over it as a bare ``AutoModel`` and merged in memory. Loaded weights
-must be finite: a NaN would otherwise make every score 0 and still exit 0.
+are not in the cache. A peft adapter folder is opened and checked against its base as merge opens and checks it
+(`reforge.io.adapter.open_adapter`), then folded into the base loaded as a bare ``AutoModel`` with merge's own fold
+(`LoraAdapter.psi`, fp32). Loaded weights must be finite: a NaN would otherwise make every score 0 and still exit 0.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,17 @@ from typing import Any
 from reforge.errors import (
     AdapterError,
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     NonFiniteError,
     PickleRefusedError,
     PoolingUndeterminedError,
     UnsupportedModelError,
     short_path,
 )
+from reforge.io.adapter_config import is_adapter, read_adapter_config
 from reforge.io.companions import TOKENIZER_MARKERS, has_tokenizer
+from reforge.io.manifest import read_manifest
+from reforge.io.paths import located_inputs
 from reforge.profiles import DECODER_TYPES, EncodingProfile, builtin_profile, detect_profile
 
 
@@ -178,9 +183,8 @@ def resolve_model(
     path = _resolve_local(str(ref), token=token, allow_pickle=allow_pickle)
     base_ref = base_path = None
     fingerprint = _content_key(path)
-    if (path / "adapter_config.json").is_file():
-        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-        base_ref = base or config.get("base_model_name_or_path")
+    if is_adapter(path):
+        base_ref = base or read_adapter_config(path).get("base_model_name_or_path")
         if not base_ref:
             raise AdapterError(
                 f"{short_path(path)}/adapter_config.json names no base model.",
@@ -189,11 +193,11 @@ def resolve_model(
                 tensor=None,
             )
         base_path = _resolve_base(str(base_ref), path, given=base is not None, token=token, allow_pickle=allow_pickle)
-        _check_adapter_fits(path, base_path, allow_pickle=allow_pickle)
+        _open_adapter(path, base_path, allow_pickle=allow_pickle)
         fingerprint = hashlib.sha256(f"{fingerprint}+{_content_key(base_path)}".encode()).hexdigest()
     weights_dir = base_path or transformer_dir(path)
     _check_pickle(weights_dir, allow_pickle)
-    if base_path is None:  # (an adapter and its base were opened by _check_adapter_fits)
+    if base_path is None:  # (an adapter and its base were opened by _open_adapter)
         _check_weights(weights_dir, allow_pickle)
     _check_remote_code(weights_dir, trust_remote_code or builtin_class)
     shown = name or (Path(str(ref)).name if Path(str(ref)).exists() else str(ref))
@@ -233,11 +237,15 @@ def _tokenizer_dir(path: Path, base_path: Path | None, ref: str) -> Path:
 
 
 def _recorded_base(path: Path) -> Path | None:
-    """The local base folder a reforge output records in its reforge.json (merges, deltas), if it still exists."""
+    """The local base folder a reforge output records in its reforge.json (merges, deltas), if it still exists
+    (an unreadable reforge.json records none)."""
     try:
-        base = json.loads((path / "reforge.json").read_text(encoding="utf-8")).get("base") or {}
-    except (OSError, ValueError, AttributeError):
+        manifest = read_manifest(path)
+    except CorruptCheckpointError:
         return None
+    if manifest is None:
+        return None
+    base = located_inputs(manifest.data, path).get("base")  # recorded relative to the folder since issue 26
     local = base.get("path") if isinstance(base, dict) else None
     return Path(local) if local and Path(local).is_dir() else None
 
@@ -289,8 +297,12 @@ def _check_remote_code(folder: Path, trust_remote_code: bool) -> None:
 
 
 def _resolve_base(ref: str, adapter: Path, *, given: bool, token: str | None, allow_pickle: bool) -> Path:
-    """The local folder of an adapter's base. A base taken from adapter_config.json that cannot be found says so:
-    the user never typed that name."""
+    """The local folder of an adapter's base. A relative path in adapter_config.json is relative to the adapter
+    folder (what `reforge train` writes: ``../base``), wherever eval runs; an absolute one (older adapters) and a Hub
+    id are taken as they are, and so is ``--base`` as the user typed it. A base taken from adapter_config.json that
+    cannot be found says so: the user never typed that name."""
+    if not given and not Path(ref).is_absolute() and (adapter / ref).is_dir():
+        ref = os.path.normpath(adapter.absolute() / ref)
     try:
         return _resolve_local(ref, token=token, allow_pickle=allow_pickle)
     except CheckpointNotFoundError as e:
@@ -315,57 +327,35 @@ def transformer_dir(path: Path) -> Path:
 
 
 def _load_adapter_merged(adapter: Path, base: Path, *, dtype: Any, allow_pickle: bool, remote: dict) -> Any:
-    """Base as a bare AutoModel + the adapter, merged in memory. Fails loudly when adapter keys match nothing."""
-    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+    """The base as a bare AutoModel with the adapter folded in: each adapted weight becomes ``W + Psi``, computed in
+    fp32 from the stored base weight by the fold merge uses (`reforge.io.adapter`), then rounded to ``dtype`` once.
+    The adapter is checked against the base as merge checks it (`open_adapter`)."""
+    import torch
     from transformers import AutoModel
 
+    from reforge.io.keymap import detect_layout
+
     model = AutoModel.from_pretrained(base, dtype=dtype, weights_only=True, **remote)
-    state = _adapter_state(adapter, allow_pickle=allow_pickle)
-    has_inner_model = hasattr(model, "model") or hasattr(model, "language_model")
-    prefix = "base_model.model.model."
-    if not has_inner_model and state and all(k.startswith(prefix) for k in state):
-        # trained on a CausalLM (base_model.model.model.layers...), applied to a bare model (base_model.model.layers...)
-        state = {"base_model.model." + k[len(prefix) :]: v for k, v in state.items()}
-    peft_model = PeftModel(model, PeftConfig.from_pretrained(adapter))
-    result = set_peft_model_state_dict(peft_model, state)
-    unexpected = list(result.unexpected_keys)
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if unexpected or missing:
-        example = (unexpected or missing)[0]
+    checkpoint, adapter = _open_adapter(adapter, base, allow_pickle=allow_pickle)
+    params = dict(model.named_parameters())
+    layout = detect_layout(params)
+    loaded = {layout.canonical(name): param for name, param in params.items()}
+    stored = checkpoint.canonical_keys()
+    lacking = sorted(set(adapter.modules) - set(loaded))
+    if lacking:
         raise AdapterError(
-            f"Adapter {short_path(adapter)} does not fit base {short_path(base)}: "
-            f"{len(unexpected)} adapter tensors match no module, {len(missing)} adapter modules "
-            f"got no tensor (e.g. {example}).",
+            f"Adapter {short_path(adapter.checkpoint.path)} adapts {lacking[0]!r}, which {short_path(base)} loaded "
+            f"as a bare {type(model).__name__} does not have ({len(lacking)} such tensor(s)).",
             hint="Check --base (or base_model_name_or_path in adapter_config.json).",
-            path=adapter,
-            tensor=example,
+            path=adapter.checkpoint.path,
+            tensor=lacking[0],
         )
-    return peft_model.merge_and_unload()
-
-
-def _adapter_state(adapter: Path, *, allow_pickle: bool) -> dict[str, Any]:
-    safetensors_file = adapter / "adapter_model.safetensors"
-    if safetensors_file.is_file():
-        from reforge.io.tensors import load_tensors
-
-        return load_tensors(safetensors_file)
-    pickle_file = adapter / "adapter_model.bin"
-    if pickle_file.is_file():
-        if not allow_pickle:
-            raise PickleRefusedError(
-                f"{short_path(pickle_file)} is a pickle file.",
-                hint="Pass --allow-pickle to load it with torch.load(weights_only=True).",
-                path=pickle_file,
-            )
-        from reforge.io.tensors import load_tensors
-
-        return load_tensors(pickle_file)  # weights_only=True
-    raise AdapterError(
-        f"{short_path(adapter)} has adapter_config.json but no adapter_model.safetensors or .bin.",
-        hint="Copy the adapter weights next to its config.",
-        path=adapter,
-        tensor=None,
-    )
+    with checkpoint.reader() as base_reader, adapter.checkpoint.reader() as adapter_reader, torch.no_grad():
+        for target in sorted(adapter.modules):
+            weight = base_reader.get(stored[target]).float()
+            folded = adapter.psi(target, adapter_reader.get, weight)
+            loaded[target].copy_(folded.add_(weight))  # W + Psi in fp32, rounded once
+    return model
 
 
 _TOKENIZER_FILES = (
@@ -405,15 +395,16 @@ def _content_key(path: Path) -> str:
     return value
 
 
-def _check_adapter_fits(adapter: Path, base: Path, *, allow_pickle: bool) -> None:
-    """The checks merge and inspect make before using an adapter over a base (`reforge.ops.fold.open_adapter`):
-    its training record names this base, and it adapts tensors the base has, with factors of their shapes."""
+def _open_adapter(adapter: Path, base: Path, *, allow_pickle: bool) -> tuple[Any, Any]:
+    """The base checkpoint and the adapter opened over it, with the checks merge and inspect make
+    (`reforge.io.adapter.open_adapter`): its training record names this base, its tensors are LoRA factors, and it
+    adapts tensors the base has, with factors of their shapes."""
+    from reforge.io.adapter import open_adapter
     from reforge.io.checkpoint import open_model
-    from reforge.ops.fold import open_adapter
 
     checkpoint = open_model(base, allow_pickle=allow_pickle)
     shapes = {key: checkpoint.index.tensors[stored].shape for key, stored in checkpoint.canonical_keys().items()}
-    open_adapter(adapter, checkpoint, shapes, allow_pickle=allow_pickle)
+    return checkpoint, open_adapter(adapter, checkpoint, shapes, allow_pickle=allow_pickle)
 
 
 def check_finite(module: Any, name: str) -> None:
@@ -424,19 +415,21 @@ def check_finite(module: Any, name: str) -> None:
     """
     import torch
 
+    from reforge.io.tensors import first_non_finite
+
     if isinstance(module, torch.nn.Module):
         groups = (("parameter", module.named_parameters()), ("buffer", module.named_buffers()))
     else:  # a post-pooling step (pooling.Dense, Normalize): its tensors are plain fields
         groups = (("parameter", ((k, v) for k, v in vars(module).items() if isinstance(v, torch.Tensor))),)
     for kind, tensors in groups:
-        for tensor_name, tensor in tensors:
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise NonFiniteError(
-                    f"{name}: {kind} {tensor_name!r} holds NaN or Inf; its vectors and scores would mean nothing.",
-                    hint="Evaluate a model whose weights are finite (`reforge verify` names every such tensor).",
-                    tensor=tensor_name,
-                    path=None,
-                )
+        tensor_name = first_non_finite(tensors)
+        if tensor_name is not None:
+            raise NonFiniteError(
+                f"{name}: {kind} {tensor_name!r} holds NaN or Inf; its vectors and scores would mean nothing.",
+                hint="Evaluate a model whose weights are finite (`reforge verify` names every such tensor).",
+                tensor=tensor_name,
+                path=None,
+            )
 
 
 def _module_dirs(path: Path) -> list[Path]:

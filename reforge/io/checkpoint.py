@@ -37,7 +37,7 @@ from reforge.io.atomic import write_atomic
 from reforge.io.buffers import BufferPool
 from reforge.io.index import ShardIndex
 from reforge.io.keymap import KeyLayout, canonical_map, detect_layout
-from reforge.io.manifest import MANIFEST
+from reforge.io.manifest import peek_record
 from reforge.io.reader import ShardReader
 
 #: ``reforge.json`` field the writer fills: ``{filename: {"sha256", "size", "identity"}}``.
@@ -401,11 +401,8 @@ def _hub_sha256(path: Path) -> str | None:
 
 def _recorded(folder: Path) -> dict:
     """The writer's ``file_sha256`` record in ``folder/reforge.json`` (complete outputs only), else ``{}``."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(manifest, dict) or manifest.get("state") != "complete":
+    manifest = peek_record(folder)  # reforge.json is read by io.manifest (issue 23)
+    if manifest.get("state") != "complete":
         return {}
     record = manifest.get(RECORD_FIELD)
     return record if isinstance(record, dict) else {}

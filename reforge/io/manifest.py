@@ -102,6 +102,16 @@ def read_training_record(folder: str | Path) -> TrainingRecord | None:
     return None if data is None else TrainingRecord(Path(folder) / TRAINING_RECORD, data)
 
 
+def peek_record(folder: str | Path, name: str = MANIFEST) -> dict[str, Any]:
+    """``folder/name`` (``reforge.json`` by default) as a dict, ``{}`` when it is missing, unreadable or not a JSON
+    object: for the checks that treat a damaged record as no record (is this an output reforge wrote, does a partial
+    folder belong to this plan), which then start clean or refuse, never trust it."""
+    try:
+        return _read(Path(folder) / name) or {}
+    except CorruptCheckpointError:
+        return {}
+
+
 def write_record(path: str | Path, data: dict[str, Any]) -> None:
     """Write a record as indented JSON through a temporary name, renamed when whole."""
     text = json.dumps(data, indent=2) + "\n"

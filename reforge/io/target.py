@@ -7,20 +7,23 @@ first tensor is computed, so a long merge, tune or training never fails at its v
 
 The lock is ``.NAME.reforge-lock`` beside the output, held with ``flock`` for the whole run (diff, merge,
 ``tune --write`` and train alike): a second run writing the same output is refused at once.
+
+An output is committed one way (`commit_staging`): written whole in a sibling folder (the writer's
+``.NAME.reforge-partial``, train's ``.NAME.reforge-train/final``), then renamed into place.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from reforge.errors import DiskFullError, OutputExistsError, OutputLockedError, OutputRefusedError, short_path
-from reforge.io.manifest import MANIFEST, TRAINING_RECORD
+from reforge.io.manifest import MANIFEST, TRAINING_RECORD, peek_record
 
 MANIFESTS = (MANIFEST, TRAINING_RECORD)  # what diff/merge/tune --write and train leave in their output
 
@@ -47,11 +50,8 @@ def absolute(output: str | Path) -> Path:
 def written_by_reforge(folder: Path) -> bool:
     """Whether ``folder`` holds an output reforge wrote: a manifest that is a JSON object naming reforge's version."""
     for name in MANIFESTS:
-        try:
-            manifest = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(manifest, dict) and ("reforge_version" in manifest or "plan_id" in manifest):
+        manifest = peek_record(folder, name)
+        if "reforge_version" in manifest or "plan_id" in manifest:
             return True
     return False
 
@@ -181,6 +181,59 @@ def write_error(error: OSError, path: str | Path, hint: str) -> Exception:
     return OutputRefusedError(
         f"writing {short_path(path)} failed: {error.strerror or error}.", hint=hint, path=Path(path)
     )
+
+
+def old_path(output: str | Path) -> Path:
+    """Where `commit_staging` moves the output it replaces, until the new one is in place (``.NAME.reforge-old``)."""
+    output = absolute(output)
+    return output.parent / f".{output.name}.reforge-old"
+
+
+def commit_staging(staging: str | Path, output: str | Path, *, durable: bool = False, hint: str | None = None) -> None:
+    """Put the whole folder ``staging`` at ``output``, replacing what is there: how every command commits its output.
+
+    ``staging`` must be on ``output``'s filesystem (a sibling: the renames are atomic). What ``output`` held is
+    renamed to `old_path` first and removed once ``staging`` is in place, so the output path holds the old folder
+    or the new one, whole, at every moment but the instant between the two renames; a run killed there leaves the
+    old output in ``.NAME.reforge-old`` and the new one whole in ``staging``, and a rerun commits again. With
+    ``durable`` the folder and its parent are fsynced (the rename survives a power loss).
+
+    Raises:
+        DiskFullError, OutputRefusedError: a rename failed; the message says where the whole output waits
+            (``hint``, default: move ``staging`` to ``output`` yourself).
+    """
+    staging, output = Path(staging), absolute(output)
+    old = old_path(output)
+    try:
+        if durable:
+            _fsync_dir(staging)
+        if os.path.lexists(old):
+            _remove(old)
+        if os.path.lexists(output):
+            os.replace(output, old)
+        os.replace(staging, output)
+        if durable:
+            _fsync_dir(output.parent)
+    except OSError as e:
+        shown = f"The whole output is in {short_path(staging)}: move that folder to {short_path(output)} yourself."
+        raise write_error(e, output, hint or shown) from e
+    if os.path.lexists(old):
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _refused(path: Path, message: str, hint: str) -> OutputRefusedError:

@@ -3,6 +3,8 @@ through reforge's own readers: safetensors through `ShardReader`, pickle only we
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,6 +12,29 @@ from reforge.io.atomic import write_atomic
 
 if TYPE_CHECKING:
     import torch
+
+
+def all_finite(tensor: "torch.Tensor") -> bool:
+    """True when ``tensor`` holds no NaN or Inf (non-floating and empty tensors always do).
+
+    The one finite check of reforge (train's checkpoints, eval's loaded models, adapters, merge's inputs, verify):
+    one pass computing min and max, which NaN and Inf both propagate to, where ``torch.isfinite(t).all()`` first
+    fills a boolean tensor of the same size.
+    """
+    import torch
+
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.detach())
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+def first_non_finite(tensors: Iterable[tuple[str, "torch.Tensor"]]) -> str | None:
+    """The name of the first ``(name, tensor)`` pair whose tensor holds a NaN or Inf (`all_finite`), or None."""
+    for name, tensor in tensors:
+        if not all_finite(tensor):
+            return name
+    return None
 
 
 def load_tensors(file: str | Path) -> dict[str, "torch.Tensor"]:
@@ -75,19 +100,17 @@ def save_peft_adapter(
     """
     import copy
 
-    import torch
-
     from reforge.errors import NonFiniteError, short_path
 
     folder = Path(folder)
-    for name, tensor in tensors.items():  # checked before anything is written: a NaN adapter is never an output
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(
-                f"Not writing the adapter {short_path(folder)}: {name} holds a NaN or Inf (training diverged).",
-                hint="Lower --lr (or raise --warmup-steps), or check the corpus, and train again.",
-                tensor=name,
-                path=folder,
-            )
+    name = first_non_finite(tensors.items())  # checked before anything is written: a NaN adapter is never an output
+    if name is not None:
+        raise NonFiniteError(
+            f"Not writing the adapter {short_path(folder)}: {name} holds a NaN or Inf (training diverged).",
+            hint="Lower --lr (or raise --warmup-steps), or check the corpus, and train again.",
+            tensor=name,
+            path=folder,
+        )
     folder.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(peft_config)
     config.inference_mode = True  # what PeftModel.save_pretrained records: the saved adapter is for inference

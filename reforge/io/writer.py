@@ -40,8 +40,8 @@ from reforge.errors import DiskFullError, InvalidOptionError, OutputExistsError,
 from reforge.io.buffers import ALIGNMENT
 from reforge.io.checkpoint import RECORD_FIELD, file_record, sha256_file
 from reforge.io.format import DTYPES, encode_header, open_direct, safetensors_dtype
-from reforge.io.manifest import MANIFEST
-from reforge.io.target import OutputLock, absolute, check_output, staging_path
+from reforge.io.manifest import MANIFEST, peek_record
+from reforge.io.target import OutputLock, absolute, check_output, commit_staging, staging_path
 
 if TYPE_CHECKING:
     import torch
@@ -396,7 +396,7 @@ class CheckpointWriter:
     def _prepare(self) -> None:
         if self._output_matches_plan():
             self.already_complete = True
-            self.records = _read_manifest(self._target / MANIFEST).get("records", {})
+            self.records = peek_record(self._target).get("records", {})
             return
         if self._target.exists() and not self.overwrite and any(self._target.iterdir()):
             raise OutputExistsError(
@@ -404,7 +404,7 @@ class CheckpointWriter:
                 hint="Choose another --output, or pass --overwrite to replace it.",
                 path=self.output,
             )
-        staged_plan = _read_manifest(self.staging / MANIFEST).get("plan_id")
+        staged_plan = peek_record(self.staging).get("plan_id")
         if self.staging.exists() and staged_plan != self.plan_id:
             shutil.rmtree(self.staging)
         self.staging.mkdir(exist_ok=True)
@@ -445,7 +445,7 @@ class CheckpointWriter:
         journal.write_text("".join(json.dumps({"name": k, "facts": v}) + "\n" for k, v in kept.items()))
 
     def _output_matches_plan(self) -> bool:
-        manifest = _read_manifest(self._target / MANIFEST)
+        manifest = peek_record(self._target)
         if manifest.get("plan_id") != self.plan_id:
             return False
         return all((self._target / name).is_file() for name in self.plan.filenames)
@@ -487,18 +487,7 @@ class CheckpointWriter:
             self._write_small_files()
         except OSError as e:
             raise self._disk_error(e, self.staging) from e
-        if self.durable:
-            _fsync_dir(self.staging)
-        old = self._target.parent / f".{self._target.name}.reforge-old"
-        if self._target.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self._target, old)
-        os.replace(self.staging, self._target)
-        if self.durable:
-            _fsync_dir(self._target.parent)
-        if old.exists():
-            shutil.rmtree(old)
+        commit_staging(self.staging, self._target, durable=self.durable)
 
     def _write_small_files(self) -> None:
         if len(self.plan.filenames) > 1:
@@ -539,22 +528,6 @@ class CheckpointWriter:
             finally:
                 os.close(fd)
             os.replace(tmp, target)
-
-
-def _read_manifest(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-        return value if isinstance(value, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def plan_id_for(parts: dict) -> str:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from reforge.errors import NonFiniteError
 from reforge.io.buffers import BufferPool
+from reforge.io.tensors import all_finite as all_finite  # its home is io; ops.merge and ops.verify import it here
 
 if TYPE_CHECKING:
     import torch
@@ -396,16 +397,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _row_size(shape: tuple[int, ...]) -> int:
     return _numel(shape[1:]) if shape else 1
-
-
-def all_finite(tensor: "torch.Tensor") -> bool:
-    """True when a floating tensor holds no NaN or Inf (one pass: min and max propagate both)."""
-    import torch
-
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor)
-    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def check_finite(ok: bool, key: str, what: str) -> None:

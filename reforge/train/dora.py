@@ -179,10 +179,8 @@ def train_adapter(
         device = torch.device(config.device or (f"cuda:{ranks.local}" if device_type == "cuda" else "cpu"))
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        if config.attention != "auto" and not dry_run:  # refuse --attention flex on a CPU before reading the corpus
-            from transformers import AutoConfig
-
-            plan_attention(AutoConfig.from_pretrained(base), device.type, config.attention)
+        # planned once, before the corpus is read: --attention flex on a CPU is refused before any work
+        attention = None if dry_run else _plan_attention(config, base, device)
         say = stage if stage is not None and ranks.main else (lambda text: None)
         tokenizer = _load_tokenizer(config.base, base)
         data = setup_data(config, tokenizer, ranks, stage=say)
@@ -192,7 +190,7 @@ def train_adapter(
         if resume_from is None:
             start_fresh(work, ranks)
         say(f"Loading {Path(str(config.base).rstrip('/')).name} and adding the adapter")
-        run = setup_model(config, base, ranks, device, data.total_steps)
+        run = setup_model(config, base, ranks, device, data.total_steps, attention=attention)
         state = LoopState()
         if resume_from is not None:
             meta = load_checkpoint(
@@ -253,15 +251,19 @@ def setup_data(
     return Data(corpus, texts, plan, encode, pad_id, total)
 
 
-def setup_model(config: TrainConfig, base: Path, ranks: Ranks, device, total_steps: int) -> Run:
+def setup_model(
+    config: TrainConfig, base: Path, ranks: Ranks, device, total_steps: int, *, attention: AttentionPlan | None = None
+) -> Run:
     """Load the base LM (with per-document attention for packed rows, see `reforge.train.attention`), refuse one
     without an LM head, add the adapter (seeded), wrap for DDP, build AdamW and the schedule. Only ``lora_*``
-    tensors are trainable; the LM head and embeddings never are."""
+    tensors are trainable; the LM head and embeddings never are. ``attention``: the plan `train` made (planned here
+    when not given)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
+    from transformers import AutoModelForCausalLM, get_scheduler
 
-    attention = plan_attention(AutoConfig.from_pretrained(base), device.type, config.attention)
+    if attention is None:
+        attention = _plan_attention(config, base, device)
     bf16 = config.precision == "bf16" or (
         config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
@@ -314,6 +316,13 @@ def setup_model(config: TrainConfig, base: Path, ranks: Ranks, device, total_ste
     return Run(
         config, ranks, device, bf16, model, engine, optimizer, scheduler, _forward_budget(config, device), attention
     )
+
+
+def _plan_attention(config: TrainConfig, base: Path, device) -> AttentionPlan:
+    """`plan_attention` for ``--attention`` on the base's config and this run's device."""
+    from transformers import AutoConfig
+
+    return plan_attention(AutoConfig.from_pretrained(base), device.type, config.attention)
 
 
 def train_loop(
@@ -400,6 +409,7 @@ def save(
     readme: Callable[[dict[str, Any]], str] | None = None,
 ) -> TrainResult:
     """Write the peft adapter and the training record under ``work/final`` and rename it to the output (rank 0)."""
+    import copy
     import shutil
 
     from peft import get_peft_model_state_dict
@@ -410,14 +420,19 @@ def save(
     if ranks.main:
         final = work / "final"
         shutil.rmtree(final, ignore_errors=True)
-        adapter = run.model.peft_config["default"]
-        adapter.base_model_name_or_path = config.base  # as given: peft and `reforge eval` load it from there
+        # peft's state dict first: it opens base_model_name_or_path (from the working folder) to see whether the
+        # vocabulary was resized, so it must still be the base as given
+        tensors = get_peft_model_state_dict(run.model)
+        adapter = copy.deepcopy(run.model.peft_config["default"])
+        # a local base relative to the adapter folder, as the training record names it (a pushed adapter carries no
+        # local absolute path); a Hub base its repo id. `reforge eval` resolves a relative one against the folder.
+        adapter.base_model_name_or_path = record["config"]["base"]
         adapter.revision = record["base"].get("commit") or record["base"].get("revision")
         try:
             save_peft_adapter(
                 final,
                 adapter,
-                get_peft_model_state_dict(run.model),
+                tensors,
                 provenance={"reforge_version": __version__, "reforge_base": record["config"]["base"]},
             )
             if readme is not None:

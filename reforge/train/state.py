@@ -280,10 +280,8 @@ def _read_meta(checkpoint: Path) -> dict[str, Any]:
 
 def _read_adapter(file: Path, model) -> dict[str, Any]:
     """The checkpoint's trainable tensors: exactly the model's set, each of its shape, every value finite."""
-    import torch
-
     from reforge.errors import ReforgeError
-    from reforge.io.tensors import load_tensors
+    from reforge.io.tensors import first_non_finite, load_tensors
 
     try:
         tensors = load_tensors(file)
@@ -303,8 +301,9 @@ def _read_adapter(file: Path, model) -> dict[str, Any]:
         if tuple(value.shape) != tuple(params[name].shape):
             shapes = f"{tuple(value.shape)} where the model has {tuple(params[name].shape)}"
             raise _unusable(file, f"holds {name} of shape {shapes}", tensor=name)
-        if not bool(torch.isfinite(value).all()):
-            raise _unusable(file, f"holds a NaN or Inf in {name}", tensor=name)
+    bad = first_non_finite(tensors.items())
+    if bad is not None:
+        raise _unusable(file, f"holds a NaN or Inf in {bad}", tensor=bad)
     return tensors
 
 
@@ -329,26 +328,28 @@ def _load_pt(file: Path, keys: tuple[str, ...]) -> dict[str, Any]:
 def _refuse_non_finite_state(file: Path, optimizer_state: Any) -> None:
     import torch
 
+    from reforge.io.tensors import first_non_finite
+
     for slot in (optimizer_state.get("state") or {}).values() if isinstance(optimizer_state, dict) else []:
-        for name, value in slot.items() if isinstance(slot, dict) else []:
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise _unusable(file, f"holds a NaN or Inf in the optimizer's {name}")
+        tensors = ((k, v) for k, v in (slot.items() if isinstance(slot, dict) else []) if isinstance(v, torch.Tensor))
+        name = first_non_finite(tensors)
+        if name is not None:
+            raise _unusable(file, f"holds a NaN or Inf in the optimizer's {name}")
 
 
 def _refuse_non_finite(tensors: dict[str, Any], step: int) -> None:
-    import torch
-
     from reforge.errors import NonFiniteError
+    from reforge.io.tensors import first_non_finite
 
-    for name, value in tensors.items():
-        if not bool(torch.isfinite(value).all()):
-            raise NonFiniteError(
-                f"Training diverged: {name} holds a NaN or Inf after step {step}; no checkpoint was written for it.",
-                hint="Lower --lr (or raise --warmup-steps), or check the corpus; --resume continues from the last "
-                "good checkpoint.",
-                tensor=name,
-                path=None,
-            )
+    name = first_non_finite((k, v.detach()) for k, v in tensors.items())
+    if name is not None:
+        raise NonFiniteError(
+            f"Training diverged: {name} holds a NaN or Inf after step {step}; no checkpoint was written for it.",
+            hint="Lower --lr (or raise --warmup-steps), or check the corpus; --resume continues from the last "
+            "good checkpoint.",
+            tensor=name,
+            path=None,
+        )
 
 
 def _unusable(file: Path, what: str, tensor: str | None = None) -> ResumeError:
@@ -366,25 +367,20 @@ def _first_line(error: BaseException) -> str:
 
 
 def publish(final: Path, output: Path, work: Path) -> None:
-    """Move the finished ``final`` folder to ``output`` (replacing what is there) and remove ``work``.
+    """Commit the finished ``final`` folder to ``output`` (replacing what is there) with
+    `reforge.io.target.commit_staging`, as every writer does, and remove ``work``.
 
     Raises:
         DiskFullError, OutputRefusedError: the move failed; the message says where the whole adapter waits.
     """
+    hint = f"The trained adapter is whole in {short_path(final)}: move that folder to {short_path(output)} yourself."
     try:
         for path in final.rglob("*"):
             if path.is_file():
                 os.chmod(path, 0o644)  # safetensors' save_file creates 0600 files
-        if output.exists() or output.is_symlink():
-            trash = work / "replaced"
-            os.replace(output, trash)
-        os.replace(final, output)
     except OSError as e:
-        raise target.write_error(
-            e,
-            output,
-            f"The trained adapter is whole in {short_path(final)}: move that folder to {short_path(output)} yourself.",
-        ) from e
+        raise target.write_error(e, output, hint) from e
+    target.commit_staging(final, output, hint=hint)  # the one commit protocol: the writer's too
     shutil.rmtree(work, ignore_errors=True)
 
 
