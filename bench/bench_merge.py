@@ -133,9 +133,9 @@ def make_dora_adapter(folder: Path, base: Path, layers: int, seed: int) -> Path:
 def make_folded(folder: Path, base: Path, adapter: Path, layers: int) -> Path:
     """K = base + Psi in the base's CausalLM layout, Psi folded in fp32 by reforge's own `LoraAdapter.psi` and
     rounded once to bf16; tensors the adapter does not touch (and lm_head) are the base's, bit for bit."""
+    from reforge.io.adapter import LoraAdapter
     from reforge.io.checkpoint import open_checkpoint, open_model
     from reforge.io.writer import CheckpointWriter, TensorSpec
-    from reforge.ops.fold import LoraAdapter
 
     if (folder / "config.json").is_file():
         return folder

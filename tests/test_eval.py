@@ -356,7 +356,7 @@ def test_adapter_whose_keys_match_nothing_fails_loudly(models, tmp_path):
     adapter = _lora(models["llama"], tmp_path / "adapter", causal=False)
     state = load_file(adapter / "adapter_model.safetensors")
     save_file({k.replace(".layers.", ".blocks."): v for k, v in state.items()}, adapter / "adapter_model.safetensors")
-    # refused before loading, by the check merge and inspect make (reforge.ops.fold.open_adapter)
+    # refused before loading, by the check merge and inspect make (reforge.io.adapter.open_adapter)
     with pytest.raises(AdapterError, match=r"adapts 4 tensor\(s\) the base does not have \(e.g. 'blocks.0"):
         resolve_model(adapter)
 

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import build_model, make_adapter, save
 from reforge.cli import cli
+from reforge.io.adapter import LoraAdapter
 from reforge.io.checkpoint import open_checkpoint
-from reforge.ops.fold import LoraAdapter
 
 
 def merged_state(peft_model):

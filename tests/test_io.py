@@ -392,3 +392,25 @@ def test_one_rule_says_whether_a_folder_has_its_own_tokenizer(tmp_path):
         folder.mkdir()
         (folder / name).write_text("{}")
         assert has_tokenizer(folder), name
+
+
+def test_an_adapter_config_is_the_same_bytes_in_every_process(tmp_path):
+    """peft keeps target_modules as a set, which json writes in string-hash order: a new order each process, so
+    one training run gave adapters whose config, content key, merge plan id and merged header all differed from
+    the next (found by bench/bench_same.py). The writer sorts them."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; from peft import LoraConfig; from reforge.io.tensors import save_peft_adapter; "
+        "c = LoraConfig(r=2, target_modules=['q_proj', 'k_proj', 'v_proj', 'up_proj', 'down_proj']); "
+        "save_peft_adapter(sys.argv[1], c, {'x.lora_A.weight': torch.zeros(2, 2)})"
+    )
+    written = []
+    for seed in ("1", "2", "3"):
+        folder = tmp_path / seed
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", script, str(folder)], check=True, env=env)
+        written.append((folder / "adapter_config.json").read_bytes())
+    assert written[0] == written[1] == written[2]
+    assert json.loads(written[0])["target_modules"] == ["down_proj", "k_proj", "q_proj", "up_proj", "v_proj"]

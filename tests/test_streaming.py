@@ -206,8 +206,8 @@ def test_device_path_computes_the_same_bytes(models, tmp_path, monkeypatch, case
     assert _outputs(tmp_path / "device") == _outputs(tmp_path / "plain")
     assert runs and set(runs) == {"cpu"}
     if case == "retriever + DoRA":  # copied tensors (norms, o_proj, gate_proj, the embedding) never travel
+        from reforge.io.adapter import LoraAdapter
         from reforge.io.checkpoint import open_checkpoint
-        from reforge.ops.fold import LoraAdapter
 
         base = open_model(models["base"])
         shapes = {k: base.index.tensors[v].shape for k, v in base.canonical_keys().items()}

@@ -114,5 +114,7 @@ def save_peft_adapter(
     folder.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(peft_config)
     config.inference_mode = True  # what PeftModel.save_pretrained records: the saved adapter is for inference
+    if isinstance(config.target_modules, set):  # peft keeps a set: written in hash order, new every process
+        config.target_modules = sorted(config.target_modules)
     config.save_pretrained(str(folder))
     save_tensors(folder / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt", **(provenance or {})})

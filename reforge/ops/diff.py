@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reforge.errors import InvalidOptionError, LayoutMismatchError
+from reforge.io.adapter import Factors, LoraAdapter
 from reforge.io.buffers import BufferPool
 from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
 from reforge.io.companions import output_companions
@@ -24,7 +25,6 @@ from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_f
 from reforge.ops.chat import apply_head_rule
 from reforge.ops.delta import RETRIEVER_FILES, factor_keys
 from reforge.ops.device import resolve_device
-from reforge.ops.fold import Factors, LoraAdapter
 from reforge.ops.job import (
     Access,
     PieceWriter,

@@ -1,7 +1,7 @@
 """How far a knowledge adapter moves its base (`update_size`, for `reforge inspect`).
 
 Opening an adapter, its checks and the fold itself (Psi from the LoRA/DoRA factors) live in `reforge.io.adapter`,
-shared with eval's in-memory merge; they are re-exported here for the ops that import them from this module.
+shared by merge, diff and eval's in-memory merge.
 """
 
 from __future__ import annotations
@@ -10,17 +10,10 @@ import math
 
 from reforge.errors import AdapterError, short_path
 from reforge.io.adapter import (
-    Factors,
-    LoraAdapter,
-    LoraModule,
     open_adapter,
-    torch_addmm,
-    torch_norm_rows,
 )
 from reforge.io.checkpoint import open_model
 from reforge.io.progress import ProgressFn
-
-__all__ = ["Factors", "LoraAdapter", "LoraModule", "open_adapter", "torch_addmm", "torch_norm_rows", "update_size"]
 
 
 def update_size(

@@ -8,14 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from reforge.io.adapter import Factors
 from reforge.io.buffers import ALIGNMENT, BufferPool
+from reforge.io.tensors import all_finite
 from reforge.ops.diff import overlap
-from reforge.ops.fold import Factors
 from reforge.ops.merge_inputs import MergeInputs
 from reforge.ops.stream import (
     Accumulator,
     Scratch,
-    all_finite,
     check_finite,
     clipped,
     empty,

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reforge.card import render_chat_card
+from reforge.io.adapter import LoraAdapter
 from reforge.io.companions import companion_files, output_companions
 from reforge.io.manifest import read_training_record
 from reforge.io.writer import CheckpointWriter
 from reforge.ops.delta import RETRIEVER_FILES
-from reforge.ops.fold import LoraAdapter
 from reforge.ops.merge_inputs import MergeInputs
 
 if TYPE_CHECKING:

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from reforge.errors import InvalidOptionError, LayoutMismatchError, short_path
+from reforge.io.adapter import LoraAdapter, open_adapter
 from reforge.io.checkpoint import AdapterCheckpoint, Checkpoint, open_checkpoint, open_model
 from reforge.io.keymap import extra_rows
 from reforge.ops.chat import apply_head_rule
 from reforge.ops.delta import DeltaCheckpoint
-from reforge.ops.fold import LoraAdapter, open_adapter
 from reforge.ops.job import Access, check_source
 
 

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, TypeVar
 
 from reforge.errors import NonFiniteError
 from reforge.io.buffers import BufferPool
-from reforge.io.tensors import all_finite as all_finite  # its home is io; ops.merge and ops.verify import it here
 
 if TYPE_CHECKING:
     import torch

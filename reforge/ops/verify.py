@@ -220,7 +220,7 @@ def _check_loads(path: Path, manifest: dict, report: VerifyReport) -> ShardIndex
 
 
 def _check_finite(index: ShardIndex, report: VerifyReport, progress) -> None:
-    from reforge.ops.stream import all_finite
+    from reforge.io.tensors import all_finite
 
     bad = []
     total = sum(info.nbytes for info in index.tensors.values())
