@@ -37,6 +37,7 @@ import numpy as np
 from reforge.data.beir import Document, iter_jsonl_at, read_qrels
 from reforge.data.lazy import file_stamp, id_hash, json_object, load_npz, save_npz
 from reforge.errors import DataError, short_path
+from reforge.io.paths import cache_dir
 
 CORPUS_KINDS = ("beir", "jsonl", "text", "datasets")
 LAYOUT_VERSION = 3  # 2: per-document text hashes; keyed by inode and change time too. 3: ids checked unique
@@ -516,9 +517,7 @@ def _layout_key(readers: tuple[_Source, ...], options: list[Any]) -> str:
 
 
 def _layout_path(key: str) -> Path:
-    from reforge.io.checkpoint import env_home
-
-    return Path(env_home()).expanduser() / "cache" / "corpus-index" / f"train-{key}.npz"
+    return cache_dir("corpus-index") / f"train-{key}.npz"
 
 
 def _read_layout(key: str, sources: list[Path], kinds: tuple[str, ...], readers: tuple[_Source, ...]) -> Corpus | None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from reforge.errors import DataError, short_path
 from reforge.io.atomic import write_atomic
+from reforge.io.paths import cache_dir
 
 INDEX_VERSION = 3  # 2: keyed by inode and change time too; 3: a text hash per document
 _EXAMPLES = 3
@@ -328,9 +329,7 @@ class LazyCorpus(Sequence):
 
 
 def _default_folder() -> Path:
-    from reforge.io.checkpoint import env_home
-
-    return Path(env_home()).expanduser() / "cache" / "corpus-index"
+    return cache_dir("corpus-index")
 
 
 def _read_cached(path: Path, corpus: Path) -> CorpusIndex | None:
