@@ -318,11 +318,11 @@ def test_the_same_id_in_two_sources_is_two_documents(tmp_path):
 def test_a_null_id_is_an_error_not_the_document_none(tmp_path, value):
     rows = _scifact_rows(3)
     rows[1] = {**rows[1], "_id": value}
-    with pytest.raises(DataError, match=r"beir/corpus.jsonl, line 2: '_id' is .*, not a document id"):
+    with pytest.raises(DataError, match=r"beir/corpus.jsonl, line 2: '_id' is .*, not a string or a number"):
         load_corpus(_beir_folder(tmp_path, rows))
     notes = tmp_path / "notes.jsonl"
     notes.write_text(json.dumps({"id": value, "body": "text"}) + "\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"notes.jsonl, line 1: 'id' is .*, not a document id"):
+    with pytest.raises(DataError, match=r"notes.jsonl, line 1: 'id' is .*, not a string or a number"):
         load_corpus(notes, text_field="body", skip_bad_lines=True)
 
 
