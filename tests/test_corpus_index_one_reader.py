@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from reforge.data.lazy import (
     text_hash,
 )
 from reforge.errors import DataError
+from reforge.io.paths import cache_dir
 
 ROWS = [
     {"_id": "d1", "title": "Cats", "text": "cats purr and sleep"},
@@ -39,7 +39,7 @@ def _corpus(tmp_path: Path, rows=ROWS) -> Path:
 
 
 def _cached() -> list[Path]:
-    return sorted((Path(os.environ["REFORGE_HOME"]) / "cache" / "corpus-index").glob("*.npz"))
+    return sorted(cache_dir("corpus-index").glob("*.npz"))
 
 
 def _eval_error(path: Path) -> str:
@@ -118,7 +118,7 @@ def test_an_index_written_by_the_previous_version_is_not_read(tmp_path):
     one (here poisoned) cannot be taken for the file."""
     path = _corpus(tmp_path)
     real = corpus_index(path, tmp_path / "fresh").corpus_hash
-    folder = Path(os.environ["REFORGE_HOME"]) / "cache" / "corpus-index"
+    folder = cache_dir("corpus-index")
     old_key = hashlib.sha256(json.dumps([3, *file_stamp(path)]).encode()).hexdigest()
     facts, arrays = load_npz(next((tmp_path / "fresh").glob("*.npz")))
     old = {k: v for k, v in _poisoned(facts).items() if k not in ("format", "kind")}
