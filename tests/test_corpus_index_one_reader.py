@@ -162,3 +162,10 @@ def test_a_train_index_of_another_format_is_rebuilt(tmp_path):
     facts, arrays = load_npz(file)
     save_npz(file, {**facts, "sha256": "f" * 64}, arrays)
     assert load_corpus(path.parent).sha256 == "f" * 64  # read from the cache when it is of this format
+
+
+def test_the_first_repeat_in_reading_order_is_named_by_both_readers(tmp_path):
+    rows = [{"_id": i, "text": f"doc {i}"} for i in ("a", "b", "c", "d", "b", "a")]  # b repeats before a does
+    path = _corpus(tmp_path, rows)
+    eval_text, train_text = _eval_error(path), _train_error(path)
+    assert eval_text == train_text and "line 5: duplicate document id 'b' (first at line 2)." in eval_text

@@ -276,7 +276,8 @@ def check_unique_ids(
     if not pairs:
         return
     found = ids_at(sorted({row for pair in pairs for row in pair}))
-    for first, second in sorted((min(pair), max(pair)) for pair in pairs):
+    # the duplicate met first when reading top-down: the pair whose later document comes first
+    for second, first in sorted((max(pair), min(pair)) for pair in pairs):
         (first_id, first_at), (doc_id, at) = found[first], found[second]
         if first_id == doc_id:
             raise DataError(
