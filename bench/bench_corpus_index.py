@@ -6,9 +6,10 @@
 Writes the same BEIR-style ``corpus.jsonl`` as ``bench/bench_train_corpus.py`` (``--words`` random words a document,
 seeded), then, each in a fresh process with an empty ``REFORGE_HOME``, times ``reforge.data.lazy.corpus_index``
 (eval: one pass, nothing cached) and ``reforge.data.corpus.load_corpus`` (train: one pass, nothing cached), and
-reports the wall time of the call, the process's peak RSS and what was built (corpus hash, document count), so two
-checkouts are compared on the same output. With several ``--code``, their runs alternate (A B A B ...), so a change
-in machine load falls on both. Printed as JSON per checkout: median, min, max and every run.
+reports the wall and CPU time of the call (CPU time is what a loaded machine disturbs least), the process's peak RSS
+and what was built (corpus hash, document count), so two checkouts are compared on the same output. With several
+``--code``, their runs alternate (A B A B ...), so a change in machine load falls on both. Printed as JSON per
+checkout: median, min, max and every run.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ _CHILD = """
 import json, resource, sys, time
 from pathlib import Path
 path, which = Path(sys.argv[1]), sys.argv[2]
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 if which == "eval":
     from reforge.data.lazy import corpus_index
     index = corpus_index(path)
@@ -40,9 +41,9 @@ else:
     from reforge.data.corpus import load_corpus
     corpus = load_corpus(path)
     facts = {"documents": len(corpus.docs), "hash": corpus.sha256}
-wall = time.perf_counter() - start
+wall, cpu = time.perf_counter() - start, time.process_time() - cpu
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-print(json.dumps({"wall_s": round(wall, 2), "peak_rss_gib": round(rss, 3), **facts}))
+print(json.dumps({"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_gib": round(rss, 3), **facts}))
 """
 
 
@@ -83,10 +84,13 @@ def main() -> None:
 
 
 def _summary(runs: list[dict]) -> dict:
-    walls = [r["wall_s"] for r in runs]
-    outputs = [{k: v for k, v in r.items() if k not in ("wall_s", "peak_rss_gib")} for r in runs]
+    outputs = [{k: v for k, v in r.items() if k not in ("wall_s", "cpu_s", "peak_rss_gib")} for r in runs]
+    spread = {}
+    for name in ("wall_s", "cpu_s"):
+        values = [r[name] for r in runs]
+        spread[name] = {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
     return {
-        "wall_s": {"median": statistics.median(walls), "min": min(walls), "max": max(walls), "runs": walls},
+        **spread,
         "peak_rss_gib": [r["peak_rss_gib"] for r in runs],
         "output": outputs[0],
         "same_output_every_run": all(o == outputs[0] for o in outputs),

@@ -233,8 +233,10 @@ def row_id(row: dict, path: Path, number: int, *, keys: Sequence[str] = ("_id",)
         DataError: the line has none of ``keys`` and there is no ``default``, or its id is null, a list, an object
             or a boolean (``str`` would have made ``"None"`` or ``"[1, 2]"`` an id that no qrels row can name).
     """
-    key = next((k for k in keys if k in row), None)
-    if key is None:
+    for key in keys:  # a loop, not next(<generator>): this runs once per line of every corpus
+        if key in row:
+            break
+    else:
         if default is not None:
             return default
         raise DataError(f"{short_path(path)}, line {number}: no {keys[0]!r} field.", path=path, line=number)
