@@ -12,13 +12,14 @@ import pytest
 from conftest import DATA
 from reforge.data.beir import BeirDataset, iter_corpus, load_beir
 from reforge.data.lazy import LazyCorpus
+from reforge.io.paths import cache_dir
 
 SCIFACT = DATA / "scifact"
 pytestmark = pytest.mark.skipif(not SCIFACT.is_dir(), reason="needs ../shared/data/scifact")
 
 
 def _index_files() -> list[Path]:
-    return sorted((Path(os.environ["REFORGE_HOME"]) / "cache" / "corpus-index").glob("*.npz"))
+    return sorted(cache_dir("corpus-index").glob("*.npz"))
 
 
 def test_lazy_corpus_reads_the_same_documents_hash_and_subsets():

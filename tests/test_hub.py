@@ -352,6 +352,44 @@ def test_offline_reads_the_cache_and_fails_clearly_when_not_cached(fake_hub, tin
     assert info.value.missing == ["model-00002-of-00005.safetensors"]
 
 
+def test_the_cache_is_huggingface_hubs_own(fake_hub, tiny_model, tmp_path):
+    """What download_checkpoint leaves (files, the ref of a branch) is what huggingface_hub itself finds offline: the
+    cache layout has one home, the library."""
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
+
+    fake_hub.add_folder("org/tiny", tiny_model)
+    v2_sha = fake_hub.commit("org/tiny", {"README.md": b"v2"}, branch="v2")
+    v2 = hub.download_checkpoint("org/tiny", revision="v2")
+    cache = tmp_path / "hf-home" / "hub"
+    assert Path(snapshot_download("org/tiny", revision="v2", cache_dir=cache, local_files_only=True)) == v2
+    found = try_to_load_from_cache("org/tiny", "README.md", cache_dir=cache, revision="v2")
+    assert isinstance(found, str) and Path(found) == v2 / "README.md" and v2.name == v2_sha
+    assert try_to_load_from_cache("org/tiny", "README.md", cache_dir=cache, revision="main") is None
+
+
+def test_offline_reads_a_snapshot_the_library_calls_incomplete(fake_hub, tiny_model, monkeypatch, tmp_path):
+    """After an online `snapshot_download` that fetched one file, huggingface_hub caches the repo's full listing and
+    calls the snapshot incomplete (the strays were never fetched); the checkpoint's own files are all there, so
+    reading it offline still works, and a missing shard is still named."""
+    from huggingface_hub import errors as hf
+    from huggingface_hub import snapshot_download
+
+    fake_hub.add_folder("org/tiny", tiny_model, extra=STRAYS)
+    snapshot = hub.download_checkpoint("org/tiny")
+    cache = tmp_path / "hf-home" / "hub"
+    snapshot_download("org/tiny", cache_dir=cache, allow_patterns=["config.json"], endpoint=fake_hub.url)  # lists all
+    if not hasattr(hf, "IncompleteSnapshotError"):
+        pytest.skip("this huggingface_hub does not check snapshots against a cached listing")
+    with pytest.raises(hf.IncompleteSnapshotError):
+        snapshot_download("org/tiny", cache_dir=cache, local_files_only=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.download_checkpoint("org/tiny") == snapshot
+    (snapshot / "model-00003-of-00005.safetensors").unlink()
+    with pytest.raises(HubOfflineError) as info:
+        hub.download_checkpoint("org/tiny")
+    assert info.value.missing == ["model-00003-of-00005.safetensors"]
+
+
 def _no_wait(monkeypatch, module) -> list[float]:
     """The back-off waits ``module``'s `retrying` would sleep, recorded instead of slept (its injected ``sleep``)."""
     from reforge.io import http

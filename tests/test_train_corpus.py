@@ -14,6 +14,7 @@ from conftest import DATA
 from reforge.data.beir import iter_corpus
 from reforge.data.corpus import DocSelection, detect_kind, load_corpus
 from reforge.errors import DataError
+from reforge.io.paths import cache_dir
 
 SCIFACT = DATA / "scifact"
 
@@ -197,7 +198,7 @@ def test_lazy_corpus_is_read_on_demand_and_cached(tmp_path):
     texts = corpus_texts(lazy)
     assert list(texts[1::3]) == [d.text for d in held.docs[1::3]] and texts[-1] == held.docs[-1].text
     assert lazy.docs.take([5, 2]) == [held.docs[5], held.docs[2]]
-    (layout,) = (Path(os.environ["REFORGE_HOME"]) / "cache" / "corpus-index").glob("train-*.npz")
+    (layout,) = cache_dir("corpus-index").glob("train-*.npz")
     again = load_corpus(SCIFACT, selection=selection)  # from the cached pass: the file is not scanned
     assert list(again.docs) == held.docs and again.sha256 == held.sha256 and again.filtered == held.filtered
     other = load_corpus(SCIFACT, selection=DocSelection(max_docs=300))  # other options: another pass
@@ -250,7 +251,7 @@ def _damaged(data: bytes, damage: str) -> bytes:
 def test_a_damaged_corpus_layout_cache_is_rebuilt(tmp_path, damage):
     path = _jsonl(tmp_path / "c.jsonl", ["alpha one", "beta two", "gamma three"])
     first = load_corpus(path)
-    (layout,) = (Path(os.environ["REFORGE_HOME"]) / "cache" / "corpus-index").glob("train-*.npz")
+    (layout,) = cache_dir("corpus-index").glob("train-*.npz")
     layout.write_bytes(_damaged(layout.read_bytes(), damage))
     again = load_corpus(path)
     assert [d.text for d in again.docs] == ["alpha one", "beta two", "gamma three"] and again.sha256 == first.sha256
@@ -318,11 +319,11 @@ def test_the_same_id_in_two_sources_is_two_documents(tmp_path):
 def test_a_null_id_is_an_error_not_the_document_none(tmp_path, value):
     rows = _scifact_rows(3)
     rows[1] = {**rows[1], "_id": value}
-    with pytest.raises(DataError, match=r"beir/corpus.jsonl, line 2: '_id' is .*, not a document id"):
+    with pytest.raises(DataError, match=r"beir/corpus.jsonl, line 2: '_id' is .*, not a string or a number"):
         load_corpus(_beir_folder(tmp_path, rows))
     notes = tmp_path / "notes.jsonl"
     notes.write_text(json.dumps({"id": value, "body": "text"}) + "\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"notes.jsonl, line 1: 'id' is .*, not a document id"):
+    with pytest.raises(DataError, match=r"notes.jsonl, line 1: 'id' is .*, not a string or a number"):
         load_corpus(notes, text_field="body", skip_bad_lines=True)
 
 

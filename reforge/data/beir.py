@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from reforge.data.lazy import Document, LazyCorpus, corpus_index, json_object, row_id
+from reforge.data.lazy import Document, LazyCorpus, corpus_index, jsonl_rows, row_id
 from reforge.errors import DataError, short_path
 from reforge.io.checkpoint import sha256_file
 
@@ -39,23 +39,8 @@ def iter_jsonl(
 def iter_jsonl_at(
     path: str | Path, *, skip_bad_lines: bool = False, skip_option: str | None = None
 ) -> Iterator[tuple[int, int, dict]]:
-    """`iter_jsonl` with each line's byte offset: ``(line_number, offset, object)``, so it can be read again alone."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{short_path(path)} does not exist.", path=path, line=None)
-    at = 0
-    with path.open("rb") as handle:  # decoded per line, so one bad byte names its line instead of a traceback
-        for number, raw in enumerate(handle, start=1):
-            start, at = at, at + len(raw)
-            if not raw.strip():
-                continue
-            try:
-                value = json_object(raw, path, number, skip_option)
-            except DataError:
-                if skip_bad_lines:
-                    continue
-                raise
-            yield number, start, value
+    """`iter_jsonl` with each line's byte offset: ``(line_number, offset, object)`` (`reforge.data.lazy.jsonl_rows`)."""
+    return jsonl_rows(Path(path), skip_bad_lines=skip_bad_lines, skip_option=skip_option)
 
 
 def _utf8_line(path: Path, number: int, raw: bytes) -> str:

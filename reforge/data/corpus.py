@@ -19,11 +19,13 @@ JSONL and BEIR documents are not held: `Corpus.docs` keeps each kept document's 
 does not grow with the text; a line that no longer gives the text hashed is an error, not other training text. The
 pass that finds them (filters, empty documents, the hash) is cached under ``$REFORGE_HOME/cache/corpus-index/``,
 keyed by the files (`file_stamp`: path, size, times, inode) and the options, so a second run opens a corpus without
-reading it. ``.txt`` and saved-dataset documents are held in memory.
+reading it. The lines, the id rule, the duplicate-id check and the cache layout are eval's (`reforge.data.lazy`).
+``.txt`` and saved-dataset documents are held in memory.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from array import array
@@ -34,12 +36,23 @@ from typing import Any, overload
 
 import numpy as np
 
-from reforge.data.beir import Document, iter_jsonl_at, read_qrels
-from reforge.data.lazy import file_stamp, id_hash, json_object, load_npz, save_npz
+from reforge.data.beir import Document, read_qrels
+from reforge.data.lazy import (
+    check_unique_ids,
+    id_hash,
+    index_key,
+    index_path,
+    json_object,
+    jsonl_rows,
+    load_index,
+    row_id,
+    save_index,
+)
 from reforge.errors import DataError, short_path
 
 CORPUS_KINDS = ("beir", "jsonl", "text", "datasets")
-LAYOUT_VERSION = 3  # 2: per-document text hashes; keyed by inode and change time too. 3: ids checked unique
+INDEX_KIND = "train"  # this pass's kind in the corpus-index cache (`reforge.data.lazy.index_path`)
+_INDEX_ARRAYS = {"source": np.uint16, "where": np.uint64, "line": np.uint32, "check": np.uint64}
 _READ_AGAIN = ("beir", "jsonl")  # kinds whose documents are re-read on demand from a byte offset
 
 
@@ -208,7 +221,8 @@ def load_corpus(
     kinds = tuple(detect_kind(p) for p in sources)
     readers = tuple(_Source(_file_of(p, k), k, text_field) for p, k in zip(sources, kinds))
     options = [text_field, per_line, skip_bad_lines, _selection_digest(selection)]
-    key = _layout_key(readers, options) if lazy and all(k in _READ_AGAIN for k in kinds) else None
+    files, options = [r.file for r in readers], [list(kinds), *options]
+    key = index_key(INDEX_KIND, files, options) if lazy and all(k in _READ_AGAIN for k in kinds) else None
     corpus = _read_layout(key, sources, kinds, readers) if key else None
     if corpus is None:
         corpus = _scan(sources, kinds, readers, selection, lazy=lazy, per_line=per_line, skip_bad_lines=skip_bad_lines)
@@ -264,7 +278,12 @@ def _scan(
                 else:
                     where.append(len(held))
                     held.append(doc)
-        _check_unique_ids(path, kind, reader, np.frombuffer(ids, np.uint64), per_line=per_line, skip=skip_bad_lines)
+        check_unique_ids(
+            reader.file,
+            np.frombuffer(ids, np.uint64),
+            functools.partial(_ids_by_reading, path, kind, reader, per_line=per_line, skip=skip_bad_lines),
+            where="line" if kind in _READ_AGAIN else "document",
+        )
     only_missing = len(selection.only - found) if selection.only is not None else 0
     docs: Sequence[TextDoc] = held
     if len(held) < kept:
@@ -284,11 +303,9 @@ class _Source:
     def doc(self, row: dict, number: int, skip: bool) -> TextDoc | None:
         """The document of a parsed line (None when ``skip`` and the line lacks what it needs)."""
         if self.kind == "beir" and self.text_field is None:
-            doc_id = _row_id(row, self.file, number, required=True)
-            if doc_id is None:
-                if skip:
-                    return None
-                raise DataError(f"{short_path(self.file)}, line {number}: no '_id' field.", path=self.file, line=number)
+            if skip and "_id" not in row:
+                return None
+            doc_id = row_id(row, self.file, number)  # an id that is null, a list... is an error even with skip
             return TextDoc(doc_id, Document(doc_id, str(row.get("title") or ""), str(row.get("text") or "")).passage())
         field_name = self.text_field or "text"
         value = row.get(field_name)
@@ -303,7 +320,7 @@ class _Source:
                 path=self.file,
                 line=number,
             )
-        doc_id = _row_id(row, self.file, number, required=False) or str(number)
+        doc_id = row_id(row, self.file, number, keys=("_id", "id"), default="") or str(number)
         if self.text_field is None:
             value = Document(doc_id, str(row.get("title") or ""), value).passage()
         return TextDoc(doc_id, value)
@@ -434,54 +451,16 @@ def _changed(file: Path, line: int, doc_id: str) -> DataError:
     )
 
 
-def _row_id(row: dict, file: Path, number: int, *, required: bool) -> str | None:
-    """A JSONL row's document id: ``_id``, else ``id`` (unless ``required``: BEIR rows have ``_id``), as text; None
-    when it has neither. A null, a list, an object or a boolean is not an id (``str(None)`` would make every such row
-    document "None"): an error naming the line, whatever ``--skip-bad-lines`` says (it skips unreadable lines, not
-    documents under a made-up id)."""
-    keys = ("_id",) if required else ("_id", "id")
-    key = next((k for k in keys if k in row), None)
-    if key is None:
-        return None
-    value = row[key]
-    if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        return str(value)
-    what = "null" if value is None else f"a JSON {type(value).__name__}"
-    raise DataError(
-        f"{short_path(file)}, line {number}: {key!r} is {what}, not a document id.",
-        hint=f"Give every document a string or number {key!r}, or remove the line.",
-        path=file,
-        line=number,
-    )
-
-
-def _check_unique_ids(
-    path: Path, kind: str, reader: "_Source", hashes: np.ndarray, *, per_line: bool, skip: bool
-) -> None:
-    """Refuse a source whose documents repeat an id, naming the file, both lines and the id: the rule eval applies
-    to a corpus (`reforge.data.lazy`), so the two commands accept the same files. Found by id hash; a repeated hash
-    is confirmed on the ids by reading the source again (a 64-bit collision is not a duplicate)."""
-    order = np.argsort(hashes, kind="stable")
-    pairs = [(int(order[at]), int(order[at + 1])) for at in np.nonzero(hashes[order][1:] == hashes[order][:-1])[0]]
-    if not pairs:
-        return
-    wanted = {i for pair in pairs for i in pair}
-    found: dict[int, tuple[str, int]] = {}
+def _ids_by_reading(
+    path: Path, kind: str, reader: "_Source", rows: Iterable[int], /, *, per_line: bool, skip: bool
+) -> dict[int, tuple[str, int]]:
+    """`reforge.data.lazy.check_unique_ids`' ``ids_at`` for one source: ``{row: (id, line, or document number for
+    .txt and dataset sources)}``, read by going through the source again."""
+    wanted, found = set(rows), {}
     for index, (doc, _, line) in enumerate(_iter_source(path, kind, reader, per_line=per_line, skip=skip)):
         if index in wanted:
             found[index] = (doc.id, line or index + 1)
-    for first, second in sorted(pairs, key=lambda pair: pair[1]):
-        if found[first][0] == found[second][0]:
-            where = "line" if kind in _READ_AGAIN else "document"
-            doc_id, line = found[second]
-            raise DataError(
-                f"{short_path(reader.file)}, {where} {line}: duplicate document id {doc_id!r} "
-                f"(first at {where} {found[first][1]}).",
-                hint="Document ids must be unique: remove or rename the duplicate.",
-                path=reader.file,
-                line=line,
-                doc_id=doc_id,
-            )
+    return found
 
 
 def _file_of(path: Path, kind: str) -> Path:
@@ -493,7 +472,7 @@ def _iter_source(
 ) -> Iterator[tuple[TextDoc, int | None, int]]:
     """``(document, byte offset of its line or None, line number or 0)`` for each document of one source."""
     if kind in _READ_AGAIN:
-        for number, offset, row in iter_jsonl_at(reader.file, skip_bad_lines=skip, skip_option="--skip-bad-lines"):
+        for number, offset, row in jsonl_rows(reader.file, skip_bad_lines=skip, skip_option="--skip-bad-lines"):
             doc = reader.doc(row, number, skip)
             if doc is not None:
                 yield doc, offset, number
@@ -510,20 +489,9 @@ def _selection_digest(selection: DocSelection) -> str:
     return digest.hexdigest()
 
 
-def _layout_key(readers: tuple[_Source, ...], options: list[Any]) -> str:
-    files = [[reader.kind, *file_stamp(reader.file)] for reader in readers]
-    return hashlib.sha256(json.dumps([LAYOUT_VERSION, files, options]).encode()).hexdigest()
-
-
-def _layout_path(key: str) -> Path:
-    from reforge.io.checkpoint import env_home
-
-    return Path(env_home()).expanduser() / "cache" / "corpus-index" / f"train-{key}.npz"
-
-
 def _read_layout(key: str, sources: list[Path], kinds: tuple[str, ...], readers: tuple[_Source, ...]) -> Corpus | None:
-    """The cached pass of `_scan` for ``key`` (None when absent or unreadable)."""
-    found = load_npz(_layout_path(key))
+    """The cached pass of `_scan` for ``key`` (None when absent, unreadable or of another format)."""
+    found = load_index(index_path(INDEX_KIND, key), INDEX_KIND, _INDEX_ARRAYS)
     if found is None:
         return None
     facts, data = found
@@ -531,7 +499,7 @@ def _read_layout(key: str, sources: list[Path], kinds: tuple[str, ...], readers:
         docs = CorpusDocs(readers, data["source"], data["where"], data["line"], data["check"], [])
         counts = [int(facts[name]) for name in ("read", "empty", "filtered", "only_missing")]
         return Corpus(docs, tuple(sources), kinds, *counts, sha256=str(facts["sha256"]))
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError):
         return None
 
 
@@ -540,7 +508,7 @@ def _write_layout(key: str, corpus: Corpus) -> None:
     if isinstance(docs, CorpusDocs):
         facts = {name: getattr(corpus, name) for name in ("read", "empty", "filtered", "only_missing", "sha256")}
         arrays = {"source": docs.source, "where": docs.where, "line": docs.line, "check": docs.check}
-        save_npz(_layout_path(key), facts, arrays)
+        save_index(index_path(INDEX_KIND, key), INDEX_KIND, facts, arrays)
 
 
 def _iter_text_docs(path: Path, per_line: bool) -> Iterator[TextDoc]:

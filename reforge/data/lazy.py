@@ -1,14 +1,21 @@
-"""A BEIR ``corpus.jsonl`` read lazily: a byte-offset index built in one pass, cached, and documents read on demand.
+"""The one lazy reader of JSONL corpora: lines with their byte offsets, the id rule, the duplicate-id check and one
+cache layout for the indexes built from them, used by eval (`corpus_index`, `LazyCorpus`) and train
+(`reforge.data.corpus`).
 
-`corpus_index` scans the file once (checking every line, as `load_beir` always did) and keeps, per document, the
-byte offset of its line, a 64-bit hash of its id and one of its title and text (24 bytes a document: 212 MB for
-MS MARCO's 8.8M passages, against ~10 GB as Python objects), plus the corpus hash, the file's SHA-256 and the empty
-documents. The index is cached under ``$REFORGE_HOME/cache/corpus-index/``, keyed by the file's `file_stamp` (path,
-size, times, inode), so a second run (or another rank on the same machine) opens a corpus without reading it.
-`LazyCorpus` is a ``Sequence[Document]`` over those offsets: ``corpus[i]``, slices and iteration read only the lines
-they need, and a line that no longer holds the id and the text indexed there (the file was edited meanwhile, even
-keeping every id at its offset) is a `DataError`: what is read is always what the corpus hash, and so a cache key,
-stands for.
+`corpus_index` scans a BEIR ``corpus.jsonl`` once (checking every line, as `load_beir` always did) and keeps, per
+document, the byte offset of its line, a 64-bit hash of its id and one of its title and text (24 bytes a document:
+212 MB for MS MARCO's 8.8M passages, against ~10 GB as Python objects), plus the corpus hash, the file's SHA-256 and
+the empty documents. `LazyCorpus` is a ``Sequence[Document]`` over those offsets: ``corpus[i]``, slices and
+iteration read only the lines they need, and a line that no longer holds the id and the text indexed there (the
+file was edited meanwhile, even keeping every id at its offset) is a `DataError`: what is read is always what the
+corpus hash, and so a cache key, stands for.
+
+Both readers go through `jsonl_rows` (line number, byte offset, object), `row_id` (what an id is, one error text)
+and `check_unique_ids` (a repeated id names both lines), and cache what their pass learned with `save_index` /
+`load_index`: one ``.npz`` per index under ``$REFORGE_HOME/cache/corpus-index/<kind>-<key>.npz`` (`index_path`),
+keyed by `index_key` (the format version, the kind, each file's `file_stamp`: path, size, times, inode, and the
+reader's options), holding JSON facts that name the format and the kind beside the per-document arrays, all checked
+when read: an index written by an older version, for another kind, or damaged is rebuilt, never misread.
 """
 
 from __future__ import annotations
@@ -16,17 +23,21 @@ from __future__ import annotations
 import hashlib
 import json
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
+from typing import Any, overload
 
 import numpy as np
 
 from reforge.errors import DataError, short_path
 from reforge.io.atomic import write_atomic
+from reforge.io.paths import cache_dir
 
-INDEX_VERSION = 3  # 2: keyed by inode and change time too; 3: a text hash per document
+# The version of every corpus index (eval's and train's). Before 4 each reader had its own: eval's ``<key>.npz``
+# (version 3: a text hash per document), train's ``train-<key>.npz`` (layout 3: ids checked unique).
+INDEX_FORMAT = 4
+INDEX_KIND = "eval"  # `corpus_index`'s kind in the cache (train's is "train")
 _EXAMPLES = 3
 
 
@@ -45,17 +56,21 @@ class Document:
 
 def id_hash(doc_id: str) -> int:
     """A 64-bit hash of a document id (ids are looked up by hash; a collision has probability ~n²/2⁶⁴)."""
-    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little")
+    return _hash64(doc_id.encode("utf-8"))
 
 
 def text_hash(title: str, text: str) -> int:
     """A 64-bit hash of a document's title and text (what is encoded besides the prefixes)."""
-    digest = hashlib.blake2b(digest_size=8)
-    for part in (title, text):
-        encoded = part.encode("utf-8")
-        digest.update(len(encoded).to_bytes(8, "little"))
-        digest.update(encoded)
-    return int.from_bytes(digest.digest(), "little")
+    return _hash64(_framed(title.encode("utf-8")) + _framed(text.encode("utf-8")))
+
+
+def _hash64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def _framed(encoded: bytes) -> bytes:
+    """One part as the corpus hash and `text_hash` see it: its length (8 bytes, little-endian), then its bytes."""
+    return len(encoded).to_bytes(8, "little") + encoded
 
 
 def _id_hashes(ids: Iterable[str]) -> np.ndarray:
@@ -85,19 +100,21 @@ class CorpusIndex:
     empty_examples: tuple[str, ...]
 
 
+_EVAL_ARRAYS = {"offsets": np.uint64, "id_hashes": np.uint64, "text_hashes": np.uint64}
+
+
 def corpus_index(path: Path, cache_folder: Path | None = None) -> CorpusIndex:
     """The index of ``path``: from the cache when the file is unchanged, else built (one pass) and cached.
 
     Raises:
         DataError: a line is not a JSON object, has no ``_id``, repeats an id, or the file holds no document.
     """
-    folder = cache_folder if cache_folder is not None else _default_folder()
-    key = hashlib.sha256(json.dumps([INDEX_VERSION, *file_stamp(path)]).encode()).hexdigest()
-    cached = _read_cached(folder / f"{key}.npz", path)
+    file = index_path(INDEX_KIND, index_key(INDEX_KIND, [path], []), cache_folder)
+    cached = _read_cached(file, path)
     if cached is not None:
         return cached
     index = _build(path)
-    _write_cached(folder / f"{key}.npz", index)
+    _write_cached(file, index)
     return index
 
 
@@ -114,28 +131,22 @@ def _build(path: Path) -> CorpusIndex:
     offsets, hashes, texts = array("Q"), array("Q"), array("Q")
     empty: list[str] = []
     corpus_digest, file_digest = hashlib.sha256(), hashlib.sha256()
-    at = 0
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            file_digest.update(raw)
-            start, at = at, at + len(raw)
-            if not raw.strip():
-                continue
-            doc = _parse(raw, path, number)
-            offsets.append(start)
-            hashes.append(id_hash(doc[0]))
-            texts.append(text_hash(doc[1], doc[2]))
-            for part in doc:
-                encoded = part.encode("utf-8")
-                corpus_digest.update(len(encoded).to_bytes(8, "little"))
-                corpus_digest.update(encoded)
-            if not doc[1].strip() and not doc[2].strip():
-                empty.append(doc[0])
+    for number, offset, row in jsonl_rows(path, file_digest=file_digest):
+        doc_id, title, text = row_id(row, path, number), str(row.get("title") or ""), str(row.get("text") or "")
+        encoded_id = doc_id.encode("utf-8")
+        content = _framed(title.encode("utf-8")) + _framed(text.encode("utf-8"))  # each part encoded once
+        offsets.append(offset)
+        hashes.append(_hash64(encoded_id))
+        texts.append(_hash64(content))  # = text_hash(title, text)
+        corpus_digest.update(_framed(encoded_id))
+        corpus_digest.update(content)
+        if not title.strip() and not text.strip():
+            empty.append(doc_id)
     if not offsets:
         raise DataError(f"{short_path(path)} holds no documents.", path=path, line=None)
     id_array = np.frombuffer(hashes, dtype=np.uint64)
     offset_array = np.frombuffer(offsets, dtype=np.uint64)
-    _check_unique_ids(path, id_array, offset_array)
+    check_unique_ids(path, id_array, lambda rows: _ids_at_offsets(path, {r: int(offset_array[r]) for r in rows}))
     return CorpusIndex(
         path,
         offset_array,
@@ -146,6 +157,44 @@ def _build(path: Path) -> CorpusIndex:
         len(empty),
         tuple(empty[:_EXAMPLES]),
     )
+
+
+def jsonl_rows(
+    path: Path,
+    *,
+    skip_bad_lines: bool = False,
+    skip_option: str | None = None,
+    file_digest: Any = None,
+) -> Iterator[tuple[int, int, dict]]:
+    """``(line_number, byte offset, object)`` for each non-empty line of a JSONL file, 1-based, in file order: the
+    one loop every JSONL reader runs (eval's index, train's pass, `reforge.data.beir.iter_jsonl`).
+
+    Args:
+        skip_bad_lines: skip lines that are not UTF-8 or not a JSON object instead of failing.
+        skip_option: the option that turns ``skip_bad_lines`` on, named in the error (see `json_object`).
+        file_digest: a hashlib object fed every byte of the file (blank lines too), as read.
+
+    Raises:
+        DataError: the file is missing, or a line is not UTF-8 or not a JSON object (unless ``skip_bad_lines``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{short_path(path)} does not exist.", path=path, line=None)
+    at = 0
+    with path.open("rb") as handle:  # decoded per line, so one bad byte names its line instead of a traceback
+        for number, raw in enumerate(handle, start=1):
+            if file_digest is not None:
+                file_digest.update(raw)
+            start, at = at, at + len(raw)
+            if not raw.strip():
+                continue
+            try:
+                value = json_object(raw, path, number, skip_option)
+            except DataError:
+                if skip_bad_lines:
+                    continue
+                raise
+            yield number, start, value
 
 
 def json_object(raw: bytes, path: Path, number: int, skip_option: str | None = None) -> dict:
@@ -172,49 +221,81 @@ def json_object(raw: bytes, path: Path, number: int, skip_option: str | None = N
     return value
 
 
-def _parse(raw: bytes, path: Path, number: int) -> tuple[str, str, str]:
-    row = json_object(raw, path, number)
-    return row_id(row, path, number), str(row.get("title") or ""), str(row.get("text") or "")
+def row_id(row: dict, path: Path, number: int, *, keys: Sequence[str] = ("_id",), default: str | None = None) -> str:
+    """The id of a corpus or queries line as a string (a number is written as JSON writes it): the first of ``keys``
+    the line has. The one rule for ids, eval's and train's.
 
-
-def row_id(row: dict, path: Path, number: int) -> str:
-    """The ``_id`` of a corpus or queries line as a string (a number is written as JSON writes it).
+    Args:
+        keys: the fields that may hold the id, in order (BEIR: ``_id``; train's other JSONL: ``_id``, then ``id``).
+        default: the id of a line with none of ``keys`` (train: the line number); None makes that an error.
 
     Raises:
-        DataError: the line has no ``_id``, or it is null, a list, an object or a boolean (``str`` would have made
-            ``"None"`` or ``"[1, 2]"`` an id that no qrels row can name).
+        DataError: the line has none of ``keys`` and there is no ``default``, or its id is null, a list, an object
+            or a boolean (``str`` would have made ``"None"`` or ``"[1, 2]"`` an id that no qrels row can name).
     """
-    if "_id" not in row:
-        raise DataError(f"{short_path(path)}, line {number}: no '_id' field.", path=path, line=number)
-    value = row["_id"]
-    if value is None or isinstance(value, (bool, list, dict)):
-        raise DataError(
-            f"{short_path(path)}, line {number}: '_id' is {json.dumps(value)}, not a string or a number.",
-            hint="Give every line a string id.",
-            path=path,
-            line=number,
-        )
-    return str(value)
+    for key in keys:  # a loop, not next(<generator>): this runs once per line of every corpus
+        if key in row:
+            break
+    else:
+        if default is not None:
+            return default
+        raise DataError(f"{short_path(path)}, line {number}: no {keys[0]!r} field.", path=path, line=number)
+    value = row[key]
+    if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return str(value)
+    what = json.dumps(value) if value is None or isinstance(value, bool) else f"a JSON {_JSON_TYPE[type(value)]}"
+    raise DataError(
+        f"{short_path(path)}, line {number}: {key!r} is {what}, not a string or a number.",
+        hint=f"Give every line a string or number {key!r}, or remove the line.",
+        path=path,
+        line=number,
+    )
 
 
-def _check_unique_ids(path: Path, hashes: np.ndarray, offsets: np.ndarray) -> None:
-    """A repeated id is an error naming both lines (found by hash, confirmed on the text)."""
+_JSON_TYPE = {list: "array", dict: "object"}
+
+
+def check_unique_ids(
+    path: Path,
+    hashes: np.ndarray,
+    ids_at: Callable[[list[int]], Mapping[int, tuple[str, int]]],
+    *,
+    where: str = "line",
+) -> None:
+    """Refuse documents that repeat an id, naming the file, both places and the id: the one rule of eval and train.
+
+    Args:
+        hashes: `id_hash` of each document, in order.
+        ids_at: ``ids_at(rows)`` gives ``{row: (id, line or document number)}`` for the rows asked (only rows whose
+            hash repeats: a repeated hash is confirmed on the ids, a 64-bit collision is not a duplicate).
+        where: what the numbers count, ``"line"`` or ``"document"``.
+
+    Raises:
+        DataError: two documents have the same id (fields ``path``, ``line``: the second one's, ``doc_id``).
+    """
     order = np.argsort(hashes, kind="stable")
-    same = np.nonzero(hashes[order][1:] == hashes[order][:-1])[0]
-    for at in same:
-        first, second = sorted((int(order[at]), int(order[at + 1])))
-        with path.open("rb") as handle:
-            docs = [_read_line(handle, int(offsets[i])) for i in (first, second)]
-        if docs[0][0] != docs[1][0]:
-            continue  # a hash collision between two different ids
-        lines = [_line_number(path, int(offsets[i])) for i in (first, second)]
-        raise DataError(
-            f"{short_path(path)}, line {lines[1]}: duplicate document id {docs[1][0]!r} (first at line {lines[0]}).",
-            hint="Document ids must be unique: remove or rename the duplicate.",
-            path=path,
-            line=lines[1],
-            doc_id=docs[1][0],
-        )
+    pairs = [(int(order[at]), int(order[at + 1])) for at in np.nonzero(hashes[order][1:] == hashes[order][:-1])[0]]
+    if not pairs:
+        return
+    found = ids_at(sorted({row for pair in pairs for row in pair}))
+    # the duplicate met first when reading top-down: the pair whose later document comes first
+    for second, first in sorted((max(pair), min(pair)) for pair in pairs):
+        (first_id, first_at), (doc_id, at) = found[first], found[second]
+        if first_id == doc_id:
+            raise DataError(
+                f"{short_path(path)}, {where} {at}: duplicate document id {doc_id!r} (first at {where} {first_at}).",
+                hint="Document ids must be unique: remove or rename the duplicate.",
+                path=path,
+                line=at,
+                doc_id=doc_id,
+            )
+
+
+def _ids_at_offsets(path: Path, offsets: Mapping[int, int]) -> dict[int, tuple[str, int]]:
+    """`check_unique_ids`' ``ids_at`` for an indexed file: ``{row: (id, line number)}`` of the lines at
+    ``offsets`` (``{row: byte offset}``)."""
+    with path.open("rb") as handle:
+        return {row: (_read_line(handle, at)[0], _line_number(path, at)) for row, at in offsets.items()}
 
 
 def _line_number(path: Path, offset: int) -> int:
@@ -327,14 +408,45 @@ class LazyCorpus(Sequence):
         return self.index.id_hashes if self.rows is None else self.index.id_hashes[self.rows]
 
 
-def _default_folder() -> Path:
-    from reforge.io.checkpoint import env_home
+# ---- the cache: one layout for every corpus index -------------------------------------------------------------------
+def index_key(kind: str, files: Sequence[Path], options: Sequence[Any]) -> str:
+    """The cache key of an index of ``kind`` over ``files`` built with ``options`` (JSON values): SHA-256 of
+    `INDEX_FORMAT`, the kind, each file's `file_stamp` and the options."""
+    stamps = [file_stamp(Path(file)) for file in files]
+    return hashlib.sha256(json.dumps([INDEX_FORMAT, kind, stamps, list(options)]).encode()).hexdigest()
 
-    return Path(env_home()).expanduser() / "cache" / "corpus-index"
+
+def index_path(kind: str, key: str, folder: Path | None = None) -> Path:
+    """Where the index ``key`` of ``kind`` is cached: ``<folder>/<kind>-<key>.npz``, the folder defaulting to
+    ``$REFORGE_HOME/cache/corpus-index``."""
+    return (folder if folder is not None else cache_dir("corpus-index")) / f"{kind}-{key}.npz"
+
+
+def save_index(path: Path, kind: str, facts: dict, arrays: Mapping[str, np.ndarray]) -> None:
+    """Cache an index of ``kind`` at ``path`` (`index_path`): ``facts`` (JSON), with the format and the kind added,
+    and one array per document field (all of one length)."""
+    save_npz(path, {**facts, "format": INDEX_FORMAT, "kind": kind}, dict(arrays))
+
+
+def load_index(path: Path, kind: str, fields: Mapping[str, type]) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """What `save_index` cached at ``path``, or None (rebuild it) unless it is whole and of this format: its facts
+    name `INDEX_FORMAT` and ``kind``, and it holds exactly the arrays ``fields`` names, each of that dtype, one
+    dimension, all of one length."""
+    found = load_npz(path)
+    if found is None:
+        return None
+    facts, arrays = found
+    if facts.get("format") != INDEX_FORMAT or facts.get("kind") != kind or set(arrays) != set(fields):
+        return None
+    if any(arrays[name].dtype != np.dtype(dtype) or arrays[name].ndim != 1 for name, dtype in fields.items()):
+        return None
+    if len({len(array) for array in arrays.values()}) > 1:
+        return None
+    return facts, arrays
 
 
 def _read_cached(path: Path, corpus: Path) -> CorpusIndex | None:
-    found = load_npz(path)
+    found = load_index(path, INDEX_KIND, _EVAL_ARRAYS)
     if found is None:
         return None
     facts, data = found
@@ -344,12 +456,12 @@ def _read_cached(path: Path, corpus: Path) -> CorpusIndex | None:
             data["offsets"],
             data["id_hashes"],
             data["text_hashes"],
-            facts["corpus_hash"],
-            facts["sha256"],
+            str(facts["corpus_hash"]),
+            str(facts["sha256"]),
             int(facts["empty"]),
             tuple(facts["empty_examples"]),
         )
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError):
         return None
 
 
@@ -360,7 +472,8 @@ def _write_cached(path: Path, index: CorpusIndex) -> None:
         "empty": index.empty,
         "empty_examples": list(index.empty_examples),
     }
-    save_npz(path, facts, {"offsets": index.offsets, "id_hashes": index.id_hashes, "text_hashes": index.text_hashes})
+    arrays = {"offsets": index.offsets, "id_hashes": index.id_hashes, "text_hashes": index.text_hashes}
+    save_index(path, INDEX_KIND, facts, arrays)
 
 
 def save_npz(path: Path, facts: dict, arrays: dict[str, np.ndarray]) -> None:

@@ -6,6 +6,10 @@ names, or a single file, or a peft adapter), and fetches each file with `hf_hub_
 Pickle weights are fetched only when no safetensors exist and ``allow_pickle`` is given. Unrelated files (onnx,
 gguf, flax, tf, openvino, code) are never fetched.
 
+The cache is huggingface_hub's and so is its layout: files land where `hf_hub_download` puts them, a cached
+checkpoint is found with `snapshot_download(local_files_only=True)` and `try_to_load_from_cache`, and the one entry
+written here (``refs/<revision>``, since every file is fetched by commit) goes where `repo_folder_name` says.
+
 HF_ENDPOINT, HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE are read when a function runs (huggingface_hub itself reads
 them once, at import), and every function also takes ``endpoint``. Tokens are passed to huggingface_hub and never
 appear in a message or log line. huggingface_hub failures become reforge errors with the next step to take.
@@ -304,22 +308,23 @@ def download_checkpoint(
         sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
         plan = select_files(sizes, allow_pickle=allow_pickle, where=repo_id)
         fetch = _Fetcher(repo_id=repo_id, commit=info.sha, cache=cache, token=token, endpoint=url)
-        for index in plan.indexes:
-            fetch(index)
-        shards = _shards_in_listing(fetch.snapshot, plan.indexes, sizes, repo_id)
+        indexes = {index: fetch(index) for index in plan.indexes}
+        shards = _shards_in_listing(indexes, sizes, repo_id)
         files = list(plan.files) + [s for s in shards if s not in plan.files]
         fetch.start_progress(progress, total=sum(sizes[f] for f in files), done=sum(sizes[i] for i in plan.indexes))
         for name in files:
             if name not in plan.indexes:
                 fetch(name, size=sizes[name])
     _write_ref(cache, repo_id, revision or "main", info.sha)
+    assert fetch.snapshot is not None  # select_files chose at least one weight file, and it was fetched
     return fetch.snapshot
 
 
-def _shards_in_listing(snapshot: Path, indexes: Iterable[str], listing: Mapping[str, int], repo_id: str) -> list[str]:
+def _shards_in_listing(indexes: Mapping[str, Path], listing: Mapping[str, int], repo_id: str) -> list[str]:
+    """The shards the fetched ``indexes`` (``{repo path: local file}``) name, each checked to be in the listing."""
     shards: list[str] = []
-    for index in indexes:
-        for shard in shard_names(snapshot / index, index_name=index, where=repo_id):
+    for index, local in indexes.items():
+        for shard in shard_names(local, index_name=index, where=repo_id):
             if shard not in listing:
                 raise ShardNotFoundError(
                     f"{repo_id}/{index} names {shard}, which is not in the repo.",
@@ -332,11 +337,12 @@ def _shards_in_listing(snapshot: Path, indexes: Iterable[str], listing: Mapping[
 
 
 class _Fetcher:
-    """hf_hub_download for one commit, reporting bytes to a progress callback."""
+    """hf_hub_download for one commit, reporting bytes to a progress callback. ``snapshot`` is the folder
+    huggingface_hub put the fetched files in (None before the first)."""
 
     def __init__(self, *, repo_id: str, commit: str, cache: Path, token: str | None, endpoint: str) -> None:
         self.repo_id, self.commit, self.cache, self.token, self.endpoint = repo_id, commit, cache, token, endpoint
-        self.snapshot = cache / _repo_folder(repo_id) / "snapshots" / commit
+        self.snapshot: Path | None = None
         self.progress: ProgressFn | None = None
         self.total = self.done = 0
 
@@ -364,6 +370,8 @@ class _Fetcher:
         )
         if self.done - before != size:  # a cached file reports nothing; a resumed one may report less
             self._report(size - (self.done - before))
+        # the file is <snapshot>/<name>: the snapshot folder is whatever huggingface_hub chose, not rebuilt here
+        self.snapshot = Path(path).parents[len(PurePosixPath(name).parts) - 1]
         return Path(path)
 
 
@@ -384,15 +392,16 @@ def _tqdm_reporting(report: Callable[[int], None]) -> type:
     return _Bar
 
 
-def _repo_folder(repo_id: str) -> str:
-    return "models--" + repo_id.replace("/", "--")
-
-
 def _write_ref(cache: Path, repo_id: str, revision: str, commit: str) -> None:
-    """Record ``revision -> commit`` in the cache (as hf_hub_download does) so the reference resolves offline."""
+    """Record ``revision -> commit`` in the cache so the reference resolves offline (`snapshot_download` and
+    `try_to_load_from_cache` read it). hf_hub_download records a ref only for a revision it resolved itself; every
+    file here is fetched by the commit the listing named (so all come from one commit), hence this one file, written
+    atomically where huggingface_hub keeps refs."""
+    from huggingface_hub.file_download import repo_folder_name
+
     if revision == commit:
         return
-    ref = cache / _repo_folder(repo_id) / "refs" / revision
+    ref = cache / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / revision
     ref.parent.mkdir(parents=True, exist_ok=True)
     if not ref.is_file() or ref.read_text() != commit:
         write_atomic(ref, lambda f: f.write(commit.encode()))
@@ -408,25 +417,25 @@ def _from_cache(
     cause: BaseException | None = None,
 ) -> Path:
     """The cached snapshot for ``revision`` if it holds every file the checkpoint needs, else HubOfflineError."""
-    rev = revision or "main"
-    folder = cache / _repo_folder(repo_id)
-    ref = folder / "refs" / rev
-    commit = ref.read_text().strip() if ref.is_file() else rev
-    snapshot = folder / "snapshots" / commit
+    from huggingface_hub import try_to_load_from_cache
+
+    snapshot = _cached_snapshot(repo_id, revision, cache)
     ref_text = f"{repo_id}@{revision}" if revision else repo_id
     names = (
-        [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()] if snapshot.is_dir() else []
+        [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()] if snapshot is not None else []
     )
     missing: list[str] = []
-    if names:
+    if snapshot is not None and names:
+        commit = snapshot.name
+
+        def cached(name: str) -> bool:
+            return isinstance(try_to_load_from_cache(repo_id, name, cache_dir=cache, revision=commit), str)
+
         plan = select_files(names, allow_pickle=allow_pickle, where=repo_id)
-        missing = [f for f in plan.files if not (snapshot / f).is_file()]
+        missing = [f for f in plan.files if not cached(f)]
         for index in plan.indexes:
-            missing += [
-                s
-                for s in shard_names(snapshot / index, index_name=index, where=repo_id)
-                if not (snapshot / s).is_file()
-            ]
+            if cached(index):
+                missing += [s for s in shard_names(snapshot / index, index_name=index, where=repo_id) if not cached(s)]
         if not missing:
             return snapshot
     what = f"missing {', '.join(missing[:3])}" if missing else "not downloaded before"
@@ -439,6 +448,21 @@ def _from_cache(
         reason=reason,
         missing=missing,
     ) from cause
+
+
+def _cached_snapshot(repo_id: str, revision: str | None, cache: Path) -> Path | None:
+    """The snapshot folder ``revision`` (a branch, tag or commit; default ``main``) resolves to in the cache, as
+    huggingface_hub finds it offline, or None when it has none. A snapshot huggingface_hub knows to lack files of a
+    full listing (an earlier `hf download` of the whole repo) is still returned: only the checkpoint's files matter
+    here, and `_from_cache` checks those."""
+    from huggingface_hub import errors as hf
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+    except hf.LocalEntryNotFoundError as err:
+        incomplete = getattr(err, "snapshot_path", None)  # IncompleteSnapshotError (huggingface_hub 2.4 and later)
+        return Path(incomplete) if incomplete else None
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:

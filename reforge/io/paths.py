@@ -1,4 +1,10 @@
-"""Files of a checkpoint folder, resolved: a symlink or a symlinked folder may not carry an outside file in.
+"""Where reforge keeps things, and files of a checkpoint folder resolved safely.
+
+`reforge_home`, `cache_root` and `cache_dir` are the one home of reforge's own folders: ``$REFORGE_HOME`` (default
+``~/.cache/reforge``) and its ``cache/<kind>`` subfolders (``corpus-index``, ``token-lengths``, ``embeddings``,
+``content-keys``, ``queries``): every module asks them rather than joining the path itself.
+
+Files of a checkpoint folder, resolved: a symlink or a symlinked folder may not carry an outside file in.
 
 A checkpoint may use symlinks inside itself; a Hub cache snapshot is made of them (``snapshots/<commit>/x`` ->
 ``../../blobs/<hash>``, within the same repo's cache folder). Anything that resolves elsewhere (``shard ->
@@ -13,6 +19,39 @@ import stat
 from pathlib import Path
 
 from reforge.errors import CorruptCheckpointError, UnsafePathError, short_path
+
+DEFAULT_HOME = "~/.cache/reforge"
+
+
+def reforge_home() -> Path:
+    """reforge's own folder for caches: ``$REFORGE_HOME`` as set now (read on every call), default
+    ``~/.cache/reforge``, with ``~`` expanded.
+    """
+    return Path(os.environ.get("REFORGE_HOME", DEFAULT_HOME)).expanduser()
+
+
+def cache_root() -> Path:
+    """``$REFORGE_HOME/cache``: the folder holding every `cache_dir` (scratch space that must sit on the same disk
+    goes here too)."""
+    return reforge_home() / "cache"
+
+
+def cache_dir(kind: str) -> Path:
+    """The cache folder for one kind of reused result: ``$REFORGE_HOME/cache/<kind>`` (not created here).
+
+    Args:
+        kind: one folder name, e.g. ``"corpus-index"`` or ``"token-lengths"`` (no ``/``, not ``.`` or ``..``).
+
+    Raises:
+        ValueError: ``kind`` is not a single folder name (a bug in the caller, not bad input).
+
+    Example:
+        >>> cache_dir("corpus-index").relative_to(reforge_home()).as_posix()
+        'cache/corpus-index'
+    """
+    if not kind or kind in (".", "..") or "/" in kind or "\\" in kind:
+        raise ValueError(f"not a cache folder name: {kind!r}")
+    return cache_root() / kind
 
 
 def checkpoint_roots(folder: Path) -> list[Path]:
