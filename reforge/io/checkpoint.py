@@ -369,7 +369,9 @@ def file_record(path: str | Path, sha256: str) -> dict:
 
 def memo_dir() -> Path:
     """Where hashes of files that carry none are remembered: ``$REFORGE_HOME/cache/content-keys``."""
-    return Path(env_home()).expanduser() / "cache" / "content-keys"
+    from reforge.io.paths import cache_dir
+
+    return cache_dir("content-keys")
 
 
 def _memo_path(stat: os.stat_result) -> Path:

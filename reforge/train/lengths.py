@@ -52,9 +52,9 @@ def lengths_key(corpus_sha256: str, tokenizer, max_length: int) -> str:
 
 def default_folder() -> Path:
     """``$REFORGE_HOME/cache/token-lengths``."""
-    from reforge.io.checkpoint import env_home
+    from reforge.io.paths import cache_dir
 
-    return Path(env_home()).expanduser() / "cache" / "token-lengths"
+    return cache_dir("token-lengths")
 
 
 def cached_token_lengths(
