@@ -414,3 +414,19 @@ def test_an_adapter_config_is_the_same_bytes_in_every_process(tmp_path):
         written.append((folder / "adapter_config.json").read_bytes())
     assert written[0] == written[1] == written[2]
     assert json.loads(written[0])["target_modules"] == ["down_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("text", ['{"r": 8, "lora_alpha": ', '["not", "an", "object"]'], ids=["cut short", "a list"])
+def test_a_damaged_adapter_config_reads_the_same_through_open_checkpoint_and_its_reader(tmp_path, text):
+    """issue 23: adapter_config.json has one reader (io.adapter_config); opening the adapter folder goes through it,
+    so a damaged file is the same one-line error whether a merge opens the adapter or verify's recheck reads it."""
+    from reforge.io.adapter_config import read_adapter_config
+
+    (tmp_path / "adapter_config.json").write_text(text)
+    with pytest.raises(CorruptCheckpointError) as by_reader:
+        read_adapter_config(tmp_path)
+    with pytest.raises(CorruptCheckpointError) as by_open:
+        open_checkpoint(tmp_path)
+    assert str(by_open.value) == str(by_reader.value)
+    assert "adapter_config.json is not a readable adapter config (" in str(by_open.value)
+    assert by_open.value.path == tmp_path / "adapter_config.json"

@@ -1,7 +1,7 @@
 """A peft adapter folder's ``adapter_config.json``: its name and its one reader.
 
-`reforge.ops.recheck` (verify's independent check) and `reforge.eval.model` read it here; `reforge.io.checkpoint`
-reads it on its own today and is to move here (issue 23: one home per fact).
+`reforge.io.checkpoint` (opening an adapter), `reforge.ops.recheck` (verify's independent check) and
+`reforge.eval.model` read it here: one reader, one error for a damaged file (issue 23: one home per fact).
 """
 
 from __future__ import annotations

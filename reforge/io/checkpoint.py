@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reforge.errors import AdapterError, CheckpointNotFoundError, CorruptCheckpointError, short_path
+from reforge.io.adapter_config import ADAPTER_CONFIG, is_adapter, read_adapter_config
 from reforge.io.atomic import write_atomic
 from reforge.io.buffers import BufferPool
 from reforge.io.index import ShardIndex
@@ -43,7 +44,7 @@ from reforge.io.reader import ShardReader
 #: ``reforge.json`` field the writer fills: ``{filename: {"sha256", "size", "identity"}}``.
 RECORD_FIELD = "file_sha256"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_CONFIG_NAMES = frozenset({"config.json", "adapter_config.json"})
+_CONFIG_NAMES = frozenset({"config.json", ADAPTER_CONFIG})
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _BLOCK = 4 << 20
 
@@ -164,9 +165,8 @@ def open_checkpoint(
     """Open a model or adapter checkpoint for lazy reading; see `resolve_local` for ``ref``."""
     path = resolve_local(ref, token=token, allow_pickle=allow_pickle, progress=progress)
     provenance = _provenance(str(ref), path)
-    adapter_config_file = path / "adapter_config.json"
-    if adapter_config_file.is_file():
-        adapter_config = _read_json(adapter_config_file)
+    if is_adapter(path):
+        adapter_config = read_adapter_config(path)
         index = ShardIndex.from_dir(path, weights_name="adapter_model", allow_pickle=allow_pickle)
         return AdapterCheckpoint(str(ref), path, adapter_config, index, provenance)
     config_file = path / "config.json"
@@ -219,7 +219,7 @@ def fingerprint(path: str | Path, *, samples: int = 16, sample_bytes: int = 4096
 def _is_content_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".pt")) or name in {
         "config.json",
-        "adapter_config.json",
+        ADAPTER_CONFIG,
         "model.safetensors.index.json",
         "reforge.json",
     }
