@@ -57,6 +57,42 @@ def test_records_written_before_keep_their_absolute_paths():
     assert located_inputs(new, "/runs/merged")["base"] == old["base"]
 
 
+def test_a_training_records_corpus_is_located_by_the_same_function_as_its_inputs():
+    """issue 23: one function turns recorded paths back into paths, for inputs and a training record's corpus files;
+    a record written before paths were recorded relative comes back unchanged."""
+    old = {"base": {"ref": "/runs/base", "path": "/runs/base"}, "corpus": {"paths": ["/data/a.jsonl", "b.jsonl"]}}
+    assert located_inputs(old, "/elsewhere/psi") == old
+    new = {
+        "paths_relative_to": RECORDED_RELATIVE_TO,
+        "base": {"ref": "../base", "path": "../base"},
+        "corpus": {"paths": ["../../data/a.jsonl", "/abs/b.jsonl"], "sha256": "x"},
+    }
+    located = located_inputs(new, "/runs/psi")
+    assert located["base"] == {"ref": "/runs/base", "path": "/runs/base"}
+    assert located["corpus"] == {"paths": ["/data/a.jsonl", "/abs/b.jsonl"], "sha256": "x"}
+    assert new["corpus"]["paths"][0] == "../../data/a.jsonl"  # a copy: the record read is not changed
+
+
+def test_a_merge_names_an_adapters_corpus_from_its_training_record_old_or_new(tmp_path):
+    """What merge records as an adapter's corpus is its training record's corpus, read through `located_inputs`:
+    absolute paths of a record written before relative paths as they were; relative ones against the adapter."""
+    from types import SimpleNamespace
+
+    from reforge.ops.merge_folder import _adapter_corpus
+
+    adapter = SimpleNamespace(checkpoint=SimpleNamespace(path=tmp_path / "runs" / "psi"))
+    adapter.checkpoint.path.mkdir(parents=True)
+    record = adapter.checkpoint.path / "training_record.json"
+    assert _adapter_corpus(adapter) is None  # no training record
+    record.write_text(json.dumps({"corpus": {"paths": ["/data/a.jsonl", "/data/b.jsonl"]}}))
+    assert _adapter_corpus(adapter) == "/data/a.jsonl, /data/b.jsonl"
+    record.write_text(json.dumps({"corpus": "scifact/corpus.jsonl"}))  # older still: one string, kept as it is
+    assert _adapter_corpus(adapter) == "scifact/corpus.jsonl"
+    relative = {"paths": ["../../data/a.jsonl", "b.jsonl"]}
+    record.write_text(json.dumps({"paths_relative_to": RECORDED_RELATIVE_TO, "corpus": relative}))
+    assert _adapter_corpus(adapter) == f"{tmp_path}/data/a.jsonl, {tmp_path}/runs/psi/b.jsonl"
+
+
 def test_a_trained_adapter_names_its_base_relative_to_itself_and_loads_from_anywhere(tmp_path, monkeypatch):
     """adapter_config.json's base_model_name_or_path is ``../base`` (issue 26: no absolute local path published);
     peft with the base loaded by the caller, and reforge eval (resolving it against the adapter folder), merge and
@@ -116,3 +152,12 @@ def test_an_adapter_config_naming_an_absolute_base_or_a_hub_id_still_resolves(tm
     (adapter / "adapter_config.json").write_text(json.dumps({**settings, "base_model_name_or_path": "org/base"}))
     with pytest.raises(CheckpointNotFoundError, match=r"The base model 'org/base' named in .*could not be fetched"):
         resolve_model(adapter)
+
+
+def test_the_docstring_examples_of_io_paths_run():
+    import doctest
+
+    import reforge.io.paths
+
+    result = doctest.testmod(reforge.io.paths)
+    assert result.failed == 0 and result.attempted >= 4

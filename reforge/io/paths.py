@@ -151,9 +151,16 @@ def recorded_inputs(record: dict, root: str | Path) -> dict:
 
 
 def located_inputs(record: dict, root: str | Path) -> dict:
-    """The inverse of `recorded_inputs`: a copy of ``record`` (read from folder ``root``) whose local inputs'
-    ``path`` and ``ref`` are absolute again. A record written before paths were recorded relative is returned as
-    it is (a copy)."""
+    """The inverse of `recorded_inputs`: a copy of ``record`` (read from folder ``root``) with every recorded local
+    path absolute again: the local inputs' ``path`` and ``ref``, and a training record's corpus files
+    (``corpus.paths``, which `reforge.train` records relative to the adapter folder). A record written before paths
+    were recorded relative is returned as it is (a copy).
+
+    Example:
+        >>> record = {"paths_relative_to": RECORDED_RELATIVE_TO, "corpus": {"paths": ["../data/c.jsonl"]}}
+        >>> located_inputs(record, "/runs/psi")["corpus"]["paths"]
+        ['/runs/data/c.jsonl']
+    """
     import copy
 
     record = copy.deepcopy(record)
@@ -163,12 +170,20 @@ def located_inputs(record: dict, root: str | Path) -> dict:
     def absolute(entry: dict) -> dict:
         if isinstance(entry.get("path"), str):
             for key in ("path", "ref"):
-                if isinstance(entry.get(key), str) and not Path(entry[key]).is_absolute():
-                    entry[key] = os.path.normpath(Path(root).absolute() / entry[key])
+                if isinstance(entry.get(key), str):
+                    entry[key] = _located(entry[key], root)
         return entry
 
     _map_inputs(record, absolute)
+    corpus = record.get("corpus")
+    if isinstance(corpus, dict) and isinstance(corpus.get("paths"), list):
+        corpus["paths"] = [_located(p, root) if isinstance(p, str) else p for p in corpus["paths"]]
     return record
+
+
+def _located(path: str, root: str | Path) -> str:
+    """A recorded ``path`` read against the record's folder ``root`` (an absolute one stays as it is)."""
+    return path if Path(path).is_absolute() else os.path.normpath(Path(root).absolute() / path)
 
 
 def _map_inputs(record: dict, change) -> None:

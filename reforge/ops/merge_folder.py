@@ -5,6 +5,7 @@ eval` reads first, and the model card."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ from reforge.card import render_chat_card
 from reforge.io.adapter import LoraAdapter
 from reforge.io.companions import companion_files, output_companions
 from reforge.io.manifest import read_training_record
+from reforge.io.paths import located_inputs
 from reforge.io.writer import CheckpointWriter
 from reforge.ops.delta import RETRIEVER_FILES
 from reforge.ops.merge_inputs import MergeInputs
@@ -57,19 +59,12 @@ def merge_manifest(
 
 
 def _adapter_corpus(adapter: LoraAdapter) -> str | None:
-    """What the adapter was trained on (its training record's corpus), local paths absolute again: a record names
-    them relative to the adapter's folder (`reforge.io.paths.recorded_inputs`) and they are read back as every
-    recorded input is (`reforge.io.paths.located_inputs`); this manifest names them relative to its own folder."""
-    from reforge.io.paths import located_inputs
-
-    record = read_training_record(adapter.checkpoint.path)
-    if record is None or record.corpus is None:
-        return None
-    files = [{"path": path} for path in record.corpus.split(", ")]  # each corpus file as a local input
-    located = located_inputs(
-        {"paths_relative_to": record.data.get("paths_relative_to"), "adapters": files}, adapter.checkpoint.path
-    )
-    return ", ".join(entry["path"] for entry in located["adapters"])
+    """What the adapter was trained on (its training record's corpus), its files' paths absolute again: the record
+    names them relative to the adapter's folder and `reforge.io.paths.located_inputs` reads them back; this
+    manifest names them relative to its own folder (`reforge.io.paths.recorded_inputs`)."""
+    folder = adapter.checkpoint.path
+    record = read_training_record(folder)
+    return None if record is None else replace(record, data=located_inputs(record.data, folder)).corpus
 
 
 def add_companions(writer: CheckpointWriter, source: MergeInputs, manifest: dict, keep_head: bool = False) -> None:
