@@ -430,3 +430,31 @@ def test_a_damaged_adapter_config_reads_the_same_through_open_checkpoint_and_its
     assert str(by_open.value) == str(by_reader.value)
     assert "adapter_config.json is not a readable adapter config (" in str(by_open.value)
     assert by_open.value.path == tmp_path / "adapter_config.json"
+
+
+def test_a_checkpoint_folders_json_files_have_one_reader(tmp_path):
+    """issue 23: config.json, adapter_config.json, reforge.json and training_record.json are read by one reader
+    (io.jsonfile.read_json_object): a damaged one is the same kind of one-line error (the file, what it should be,
+    why), and the modules that open them parse no JSON of their own."""
+    from pathlib import Path
+
+    import reforge.io
+    from reforge.io.adapter_config import read_adapter_config
+    from reforge.io.manifest import read_manifest, read_training_record
+
+    cases = [
+        ("config.json", lambda: open_checkpoint(tmp_path), "valid JSON"),
+        ("adapter_config.json", lambda: read_adapter_config(tmp_path), "a readable adapter config"),
+        ("reforge.json", lambda: read_manifest(tmp_path), "a readable JSON object"),
+        ("training_record.json", lambda: read_training_record(tmp_path), "a readable JSON object"),
+    ]
+    for name, read, what in cases:
+        (tmp_path / name).write_text("[1, 2]")
+        with pytest.raises(CorruptCheckpointError) as caught:
+            read()
+        assert str(caught.value).startswith(f"{tmp_path / name} is not {what} (not a JSON object).")
+        assert caught.value.path == tmp_path / name
+        (tmp_path / name).unlink()
+    home = Path(reforge.io.__file__).parent
+    for module in ("checkpoint.py", "adapter_config.py", "manifest.py"):
+        assert "json.loads" not in (home / module).read_text(), module

@@ -6,10 +6,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from reforge.errors import CorruptCheckpointError, short_path
+from reforge.io.jsonfile import read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -25,13 +24,4 @@ def read_adapter_config(folder: str | Path) -> dict:
     Raises:
         CorruptCheckpointError: the file is missing, unreadable, not JSON, or not a JSON object; the message names it.
     """
-    path = Path(folder) / ADAPTER_CONFIG
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(value, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, OSError) as e:
-        raise CorruptCheckpointError(
-            f"{short_path(path)} is not a readable adapter config ({e}).", path=path, tensor=None, reason=str(e)
-        ) from e
-    return value
+    return read_json_object(Path(folder) / ADAPTER_CONFIG, what="a readable adapter config")

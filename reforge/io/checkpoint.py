@@ -23,7 +23,6 @@ in outputs). A file's SHA-256 comes from the cheapest source that is exact:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import threading
@@ -32,11 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reforge.errors import AdapterError, CheckpointNotFoundError, CorruptCheckpointError, short_path
+from reforge.errors import AdapterError, CheckpointNotFoundError, short_path
 from reforge.io.adapter_config import ADAPTER_CONFIG, is_adapter, read_adapter_config
 from reforge.io.atomic import write_atomic
 from reforge.io.buffers import BufferPool
 from reforge.io.index import ShardIndex
+from reforge.io.jsonfile import read_json_object
 from reforge.io.keymap import KeyLayout, canonical_map, detect_layout
 from reforge.io.manifest import peek_record
 from reforge.io.reader import ShardReader
@@ -170,7 +170,7 @@ def open_checkpoint(
         index = ShardIndex.from_dir(path, weights_name="adapter_model", allow_pickle=allow_pickle)
         return AdapterCheckpoint(str(ref), path, adapter_config, index, provenance)
     config_file = path / "config.json"
-    config = _read_json(config_file) if config_file.is_file() else None
+    config = read_json_object(config_file, what="valid JSON") if config_file.is_file() else None
     index = ShardIndex.from_dir(path, allow_pickle=allow_pickle)
     return Checkpoint(str(ref), path, config, index, detect_layout(index.tensors, config), provenance)
 
@@ -238,18 +238,6 @@ def _provenance(ref: str, path: Path) -> dict:
         record["path"] = str(path.resolve())
     record["fingerprint"] = fingerprint(path)
     return record
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-        if not isinstance(value, dict):
-            raise ValueError("not a JSON object")
-        return value
-    except (ValueError, OSError) as e:
-        raise CorruptCheckpointError(
-            f"{short_path(path)} is not valid JSON ({e}).", path=path, tensor=None, reason=str(e)
-        ) from e
 
 
 def env_home() -> Path:

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reforge.errors import CorruptCheckpointError, short_path
+from reforge.errors import CorruptCheckpointError
 from reforge.io.atomic import write_atomic
+from reforge.io.jsonfile import read_json_object
 
 MANIFEST = "reforge.json"
 TRAINING_RECORD = "training_record.json"
@@ -121,16 +122,8 @@ def write_record(path: str | Path, data: dict[str, Any]) -> None:
 def _read(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, OSError) as e:
-        raise CorruptCheckpointError(
-            f"{short_path(path)} is not a readable JSON object ({e}).",
-            hint="It was damaged after it was written; rerun the command that wrote the folder.",
-            path=path,
-            tensor=None,
-            reason=str(e),
-        ) from e
-    return data
+    return read_json_object(
+        path,
+        what="a readable JSON object",
+        hint="It was damaged after it was written; rerun the command that wrote the folder.",
+    )
