@@ -23,6 +23,7 @@ BENCHMARKS = {
         ["--repeats", "1", "--steps", "1", "--docs", "40", "--shape", "smoke", "--max-length", "128"],
     ),
     "bench_eval.py": ([], []),
+    "bench_dora_steps.py": (["--repeats", "9"], ["--repeats", "1", "--loops", "2"]),
 }
 
 
