@@ -11,8 +11,9 @@ SHA-256 match and each command's median time with min-max and the ratio current 
 JSON (``--work``/same.json).
 
 What may differ and is not a change of result: fields that record a time, a duration, a rate or a file's
-identity (device, inode, mtime). For a JSON file that differs, the keys that differ are listed; weights
-(``*.safetensors``), run files and scores must be byte-identical, or the script exits 1.
+identity (device, inode, mtime), and a safetensors header's metadata (a plan id made from the inputs' keys) when
+every tensor is the same to the byte. Every other difference is listed (for JSON, the keys that differ) and makes
+the script exit 1: weights (tensor bytes), run files and per-query scores must be identical.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RETRIEVER = ROOT / "examples" / "assets" / "repllama-smol"
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
-MUST_MATCH = (".safetensors", ".trec", ".tsv")
 VOLATILE_KEYS = (
     "seconds",
     "time",
@@ -167,6 +167,8 @@ def compare(baseline: Path, current: Path) -> tuple[list[dict], bool]:
             row["status"] = "only in " + ("current" if name in right else "baseline")
         elif sha256(left[name]) == sha256(right[name]):
             row["status"] = "identical"
+        elif name.endswith(".safetensors"):
+            row.update(_tensors_compared(left[name], right[name]))
         else:
             row["status"] = "differs"
             if name.endswith(".json"):
@@ -177,10 +179,38 @@ def compare(baseline: Path, current: Path) -> tuple[list[dict], bool]:
                 row["keys"] = keys
                 volatile = all(any(v in key.lower() for v in VOLATILE_KEYS) for key in keys)
                 row["status"] = "differs (timing fields only)" if volatile else "differs"
-        if row["status"] != "identical" and (name.endswith(MUST_MATCH) or not row["status"].startswith("differs (")):
+        explained = row["status"].startswith("differs (")  # timing fields, or a header's metadata only
+        if row["status"] != "identical" and not explained:
+            same = False
+        if name.endswith((".trec", ".tsv")) and row["status"] != "identical":
             same = False
         rows.append(row)
     return rows, same
+
+
+def _tensors_compared(left: Path, right: Path) -> dict:
+    """Two safetensors files whose bytes differ: the same tensors (names, dtypes, shapes, bytes) with other header
+    metadata, or not."""
+    from safetensors import safe_open
+
+    with safe_open(left, "pt") as a, safe_open(right, "pt") as b:
+        if sorted(a.keys()) != sorted(b.keys()):
+            return {"status": "differs", "keys": ["(tensor names)"]}
+        changed = [k for k in a.keys() if not _same_tensor(a.get_tensor(k), b.get_tensor(k))]
+        meta_a, meta_b = a.metadata() or {}, b.metadata() or {}
+    if changed:
+        return {"status": "differs", "keys": changed[:20]}
+    keys = sorted(k for k in set(meta_a) | set(meta_b) if meta_a.get(k) != meta_b.get(k))
+    return {"status": "differs (header metadata only)", "keys": keys}
+
+
+def _same_tensor(a, b) -> bool:
+    """Same dtype, shape and bytes (stricter than torch.equal: a NaN equals itself, -0.0 differs from 0.0)."""
+    import torch
+
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 def main() -> int:
