@@ -12,6 +12,14 @@ from reforge.cli.options import output_options
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="Check the recipe and print the plan: jobs to run and to skip, outputs.")
 @click.option(
+    "--only",
+    "only",
+    multiple=True,
+    metavar="STEP|JOB",
+    help="Run just this step (all its jobs) or job (psi/scifact), and what it reads, as make runs a target. "
+    "Repeatable. The table then holds only the selected evaluations.",
+)
+@click.option(
     "--token",
     envvar="HF_TOKEN",
     default=None,
@@ -19,7 +27,7 @@ from reforge.cli.options import output_options
     help="Hugging Face token for private Hub inputs and push steps. Never printed or saved.",
 )
 @output_options
-def run_cmd(recipe: str, dry_run: bool, token: str | None, quiet: bool, as_json: bool) -> None:
+def run_cmd(recipe: str, dry_run: bool, only: tuple[str, ...], token: str | None, quiet: bool, as_json: bool) -> None:
     """Run a recipe: every step in dependency order, skipping what is made.
 
     The recipe (YAML) names the base, the retriever, corpora, datasets and steps; each step's options are the
@@ -33,6 +41,7 @@ def run_cmd(recipe: str, dry_run: bool, token: str | None, quiet: bool, as_json:
     Examples:
       reforge run recipes/miniature.yaml --dry-run
       reforge run recipes/miniature.yaml
+      reforge run recipes/miniature.yaml --only psi/scifact
       reforge run recipes/table1-repllama.yaml --json > run.json
     """
     from reforge.recipe import run_recipe
@@ -45,7 +54,7 @@ def run_cmd(recipe: str, dry_run: bool, token: str | None, quiet: bool, as_json:
             if not (quiet or as_json):
                 ui.info(text)
 
-        report = run_recipe(recipe, dry_run=dry_run, token=token, progress=bar, stage=stage)
+        report = run_recipe(recipe, dry_run=dry_run, only=list(only) or None, token=token, progress=bar, stage=stage)
     if as_json:
         ui.print_json(report.to_dict())
         return
