@@ -389,6 +389,17 @@ def test_the_miniature_recipe_checks_against_the_shared_data():
         "eval/scifact",
         "eval/nfcorpus-partial",
     ]
+    # docs/results.md's recipes (examples/reproduce.py runs them): every job in a folder of its summary's name
+    recipe = load_recipe(RECIPES / "results.yaml")
+    results = expand(recipe)
+    assert (
+        len(results) == 12 and results[2].output == recipe.out / "psi-scifact" == ROOT / ".cache/reproduce/psi-scifact"
+    )
+    seeds = expand(load_recipe(RECIPES / "results-seeds.yaml"))
+    assert len(seeds) == 36 and sorted({job.output.name for job in seeds})[:2] == [
+        "psi-scifact-judged-rows-seed0",
+        "psi-scifact-judged-rows-seed1",
+    ]
 
 
 def test_options_that_do_not_change_the_adapter_do_not_retrain_it(inputs, tmp_path):
