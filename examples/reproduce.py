@@ -269,14 +269,14 @@ def _json(data: Any) -> bytes:
 
 
 def run_recipe_here(args: argparse.Namespace) -> list[str]:
-    """Write this run's recipe, run it (`reforge.recipe.run_recipe`), keep the summaries; the failure, if any."""
+    """Write this run's recipe, run it (`reforge.recipe.run_recipe`), keep the summaries; the jobs that failed or
+    did not run after a failure."""
     base = (args.base or prepare_base()).resolve()
     return run_and_collect(edited_recipe(args, base), args, base)
 
 
 def run_and_collect(recipe: dict[str, Any], args: argparse.Namespace, base: Path) -> list[str]:
     """`run_recipe_here` for a recipe already edited (`edited_recipe`)."""
-    from reforge.errors import ReforgeError
     from reforge.recipe import run_recipe
     from reforge.recipe.plan import expand
     from reforge.recipe.spec import load_recipe
@@ -285,17 +285,13 @@ def run_and_collect(recipe: dict[str, Any], args: argparse.Namespace, base: Path
     jobs = expand(load_recipe(path))
     only = select(jobs, args.only, args.retriever, bool(args.seeds))
     print(f"reforge run {path}" + (f" --only {' '.join(only)}" if only else ""), flush=True)
-    failed: list[str] = []
-    try:
-        report = run_recipe(path, only=only, stage=lambda text: print(text, flush=True))
-        for plan in report.jobs:
-            print(f"   {plan.job.id}: {plan.action} ({plan.reason}, {plan.seconds:.0f} s)", flush=True)
-    except ReforgeError as e:  # the jobs before it keep their outputs: a rerun continues there
-        print(f"FAILED: {e}", file=sys.stderr, flush=True)
-        failed.append(str(e))
+    # keep_going: a failed job is reported and the jobs that do not read it go on (a rerun continues there)
+    report = run_recipe(path, only=only, keep_going=True, stage=lambda text: print(text, flush=True))
+    for plan in report.jobs:
+        print(f"   {plan.job.id}: {plan.action} ({plan.reason}, {plan.seconds:.0f} s)", flush=True)
     chosen = [job for job in jobs if only is None or job.id in only]
     collect(chosen, args.out, base, sizes=bool(args.seeds))
-    return failed
+    return report.failed + [plan.job.id for plan in report.jobs if plan.action == "not run"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -493,3 +493,23 @@ def test_anchors_merge_into_steps_and_x_keys_are_not_read(inputs, tmp_path):
     assert load_recipe(write_recipe(tmp_path / "p", inputs, plain)).steps["psi"].options["r"] == 4
     result = run(write_recipe(tmp_path / "t", inputs, text.replace("lr: 0.05", "lr: 0.05\n      lr: 0.04")), ok=False)
     assert result.exit_code == 1 and "gives 'lr' twice" in result.stderr
+
+
+def test_keep_going_runs_what_does_not_read_a_failed_job_then_exits_1(inputs, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "corpus.jsonl").write_text('{"_id": "d0", "text": "w4 w5"}\n{"_id": "d1", "text": \n')
+    text = RECIPE.replace("  tiny: {data}\ndatasets:", f"  tiny: {{data}}\n  bad: {bad}\ndatasets:")
+    recipe = write_recipe(tmp_path / "r", inputs, text)
+    stopped = run(recipe, ok=False)
+    assert stopped.exit_code == 1 and "corpus.jsonl" in stopped.stderr
+    assert not (tmp_path / "r" / "out" / "readapted").exists()  # the first failure stops the run
+
+    result = run(recipe, "--keep-going", "--json", ok=False)
+    assert result.exit_code == 1 and "1 job(s) failed: psi/bad" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["failed"] == ["psi/bad"] and report["not_run"] == ["readapted/bad-alpha0.5"]
+    assert report["ran"] == ["readapted/tiny-alpha0.5", "eval/tiny"] and report["skipped"] == ["psi/tiny"]
+    (failed,) = [j for j in report["jobs"] if j["action"] == "failed"]
+    assert "corpus.jsonl" in failed["reason"]
+    assert report["table"]["tables"][0]["rows"][0]["dataset"] == "tiny"

@@ -1,10 +1,12 @@
 """`run_recipe`: run a recipe's jobs in dependency order through the Python API, skipping what is already made.
 
-For each job, in order: resolve its options (a merge's alpha from its tune job), hash them with its inputs' content
-(`reforge.recipe.state`), skip it when its output's stamp has that fingerprint, else run it with the function the
+For each job, in order (``only``: the named steps or jobs and what they read), `decide`: resolve its options (a
+merge's alpha from its tune job), hash them with its inputs' content (`reforge.recipe.state`), skip it when its
+output's stamp has that fingerprint (a dry run stops there), else run it with the function the
 command runs (`reforge.ops.diff.diff`, `reforge.train.train_adapter`, `reforge.tune.tune`, `reforge.ops.merge.merge`,
 `reforge.eval.evaluate`, `reforge.publish.push_folder`) and stamp its output. A train job killed midway resumes from
-its last checkpoint when it is run again with the same fingerprint. Finally the table (`reforge.recipe.table`).
+its last checkpoint when it is run again with the same fingerprint. With ``keep_going`` a failed job is recorded and
+the jobs that do not read it go on. Finally the table (`reforge.recipe.table`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from reforge.recipe.plan import Job, eval_settings, expand, train_config, write_
 from reforge.recipe.spec import Recipe, load_recipe
 
 StageFn = Callable[[str], None]
+UNMADE = ("failed", "not run")  # what a job that reads such a job cannot run after
 # A train job's facts kept in its stamp: `reforge.train.TrainResult`'s numbers
 TRAIN_FACTS = (
     "steps",
@@ -41,8 +44,9 @@ TRAIN_FACTS = (
 
 @dataclass
 class JobPlan:
-    """What `run_recipe` does (or did) with one job: ``action`` is ``run``, ``resume`` or ``skip``; ``reason`` says
-    why; ``training`` holds a train job's documents, tokens and steps (from train's own dry run) when known."""
+    """What `run_recipe` does (or did) with one job: ``action`` is ``run``, ``resume`` or ``skip`` (with
+    ``keep_going`` also ``failed``, or ``not run`` after a failed job it reads); ``reason`` says why;
+    ``training`` holds a train job's documents, tokens and steps (from train's own dry run) when known."""
 
     job: Job
     action: str
@@ -79,6 +83,11 @@ class RunReport:
     written: list[Path] = field(default_factory=list)
     seconds: float = 0.0
 
+    @property
+    def failed(self) -> list[str]:
+        """The jobs that failed (only with ``keep_going``: without it the first failure is raised)."""
+        return [p.job.id for p in self.jobs if p.action == "failed"]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {
@@ -87,8 +96,10 @@ class RunReport:
             "out": str(self.recipe.out),
             "dry_run": self.dry_run,
             "jobs": [plan.to_dict() for plan in self.jobs],
-            "ran": [p.job.id for p in self.jobs if p.action != "skip"],
+            "ran": [p.job.id for p in self.jobs if p.action in ("run", "resume")],
             "skipped": [p.job.id for p in self.jobs if p.action == "skip"],
+            "failed": self.failed,
+            "not_run": [p.job.id for p in self.jobs if p.action == "not run"],
             "table": self.table,
             "written": [str(p) for p in self.written],
             "seconds": round(self.seconds, 3),
@@ -100,6 +111,7 @@ def run_recipe(
     *,
     dry_run: bool = False,
     only: list[str] | None = None,
+    keep_going: bool = False,
     token: str | None = None,
     progress: ProgressFn | None = None,
     stage: StageFn | None = None,
@@ -112,6 +124,9 @@ def run_recipe(
             documents and tokens (train's own dry run); nothing is written.
         only: run just these steps or jobs (``psi``, ``psi/scifact``) and the jobs they read, as make runs its
             targets; the table then has the selected eval jobs only. None: every job.
+        keep_going: when a job fails, record it (``failed``, its error as the reason), mark the jobs that read it
+            ``not run`` and go on with the others, as ``make -k``; the table holds the evaluations that were made.
+            The caller must look at `RunReport.failed`.
         token: Hugging Face token for private Hub inputs and for push steps (never saved).
         progress: ``progress(done, total)`` within the job that runs (steps, bytes or texts).
         stage: called with a short line as each job starts, and as each phase within it starts.
@@ -121,7 +136,8 @@ def run_recipe(
 
     Raises:
         RecipeError: the recipe is wrong (checked whole before any job runs).
-        ReforgeError: a job failed; the jobs before it keep their outputs and stamps, so a rerun continues.
+        ReforgeError: a job failed (without ``keep_going``); the jobs before it keep their outputs and stamps, so a
+            rerun continues.
     """
     started = time.perf_counter()
     say = stage or (lambda text: None)
@@ -134,6 +150,10 @@ def run_recipe(
     for number, job in enumerate(jobs, start=1):
         # a dry run cannot fingerprint a job whose inputs a job before it would make first
         waiting = [need.id for need in job.needs if need.id in {p.job.id for p in plans if p.action != "skip"}]
+        broken = [need.id for need in job.needs if need.id in {p.job.id for p in plans if p.action in UNMADE}]
+        if broken:  # keep_going: a job that failed, or waited on one, made nothing this job could read
+            plans.append(JobPlan(job, "not run", f"after failed {', '.join(broken)}"))
+            continue
         plan = decide(job, waiting if dry_run else [])
         plans.append(plan)
         if dry_run:
@@ -145,18 +165,25 @@ def run_recipe(
             continue
         say(f"[{number}/{len(jobs)}] {job.id}: {job.kind} -> {job.output}")
         job_started = time.perf_counter()
-        if job.kind in ("diff", "merge") and state.read_stamp(job.output) is not None:
-            # a finished output of another fingerprint, or changed since: the writer would keep what it finds
-            # complete for the same plan, so the folder (ours: it holds our stamp) is made again from nothing
-            shutil.rmtree(job.output)
-        context = _Context(recipe, job, plan.options, plan.keys, plan.fingerprint, token, progress, say)
-        _RUNNERS[job.kind](context, resume=plan.action == "resume")
+        try:
+            if job.kind in ("diff", "merge") and state.read_stamp(job.output) is not None:
+                # a finished output of another fingerprint, or changed since: the writer would keep what it finds
+                # complete for the same plan, so the folder (ours: it holds our stamp) is made again from nothing
+                shutil.rmtree(job.output)
+            context = _Context(recipe, job, plan.options, plan.keys, plan.fingerprint, token, progress, say)
+            _RUNNERS[job.kind](context, resume=plan.action == "resume")
+        except Exception as e:  # noqa: BLE001 - with keep_going any failure of one job is recorded, as make -k does
+            if not keep_going:
+                raise
+            plan.action, plan.reason = "failed", _failure(e)
+            say(f"{job.id} failed: {plan.reason}")
         plan.seconds = time.perf_counter() - job_started
     report = RunReport(recipe, plans, dry_run)
     if not dry_run:
         from reforge.recipe.table import write_tables
 
-        report.table, report.written = write_tables(recipe, jobs)
+        made = [p.job for p in plans if p.action in ("run", "resume", "skip")]
+        report.table, report.written = write_tables(recipe, made)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -204,6 +231,14 @@ def input_keys(job: Job) -> dict[str, list[str]]:
             f"hub:{source.hub}" if source.hub is not None else state.content_key(Path(source.ref)) for source in sources
         ]
     return keys
+
+
+def _failure(error: Exception) -> str:
+    """One line for a failed job: a ReforgeError's message, else the exception's type and text."""
+    from reforge.errors import ReforgeError
+
+    text = error.message if isinstance(error, ReforgeError) else f"{type(error).__name__}: {error}"
+    return " ".join(text.split())
 
 
 def select(recipe: Recipe, jobs: list[Job], only: list[str] | None) -> list[Job]:
