@@ -491,6 +491,11 @@ def test_anchors_merge_into_steps_and_x_keys_are_not_read(inputs, tmp_path):
     merged_only = text.replace("      lora-r: 4\n", "")
     assert load_recipe(write_recipe(tmp_path / "m", inputs, merged_only)).steps["psi"].options["r"] == 2
     assert load_recipe(write_recipe(tmp_path / "p", inputs, plain)).steps["psi"].options["r"] == 4
+    # an anchor that overrides what it merges, used whole through an alias
+    twice = text.replace("x-small: &small {{lora-r: 2, lr: 0.01}}\n", "x-small: &small {{lora-r: 2, lr: 0.01}}\n"
+                         "x-smaller: &smaller {{<<: *small, lr: 0.001}}\n")  # fmt: skip
+    twice = twice.replace("  readapted:\n", "  psi2:\n    train: *smaller\n  readapted:\n")
+    assert load_recipe(write_recipe(tmp_path / "a", inputs, twice)).steps["psi2"].options["lr"] == 0.001
     result = run(write_recipe(tmp_path / "t", inputs, text.replace("lr: 0.05", "lr: 0.05\n      lr: 0.04")), ok=False)
     assert result.exit_code == 1 and "gives 'lr' twice" in result.stderr
 

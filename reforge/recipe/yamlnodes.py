@@ -71,9 +71,11 @@ def _convert(node: Any, path: Path, constructor: Any) -> Node:
 
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
-        own = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
-        constructor.flatten_mapping(node)  # `<<: *anchor` puts the anchored pairs first: defaults the rest override
-        merged = len(node.value) - own
+        merged = getattr(node, "merged_pairs", None)  # an anchored mapping met again through an alias: flat already
+        if merged is None:
+            own = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
+            constructor.flatten_mapping(node)  # `<<: *anchor` puts the anchored pairs first: defaults the rest override
+            merged = node.merged_pairs = len(node.value) - own
         items: dict[str, Node] = {}
         written: set[str] = set()  # the keys of this mapping itself (not merged in)
         for index, (key_node, value_node) in enumerate(node.value):
