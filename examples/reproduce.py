@@ -1,32 +1,31 @@
-"""The miniature RE-AdaptIR reproduction behind docs/results.md, run with reforge's own commands.
+"""The miniature RE-AdaptIR reproduction behind docs/results.md: its recipes, run by `reforge run`, and its tables.
 
-    python -m examples.reproduce [--out .cache/reproduce] [--data ../shared/data] [--base DIR]
-    python -m examples.reproduce --report-only --out DIR         # rebuild the tables from finished steps
+    python -m examples.reproduce [--out .cache/reproduce] [--data ../shared/data] [--base DIR] [budget options]
+    python -m examples.reproduce --seeds 0,1,2 [--retriever last]   # section 6: recipes/results-seeds.yaml
+    python -m examples.reproduce --report-only --out DIR           # rebuild the tables from finished jobs
 
-What it runs (every command is printed first; a step whose JSON exists is skipped, so a rerun continues, and a
-failed step is logged while the steps that do not need it go on):
+The steps are recipes, run by `reforge.recipe.run_recipe` (what `reforge run` runs), which skips every job whose
+output was made from the same inputs and options and resumes a killed one:
 
-1. ``reforge eval``: the untrained base LM vs the retriever (examples/assets/repllama-smol) on SciFact test and
-   NFCorpus-partial test, both encoded the retriever's way (``query: ``/``passage: ``, EOS, mean pooling, 128 tokens).
-2. ``reforge train``: knowledge adapters with the paper's defaults (DoRA r 32 / alpha 64 on q,k,v,up,down, 4
-   documents a step, lr 2e-4 linear, one epoch, 1024 tokens; ``--train-batching rows`` for row packing) on
-   SciFact's corpus, NFCorpus-partial's corpus, and for the Table 2 variant SciFact's corpus without
-   (``--exclude-judged``) and with only (``--only-judged``) the test-judged passages.
-3. ``reforge tune --split test --i-know``: retriever + alpha * Psi on each test split for alpha in 0..1. Every point
-   is reported and compared with alpha = 0 (the retriever); nothing is chosen on test.
-4. ``reforge tune`` on held-out queries (SciFact train queries, NFCorpus dev): the alpha a user would pick.
-5. ``results.md`` in --out: the tables (`report`).
+- ``recipes/results.yaml`` (sections 1-5): ``eval-retriever`` (the untrained base LM vs the retriever on SciFact and
+  NFCorpus-partial test, encoded the retriever's way), the knowledge adapters ``psi-scifact``,
+  ``psi-nfcorpus-partial``, and for Table 2 ``psi-scifact-unjudged`` / ``psi-scifact-judged`` (without, and with only,
+  the test-judged passages), each followed by ``reforge tune`` on test (``--i-know``: every alpha reported against
+  alpha 0, nothing chosen there) and on held-out queries (SciFact train, NFCorpus dev): the alpha a user would pick.
+- ``recipes/results-seeds.yaml`` (section 6, ``--seeds``): four adapter variants (the paper's batching, row packing,
+  Table 2's two corpora with row packing) at each seed, each tuned in both example retrievers (``--retriever last``:
+  RepLLaMA's last-token pooling, examples/assets/repllama-smol-last; the adapters are trained on the base, so shared).
 
-With ``--seeds 0,1,2`` it runs docs/results.md's section 6 instead: the SciFact adapter with the paper's batching
-at each seed, then with ``--batching rows`` at the same seeds, then Table 2's variants, each followed by its tune,
-and reports the mean and standard deviation of the nDCG@10 change at alpha 0.5 over the seeds.
+The options below are a budget on top of the recipe: they are written into an edited copy of it, ``<out>/recipe.yaml``
+(paths made absolute; what ran is what that file says, and ``reforge run <out>/recipe.yaml`` runs it again). Then
+this module keeps what docs/results.md's tables need: each job's summary as ``<out>/<name>.json`` (what the command's
+``--json`` prints: `reforge train`'s, `reforge tune`'s, one `reforge eval` report per eval step over its datasets),
+and for section 6 each adapter's size, ``size-<variant>-seed<k>.json`` (`reforge inspect --base`'s, measured here:
+how far the adapter moves the base is a number of this report, not a product of the pipeline). ``results.md`` in
+``--out`` holds the tables (`report`).
 
-With ``--retriever last`` the same adapters (trained on the base, so shared) are merged into the last-token retriever
-(examples/assets/repllama-smol-last: RepLLaMA's EOS pooling) instead, and its eval/tune steps are named
-``tune-last-...``: both retrievers' runs live in one ``--out`` and the report gives a table for each.
-
-On a GPU the full corpora take minutes. On a CPU, budget it with ``--train-max-docs``, ``--train-max-length`` and
-``--corpus-sample`` (the same budget for every row); `make demo` is the quick CPU run.
+``--synthetic`` runs docs/results.md's synthetic-query section instead (examples/synthetic.py, which still runs its
+steps as reforge commands through `run_steps`: ``reforge queries`` and its own subset step are no recipe kinds).
 """
 
 from __future__ import annotations
@@ -40,12 +39,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from examples.prepare_base import prepare_base
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-ALPHAS = "0,0.25,0.5,0.75,1"
+RECIPES = {"main": REPO / "recipes" / "results.yaml", "seeds": REPO / "recipes" / "results-seeds.yaml"}
 DATASETS = {"scifact": "SciFact", "nfcorpus-partial": "NFCorpus-partial"}
 # held-out queries for tuning: NFCorpus has a dev split; SciFact only train (the retriever's own training queries)
 DEV_SPLITS = {"scifact": "train", "nfcorpus-partial": "dev"}
@@ -56,11 +56,21 @@ RETRIEVERS = {
     "last": REPO / "examples" / "assets" / "repllama-smol-last",  # RepLLaMA's last-token pooling, warm-started
 }
 STEP_PREFIX = {"mean": "", "last": "last-"}
+# Section 6's adapter variants: (step-name stem, what the adapter trained on); recipes/results-seeds.yaml trains them
+VARIANTS = (
+    ("scifact", "the first documents of the corpus"),
+    ("scifact-rows", "the first documents of the corpus, --batching rows"),
+    ("scifact-unjudged-rows", "the first documents no test query judges, --batching rows"),
+    ("scifact-judged-rows", "the first test-judged documents, --batching rows"),
+)
+# a recipe step's keys that hold a path (relative to the recipe), made absolute in the edited copy
+_PATH_OPTIONS = ("exclude-judged", "only-judged", "exclude-ids", "only-ids")
+_MODEL_ROLES = ("base", "retriever", "delta", "adapter", "model", "models")
 
 
 def encoding_of(retriever: Path) -> tuple[str, ...]:
-    """The retriever's encoding (its reforge_encoding.json), spelled out so that the untrained base and every merge
-    are encoded the same way: RepLLaMA's prefixes with the retriever's pooling and length."""
+    """The retriever's encoding (its reforge_encoding.json) as command-line options, so that the untrained base and
+    every merge are encoded the same way: RepLLaMA's prefixes with the retriever's pooling and length."""
     recorded = json.loads((retriever / "reforge_encoding.json").read_text())
     return ("--profile", "repllama", "--pooling", recorded["pooling"], "--max-length", str(recorded["max_length"]))
 
@@ -71,6 +81,224 @@ def retriever_step(name: str, retriever: str) -> str:
     return f"{kind}-{STEP_PREFIX[retriever]}{rest}"
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# the recipe, with the command line's budget
+
+
+def edited_recipe(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+    """The recipe this run needs (``recipes/results-seeds.yaml`` with ``--seeds``, else ``recipes/results.yaml``) as
+    a plain mapping, with the budget options written into its steps, ``out`` set to ``--out``, ``base`` to
+    ``base``, the data under ``--data`` and every path absolute. A budget option left out keeps the recipe's value.
+    """
+    import yaml
+
+    source = RECIPES["seeds" if args.seeds else "main"]
+    recipe = yaml.safe_load(source.read_text())  # anchors and `<<:` merges resolved
+    recipe = {k: v for k, v in recipe.items() if not k.startswith("x-")}
+
+    def local(text: str) -> str:
+        path = Path(text).expanduser()
+        path = (path if path.is_absolute() else source.parent / path).resolve()
+        if args.data is not None and path.is_relative_to(DATA.resolve()):
+            path = args.data.resolve() / path.relative_to(DATA.resolve())
+        return str(path)
+
+    recipe["out"], recipe["base"], recipe["retriever"] = str(args.out.resolve()), str(base), local(recipe["retriever"])
+    for group in ("corpora", "datasets"):
+        recipe[group] = {name: local(path) for name, path in recipe.get(group, {}).items()}
+    if args.retriever == "last" and not args.seeds:  # section 1-5's steps, in the last-token retriever
+        recipe["retriever"] = str(RETRIEVERS["last"])
+        recipe["steps"] = {
+            (retriever_step(name, "last") if _kind(step) in ("eval", "tune") else name): step
+            for name, step in recipe["steps"].items()
+        }
+    names = set(recipe["steps"]) | {"base", "retriever"}
+    for step in recipe["steps"].values():
+        kind = _kind(step)
+        options = step[kind] = dict(step[kind] or {})
+        for key in _MODEL_ROLES:  # a reference that is a folder, not a step or base/retriever
+            if isinstance(options.get(key), str) and options[key] not in names:
+                options[key] = local(options[key])
+        for key in _PATH_OPTIONS:
+            if key in options:
+                value = options[key]
+                options[key] = [local(v) for v in value] if isinstance(value, list) else local(value)
+        if kind == "train":
+            _set(options, "max-docs", args.train_max_docs)
+            _set(options, "max-length", args.train_max_length)
+            if "batching" not in options:  # a variant's own batching (rows) stays
+                _set(options, "batching", args.train_batching)
+            if isinstance(options.get("seed"), list):
+                _set(options, "seed", args.seeds)
+            else:
+                _set(options, "seed", args.seed)
+        if kind in ("eval", "tune"):
+            _set(options, "dtype", args.dtype)
+            if args.retriever == "last" and not args.seeds:
+                options["pooling"] = "last"
+        if kind == "tune":
+            _set(options, "alpha", args.alphas)
+            _set(options, "corpus-sample", args.corpus_sample)
+            _set(options, "max-queries", args.max_queries)
+    return recipe
+
+
+def _kind(step: dict) -> str:
+    return next(k for k in step if k != "output")
+
+
+def _set(options: dict, key: str, value: Any) -> None:
+    if value is not None:
+        options[key] = value
+
+
+def write_recipe(recipe: dict[str, Any], out: Path) -> Path:
+    """``<out>/recipe.yaml``: the recipe this run runs (`reforge.recipe.run_recipe` keeps its copy there too)."""
+    import yaml
+
+    from reforge.recipe.state import write_if_changed
+
+    out.mkdir(parents=True, exist_ok=True)
+    header = "# written by python -m examples.reproduce: its recipe with this run's budget and paths\n"
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:  # each value written out, no &id001 anchors
+            return True
+
+    text = header + yaml.dump(recipe, Dumper=Dumper, sort_keys=False, width=120)
+    return write_if_changed(out / "recipe.yaml", text.encode("utf-8"))
+
+
+def summary_name(job: Any) -> str:
+    """The ``<out>/<name>.json`` a job's summary is kept as: its output folder's name (the recipes write
+    ``{out}/<step>`` or ``{out}/<step>-seed<k>``); an eval step's datasets are one report, named after the step."""
+    return job.step.name if job.kind == "eval" else job.output.name
+
+
+def select(jobs: list, only: list[str] | None, retriever: str, seeds: bool) -> list[str] | None:
+    """The job ids to run (`run_recipe`'s ``only``) for ``--only`` names (``psi-scifact``, ``tune-scifact-test``,
+    ``size-scifact-seed0``: the summaries' names) and, for section 6, ``--retriever`` (its tune steps only). None:
+    every job."""
+    if seeds:  # section 6: the tunes in the other retriever are left out
+        last = retriever == "last"
+        jobs = [job for job in jobs if job.kind != "tune" or job.step.name.startswith("tune-last-") == last]
+    if not only and not seeds:
+        return None
+    by_name: dict[str, list[str]] = {}
+    for job in jobs:
+        by_name.setdefault(summary_name(job), []).append(job.id)
+        if job.kind == "train":
+            by_name.setdefault("size-" + job.output.name.removeprefix("psi-"), []).append(job.id)
+    if not only:
+        return [job.id for job in jobs]
+    unknown = [name for name in only if name not in by_name]
+    if unknown:
+        raise SystemExit(f"--only {' '.join(unknown)}: no such step here; steps: {' '.join(by_name)}")
+    return list(dict.fromkeys(job_id for name in only for job_id in by_name[name]))
+
+
+def collect(jobs: list, out: Path, base: Path, sizes: bool) -> list[str]:
+    """Keep each finished job's summary as ``<out>/<name>.json`` (see `summary_name`), and with ``sizes`` each
+    adapter's size; returns the names written. A job without a stamp (not run yet, or failed) is left out."""
+    from reforge.recipe.state import read_stamp, write_if_changed
+
+    written, evals = [], {}
+    for job in jobs:
+        stamp = read_stamp(job.output)
+        if stamp is None:
+            continue
+        if job.kind == "eval":
+            evals.setdefault(summary_name(job), []).append(json.loads((job.output / "summary.json").read_text()))
+            continue
+        if job.kind == "train":
+            record = json.loads((job.output / "training_record.json").read_text())
+            data = {"output": str(job.output), "dry_run": False, **stamp["training"], "record": record}
+            if sizes:
+                written += _size(job, stamp, base, out)
+        elif job.kind == "tune":
+            data = json.loads((job.output / "tune.json").read_text())
+        else:
+            continue
+        write_if_changed(out / f"{summary_name(job)}.json", _json(data))
+        written.append(summary_name(job))
+    for name, summaries in evals.items():
+        write_if_changed(out / f"{name}.json", _json(_one_report(summaries)))
+        written.append(name)
+    return written
+
+
+def _one_report(summaries: list[dict]) -> dict:
+    """One eval step's per-dataset summaries as the one report `reforge eval -d A -d B --json` prints."""
+    merged = {**summaries[0]}
+    for key in ("datasets", "results", "comparisons"):
+        merged[key] = [item for s in summaries for item in s[key]]
+    models = [m["name"] for m in merged["models"]]
+    measures = merged["measures"]
+    merged["averages"] = (
+        {
+            m: {x: sum(r["scores"][x] for r in merged["results"] if r["model"] == m) / len(summaries) for x in measures}
+            for m in models
+        }
+        if len(summaries) > 1
+        else {}
+    )
+    return merged
+
+
+def _size(job: Any, stamp: dict, base: Path, out: Path) -> list[str]:
+    """``size-<variant>-seed<k>.json``: `reforge inspect ADAPTER --base BASE --json` of a train job's adapter, once
+    per adapter (measured again when the adapter was made again)."""
+    from reforge.io.describe import describe
+    from reforge.ops.fold import update_size
+    from reforge.recipe.state import write_if_changed
+
+    name = "size-" + job.output.name.removeprefix("psi-")
+    path = out / f"{name}.json"
+    if path.is_file() and json.loads(path.read_text()).get("adapter_fingerprint") == stamp["fingerprint"]:
+        return []
+    print(f"Measuring {job.output.name} against the base ({name}.json)", flush=True)
+    summary = describe(str(job.output))
+    summary["update"] = update_size(str(job.output), str(base))
+    summary["adapter_fingerprint"] = stamp["fingerprint"]
+    write_if_changed(path, _json(summary))
+    return [name]
+
+
+def _json(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, default=str) + "\n").encode("utf-8")
+
+
+def run_recipe_here(args: argparse.Namespace) -> list[str]:
+    """Write this run's recipe, run it (`reforge.recipe.run_recipe`), keep the summaries; the jobs that failed or
+    did not run after a failure."""
+    base = (args.base or prepare_base()).resolve()
+    return run_and_collect(edited_recipe(args, base), args, base)
+
+
+def run_and_collect(recipe: dict[str, Any], args: argparse.Namespace, base: Path) -> list[str]:
+    """`run_recipe_here` for a recipe already edited (`edited_recipe`)."""
+    from reforge.recipe import run_recipe
+    from reforge.recipe.plan import expand
+    from reforge.recipe.spec import load_recipe
+
+    path = write_recipe(recipe, args.out)
+    jobs = expand(load_recipe(path))
+    only = select(jobs, args.only, args.retriever, bool(args.seeds))
+    print(f"reforge run {path}" + (f" --only {' '.join(only)}" if only else ""), flush=True)
+    # keep_going: a failed job is reported and the jobs that do not read it go on (a rerun continues there)
+    report = run_recipe(path, only=only, keep_going=True, stage=lambda text: print(text, flush=True))
+    for plan in report.jobs:
+        print(f"   {plan.job.id}: {plan.action} ({plan.reason}, {plan.seconds:.0f} s)", flush=True)
+    chosen = [job for job in jobs if only is None or job.id in only]
+    collect(chosen, args.out, base, sizes=bool(args.seeds))
+    return report.failed + [plan.job.id for plan in report.jobs if plan.action == "not run"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reforge commands as subprocesses: what examples/synthetic.py still runs its steps with (`reforge queries` and its
+# subset step are no recipe kinds)
+
+
 @dataclass(frozen=True)
 class Step:
     """One reforge command whose ``--json`` output is saved as ``<out>/<name>.json``; ``needs`` are step names."""
@@ -78,139 +306,6 @@ class Step:
     name: str
     args: tuple[str, ...]
     needs: tuple[str, ...] = ()
-
-
-def plan(base: Path, data: Path, out: Path, args: argparse.Namespace) -> list[Step]:
-    """The steps in the order they run: what the results table needs most comes first."""
-    scifact, nfcorpus = data / "scifact", data / "nfcorpus-partial"
-    retriever = RETRIEVERS[args.retriever]
-    evaluation = (*encoding_of(retriever), "--dtype", args.dtype)
-    sample = ("--corpus-sample", str(args.corpus_sample)) if args.corpus_sample else ()
-    if args.max_queries:
-        sample += ("--max-queries", str(args.max_queries))
-    training = ("--max-length", str(args.train_max_length), "--save-every", "0")
-    if args.train_batching != "documents":  # the runs of 2026-11-26 used row packing, then reforge's default
-        training += ("--batching", args.train_batching)
-    if args.train_max_docs:
-        training += ("--max-docs", str(args.train_max_docs))
-
-    def train(name: str, corpus: Path, *filters: str, seed: int = args.seed) -> Step:
-        return Step(
-            name,
-            (
-                "train",
-                str(base),
-                "--corpus",
-                str(corpus),
-                *filters,
-                "-o",
-                str(out / name),
-                *training,
-                "--seed",
-                str(seed),
-            ),
-        )
-
-    def size(adapter: str) -> Step:
-        # how far the adapter moves the base (||Psi|| / ||W||): retriever-independent, like the adapter itself
-        return Step(
-            f"size-{adapter.removeprefix('psi-')}", ("inspect", str(out / adapter), "--base", str(base)), (adapter,)
-        )
-
-    def tune(name: str, adapter: str, dataset: Path, split: str, alphas: str = args.alphas) -> Step:
-        honest = ("--i-know",) if split == "test" else ()
-        name = retriever_step(name, args.retriever)
-        return Step(
-            name,
-            (
-                "tune",
-                "--base",
-                str(base),
-                "--retriever",
-                str(retriever),
-                "--adapter",
-                str(out / adapter),
-                "-d",
-                str(dataset),
-                "--split",
-                split,
-                *honest,
-                "--alpha",
-                alphas,
-                "--plot",
-                str(out / f"{name}.png"),
-                *evaluation,
-                *sample,
-            ),
-            needs=(adapter,),
-        )
-
-    scifact_test = scifact / "qrels" / "test.tsv"
-    if args.seeds:
-        return _variance_steps(args.seeds, train, tune, size, scifact, scifact_test, args.only)
-    steps = [
-        Step(
-            retriever_step("eval-retriever", args.retriever),
-            (
-                "eval",
-                str(base),
-                str(retriever),
-                "--base",
-                str(base),
-                "-d",
-                str(scifact),
-                "-d",
-                str(nfcorpus),
-                *evaluation,
-                "-o",
-                str(out / retriever_step("eval-retriever", args.retriever)),
-            ),
-        ),
-        train("psi-scifact", scifact),
-        tune("tune-scifact-test", "psi-scifact", scifact, "test"),
-        train("psi-nfcorpus-partial", nfcorpus),
-        tune("tune-nfcorpus-partial-test", "psi-nfcorpus-partial", nfcorpus, "test"),
-        tune("tune-scifact-train", "psi-scifact", scifact, DEV_SPLITS["scifact"]),
-        tune("tune-nfcorpus-partial-dev", "psi-nfcorpus-partial", nfcorpus, DEV_SPLITS["nfcorpus-partial"]),
-        train("psi-scifact-unjudged", scifact, "--exclude-judged", str(scifact_test)),
-        tune("tune-scifact-test-unjudged", "psi-scifact-unjudged", scifact, "test"),
-        train("psi-scifact-judged", scifact, "--only-judged", str(scifact_test)),
-        tune("tune-scifact-test-judged", "psi-scifact-judged", scifact, "test"),
-    ]
-    return [step for step in steps if not args.only or step.name in args.only]
-
-
-# Section 3 of docs/results.md: the same comparison over several knowledge-adapter seeds. Each variant is
-# (step-name stem, what the adapter trained on, extra `reforge train` options); see `_variance_steps` for the order.
-VARIANTS = (
-    ("scifact", "the first documents of the corpus", ()),
-    ("scifact-rows", "the first documents of the corpus, --batching rows", ("--batching", "rows")),
-    ("scifact-unjudged-rows", "the first documents no test query judges, --batching rows", ("--batching", "rows")),
-    ("scifact-judged-rows", "the first test-judged documents, --batching rows", ("--batching", "rows")),
-)
-
-
-def _variance_steps(seeds: list[int], train, tune, size, scifact: Path, qrels: Path, only) -> list[Step]:
-    """Every variant's adapter, its tune and its size, once per seed. What answers the most comes first: the
-    default recipe at every seed, then row packing at the same seeds, then Table 2's variants seed by seed."""
-    filters = {
-        "scifact-unjudged-rows": ("--exclude-judged", str(qrels)),
-        "scifact-judged-rows": ("--only-judged", str(qrels)),
-    }
-
-    def pair(stem: str, options: tuple[str, ...], seed: int) -> list[Step]:
-        name = f"{stem}-seed{seed}"
-        return [
-            train(f"psi-{name}", scifact, *filters.get(stem, ()), *options, seed=seed),
-            tune(f"tune-{name}", f"psi-{name}", scifact, "test"),
-            size(f"psi-{name}"),
-        ]
-
-    (_, _, default), (_, _, rows) = VARIANTS[0][:3], VARIANTS[1][:3]
-    steps = [s for seed in seeds for s in pair("scifact", default, seed)]
-    steps += [s for seed in seeds for s in pair("scifact-rows", rows, seed)]
-    steps += [s for seed in seeds for stem, _, options in VARIANTS[2:] for s in pair(stem, options, seed)]
-    return [step for step in steps if not only or step.name in only]
 
 
 def run_steps(steps: list[Step], out: Path, command: list[str], log: Callable[[str], None] = print) -> list[str]:
@@ -435,7 +530,7 @@ def spread(values: list[float]) -> dict:
 
 def _variance_table(out: Path, retriever: str = "mean") -> str:
     rows, budgets = [], set()
-    for stem, text, _ in VARIANTS:
+    for stem, text in VARIANTS:
         runs = seed_runs(out, stem, retriever)
         if not runs:
             continue
@@ -504,7 +599,7 @@ def _retrievers_table(out: Path) -> str:
     """Each variant's seeds that were merged into both retrievers: the same knowledge adapter's nDCG@10 change in
     the last-token retriever minus its change in the mean-pooling one, seed by seed (a paired comparison)."""
     rows = []
-    for stem, text, _ in VARIANTS:
+    for stem, text in VARIANTS:
         mean, last = ({r["seed"]: r["delta"] for r in seed_runs(out, stem, kind)} for kind in ("mean", "last"))
         seeds = sorted(set(mean) & set(last))
         if not seeds:
@@ -580,48 +675,61 @@ def _corpus_text(name: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line of `main` (also what `plan` reads its budget from)."""
+    """The command line of `main`. A budget option left out keeps the recipe's value."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / ".cache" / "reproduce")
-    parser.add_argument("--data", type=Path, default=DATA, help="folder with scifact/ and nfcorpus-partial/")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="folder with scifact/ and nfcorpus-partial/ [../shared/data]"
+    )
     parser.add_argument("--base", type=Path, default=None, help="the converted SmolLM2 folder (default: prepare it)")
     parser.add_argument("--train-max-docs", type=int, default=None, help="budget: documents per knowledge adapter")
-    parser.add_argument("--train-max-length", type=int, default=1024, help="tokens per training document/row")
+    parser.add_argument("--train-max-length", type=int, default=None, help="tokens per training document/row")
     parser.add_argument(
         "--train-batching",
-        default="documents",
+        default=None,
         choices=("documents", "rows", "grouped"),
-        help="reforge train --batching (rows reproduces the runs of 2026-11-26)",
+        help="reforge train --batching of the adapters that do not set their own (rows reproduces the runs of "
+        "2026-11-26)",
     )
     parser.add_argument("--corpus-sample", type=int, default=None, help="budget: tune over ~N documents per corpus")
     parser.add_argument("--max-queries", type=int, default=None, help="budget: tune on N sampled queries per split")
-    parser.add_argument("--alphas", default=ALPHAS, help="the alpha grid of every tune step")
-    parser.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run just these steps")
+    parser.add_argument("--alphas", default=None, help="the alpha grid of every tune step (0,0.5,1 or 0:1:0.25)")
+    parser.add_argument(
+        "--only", nargs="+", default=None, metavar="NAME", help="run just these (psi-scifact, tune-scifact-test, ...)"
+    )
     parser.add_argument(
         "--retriever",
         choices=tuple(RETRIEVERS),
         default="mean",
-        help="merge the knowledge adapters into this retriever: mean (examples/assets/repllama-smol) or last "
-        "(RepLLaMA's last-token pooling, examples/assets/repllama-smol-last); the adapters are shared",
+        help="tune in this retriever: mean (examples/assets/repllama-smol) or last (RepLLaMA's last-token pooling, "
+        "examples/assets/repllama-smol-last; its steps are named tune-last-...); the adapters are shared",
     )
-    parser.add_argument("--dtype", default="float32", help="encoding dtype for eval/tune (float32 matches CPU)")
-    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--dtype", default=None, help="encoding dtype for eval/tune (the recipes: float32, as CPU)")
+    parser.add_argument("--seed", type=int, default=None, help="training seed (sections 1-5)")
     parser.add_argument(
         "--seeds",
         type=_seed_list,
         default=None,
         metavar="0,1,2",
-        help="run section 3 instead: each variant's adapter and tune once per seed",
+        help="run section 6 instead (recipes/results-seeds.yaml): each variant's adapter and tunes at these seeds",
     )
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.md from finished steps")
     from examples.synthetic import add_arguments
 
     add_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.alphas is not None:
+        args.alphas = _grid(args.alphas)
+    return args
 
 
 def _seed_list(text: str) -> list[int]:
     return [int(seed) for seed in text.split(",")]
+
+
+def _grid(text: str) -> list[float] | str:
+    """``0,0.5`` as a list; ``0:1:0.25`` as written (the recipe reads both)."""
+    return text if ":" in text else [float(value) for value in text.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -631,15 +739,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only and args.synthetic:
         from examples.synthetic import run
 
-        failed = run(args.base or prepare_base(), args.data, args.out, args)
+        failed = run(args.base or prepare_base(), args.data or DATA, args.out, args)
     elif not args.report_only:
-        base = args.base or prepare_base()
-        failed = run_steps(plan(base, args.data, args.out, args), args.out, [sys.executable, "-m", "reforge"])
+        failed = run_recipe_here(args)
     text = report(args.out)
     (args.out / "results.md").write_text(text)
     print("\n" + text, flush=True)
     if failed:
-        print(f"Failed or skipped: {', '.join(failed)}", file=sys.stderr)
+        print(f"Failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -202,3 +202,7 @@ class RecipeError(ReforgeError, ValueError):
     """A recipe that cannot run: unreadable YAML, an unknown key, a wrong type, a missing input, a cycle, or a step
     that would write over an input. Raised before any step runs. Fields: ``path`` (the recipe), ``line`` (1-based,
     or None), ``key`` (the dotted key, or None)."""
+
+
+class JobsFailedError(ReforgeError):
+    """``reforge run --keep-going`` went on past failed jobs: the run is not whole. Fields: ``failed`` (job ids)."""

@@ -389,6 +389,17 @@ def test_the_miniature_recipe_checks_against_the_shared_data():
         "eval/scifact",
         "eval/nfcorpus-partial",
     ]
+    # docs/results.md's recipes (examples/reproduce.py runs them): every job in a folder of its summary's name
+    recipe = load_recipe(RECIPES / "results.yaml")
+    results = expand(recipe)
+    assert (
+        len(results) == 12 and results[2].output == recipe.out / "psi-scifact" == ROOT / ".cache/reproduce/psi-scifact"
+    )
+    seeds = expand(load_recipe(RECIPES / "results-seeds.yaml"))
+    assert len(seeds) == 36 and sorted({job.output.name for job in seeds})[:2] == [
+        "psi-scifact-judged-rows-seed0",
+        "psi-scifact-judged-rows-seed1",
+    ]
 
 
 def test_options_that_do_not_change_the_adapter_do_not_retrain_it(inputs, tmp_path):
@@ -423,3 +434,87 @@ def test_an_output_changed_by_hand_is_made_again(inputs, tmp_path):
     assert report["ran"] == ["readapted/tiny-alpha0.5"]
     assert report["jobs"][1]["reason"] == "output changed since it was made"
     assert '"rms_norm_eps": 1e-06' in config.read_text()
+
+
+# two adapters (seeds 0 and 1), each in a folder of its own name
+SEEDS = RECIPE.replace(
+    "      save-every: 1\n", "      save-every: 0\n      seed: [0, 1]\n    output: '{{out}}/psi-seed{{seed}}'\n"
+)
+
+
+def test_a_seed_list_trains_one_adapter_per_seed_and_only_runs_what_a_target_needs(inputs, tmp_path):
+    recipe = write_recipe(tmp_path / "r", inputs, SEEDS)
+    out = tmp_path / "r" / "out"
+    dry = json.loads(run(recipe, "--dry-run", "--json").stdout)
+    assert [(j["job"], j["output"]) for j in dry["jobs"][:2]] == [
+        ("psi/tiny-seed0", str(out / "psi-seed0")),
+        ("psi/tiny-seed1", str(out / "psi-seed1")),
+    ]
+    assert [j["job"] for j in dry["jobs"][2:]] == [
+        "readapted/tiny-seed0-alpha0.5",
+        "readapted/tiny-seed1-alpha0.5",
+        "eval/tiny",
+    ]
+    from reforge.recipe.plan import expand
+    from reforge.recipe.spec import load_recipe
+
+    (evaluation,) = [job for job in expand(load_recipe(recipe)) if job.kind == "eval"]
+    assert evaluation.labels == ["retriever", "readapted seed 0", "readapted seed 1"]
+
+    # a target: the job and what it reads, nothing else
+    report = json.loads(run(recipe, "--only", "readapted/tiny-seed1-alpha0.5", "--json").stdout)
+    assert report["ran"] == ["psi/tiny-seed1", "readapted/tiny-seed1-alpha0.5"] and report["table"] is None
+    stamp = json.loads((out / "psi-seed1" / "reforge-recipe.json").read_text())
+    assert stamp["options"]["seed"] == 1 and stamp["dims"] == {"corpus": "tiny", "seed": 1}
+    assert stamp["training"]["documents"] == 16 and stamp["training"]["final_loss"] > 0
+    assert not (out / "psi-seed0").exists()
+    again = json.loads(run(recipe, "--only", "psi", "--json").stdout)  # a step: all its jobs
+    assert again["ran"] == ["psi/tiny-seed0"] and again["skipped"] == ["psi/tiny-seed1"]
+    seed0, seed1 = (load_file(out / f"psi-seed{k}" / "adapter_model.safetensors") for k in (0, 1))
+    assert any(not torch.equal(seed0[k], seed1[k]) for k in seed0), "two seeds, two adapters"
+
+    result = run(recipe, "--only", "psy", ok=False)
+    assert result.exit_code == 1 and "has no step or job 'psy' (--only)" in result.stderr
+
+
+def test_anchors_merge_into_steps_and_x_keys_are_not_read(inputs, tmp_path):
+    from reforge.recipe.spec import load_recipe
+
+    text = RECIPE.replace("steps:\n", "x-small: &small {{lora-r: 2, lr: 0.01}}\nsteps:\n", 1).replace(
+        "    train:\n", "    train:\n      <<: *small\n", 1
+    )
+    recipe = load_recipe(write_recipe(tmp_path / "r", inputs, text))
+    options = recipe.steps["psi"].options
+    assert options["r"] == 4 and options["lr"] == 0.05  # the step's own keys win over the merged ones
+    assert options["lora_alpha"] == 8 and "x-small" not in recipe.steps
+    plain = text.replace("x-small: &small {{lora-r: 2, lr: 0.01}}\n", "").replace("      <<: *small\n", "")
+    merged_only = text.replace("      lora-r: 4\n", "")
+    assert load_recipe(write_recipe(tmp_path / "m", inputs, merged_only)).steps["psi"].options["r"] == 2
+    assert load_recipe(write_recipe(tmp_path / "p", inputs, plain)).steps["psi"].options["r"] == 4
+    # an anchor that overrides what it merges, used whole through an alias
+    twice = text.replace("x-small: &small {{lora-r: 2, lr: 0.01}}\n", "x-small: &small {{lora-r: 2, lr: 0.01}}\n"
+                         "x-smaller: &smaller {{<<: *small, lr: 0.001}}\n")  # fmt: skip
+    twice = twice.replace("  readapted:\n", "  psi2:\n    train: *smaller\n  readapted:\n")
+    assert load_recipe(write_recipe(tmp_path / "a", inputs, twice)).steps["psi2"].options["lr"] == 0.001
+    result = run(write_recipe(tmp_path / "t", inputs, text.replace("lr: 0.05", "lr: 0.05\n      lr: 0.04")), ok=False)
+    assert result.exit_code == 1 and "gives 'lr' twice" in result.stderr
+
+
+def test_keep_going_runs_what_does_not_read_a_failed_job_then_exits_1(inputs, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "corpus.jsonl").write_text('{"_id": "d0", "text": "w4 w5"}\n{"_id": "d1", "text": \n')
+    text = RECIPE.replace("  tiny: {data}\ndatasets:", f"  tiny: {{data}}\n  bad: {bad}\ndatasets:")
+    recipe = write_recipe(tmp_path / "r", inputs, text)
+    stopped = run(recipe, ok=False)
+    assert stopped.exit_code == 1 and "corpus.jsonl" in stopped.stderr
+    assert not (tmp_path / "r" / "out" / "readapted").exists()  # the first failure stops the run
+
+    result = run(recipe, "--keep-going", "--json", ok=False)
+    assert result.exit_code == 1 and "1 job(s) failed: psi/bad" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["failed"] == ["psi/bad"] and report["not_run"] == ["readapted/bad-alpha0.5"]
+    assert report["ran"] == ["readapted/tiny-alpha0.5", "eval/tiny"] and report["skipped"] == ["psi/tiny"]
+    (failed,) = [j for j in report["jobs"] if j["action"] == "failed"]
+    assert "corpus.jsonl" in failed["reason"]
+    assert report["table"]["tables"][0]["rows"][0]["dataset"] == "tiny"

@@ -1,5 +1,5 @@
-"""examples/reproduce.py: the commands it plans, how it runs and resumes them, and the tables it builds from the
-real outputs of the H100 run committed in docs/results/."""
+"""examples/reproduce.py: the recipes it runs with a budget, the layout it keeps their outputs in, and the tables it
+builds from the real outputs of the runs committed in docs/results/."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from examples.reproduce import parse_args, plan, report, run_steps
+import pytest
+
+from examples.reproduce import edited_recipe, parse_args, report, run_steps, select, summary_name, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_RUN = REPO / "docs" / "results" / "h100-2026-11-26"
@@ -19,39 +21,59 @@ CPU_SEEDS = REPO / "docs" / "results" / "cpu-seeds-2026-11-30"  # section 6: the
 CPU_BATCHING = REPO / "docs" / "results" / "cpu-batching-1024-2026-11-30"  # section 6: rows vs documents at 1,024
 
 
-def test_plan_spells_out_budget_encoding_and_honesty(tmp_path):
-    args = parse_args(
-        [
-            "--out",
-            str(tmp_path),
-            "--train-max-docs",
-            "300",
-            "--max-queries",
-            "50",
-            "--corpus-sample",
-            "1000",
-            "--alphas",
-            "0,0.5,1",
-        ]
-    )
-    steps = {s.name: s for s in plan(Path("BASE"), Path("DATA"), tmp_path, args)}
-    assert list(steps)[:3] == ["eval-retriever", "psi-scifact", "tune-scifact-test"]
-    train = steps["psi-scifact-unjudged"].args
-    assert train[:2] == ("train", "BASE") and "--exclude-judged" in train
-    assert train[train.index("--max-docs") + 1] == "300" and train[train.index("--max-length") + 1] == "1024"
-    assert "--batching" not in train  # the paper's batching unless asked: --train-batching rows
-    rows = plan(Path("BASE"), Path("DATA"), tmp_path, parse_args(["--train-batching", "rows"]))
-    assert all(s.args[s.args.index("--batching") + 1] == "rows" for s in rows if s.args[0] == "train")
-    test, dev = steps["tune-nfcorpus-partial-test"].args, steps["tune-nfcorpus-partial-dev"].args
-    assert "--i-know" in test and "--i-know" not in dev  # only the reported split needs the flag
-    assert dev[dev.index("--split") + 1] == "dev" and test[test.index("--alpha") + 1] == "0,0.5,1"
-    for step in (steps["eval-retriever"], steps["tune-scifact-train"]):  # base and merges encoded the same way
-        line = " ".join(step.args)
-        assert "--profile repllama --pooling mean --max-length 128" in line and "--dtype float32" in line
-    assert "--corpus-sample 1000 --max-queries 50" in " ".join(test)
-    assert steps["tune-scifact-train"].needs == ("psi-scifact",)
-    only = parse_args(["--only", "psi-scifact", "tune-scifact-test"])
-    assert [s.name for s in plan(Path("B"), Path("D"), tmp_path, only)] == ["psi-scifact", "tune-scifact-test"]
+def stand_ins(root: Path) -> tuple[Path, Path]:
+    """A base folder and a data folder with scifact/ and nfcorpus-partial/ (tiny BEIR folders; SciFact's held-out
+    split is train), enough for the recipes to check and plan."""
+    from test_tune import write_dataset
+
+    for name in ("scifact", "nfcorpus-partial"):
+        folder = write_dataset(root / "data" / name)
+        (folder / "qrels" / "train.tsv").write_text((folder / "qrels" / "dev.tsv").read_text())
+    (root / "base").mkdir()
+    return root / "base", root / "data"
+
+
+def planned(args, base: Path) -> list:
+    from reforge.recipe.plan import expand
+    from reforge.recipe.spec import load_recipe
+
+    return expand(load_recipe(write_recipe(edited_recipe(args, base), args.out)))
+
+
+def test_the_results_recipe_with_a_budget_spells_out_encoding_and_honesty(tmp_path):
+    base, data = stand_ins(tmp_path)
+    budget = ["--out", str(tmp_path / "out"), "--data", str(data), "--train-max-docs", "300", "--max-queries", "50"]
+    args = parse_args([*budget, "--corpus-sample", "1000", "--alphas", "0,0.5,1"])
+    jobs = planned(args, base)
+    names = [summary_name(job) for job in jobs]
+    assert names[:4] == ["eval-retriever", "eval-retriever", "psi-scifact", "tune-scifact-test"]
+    assert len(jobs) == 12 and all(job.output == args.out / name for job, name in zip(jobs, names) if name != names[0])
+    by_name = {summary_name(job): job for job in jobs}
+    train = by_name["psi-scifact-unjudged"]
+    assert train.inputs["base"][0].path == base and train.inputs["corpus"][0].path == data / "scifact"
+    assert train.options["exclude_judged"] == [str(data / "scifact" / "qrels" / "test.tsv")]
+    assert train.options["max_docs"] == 300 and train.options["max_length"] == 1024  # the paper's length
+    assert train.options["batching"] == "documents"  # the paper's batching unless asked: --train-batching rows
+    rows = planned(parse_args([*budget, "--train-batching", "rows"]), base)
+    assert {job.options["batching"] for job in rows if job.kind == "train"} == {"rows"}
+    test, dev = by_name["tune-nfcorpus-partial-test"], by_name["tune-nfcorpus-partial-dev"]
+    assert test.options["i_know"] and not dev.options["i_know"]  # only the reported split needs the flag
+    assert dev.options["split"] == "dev" and by_name["tune-scifact-train"].options["split"] == "train"
+    assert test.options["alphas"] == (0.0, 0.5, 1.0)
+    assert test.options["corpus_sample"] == 1000 and test.options["max_queries"] == 50
+    for job in (jobs[0], by_name["tune-scifact-train"]):  # the base and the merges encoded the same way
+        assert {k: job.options[k] for k in ("profile", "pooling", "max_length", "dtype")} == {
+            "profile": "repllama",
+            "pooling": "mean",
+            "max_length": 128,
+            "dtype": "float32",
+        }
+    assert jobs[0].labels == ["base", "retriever"] and jobs[0].inputs["base"][0].path == base
+    assert [need.id for need in by_name["tune-scifact-train"].needs] == ["psi-scifact/scifact"]
+    only = select(jobs, ["psi-scifact", "tune-scifact-test"], "mean", seeds=False)
+    assert only == ["psi-scifact/scifact", "tune-scifact-test/scifact"] and select(jobs, None, "mean", False) is None
+    with pytest.raises(SystemExit, match="psi-scifat"):
+        select(jobs, ["psi-scifat"], "mean", seeds=False)
 
 
 def test_run_steps_saves_json_skips_finished_and_dependents_of_failures(tmp_path):
@@ -115,61 +137,37 @@ def test_report_of_the_cpu_table2_run_matches_docs_results(tmp_path):
         assert number in docs and number in text, number
 
 
-def test_seeds_plan_puts_the_default_recipe_first_then_rows_then_table2(tmp_path):
-    args = parse_args(
-        [
-            "--out",
-            str(tmp_path),
-            "--train-max-docs",
-            "150",
-            "--train-max-length",
-            "256",
-            "--corpus-sample",
-            "1000",
-            "--alphas",
-            "0,0.5",
-            "--seeds",
-            "0,1,2",
-        ]
-    )
-    steps = plan(Path("BASE"), Path("DATA"), tmp_path, args)
-    names = [s.name for s in steps]
-    assert names[:6] == [
-        "psi-scifact-seed0",
-        "tune-scifact-seed0",
-        "size-scifact-seed0",
-        "psi-scifact-seed1",
-        "tune-scifact-seed1",
-        "size-scifact-seed1",
-    ]
-    assert names[9:11] == ["psi-scifact-rows-seed0", "tune-scifact-rows-seed0"] and len(names) == 36
-    by_name = {s.name: s.args for s in steps}
-    default, rows = by_name["psi-scifact-seed1"], by_name["psi-scifact-rows-seed1"]
-    assert "--batching" not in default and default[default.index("--seed") + 1] == "1"  # the paper's batching
-    assert rows[rows.index("--batching") + 1] == "rows" and rows[rows.index("--max-docs") + 1] == "150"
-    judged = by_name["psi-scifact-judged-rows-seed2"]
-    assert "--only-judged" in judged and judged[judged.index("--seed") + 1] == "2"
+def test_the_seeds_recipe_trains_each_variant_at_each_seed_and_tunes_it_in_both_retrievers(tmp_path):
+    base, data = stand_ins(tmp_path)
+    out = ["--out", str(tmp_path / "out"), "--data", str(data)]
+    jobs = planned(parse_args([*out, "--seeds", "0,1,2"]), base)
+    by_name = {summary_name(job): job for job in jobs}
+    trains = [job for job in jobs if job.kind == "train"]
+    assert [summary_name(job) for job in trains[:3]] == ["psi-scifact-seed0", "psi-scifact-seed1", "psi-scifact-seed2"]
+    assert len(trains) == 12 and len(jobs) == 36
+    default, rows = by_name["psi-scifact-seed1"].options, by_name["psi-scifact-rows-seed1"].options
+    assert default["batching"] == "documents" and default["seed"] == 1  # the paper's batching
+    assert rows["batching"] == "rows" and rows["max_docs"] == 150 and rows["max_length"] == 256  # section 6's budget
+    judged = by_name["psi-scifact-judged-rows-seed2"].options
+    assert judged["only_judged"] == [str(data / "scifact" / "qrels" / "test.tsv")] and judged["seed"] == 2
     tune = by_name["tune-scifact-seed2"]
-    assert tune[tune.index("--adapter") + 1] == str(tmp_path / "psi-scifact-seed2") and "--i-know" in tune
-    size = next(s for s in steps if s.name == "size-scifact-judged-rows-seed1")
-    assert size.args == ("inspect", str(tmp_path / "psi-scifact-judged-rows-seed1"), "--base", "BASE")
-    assert size.needs == ("psi-scifact-judged-rows-seed1",)
+    assert [need.id for need in tune.needs] == ["psi-scifact/scifact-seed2"] and tune.options["i_know"]
+    assert tune.options["alphas"] == (0.0, 0.5) and tune.options["corpus_sample"] == 1000
+    last = by_name["tune-last-scifact-rows-seed2"]
+    assert [need.id for need in last.needs] == ["psi-scifact-rows/scifact-seed2"]  # the same adapter
+    assert last.inputs["retriever"][0].path == REPO / "examples" / "assets" / "repllama-smol-last"
+    assert last.options["pooling"] == "last" and tune.options["pooling"] == "mean"
 
-
-def test_seeds_plan_for_the_last_token_retriever_shares_the_adapters(tmp_path):
-    budget = ["--out", str(tmp_path), "--train-max-docs", "150", "--corpus-sample", "1000", "--seeds", "0,1,2"]
-    mean = plan(Path("BASE"), Path("DATA"), tmp_path, parse_args(budget))
-    last = plan(Path("BASE"), Path("DATA"), tmp_path, parse_args([*budget, "--retriever", "last"]))
-    trains = [s for s in mean if s.args[0] == "train"]
-    assert trains == [s for s in last if s.args[0] == "train"]  # knowledge adapters are trained on the base
-    assert [s for s in mean if s.args[0] == "inspect"] == [s for s in last if s.args[0] == "inspect"]  # so sized
-    tunes = {s.name: s for s in last if s.args[0] == "tune"}
-    assert list(tunes)[:2] == ["tune-last-scifact-seed0", "tune-last-scifact-seed1"] and len(tunes) == 12
-    tune = tunes["tune-last-scifact-rows-seed2"]
-    assert tune.needs == ("psi-scifact-rows-seed2",)
-    assert tune.args[tune.args.index("--adapter") + 1] == str(tmp_path / "psi-scifact-rows-seed2")
-    assert tune.args[tune.args.index("--retriever") + 1] == str(REPO / "examples" / "assets" / "repllama-smol-last")
-    assert "--profile repllama --pooling last --max-length 128" in " ".join(tune.args)
+    # --retriever picks the tunes; the adapters (and their sizes) are shared
+    mean, lasts = (select(jobs, None, kind, seeds=True) for kind in ("mean", "last"))
+    assert [j for j in mean if j.startswith("psi-")] == [j for j in lasts if j.startswith("psi-")]
+    assert len(mean) == len(lasts) == 24 and all(j.startswith(("psi-", "tune-last-")) for j in lasts)
+    assert not any(j.startswith("tune-last-") for j in mean)
+    names = ["psi-scifact-seed0", "tune-last-scifact-seed0", "size-scifact-seed0"]
+    assert select(jobs, names, "last", seeds=True) == ["psi-scifact/scifact-seed0", "tune-last-scifact/scifact-seed0"]
+    fewer = planned(parse_args([*out, "--seeds", "0,1", "--train-max-length", "1024"]), base)
+    assert sorted({job.options["seed"] for job in fewer if job.kind == "train"}) == [0, 1]
+    assert {job.options["max_length"] for job in fewer if job.kind == "train"} == {1024}
 
 
 def test_spread_is_the_sample_std_and_a_one_sample_t_test():
@@ -249,3 +247,45 @@ def test_last_token_numbers_in_docs_results_come_from_the_committed_runs():
     gate = json.loads((CPU_LASTTOKEN / "gate-warmstart-lr1e-4.json").read_text())
     for point in gate["curve"]:
         assert f"{point['mrr_last']} at" in docs and f"{point['loss_mean_last']:.3f}" in docs
+
+
+def test_the_recipe_run_keeps_each_summary_where_the_tables_read_it(tmp_path):
+    """sections 1-3 of the results recipe on tiny models (the SmolLM2 retriever swapped for a tiny one): each job's
+    summary lands as <out>/<name>.json in the shape the committed runs have, the tables render from them, and a
+    second run runs nothing and rewrites no summary."""
+    import copy
+
+    from conftest import build_model, perturbed_bare, save, save_tokenizer
+    from examples.reproduce import _retriever_table, _training_table, run_and_collect
+
+    _, data = stand_ins(tmp_path)
+    base = build_model("llama-causal", bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    save(copy.deepcopy(base), tmp_path / "tiny")
+    save_tokenizer(tmp_path / "tiny")
+    save(perturbed_bare(copy.deepcopy(base)), tmp_path / "retriever")
+    save_tokenizer(tmp_path / "retriever")
+    out = tmp_path / "out"
+    budget = ["--train-max-docs", "4", "--train-max-length", "16", "--alphas", "0,0.5"]
+    args = parse_args(["--out", str(out), "--data", str(data), *budget])
+    args.only = ["eval-retriever", "psi-scifact", "tune-scifact-test"]
+    recipe = edited_recipe(args, tmp_path / "tiny")
+    recipe["retriever"] = str(tmp_path / "retriever")
+    assert run_and_collect(recipe, args, tmp_path / "tiny") == []
+
+    kept = sorted(p.name for p in out.glob("*.json") if not p.name.startswith("table"))
+    assert kept == ["eval-retriever.json", "psi-scifact.json", "tune-scifact-test.json"]
+    trained = json.loads((out / "psi-scifact.json").read_text())
+    committed = json.loads((GPU_RUN / "psi-scifact.json").read_text())
+    assert set(trained) == set(committed) and trained["documents"] == 4 and trained["steps"] == 1
+    assert trained["record"] == json.loads((out / "psi-scifact" / "training_record.json").read_text())
+    assert (out / "tune-scifact-test.json").read_bytes() == (out / "tune-scifact-test" / "tune.json").read_bytes()
+    evaluated = json.loads((out / "eval-retriever.json").read_text())
+    assert set(evaluated) == set(json.loads((GPU_RUN / "eval-retriever.json").read_text()))
+    assert [c["dataset"] for c in evaluated["comparisons"]] == ["scifact", "nfcorpus-partial"]
+    text = report(out)
+    assert "| SciFact | " in _retriever_table(out) and "| NFCorpus-partial | " in _retriever_table(out)
+    assert "| psi-scifact | SciFact | 4 | " in _training_table(out) and "| SciFact | 0.5 | " in text
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert run_and_collect(recipe, args, tmp_path / "tiny") == []
+    assert {p: p.stat().st_mtime_ns for p in before} == before

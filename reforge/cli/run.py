@@ -12,6 +12,20 @@ from reforge.cli.options import output_options
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="Check the recipe and print the plan: jobs to run and to skip, outputs.")
 @click.option(
+    "--only",
+    "only",
+    multiple=True,
+    metavar="STEP|JOB",
+    help="Run just this step (all its jobs) or job (psi/scifact), and what it reads, as make runs a target. "
+    "Repeatable. The table then holds only the selected evaluations.",
+)
+@click.option(
+    "-k",
+    "--keep-going",
+    is_flag=True,
+    help="When a job fails, go on with the jobs that do not read it (make -k), then exit 1 naming the failures.",
+)
+@click.option(
     "--token",
     envvar="HF_TOKEN",
     default=None,
@@ -19,20 +33,24 @@ from reforge.cli.options import output_options
     help="Hugging Face token for private Hub inputs and push steps. Never printed or saved.",
 )
 @output_options
-def run_cmd(recipe: str, dry_run: bool, token: str | None, quiet: bool, as_json: bool) -> None:
+def run_cmd(
+    recipe: str, dry_run: bool, only: tuple[str, ...], keep_going: bool, token: str | None, quiet: bool, as_json: bool
+) -> None:
     """Run a recipe: every step in dependency order, skipping what is made.
 
     The recipe (YAML) names the base, the retriever, corpora, datasets and steps; each step's options are the
     command's own, with the same names and defaults (the paper's). The whole file is checked before any work: an
     unknown key, a wrong type, a missing input, a cycle or a step that would overwrite an input is an error naming
     its line. A job whose output was made from the same inputs and options (its stamp's fingerprint) is skipped; a
-    killed training resumes from its last checkpoint; an edit reruns only what it touches. Ends with the table
-    (out/table.md, table.json, table.png). See docs/recipes.md.
+    killed training resumes from its last checkpoint; an edit reruns only what it touches. --only runs one step or
+    job and what it reads; --keep-going goes on past a failed job with the jobs that do not read it. Ends with the
+    table (out/table.md, table.json, table.png). See docs/recipes.md.
 
     \b
     Examples:
       reforge run recipes/miniature.yaml --dry-run
       reforge run recipes/miniature.yaml
+      reforge run recipes/miniature.yaml --only psi/scifact
       reforge run recipes/table1-repllama.yaml --json > run.json
     """
     from reforge.recipe import run_recipe
@@ -45,11 +63,27 @@ def run_cmd(recipe: str, dry_run: bool, token: str | None, quiet: bool, as_json:
             if not (quiet or as_json):
                 ui.info(text)
 
-        report = run_recipe(recipe, dry_run=dry_run, token=token, progress=bar, stage=stage)
+        report = run_recipe(
+            recipe,
+            dry_run=dry_run,
+            only=list(only) or None,
+            keep_going=keep_going,
+            token=token,
+            progress=bar,
+            stage=stage,
+        )
     if as_json:
         ui.print_json(report.to_dict())
-        return
-    _show(report)
+    else:
+        _show(report)
+    if report.failed:
+        from reforge.errors import JobsFailedError
+
+        raise JobsFailedError(
+            f"{len(report.failed)} job(s) failed: {', '.join(report.failed)}; the jobs that read them did not run.",
+            hint="See each job's reason above; fix it and run again (what was made is skipped).",
+            failed=report.failed,
+        )
 
 
 def _show(report) -> None:
@@ -75,5 +109,5 @@ def _show(report) -> None:
         for table_data in report.table["tables"]:
             ui.out.print(markdown(table_data), highlight=False, markup=False)
     if not report.dry_run:
-        ran = sum(1 for p in report.jobs if p.action != "skip")
+        ran = sum(1 for p in report.jobs if p.action in ("run", "resume"))
         ui.info(f"{ran} of {len(report.jobs)} jobs ran in {report.seconds:.1f} s; outputs in {report.recipe.out}")

@@ -19,7 +19,7 @@ from reforge.recipe.spec import ROLES, TRAIN_PATHS, Recipe, StepSpec, option_key
 
 # What a model reference may name, by step kind: a folder of weights that eval/merge/train can open.
 MODEL_KINDS = ("merge", "train")
-DIM_ORDER = ("corpus", "dataset", "alpha")
+DIM_ORDER = ("corpus", "dataset", "seed", "alpha")
 
 
 @dataclass
@@ -72,7 +72,8 @@ def expand(recipe: Recipe) -> list[Job]:
             missing, an option is out of range, two jobs write one folder, or a job would write over an input.
     """
     jobs: dict[str, list[Job]] = {}
-    for name in _step_order(recipe):
+    order = _step_order(recipe)
+    for name in order:
         step = recipe.steps[name]
         _check_options(recipe, step)
         jobs[name] = _EXPAND[step.kind](recipe, step, jobs)
@@ -82,8 +83,8 @@ def expand(recipe: Recipe) -> list[Job]:
                 f"step {name!r} has nothing to run: its inputs agree on no corpus, dataset or alpha",
                 hint="Check which corpora its inputs were made from.",
             )
-    ordered = [job for name in _step_order(recipe) for job in jobs[name]]
-    _check_inputs(recipe, ordered)
+    ordered = [job for name in order for job in jobs[name]]
+    _check_corpora(recipe)
     _check_outputs(recipe, ordered)
     return ordered
 
@@ -217,12 +218,12 @@ def _job(recipe: Recipe, step: StepSpec, dims: dict, inputs: dict, **extra: Any)
     if step.output is not None:
         template, line = step.output
         try:
-            written = template.format(step=step.name, **{k: _dim_text(k, v) for k, v in dims.items()})
+            written = template.format(step=step.name, out=recipe.out, **{k: _dim_text(k, v) for k, v in dims.items()})
         except (KeyError, IndexError, ValueError) as e:
             raise recipe.error(
                 line,
                 f"output {template!r} names {e}, which this step does not have",
-                hint=f"It has: {', '.join(['step', *dims]) or 'step'}.",
+                hint=f"It has: {', '.join(['step', 'out', *dims])}.",
             ) from e
         output = recipe.local(written)
     else:
@@ -232,7 +233,7 @@ def _job(recipe: Recipe, step: StepSpec, dims: dict, inputs: dict, **extra: Any)
 
 
 def _suffix(dims: dict) -> str:
-    parts = [_dim_text(k, dims[k]) if k != "alpha" else f"alpha{dims[k]:g}" for k in DIM_ORDER if k in dims]
+    parts = [f"{k}{_dim_text(k, dims[k])}" if k in ("seed", "alpha") else dims[k] for k in DIM_ORDER if k in dims]
     if "corpus" in dims and dims.get("dataset") == dims["corpus"]:
         parts.remove(dims["dataset"])
     return "-".join(parts)
@@ -261,7 +262,14 @@ def _train(recipe: Recipe, step: StepSpec, jobs: dict) -> list[Job]:
                 sources = [_local_or_hub(recipe, p, line, f"corpora.{corpus}") for p in recipe.corpora[corpus]]
                 paths = [_path_source(recipe, step, f, p) for f in TRAIN_PATHS for p in _as_list(step.options[f])]
                 inputs = {"base": [chosen["base"]], "corpus": sources, "filters": paths}
-                found.append(_job(recipe, step, {**dims, "corpus": corpus}, inputs))
+                seeds = step.options["seed"]
+                if not isinstance(seeds, list):  # one seed: no seed dimension
+                    found.append(_job(recipe, step, {**dims, "corpus": corpus}, inputs))
+                    continue
+                for seed in seeds:  # a seed list: one adapter per seed
+                    job = _job(recipe, step, {**dims, "corpus": corpus, "seed": seed}, inputs)
+                    job.options["seed"] = seed
+                    found.append(job)
     return found
 
 
@@ -426,7 +434,9 @@ def _check_options(recipe: Recipe, step: StepSpec) -> None:
 
     try:
         if step.kind == "train":
-            train_config(step.options, base="base", corpus=["corpus"], output="out").validate()
+            seeds = step.options["seed"]
+            options = {**step.options, "seed": seeds[0] if isinstance(seeds, list) else seeds}
+            train_config(options, base="base", corpus=["corpus"], output="out").validate()
         elif step.kind in ("eval", "tune"):
             eval_settings(step.options).check()
         elif step.kind in ("diff", "merge"):
@@ -480,7 +490,7 @@ def write_options(options: dict, **extra: Any) -> Any:
     )
 
 
-def _check_inputs(recipe: Recipe, jobs: list[Job]) -> None:
+def _check_corpora(recipe: Recipe) -> None:
     """Named inputs that no job reads are still checked: a typo in an unused corpus is a typo."""
     for name, paths in recipe.corpora.items():
         for text in paths:

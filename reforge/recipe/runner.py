@@ -1,10 +1,12 @@
 """`run_recipe`: run a recipe's jobs in dependency order through the Python API, skipping what is already made.
 
-For each job, in order: resolve its options (a merge's alpha from its tune job), hash them with its inputs' content
-(`reforge.recipe.state`), skip it when its output's stamp has that fingerprint, else run it with the function the
+For each job, in order (``only``: the named steps or jobs and what they read), `decide`: resolve its options (a
+merge's alpha from its tune job), hash them with its inputs' content (`reforge.recipe.state`), skip it when its
+output's stamp has that fingerprint (a dry run stops there), else run it with the function the
 command runs (`reforge.ops.diff.diff`, `reforge.train.train_adapter`, `reforge.tune.tune`, `reforge.ops.merge.merge`,
 `reforge.eval.evaluate`, `reforge.publish.push_folder`) and stamp its output. A train job killed midway resumes from
-its last checkpoint when it is run again with the same fingerprint. Finally the table (`reforge.recipe.table`).
+its last checkpoint when it is run again with the same fingerprint. With ``keep_going`` a failed job is recorded and
+the jobs that do not read it go on. Finally the table (`reforge.recipe.table`).
 """
 
 from __future__ import annotations
@@ -26,12 +28,25 @@ from reforge.recipe.plan import Job, eval_settings, expand, train_config, write_
 from reforge.recipe.spec import Recipe, load_recipe
 
 StageFn = Callable[[str], None]
+UNMADE = ("failed", "not run")  # what a job that reads such a job cannot run after
+# A train job's facts kept in its stamp: `reforge.train.TrainResult`'s numbers
+TRAIN_FACTS = (
+    "steps",
+    "documents",
+    "tokens",
+    "padding_share",
+    "final_loss",
+    "tokens_per_s",
+    "wall_time_s",
+    "resumed_from",
+)
 
 
 @dataclass
 class JobPlan:
-    """What `run_recipe` does (or did) with one job: ``action`` is ``run``, ``resume`` or ``skip``; ``reason`` says
-    why; ``training`` holds a train job's documents, tokens and steps (from train's own dry run) when known."""
+    """What `run_recipe` does (or did) with one job: ``action`` is ``run``, ``resume`` or ``skip`` (with
+    ``keep_going`` also ``failed``, or ``not run`` after a failed job it reads); ``reason`` says why;
+    ``training`` holds a train job's documents, tokens and steps (from train's own dry run) when known."""
 
     job: Job
     action: str
@@ -39,6 +54,8 @@ class JobPlan:
     fingerprint: str | None = None
     training: dict[str, Any] | None = None
     seconds: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict, repr=False)  # resolved (`resolved_options`)
+    keys: dict[str, list[str]] = field(default_factory=dict, repr=False)  # the inputs' content keys
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -66,6 +83,11 @@ class RunReport:
     written: list[Path] = field(default_factory=list)
     seconds: float = 0.0
 
+    @property
+    def failed(self) -> list[str]:
+        """The jobs that failed (only with ``keep_going``: without it the first failure is raised)."""
+        return [p.job.id for p in self.jobs if p.action == "failed"]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {
@@ -74,8 +96,10 @@ class RunReport:
             "out": str(self.recipe.out),
             "dry_run": self.dry_run,
             "jobs": [plan.to_dict() for plan in self.jobs],
-            "ran": [p.job.id for p in self.jobs if p.action != "skip"],
+            "ran": [p.job.id for p in self.jobs if p.action in ("run", "resume")],
             "skipped": [p.job.id for p in self.jobs if p.action == "skip"],
+            "failed": self.failed,
+            "not_run": [p.job.id for p in self.jobs if p.action == "not run"],
             "table": self.table,
             "written": [str(p) for p in self.written],
             "seconds": round(self.seconds, 3),
@@ -86,6 +110,8 @@ def run_recipe(
     path: str | Path,
     *,
     dry_run: bool = False,
+    only: list[str] | None = None,
+    keep_going: bool = False,
     token: str | None = None,
     progress: ProgressFn | None = None,
     stage: StageFn | None = None,
@@ -96,6 +122,11 @@ def run_recipe(
         path: the recipe file (YAML; see docs/recipes.md).
         dry_run: check the recipe and say what would run and what would be skipped, with each train job's
             documents and tokens (train's own dry run); nothing is written.
+        only: run just these steps or jobs (``psi``, ``psi/scifact``) and the jobs they read, as make runs its
+            targets; the table then has the selected eval jobs only. None: every job.
+        keep_going: when a job fails, record it (``failed``, its error as the reason), mark the jobs that read it
+            ``not run`` and go on with the others, as ``make -k``; the table holds the evaluations that were made.
+            The caller must look at `RunReport.failed`.
         token: Hugging Face token for private Hub inputs and for push steps (never saved).
         progress: ``progress(done, total)`` within the job that runs (steps, bytes or texts).
         stage: called with a short line as each job starts, and as each phase within it starts.
@@ -105,37 +136,54 @@ def run_recipe(
 
     Raises:
         RecipeError: the recipe is wrong (checked whole before any job runs).
-        ReforgeError: a job failed; the jobs before it keep their outputs and stamps, so a rerun continues.
+        ReforgeError: a job failed (without ``keep_going``); the jobs before it keep their outputs and stamps, so a
+            rerun continues.
     """
     started = time.perf_counter()
     say = stage or (lambda text: None)
     recipe = load_recipe(path)
-    jobs = expand(recipe)
-    if dry_run:
-        return RunReport(recipe, _dry_plan(recipe, jobs, token, say), True, seconds=time.perf_counter() - started)
-    recipe.out.mkdir(parents=True, exist_ok=True)
-    state.write_if_changed(recipe.out / "recipe.yaml", recipe.text.encode("utf-8"))
-    plans = []
+    jobs = select(recipe, expand(recipe), only)
+    if not dry_run:
+        recipe.out.mkdir(parents=True, exist_ok=True)
+        state.write_if_changed(recipe.out / "recipe.yaml", recipe.text.encode("utf-8"))
+    plans: list[JobPlan] = []
     for number, job in enumerate(jobs, start=1):
-        options, keys = resolved_options(job), input_keys(job)
-        fingerprint = job_fingerprint(job, options, keys)
-        if state.is_done(job.output, fingerprint):
-            plans.append(JobPlan(job, "skip", "made from the same inputs and options", fingerprint))
+        # a dry run cannot fingerprint a job whose inputs a job before it would make first
+        waiting = [need.id for need in job.needs if need.id in {p.job.id for p in plans if p.action != "skip"}]
+        broken = [need.id for need in job.needs if need.id in {p.job.id for p in plans if p.action in UNMADE}]
+        if broken:  # keep_going: a job that failed, or waited on one, made nothing this job could read
+            plans.append(JobPlan(job, "not run", f"after failed {', '.join(broken)}"))
             continue
-        action, reason = ("resume" if _can_resume(job, fingerprint) else "run"), _reason(job, fingerprint)
+        plan = decide(job, waiting if dry_run else [])
+        plans.append(plan)
+        if dry_run:
+            if job.kind == "train" and all(s.path is not None for s in job.inputs["base"]):  # no download to count
+                say(f"Counting documents and tokens of {job.id}")
+                plan.training = _training_plan(job, token, recipe.allow_pickle)
+            continue
+        if plan.action == "skip":
+            continue
         say(f"[{number}/{len(jobs)}] {job.id}: {job.kind} -> {job.output}")
         job_started = time.perf_counter()
-        if job.kind in ("diff", "merge") and state.read_stamp(job.output) is not None:
-            # a finished output of another fingerprint, or changed since: the writer would keep what it finds
-            # complete for the same plan, so the folder (ours: it holds our stamp) is made again from nothing
-            shutil.rmtree(job.output)
-        context = _Context(recipe, job, options, keys, fingerprint, token, progress, say)
-        _RUNNERS[job.kind](context, resume=action == "resume")
-        plans.append(JobPlan(job, action, reason, fingerprint, seconds=time.perf_counter() - job_started))
-    report = RunReport(recipe, plans, False)
-    from reforge.recipe.table import write_tables
+        try:
+            if job.kind in ("diff", "merge") and state.read_stamp(job.output) is not None:
+                # a finished output of another fingerprint, or changed since: the writer would keep what it finds
+                # complete for the same plan, so the folder (ours: it holds our stamp) is made again from nothing
+                shutil.rmtree(job.output)
+            context = _Context(recipe, job, plan.options, plan.keys, plan.fingerprint, token, progress, say)
+            _RUNNERS[job.kind](context, resume=plan.action == "resume")
+        except Exception as e:  # noqa: BLE001 - with keep_going any failure of one job is recorded, as make -k does
+            if not keep_going:
+                raise
+            plan.action, plan.reason = "failed", _failure(e)
+            say(f"{job.id} failed: {plan.reason}")
+        plan.seconds = time.perf_counter() - job_started
+    report = RunReport(recipe, plans, dry_run)
+    if not dry_run:
+        from reforge.recipe.table import write_tables
 
-    report.table, report.written = write_tables(recipe, jobs)
+        made = [p.job for p in plans if p.action in ("run", "resume", "skip")]
+        report.table, report.written = write_tables(recipe, made)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -185,6 +233,55 @@ def input_keys(job: Job) -> dict[str, list[str]]:
     return keys
 
 
+def _failure(error: Exception) -> str:
+    """One line for a failed job: a ReforgeError's message, else the exception's type and text."""
+    from reforge.errors import ReforgeError
+
+    text = error.message if isinstance(error, ReforgeError) else f"{type(error).__name__}: {error}"
+    return " ".join(text.split())
+
+
+def select(recipe: Recipe, jobs: list[Job], only: list[str] | None) -> list[Job]:
+    """The jobs ``only`` names (a step name stands for all its jobs) and every job they read, in run order.
+
+    Raises:
+        RecipeError: a name is neither a step nor a job of the recipe.
+    """
+    if only is None:
+        return jobs
+    wanted: set[str] = set()
+    for name in only:
+        named = [job for job in jobs if name in (job.id, job.step.name)]
+        if not named:
+            raise recipe.error(
+                None,
+                f"has no step or job {name!r} (--only)",
+                hint=f"Steps: {', '.join(dict.fromkeys(job.step.name for job in jobs))}; jobs look like "
+                f"{jobs[-1].id!r} (reforge run --dry-run lists them).",
+            )
+        pending = named
+        while pending:
+            job = pending.pop()
+            if job.id not in wanted:
+                wanted.add(job.id)
+                pending += job.needs
+    return [job for job in jobs if job.id in wanted]
+
+
+def decide(job: Job, waiting: list[str]) -> JobPlan:
+    """What to do with ``job``: ``skip`` when its output's stamp has its fingerprint, ``resume`` a train job killed
+    with the same fingerprint, else ``run``. ``waiting``: the jobs it reads that a dry run would run first (its
+    fingerprint is unknown until they have)."""
+    if waiting:
+        return JobPlan(job, "run", f"after {', '.join(waiting)}")
+    options, keys = resolved_options(job), input_keys(job)
+    fingerprint = job_fingerprint(job, options, keys)
+    if state.is_done(job.output, fingerprint):
+        return JobPlan(job, "skip", "made from the same inputs and options", fingerprint, options=options, keys=keys)
+    action = "resume" if _can_resume(job, fingerprint) else "run"
+    return JobPlan(job, action, _reason(job, fingerprint), fingerprint, options=options, keys=keys)
+
+
 def _can_resume(job: Job, fingerprint: str) -> bool:
     if job.kind != "train" or state.started_with(job.output) != fingerprint:
         return False
@@ -202,30 +299,6 @@ def _reason(job: Job, fingerprint: str) -> str:
     if stamp.get("fingerprint") == fingerprint:
         return "output changed since it was made"
     return "inputs or options changed"
-
-
-def _dry_plan(recipe: Recipe, jobs: list[Job], token: str | None, say: StageFn) -> list[JobPlan]:
-    running: set[str] = set()
-    plans = []
-    for job in jobs:
-        waiting = [need.id for need in job.needs if need.id in running]
-        if waiting:
-            plan = JobPlan(job, "run", f"after {', '.join(waiting)}")
-        else:
-            options = resolved_options(job)
-            fingerprint = job_fingerprint(job, options)
-            if state.is_done(job.output, fingerprint):
-                plan = JobPlan(job, "skip", "made from the same inputs and options", fingerprint)
-            else:
-                action = "resume" if _can_resume(job, fingerprint) else "run"
-                plan = JobPlan(job, action, _reason(job, fingerprint), fingerprint)
-        if plan.action != "skip":
-            running.add(job.id)
-        if job.kind == "train" and all(s.path is not None for s in job.inputs["base"]):  # no download to count
-            say(f"Counting documents and tokens of {job.id}")
-            plan.training = _training_plan(job, token, recipe.allow_pickle)
-        plans.append(plan)
-    return plans
 
 
 def _training_plan(job: Job, token: str | None, allow_pickle: bool) -> dict[str, Any]:
@@ -344,11 +417,8 @@ def _run_train(ctx: _Context, resume: bool) -> None:
     ctx.stamp(
         ctx.job.output,
         {
-            "training": {
-                "documents": result.documents,
-                "tokens": result.tokens,
-                "steps": result.steps,
-                "resumed_from": result.resumed_from,
+            "training": {  # what `reforge train --json` prints, less the record (training_record.json beside it)
+                name: getattr(result, name) for name in TRAIN_FACTS
             }
         },
     )
@@ -381,10 +451,13 @@ def _run_tune(ctx: _Context, resume: bool) -> None:
     with _staged(ctx.job.output) as folder:
         text = json.dumps(report.to_dict(), indent=2, default=str) + "\n"
         write_atomic(folder / "tune.json", lambda f: f.write(text.encode("utf-8")))
-        if _has_matplotlib():
-            from reforge.tune import plot_tuning
+        from reforge.errors import InvalidOptionError
+        from reforge.tune import plot_tuning
 
+        try:
             plot_tuning(report, folder / "tune.png")
+        except InvalidOptionError:  # plot_tuning's one complaint: no matplotlib; tune.json is the result
+            pass
         ctx.stamp(folder, {"best": {"alpha": report.best.alpha, "beta": report.best.beta, "score": report.best.score}})
 
 
@@ -472,9 +545,3 @@ def _staged(output: Path) -> Iterator[Path]:
             os.replace(output, old)
         os.replace(staging, output)
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _has_matplotlib() -> bool:
-    from importlib.util import find_spec
-
-    return find_spec("matplotlib") is not None

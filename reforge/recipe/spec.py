@@ -26,6 +26,7 @@ from reforge.recipe.yamlnodes import Node, fail, read_yaml
 KINDS = ("diff", "train", "tune", "merge", "eval", "push")
 TOP_KEYS = ("recipe", "description", "out", "base", "retriever", "allow-pickle", "corpora", "datasets", "steps")
 FORMAT = 1  # the `recipe:` version this code reads
+EXTENSION = "x-"  # top-level keys that start so are not read: a place for YAML anchors (`x-train: &train {...}`)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def load_recipe(path: str | Path) -> Recipe:
     root = read_yaml(path, text)
     if not isinstance(root.value, dict):
         raise fail(path, root.line, f"must be a mapping of keys (base, retriever, steps, ...), not {root.kind}")
-    top = root.value
+    top = {key: node for key, node in root.value.items() if not key.startswith(EXTENSION)}
     _check_keys(path, top, TOP_KEYS, "the recipe")
     for required in ("base", "retriever", "steps"):
         if required not in top:
@@ -236,7 +237,10 @@ def _step(path: Path, name: str, node: Node) -> StepSpec:
     for key, option in schema.items():
         if key in body.value:
             value = body.value[key]
-            step.options[option.field] = _value(path, value, option, f"{where}.{kind}.{key}")
+            if kind == "train" and key == "seed" and isinstance(value.value, list):
+                step.options["seed"] = _seeds(path, value, f"{where}.train.seed")
+            else:
+                step.options[option.field] = _value(path, value, option, f"{where}.{kind}.{key}")
             step.lines[option.field] = value.line
         else:
             step.options[option.field] = option.default
@@ -263,6 +267,16 @@ def _alpha(path: Path, node: Node | None, where: str) -> list[float] | str:
     if len(set(numbers)) != len(numbers):
         raise fail(path, node.line, "gives an alpha twice", key=where)
     return numbers
+
+
+def _seeds(path: Path, node: Node, where: str) -> list[int]:
+    """A train step's list of seeds: one job (one adapter) per seed."""
+    seeds = [_scalar(path, v, "int", where) for v in node.value]
+    if not seeds:
+        raise fail(path, node.line, "is an empty list", key=where)
+    if len(set(seeds)) != len(seeds):
+        raise fail(path, node.line, "gives a seed twice", key=where)
+    return seeds
 
 
 def _check_keys(path: Path, mapping: dict[str, Node], known: tuple | dict, where: str) -> None:

@@ -71,15 +71,22 @@ def _convert(node: Any, path: Path, constructor: Any) -> Node:
 
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
-        constructor.flatten_mapping(node)
+        merged = getattr(node, "merged_pairs", None)  # an anchored mapping met again through an alias: flat already
+        if merged is None:
+            own = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
+            constructor.flatten_mapping(node)  # `<<: *anchor` puts the anchored pairs first: defaults the rest override
+            merged = node.merged_pairs = len(node.value) - own
         items: dict[str, Node] = {}
-        for key_node, value_node in node.value:
+        written: set[str] = set()  # the keys of this mapping itself (not merged in)
+        for index, (key_node, value_node) in enumerate(node.value):
             key = constructor.construct_object(key_node, deep=True)
             key_line = key_node.start_mark.line + 1
             if not isinstance(key, str):
                 raise fail(path, key_line, f"has a key {key!r} that is not text")
-            if key in items:
-                raise fail(path, key_line, f"gives {key!r} twice (first on line {items[key].line})", key=key)
+            if index >= merged:
+                if key in written:
+                    raise fail(path, key_line, f"gives {key!r} twice (first on line {items[key].line})", key=key)
+                written.add(key)
             converted = _convert(value_node, path, constructor)
             items[key] = Node(converted.value, key_line)  # a value's line is where its key is written
         return Node(items, line)
