@@ -311,14 +311,14 @@ def test_the_methods_default_weights_have_one_home(tmp_path):
     from reforge.cli.options import adapter_pairs
     from reforge.cli.tune import tune_cmd
     from reforge.ops import defaults
-    from reforge.ops.merge import PAPER_ALPHA
     from reforge.ops.merge import merge as merge_api
     from reforge.ops.verify import VerifyInputs, _sources
     from reforge.recipe.spec import _alpha
     from reforge.tune import DEFAULT_ALPHAS, parse_grid
     from reforge.tune import tune as tune_api
 
-    assert (defaults.PAPER_ALPHA, defaults.PAPER_BETA) == (0.5, 1.0) and PAPER_ALPHA is defaults.PAPER_ALPHA
+    PAPER_ALPHA = defaults.PAPER_ALPHA
+    assert (PAPER_ALPHA, defaults.PAPER_BETA) == (0.5, 1.0)
     assert DEFAULT_ALPHAS is defaults.DEFAULT_ALPHAS == (0.0, 0.25, 0.5, 0.75, 1.0)
     assert adapter_pairs(("a/", "b/"), ()) == [("a/", PAPER_ALPHA), ("b/", PAPER_ALPHA)]
     assert _alpha(tmp_path / "r.yaml", None, "steps.merge") == [PAPER_ALPHA]

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 from reforge.io.format import torch_dtype
 from reforge.io.progress import ProgressFn
 from reforge.io.writer import CheckpointWriter, ShardPlan, TensorSpec, plan_id_for
-from reforge.ops.defaults import PAPER_ALPHA as PAPER_ALPHA  # the public name (`reforge.ops.defaults` holds it)
 from reforge.ops.defaults import PAPER_BETA
 from reforge.ops.device import resolve_device
 from reforge.ops.job import (

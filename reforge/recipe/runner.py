@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +23,10 @@ from typing import Any
 
 import reforge.recipe.state as state
 from reforge.io.atomic import write_atomic
-from reforge.io.progress import ProgressFn
+from reforge.io.progress import ProgressFn, StageFn
 from reforge.recipe.plan import Job, eval_settings, expand, train_config, write_options
 from reforge.recipe.spec import Recipe, load_recipe
 
-StageFn = Callable[[str], None]
 UNMADE = ("failed", "not run")  # what a job that reads such a job cannot run after
 # A train job's facts kept in its stamp: `reforge.train.TrainResult`'s numbers
 TRAIN_FACTS = (

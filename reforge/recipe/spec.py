@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from reforge.errors import RecipeError
-from reforge.ops.merge import PAPER_ALPHA  # a merge step without alpha, as `reforge merge` without --alpha
+from reforge.ops.defaults import PAPER_ALPHA  # a merge step without alpha, as `reforge merge` without --alpha
 from reforge.recipe.yamlnodes import Node, fail, read_yaml
 
 KINDS = ("diff", "train", "tune", "merge", "eval", "push")
