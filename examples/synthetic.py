@@ -11,7 +11,8 @@ Per dataset with judged test queries (SciFact, NFCorpus-partial, the MS MARCO TR
    qrels are the test qrels of those queries restricted to that corpus. Real labels are read here only to score.
 2. ``queries-crop-<ds>`` / ``queries-lm-<ds>``: ``reforge queries`` on that folder (so the synthetic folders link
    to the same corpus.jsonl and every model encodes the corpus once for real and synthetic queries), with the crop
-   generator and with SmolLM2-135M-Instruct few-shot (reforge's built-in examples: from no collection scored here).
+   generator and with SmolLM2-135M-Instruct few-shot (reforge's built-in examples: from no collection scored here;
+   ``--synthetic-lm MODEL`` names a larger LM instead).
 3. ``psi-<ds>-<k>``: three knowledge adapters per corpus (``reforge train``, first ``--train-max-docs`` documents,
    learning rates 2e-4, 5e-4, 1e-3, seeds 0, 1, 2), shared by both retrievers.
 4. ``syn-[last-]tune-<ds>-<k>-<real|crop|lm>``: ``reforge tune`` at alpha 0..1 by 0.25 on the real test split
@@ -88,7 +89,8 @@ def plan(base: Path, data: Path, out: Path, args) -> list:
         subset = out / f"subset-{ds}"
         steps.append(Step(f"subset-{ds}", ("subset", str(data / ds), str(subset))))
         for generator in args.synthetic_generators:
-            model = ("--generator", str(base) if generator.startswith("lm") else "crop")
+            lm = args.synthetic_lm or str(base)
+            model = ("--generator", lm if generator.startswith("lm") else "crop")
             if generator == "lm-bm25":
                 model += ("--bm25-top", str(BM25_TOP))
             steps.append(
@@ -228,6 +230,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--synthetic-train-docs", type=int, default=48, help="documents per knowledge adapter")
     parser.add_argument("--synthetic-train-length", type=int, default=128, help="tokens per training document")
     parser.add_argument("--synthetic-generators", nargs="+", default=["crop", "lm"], choices=list(GENERATORS))
+    parser.add_argument(
+        "--synthetic-lm",
+        default=None,
+        metavar="MODEL",
+        help="the causal LM of the lm generators (folder or Hub id; default: the base, SmolLM2-135M-Instruct)",
+    )
     parser.add_argument(
         "--synthetic-adapters", type=int, nargs="+", default=[s for s, _ in ADAPTERS], help="adapter seeds to run"
     )

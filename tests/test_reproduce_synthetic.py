@@ -52,6 +52,19 @@ def test_the_plan_scores_real_and_synthetic_queries_of_one_corpus(tmp_path):
     assert crop_queries[crop_queries.index("--generator") + 1] == "crop"
 
 
+def test_synthetic_lm_names_the_generator_of_the_lm_queries_and_nothing_else(tmp_path):
+    args = parse_args(
+        ["--synthetic", "--datasets", "nfcorpus-partial", "--out", str(tmp_path), "--synthetic-lm", "big/LM"]
+        + ["--synthetic-generators", "crop", "lm", "lm-bm25"]
+    )
+    steps = {s.name: s for s in plan(Path("BASE"), Path("DATA"), tmp_path, args)}
+    generator = {name: steps[f"queries-{name}-nfcorpus-partial"].args for name in ("crop", "lm", "lm-bm25")}
+    assert [a[a.index("--generator") + 1] for a in generator.values()] == ["crop", "big/LM", "big/LM"]
+    assert "--bm25-top" in generator["lm-bm25"] and "--bm25-top" not in generator["lm"]
+    tune = steps["syn-tune-nfcorpus-partial-0-lm"].args  # the retriever's base stays the base
+    assert tune[tune.index("--base") + 1] == "BASE"
+
+
 def _tune(path: Path, scores: list[float], deltas_p: list[float], action: str = "noise", alpha: float = 0.0):
     points = [{"alpha": 0.0, "beta": 1.0, "score": scores[0], "test": None}]
     for a, s, p in zip((0.25, 0.5, 0.75, 1.0), scores[1:], deltas_p, strict=True):
