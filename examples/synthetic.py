@@ -202,7 +202,7 @@ def run(base: Path, data: Path, out: Path, args) -> list[str]:
                 result.write_text(json.dumps(facts, indent=2))
             continue
         if step.args[0] == "train":
-            _wait_for(out / f"{step.name}.json.tmp")
+            _wait_for(out, step.name)
         if (out / f"{step.name}.json.partial").is_file():  # another runner is on it (runs share --out)
             print(f"\n== {step.name}: running in another process, skipped here", flush=True)
             continue
@@ -210,12 +210,13 @@ def run(base: Path, data: Path, out: Path, args) -> list[str]:
     return failed
 
 
-def _wait_for(partial: Path) -> None:
-    """Wait while another process trains this adapter (its ``.json.tmp`` exists), instead of training it twice."""
+def _wait_for(out: Path, name: str, poll: float = 20.0) -> None:
+    """Wait while another process runs this step (`examples.reproduce.run_steps` writes its output to
+    ``<name>.json.partial`` until it ends), so an adapter is not trained twice; then run_steps finds its JSON."""
     import time
 
-    while partial.is_file():
-        time.sleep(20)
+    while (out / f"{name}.json.partial").is_file():
+        time.sleep(poll)
 
 
 def add_arguments(parser) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from examples.reproduce import parse_args
-from examples.synthetic import compare, make_subset, plan, report
+from examples.synthetic import _wait_for, compare, make_subset, plan, report
 
 
 def test_the_subset_keeps_each_drawn_query_s_best_judged_documents_and_restricts_the_qrels(tmp_path):
@@ -63,6 +63,24 @@ def test_synthetic_lm_names_the_generator_of_the_lm_queries_and_nothing_else(tmp
     assert "--bm25-top" in generator["lm-bm25"] and "--bm25-top" not in generator["lm"]
     tune = steps["syn-tune-nfcorpus-partial-0-lm"].args  # the retriever's base stays the base
     assert tune[tune.index("--base") + 1] == "BASE"
+
+
+def test_a_runner_waits_while_another_runs_the_training_step(tmp_path):
+    import threading
+    import time
+
+    partial = tmp_path / "psi-scifact-0.json.partial"  # what run_steps writes while a step runs
+    partial.write_text("")
+
+    def finish():
+        partial.rename(tmp_path / "psi-scifact-0.json")
+
+    timer = threading.Timer(0.3, finish)
+    started = time.perf_counter()
+    timer.start()
+    _wait_for(tmp_path, "psi-scifact-0", poll=0.02)
+    assert time.perf_counter() - started >= 0.3 and (tmp_path / "psi-scifact-0.json").is_file()
+    _wait_for(tmp_path, "psi-scifact-1", poll=0.02)  # nobody on it: returns at once
 
 
 def _tune(path: Path, scores: list[float], deltas_p: list[float], action: str = "noise", alpha: float = 0.0):
