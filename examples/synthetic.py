@@ -327,14 +327,16 @@ def compare(out: Path, retriever: str, ds: str, generator: str) -> dict | None:
 
 
 def report(out: Path) -> str:
-    """The section's two tables (summary, then every point), from the finished tune steps; "" when none."""
-    summary, points = [], []
+    """The section's three tables (per dataset and retriever, per generator over them, every point), from the
+    finished tune steps; "" when none."""
+    summary, points, by_generator = [], [], {g: [] for g in GENERATORS}
     for ds, name in DATASETS.items():
         for retriever in RETRIEVER_PREFIX:
             for generator in GENERATORS:
                 c = compare(out, retriever, ds, generator)
                 if c is None:
                     continue
+                by_generator[generator].append(c)
                 agreement = f"{c['agree']}/{c['significant']}" if c["significant"] else "no significant real gain"
                 summary.append(
                     f"| {name} | {retriever} | {generator} | {c['adapters']} | {c['real_queries']} / "
@@ -355,7 +357,32 @@ def report(out: Path) -> str:
         "| dataset | retriever | adapter | alpha | real nDCG@10 | p (real vs alpha 0) | crop nDCG@10 | "
         "LM nDCG@10 | LM + BM25 filter nDCG@10 |\n" + "|---" * 9 + "|"
     )
-    return "\n".join([head, *summary]) + "\n\n" + "\n".join([detail, *points])
+    return "\n\n".join(["\n".join([head, *summary]), _overall(by_generator), "\n".join([detail, *points])])
+
+
+def _overall(by_generator: dict[str, list[dict]]) -> str:
+    """Per generator, over its (dataset, retriever) cells: the issue's two targets (tau > 0 in every cell; mean
+    regret of the synthetic choice no larger than fixed alpha 0.5's), each cell weighing the same."""
+    rows = []
+    for generator, cells in by_generator.items():
+        if not cells:
+            continue
+
+        def mean(key: str, cells: list[dict] = cells) -> float:
+            return sum(c[key] for c in cells) / len(cells)
+
+        positive = sum(1 for c in cells if c["tau"] > 0)  # NaN counts as not > 0
+        no_worse = sum(1 for c in cells if c["regret_choice"] <= c["regret_half"] + 1e-12)
+        rows.append(
+            f"| {generator} | {len(cells)} ({sum(c['adapters'] for c in cells)} adapters) | {positive} of {len(cells)} "
+            f"| {mean('regret_choice'):.4f} | {mean('regret_recommendation'):.4f} | {mean('regret_half'):.4f} | "
+            f"{mean('regret_zero'):.4f} | {no_worse} of {len(cells)} |"
+        )
+    head = (
+        "| generator | (dataset, retriever) cells | Kendall tau > 0 | mean regret: synthetic choice | recommendation | "
+        "alpha 0.5 | alpha 0 | cells where the synthetic choice's regret <= alpha 0.5's |\n" + "|---" * 8 + "|"
+    )
+    return "\n".join([head, *rows])
 
 
 def _tau(c: dict) -> str:

@@ -110,7 +110,14 @@ def test_the_comparison_of_real_and_synthetic_scores(tmp_path):
     # Kendall tau-b of the five points: pairs (real, synthetic) concordant 7, discordant 3: (7 - 3) / 10
     assert result["tau"] == pytest.approx(0.4)
     assert "| SciFact | mean | crop | 1 | 9 / 9 | +0.400" in report(tmp_path)
+    # the generator's line over its cells: one cell, tau > 0, regret 0.02 / recommendation 0.02 / alpha 0.5 0 /
+    # alpha 0 0.05, and the choice's regret is above alpha 0.5's
+    assert "| crop | 1 (1 adapters) | 1 of 1 | 0.0200 | 0.0200 | 0.0000 | 0.0500 | 0 of 1 |" in report(tmp_path)
     assert compare(tmp_path, "mean", "scifact", "lm") is None and compare(tmp_path, "last", "scifact", "crop") is None
+    _tune(tmp_path / "syn-last-tune-scifact-0-real.json", real, [0.5, 0.01, 0.2, 0.03])
+    _tune(tmp_path / "syn-last-tune-scifact-0-crop.json", [0.8, 0.7, 0.9, 0.6, 0.5], [1] * 4)  # chooses 0.5
+    # the last-token cell: choice 0.5 (regret 0, as alpha 0.5), recommendation alpha 0 (0.05), tau (7 - 3) / 10
+    assert "| crop | 2 (2 adapters) | 2 of 2 | 0.0100 | 0.0350 | 0.0000 | 0.0500 | 1 of 2 |" in report(tmp_path)
 
 
 def test_results_md_holds_the_tables_built_from_the_committed_raw_outputs():
