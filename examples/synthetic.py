@@ -11,7 +11,8 @@ Per dataset with judged test queries (SciFact, NFCorpus-partial, the MS MARCO TR
    qrels are the test qrels of those queries restricted to that corpus. Real labels are read here only to score.
 2. ``queries-crop-<ds>`` / ``queries-lm-<ds>``: ``reforge queries`` on that folder (so the synthetic folders link
    to the same corpus.jsonl and every model encodes the corpus once for real and synthetic queries), with the crop
-   generator and with SmolLM2-135M-Instruct few-shot (reforge's built-in examples: from no collection scored here).
+   generator and with SmolLM2-135M-Instruct few-shot (reforge's built-in examples: from no collection scored here;
+   ``--synthetic-lm MODEL`` names a larger LM instead).
 3. ``psi-<ds>-<k>``: three knowledge adapters per corpus (``reforge train``, first ``--train-max-docs`` documents,
    learning rates 2e-4, 5e-4, 1e-3, seeds 0, 1, 2), shared by both retrievers.
 4. ``syn-[last-]tune-<ds>-<k>-<real|crop|lm>``: ``reforge tune`` at alpha 0..1 by 0.25 on the real test split
@@ -88,7 +89,8 @@ def plan(base: Path, data: Path, out: Path, args) -> list:
         subset = out / f"subset-{ds}"
         steps.append(Step(f"subset-{ds}", ("subset", str(data / ds), str(subset))))
         for generator in args.synthetic_generators:
-            model = ("--generator", str(base) if generator.startswith("lm") else "crop")
+            lm = args.synthetic_lm or str(base)
+            model = ("--generator", lm if generator.startswith("lm") else "crop")
             if generator == "lm-bm25":
                 model += ("--bm25-top", str(BM25_TOP))
             steps.append(
@@ -200,7 +202,7 @@ def run(base: Path, data: Path, out: Path, args) -> list[str]:
                 result.write_text(json.dumps(facts, indent=2))
             continue
         if step.args[0] == "train":
-            _wait_for(out / f"{step.name}.json.tmp")
+            _wait_for(out, step.name)
         if (out / f"{step.name}.json.partial").is_file():  # another runner is on it (runs share --out)
             print(f"\n== {step.name}: running in another process, skipped here", flush=True)
             continue
@@ -208,12 +210,13 @@ def run(base: Path, data: Path, out: Path, args) -> list[str]:
     return failed
 
 
-def _wait_for(partial: Path) -> None:
-    """Wait while another process trains this adapter (its ``.json.tmp`` exists), instead of training it twice."""
+def _wait_for(out: Path, name: str, poll: float = 20.0) -> None:
+    """Wait while another process runs this step (`examples.reproduce.run_steps` writes its output to
+    ``<name>.json.partial`` until it ends), so an adapter is not trained twice; then run_steps finds its JSON."""
     import time
 
-    while partial.is_file():
-        time.sleep(20)
+    while (out / f"{name}.json.partial").is_file():
+        time.sleep(poll)
 
 
 def add_arguments(parser) -> None:
@@ -228,6 +231,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--synthetic-train-docs", type=int, default=48, help="documents per knowledge adapter")
     parser.add_argument("--synthetic-train-length", type=int, default=128, help="tokens per training document")
     parser.add_argument("--synthetic-generators", nargs="+", default=["crop", "lm"], choices=list(GENERATORS))
+    parser.add_argument(
+        "--synthetic-lm",
+        default=None,
+        metavar="MODEL",
+        help="the causal LM of the lm generators (folder or Hub id; default: the base, SmolLM2-135M-Instruct)",
+    )
     parser.add_argument(
         "--synthetic-adapters", type=int, nargs="+", default=[s for s, _ in ADAPTERS], help="adapter seeds to run"
     )
@@ -318,14 +327,16 @@ def compare(out: Path, retriever: str, ds: str, generator: str) -> dict | None:
 
 
 def report(out: Path) -> str:
-    """The section's two tables (summary, then every point), from the finished tune steps; "" when none."""
-    summary, points = [], []
+    """The section's three tables (per dataset and retriever, per generator over them, every point), from the
+    finished tune steps; "" when none."""
+    summary, points, by_generator = [], [], {g: [] for g in GENERATORS}
     for ds, name in DATASETS.items():
         for retriever in RETRIEVER_PREFIX:
             for generator in GENERATORS:
                 c = compare(out, retriever, ds, generator)
                 if c is None:
                     continue
+                by_generator[generator].append(c)
                 agreement = f"{c['agree']}/{c['significant']}" if c["significant"] else "no significant real gain"
                 summary.append(
                     f"| {name} | {retriever} | {generator} | {c['adapters']} | {c['real_queries']} / "
@@ -346,7 +357,32 @@ def report(out: Path) -> str:
         "| dataset | retriever | adapter | alpha | real nDCG@10 | p (real vs alpha 0) | crop nDCG@10 | "
         "LM nDCG@10 | LM + BM25 filter nDCG@10 |\n" + "|---" * 9 + "|"
     )
-    return "\n".join([head, *summary]) + "\n\n" + "\n".join([detail, *points])
+    return "\n\n".join(["\n".join([head, *summary]), _overall(by_generator), "\n".join([detail, *points])])
+
+
+def _overall(by_generator: dict[str, list[dict]]) -> str:
+    """Per generator, over its (dataset, retriever) cells: the issue's two targets (tau > 0 in every cell; mean
+    regret of the synthetic choice no larger than fixed alpha 0.5's), each cell weighing the same."""
+    rows = []
+    for generator, cells in by_generator.items():
+        if not cells:
+            continue
+
+        def mean(key: str, cells: list[dict] = cells) -> float:
+            return sum(c[key] for c in cells) / len(cells)
+
+        positive = sum(1 for c in cells if c["tau"] > 0)  # NaN counts as not > 0
+        no_worse = sum(1 for c in cells if c["regret_choice"] <= c["regret_half"] + 1e-12)
+        rows.append(
+            f"| {generator} | {len(cells)} ({sum(c['adapters'] for c in cells)} adapters) | {positive} of {len(cells)} "
+            f"| {mean('regret_choice'):.4f} | {mean('regret_recommendation'):.4f} | {mean('regret_half'):.4f} | "
+            f"{mean('regret_zero'):.4f} | {no_worse} of {len(cells)} |"
+        )
+    head = (
+        "| generator | (dataset, retriever) cells | Kendall tau > 0 | mean regret: synthetic choice | recommendation | "
+        "alpha 0.5 | alpha 0 | cells where the synthetic choice's regret <= alpha 0.5's |\n" + "|---" * 8 + "|"
+    )
+    return "\n".join([head, *rows])
 
 
 def _tau(c: dict) -> str:

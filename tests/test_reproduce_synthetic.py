@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from examples.reproduce import parse_args
-from examples.synthetic import compare, make_subset, plan, report
+from examples.synthetic import _wait_for, compare, make_subset, plan, report
 
 
 def test_the_subset_keeps_each_drawn_query_s_best_judged_documents_and_restricts_the_qrels(tmp_path):
@@ -52,6 +52,37 @@ def test_the_plan_scores_real_and_synthetic_queries_of_one_corpus(tmp_path):
     assert crop_queries[crop_queries.index("--generator") + 1] == "crop"
 
 
+def test_synthetic_lm_names_the_generator_of_the_lm_queries_and_nothing_else(tmp_path):
+    args = parse_args(
+        ["--synthetic", "--datasets", "nfcorpus-partial", "--out", str(tmp_path), "--synthetic-lm", "big/LM"]
+        + ["--synthetic-generators", "crop", "lm", "lm-bm25"]
+    )
+    steps = {s.name: s for s in plan(Path("BASE"), Path("DATA"), tmp_path, args)}
+    generator = {name: steps[f"queries-{name}-nfcorpus-partial"].args for name in ("crop", "lm", "lm-bm25")}
+    assert [a[a.index("--generator") + 1] for a in generator.values()] == ["crop", "big/LM", "big/LM"]
+    assert "--bm25-top" in generator["lm-bm25"] and "--bm25-top" not in generator["lm"]
+    tune = steps["syn-tune-nfcorpus-partial-0-lm"].args  # the retriever's base stays the base
+    assert tune[tune.index("--base") + 1] == "BASE"
+
+
+def test_a_runner_waits_while_another_runs_the_training_step(tmp_path):
+    import threading
+    import time
+
+    partial = tmp_path / "psi-scifact-0.json.partial"  # what run_steps writes while a step runs
+    partial.write_text("")
+
+    def finish():
+        partial.rename(tmp_path / "psi-scifact-0.json")
+
+    timer = threading.Timer(0.3, finish)
+    started = time.perf_counter()
+    timer.start()
+    _wait_for(tmp_path, "psi-scifact-0", poll=0.02)
+    assert time.perf_counter() - started >= 0.3 and (tmp_path / "psi-scifact-0.json").is_file()
+    _wait_for(tmp_path, "psi-scifact-1", poll=0.02)  # nobody on it: returns at once
+
+
 def _tune(path: Path, scores: list[float], deltas_p: list[float], action: str = "noise", alpha: float = 0.0):
     points = [{"alpha": 0.0, "beta": 1.0, "score": scores[0], "test": None}]
     for a, s, p in zip((0.25, 0.5, 0.75, 1.0), scores[1:], deltas_p, strict=True):
@@ -79,7 +110,14 @@ def test_the_comparison_of_real_and_synthetic_scores(tmp_path):
     # Kendall tau-b of the five points: pairs (real, synthetic) concordant 7, discordant 3: (7 - 3) / 10
     assert result["tau"] == pytest.approx(0.4)
     assert "| SciFact | mean | crop | 1 | 9 / 9 | +0.400" in report(tmp_path)
+    # the generator's line over its cells: one cell, tau > 0, regret 0.02 / recommendation 0.02 / alpha 0.5 0 /
+    # alpha 0 0.05, and the choice's regret is above alpha 0.5's
+    assert "| crop | 1 (1 adapters) | 1 of 1 | 0.0200 | 0.0200 | 0.0000 | 0.0500 | 0 of 1 |" in report(tmp_path)
     assert compare(tmp_path, "mean", "scifact", "lm") is None and compare(tmp_path, "last", "scifact", "crop") is None
+    _tune(tmp_path / "syn-last-tune-scifact-0-real.json", real, [0.5, 0.01, 0.2, 0.03])
+    _tune(tmp_path / "syn-last-tune-scifact-0-crop.json", [0.8, 0.7, 0.9, 0.6, 0.5], [1] * 4)  # chooses 0.5
+    # the last-token cell: choice 0.5 (regret 0, as alpha 0.5), recommendation alpha 0 (0.05), tau (7 - 3) / 10
+    assert "| crop | 2 (2 adapters) | 2 of 2 | 0.0100 | 0.0350 | 0.0000 | 0.0500 | 1 of 2 |" in report(tmp_path)
 
 
 def test_results_md_holds_the_tables_built_from_the_committed_raw_outputs():
