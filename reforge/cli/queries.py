@@ -17,7 +17,8 @@ from reforge.cli.options import log_file_option, output_options
     "--generator",
     required=True,
     help="A causal LM (folder or Hub id, e.g. the base LM) prompted few-shot, or crop (a span of the document, no "
-    "model). No default: on SciFact crop ranked alphas against real labels (docs/results.md, section 8).",
+    "model). No default: neither crop nor a 135M LM ordered alphas as real labels did on every dataset "
+    "(docs/results.md, section 8).",
 )
 @click.option(
     "-n", "--num-docs", "n", type=int, default=100, show_default=True, help="Documents to draw (one query each)."
