@@ -7,7 +7,9 @@
     python bench/bench_eval.py --scale 40000 160000 1000000   # peak RSS of reforge eval on SciFact-length corpora
                                                    #   of those sizes (SciFact documents repeated, a tiny random
                                                    #   BERT), with the cache and --no-cache, and the growth in
-                                                   #   bytes per document between sizes (--repeats, --shard-docs)
+                                                   #   bytes per document between sizes, with and without the
+                                                   #   search block's one-time growth (--repeats, --shard-docs)
+    python bench/bench_eval.py --combine a.json b.json  # the same growth report over points saved by several runs
 
 Every timed run is a fresh process (interpreter start and imports included) under `nice -n 10`; the reforge and
 baseline runs alternate ``--rounds`` times and the fastest of each is kept, since the machine is shared.
@@ -329,19 +331,6 @@ def scale_run(
                 )
                 print(f"  {size} documents, {mode}: {results[-1]}", file=sys.stderr)
             shutil.rmtree(data)
-    growth = {}
-    for mode in modes:
-        runs = [r for r in results if r["mode"] == mode]
-        growth[mode] = [
-            {
-                "from": a["documents"],
-                "to": b["documents"],
-                "bytes_per_document": round(
-                    (b["median_peak_rss_mib"] - a["median_peak_rss_mib"]) * 2**20 / (b["documents"] - a["documents"])
-                ),
-            }
-            for a, b in zip(runs, runs[1:])
-        ]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_average_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
@@ -350,8 +339,68 @@ def scale_run(
         "text_chars": chars,
         "dim": dim,
         "runs": results,
-        "growth": growth,
+        **growth(results, dim),
     }
+
+
+def growth(runs: list[dict], dim: int) -> dict:
+    """Peak-RSS growth in bytes per document between consecutive sizes of each mode, and what of it is the search
+    block: the search reads float32 blocks of ``min(documents, block rows)`` rows (`block_rows_for`, 64 MiB), so
+    below the block's rows the block grows with the corpus once, then stays. ``beyond_block`` is the growth less
+    the block's; ``above_block`` the growth from the first size that fills the block to the largest (issue 26's
+    target, 250 bytes a document, is about what grows without bound)."""
+    sys.path.insert(0, str(ROOT))
+    from reforge.eval.search import block_rows_for
+
+    block = block_rows_for(dim)
+
+    def block_mib(documents: int) -> float:
+        return min(documents, block) * dim * 4 / 2**20
+
+    def per_document(a: dict, b: dict, less_mib: float = 0.0) -> int:
+        grown = b["median_peak_rss_mib"] - a["median_peak_rss_mib"] - less_mib
+        return round(grown * 2**20 / (b["documents"] - a["documents"]))
+
+    out: dict = {"search_block_rows": block, "search_block_mib": round(block_mib(block), 1), "growth": {}}
+    for mode in dict.fromkeys(r["mode"] for r in runs):
+        points = sorted((r for r in runs if r["mode"] == mode), key=lambda r: r["documents"])
+        steps = [
+            {
+                "from": a["documents"],
+                "to": b["documents"],
+                "bytes_per_document": per_document(a, b),
+                "block_growth_mib": round(block_mib(b["documents"]) - block_mib(a["documents"]), 1),
+                "beyond_block": per_document(a, b, block_mib(b["documents"]) - block_mib(a["documents"])),
+            }
+            for a, b in zip(points, points[1:])
+        ]
+        full = [r for r in points if r["documents"] >= block]
+        above = (
+            {
+                "from": full[0]["documents"],
+                "to": full[-1]["documents"],
+                "bytes_per_document": per_document(*full[:: len(full) - 1]),
+            }
+            if len(full) > 1
+            else None
+        )
+        out["growth"][mode] = {"steps": steps, "above_block": above}
+    return out
+
+
+def combine(paths: list[str]) -> dict:
+    """One growth report over the runs of several ``--scale`` outputs (points measured in separate invocations, same
+    ``--dim``), e.g. 40k and 160k in one, 1M in another."""
+    outputs = [json.loads(Path(p).read_text()) for p in paths]
+    dims = {o["dim"] for o in outputs}
+    if len(dims) != 1:
+        sys.exit(f"the outputs were measured at different --dim: {sorted(dims)}")
+    runs = [
+        {**r, "measured": o["date"], "load_average_before_after": o["load_average_before_after"]}
+        for o in outputs
+        for r in o["runs"]
+    ]
+    return {"combined": list(paths), "dim": dims.pop(), "runs": runs, **growth(runs, outputs[0]["dim"])}
 
 
 def _scale_once(model: Path, data: Path, home: Path, mode: str, shard_docs: int) -> tuple[int, float, dict]:
@@ -382,11 +431,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="--scale: runs per point (the median is kept)")
     parser.add_argument("--chars", type=int, default=None, help="--scale: cut document texts to this many characters")
     parser.add_argument("--dim", type=int, default=32, help="--scale: the tiny retriever's width")
+    parser.add_argument("--combine", nargs="+", metavar="JSON", help="one growth report over saved --scale outputs")
     args = parser.parse_args()
     if not (MODEL / "model.safetensors").is_file() or not DATA.is_dir():
         sys.exit(f"needs {MODEL} (../shared/scripts/fetch-models.sh) and {DATA}")
     if args.reference_subset:
         reference_subset()
+        return
+    if args.combine:
+        print(json.dumps(combine(args.combine), indent=2))
         return
     if args.scale:
         modes = tuple(m for m in args.modes.split(",") if m)

@@ -38,3 +38,23 @@ def test_token_budget_batches_give_the_same_vectors(tmp_path):
     assert sum(s[0] for s in shapes) == len(texts)
     assert all(rows * width <= 96 or rows == 1 for rows, width in shapes)
     assert shapes[-1][0] > 8 > shapes[0][0]  # long texts few to a batch, short ones many
+
+
+def test_rows_are_padded_on_the_profiles_side_and_an_empty_row_is_one_seen_pad_token():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from reforge.eval.encode import _pad
+
+    tokenizer = SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    ids = [[5, 6, 7], [], [8], [9, 10]]
+    right = _pad(ids, tokenizer, replace(builtin_profile("last-token"), padding_side="right"), True)
+    assert right["input_ids"].tolist() == [[5, 6, 7], [0, 0, 0], [8, 0, 0], [9, 10, 0]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 1, 0]]
+    assert right["token_type_ids"].tolist() == [[0] * 3] * 4
+    left = _pad(ids, tokenizer, replace(builtin_profile("last-token"), padding_side="left"), False)
+    assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 0], [0, 0, 8], [0, 9, 10]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 1], [0, 1, 1]]
+    assert set(left) == {"input_ids", "attention_mask"} and left["input_ids"].dtype == right["attention_mask"].dtype
+    no_pad = SimpleNamespace(eos_token_id=None, pad_token_id=None)  # neither: 0
+    assert _pad([[], [4]], no_pad, builtin_profile("last-token"), False)["input_ids"].tolist() == [[0], [4]]

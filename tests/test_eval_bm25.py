@@ -57,7 +57,12 @@ def test_bm25_row_scores_and_paired_tests_match_a_direct_computation(llamas, tmp
     assert (row["wins"], row["ties"], row["losses"]) == (test.wins, test.ties, test.losses)
     assert (tmp_path / "out" / "runs" / "BM25__toy.trec").is_file()
     # the table: the BM25 row, its settings, and a second table of both models against BM25
-    table = run_cli(*args).stdout
+    shown = run_cli(*args)
+    table = shown.stdout
+    # the BM25 row (found by its kind, not its place) says what it indexed; the models' rows come from the cache
+    documents = len(dataset.corpus)
+    assert f"BM25 on toy: {documents} docs indexed in" in shown.stderr
+    assert "llama on toy: corpus from cache" in shown.stderr and "llama2 on toy: corpus from cache" in shown.stderr
     assert "BM25" in table and f"{expected.aggregate['nDCG@10']:.4f}" in table and f"{row['delta']:+.4f}" in table
     assert "against BM25" in table and "bm25s" in table and "k1 1.5, b 0.75" in table
 

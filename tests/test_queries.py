@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from reforge.cli import cli
 from reforge.data.beir import load_beir
 from reforge.data.lazy import Document
 from reforge.errors import DataError, OutputExistsError
+from reforge.io.checkpoint import content_key, fingerprint
 from reforge.queries.build import make_queries
 from reforge.queries.crop import crop_query
 from reforge.queries.filters import Candidate, FilterSettings, apply_filters, copied_span, count_reasons
@@ -207,6 +209,31 @@ def test_the_cache_reuses_unchanged_documents_and_regenerates_an_edited_one(tiny
     assert third.record["counts"]["generated_now"] == 1 and third.record["counts"]["from_cache"] == 5
     assert third.record["corpus"]["sha256"] != first.record["corpus"]["sha256"]
     assert make_queries(data, tmp_path / "four", **{**options, "seed": 1}).record["sample"]["drawn"] == 6
+
+
+def test_generators_differing_only_between_the_fingerprint_samples_share_no_queries(tiny_lm, tmp_path):
+    """The log is keyed by the generator's content key: a copy with one weight changed where the sampled
+    `fingerprint` reads nothing (16 reads of 4 KB per file) writes its own queries, it does not reuse the original's."""
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_lm, edited)
+    weights = edited / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    data_start = 8 + int.from_bytes(raw[:8], "little")
+    sampled = [(at, at + 4096) for at in range(0, len(raw), max(len(raw) // 16, 1))]
+    at = next(o for o in range(data_start, len(raw), 4) if not any(a <= o < b for a, b in sampled))
+    raw[at] ^= 1  # the lowest mantissa bit of one float32 weight, between two samples
+    weights.write_bytes(bytes(raw))
+    assert fingerprint(edited) == fingerprint(tiny_lm) and content_key(edited) != content_key(tiny_lm)
+    data = write_corpus(tmp_path / "data", word_docs(10))
+    options = dict(n=5, min_words=5, prompt=SHORT, filters=FilterSettings(max_copy=0))
+    options["generation"] = GenerationSettings(batch_size=4, max_new_tokens=3)
+    original = make_queries(data, tmp_path / "original", generator=str(tiny_lm), **options)
+    copy = make_queries(data, tmp_path / "copy", generator=str(edited), **options)
+    assert copy.record["counts"]["generated_now"] == 5 and copy.record["counts"]["from_cache"] == 0
+    assert original.record["generator"]["content_key"] == content_key(tiny_lm)
+    assert copy.record["generator"]["log"] != original.record["generator"]["log"]
+    again = make_queries(data, tmp_path / "again", generator=str(edited), **options)
+    assert again.record["counts"]["from_cache"] == 5 and again.queries == copy.queries
 
 
 # ---------------------------------------------------------------------------------------------------------------------

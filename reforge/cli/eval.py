@@ -117,6 +117,8 @@ def eval_cmd(
     """
     from reforge.data.beir import load_beir
     from reforge.eval import evaluate, write_outputs
+    from reforge.eval.bm25 import KIND as BM25_KIND
+    from reforge.eval.bm25 import NAME as BM25_NAME
 
     output.quiet_transformers()
     settings = encoding_settings(
@@ -136,7 +138,7 @@ def eval_cmd(
 
         check_writable(output_dir)
     data = [load_beir(path, settings.split) for path in datasets]
-    if card_dir and (settings.max_queries is not None or settings.corpus_sample is not None):
+    if card_dir and settings.sampled:
         raise click.UsageError("--card shows whole-split scores; drop --max-queries / --corpus-sample.")
     if mteb_dir:  # fail now: a sample, a short top-k, or an identical-id rule the run cannot be converted to
         from reforge.eval.mteb import check_mteb_export
@@ -147,7 +149,7 @@ def eval_cmd(
             data,
             keep_identical_ids=settings.keep_identical_ids,
             top_k=settings.top_k,
-            sampled=settings.max_queries is not None or settings.corpus_sample is not None,
+            sampled=settings.sampled,
         )
     for dataset in data:
         for warning in dataset.warnings:
@@ -171,9 +173,10 @@ def eval_cmd(
                     f"{dataset.name}: sample of {s['queries']} of {s['split_queries']} queries and "
                     f"{s['documents']} of {s['split_documents']} documents (seed {s['seed']})"
                 )
+        indexed = {m.name for m in report.models if m.profile.get("kind") == BM25_KIND}  # add_bm25's row
         for result in report.results:
             rate = result.docs_per_second
-            if "bm25" in report.settings and result.model == report.models[-1].name:  # add_bm25's row is the last
+            if result.model in indexed:
                 corpus = f"{int(result.timings['documents'])} docs indexed in {result.timings['encode_corpus']:.1f} s"
             else:
                 corpus = (
@@ -191,7 +194,7 @@ def eval_cmd(
             output.print_table(table)
             output.out.print(caption, highlight=False)
             if bm25 and len(report.models) > 2:  # the BM25 row shows the one model against BM25 already
-                table, caption = _table(report, measure, baseline="BM25")
+                table, caption = _table(report, measure, baseline=BM25_NAME)
                 output.print_table(table)
                 output.out.print(caption, highlight=False)
     if output_dir:  # after the results are shown: a full disk must not cost them

@@ -36,9 +36,10 @@ from reforge.errors import InvalidOptionError
 
 if TYPE_CHECKING:
     from reforge.data.beir import BeirDataset
-    from reforge.eval.report import Comparison, EvalReport, Result
+    from reforge.eval.report import EvalReport, Result
 
 NAME = "BM25"  # the row's name in tables and result files
+KIND = "bm25"  # its ModelInfo.profile["kind"], which tells the row from the models'
 METHODS = ("lucene", "robertson", "atire", "bm25l", "bm25+")
 
 
@@ -168,7 +169,7 @@ def add_bm25(report: EvalReport, datasets: Sequence[BeirDataset], settings: BM25
     """
     from reforge.data.beir import sample_dataset
     from reforge.eval.metrics import parse_measures
-    from reforge.eval.report import ModelInfo
+    from reforge.eval.report import ModelInfo, compare
 
     settings = settings or BM25Settings()
     if any(m.name == NAME for m in report.models):
@@ -196,12 +197,20 @@ def add_bm25(report: EvalReport, datasets: Sequence[BeirDataset], settings: BM25
         pairs = [(report.result(first, info.name), bm25)]  # the table's row: BM25 against the first model
         pairs += [(bm25, report.result(m.name, info.name)) for m in report.models]  # each model against BM25
         comparisons += [
-            _paired(baseline, other, dataset.qrels, report.averaging, measure, options)
+            compare(
+                baseline,
+                other,
+                dataset.qrels,
+                averaging=report.averaging,
+                measure=measure,
+                permutations=int(options.get("permutations", 10_000)),
+                seed=int(options.get("seed", 0)),
+            )
             for baseline, other in pairs
             for measure in report.measures
         ]
     fingerprint = hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode()).hexdigest()
-    row = ModelInfo(NAME, None, None, fingerprint, {"kind": "bm25", **settings.to_dict()})
+    row = ModelInfo(NAME, None, None, fingerprint, {"kind": KIND, **settings.to_dict()})
     return replace(
         report,
         models=(*report.models, row),
@@ -239,34 +248,6 @@ def _bm25_result(
     }
     counted = len(scores.query_ids)
     return Result(NAME, dataset.name, scores.aggregate, scores.per_query, counted, run, timings, False, "")
-
-
-def _paired(
-    baseline: Result,
-    other: Result,
-    qrels: Mapping[str, Any],
-    averaging: str,
-    measure: str,
-    options: Mapping[str, Any],
-) -> Comparison:
-    """``other`` against ``baseline``, on the queries `reforge.eval.pipeline` pairs (all judged queries, or with
-    ``beir`` averaging those both runs answered), with the report's permutations and seed."""
-    from reforge.eval.metrics import paired_test
-    from reforge.eval.report import Comparison
-
-    if averaging == "all":
-        query_ids = list(qrels)
-    else:
-        query_ids = [q for q in qrels if baseline.run.get(q) and other.run.get(q)]
-    test = paired_test(
-        baseline.per_query[measure],
-        other.per_query[measure],
-        query_ids,
-        measure=measure,
-        permutations=int(options.get("permutations", 10_000)),
-        seed=int(options.get("seed", 0)),
-    )
-    return Comparison(other.dataset, other.model, baseline.model, baseline.scores[measure], other.scores[measure], test)
 
 
 def _tokenize(texts: list[str], settings: BM25Settings, stemmer: Any, *, ids: bool) -> Any:

@@ -23,7 +23,7 @@ layout's rows) counts as not there, is encoded again, and `Entry.rejected` says 
 
 Every file is written to a temporary name in the same folder and renamed into place (the vectors first, the ids and
 checksum last, so a shard counts only when whole). Entries of the first format (``<key>.npy``, one float32 array) are
-converted on first use. Delete the folder at any time to clear the cache.
+converted on first use (`EmbeddingCache.convert_legacy`). Delete the folder at any time to clear the cache.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from reforge.io.checkpoint import file_identity, file_sha256, remember_sha256
 CACHE_FORMAT = 3  # 3: a checksum, the rows and the ids beside every shard
 EMBEDDING_DTYPES = ("float16", "bfloat16", "float32")
 DEFAULT_SHARD_DOCS = 65_536  # 512 MiB at 4096 dims in float16, 96 MiB at 768
+LEGACY_PIECE = 8192  # rows of a first-format entry widened at a time while converting it
 READ_BYTES = 4 * 2**20  # stored bytes read and widened at a time: the scratch stays in the CPU cache
 FLOAT16_MAX = 65504.0
 _STORED = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
@@ -443,6 +444,15 @@ class EmbeddingCache:
             return entry
         return replace(entry, shard_docs=shard_docs, dtype=dtype if dtype in EMBEDDING_DTYPES else entry.dtype)
 
+    def settle_dtype(self, entry: Entry, dim: int, meta: dict[str, Any]) -> Entry:
+        """``entry`` with an ``auto`` dtype fixed by the vector width ``dim`` (`default_embedding_dtype`: the same for
+        every writer of the key) and recorded in ``meta.json``; an entry whose dtype is set comes back as it is."""
+        if entry.dtype != "auto":
+            return entry
+        entry = replace(entry, dtype=default_embedding_dtype(dim))
+        self.describe(entry, meta)
+        return entry
+
     def legacy(self, key: str, rows: int) -> np.ndarray | None:
         """A first-format entry (``<key>.npy``, float32), memory-mapped, or None when absent or not ``rows`` long."""
         path = self.folder / f"{key}.npy"
@@ -451,6 +461,34 @@ class EmbeddingCache:
         except (OSError, ValueError):
             return None
         return array if array.ndim == 2 and array.shape[0] == rows and array.dtype == np.float32 else None
+
+    def convert_legacy(
+        self,
+        entry: Entry,
+        key: str,
+        indices: Sequence[int],
+        meta: dict[str, Any],
+        ids_of: Callable[[int, int], list[str]],
+        progress: Callable[[int], None] | None = None,
+    ) -> Entry | None:
+        """Write shards ``indices`` of ``entry`` from the first-format entry ``key`` (`legacy`) instead of encoding
+        them; None when there is no such entry of ``entry.rows`` rows. ``ids_of(start, stop)`` gives the document
+        ids of rows ``[start, stop)``; ``progress(rows)`` is called after each piece. Each shard is held in its
+        stored dtype and read `LEGACY_PIECE` rows at a time. Returns the entry, its dtype settled."""
+        old = self.legacy(key, entry.rows)
+        if old is None:
+            return None
+        entry = self.settle_dtype(entry, old.shape[1], meta)
+        for index in indices:
+            first, count = entry.bounds(index)
+            stored = np.empty((count, old.shape[1]), dtype=stored_dtype(entry.dtype))
+            for at in range(first, first + count, LEGACY_PIECE):
+                stop = min(at + LEGACY_PIECE, first + count)
+                stored[at - first : stop - first] = to_stored(old[at:stop], entry.dtype)
+                if progress:
+                    progress(stop - at)
+            entry.write_shard(index, stored, ids_of(first, first + count))
+        return entry
 
     def load(self, entry: Entry) -> np.ndarray | None:
         """Every row of a complete entry as one float32 array (for small entries such as queries), else None."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -205,14 +206,25 @@ def _token_ids(tokenizer: Any, texts: list[str], profile: EncodingProfile, model
     # Qwen3-Embedding's and a merged folder's sentence-transformers tokenizer do; truncation then leaves room)
     limit = profile.max_length - 1 if profile.append_eos and not _appends_eos(tokenizer) else profile.max_length
     texts = clip_texts(texts, limit, token_counter(tokenizer))  # a huge document costs what is kept
-    encoded = tokenizer(texts, truncation=True, max_length=limit, padding=False, add_special_tokens=True)
-    ids = [list(row) for row in encoded["input_ids"]]
+    # only the ids are asked for: the mask comes from `_pad`, token types are all zero (building the other lists
+    # per text cost ~12% of tokenizing short passages)
+    encoded = tokenizer(
+        texts,
+        truncation=True,
+        max_length=limit,
+        padding=False,
+        add_special_tokens=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    ids = list(encoded["input_ids"])  # lists of ints already: not copied row by row
     eos = tokenizer.eos_token_id
     if profile.append_eos:
         if eos is None:
             raise ValueError("the profile appends EOS but the tokenizer has no eos_token_id")
         ids = [row if row and row[-1] == eos else row + [eos] for row in ids]
-    return ids, "token_type_ids" in encoded and _accepts_token_types(model)
+    # the tokenizer's own rule for returning token type ids (transformers: "token_type_ids" in model_input_names)
+    return ids, "token_type_ids" in tokenizer.model_input_names and _accepts_token_types(model)
 
 
 def _pad(ids: list[list[int]], tokenizer: Any, profile: EncodingProfile, token_types: bool) -> dict[str, Any]:
@@ -221,18 +233,20 @@ def _pad(ids: list[list[int]], tokenizer: Any, profile: EncodingProfile, token_t
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    width = max(1, max(len(row) for row in ids))
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, row in enumerate(ids):
-        if not row:  # nothing to encode (no special tokens, empty text): let the model see one pad token
-            row = [pad]
-        span = slice(width - len(row), width) if profile.padding_side == "left" else slice(0, len(row))
-        input_ids[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
-    inputs = {"input_ids": input_ids, "attention_mask": mask}
+    rows = [row or [pad] for row in ids]  # nothing to encode (no special tokens, empty text): one pad token, seen
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    columns = np.arange(int(lengths.max()))
+    if profile.padding_side == "left":
+        filled = columns >= (len(columns) - lengths)[:, None]
+    else:
+        filled = columns < lengths[:, None]
+    input_ids = np.full(filled.shape, pad, dtype=np.int64)
+    # one vectorized copy, no tensor per row: a boolean mask fills row by row, left to right, i.e. each row's tokens
+    # in order whichever side the padding is on
+    input_ids[filled] = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+    inputs = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(filled.astype(np.int64))}
     if token_types:
-        inputs["token_type_ids"] = torch.zeros_like(input_ids)
+        inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
     return inputs
 
 

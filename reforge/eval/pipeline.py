@@ -26,7 +26,6 @@ from reforge.eval.cache import (
     EMBEDDING_DTYPES,
     EmbeddingCache,
     Entry,
-    default_embedding_dtype,
     embedding_key,
     reforge_home,
     stored_dtype,
@@ -34,9 +33,9 @@ from reforge.eval.cache import (
     to_stored,
 )
 from reforge.eval.encode import encode, passages
-from reforge.eval.metrics import AVERAGING, paired_test, parse_measures, score_run
+from reforge.eval.metrics import AVERAGING, parse_measures, score_run
 from reforge.eval.model import ModelSource, Retriever, resolve_model
-from reforge.eval.report import Comparison, DatasetInfo, EvalReport, ModelInfo, Result
+from reforge.eval.report import Comparison, DatasetInfo, EvalReport, ModelInfo, Result, compare
 from reforge.eval.search import search_shards, to_run
 from reforge.io.progress import ProgressFn
 from reforge.profiles import EncodingProfile, apply_overrides
@@ -87,6 +86,11 @@ class EvalSettings:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     tokenizer: str | None = None
+
+    @property
+    def sampled(self) -> bool:
+        """Whether each dataset is scored on a sample (``max_queries`` or ``corpus_sample``), not the whole split."""
+        return self.max_queries is not None or self.corpus_sample is not None
 
     def overrides(self) -> dict[str, Any]:
         """The profile fields the user set."""
@@ -349,84 +353,70 @@ def _corpus_entry(ctx: _Context) -> tuple[Entry, float, bool]:
             f"Encoding again {len(entry.rejected)} cached {dataset.name} shard(s) that failed their check "
             f"({entry.shard_path(first).name}: {entry.rejected[first]})"
         )
-    legacy = _legacy_vectors(ctx, rows) if key is not None else None
     start = time.perf_counter()
-    if legacy is None:
-        retriever = ctx.loader.get()
-        ctx.say(f"Encoding {dataset.name} corpus with {retriever.name}")
-    else:
+    legacy = _legacy_key(ctx) if key is not None else None
+    if legacy is not None and cache.legacy(legacy, rows) is None:
+        legacy = None
+    if legacy is not None:
         ctx.say(f"Converting cached {dataset.name} vectors from the old single-file cache format to shards")
-    total = sum(entry.bounds(i)[1] for i in missing)
-    done = 0
-    if ctx.progress:
-        ctx.progress(0, total)
+    else:
+        ctx.say(f"Encoding {dataset.name} corpus with {ctx.loader.get().name}")
+    total, done = sum(entry.bounds(i)[1] for i in missing), 0
+
+    def count(documents: int) -> None:
+        nonlocal done
+        done += documents
+        if ctx.progress:
+            ctx.progress(done, total)
+
+    count(0)
+    if legacy is not None:
+        ids_of = lambda first, stop: [d.id for d in corpus[first:stop]]  # noqa: E731  # each read checked
+        converted = cache.convert_legacy(entry, legacy, missing, meta, ids_of, count)
+        assert converted is not None  # found just above
+        return converted, time.perf_counter() - start, False
     for index in missing:
-        entry, done = _encode_shard(ctx, cache, entry, index, legacy, meta, (done, total))
+        entry = _encode_shard(ctx, cache, entry, index, meta, count)
     return entry, time.perf_counter() - start, False
 
 
 def _encode_shard(
-    ctx: _Context,
-    cache: EmbeddingCache,
-    entry: Entry,
-    index: int,
-    legacy: np.ndarray | None,
-    meta: dict,
-    count_of: tuple[int, int],
-) -> tuple[Entry, int]:
-    """Encode (or convert from the old format) and store shard ``index``, `ENCODE_PIECE` documents at a time: the
-    shard is held in its stored dtype, only one piece in float32. Returns the entry (its dtype settled) and the
-    documents done so far (``count_of``: done before, total, for the progress callback)."""
-    done, total = count_of
-    first, count = entry.bounds(index)
+    ctx: _Context, cache: EmbeddingCache, entry: Entry, index: int, meta: dict, count: Callable[[int], None]
+) -> Entry:
+    """Encode and store shard ``index``, `ENCODE_PIECE` documents at a time: the shard is held in its stored dtype,
+    only one piece in float32. Returns the entry, its dtype settled; ``count(documents)`` after each piece."""
+    first, size = entry.bounds(index)
     stored: np.ndarray | None = None
     ids: list[str] = []
-    for at in range(first, first + count, ENCODE_PIECE):
-        docs = ctx.dataset.corpus[at : min(at + ENCODE_PIECE, first + count)]  # each read checked by the index
-        if legacy is not None:
-            vectors = np.asarray(legacy[at : at + len(docs)], dtype=np.float32)
-        else:
-            vectors = encode(ctx.loader.get(), passages(docs, ctx.profile), ctx.profile, batch_size=ctx.batch_size)
-        entry = _settle_dtype(cache, entry, vectors, meta)
+    for at in range(first, first + size, ENCODE_PIECE):
+        docs = ctx.dataset.corpus[at : min(at + ENCODE_PIECE, first + size)]  # each read checked by the index
+        vectors = encode(ctx.loader.get(), passages(docs, ctx.profile), ctx.profile, batch_size=ctx.batch_size)
+        entry = cache.settle_dtype(entry, vectors.shape[1], meta)
         if stored is None:
-            stored = np.empty((count, vectors.shape[1]), dtype=stored_dtype(entry.dtype))
+            stored = np.empty((size, vectors.shape[1]), dtype=stored_dtype(entry.dtype))
         stored[at - first : at - first + len(docs)] = to_stored(vectors, entry.dtype)
         ids += [d.id for d in docs]
-        done += len(docs)
+        count(len(docs))
         del docs, vectors
-        if ctx.progress:
-            ctx.progress(done, total)
     assert stored is not None
     entry.write_shard(index, stored, ids)
-    return entry, done
+    return entry
 
 
 def _requested_dtype(ctx: _Context) -> str:
-    """The stored dtype asked for; ``auto`` is settled by the first shard's width (`_settle_dtype`)."""
+    """The stored dtype asked for; ``auto`` is settled by the first shard's width (`EmbeddingCache.settle_dtype`)."""
     requested = ctx.settings.embedding_dtype
     return requested if requested not in (None, "auto") else "auto"
 
 
-def _settle_dtype(cache: EmbeddingCache, entry: Entry, vectors: np.ndarray, meta: dict) -> Entry:
-    """Fix the entry's dtype from the vector width (if still ``auto``: the same for every writer of the key) and
-    record it in ``meta.json``."""
-    if entry.dtype == "auto":
-        entry = replace(entry, dtype=default_embedding_dtype(vectors.shape[1]))
-        cache.describe(entry, meta)
-    return entry
-
-
-def _legacy_vectors(ctx: _Context, rows: int) -> np.ndarray | None:
-    """An entry of the first cache format (one float32 ``.npy``) for the same model, corpus and settings."""
-    if ctx.cache is None or ctx.loader.fingerprint is None:
-        return None
-    key = embedding_key(
+def _legacy_key(ctx: _Context) -> str:
+    """The key this corpus had in the first cache format (one float32 ``.npy``), which the cache converts."""
+    return embedding_key(
         model_fingerprint=ctx.loader.fingerprint,
         texts_hash=ctx.dataset.corpus_hash,
         settings=ctx.vector_settings("corpus"),
         version=1,
     )
-    return ctx.cache.legacy(key, rows)
 
 
 def _query_vectors(ctx: _Context) -> tuple[list[str], np.ndarray, float]:
@@ -548,24 +538,18 @@ def _compare(
         baseline = by_key[(baseline_name, dataset.name)]
         for source in sources[1:]:
             other = by_key[(source.name, dataset.name)]
-            if settings.averaging == "all":
-                query_ids = list(dataset.qrels)
-            else:  # queries both runs answered
-                query_ids = [q for q in dataset.qrels if baseline.run.get(q) and other.run.get(q)]
-            for measure in measures:
-                test = paired_test(
-                    baseline.per_query[measure],
-                    other.per_query[measure],
-                    query_ids,
+            comparisons += [
+                compare(
+                    baseline,
+                    other,
+                    dataset.qrels,
+                    averaging=settings.averaging,
                     measure=measure,
                     permutations=settings.permutations,
                     seed=settings.seed,
                 )
-                comparisons.append(
-                    Comparison(
-                        dataset.name, source.name, baseline_name, baseline.scores[measure], other.scores[measure], test
-                    )
-                )
+                for measure in measures
+            ]
     return comparisons
 
 
@@ -649,7 +633,6 @@ def _sample(dataset: BeirDataset, settings: EvalSettings) -> BeirDataset:
 
 
 def _dataset_info(dataset: BeirDataset, full: BeirDataset, settings: EvalSettings) -> DatasetInfo:
-    sampled = settings.max_queries is not None or settings.corpus_sample is not None
     sample = sample_record(
         full, dataset, max_queries=settings.max_queries, corpus_sample=settings.corpus_sample, seed=settings.seed
     )
@@ -663,5 +646,5 @@ def _dataset_info(dataset: BeirDataset, full: BeirDataset, settings: EvalSetting
         dataset.content_hash,
         dict(dataset.files_sha256),
         dataset.warnings,
-        sample if sampled else None,
+        sample if settings.sampled else None,
     )

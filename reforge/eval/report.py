@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reforge.eval.metrics import AVERAGING, PairedTest
+from reforge.eval.metrics import AVERAGING, PairedTest, paired_test
 from reforge.io.atomic import write_atomic
 
 
@@ -78,6 +79,33 @@ class Comparison:
     baseline_score: float
     score: float
     test: PairedTest
+
+
+def compare(
+    baseline: Result,
+    other: Result,
+    qrels: Mapping[str, Any],
+    *,
+    averaging: str,
+    measure: str,
+    permutations: int,
+    seed: int,
+) -> Comparison:
+    """``other`` against ``baseline`` on ``measure``: a paired test on every judged query (``all`` averaging), or
+    with ``beir`` averaging on the queries both runs answered."""
+    if averaging == "all":
+        query_ids = list(qrels)
+    else:
+        query_ids = [q for q in qrels if baseline.run.get(q) and other.run.get(q)]
+    test = paired_test(
+        baseline.per_query[measure],
+        other.per_query[measure],
+        query_ids,
+        measure=measure,
+        permutations=permutations,
+        seed=seed,
+    )
+    return Comparison(other.dataset, other.model, baseline.model, baseline.scores[measure], other.scores[measure], test)
 
 
 @dataclass(frozen=True)

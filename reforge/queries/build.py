@@ -217,20 +217,20 @@ def _generate(
     if generator == CROP:
         texts = {d.id: crop_query(d, seed=seed, max_words=filters.max_words) for d in docs}
         return texts, len(docs), {"name": CROP, "kind": "crop", "ratio": [0.1, 0.5], "max_words": filters.max_words}
-    from reforge.io.checkpoint import env_home, fingerprint, resolve_local
+    from reforge.io.checkpoint import content_key, env_home, resolve_local
     from reforge.queries.generate import Generator, QueryLog, generate, log_key
 
     path = resolve_local(generator)
     model = Generator(path, generation)
     template = model.render(prompt, Document("{id}", "{title}", "{text}"))
-    generator_fingerprint = fingerprint(path)
-    key = log_key(generator_fingerprint, prompt, generation, seed, template)
+    generator_key = content_key(path)  # every weight byte: a sampled fingerprint misses edits between its samples
+    key = log_key(generator_key, prompt, generation, seed, template)
     log = QueryLog(Path(env_home()).expanduser() / "cache" / "queries" / f"{key}.jsonl")
     texts, fresh = generate(model, prompt, docs, seed=seed, log=log, progress=progress)
     described = {
         "name": generator,
         "kind": "lm",
-        "fingerprint": generator_fingerprint,
+        "content_key": generator_key,
         "chat_template": model.chat,
         "device": model.device,
         "prompt": prompt.to_dict(),

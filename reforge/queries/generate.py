@@ -6,8 +6,9 @@ GPU when there is one (bfloat16 where supported), else the CPU in float32.
 
 Each finished batch is appended to a `QueryLog` (one JSON line per document, one write per batch, fsynced): a killed
 run resumes where it stopped, and a finished one is a cache. The log's file name is a key over the generator's
-content fingerprint, the prompt, the generation settings and the seed; each line is keyed by the document's content
-(id, title, text), so an edited document gets a new query and the others are reused.
+content key (`reforge.io.checkpoint.content_key`, over every weight byte), the prompt, the generation settings and
+the seed; each line is keyed by the document's content (id, title, text), so an edited document gets a new query and
+the others are reused.
 """
 
 from __future__ import annotations
@@ -89,11 +90,11 @@ class QueryLog:
             os.fsync(handle.fileno())
 
 
-def log_key(fingerprint: str, prompt: Prompt, settings: GenerationSettings, seed: int, template: str) -> str:
-    """The log's name: generator content, prompt, rendered template, decoding settings and seed."""
+def log_key(generator_key: str, prompt: Prompt, settings: GenerationSettings, seed: int, template: str) -> str:
+    """The log's name: the generator's content key, prompt, rendered template, decoding settings and seed."""
     facts = {
         "format": LOG_FORMAT,
-        "generator": fingerprint,
+        "generator": generator_key,
         "prompt": prompt.digest,
         "template": template,
         "settings": settings.key_facts(),
