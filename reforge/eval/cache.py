@@ -53,13 +53,6 @@ FLOAT16_MAX = 65504.0
 _STORED = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 
 
-def reforge_home() -> Path:
-    """``$REFORGE_HOME``, or ``~/.cache/reforge`` (`reforge.io.checkpoint.env_home`)."""
-    from reforge.io.checkpoint import env_home
-
-    return Path(env_home()).expanduser()
-
-
 def default_embedding_dtype(dim: int) -> str:
     """float16 from 1024 dimensions up (halves disk and the bytes every search scans; nDCG@10 moves by < 0.001,
     see docs/eval.md), float32 below, where a corpus is small enough that exact vectors cost little."""
@@ -396,10 +389,12 @@ def _meta_facts(entry: Entry, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 class EmbeddingCache:
-    """Sharded embedding entries in one folder (default: ``reforge_home() / "cache" / "embeddings"``)."""
+    """Sharded embedding entries in one folder (default: ``$REFORGE_HOME/cache/embeddings``)."""
 
     def __init__(self, folder: str | Path | None = None) -> None:
-        self.folder = Path(folder) if folder is not None else reforge_home() / "cache" / "embeddings"
+        from reforge.io.paths import cache_dir
+
+        self.folder = Path(folder) if folder is not None else cache_dir("embeddings")
 
     def entry(self, key: str, rows: int, *, shard_docs: int = DEFAULT_SHARD_DOCS, dtype: str = "float32") -> Entry:
         """The entry for ``key`` (its shards may or may not be on disk yet)."""

@@ -27,7 +27,6 @@ from reforge.eval.cache import (
     EmbeddingCache,
     Entry,
     embedding_key,
-    reforge_home,
     stored_dtype,
     texts_hash,
     to_stored,
@@ -37,10 +36,10 @@ from reforge.eval.metrics import AVERAGING, parse_measures, score_run
 from reforge.eval.model import ModelSource, Retriever, resolve_model
 from reforge.eval.report import Comparison, DatasetInfo, EvalReport, ModelInfo, Result, compare
 from reforge.eval.search import search_shards, to_run
-from reforge.io.progress import ProgressFn
+from reforge.io.paths import cache_root
+from reforge.io.progress import ProgressFn, StageFn
 from reforge.profiles import EncodingProfile, apply_overrides
 
-StageFn = Callable[[str], None]
 ENCODE_PIECE = 8192  # documents encoded at a time: a shard is held in its stored dtype, one piece in float32
 
 
@@ -235,7 +234,7 @@ def _evaluate(
 def _scratch(settings: EvalSettings) -> Iterator[EmbeddingCache]:
     """A temporary embedding cache for vectors that are not cached (``--no-cache``, in-memory models), removed when
     the evaluation ends: beside the cache folder (a disk, not memory), else in the system's temporary folder."""
-    root = Path(settings.cache_dir) if settings.cache_dir else reforge_home() / "cache"
+    root = Path(settings.cache_dir) if settings.cache_dir else cache_root()
     try:
         root.mkdir(parents=True, exist_ok=True)
         folder = tempfile.mkdtemp(prefix=".reforge-eval-", dir=root)

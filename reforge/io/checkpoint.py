@@ -240,11 +240,6 @@ def _provenance(ref: str, path: Path) -> dict:
     return record
 
 
-def env_home() -> Path:
-    """reforge's own folder for caches (``$REFORGE_HOME``, default ``~/.cache/reforge``)."""
-    return Path(os.environ.get("REFORGE_HOME", Path.home() / ".cache" / "reforge"))
-
-
 # ---- content keys ----------------------------------------------------------------------------------------------------
 def content_key(path: str | Path, *, progress: Progress | None = None) -> str:
     """The SHA-256 (64 hex) identifying what a checkpoint folder, or a single file, holds.

@@ -217,7 +217,8 @@ def _generate(
     if generator == CROP:
         texts = {d.id: crop_query(d, seed=seed, max_words=filters.max_words) for d in docs}
         return texts, len(docs), {"name": CROP, "kind": "crop", "ratio": [0.1, 0.5], "max_words": filters.max_words}
-    from reforge.io.checkpoint import content_key, env_home, resolve_local
+    from reforge.io.checkpoint import content_key, resolve_local
+    from reforge.io.paths import cache_dir
     from reforge.queries.generate import Generator, QueryLog, generate, log_key
 
     path = resolve_local(generator)
@@ -225,7 +226,7 @@ def _generate(
     template = model.render(prompt, Document("{id}", "{title}", "{text}"))
     generator_key = content_key(path)  # every weight byte: a sampled fingerprint misses edits between its samples
     key = log_key(generator_key, prompt, generation, seed, template)
-    log = QueryLog(Path(env_home()).expanduser() / "cache" / "queries" / f"{key}.jsonl")
+    log = QueryLog(cache_dir("queries") / f"{key}.jsonl")
     texts, fresh = generate(model, prompt, docs, seed=seed, log=log, progress=progress)
     described = {
         "name": generator,
