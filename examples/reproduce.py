@@ -214,7 +214,7 @@ def collect(jobs: list, out: Path, base: Path, sizes: bool) -> list[str]:
             record = json.loads((job.output / "training_record.json").read_text())
             data = {"output": str(job.output), "dry_run": False, **stamp["training"], "record": record}
             if sizes:
-                written += _size(job, stamp, base, out)
+                written += _measure_size(job, stamp, base, out)
         elif job.kind == "tune":
             data = json.loads((job.output / "tune.json").read_text())
         else:
@@ -245,7 +245,7 @@ def _one_report(summaries: list[dict]) -> dict:
     return merged
 
 
-def _size(job: Any, stamp: dict, base: Path, out: Path) -> list[str]:
+def _measure_size(job: Any, stamp: dict, base: Path, out: Path) -> list[str]:
     """``size-<variant>-seed<k>.json``: `reforge inspect ADAPTER --base BASE --json` of a train job's adapter, once
     per adapter (measured again when the adapter was made again)."""
     from reforge.io.describe import describe

@@ -202,3 +202,18 @@ def test_an_exception_no_longer_needed_is_reported_so_the_lists_only_shrink(laye
     assert len(stale) == len(layers.SIDEWAYS) + len(layers.IO_EXCEPTIONS) + len(layers.COMPUTED) - 1  # root's used
     for module, what in layers.IO_EXCEPTIONS:  # each entry is reported once the code no longer needs it
         assert f"exception io {module} -> {what} is no longer needed" in "\n".join(stale)
+
+
+def test_no_module_defines_one_top_level_name_twice():
+    """A second top-level ``def``/``class`` silently replaces the first for every caller, even ones written above
+    it (ruff's F811 sees only an unused first definition): examples/reproduce.py had two ``_size`` functions, so
+    measuring adapter sizes called the table formatter with four arguments."""
+    twice = []
+    for path in sorted([*ROOT.glob("reforge/**/*.py"), *ROOT.glob("examples/*.py"), *ROOT.glob("bench/*.py")]):
+        names = [
+            node.name
+            for node in ast.parse(path.read_text(encoding="utf-8")).body
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        ]
+        twice += [f"{path.relative_to(ROOT)}: {name}" for name in sorted({n for n in names if names.count(n) > 1})]
+    assert twice == []
