@@ -168,7 +168,7 @@ def make_queries(
         "seconds": round(time.perf_counter() - started, 3),
     }
     queries = {f"syn-{i}": c.text for i, c in enumerate(kept)}
-    _write_folder(output, source, copy_corpus, kept, dropped, record, overwrite)
+    _write_folder(output, source, copy_corpus, kept, dropped, record)
     return QueriesReport(output, record, queries)
 
 
@@ -248,9 +248,8 @@ def _write_folder(
     kept: list[Candidate],
     dropped: list[tuple[Candidate, str]],
     record: dict,
-    overwrite: bool,
 ) -> None:
-    from reforge.io.target import staging_path
+    from reforge.io.target import commit_staging, staging_path
 
     staging = staging_path(output)
     shutil.rmtree(staging, ignore_errors=True)
@@ -265,12 +264,7 @@ def _write_folder(
     write_atomic(staging / "qrels" / f"{SPLIT}.tsv", lambda f: f.write(qrels.encode()))
     _jsonl(staging / "dropped.jsonl", [{"source": c.doc_id, "text": c.text, "reason": r} for c, r in dropped])
     write_atomic(staging / RECORD, lambda f: f.write(json.dumps(record, indent=2, ensure_ascii=False).encode()))
-    if output.exists() and overwrite:
-        shutil.rmtree(output)
-    elif output.is_dir():
-        output.rmdir()  # empty (checked before the work)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, output)
+    commit_staging(staging, output)  # what is there was checked before the work: empty, or --overwrite
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:

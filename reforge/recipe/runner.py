@@ -12,7 +12,6 @@ the jobs that do not read it go on. Finally the table (`reforge.recipe.table`).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -531,16 +530,11 @@ _RUNNERS = {
 @contextmanager
 def _staged(output: Path) -> Iterator[Path]:
     """A fresh folder that replaces ``output`` when the block ends cleanly (under the output's lock)."""
-    from reforge.io.target import OutputLock, staging_path
+    from reforge.io.target import OutputLock, commit_staging, staging_path
 
     staging = staging_path(output)
     with OutputLock(output):
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         yield staging
-        old = output.parent / f".{output.name}.reforge-replaced"
-        shutil.rmtree(old, ignore_errors=True)
-        if output.exists():
-            os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
+        commit_staging(staging, output)
