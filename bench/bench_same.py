@@ -1,6 +1,7 @@
 """Did a cleanup change what reforge writes, or how fast? The same pipeline under two commits, compared.
 
     python bench/bench_same.py --baseline e492a21 [--rounds 3] [--work .cache/bench/same]
+    python bench/bench_same.py --baseline e492a21 --rounds 7 --only diff,merge,merge-delta,verify
 
 Checks out ``--baseline`` into a temporary git worktree and runs one small RE-AdaptIR pipeline on the example
 (SmolLM2-135M-Instruct and examples/assets/repllama-smol over a 60-document SciFact subset): diff --low-rank,
@@ -109,17 +110,24 @@ def subset(target: Path, queries: int = 12, documents: int = 60) -> Path:
     return target
 
 
-def run_tree(tree: Path, base: Path, data: Path, work: Path, keep: Path) -> dict[str, float]:
+def run_tree(
+    tree: Path, base: Path, data: Path, work: Path, keep: Path, only: set[str] | None = None
+) -> dict[str, float]:
     """Run the pipeline with ``tree``'s code in ``work/run`` (one path for both trees, so recorded paths match),
-    then move its outputs to ``keep``; seconds per command. A failing command stops the benchmark."""
+    then move its outputs to ``keep``; seconds per command. A failing command stops the benchmark. With ``only``
+    and no ``train`` in it, the adapter is `shared_adapter`'s, copied in (trained once, by the current tree)."""
     out = work / "run"
     for folder in (out, keep):
         if folder.exists():
             shutil.rmtree(folder)
     out.mkdir(parents=True)
+    if only is not None and "train" not in only:
+        shutil.copytree(work / "shared-psi", out / "psi")
     env = dict(os.environ, PYTHONPATH=str(tree), REFORGE_HOME=str(out / "home"), HF_HUB_OFFLINE="1")
     seconds = {}
     for name, arguments in pipeline(base, data, out):
+        if only is not None and name not in only:
+            continue
         started = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-c", "import sys; from reforge.cli import main; sys.exit(main())", *arguments],
@@ -218,7 +226,13 @@ def main() -> int:
     parser.add_argument("--baseline", required=True, help="the commit before the cleanup")
     parser.add_argument("--rounds", type=int, default=3, help="pipeline runs per tree, alternating (median kept)")
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench" / "same")
+    parser.add_argument(
+        "--only",
+        help="time only these commands, comma-separated (e.g. diff,merge,merge-delta,verify: the weight-level ones, "
+        "cheap enough for many rounds); without train, one adapter trained by the current tree serves both",
+    )
     args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else None
     sys.path.insert(0, str(ROOT))
     from examples.prepare_base import prepare_base
 
@@ -230,17 +244,22 @@ def main() -> int:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.baseline], check=True)
     try:
+        if only is not None and "train" not in only:
+            run_tree(ROOT, base, data, args.work, args.work / "shared", only={"train"})
+            shutil.rmtree(args.work / "shared-psi", ignore_errors=True)
+            (args.work / "shared" / "psi").rename(args.work / "shared-psi")
         sides = {"baseline": tree, "current": ROOT}
         times: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
         for round_ in range(args.rounds):
             for side in sides if round_ % 2 == 0 else reversed(list(sides)):
-                for name, value in run_tree(sides[side], base, data, args.work, args.work / side).items():
+                for name, value in run_tree(sides[side], base, data, args.work, args.work / side, only).items():
                     times[side].setdefault(name, []).append(value)
                 print(f"round {round_ + 1}: {side} done", flush=True)
         rows, same = compare(args.work / "baseline", args.work / "current")
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
-    report = {"baseline": args.baseline, "rounds": args.rounds, "load": os.getloadavg(), "files": rows, "times": {}}
+    report = {"baseline": args.baseline, "rounds": args.rounds, "only": args.only, "load": os.getloadavg()}
+    report |= {"files": rows, "times": {}}
     print(f"\n{'command':<12} {'baseline s (min-max)':>24} {'current s (min-max)':>24} {'ratio':>6}")
     for name in times["baseline"]:
         old, new = times["baseline"][name], times["current"][name]
