@@ -229,7 +229,8 @@ def main() -> int:
     parser.add_argument(
         "--only",
         help="time only these commands, comma-separated (e.g. diff,merge,merge-delta,verify: the weight-level ones, "
-        "cheap enough for many rounds); without train, one adapter trained by the current tree serves both",
+        "cheap enough for many rounds; name what a command reads too: eval reads merge); without train, one adapter "
+        "trained by the current tree serves both",
     )
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else None
