@@ -37,6 +37,7 @@ SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 VOLATILE_KEYS = (
     "seconds",
     "time",
+    "timing",
     "started",
     "finished",
     "created",
