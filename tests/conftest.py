@@ -136,3 +136,27 @@ def save_tokenizer(path: Path, vocab_size: int = 128, *, bert: bool = False) -> 
         else dict(pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     )
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, **names).save_pretrained(path)
+
+
+def run(*args, ok=True):
+    """``reforge ARGS`` through click's CliRunner; with ``ok`` (default) it must exit 0 (its output shown if not)."""
+    from click.testing import CliRunner
+
+    from reforge.cli import cli
+
+    result = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=not ok)
+    if ok:
+        assert result.exit_code == 0, result.output + result.stderr
+    return result
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices on a shared 2-core machine: one torch thread is ~100x faster than two spin-waiting ones
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module that wants it)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from test_train import build_tokenizer, make_base
-from test_tune import one_thread, run  # noqa: F401  (one_thread: autouse fixture)
 
-from conftest import DATA, make_adapter, perturbed_bare, save, save_tokenizer
+from conftest import DATA, make_adapter, perturbed_bare, run, save, save_tokenizer
 from reforge.errors import DiskFullError, OutputLockedError, OutputRefusedError
 from reforge.io.target import check_output
 from reforge.io.writer import CheckpointWriter, TensorSpec
 from reforge.train import TrainConfig, train_adapter
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCIFACT = DATA / "scifact"
 

@@ -8,11 +8,9 @@ import stat
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import build_model, perturbed_bare, save
-from reforge.cli import cli
+from conftest import build_model, perturbed_bare, run, save
 from reforge.io.checkpoint import open_checkpoint
 from reforge.ops.delta import DeltaCheckpoint
 
@@ -22,13 +20,6 @@ def _all_tensors(folder):
     for file in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=not ok)
-    if ok:
-        assert result.exit_code == 0, result.output + result.stderr
-    return result
 
 
 def test_diff_bf16_fp32_delta_reconstructs_retriever_bit_exactly(llama_pair, tmp_path):

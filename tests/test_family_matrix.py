@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import DATA, make_adapter, save, save_tokenizer
-from reforge.cli import cli
+from conftest import DATA, make_adapter, run, save, save_tokenizer
 
 SCIFACT = DATA / "scifact"
 DECODERS = {
@@ -37,13 +35,6 @@ def train_args(base: Path, out: Path, targets: str) -> list:
     """`reforge train` on 4 SciFact documents, 32 tokens each: one or two steps."""
     return ["train", base, "--corpus", SCIFACT, "-o", out, "--max-docs", 4, "--max-length", 32, "-r", 4,
             "--lora-alpha", 8, "--batch-size", 2, "--target-modules", targets]  # fmt: skip
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=not ok)
-    if ok:
-        assert result.exit_code == 0, result.output + result.stderr
-    return result
 
 
 def tensors(folder: Path) -> dict:

@@ -7,18 +7,9 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import build_model, make_adapter, perturbed_bare, save, save_tokenizer
-from reforge.cli import cli
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=not ok)
-    if ok:
-        assert result.exit_code == 0, result.output + result.stderr
-    return result
+from conftest import build_model, make_adapter, perturbed_bare, run, save, save_tokenizer
 
 
 def merge(setup, *options, ok=True):

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_merge import run
 
-from conftest import build_model, make_adapter, save, save_tokenizer
+from conftest import build_model, make_adapter, run, save, save_tokenizer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "reforge"
 

@@ -10,11 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from click.testing import CliRunner
 
-from conftest import build_model, save, save_tokenizer
-from reforge.cli import cli
+from conftest import build_model, run, save, save_tokenizer
 from reforge.data.beir import load_beir
 from reforge.data.lazy import Document
 from reforge.errors import DataError, OutputExistsError
@@ -30,19 +27,7 @@ SMOL = Path(os.environ.get("REFORGE_MODELS", Path.home() / ".cache" / "reforge-m
 SHORT = Prompt(instruction="w1 w2", examples=(("w5 w6 w7", "w6"), ("w8 w9 w10", "w9")), max_doc_words=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=not ok)
-    if ok:
-        assert result.exit_code == 0, result.output + result.stderr
-    return result
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_corpus(folder: Path, docs: list[tuple[str, str]]) -> Path:

@@ -7,17 +7,8 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from conftest import build_model, make_adapter, save, save_tokenizer
-from reforge.cli import cli
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=not ok)
-    if ok:
-        assert result.exit_code == 0, result.output + result.stderr
-    return result
+from conftest import build_model, make_adapter, run, save, save_tokenizer
 
 
 def _instruct(base, seed=11, scale=0.02):

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 from test_tune import write_dataset
 
 from conftest import build_model, perturbed_bare, save, save_tokenizer
-from reforge.cli import cli
+from conftest import run as run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,12 +49,7 @@ steps:
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +72,7 @@ def write_recipe(folder: Path, inputs: dict, text: str = RECIPE) -> Path:
 
 
 def run(*args, ok=True):
-    result = CliRunner().invoke(cli, ["run", *map(str, args)], catch_exceptions=not ok)
-    if ok:
-        assert result.exit_code == 0, result.output + result.stderr
-    return result
+    return run_cli("run", *args, ok=ok)
 
 
 def run_json(recipe: Path) -> dict:

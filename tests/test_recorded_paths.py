@@ -7,10 +7,14 @@ from __future__ import annotations
 import json
 import os
 
-from test_tune import one_thread, run, setup  # noqa: F401  (fixtures: one_thread is autouse)
+import pytest
+from test_tune import setup  # noqa: F401  (the module-scoped fixture)
 
+from conftest import run
 from reforge.io.paths import RECORDED_RELATIVE_TO, located_inputs, recorded_inputs
 from reforge.ops.verify import verify_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _record(folder):

@@ -13,9 +13,9 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_merge import run, tensors
+from test_merge import tensors
 
-from conftest import build_model, make_adapter, perturbed_bare, save, save_tokenizer
+from conftest import build_model, make_adapter, perturbed_bare, run, save, save_tokenizer
 
 
 def as_pickle(folder, target):

@@ -9,10 +9,13 @@ import json
 from pathlib import Path
 
 import pytest
-from test_tune import one_thread, run, setup  # noqa: F401  (fixtures: one_thread is autouse)
+from test_tune import setup  # noqa: F401  (the module-scoped fixture)
 
+from conftest import run
 from fakehub import FakeHub, fake_hub_fixture
 from reforge.cli.output import redact_arguments
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SECRET = "s3cr3t-token-that-is-not-hf-shaped-4711"  # not hf_...: the --token rule itself must drop it
 

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import DATA, build_model, save
-from reforge.cli import cli
+from conftest import run as run_cli
 from reforge.data.corpus import DocSelection, load_corpus
 from reforge.errors import CheckpointNotFoundError, DataError, InvalidOptionError, OutputExistsError
 from reforge.io.paths import recorded_path
@@ -505,10 +504,7 @@ def test_corpus_errors_stop_before_training(llama_base, tmp_path):
 
 
 def run(*args, ok=True):
-    result = CliRunner().invoke(cli, ["train", *map(str, args)], catch_exceptions=not ok)
-    if ok:
-        assert result.exit_code == 0, result.output + result.stderr
-    return result
+    return run_cli("train", *args, ok=ok)
 
 
 def test_cli_trains_and_reports_json(llama_base, tmp_path):

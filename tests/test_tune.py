@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import build_model, make_adapter, perturbed_bare, save, save_tokenizer
-from reforge.cli import cli
+from conftest import build_model, make_adapter, perturbed_bare, run, save, save_tokenizer
 from reforge.errors import InvalidOptionError
 from reforge.tune import (
     InMemoryMerge,
@@ -25,21 +23,7 @@ from reforge.tune import (
     tune,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices on a shared 2-core machine: one torch thread is ~100x faster than two spin-waiting ones."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=not ok)
-    if ok:
-        assert result.exit_code == 0, result.output + result.stderr
-    return result
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:

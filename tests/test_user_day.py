@@ -8,22 +8,13 @@ import json
 import os
 
 import pytest
-from click.testing import CliRunner
 from test_train import llama_base, tokenizer  # noqa: F401 - session fixtures: a tiny Llama with a SciFact BPE
 
-from conftest import DATA, build_model, perturbed_bare, save
-from reforge.cli import cli
+from conftest import DATA, build_model, perturbed_bare, run, save
 from reforge.errors import InvalidOptionError
 from reforge.tune import parse_grid
 
 SCIFACT = DATA / "scifact"
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=not ok)
-    if ok:
-        assert result.exit_code == 0, result.output + result.stderr
-    return result
 
 
 def test_the_training_corpus_reaches_the_manifest_and_the_card(llama_base, tmp_path):  # noqa: F811
